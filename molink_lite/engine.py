@@ -1,0 +1,347 @@
+"""llama.cpp stage engine: tokens or hidden states in, hidden states or logits out, batched.
+
+One :class:`StageEngine` runs one stage GGUF (see :mod:`molink_lite.split`). A step
+takes the rows of many sequences at once (each row: sequence id, position, and a
+token id on the first stage or a hidden-state row on later stages) and runs them
+through one ``llama_decode``. Non-last stages capture the output of their last
+layer (``l_out-{n-1}``) with the scheduler's eval callback and skip the LM head;
+the last stage returns next-token logits for the rows asked for.
+
+Batches are filled from numpy arrays by pointer: no per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: I001 - must be imported before numpy (segfault on some CUDA builds)
+import llama_cpp.llama_cpp as _llama
+
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from .archs import SplitContext, rule_for
+
+_lib = _llama._lib
+_lib.ggml_get_name.restype = ctypes.c_char_p
+_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+_lib.ggml_nbytes.restype = ctypes.c_size_t
+_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_lib.ggml_backend_tensor_get.restype = None
+_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_cb = None
+GGML_TYPE_F32 = 0
+_LOG_LEVEL_ERROR = 4
+
+
+class EngineError(RuntimeError):
+    """A stage could not be loaded or a batch could not be run; the message says why."""
+
+
+def _init_backend() -> None:
+    global _backend_ready, _log_cb
+    with _backend_lock:
+        if _backend_ready:
+            return
+        _llama.llama_backend_init()
+        if not os.environ.get("MOLINK_LLAMA_LOG"):
+            def _quiet(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                if level >= _LOG_LEVEL_ERROR and text:
+                    os.write(2, text)
+            _log_cb = _llama.llama_log_callback(_quiet)
+            _llama.llama_log_set(_log_cb, ctypes.c_void_p())
+        _backend_ready = True
+
+
+def _meta(model: ctypes.c_void_p, key: str) -> Optional[str]:
+    buf = ctypes.create_string_buffer(256)
+    n = _llama.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
+@dataclass
+class StageInfo:
+    """What a loaded stage is: its layer range within the whole model and its shapes."""
+
+    path: str
+    arch: str
+    layer_start: int
+    layer_stop: int
+    n_layer_total: int
+    n_embd: int
+    n_embd_inp: int
+    n_vocab: int
+    fingerprint: str
+
+    @property
+    def is_first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layer_stop == self.n_layer_total
+
+
+@dataclass
+class StepTimes:
+    """Accumulated time (seconds) spent in the engine, for benchmarks."""
+
+    decode: float = 0.0
+    capture: float = 0.0
+    steps: int = 0
+    rows: int = 0
+    seqs_max: int = 0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class StageEngine:
+    """Runs one stage GGUF with llama.cpp; many sequences per ``llama_decode``."""
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_seq_max: int = 16,
+                 n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None):
+        _init_backend()
+        self.path = str(model_path)
+        if not Path(self.path).is_file():
+            raise EngineError(f"stage model not found: {self.path}")
+        if not 1 <= n_seq_max <= 256:
+            raise EngineError(f"n_seq_max must be in 1..256, got {n_seq_max}")
+        mparams = _llama.llama_model_default_params()
+        mparams.n_gpu_layers = int(n_gpu_layers)
+        mparams.load_mode = _llama.LLAMA_LOAD_MODE_MMAP
+        self._progress_cb = _llama.llama_progress_callback(lambda _p, _u: True)  # silence loader dots
+        mparams.progress_callback = self._progress_cb
+        self._model = _llama.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {self.path} (see the error above)")
+        self.info = self._read_info()
+        self.n_batch = int(n_batch)
+        self.n_seq_max = int(n_seq_max)
+        self.times = StepTimes()
+
+        # hidden-state capture on non-last stages
+        self._target = f"l_out-{llama_cpp.llama_model_n_layer(self._model) - 1}".encode()
+        self._cap_buf = np.empty((self.n_batch, self.info.n_embd), dtype=np.float32)
+        self._cap_rows = 0
+        self._cap_error: Optional[str] = None
+        cparams = _llama.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.n_seq_max
+        cparams.kv_unified = True
+        threads = int(n_threads or os.cpu_count() or 1)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if not self.info.is_last:
+            self._cb = _llama.ggml_backend_sched_eval_callback(self._eval_cb)
+            cparams.cb_eval = self._cb
+            cparams.cb_eval_user_data = None
+        self._ctx = _llama.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            _llama.llama_model_free(self._model)
+            self._model = None
+            raise EngineError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
+        self._mem = _llama.llama_get_memory(self._ctx)
+        self.n_ctx = _llama.llama_n_ctx(self._ctx)
+        ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
+                           {f"{self.info.arch}.embedding_length": self.info.n_embd})
+        self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
+        # reusable batch buffers
+        self._seq_storage = np.zeros(self.n_batch, dtype=np.int32)
+        self._seq_ptrs = (self._seq_storage.ctypes.data + 4 * np.arange(self.n_batch, dtype=np.uint64)).astype(np.uint64)
+        self._ones = np.ones(self.n_batch, dtype=np.int32)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ info
+    def _read_info(self) -> StageInfo:
+        m = self._model
+        arch = _meta(m, "general.architecture") or "unknown"
+        n_layer = _llama.llama_model_n_layer(m)
+        start = int(_meta(m, "molink.layer_start") or 0)
+        stop = int(_meta(m, "molink.layer_stop") or n_layer)
+        total = int(_meta(m, "molink.n_layer_total") or n_layer)
+        if stop - start != n_layer:
+            raise EngineError(f"{self.path}: molink.layer_* metadata says {stop - start} layers, the model has {n_layer}")
+        vocab = _llama.llama_model_get_vocab(m)
+        fp = _meta(m, "molink.source_fingerprint")
+        if fp is None:
+            from .split import fingerprint
+            fp = fingerprint(self.path)
+        return StageInfo(self.path, arch, start, stop, total, _llama.llama_model_n_embd(m),
+                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp)
+
+    # ------------------------------------------------------------------ capture
+    def _eval_cb(self, t: int, ask: bool, _user: int) -> bool:
+        if ask:
+            return _lib.ggml_get_name(t) == self._target
+        try:
+            nbytes = _lib.ggml_nbytes(t)
+            ttype = ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
+            rows = nbytes // (4 * self.info.n_embd)
+            if ttype != GGML_TYPE_F32 or rows * 4 * self.info.n_embd != nbytes:
+                self._cap_error = f"captured {self._target.decode()} has type {ttype} and {nbytes} bytes"
+                return False
+            end = self._cap_rows + rows
+            if end > self._cap_buf.shape[0]:
+                self._cap_error = f"captured {end} rows, buffer holds {self._cap_buf.shape[0]}"
+                return False
+            _lib.ggml_backend_tensor_get(t, self._cap_buf[self._cap_rows:end].ctypes.data, 0, nbytes)
+            self._cap_rows = end
+        except Exception as e:  # noqa: BLE001 - never let an exception cross into C
+            self._cap_error = f"capture failed: {e}"
+        return False  # skip the rest of the graph (the LM head)
+
+    # ------------------------------------------------------------------ stepping
+    def forward(self, seq_ids: np.ndarray, positions: np.ndarray, *, tokens: Optional[np.ndarray] = None,
+                hidden: Optional[np.ndarray] = None, output_rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Run one batch of rows through the stage.
+
+        ``seq_ids``/``positions``: int32 per row. First stage: ``tokens`` (int32 per row);
+        later stages: ``hidden`` (float32/float16 [rows, n_embd]). Non-last stages return
+        the hidden states [rows, n_embd] (float32, a fresh array). The last stage returns
+        logits [len(output_rows), n_vocab] for the rows flagged in ``output_rows`` (bool per
+        row; default: the last row of each sequence in the batch).
+        """
+        seq_ids = np.ascontiguousarray(seq_ids, dtype=np.int32)
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        n = int(seq_ids.shape[0])
+        if positions.shape != (n,):
+            raise EngineError(f"positions has shape {positions.shape}, expected ({n},)")
+        if n == 0:
+            raise EngineError("empty batch")
+        if seq_ids.min() < 0 or seq_ids.max() >= self.n_seq_max:
+            raise EngineError(f"sequence ids must be in 0..{self.n_seq_max - 1}")
+        if self.info.is_first:
+            if tokens is None or hidden is not None:
+                raise EngineError("the first stage takes token ids, not hidden states")
+            tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+            if tokens.shape != (n,):
+                raise EngineError(f"tokens has shape {tokens.shape}, expected ({n},)")
+            if n and (tokens.min() < 0 or tokens.max() >= self.info.n_vocab):
+                raise EngineError(f"token ids must be in 0..{self.info.n_vocab - 1}")
+        else:
+            if hidden is None or tokens is not None:
+                raise EngineError(f"stage {self.info.layer_start}-{self.info.layer_stop - 1} takes hidden states, not token ids")
+            if hidden.ndim != 2 or hidden.shape != (n, self.info.n_embd_inp):
+                raise EngineError(f"hidden states have shape {tuple(hidden.shape)}, expected ({n}, {self.info.n_embd_inp})")
+            hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+            if self.input_scale != 1.0:
+                hidden = hidden * np.float32(1.0 / self.input_scale)
+        if output_rows is None:
+            output_rows = last_row_of_each_seq(seq_ids)
+        output_rows = np.ascontiguousarray(output_rows, dtype=np.int8)
+        if output_rows.shape != (n,):
+            raise EngineError(f"output_rows has shape {output_rows.shape}, expected ({n},)")
+
+        with self._lock:
+            if self._ctx is None:
+                raise EngineError("engine is closed")
+            outs = []
+            for a in range(0, n, self.n_batch):
+                b = min(n, a + self.n_batch)
+                outs.append(self._decode_chunk(seq_ids[a:b], positions[a:b],
+                                               None if tokens is None else tokens[a:b],
+                                               None if hidden is None else hidden[a:b], output_rows[a:b]))
+            self.times.steps += 1
+            self.times.rows += n
+            self.times.seqs_max = max(self.times.seqs_max, len(np.unique(seq_ids)))
+            return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def _decode_chunk(self, seq_ids: np.ndarray, positions: np.ndarray, tokens: Optional[np.ndarray],
+                      hidden: Optional[np.ndarray], output_rows: np.ndarray) -> np.ndarray:
+        n = int(seq_ids.shape[0])
+        last = self.info.is_last
+        logits_flags = output_rows if last else self._ones[:n].astype(np.int8)
+        self._seq_storage[:n] = seq_ids
+        batch = _llama.llama_batch()
+        batch.n_tokens = n
+        if tokens is not None:
+            batch.token = tokens.ctypes.data_as(ctypes.POINTER(_llama.llama_token))
+        if hidden is not None:
+            batch.embd = hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        batch.pos = positions.ctypes.data_as(ctypes.POINTER(_llama.llama_pos))
+        batch.n_seq_id = self._ones.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))
+        batch.logits = logits_flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._cap_rows = 0
+        self._cap_error = None
+        t0 = time.perf_counter()
+        rc = _llama.llama_decode(self._ctx, batch)
+        t1 = time.perf_counter()
+        self.times.decode += t1 - t0
+        if self._cap_error:
+            raise EngineError(self._cap_error)
+        if rc == 1:
+            raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx}); free sequences or raise --ctx")
+        if rc != 0 and (last or self._cap_rows != n):
+            raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
+        if last:
+            k = int(np.count_nonzero(output_rows))
+            ptr = _llama.llama_get_logits(self._ctx)
+            return np.ctypeslib.as_array(ptr, shape=(k, self.info.n_vocab))
+        if self._cap_rows != n:
+            raise EngineError(f"captured {self._cap_rows} hidden rows for a batch of {n}")
+        out = self._cap_buf[:n].copy()
+        self.times.capture += time.perf_counter() - t1
+        return out
+
+    # ------------------------------------------------------------------ memory
+    def free(self, seq_id: int) -> None:
+        """Forget a sequence's KV entries."""
+        with self._lock:
+            if self._ctx is not None:
+                _llama.llama_memory_seq_rm(self._mem, int(seq_id), -1, -1)
+
+    def clear(self) -> None:
+        """Forget every sequence."""
+        with self._lock:
+            if self._ctx is not None:
+                _llama.llama_memory_clear(self._mem, True)
+
+    @property
+    def ctx_ptr(self) -> ctypes.c_void_p:
+        return self._ctx
+
+    @property
+    def model_ptr(self) -> ctypes.c_void_p:
+        return self._model
+
+    def close(self) -> None:
+        """Free the llama.cpp context and model."""
+        with self._lock:
+            if self._ctx is not None:
+                _llama.llama_free(self._ctx)
+                self._ctx = None
+            if self._model is not None:
+                _llama.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> "StageEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def last_row_of_each_seq(seq_ids: np.ndarray) -> np.ndarray:
+    """Bool mask of the last row of each sequence id in a batch."""
+    n = seq_ids.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    _, idx = np.unique(seq_ids[::-1], return_index=True)
+    mask[n - 1 - idx] = True
+    return mask

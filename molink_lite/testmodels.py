@@ -1,0 +1,491 @@
+"""Random-weight GGUF models for tests and benchmarks.
+
+:func:`write_random_gguf` writes a small (or, for benchmarks, full-size) model of a
+given llama.cpp architecture with random weights and a tiny byte-level BPE
+tokenizer, so that llama.cpp (through llama-cpp-python) can load it, tokenize
+ASCII text and produce finite, non-degenerate logits.
+
+Weights are drawn from a numpy ``Generator`` seeded by ``seed``: matrices with std
+~0.02, norm weights around 1.0, biases small. Tensors are generated and written
+one at a time, so memory use stays around the size of the largest tensor. For
+``q8_0``/``q4_0`` the quantized blocks are produced directly as random bytes
+(with a fixed fp16 scale per block), which is fast enough for 8B-sized models.
+
+Architectures are named as llama.cpp names them (``general.architecture``);
+:data:`SUPPORTED_TEST_ARCHS` lists those verified to load and run.
+
+Note: ``import llama_cpp`` before ``numpy`` in processes that also load models
+(a known segfault otherwise on some builds); this module only needs numpy/gguf.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+__all__ = ["SUPPORTED_TEST_ARCHS", "write_random_gguf"]
+
+_QTYPES: Dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+}
+
+# llama_ftype values for general.file_type (informational)
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+
+_W_STD = 0.02  # std of random matrix entries
+
+
+# --------------------------------------------------------------------------- #
+# model description
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class _Params:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    n_expert: int
+    n_expert_used: int
+    variant: Optional[str]
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class _Tensor:
+    name: str
+    ne: Tuple[int, ...]              # ggml order: ne[0] is the contiguous (row) dimension
+    kind: str = "w"                  # w | norm | bias | zeros | ones | const | custom
+    value: float = 0.0               # for const
+    fn: Optional[Callable[[np.random.Generator, Tuple[int, ...]], np.ndarray]] = None  # custom, numpy shape
+    quant: bool = True               # may be stored quantized (only for kind "w")
+    std: float = _W_STD
+
+
+@dataclass
+class _Model:
+    arch: str
+    kv: List[Tuple[str, object, GGUFValueType, Optional[GGUFValueType]]] = field(default_factory=list)
+    tensors: List[_Tensor] = field(default_factory=list)
+
+    def _key(self, key: str) -> str:
+        if key.startswith(("general.", "tokenizer.")):
+            return key
+        return f"{self.arch}.{key}"
+
+    def u32(self, key: str, v: int) -> None:
+        self.kv.append((self._key(key), int(v), GGUFValueType.UINT32, None))
+
+    def i32(self, key: str, v: int) -> None:
+        self.kv.append((self._key(key), int(v), GGUFValueType.INT32, None))
+
+    def f32(self, key: str, v: float) -> None:
+        self.kv.append((self._key(key), float(v), GGUFValueType.FLOAT32, None))
+
+    def flag(self, key: str, v: bool) -> None:
+        self.kv.append((self._key(key), bool(v), GGUFValueType.BOOL, None))
+
+    def string(self, key: str, v: str) -> None:
+        self.kv.append((self._key(key), str(v), GGUFValueType.STRING, None))
+
+    def arr(self, key: str, v: Sequence, sub: GGUFValueType) -> None:
+        self.kv.append((self._key(key), list(v), GGUFValueType.ARRAY, sub))
+
+    def t(self, name: str, ne: Sequence[int], kind: str = "w", **kw) -> None:
+        self.tensors.append(_Tensor(name, tuple(int(x) for x in ne), kind, **kw))
+
+
+# --------------------------------------------------------------------------- #
+# tokenizer: byte-level BPE (GPT-2 style) with a few merges
+# --------------------------------------------------------------------------- #
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 (pad, bos, eos)
+_MIN_VOCAB = 3 + 98 + 1  # specials + printable ASCII/whitespace bytes + at least one merged token
+
+
+def _vocab(n_vocab: int) -> Tuple[List[str], List[int], List[str]]:
+    """Token strings, token types and BPE merges for a vocab of exactly n_vocab tokens."""
+    if n_vocab < _MIN_VOCAB:
+        raise ValueError(f"n_vocab must be >= {_MIN_VOCAB}, got {n_vocab}")
+    b2u = _bytes_to_unicode()
+    # byte tokens, most useful first: printable ASCII, space, newline, tab, then the rest
+    order = list(range(33, 127)) + [32, 10, 9, 13]
+    order += [b for b in range(256) if b not in order]
+    tokens: List[str] = list(_SPECIALS)
+    types: List[int] = [int(gguf.TokenType.CONTROL)] * len(_SPECIALS)
+    # keep room for some merged (multi-byte) tokens: gguf cannot store an empty merges list
+    n_merged_min = max(1, min(32, n_vocab - _MIN_VOCAB + 1))
+    n_bytes = min(256, n_vocab - len(tokens) - n_merged_min)
+    byte_chars = [b2u[b] for b in order[:n_bytes]]
+    tokens += byte_chars
+    types += [int(gguf.TokenType.NORMAL)] * n_bytes
+    merges: List[str] = []
+    if len(tokens) < n_vocab:
+        # multi-character tokens, built by merges of shorter ones (shorter strings first)
+        alphabet = [b2u[ord(c)] for c in (" etaoinshrdlcumwfgypbvkjxqz"
+                                           "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")]
+        need = n_vocab - len(tokens)
+        prev = list(alphabet)
+        new: List[str] = []
+        while len(new) < need:
+            level = []
+            for p in prev:
+                for c in alphabet:
+                    level.append(p + c)
+                    if len(new) + len(level) >= need:
+                        break
+                if len(new) + len(level) >= need:
+                    break
+            for s in level:
+                merges.append(f"{s[:-1]} {s[-1]}")
+            new += level
+            prev = level
+        tokens += new
+        types += [int(gguf.TokenType.NORMAL)] * len(new)
+    assert len(tokens) == n_vocab
+    return tokens, types, merges
+
+
+def _add_tokenizer(w: GGUFWriter, n_vocab: int) -> None:
+    tokens, types, merges = _vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+# --------------------------------------------------------------------------- #
+# weight generation
+# --------------------------------------------------------------------------- #
+
+def _np_shape(ne: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(reversed(ne))
+
+
+def _rand_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uniformly random bytes as a writable uint8 array (fast: raw 64-bit draws)."""
+    return rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n]
+
+
+def _float_data(rng: np.random.Generator, t: _Tensor) -> np.ndarray:
+    shape = _np_shape(t.ne)
+    if t.kind == "w":
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a *= np.float32(t.std)
+    elif t.kind == "norm":
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a *= np.float32(0.05)
+        a += np.float32(1.0)
+    elif t.kind == "bias":
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a *= np.float32(t.std)
+    elif t.kind == "zeros":
+        a = np.zeros(shape, dtype=np.float32)
+    elif t.kind == "ones":
+        a = np.ones(shape, dtype=np.float32)
+    elif t.kind == "const":
+        a = np.full(shape, t.value, dtype=np.float32)
+    elif t.kind == "custom":
+        assert t.fn is not None
+        a = np.ascontiguousarray(t.fn(rng, shape), dtype=np.float32)
+        assert a.shape == shape, (t.name, a.shape, shape)
+    else:  # pragma: no cover
+        raise ValueError(t.kind)
+    return a
+
+
+def _quant_blocks(rng: np.random.Generator, t: _Tensor, qt: GGMLQuantizationType) -> np.ndarray:
+    """Random Q8_0 / Q4_0 blocks as uint8, numpy shape (..., bytes per row)."""
+    block, tsize = gguf.GGML_QUANT_SIZES[qt]
+    ne = t.ne
+    n_blocks = math.prod(ne) // block
+    data = _rand_bytes(rng, n_blocks * tsize)
+    blocks = data.reshape(n_blocks, tsize)
+    if qt == GGMLQuantizationType.Q8_0:
+        q_std = math.sqrt((256.0 ** 2 - 1) / 12.0)   # uniform int8
+    else:  # Q4_0: (nibble - 8), nibble uniform in 0..15
+        q_std = math.sqrt((16.0 ** 2 - 1) / 12.0)
+    scale = np.frombuffer(np.float16(t.std / q_std).tobytes(), dtype=np.uint8)
+    blocks[:, :2] = scale
+    row_bytes = ne[0] // block * tsize
+    return data.reshape(*_np_shape(ne)[:-1], row_bytes)
+
+
+def _storage(t: _Tensor, qtype: str) -> GGMLQuantizationType:
+    if qtype == "f32" or t.kind != "w" or not t.quant or len(t.ne) < 2:
+        return GGMLQuantizationType.F32
+    qt = _QTYPES[qtype]
+    if qt in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0) and t.ne[0] % 32 != 0:
+        return GGMLQuantizationType.F16
+    return qt
+
+
+def _tensor_payload(rng: np.random.Generator, t: _Tensor, st: GGMLQuantizationType) -> np.ndarray:
+    if st == GGMLQuantizationType.F32:
+        return _float_data(rng, t)
+    if st == GGMLQuantizationType.F16:
+        return _float_data(rng, t).astype(np.float16)
+    return _quant_blocks(rng, t, st)
+
+
+def _tensor_nbytes(t: _Tensor, st: GGMLQuantizationType) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    """(numpy shape given to add_tensor_info, numpy dtype, nbytes)."""
+    shape = _np_shape(t.ne)
+    n = math.prod(t.ne)
+    if st == GGMLQuantizationType.F32:
+        return shape, np.dtype(np.float32), 4 * n
+    if st == GGMLQuantizationType.F16:
+        return shape, np.dtype(np.float16), 2 * n
+    block, tsize = gguf.GGML_QUANT_SIZES[st]
+    return (*shape[:-1], t.ne[0] // block * tsize), np.dtype(np.uint8), n // block * tsize
+
+
+# --------------------------------------------------------------------------- #
+# architectures
+# --------------------------------------------------------------------------- #
+
+def _blk(i: int, name: str) -> str:
+    return f"blk.{i}.{name}"
+
+
+def _common_hp(m: _Model, p: _Params, *, ff: bool = True, heads: bool = True) -> None:
+    m.u32("context_length", p.n_ctx_train)
+    m.u32("embedding_length", p.n_embd)
+    m.u32("block_count", p.n_layer)
+    if ff:
+        m.u32("feed_forward_length", p.n_ff)
+    if heads:
+        m.u32("attention.head_count", p.n_head)
+        m.u32("attention.head_count_kv", p.n_head_kv)
+
+
+def _emb_out(m: _Model, p: _Params, *, tied: bool = False, out_norm_bias: bool = False) -> None:
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    m.t("output_norm.weight", (p.n_embd,), "norm")
+    if out_norm_bias:
+        m.t("output_norm.bias", (p.n_embd,), "bias")
+    if not tied:
+        m.t("output.weight", (p.n_embd, p.n_vocab))
+
+
+def _attn(m: _Model, p: _Params, i: int, *, bias_qkv: bool = False, bias_o: bool = False,
+          qk_norm: bool = False, head_dim: Optional[int] = None) -> None:
+    hd = head_dim or p.head_dim
+    m.t(_blk(i, "attn_q.weight"), (p.n_embd, p.n_head * hd))
+    m.t(_blk(i, "attn_k.weight"), (p.n_embd, p.n_head_kv * hd))
+    m.t(_blk(i, "attn_v.weight"), (p.n_embd, p.n_head_kv * hd))
+    if bias_qkv:
+        m.t(_blk(i, "attn_q.bias"), (p.n_head * hd,), "bias")
+        m.t(_blk(i, "attn_k.bias"), (p.n_head_kv * hd,), "bias")
+        m.t(_blk(i, "attn_v.bias"), (p.n_head_kv * hd,), "bias")
+    m.t(_blk(i, "attn_output.weight"), (p.n_head * hd, p.n_embd))
+    if bias_o:
+        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
+    if qk_norm:
+        m.t(_blk(i, "attn_q_norm.weight"), (hd,), "norm")
+        m.t(_blk(i, "attn_k_norm.weight"), (hd,), "norm")
+
+
+def _ffn_glu(m: _Model, p: _Params, i: int, n_ff: Optional[int] = None) -> None:
+    n_ff = n_ff or p.n_ff
+    m.t(_blk(i, "ffn_gate.weight"), (p.n_embd, n_ff))
+    m.t(_blk(i, "ffn_down.weight"), (n_ff, p.n_embd))
+    m.t(_blk(i, "ffn_up.weight"), (p.n_embd, n_ff))
+
+
+def _ffn_moe(m: _Model, p: _Params, i: int, n_ff_exp: Optional[int] = None) -> None:
+    n_ff_exp = n_ff_exp or p.n_ff
+    m.t(_blk(i, "ffn_gate_inp.weight"), (p.n_embd, p.n_expert), quant=False)
+    m.t(_blk(i, "ffn_gate_exps.weight"), (p.n_embd, n_ff_exp, p.n_expert))
+    m.t(_blk(i, "ffn_down_exps.weight"), (n_ff_exp, p.n_embd, p.n_expert))
+    m.t(_blk(i, "ffn_up_exps.weight"), (p.n_embd, n_ff_exp, p.n_expert))
+
+
+def _moe_hp(m: _Model, p: _Params) -> None:
+    if p.n_expert > 0:
+        m.u32("expert_count", p.n_expert)
+        m.u32("expert_used_count", p.n_expert_used)
+
+
+def _rope_freqs(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    # llama3-style frequency factors: 1 for high frequencies, up to 8 for low ones
+    n = shape[0]
+    return np.linspace(1.0, 8.0, n, dtype=np.float32) ** np.float32(0.5) * 1.0
+
+
+def _arch_llama(m: _Model, p: _Params) -> None:
+    _common_hp(m, p)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    m.u32("rope.dimension_count", p.head_dim)
+    m.f32("rope.freq_base", {"llama3": 500000.0, "mistral": 1000000.0}.get(p.variant or "", 10000.0))
+    _moe_hp(m, p)
+    _emb_out(m, p)
+    if p.variant == "llama3":
+        m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
+    for i in range(p.n_layer):
+        m.t(_blk(i, "attn_norm.weight"), (p.n_embd,), "norm")
+        _attn(m, p, i)
+        m.t(_blk(i, "ffn_norm.weight"), (p.n_embd,), "norm")
+        if p.n_expert > 0:
+            _ffn_moe(m, p, i)
+        else:
+            _ffn_glu(m, p, i)
+
+
+def _arch_gemma3(m: _Model, p: _Params) -> None:
+    _common_hp(m, p)
+    m.u32("attention.key_length", p.head_dim)
+    m.u32("attention.value_length", p.head_dim)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-6)
+    m.u32("attention.sliding_window", 8)
+    m.f32("rope.freq_base", 1000000.0)
+    m.f32("rope.freq_base_swa", 10000.0)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        m.t(_blk(i, "attn_norm.weight"), (p.n_embd,), "norm")
+        _attn(m, p, i, qk_norm=True)
+        m.t(_blk(i, "post_attention_norm.weight"), (p.n_embd,), "norm")
+        m.t(_blk(i, "ffn_norm.weight"), (p.n_embd,), "norm")
+        _ffn_glu(m, p, i)
+        m.t(_blk(i, "post_ffw_norm.weight"), (p.n_embd,), "norm")
+
+
+# arch -> (builder, variants accepted, whether experts are allowed/required)
+_ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
+    "llama": _arch_llama,
+    "gemma3": _arch_gemma3,
+}
+
+_VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
+    "llama": (None, "llama3", "mistral", "mixtral"),
+}
+
+# archs whose builders need experts (defaults applied when n_expert == 0)
+_MOE_ARCHS: Dict[str, Tuple[int, int]] = {}
+
+#: llama.cpp architecture names verified to load and produce finite logits in llama_cpp 0.3.36
+SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
+    "llama",
+    "gemma3",
+)
+
+
+# --------------------------------------------------------------------------- #
+# public API
+# --------------------------------------------------------------------------- #
+
+def write_random_gguf(path: "str | os.PathLike", arch: str = "llama", *, n_layer: int = 4, n_embd: int = 64,
+                      n_head: int = 4, n_head_kv: "int | None" = None, n_ff: "int | None" = None,
+                      n_vocab: int = 256, n_ctx_train: int = 2048, n_expert: int = 0, n_expert_used: int = 0,
+                      qtype: str = "f32", seed: int = 0, variant: "str | None" = None) -> pathlib.Path:
+    """Write a random-weight GGUF model of llama.cpp architecture ``arch`` to ``path``.
+
+    ``variant`` (llama only): ``"llama3"`` adds ``rope_freqs.weight`` (llama3 rope
+    factors), ``"mistral"`` uses GQA (n_head_kv = n_head/4 unless given) and rope base
+    1e6, ``"mixtral"`` is a mixture of experts (8 experts, 2 used unless given).
+    For MoE archs, ``n_expert``/``n_expert_used`` default to small values when 0.
+    ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices
+    (1-D tensors stay f32). Returns the path written.
+    """
+    if arch not in _ARCHS:
+        raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted(_ARCHS))}")
+    if qtype not in _QTYPES:
+        raise ValueError(f"unsupported qtype {qtype!r}; use one of {', '.join(_QTYPES)}")
+    allowed = _VARIANTS.get(arch, (None,))
+    if variant not in allowed:
+        raise ValueError(f"unsupported variant {variant!r} for {arch}; allowed: {allowed}")
+    if n_embd % n_head != 0:
+        raise ValueError("n_embd must be a multiple of n_head")
+    if variant == "mistral" and n_head_kv is None:
+        n_head_kv = max(1, n_head // 4)
+    if n_head_kv is None:
+        n_head_kv = n_head
+    if n_head % n_head_kv != 0:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    if n_ff is None:
+        n_ff = 4 * n_embd if arch not in ("llama",) else _round_up(int(8 * n_embd / 3), 32)
+    if variant == "mixtral" and n_expert == 0:
+        n_expert = 8
+    if arch in _MOE_ARCHS and n_expert == 0:
+        n_expert = _MOE_ARCHS[arch][0]
+    if n_expert > 0 and n_expert_used == 0:
+        n_expert_used = min(2, n_expert) if arch not in _MOE_ARCHS else min(_MOE_ARCHS[arch][1], n_expert)
+    if n_expert_used > n_expert:
+        raise ValueError("n_expert_used must be <= n_expert")
+
+    p = _Params(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
+                variant=variant)
+    m = _Model(arch)
+    _ARCHS[arch](m, p)
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    w = GGUFWriter(path, arch)
+    try:
+        w.add_name(f"random-{arch}" + (f"-{variant}" if variant else ""))
+        w.add_file_type(_FILE_TYPES[qtype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, val, vt, sub in m.kv:
+            w.add_key_value(key, val, vt, sub_type=sub)
+        _add_tokenizer(w, n_vocab)
+
+        storage = []
+        for t in m.tensors:
+            st = _storage(t, qtype)
+            shape, dtype, nbytes = _tensor_nbytes(t, st)
+            w.add_tensor_info(t.name, shape, dtype, nbytes,
+                              raw_dtype=st if st not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None)
+            storage.append(st)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t, st in zip(m.tensors, storage):
+            w.write_tensor_data(_tensor_payload(rng, t, st))
+    finally:
+        w.close()
+    return path
+
+
+def _round_up(x: int, k: int) -> int:
+    return (x + k - 1) // k * k
