@@ -80,6 +80,7 @@ class StageInfo:
     n_embd_inp: int
     n_vocab: int
     fingerprint: str
+    name: str = ""
 
     @property
     def is_first(self) -> bool:
@@ -176,8 +177,9 @@ class StageEngine:
         if fp is None:
             from .split import fingerprint
             fp = fingerprint(self.path)
+        name = _meta(m, "molink.source_name") or Path(self.path).stem
         return StageInfo(self.path, arch, start, stop, total, _llama.llama_model_n_embd(m),
-                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp)
+                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp, name)
 
     # ------------------------------------------------------------------ capture
     def _eval_cb(self, t: int, ask: bool, _user: int) -> bool:

@@ -34,10 +34,14 @@ connect times out) the client connection is closed and a warning is logged.
 Timer precision: times come from ``loop.time()`` (monotonic).  Due times are
 absolute, so timer lateness never accumulates: the average rate is exact and
 only per-chunk jitter depends on the timer.  On Linux/macOS asyncio sleeps are
-accurate to ~1 ms.  On Windows the event loop waits with a millisecond timeout
-that the system timer rounds to its tick (~15.6 ms by default), so each
-delivery can be up to ~15 ms late: delays well below ~20 ms are not
-meaningfully emulated there, and chunks due within one tick are sent together.
+accurate to ~1 ms (epoll/kqueue timeouts are rounded up to whole ms).  On
+Windows the event loop waits with a millisecond timeout that the system timer
+rounds to its tick (~15.6 ms by default), so each delivery can be up to ~16 ms
+late; before Python 3.13 ``time.monotonic()`` (hence ``loop.time()``) also
+ticks at ~15.6 ms, and asyncio may fire a timer up to one tick early, so
+expect about +/-16 ms per crossing there.  Delays well below ~30 ms are not
+meaningfully emulated on Windows; chunks due within one tick are sent together
+(the average rate is still right).
 
 Pure asyncio + stdlib; works with the default event loops on Linux, macOS and
 Windows (Proactor), and with uvloop if the caller installs it.
@@ -223,7 +227,8 @@ class _Lane:
         self.has_space = asyncio.Event()
         self.has_space.set()
         # asyncio fires timers up to one clock tick early; accept that slack.
-        self.slack = time.get_clock_info("monotonic").resolution
+        # (>= 0.1 ms so a coarse-clock loop such as uvloop never micro-spins.)
+        self.slack = max(time.get_clock_info("monotonic").resolution, 1e-4)
 
     def _push(self, kind: int, data: bytes = b"") -> None:
         now = self.loop.time()
@@ -339,6 +344,16 @@ class LinkRelay:
         await self.close()
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        # Per-connection task created by asyncio.start_server; nobody awaits it
+        # except close().  It must not finish in CancelledError: on Python <=
+        # 3.11 the stream protocol's done-callback calls task.exception() and
+        # reports "Exception in callback ... CancelledError" to the loop.
+        try:
+            await self._serve_conn(c_reader, c_writer)
+        except asyncio.CancelledError:
+            pass  # close() or loop shutdown; transports already torn down
+
+    async def _serve_conn(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if self._closing:
             c_writer.transport.abort()

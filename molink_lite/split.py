@@ -26,6 +26,7 @@ from .gguf_meta import GGUFFile, GGUFFormatError
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
+SPLIT_FORMAT = 2  # bump when the stage GGUF content changes: old cache entries are then ignored
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 _COPY_CHUNK = 16 * 1024 * 1024
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -239,7 +240,10 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     if rule.swa is not None:
         pattern = rule.swa.layers(ctx)
         if pattern is not None:
-            overrides[f"{arch}.attention.sliding_window_pattern"] = (T_ARRAY, pattern[layers.start:layers.stop], T_BOOL)
+            mine = pattern[layers.start:layers.stop]
+            overrides[f"{arch}.attention.sliding_window_pattern"] = (T_ARRAY, mine, T_BOOL)
+            if not any(mine):  # no SWA layer here: llama.cpp asserts on an SWA cache without SWA layers
+                overrides[f"{arch}.attention.sliding_window"] = (T_UINT32, 0, None)
     if not ctx.is_first:
         for key, value in rule.later_stage_kv.items():
             k = f"{arch}.{key}"
@@ -248,6 +252,7 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
         overrides[f"{arch}.vocab_size"] = (T_UINT32, 1, None)
         overrides["tokenizer.ggml.model"] = (T_STRING, "none", None)
     overrides["molink.source_fingerprint"] = (T_STRING, info.fingerprint, None)
+    overrides["molink.source_name"] = (T_STRING, Path(path).stem, None)
     overrides["molink.layer_start"] = (T_UINT32, layers.start, None)
     overrides["molink.layer_stop"] = (T_UINT32, layers.stop, None)
     overrides["molink.n_layer_total"] = (T_UINT32, info.n_layer, None)
@@ -368,7 +373,7 @@ def stage_gguf(path: str | os.PathLike, layers: LayerRange, cache_dir: Optional[
     if layers.start == 0 and layers.stop == info.n_layer:
         return Path(path)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dst = base / "splits" / info.fingerprint / f"{info.arch}-L{layers.start}-{layers.stop - 1}-of{info.n_layer}.gguf"
+    dst = base / "splits" / f"v{SPLIT_FORMAT}" / info.fingerprint / f"{info.arch}-L{layers.start}-{layers.stop - 1}-of{info.n_layer}.gguf"
     if dst.exists():
         return dst
     return write_stage_gguf(path, layers, dst, reader=r)

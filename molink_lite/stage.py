@@ -1,0 +1,349 @@
+"""WebSocket stage server: runs one layer range and forwards hidden states to the next stage.
+
+Frames (see :mod:`molink_lite.wire`), by ``meta["type"]``:
+
+* ``hello`` -> ``info``: model identity (fingerprint, arch, layer range, widths, limits).
+* ``configure`` (from the pipeline head): becomes the head, connects to the next stage.
+* ``step``: one micro-batch. Arrays ``seq`` / ``pos`` (int32) and ``tokens`` (first stage)
+  or ``hidden`` (later stages); ``out`` (u8) marks rows whose next token is wanted.
+  Meta ``free`` lists sequences to forget first, ``start`` maps new sequences to sampling
+  parameters. Non-last stages forward the step with their hidden states to the next
+  stage; the last stage samples and sends a ``result`` (seq, tokens, eog, text pieces)
+  to the head. A failure sends an ``error`` for the step straight to the head.
+* ``tokenize`` (first stage) and ``stats``: small requests answered on the same connection.
+
+Steps are processed strictly in arrival order by one worker; llama.cpp runs in a
+worker thread so sockets keep flowing while a stage computes.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401,I001 - before numpy
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import websockets
+
+from .channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
+from .engine import EngineError, StageEngine, last_row_of_each_seq
+from .sampling import SamplerPool, SamplingError, SamplingParams
+from .vocab import Detokenizer, Vocab
+from .wire import CODECS, encode_frame
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+
+
+class StageServer:
+    """Serves one :class:`StageEngine` over WebSockets."""
+
+    def __init__(self, engine: StageEngine, *, host: str = "127.0.0.1", port: int = 9001,
+                 next_url: Optional[str] = None, codec: str = "f16"):
+        self.engine = engine
+        self.info = engine.info
+        self.host, self.port = host, port
+        self.fixed_next = next_url
+        self.codec = codec
+        self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
+        self.samplers = SamplerPool(self.info.n_vocab) if self.info.is_last else None
+        self.detok = Detokenizer(self.vocab) if self.info.is_last and self.vocab else None
+        self.head: Optional[Channel] = None
+        self.next: Optional[Channel] = None
+        self.next_url: Optional[str] = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._server = None
+        self._worker: Optional[asyncio.Task] = None
+        self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
+                                        "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0}
+        self._in_flight = 0  # steps received and not yet finished here
+
+    # ------------------------------------------------------------------ identity
+    def describe(self) -> dict:
+        i = self.info
+        d = {"type": "info", "protocol": PROTOCOL_VERSION, "arch": i.arch, "fingerprint": i.fingerprint,
+             "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
+             "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": self.engine.n_ctx,
+             "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "model": i.path, "name": i.name,
+             "next": self.next_url, "codec": self.codec}
+        if self.vocab is not None:
+            d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
+                     eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
+        return d
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._worker = asyncio.ensure_future(self._work_loop())
+        self._server = await websockets.serve(self._on_connect, self.host, self.port, max_size=MAX_FRAME_BYTES,
+                                              compression=None, ping_interval=20, ping_timeout=60)
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        log.info("stage layers %d-%d of %d (%s) listening on ws://%s:%d", self.info.layer_start,
+                 self.info.layer_stop - 1, self.info.n_layer_total, self.info.arch, self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._worker is not None:
+            self._worker.cancel()
+        for ch in (self.next, self.head):
+            if ch is not None:
+                await ch.close()
+        self._pool.shutdown(wait=True)
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Future()
+        finally:
+            await self.close()
+
+    # ------------------------------------------------------------------ connections
+    async def _on_connect(self, ws) -> None:
+        ch = Channel(ws, name=f"client {ws.remote_address}")
+        await ch.serve(self._handle)
+        if ch is self.head:
+            log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
+            self.head = None
+            self._queue.put_nowait(("reset", None, None))
+
+    async def _handle(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        kind = meta.get("type")
+        if kind == "step":
+            self._in_flight += 1
+            self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
+            self._queue.put_nowait(("step", meta, arrays))
+            self.stats["max_queued"] = max(self.stats["max_queued"], self._queue.qsize())
+        elif kind == "hello":
+            ch.reply(meta, self.describe())
+        elif kind == "configure":
+            await self._configure(ch, meta)
+        elif kind == "tokenize":
+            self._tokenize(ch, meta)
+        elif kind == "stats":
+            ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats()})
+        elif kind == "error":
+            log.warning("peer reported: %s", meta.get("message"))
+        else:
+            ch.reply(meta, {"type": "error", "message": f"unknown frame type {kind!r}"})
+
+    def _engine_stats(self) -> dict:
+        t = self.engine.times
+        return {"engine_decode_s": t.decode, "engine_capture_s": t.capture, "engine_steps": t.steps}
+
+    async def _configure(self, ch: Channel, meta: dict) -> None:
+        codec = meta.get("codec", self.codec)
+        if codec not in CODECS:
+            ch.reply(meta, {"type": "error", "message": f"unknown codec {codec!r}; choose from {', '.join(CODECS)}"})
+            return
+        if self.head is not None and self.head is not ch:
+            log.info("a new pipeline head replaces the previous one; forgetting all sequences")
+            self._queue.put_nowait(("reset", None, None))
+        self.head = ch
+        self.codec = codec
+        if self.info.is_last:
+            ch.reply(meta, {"type": "configured", "next": None})
+            return
+        url = self.fixed_next or meta.get("next")
+        if not url:
+            ch.reply(meta, {"type": "error", "message": f"stage {self.info.layer_start}-{self.info.layer_stop - 1} is not "
+                            f"the last stage and has no next stage (start it with --next or list it in --pipeline)"})
+            return
+        try:
+            await self._connect_next(url)
+        except Exception as e:  # noqa: BLE001
+            ch.reply(meta, {"type": "error", "message": str(e)})
+            return
+        ch.reply(meta, {"type": "configured", "next": url})
+
+    async def _connect_next(self, url: str) -> None:
+        if self.next is not None and not self.next.closed.is_set() and self.next_url == url:
+            return
+        if self.next is not None:
+            await self.next.close()
+        try:
+            ws = await websockets.connect(url, max_size=MAX_FRAME_BYTES, compression=None, open_timeout=10,
+                                          ping_interval=20, ping_timeout=60)
+        except Exception as e:  # noqa: BLE001
+            raise ConnectionError(f"cannot reach next stage {url}: {e}") from None
+        ch = Channel(ws, name=f"next stage {url}")
+        asyncio.ensure_future(ch.serve(self._handle_from_next))
+        info, _ = await ch.request({"type": "hello"}, timeout=30)
+        problem = chain_mismatch(self.describe(), info)
+        if problem:
+            await ch.close()
+            raise ConnectionError(f"next stage {url}: {problem}")
+        self.next, self.next_url = ch, url
+        log.info("forwarding to next stage %s (layers %d-%d)", url, info["layer_start"], info["layer_stop"] - 1)
+
+    async def _handle_from_next(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        if meta.get("type") == "error":
+            log.warning("next stage reported: %s", meta.get("message"))
+
+    def _tokenize(self, ch: Channel, meta: dict) -> None:
+        if self.vocab is None or self.vocab.n_vocab <= 1:
+            ch.reply(meta, {"type": "error", "message": "this stage has no tokenizer (ask the first stage)"})
+            return
+        text = meta.get("text")
+        if not isinstance(text, str):
+            ch.reply(meta, {"type": "error", "message": "tokenize needs a 'text' string"})
+            return
+        toks = self.vocab.tokenize(text, add_special=bool(meta.get("add_special", True)),
+                                   parse_special=bool(meta.get("parse_special", True)))
+        ch.reply(meta, {"type": "tokens"}, {"tokens": toks})
+
+    # ------------------------------------------------------------------ the step worker
+    async def _work_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            kind, meta, arrays = await self._queue.get()
+            if kind == "reset":
+                await loop.run_in_executor(self._pool, self._reset)
+                continue
+            try:
+                t0 = time.perf_counter()
+                out = await loop.run_in_executor(self._pool, self._run_step, meta, arrays)
+                self.stats["busy_s"] += time.perf_counter() - t0
+                self._deliver(meta, out)
+            except (EngineError, SamplingError, StepError) as e:
+                self.stats["errors"] += 1
+                self._report(meta, str(e))
+            except Exception as e:  # noqa: BLE001 - never lose a step silently
+                self.stats["errors"] += 1
+                log.exception("step %s failed", meta.get("step"))
+                self._report(meta, f"internal error in stage {self.info.layer_start}-{self.info.layer_stop - 1}: {e}")
+            finally:
+                self._in_flight -= 1
+
+    def _reset(self) -> None:
+        self.engine.clear()
+        if self.samplers is not None:
+            for s in list(self.samplers._by_seq):
+                self.samplers.drop(s)
+
+    def _run_step(self, meta: dict, arrays: Dict[str, np.ndarray]) -> Tuple[dict, object]:
+        """Runs in the llama thread: free, start samplers, forward, then encode or sample."""
+        for s in meta.get("free") or []:
+            self.engine.free(int(s))
+            if self.samplers is not None:
+                self.samplers.drop(int(s))
+                self.detok.drop(int(s))
+            self.stats["frees"] += 1
+        if self.samplers is not None:
+            for s, params in (meta.get("start") or {}).items():
+                self.samplers.start(int(s), SamplingParams.from_dict(params).validate())
+                self.detok.start(int(s))
+        seq, pos = arrays.get("seq"), arrays.get("pos")
+        if seq is None or pos is None:
+            raise StepError("step frame needs 'seq' and 'pos' arrays")
+        n = int(seq.shape[0])
+        fwd_meta = {k: v for k, v in meta.items() if k not in ("rid",)}
+        if n == 0:
+            return fwd_meta, None
+        self.stats["steps"] += 1
+        self.stats["rows"] += n
+        self.stats["max_seqs_in_step"] = max(self.stats["max_seqs_in_step"], int(np.unique(seq).shape[0]))
+        out_rows = arrays.get("out")
+        if self.info.is_first:
+            if "tokens" not in arrays:
+                raise StepError("the first stage needs a 'tokens' array")
+            res = self.engine.forward(seq, pos, tokens=arrays["tokens"],
+                                      output_rows=None if out_rows is None else out_rows.astype(bool))
+        else:
+            if "hidden" not in arrays:
+                raise StepError(f"stage {self.info.layer_start}-{self.info.layer_stop - 1} needs a 'hidden' array")
+            res = self.engine.forward(seq, pos, hidden=arrays["hidden"],
+                                      output_rows=None if out_rows is None else out_rows.astype(bool))
+        if not self.info.is_last:
+            send = {"seq": seq, "pos": pos, "hidden": res}
+            if out_rows is not None:
+                send["out"] = out_rows
+            return fwd_meta, encode_frame(fwd_meta, send, codec=self.codec)
+        # last stage: sample one token per output row
+        mask = last_row_of_each_seq(seq) if out_rows is None else out_rows.astype(bool)
+        seqs = seq[mask]
+        tokens = self.samplers.sample(seqs, res)
+        eog = self.vocab.is_eog(tokens)
+        pieces = self.detok.pieces(seqs, tokens, eog)
+        return fwd_meta, (seqs, tokens, eog, pieces)
+
+    def _deliver(self, meta: dict, out: object) -> None:
+        if self.info.is_last:
+            if self.head is None:
+                log.warning("step %s finished but no pipeline head is connected", meta.get("step"))
+                return
+            res = {"type": "result", "step": meta.get("step")}
+            if out[1] is None:
+                self._send_head(res, {"seq": np.zeros(0, np.int32), "tokens": np.zeros(0, np.int32)})
+                return
+            seqs, tokens, eog, pieces = out[1]
+            res["pieces"] = pieces
+            self._send_head(res, {"seq": seqs.astype(np.int32), "tokens": tokens, "eog": eog.astype(np.uint8)})
+            return
+        _, data = out
+        if data is None:  # an empty step (only frees): forward as is
+            data = encode_frame(meta, {"seq": np.zeros(0, np.int32), "pos": np.zeros(0, np.int32)})
+        if self.next is None or self.next.closed.is_set():
+            raise_msg = f"stage {self.info.layer_start}-{self.info.layer_stop - 1} has no connection to the next stage"
+            self._report(meta, raise_msg)
+            return
+        try:
+            self.next.send_bytes(data)
+        except ChannelClosed as e:
+            self._report(meta, str(e))
+
+    def _send_head(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        if self.head is None:
+            return
+        try:
+            self.head.send(meta, arrays)
+        except ChannelClosed:
+            log.warning("pipeline head went away")
+
+    def _report(self, meta: dict, message: str) -> None:
+        log.warning("step %s: %s", meta.get("step"), message)
+        self._send_head({"type": "step_error", "step": meta.get("step"), "message": message,
+                         "stage": f"{self.info.layer_start}-{self.info.layer_stop - 1}"}, None)
+
+
+class StepError(ValueError):
+    """A step frame that cannot be run (missing or inconsistent arrays)."""
+
+
+def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
+    """Why stage ``nxt`` cannot follow stage ``prev``, or None if it can."""
+    if nxt.get("protocol") != PROTOCOL_VERSION:
+        return f"protocol version {nxt.get('protocol')} differs from {PROTOCOL_VERSION}"
+    if nxt.get("fingerprint") != prev.get("fingerprint"):
+        return (f"holds a different model (fingerprint {nxt.get('fingerprint')} vs {prev.get('fingerprint')}, "
+                f"{nxt.get('model')} vs {prev.get('model')})")
+    if nxt.get("layer_start") != prev.get("layer_stop"):
+        if nxt["layer_start"] > prev["layer_stop"]:
+            return f"gap: layers {prev['layer_stop']}-{nxt['layer_start'] - 1} are served by no stage"
+        return f"overlap: layers {nxt['layer_start']}-{prev['layer_stop'] - 1} are served twice"
+    if nxt.get("n_embd_inp") != prev.get("n_embd"):
+        return f"hidden width {prev.get('n_embd')} does not match the next stage's input width {nxt.get('n_embd_inp')}"
+    return None
+
+
+async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optional[str], codec: str,
+                    ready_file: Optional[str] = None) -> None:
+    """Serve a stage until cancelled; optionally write the bound port to ``ready_file``."""
+    server = StageServer(engine, host=host, port=port, next_url=next_url, codec=codec)
+    await server.start()
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(str(server.port))
+    try:
+        await asyncio.Future()
+    finally:
+        await server.close()
+
+
+__all__ = ["StageServer", "run_stage", "chain_mismatch", "RemoteError"]

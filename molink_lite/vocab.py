@@ -1,0 +1,85 @@
+"""Tokenizer access on a loaded stage model: tokenize, token pieces, end-of-generation, chat template."""
+
+from __future__ import annotations
+
+import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
+
+import codecs
+import ctypes
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+class Vocab:
+    """The llama.cpp vocabulary of a loaded model (first and last stages carry the real one)."""
+
+    def __init__(self, model_ptr: ctypes.c_void_p):
+        self._vocab = _llama.llama_model_get_vocab(model_ptr)
+        self.n_vocab = _llama.llama_vocab_n_tokens(self._vocab)
+        self.bos = _llama.llama_vocab_bos(self._vocab)
+        self.eos = _llama.llama_vocab_eos(self._vocab)
+        self.add_bos = bool(_llama.llama_vocab_get_add_bos(self._vocab))
+        tmpl = _llama.llama_model_chat_template(model_ptr, None)
+        self.chat_template: Optional[str] = tmpl.decode("utf-8", "replace") if tmpl else None
+        self._eog = np.zeros(max(self.n_vocab, 1), dtype=bool)
+        if self.n_vocab > 1:
+            self._eog[:] = [bool(_llama.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of ``token`` (special tokens included), or '' if none."""
+        if token < 0 or token >= self.n_vocab:
+            return ""
+        return (_llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> np.ndarray:
+        """Token ids of ``text`` (int32)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (_llama.llama_token * n_max)()
+        n = _llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (_llama.llama_token * n_max)()
+            n = _llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise ValueError("tokenization failed")
+        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (special tokens render as nothing)."""
+        n = _llama.llama_token_to_piece(self._vocab, int(token), self._piece_buf, 256, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _llama.llama_token_to_piece(self._vocab, int(token), buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, tokens: np.ndarray) -> np.ndarray:
+        """End-of-generation flags for an array of token ids."""
+        return self._eog[np.asarray(tokens, dtype=np.int64)]
+
+
+class Detokenizer:
+    """Per-sequence incremental UTF-8 decoding: a character split across tokens comes out whole."""
+
+    def __init__(self, vocab: Vocab):
+        self.vocab = vocab
+        self._dec: Dict[int, codecs.IncrementalDecoder] = {}
+
+    def start(self, seq_id: int) -> None:
+        self._dec[seq_id] = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def drop(self, seq_id: int) -> None:
+        self._dec.pop(seq_id, None)
+
+    def pieces(self, seq_ids: np.ndarray, tokens: np.ndarray, final: np.ndarray) -> List[str]:
+        """Text for each (sequence, token); ``final`` flushes a sequence's pending bytes."""
+        out: List[str] = []
+        for s, t, f in zip(seq_ids.tolist(), tokens.tolist(), final.tolist()):
+            dec = self._dec.get(s)
+            if dec is None:
+                dec = self._dec[s] = codecs.getincrementaldecoder("utf-8")("replace")
+            out.append(dec.decode(self.vocab.piece(t), final=bool(f)))
+        return out

