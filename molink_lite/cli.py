@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import llama_cpp  # noqa: F401 - import before numpy in every entry point
-
+# llama_cpp is imported in main(), after --lib (LLAMA_CPP_LIB_PATH) is applied and before numpy
 import argparse
 import asyncio
 import logging
@@ -79,7 +78,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
         path = stage_gguf(model, layers, a.cache_dir)
         log.info("stage GGUF for layers %s: %s", layers, path)
         engine = StageEngine(path, n_ctx=a.ctx, n_seq_max=a.max_seqs, n_batch=a.batch,
-                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads)
+                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads,
+                             flash_attn=_flash_attn(a.flash_attn))
     except (SplitError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,6 +95,11 @@ def cmd_stage(a: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _flash_attn(value: str):
+    """CLI flash-attention choice -> StageEngine's flash_attn (None = auto)."""
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 def _backend_name() -> str:
@@ -159,7 +164,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
-                       n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches)
+                       n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
+                       flash_attn=a.flash_attn)
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -167,8 +173,13 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-seqs", type=int, default=16, help="most concurrent sequences (default 16, at most 256)")
     s.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload to the GPU (default -1 = all)")
     s.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: all cores)")
+    s.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="llama.cpp flash attention (default auto: on where the backend supports it)")
     s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"],
                    help="hidden-state wire codec (default f16; f32 is lossless)")
+    s.add_argument("--lib", metavar="DIR", default=None,
+                   help="folder of llama.cpp shared libraries to load instead of the bundled ones, e.g. a CUDA "
+                        "build from kernels/build.py (same as LLAMA_CPP_LIB_PATH=DIR; stage processes inherit it)")
 
 
 def _sched_opts(s: argparse.ArgumentParser) -> None:
@@ -176,6 +187,19 @@ def _sched_opts(s: argparse.ArgumentParser) -> None:
                    help="steps in flight per pipeline (default: number of stages)")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step (default 256)")
     s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
+
+
+def cmd_bench_fidelity(a: argparse.Namespace) -> int:
+    from .fidelity import measure_fidelity, print_fidelity
+    from .split import read_model_info
+
+    model = a.model or _default_model()
+    info = read_model_info(model)
+    cuts = [int(x) for x in a.cuts.split(",")] if a.cuts else [info.n_layer // 2]
+    print(f"fidelity of {info.name}: split before layer(s) {cuts} vs the whole model, {a.tokens} greedy tokens "
+          f"per prompt, teacher-forced logits compared per step", flush=True)
+    print_fidelity(measure_fidelity(model, cuts, n_tokens=a.tokens, codecs=a.codecs.split(","), n_threads=a.threads))
+    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -212,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (-1 = all)")
     s.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     s.set_defaults(func=cmd_bench_engine)
+    s = bsub.add_parser("fidelity", help="split-vs-whole logit agreement and greedy identity per wire codec")
+    s.add_argument("--model", help="GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--cuts", help="comma-separated layers where new stages start (default: the middle)")
+    s.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
+    s.add_argument("--codecs", default="f32,1ulp,f16,f16-clamp,int8",
+                   help="codecs to compare; '1ulp' is the engine's own noise floor (f32 moved by one ulp)")
+    s.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+    s.set_defaults(func=cmd_bench_fidelity)
 
     s = sub.add_parser("stage", help="serve one layer range of a model over WebSockets")
     s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
@@ -252,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "lib", None):
+        from .libpath import LibraryPathError, use_library_dir
+
+        try:
+            use_library_dir(args.lib)  # sets LLAMA_CPP_LIB_PATH before llama_cpp loads libllama
+        except LibraryPathError as e:
+            print(f"error: --lib: {e}", file=sys.stderr)
+            return 2
+    import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return int(args.func(args) or 0)

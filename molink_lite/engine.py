@@ -107,7 +107,8 @@ class StageEngine:
     """Runs one stage GGUF with llama.cpp; many sequences per ``llama_decode``."""
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_seq_max: int = 16,
-                 n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None):
+                 n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+                 flash_attn: Optional[bool] = None):
         _init_backend()
         self.path = str(model_path)
         if not Path(self.path).is_file():
@@ -142,6 +143,9 @@ class StageEngine:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = (_llama.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
+                                   _llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
+                                   _llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if not self.info.is_last:
             self._cb = _llama.ggml_backend_sched_eval_callback(self._eval_cb)
             cparams.cb_eval = self._cb

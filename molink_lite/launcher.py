@@ -90,13 +90,14 @@ def stop_stages(procs: Sequence[StageProcess], timeout: float = 10.0) -> None:
 
 def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
-                codec: str = "f16", micro_batches: Optional[int] = None) -> int:
+                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto") -> int:
     """``molink-lite serve``: local stages + gateway until Ctrl-C."""
     from .gateway import start_gateway
 
     info = read_model_info(model)
     ranges = even_ranges(info.n_layer, stages)
-    extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec]
+    extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec,
+             "--flash-attn", flash_attn]
     if threads:
         extra += ["--threads", str(threads)]
     ports = [base_port + i for i in range(stages)] if base_port else None

@@ -1,0 +1,87 @@
+"""Test helper: run stage processes and a gateway process on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: Optional[object] = None, raw: Optional[bytes] = None, timeout: float = 120):
+    """(status, parsed JSON or text) of an HTTP request."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+class GatewayProcess:
+    """``molink-lite gateway`` as a child process."""
+
+    def __init__(self, pipelines: Sequence[Sequence[str]], extra: Sequence[str] = (), log_dir: Optional[Path] = None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(self.port), "--connect-timeout", "60"]
+        for p in pipelines:
+            cmd += ["--pipeline", ",".join(p)]
+        cmd += list(extra)
+        self.log = (log_dir or Path("."))/f"gateway-{self.port}.log"
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.output()}")
+            try:
+                status, _ = http("GET", self.url + "/health", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gateway not ready: {self.output()}")
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._out.close()
+
+
+def run_gateway_expect_failure(pipelines: List[List[str]], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Start a gateway that should refuse its pipeline; return the finished process."""
+    cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(free_port()), "--connect-timeout", "20"]
+    for p in pipelines:
+        cmd += ["--pipeline", ",".join(p)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
