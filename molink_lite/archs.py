@@ -2,9 +2,14 @@
 
 llama.cpp runs whole models. Cutting one into layer ranges breaks wherever an
 architecture depends on the absolute layer index, on per-layer metadata arrays,
-on how embedding input is scaled, or on tensors a stage drops. Each supported
-architecture gets an :class:`ArchRule` here; anything not in :data:`RULES` is
-refused by :func:`rule_for` with a message naming the supported ones.
+on how embedding input is scaled, on the layer count itself (model-size guesses),
+or on tensors a stage drops. Each supported architecture gets an :class:`ArchRule`
+here, and each is proven split-exact by ``tests/test_archs_exact.py`` (logits of
+a 2- and 3-stage chain bit-identical to the whole model). Architectures that
+cannot be made exact are listed in :data:`UNSUPPORTED` with the reason; anything
+not in :data:`RULES` is refused by :func:`rule_for` with a message naming the
+supported ones. References like ``gemma2.cpp`` are files under ``src/models/`` of
+the llama.cpp vendored by llama-cpp-python 0.3.36.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class SplitContext:
     start: int            # first layer of the stage (absolute, inclusive)
     stop: int             # one past the last layer of the stage
     meta: Dict[str, object]  # the whole model's metadata values by key
+    n_vocab: int = 0      # vocabulary size of the whole model (0: unknown)
 
     @property
     def n_stage(self) -> int:
@@ -53,9 +59,20 @@ class SplitContext:
     def is_last(self) -> bool:
         return self.stop == self.n_layer
 
+    @property
+    def is_middle(self) -> bool:
+        return not self.is_first and not self.is_last
+
     def get(self, key: str, default: object = None) -> object:
         """Metadata value of ``<arch>.<key>``."""
         return self.meta.get(f"{self.arch}.{key}", default)
+
+    def has(self, key: str) -> bool:
+        return f"{self.arch}.{key}" in self.meta
+
+    @property
+    def layers(self) -> str:
+        return f"{self.start}-{self.stop - 1}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,10 @@ class SwaRule:
     period: int
     dense_first: bool = False
     requires_key: Optional[str] = "attention.sliding_window"  # pattern only applies if this key > 0
+    # True: a stage without SWA layers can turn SWA off by writing sliding_window = 0
+    # (gemma3, olmo2 decide SWA from that key). False: llama.cpp keeps the SWA cache on
+    # regardless and asserts is_swa_any() (gemma2, cohere2), so such a stage is refused.
+    off_by_zero_window: bool = True
 
     def layers(self, ctx: SplitContext) -> Optional[List[bool]]:
         """Absolute per-layer SWA flags of the whole model, or None when SWA is off."""
@@ -81,6 +102,9 @@ class SwaRule:
         return [period == 0 or (il % period < period - 1) for il in range(ctx.n_layer)]
 
 
+Check = Callable[[SplitContext], Optional[str]]
+
+
 @dataclass(frozen=True)
 class ArchRule:
     """Everything the splitter and the stage engine must do differently for one architecture."""
@@ -88,16 +112,64 @@ class ArchRule:
     name: str
     swa: Optional[SwaRule] = None
     # Divide hidden states entering a non-first stage by this (llama.cpp scales embedding
-    # input for some archs even when the input is already a hidden state).
+    # input for some archs even when the input is already a hidden state). Only exact
+    # when the factor is a power of two; no rule in RULES uses it now (see UNSUPPORTED).
     hidden_input_scale: Callable[[SplitContext], float] = lambda ctx: 1.0
     # Metadata overrides for non-first stages (e.g. granite's embedding_scale = 1).
     later_stage_kv: Dict[str, object] = field(default_factory=dict)
+    # Metadata values computed per stage ("<arch>." is prepended); the source key's type is
+    # kept when the key exists, else bool -> BOOL, float -> FLOAT32, int -> UINT32.
+    stage_kv: Callable[[SplitContext], Dict[str, object]] = lambda ctx: {}
     # Tensor rewrites: name suffix -> fix(ctx, name, float32 array) returning a new array or None.
     tensor_fixes: Dict[str, TensorFix] = field(default_factory=dict)
+    # Global tensors the graph adds to any input (e.g. gpt2's position_embd): written as
+    # zeros (same type and size; all-zero bytes decode to 0) on non-first stages.
+    zero_on_later_stages: Tuple[str, ...] = ()
+    # llama.cpp requires output.weight (and output.bias where the arch has one) on every
+    # stage: the first stage keeps them, middle stages get a one-row zero stand-in.
+    output_required: bool = False
+    # Reasons to refuse a layer range that cannot be exact (each returns None or a message).
+    checks: Tuple[Check, ...] = ()
     # Global (non-block) tensors every stage keeps besides token_embd/output_norm/output.
     global_tensors: Tuple[str, ...] = ("rope_freqs.weight",)
+    # Recurrent memory (mamba): non-last stages must create their llama.cpp context with
+    # ``embeddings = true`` (every row an output). llama.cpp then splits a batch by sequence
+    # (split_seq) and the captured hidden rows keep the batch order; with the default
+    # split_equal, the rows of sequences of different lengths come back interleaved.
+    # The batch must also hold each sequence's rows contiguously.
+    embeddings_on_inner_stages: bool = False
     notes: str = ""
 
+    def refusal(self, ctx: SplitContext) -> Optional[str]:
+        """Why the stage ``ctx`` cannot be written exactly, or None when it can."""
+        for check in (_check_nextn, self._check_swa, *self.checks):
+            reason = check(ctx)
+            if reason:
+                return reason
+        return None
+
+    def _check_swa(self, ctx: SplitContext) -> Optional[str]:
+        if self.swa is None or self.swa.off_by_zero_window:
+            return None
+        pattern = self.swa.layers(ctx)
+        if pattern is None or any(pattern[ctx.start:ctx.stop]):
+            return None
+        return (f"layers {ctx.layers} of this {ctx.arch} model hold no sliding-window layer; llama.cpp's "
+                f"{ctx.arch} always builds a sliding-window KV cache and aborts without one "
+                f"(GGML_ASSERT is_swa_any): give this stage more layers")
+
+
+# ------------------------------------------------------------------ checks shared by rules
+
+def _check_nextn(ctx: SplitContext) -> Optional[str]:
+    n = int(ctx.get("nextn_predict_layers", 0) or 0)  # type: ignore[arg-type]
+    if n > 0:
+        return (f"this {ctx.arch} model has {n} multi-token-prediction (NextN) block(s) counted in "
+                f"block_count; splitting such models is not supported")
+    return None
+
+
+# ------------------------------------------------------------------ gemma3
 
 def _gemma3_attention_scale(n_embd: int, n_head: int, head_dim: int, n_layer: int) -> float:
     # src/models/gemma3.cpp: the 27B (62 layers) uses 1/sqrt(n_embd/n_head), others 1/sqrt(head_dim)
@@ -123,15 +195,169 @@ def _sqrt_embd(ctx: SplitContext) -> float:
     return math.sqrt(float(ctx.get("embedding_length")))  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------------ deepseek / deepseek2
+
+def _dense_lead(ctx: SplitContext) -> Dict[str, object]:
+    """leading_dense_block_count re-based to the stage: llama.cpp tests ``il < n`` on the local index."""
+    if not ctx.has("leading_dense_block_count"):
+        return {}
+    lead = int(ctx.get("leading_dense_block_count") or 0)  # type: ignore[arg-type]
+    return {"leading_dense_block_count": max(0, min(lead - ctx.start, ctx.n_stage))}
+
+
+def _deepseek2_kv(ctx: SplitContext) -> Dict[str, object]:
+    kv = _dense_lead(ctx)
+    # deepseek2.cpp reads q_lora_rank only for non-"lite" layer counts (26, 27, 48): a stage of a
+    # lite model (no q_lora_rank key) with another layer count would fail to load without it.
+    if not ctx.has("attention.q_lora_rank"):
+        kv["attention.q_lora_rank"] = 0
+    # Without expert_gating_func the default depends on n_layer (47/48) and the vocabulary
+    # (GLM 4.7 Lite): write the whole model's effective value.
+    if not ctx.has("expert_gating_func"):
+        glm_lite = ctx.n_layer in (47, 48) and ctx.n_vocab == 154880
+        kv["expert_gating_func"] = 2 if glm_lite else 1  # SIGMOID : SOFTMAX
+    return kv
+
+
+def _deepseek2_lite_check(ctx: SplitContext) -> Optional[str]:
+    q_lora = int(ctx.get("attention.q_lora_rank", 0) or 0)  # type: ignore[arg-type]
+    if q_lora > 0 and ctx.n_stage in (26, 27, 48):
+        return (f"a {ctx.n_stage}-layer stage of this deepseek2 model would be taken for a 'lite' model by "
+                f"llama.cpp (deepseek2.cpp guesses it from the layer count) and lose its q_lora layers: "
+                f"choose another layer count for this stage")
+    return None
+
+
+# ------------------------------------------------------------------ others
+
+def _command_r_check(ctx: SplitContext) -> Optional[str]:
+    # command-r.cpp creates attn_q_norm/attn_k_norm only when n_layer >= 64 (Command R+)
+    if (ctx.n_layer >= 64) != (ctx.n_stage >= 64):
+        return (f"llama.cpp's command-r uses q/k norms only in models of 64+ layers (command-r.cpp), "
+                f"so a {ctx.n_stage}-layer stage of a {ctx.n_layer}-layer model cannot match it")
+    return None
+
+
+def _smollm3_check(ctx: SplitContext) -> Optional[str]:
+    # smollm3.cpp: use_rope = (il + 1) % 4 != 0 on the local layer index (step hard-coded, no GGUF key)
+    if ctx.start % 4 != 0:
+        return (f"smollm3 skips RoPE on every 4th layer counted from the stage's first layer "
+                f"(n_no_rope_layer_step = 4 is hard-coded in smollm3.cpp), so a stage must start at a "
+                f"multiple of 4, not at layer {ctx.start}")
+    return None
+
+
+def _minicpm_kv(ctx: SplitContext) -> Dict[str, object]:
+    # minicpm.cpp defaults residual_scale to 1.4f / sqrtf(n_layer): write the whole model's value
+    if ctx.has("residual_scale"):
+        return {}
+    import numpy as np
+
+    return {"residual_scale": float(np.float32(1.4) / np.sqrt(np.float32(ctx.n_layer)))}
+
+
+def _granite_check(ctx: SplitContext) -> Optional[str]:
+    if ctx.has("deepstack_mapping"):
+        return "granite vision models (deepstack_mapping: per-layer injection of the input embeddings) cannot be split"
+    return None
+
+
 RULES: Dict[str, ArchRule] = {
-    "llama": ArchRule("llama", notes="Llama 1/2/3 (rope_freqs kept), Mistral, Mixtral (experts)"),
+    "llama": ArchRule("llama", notes="Llama 1/2/3 (`rope_freqs` kept on every stage), Mistral, Mixtral (experts)"),
     "qwen2": ArchRule("qwen2"),
     "qwen3": ArchRule("qwen3"),
     "gemma3": ArchRule(
         "gemma3",
         swa=SwaRule(period=6),
         tensor_fixes={"attn_q_norm.weight": _gemma3_fix_q_norm},
-        notes="SWA pattern written as absolute array; 27B attention scale folded into q_norm",
+        notes="sliding-window pattern (period 6) written as an absolute per-layer array; input scaling "
+              "applies to tokens only; 27B attention scale folded into `attn_q_norm`",
+    ),
+    "phi3": ArchRule("phi3"),
+    "phi2": ArchRule("phi2", output_required=True,
+                     notes="`output.weight`/`output.bias` are required: middle stages get a one-row stand-in"),
+    "qwen": ArchRule("qwen", output_required=True, notes="`output.weight` required on every stage"),
+    "qwen2moe": ArchRule("qwen2moe", output_required=True, notes="shared experts; `output.weight` required on every stage"),
+    "qwen3moe": ArchRule("qwen3moe"),
+    "chatglm": ArchRule("chatglm"),
+    "command-r": ArchRule("command-r", checks=(_command_r_check,),
+                          notes="a 64+-layer model (q/k norms) is refused: llama.cpp enables them by layer count"),
+    "cohere2": ArchRule(
+        "cohere2", swa=SwaRule(period=4, off_by_zero_window=False),
+        notes="sliding-window pattern (period 4, RoPE only on SWA layers) written as an absolute array; "
+              "a stage must hold at least one SWA layer",
+    ),
+    "deepseek": ArchRule("deepseek", stage_kv=_dense_lead,
+                         notes="`leading_dense_block_count` re-based per stage"),
+    "deepseek2": ArchRule(
+        "deepseek2", stage_kv=_deepseek2_kv, checks=(_deepseek2_lite_check,),
+        notes="MLA; `leading_dense_block_count` re-based per stage; `q_lora_rank`/`expert_gating_func` "
+              "written explicitly (llama.cpp guesses them from the layer count)",
+    ),
+    "falcon": ArchRule("falcon"),
+    "gpt2": ArchRule("gpt2", zero_on_later_stages=("position_embd.weight",),
+                     notes="learned position embeddings: later stages get a zero `position_embd` "
+                           "(the graph adds it to any input)"),
+    "starcoder2": ArchRule("starcoder2"),
+    "mamba": ArchRule("mamba", embeddings_on_inner_stages=True,
+                      notes="recurrent state kept per stage; non-last stages need a context with `embeddings = true` "
+                            "(`embeddings_on_inner_stages`) so llama.cpp splits a batch by sequence and hidden "
+                            "rows keep their order; a batch must hold each sequence's rows contiguously"),
+    "olmo2": ArchRule("olmo2", swa=SwaRule(period=4), output_required=True,
+                      notes="optional sliding window (period 4) written as an absolute array; "
+                            "`output.weight` required on every stage"),
+    "granite": ArchRule("granite", later_stage_kv={"embedding_scale": 1.0}, checks=(_granite_check,),
+                        notes="`embedding_scale` set to 1 on later stages (llama.cpp scales any input)"),
+    "internlm2": ArchRule("internlm2", output_required=True, notes="`output.weight` required on every stage"),
+    "xverse": ArchRule("xverse", output_required=True, notes="`output.weight` required on every stage"),
+    "orion": ArchRule("orion", output_required=True, notes="`output.weight` required on every stage"),
+    "stablelm": ArchRule("stablelm", output_required=True,
+                         notes="partial rotary; `output.weight` required on every stage"),
+    "olmo": ArchRule("olmo", notes="non-parametric LayerNorm (no norm tensors), optional QKV clamp"),
+    "exaone": ArchRule("exaone", notes="`rope_freqs` kept on every stage"),
+    "arcee": ArchRule("arcee", notes="squared-ReLU MLP; `rope_freqs` kept on every stage"),
+    "smollm3": ArchRule("smollm3", checks=(_smollm3_check,),
+                        notes="no RoPE on every 4th layer, counted per stage (hard-coded step): "
+                              "each stage must start at a multiple of 4"),
+    "mistral3": ArchRule("mistral3"),
+    "ernie4_5": ArchRule("ernie4_5", notes="dense ERNIE 4.5"),
+    "minicpm": ArchRule("minicpm", later_stage_kv={"embedding_scale": 1.0}, stage_kv=_minicpm_kv,
+                        notes="`embedding_scale` set to 1 on later stages (llama.cpp scales any input, "
+                              "default 12); `residual_scale` written explicitly (default 1.4/sqrt(n_layer))"),
+    "refact": ArchRule("refact", notes="ALiBi (no RoPE)"),
+    "mpt": ArchRule("mpt", zero_on_later_stages=("position_embd.weight",),
+                    notes="ALiBi, QKV clamp; an optional `position_embd` is zeroed on later stages"),
+    "gptneox": ArchRule("gptneox", output_required=True,
+                        notes="parallel residual, partial rotary; `output.weight` required on every stage"),
+    "starcoder": ArchRule("starcoder", zero_on_later_stages=("position_embd.weight",),
+                          notes="learned position embeddings: later stages get a zero `position_embd`"),
+    "codeshell": ArchRule("codeshell", output_required=True, notes="`output.weight` required on every stage"),
+}
+
+#: Architectures (llama.cpp spelling) that cannot be split exactly, with the reason.
+UNSUPPORTED: Dict[str, str] = {
+    "gemma": (
+        "gemma.cpp multiplies every input, hidden states included, by sqrt(n_embd), which is not a power "
+        "of two in released Gemma (n_embd 2048/3072): for 15%/9% of float32 values h no input x gives "
+        "fl(x*sqrt(n_embd)) == h (measured), so a later stage cannot be handed the exact hidden state"
+    ),
+    "gemma2": (
+        "gemma2.cpp multiplies every input, hidden states included, by sqrt(n_embd), not a power of two "
+        "in released models (n_embd 2304/3584/4608): for 14%/5% of float32 values h (2304/3584, measured) "
+        "no input x gives fl(x*sqrt(n_embd)) == h; the 27B also picks its attention scale from n_layer == 46"
+    ),
+    "bloom": (
+        "bloom.cpp applies token_embd_norm (a LayerNorm with weight and bias) to every input, hidden "
+        "states included; a LayerNorm is not invertible (it removes each row's mean and scale), so no "
+        "stage input or tensor rewrite can hand a later stage the exact hidden state"
+    ),
+    "glm4": (
+        "glm4.cpp aborts on embedding input unless the model uses M-RoPE (\"This GGUF does not support "
+        "multimodal\"), so no stage after the first can be fed hidden states"
+    ),
+    "baichuan": (
+        "baichuan.cpp picks RoPE (7B, 32 layers) or ALiBi (13B, 40 layers) from the layer count, and a "
+        "stage has another layer count: every split of a released model loses its position encoding"
     ),
 }
 
@@ -150,8 +376,9 @@ def rule_for(arch: str) -> ArchRule:
     try:
         return RULES[arch]
     except KeyError:
+        why = f": {UNSUPPORTED[arch]}" if arch in UNSUPPORTED else ""
         raise UnsupportedArchitecture(
-            f"architecture '{arch}' is not supported for layer splitting "
+            f"architecture '{arch}' is not supported for layer splitting{why} "
             f"(supported: {', '.join(supported_archs())})"
         ) from None
 

@@ -185,7 +185,9 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
 def _sched_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--micro-batches", type=int, default=None,
                    help="steps in flight per pipeline (default: number of stages)")
-    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step (default 256)")
+    s.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per sequence per step (default: chosen from the measured stage-to-stage links: "
+                        "bandwidth x max(one-way latency, 5 ms), 32..max-batch-tokens)")
     s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
 
 

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .archs import SplitContext, rule_for
+from .archs import RULES, SplitContext, rule_for
 
 _lib = _llama._lib
 _lib.ggml_get_name.restype = ctypes.c_char_p
@@ -139,6 +139,10 @@ class StageEngine:
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
+        rule = RULES.get(self.info.arch)
+        if not self.info.is_last and rule is not None and rule.embeddings_on_inner_stages:
+            # llama.cpp then splits recurrent batches by sequence, in batch order (see archs.py: mamba)
+            cparams.embeddings = True
         threads = int(n_threads or os.cpu_count() or 1)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads

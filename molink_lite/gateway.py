@@ -122,7 +122,9 @@ class Gateway:
     async def stats(self, request: web.Request) -> web.Response:
         out = []
         for p in self.pipelines:
-            entry: Dict[str, Any] = {"name": p.name, "healthy": p.healthy, "scheduler": p.stats}
+            entry: Dict[str, Any] = {"name": p.name, "healthy": p.healthy, "scheduler": p.stats,
+                                     "prefill_chunk": p.prefill_chunk, "micro_batches": p.max_inflight,
+                                     "links": p.links}
             if p.healthy:
                 try:
                     entry["stages"] = await p.stage_stats()
@@ -166,6 +168,14 @@ class Gateway:
             ).validate()
         except SamplingError as e:
             raise ApiError(400, str(e), "invalid_value") from None
+
+    @staticmethod
+    def _ignore_eos(body: dict) -> bool:
+        """llama.cpp server's ``ignore_eos``: generate max_tokens even past end-of-generation (benchmarks)."""
+        v = body.get("ignore_eos", False)
+        if not isinstance(v, bool):
+            raise ApiError(400, "'ignore_eos' must be a boolean", "invalid_value")
+        return v
 
     @staticmethod
     def _max_tokens(body: dict, default: int) -> int:
@@ -218,7 +228,7 @@ class Gateway:
             if body.get(unsupported) not in (None, False, 0, 1) or (unsupported == "echo" and body.get("echo")):
                 raise ApiError(400, f"'{unsupported}' is not supported", "unsupported_parameter")
         req = GenRequest(tokens, self._sampling(body), self._max_tokens(body, DEFAULT_COMPLETION_MAX_TOKENS),
-                         self._stop(body))
+                         self._stop(body), ignore_eos=self._ignore_eos(body))
         return await self._run(request, pipe, req, body, chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -240,7 +250,8 @@ class Gateway:
         tokens = await self._tokenize(pipe, chat_prompt.text, add_special=chat_prompt.add_special)
         max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
         stop = self._stop(body) + [s for s in stop_extra if s]
-        req = GenRequest(tokens, self._sampling(body), self._max_tokens(body, max_default), stop)
+        req = GenRequest(tokens, self._sampling(body), self._max_tokens(body, max_default), stop,
+                         ignore_eos=self._ignore_eos(body))
         return await self._run(request, pipe, req, body, chat=True)
 
     def _apply_template(self, pipe: Pipeline, messages: list) -> ChatPrompt:
@@ -340,7 +351,7 @@ class Gateway:
 
 
 async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "127.0.0.1", port: int = 8000,
-                        codec: str = "f16", max_inflight: Optional[int] = None, prefill_chunk: int = 256,
+                        codec: str = "f16", max_inflight: Optional[int] = None, prefill_chunk: Optional[int] = None,
                         max_batch_tokens: int = 512, connect_timeout: float = 120.0,
                         model_name: Optional[str] = None, chat_template: Optional[str] = None) -> web.AppRunner:
     """Connect every pipeline (failing fast on a bad chain) and start serving HTTP."""

@@ -30,6 +30,23 @@ from .stage import PROTOCOL_VERSION, chain_mismatch
 log = logging.getLogger(__name__)
 
 
+BYTES_PER_VALUE = {"f32": 4, "f16": 2, "f16-clamp": 2, "int8": 1}
+
+
+def chunk_for_link(rtt_s: float, mbit: float, n_embd: int, codec: str = "f16", max_tokens: int = 512,
+                   min_tokens: int = 32, floor_s: float = 0.005) -> int:
+    """Prefill chunk (tokens) for a link: its hidden states take at most max(one-way latency, 5 ms) to send.
+
+    A chunk that takes longer to serialize than the link's own latency delays the decode rows queued behind
+    it by more than the link already does; a much smaller chunk wastes steps. So the chunk is the link's
+    bandwidth x max(rtt / 2, ``floor_s``) in rows of ``n_embd`` values, clamped to [min_tokens, max_tokens].
+    Example: 100 Mbit/s, 10 ms one way, n_embd 640, f16 -> 12.5 MB/s x 10 ms / 1280 B = 97 tokens.
+    """
+    row = n_embd * BYTES_PER_VALUE.get(codec, 2) + 16
+    budget = max(rtt_s / 2, floor_s) * mbit * 1e6 / 8
+    return int(max(min_tokens, min(max_tokens, budget // row)))
+
+
 class PipelineError(RuntimeError):
     """A pipeline that cannot be used (unreachable, mis-tiled, mixed models), with the reason."""
 
@@ -46,6 +63,7 @@ class GenRequest:
     params: SamplingParams
     max_tokens: int
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -93,7 +111,7 @@ class Pipeline:
     """One chain of stages (``urls`` in layer order) and the scheduler that feeds it."""
 
     def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
-                 prefill_chunk: int = 256, max_batch_tokens: int = 512, step_timeout: float = 300.0,
+                 prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
                  name: str = ""):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
@@ -101,7 +119,9 @@ class Pipeline:
         self.name = name or ",".join(self.urls)
         self.codec = codec
         self.max_inflight = max_inflight or len(self.urls)
-        self.prefill_chunk = prefill_chunk
+        self.auto_chunk = not prefill_chunk
+        self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
+        self.links: List[dict] = []  # measured stage-to-stage links (auto chunk size)
         self.max_batch_tokens = max_batch_tokens
         self.step_timeout = step_timeout
         self.channels: List[Channel] = []
@@ -160,6 +180,8 @@ class Pipeline:
                 await ch.close()
             raise
         self.channels, self.infos = chans, infos
+        if self.auto_chunk:
+            await self._choose_chunk()
         self.n_ctx = min(int(i["n_ctx"]) for i in infos)
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
@@ -171,6 +193,27 @@ class Pipeline:
         log.info("pipeline %s ready: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches",
                  self.name, len(chans), infos[0]["arch"], infos[0]["n_layer_total"], self.max_seqs,
                  self.n_ctx, self.max_inflight)
+
+    async def _choose_chunk(self) -> None:
+        """Pick the prefill chunk from the measured stage-to-stage links (see :func:`chunk_for_link`)."""
+        self.links = []
+        n_embd = int(self.infos[0]["n_embd"])
+        for ch, url in zip(self.channels[:-1], self.urls[1:]):
+            try:
+                meta, _ = await ch.request({"type": "probe_next", "bytes": 1 << 20}, timeout=120)
+            except (RemoteError, asyncio.TimeoutError) as e:
+                log.warning("could not measure the link to %s (%s); prefill chunk stays %d", url, e,
+                            self.prefill_chunk)
+                return
+            if meta.get("rtt_s") is None:
+                continue
+            self.links.append({"to": url, "rtt_ms": 1e3 * meta["rtt_s"], "mbit": meta["mbit"]})
+        chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, self.codec, self.max_batch_tokens)
+                  for k in self.links]
+        self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
+        for k in self.links:
+            log.info("link to %s: rtt %.2f ms, %.0f Mbit/s", k["to"], k["rtt_ms"], k["mbit"])
+        log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
 
     async def _watch(self, idx: int, ch: Channel) -> None:
         await ch.serve(self._on_frame)
@@ -396,7 +439,7 @@ class Pipeline:
             if s.t_first is None:
                 s.t_first = now
             s.generated.append(int(tok))
-            if eog:
+            if eog and not s.req.ignore_eos:
                 self._finish(s, reason="stop")
                 continue
             s.text += piece

@@ -9,6 +9,7 @@ Results are cached by model fingerprint + layer range.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .archs import PER_LAYER_KEYS, SplitContext, rule_for
+from .archs import PER_LAYER_KEYS, SplitContext, UnsupportedArchitecture, rule_for
 from .gguf_meta import GGUFFile, GGUFFormatError
 
 GGUF_MAGIC = b"GGUF"
@@ -220,11 +221,18 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     r = reader if reader is not None else _reader(path)
     info = read_model_info(path, r)
     arch = info.arch
-    rule = rule_for(arch)
+    try:
+        rule = rule_for(arch)
+    except UnsupportedArchitecture as e:
+        raise SplitError(f"{path}: {e}") from None
     check_ranges([layers], info.n_layer, tile=False)
     meta = _metadata(r, arch)
-    ctx = SplitContext(arch=arch, n_layer=info.n_layer, start=layers.start, stop=layers.stop, meta=meta)
+    ctx = SplitContext(arch=arch, n_layer=info.n_layer, start=layers.start, stop=layers.stop, meta=meta,
+                       n_vocab=info.n_vocab)
     middle_vocab = not ctx.is_first and not ctx.is_last
+    refusal = rule.refusal(ctx)
+    if refusal:
+        raise SplitError(f"cannot split layers {layers}: {refusal}")
 
     # --- metadata
     overrides: Dict[str, Tuple[int, object, Optional[int]]] = {}
@@ -248,6 +256,12 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
         for key, value in rule.later_stage_kv.items():
             k = f"{arch}.{key}"
             overrides[k] = (T_FLOAT32 if isinstance(value, float) else T_UINT32, value, None)
+    for key, value in rule.stage_kv(ctx).items():
+        k = f"{arch}.{key}"
+        f = r.fields.get(k)
+        vtype = (f.vtype if f is not None and f.vtype != T_ARRAY else T_BOOL if isinstance(value, bool)
+                 else T_FLOAT32 if isinstance(value, float) else T_UINT32)
+        overrides[k] = (vtype, value, None)
     if middle_vocab:
         overrides[f"{arch}.vocab_size"] = (T_UINT32, 1, None)
         overrides["tokenizer.ggml.model"] = (T_STRING, "none", None)
@@ -281,10 +295,18 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
             name = f"blk.{il - layers.start}.{m.group(2)}"
         else:
             name = t.name
-            if name == "output.weight" and not ctx.is_last:
-                continue
+            if name.startswith("output.") and not ctx.is_last:
+                if not rule.output_required:
+                    continue
+                if middle_vocab:  # one-row zero stand-in (vocab_size is 1 here)
+                    n = 4 * math.prod(ne[:-1])
+                    tensors.append(_OutTensor(name, (*ne[:-1], 1), GGML_TYPE_F32, n, data=bytes(n)))
+                    continue
             if name == "token_embd.weight" and middle_vocab:
                 tensors.append(_OutTensor(name, (ne[0], 1), GGML_TYPE_F32, 4 * ne[0], data=bytes(4 * ne[0])))
+                continue
+            if name in rule.zero_on_later_stages and not ctx.is_first:
+                tensors.append(_OutTensor(name, ne, t.ggml_type, t.nbytes, data=bytes(t.nbytes)))
                 continue
         out = _OutTensor(name, ne, t.ggml_type, t.nbytes, src_offset=t.offset)
         fix = next((fn for suffix, fn in rule.tensor_fixes.items() if name.endswith(suffix)), None)

@@ -128,6 +128,10 @@ class StageServer:
             self._tokenize(ch, meta)
         elif kind == "stats":
             ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats()})
+        elif kind == "ping":
+            ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})
+        elif kind == "probe_next":
+            await self._probe_next(ch, meta)
         elif kind == "error":
             log.warning("peer reported: %s", meta.get("message"))
         else:
@@ -181,6 +185,28 @@ class StageServer:
             raise ConnectionError(f"next stage {url}: {problem}")
         self.next, self.next_url = ch, url
         log.info("forwarding to next stage %s (layers %d-%d)", url, info["layer_start"], info["layer_stop"] - 1)
+
+    async def _probe_next(self, ch: Channel, meta: dict) -> None:
+        """Measure the link to the next stage: round-trip time and bandwidth (a small and a large ping)."""
+        if self.next is None or self.next.closed.is_set():
+            ch.reply(meta, {"type": "probe", "rtt_s": None, "mbit": None})
+            return
+        big = int(min(max(int(meta.get("bytes", 1 << 20)), 1 << 14), 16 << 20))
+        try:
+            rtts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                await self.next.request({"type": "ping"}, {"pad": np.zeros(16, np.uint8)}, timeout=30)
+                rtts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await self.next.request({"type": "ping"}, {"pad": np.zeros(big, np.uint8)}, timeout=60)
+            t_big = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
+            ch.reply(meta, {"type": "error", "message": f"probing the next stage failed: {e}"})
+            return
+        rtt = min(rtts)
+        mbit = big * 8 / 1e6 / max(t_big - rtt, 1e-6)
+        ch.reply(meta, {"type": "probe", "rtt_s": rtt, "mbit": mbit})
 
     async def _handle_from_next(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         if meta.get("type") == "error":

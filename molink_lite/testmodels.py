@@ -63,6 +63,7 @@ class _Params:
     n_expert: int
     n_expert_used: int
     variant: Optional[str]
+    sliding_window: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -668,6 +669,8 @@ def _arch_cohere2(m: _Model, p: _Params) -> None:
 
 def _arch_olmo2(m: _Model, p: _Params) -> None:
     _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=500000.0)
+    if p.sliding_window > 0:  # OLMo 3: sliding window on 3 of every 4 layers (llama.cpp's default pattern)
+        m.u32("attention.sliding_window", p.sliding_window)
     _emb_out(m, p)
     for i in range(p.n_layer):
         _attn(m, p, i)
@@ -816,6 +819,171 @@ def _arch_mamba(m: _Model, p: _Params) -> None:
         m.t(_blk(i, "ssm_out.weight"), (di, p.n_embd))
 
 
+# ---- more llama.cpp architectures (tensor names / hparams as in src/models/<arch>.cpp)
+
+def _llama_like_layer(m: _Model, p: _Params, i: int, *, norm_bias: bool = False, gate: bool = True,
+                      bias_qkv: bool = False, bias_o: bool = False) -> None:
+    _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=norm_bias)
+    _attn(m, p, i, bias_qkv=bias_qkv, bias_o=bias_o)
+    _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=norm_bias)
+    if gate:
+        _ffn_glu(m, p, i)
+    else:
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+
+
+def _arch_internlm2(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=1000000.0)
+    _emb_out(m, p)  # output.weight is required
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_xverse(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
+    _emb_out(m, p)  # output.weight is required
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_orion(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p)
+    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i, norm_bias=True)
+
+
+def _arch_stablelm(m: _Model, p: _Params) -> None:
+    # StableLM 2: LayerNorm with bias, partial rotary (25%), q/k/v biases
+    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 4)
+    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i, norm_bias=True, bias_qkv=True)
+
+
+def _arch_olmo(m: _Model, p: _Params) -> None:
+    # OLMo 1: non-parametric LayerNorm (no norm tensors at all), optional QKV clamp
+    _common_hp(m, p); _ln(m); _rope_hp(m, p)
+    m.f32("attention.clamp_kqv", 8.0)
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    m.t("output.weight", (p.n_embd, p.n_vocab))
+    for i in range(p.n_layer):
+        _attn(m, p, i)
+        _ffn_glu(m, p, i)
+
+
+def _arch_exaone(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=500000.0)
+    _emb_out(m, p)
+    m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_arcee(m: _Model, p: _Params) -> None:
+    # AFM: llama with a squared-ReLU MLP (no gate)
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
+    _emb_out(m, p, tied=True)
+    m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i, gate=False)
+
+
+def _arch_smollm3(m: _Model, p: _Params) -> None:
+    # no RoPE on every 4th layer (hard-coded n_no_rope_layer_step = 4 in smollm3.cpp)
+    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=2000000.0)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_mistral3(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=1000000.0)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_ernie4_5(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=500000.0)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_minicpm(m: _Model, p: _Params) -> None:
+    # no embedding_scale / residual_scale / logit_scale keys: llama.cpp's defaults apply
+    # (12, 1.4/sqrt(n_layer), 256/n_embd), as in older MiniCPM GGUFs
+    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
+    _emb_out(m, p, tied=True)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_refact(m: _Model, p: _Params) -> None:
+    # ALiBi (max bias 8, hard-coded), no RoPE
+    _common_hp(m, p); _rms(m, 1e-5)
+    _emb_out(m, p)
+    for i in range(p.n_layer):
+        _llama_like_layer(m, p, i)
+
+
+def _arch_mpt(m: _Model, p: _Params) -> None:
+    # ALiBi, LayerNorm without bias, GELU MLP, tied embeddings, QKV clamp
+    _common_hp(m, p); _ln(m)
+    m.f32("attention.max_alibi_bias", 8.0)
+    m.f32("attention.clamp_kqv", 6.0)
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    _norm(m, "output_norm", p.n_embd)
+    for i in range(p.n_layer):
+        _norm(m, _blk(i, "attn_norm"), p.n_embd)
+        _qkv_fused(m, p, i, bias=False)
+        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
+        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+
+
+def _gelu_block(m: _Model, p: _Params, i: int) -> None:
+    """LayerNorm(+bias) blocks with fused biased QKV and a biased GELU MLP (GPT-NeoX/StarCoder/CodeShell)."""
+    _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
+    _qkv_fused(m, p, i, bias=True)
+    m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
+    m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
+    _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
+    m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
+    m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
+    m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
+    m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+
+
+def _arch_gptneox(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 4)
+    m.flag("use_parallel_residual", True)
+    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
+    for i in range(p.n_layer):
+        _gelu_block(m, p, i)
+
+
+def _arch_starcoder(m: _Model, p: _Params) -> None:
+    # learned absolute position embeddings (position_embd.weight, required)
+    _common_hp(m, p); _ln(m)
+    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
+    m.t("position_embd.weight", (p.n_embd, p.n_ctx_train), quant=False)
+    _norm(m, "output_norm", p.n_embd, bias=True)
+    m.t("output.weight", (p.n_embd, p.n_vocab))
+    for i in range(p.n_layer):
+        _gelu_block(m, p, i)
+
+
+def _arch_codeshell(m: _Model, p: _Params) -> None:
+    _common_hp(m, p); _ln(m); _rope_hp(m, p)
+    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
+    for i in range(p.n_layer):
+        _gelu_block(m, p, i)
+
+
 _ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
     "llama": _arch_llama,
     "gemma3": _arch_gemma3,
@@ -842,6 +1010,22 @@ _ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
     "starcoder2": _arch_starcoder2,
     "olmo2": _arch_olmo2,
     "granite": _arch_granite,
+    "internlm2": _arch_internlm2,
+    "xverse": _arch_xverse,
+    "orion": _arch_orion,
+    "stablelm": _arch_stablelm,
+    "olmo": _arch_olmo,
+    "exaone": _arch_exaone,
+    "arcee": _arch_arcee,
+    "smollm3": _arch_smollm3,
+    "mistral3": _arch_mistral3,
+    "ernie4_5": _arch_ernie4_5,
+    "minicpm": _arch_minicpm,
+    "refact": _arch_refact,
+    "mpt": _arch_mpt,
+    "gptneox": _arch_gptneox,
+    "starcoder": _arch_starcoder,
+    "codeshell": _arch_codeshell,
 }
 
 _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
@@ -862,6 +1046,9 @@ _DEFAULT_N_HEAD_KV: Dict[str, Callable[[int], int]] = {
     "falcon": lambda h: 1,
 }
 
+# archs whose sliding window is optional (write_random_gguf's sliding_window)
+_OPTIONAL_SWA = {"olmo2"}
+
 # archs that can take experts
 _MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
@@ -870,6 +1057,8 @@ SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
     "llama", "gemma3", "qwen2", "gemma2", "gemma", "phi3", "qwen3",
     "baichuan", "bloom", "chatglm", "glm4", "command-r", "cohere2", "deepseek", "deepseek2",
     "falcon", "gpt2", "mamba", "phi2", "qwen", "qwen2moe", "qwen3moe", "starcoder2", "olmo2", "granite",
+    "internlm2", "xverse", "orion", "stablelm", "olmo", "exaone", "arcee", "smollm3", "mistral3", "ernie4_5",
+    "minicpm", "refact", "mpt", "gptneox", "starcoder", "codeshell",
 )
 assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS)
 
@@ -881,7 +1070,8 @@ assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS)
 def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: int = 4, n_embd: int = 64,
                       n_head: int = 4, n_head_kv: int | None = None, n_ff: int | None = None,
                       n_vocab: int = 256, n_ctx_train: int = 2048, n_expert: int = 0, n_expert_used: int = 0,
-                      qtype: str = "f32", seed: int = 0, variant: str | None = None) -> pathlib.Path:
+                      qtype: str = "f32", seed: int = 0, variant: str | None = None,
+                      sliding_window: int = 0) -> pathlib.Path:
     """Write a random-weight GGUF model of llama.cpp architecture ``arch`` to ``path``.
 
     Same arguments and seed give a byte-identical file. Head size is ``n_embd // n_head``;
@@ -899,6 +1089,9 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
     Embeddings are tied (no ``output.weight``) for gemma, gemma2, gemma3, bloom,
     command-r, cohere2 and granite, as in the real models; gemma2/gemma3/cohere2 get a
     sliding window of 8 tokens with llama.cpp's default layer pattern.
+
+    ``sliding_window`` (olmo2 only, as in OLMo 3): a window of that many tokens on 3 of
+    every 4 layers.
 
     ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices (norms,
     biases and other 1-D tensors stay f32; matrices whose rows are not a multiple of
@@ -934,9 +1127,11 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
     if n_expert > 0 and arch not in _MOE_CAPABLE:
         raise ValueError(f"arch {arch!r} has no mixture-of-experts form here (use one of {sorted(_MOE_CAPABLE)})")
 
+    if sliding_window and arch not in _OPTIONAL_SWA:
+        raise ValueError(f"sliding_window is only an option for {sorted(_OPTIONAL_SWA)}")
     p = _Params(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
-                variant=variant)
+                variant=variant, sliding_window=int(sliding_window))
     m = _Model(arch)
     _ARCHS[arch](m, p)
 

@@ -87,6 +87,16 @@ def test_bad_args(tmp_path):
         write_random_gguf(tmp_path / "x.gguf", "gemma3", variant="llama3")
     with pytest.raises(ValueError):
         write_random_gguf(tmp_path / "x.gguf", "gemma3", n_expert=4)
+    with pytest.raises(ValueError):
+        write_random_gguf(tmp_path / "x.gguf", "llama", sliding_window=8)
+
+
+def test_olmo2_sliding_window(tmp_path):
+    import gguf
+
+    path = write_random_gguf(tmp_path / "m.gguf", "olmo2", n_layer=4, sliding_window=8)
+    assert gguf.GGUFReader(path).get_field("olmo2.attention.sliding_window").contents() == 8
+    _check(path)
 
 
 def test_large_vocab_and_merges(tmp_path):

@@ -1,0 +1,694 @@
+#!/usr/bin/env python3
+"""GPU benchmark: a model split into stage processes over loopback WebSockets vs the whole model.
+
+Two parts (``--part``):
+
+``pipeline`` (issue 6, one GPU): the whole model in this process (``StageEngine`` over all
+layers, greedy decode loop: the floor) against the real stage servers (``molink-lite stage``
+processes started by :func:`molink_lite.launcher.start_stages`) driven by the scheduler's
+:class:`~molink_lite.scheduler.Pipeline` in this process, for 1 (the whole model served), 2
+and 3 stages. Decode throughput and time per decode round (one token for every sequence)
+at each concurrency, TTFT of a long prompt, and a per-step breakdown from the stages'
+counters (llama_decode, hidden-state capture, the rest of the stage's step: codec encode,
+sampling, Python; and what is left: sockets, frame decode, scheduler).
+
+``gateway`` (issue 7, several GPUs): the same stages, each pinned to its own GPU with
+``CUDA_VISIBLE_DEVICES``, behind ``molink-lite gateway`` (OpenAI API), driven over HTTP
+with aiohttp at several concurrencies and micro-batch settings, against the whole model
+on one GPU behind the same gateway.
+
+By default the model is a random-weight Llama-3-8B-shaped GGUF (32 layers, 4096 wide,
+GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``molink_lite.testmodels``;
+``--tiny`` uses a small one (CPU dry runs). Results: a table on stdout and ``--json``.
+
+    python tests/bench/gpu_pipeline.py --part pipeline --lib kernels/build/cuda/lib --model /tmp/l8b.gguf
+    python tests/bench/gpu_pipeline.py --part gateway --gpus 0,1 --lib ... --model /tmp/l8b.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["pipeline", "gateway", "both"], default="pipeline")
+    ap.add_argument("--model", default=None, help="GGUF to use; written (random weights) if missing")
+    ap.add_argument("--qtype", default="q8_0", choices=["q8_0", "q4_0", "f16"])
+    ap.add_argument("--tiny", action="store_true", help="small random model (CPU dry run)")
+    ap.add_argument("--lib", default=None, help="llama.cpp library folder (kernels/build.py --out)")
+    ap.add_argument("--gpus", default="0", help="GPU ids; stage i runs on gpus[i %% len] (CUDA_VISIBLE_DEVICES)")
+    ap.add_argument("--n-gpu-layers", type=int, default=-1)
+    ap.add_argument("--stages", default="1,2,3", help="stage counts to serve (1 = the whole model served)")
+    ap.add_argument("--seqs", default="1,16,64", help="concurrent sequences (pipeline part)")
+    ap.add_argument("--conc", default="1,16,64,128", help="concurrent HTTP requests (gateway part)")
+    ap.add_argument("--micro-batches", default="1,S", help="micro-batch settings; S = number of stages")
+    ap.add_argument("--steps", type=int, default=48, help="decode tokens per sequence (pipeline part)")
+    ap.add_argument("--http-tokens", type=int, default=64, help="max_tokens per HTTP request (gateway part)")
+    ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens of the throughput runs")
+    ap.add_argument("--ttft-prompt", type=int, default=2048, help="prompt tokens of the TTFT run")
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=512, help="llama.cpp n_batch of every engine")
+    ap.add_argument("--ctx", type=int, default=0, help="KV cells per engine (default: enough for the runs)")
+    ap.add_argument("--codec", default="f16")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--workdir", default=None, help="stage logs / ready files (default: a temp folder)")
+    ap.add_argument("--skip-whole-engine", action="store_true")
+    ap.add_argument("--chain", default="", help="stage counts for the in-process engine-chain breakdown, e.g. 2,3")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; skip remaining runs after this")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.part in ("pipeline", "both"):
+    # this process runs the whole-model engine: pin it to the first GPU like the stages
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", ARGS.gpus.split(",")[0])
+if ARGS.lib:
+    from molink_lite.libpath import use_library_dir
+
+    use_library_dir(ARGS.lib)
+
+import llama_cpp  # noqa: E402,F401 - loads libllama; before numpy (segfault with some CUDA builds)
+import llama_cpp.llama_cpp as _ll  # noqa: E402
+
+import asyncio  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from molink_lite.engine import StageEngine  # noqa: E402
+from molink_lite.launcher import start_stages, stop_stages  # noqa: E402
+from molink_lite.sampling import SamplerPool, SamplingParams  # noqa: E402
+from molink_lite.scheduler import GenRequest, Pipeline  # noqa: E402
+from molink_lite.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
+from molink_lite.testmodels import write_random_gguf  # noqa: E402
+from molink_lite.wire import decode_frame, encode_frame  # noqa: E402
+
+T_START = time.perf_counter()
+RESULTS: Dict[str, object] = {"args": vars(ARGS)}
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
+
+
+def out_of_time() -> bool:
+    return bool(ARGS.deadline) and time.perf_counter() - T_START > ARGS.deadline
+
+
+def save() -> None:
+    if ARGS.json:
+        Path(ARGS.json).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- model
+def ensure_model() -> str:
+    if ARGS.tiny:
+        shape = dict(n_layer=6, n_embd=256, n_head=8, n_head_kv=2, n_ff=512, n_vocab=4096)
+    else:  # Llama-3-8B
+        shape = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256)
+    path = ARGS.model or str(Path(tempfile.gettempdir()) / f"molink-bench-{'tiny' if ARGS.tiny else 'l8b'}-{ARGS.qtype}.gguf")
+    if not Path(path).is_file():
+        say(f"writing random-weight model {path} ({shape}, {ARGS.qtype})")
+        t0 = time.perf_counter()
+        write_random_gguf(path, "llama", variant="llama3", qtype=ARGS.qtype, n_ctx_train=8192, **shape)
+        say(f"  wrote {Path(path).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
+    RESULTS["model"] = {"path": path, "bytes": Path(path).stat().st_size, "qtype": ARGS.qtype, **shape}
+    return path
+
+
+def backend_desc() -> dict:
+    lib = _ll._lib
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    devs = []
+    for i in range(lib.ggml_backend_dev_count()):
+        d = lib.ggml_backend_dev_get(i)
+        devs.append(f"{lib.ggml_backend_dev_name(d).decode()}: {lib.ggml_backend_dev_description(d).decode()}")
+    return {"lib": lib._name, "gpu_offload": bool(_ll.llama_supports_gpu_offload()), "devices": devs}
+
+
+
+# ----------------------------------------------------------------------------- whole model, in process
+def whole_engine(model: str, seqs: List[int]) -> dict:
+    """Greedy decode with the whole model in this process: the floor for the served runs."""
+    n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8), ARGS.ttft_prompt + 64)
+    say(f"whole model in process: n_ctx {n_ctx}, n_batch {ARGS.batch}")
+    t0 = time.perf_counter()
+    eng = StageEngine(model, n_ctx=n_ctx, n_seq_max=max(seqs), n_batch=ARGS.batch,
+                      n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads)
+    load_s = time.perf_counter() - t0
+    pool = SamplerPool(eng.info.n_vocab)
+    greedy = SamplingParams(temperature=0.0)
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for n in seqs:
+            if out_of_time():
+                break
+            for s in range(n):
+                pool.start(s, greedy)
+            ids = np.arange(n, dtype=np.int32)
+            seq = np.repeat(ids, ARGS.prompt_len)
+            pos = np.tile(np.arange(ARGS.prompt_len, dtype=np.int32), n)
+            tok = rng.integers(3, eng.info.n_vocab, size=seq.shape[0]).astype(np.int32)
+            logits = eng.forward(seq, pos, tokens=tok)
+            nxt = pool.sample(ids, logits)
+            cur = np.full(n, ARGS.prompt_len, dtype=np.int32)
+            steps, decode, sample, fwd = [], [], [], []
+            for k in range(ARGS.steps):
+                d0 = eng.times.decode
+                t1 = time.perf_counter()
+                logits = eng.forward(ids, cur, tokens=nxt)
+                t2 = time.perf_counter()
+                nxt = pool.sample(ids, logits)
+                t3 = time.perf_counter()
+                cur += 1
+                if k >= 3:  # warm-up steps (CUDA graphs, allocations)
+                    steps.append(t3 - t1)
+                    decode.append(eng.times.decode - d0)
+                    fwd.append(t2 - t1)
+                    sample.append(t3 - t2)
+            eng.clear()
+            for s in range(n):
+                pool.drop(s)
+            st = statistics.median(steps)
+            row = {"seqs": n, "step_ms": st * 1e3, "decode_ms": statistics.median(decode) * 1e3,
+                   "sample_ms": statistics.median(sample) * 1e3, "forward_ms": statistics.median(fwd) * 1e3,
+                   "tok_s": n / st}
+            row["overhead_us"] = (row["step_ms"] - row["decode_ms"]) * 1e3
+            rows.append(row)
+            say(f"  whole engine {n:>3} seqs: step {row['step_ms']:.2f} ms (forward {row['forward_ms']:.2f}, of which "
+                f"llama_decode call {row['decode_ms']:.2f}; "
+                f"argmax {row['sample_ms']:.2f}), {row['tok_s']:.0f} tok/s")
+        # TTFT: a long prompt in prefill_chunk pieces, then the first token
+        ttft = []
+        for rep in range(3):
+            if out_of_time():
+                break
+            prompt = rng.integers(3, eng.info.n_vocab, size=ARGS.ttft_prompt).astype(np.int32)
+            t0 = time.perf_counter()
+            for a in range(0, ARGS.ttft_prompt, ARGS.prefill_chunk):
+                b = min(ARGS.ttft_prompt, a + ARGS.prefill_chunk)
+                logits = eng.forward(np.zeros(b - a, np.int32), np.arange(a, b, dtype=np.int32), tokens=prompt[a:b])
+            int(np.argmax(logits[-1]))
+            ttft.append(time.perf_counter() - t0)
+            eng.clear()
+        res = {"load_s": load_s, "rows": rows, "ttft_ms": [x * 1e3 for x in ttft],
+               "ttft_ms_best": min(ttft) * 1e3 if ttft else None}
+        if ttft:
+            say(f"  whole engine TTFT ({ARGS.ttft_prompt}-token prompt, chunks of {ARGS.prefill_chunk}): "
+                f"{res['ttft_ms_best']:.1f} ms (runs {', '.join(f'{x * 1e3:.0f}' for x in ttft)})")
+        return res
+    finally:
+        eng.close()
+
+
+# ----------------------------------------------------------------------------- served stages
+def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str], workdir: Path):
+    """Start one ``molink-lite stage`` process per range, stage i on GPU gpus[i % len(gpus)]."""
+    info = read_model_info(model)
+    ranges = even_ranges(info.n_layer, n_stages)
+    for r in ranges:
+        stage_gguf(model, r)
+    extra = ["--ctx", str(n_ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(ARGS.n_gpu_layers),
+             "--batch", str(ARGS.batch), "--codec", ARGS.codec]
+    if ARGS.threads:
+        extra += ["--threads", str(ARGS.threads)]
+    if ARGS.lib:
+        extra += ["--lib", str(Path(ARGS.lib).resolve())]
+    procs = []
+    try:
+        for i, r in enumerate(ranges):
+            wd = workdir / f"s{n_stages}-{i}"
+            wd.mkdir(parents=True, exist_ok=True)
+            env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)], "NCCL_NVLS_ENABLE": "0"}
+            procs += start_stages(model, [r], extra_args=extra, env=env, workdir=str(wd), timeout=600)
+    except BaseException:
+        stop_stages(procs)
+        raise
+    for sp in procs:
+        for line in sp.log_tail(40).splitlines():
+            if "backend" in line or "offloaded" in line:
+                say(f"  stage {sp.layers}: {line.split(' INFO ')[-1]}")
+    return ranges, procs
+
+
+class TimedPipeline(Pipeline):
+    """Pipeline that records when results arrive (time, tokens in the result)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.marks: List[tuple] = []
+
+    def _on_result(self, meta, arrays):  # noqa: D401
+        n = int(arrays.get("seq", np.zeros(0)).shape[0])
+        self.marks.append((time.perf_counter(), n))
+        super()._on_result(meta, arrays)
+
+
+async def _drain(s) -> None:
+    while True:
+        ev = await s.events.get()
+        if ev.kind in ("done", "error"):
+            if ev.kind == "error":
+                raise RuntimeError(ev.message)
+            return
+
+
+def _stage_sum(before: List[dict], after: List[dict]) -> List[dict]:
+    keys = ("steps", "busy_s", "engine_decode_s", "engine_capture_s", "rows")
+    return [{k: float(a.get(k, 0)) - float(b.get(k, 0)) for k in keys} for b, a in zip(before, after)]
+
+
+async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int, n_embd: int) -> dict:
+    pipe = TimedPipeline(urls, codec=ARGS.codec, max_inflight=mb, prefill_chunk=ARGS.prefill_chunk,
+                         max_batch_tokens=max(ARGS.batch, max(seqs)))
+    await pipe.connect(timeout=120)
+    rng = np.random.default_rng(1)
+    greedy = SamplingParams(temperature=0.0)
+    rows = []
+    try:
+        # warm-up (CUDA graphs, allocations, connections)
+        await asyncio.gather(*(_drain(pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len), greedy, 8)))
+                               for _ in range(max(seqs))))
+        for n in seqs:
+            if out_of_time():
+                break
+            before = await pipe.stage_stats()
+            steps0 = pipe.stats["steps"]
+            pipe.marks.clear()
+            t0 = time.perf_counter()
+            states = [pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len).astype(np.int64), greedy,
+                                             ARGS.steps)) for _ in range(n)]
+            await asyncio.gather(*(_drain(s) for s in states))
+            t1 = time.perf_counter()
+            after = await pipe.stage_stats()
+            n_steps = pipe.stats["steps"] - steps0
+            gen = sum(len(s.generated) for s in states)
+            # steady decode window: from the moment every sequence had its first token
+            # to the first finish; results in between are pure decode
+            t_all = max(s.t_first for s in states)
+            ends = [t for t, _ in pipe.marks]
+            t_end = min(t1, max(ends))
+            win = [(t, k) for t, k in pipe.marks if t_all < t <= t_end]
+            win_tok = sum(k for _, k in win)
+            win_s = (win[-1][0] - t_all) if win else float("nan")
+            tok_s = win_tok / win_s if win and win_s > 0 else gen / (t1 - t0)
+            per = _stage_sum(before, after)
+            st_steps = max(1.0, per[0]["steps"])
+            dec = sum(p["engine_decode_s"] for p in per) / st_steps
+            cap = sum(p["engine_capture_s"] for p in per) / st_steps
+            busy = sum(p["busy_s"] for p in per) / st_steps
+            round_ms = n / tok_s * 1e3
+            row = {"seqs": n, "micro_batches": mb, "tok_s": tok_s, "round_ms": round_ms,
+                   "e2e_tok_s": gen / (t1 - t0), "generated": gen, "steps": n_steps,
+                   "per_stage": per, "decode_ms": dec * 1e3, "capture_ms": cap * 1e3,
+                   "stage_other_ms": (busy - dec - cap) * 1e3,
+                   # wall time of a step not spent inside any stage's step: sockets, frame decode, scheduler
+                   "outside_ms": (n_steps and (t1 - t0) / n_steps - busy) * 1e3 if mb == 1 else None}
+            if mb == 1:
+                row["overhead_us"] = (round_ms - row["decode_ms"]) * 1e3
+            rows.append(row)
+            say(f"  {len(urls)} stage(s) mb={mb} {n:>3} seqs: {tok_s:7.0f} tok/s decode, round {round_ms:6.2f} ms "
+                f"(Σ llama_decode {row['decode_ms']:.2f}, capture {row['capture_ms']:.2f}, stage other "
+                f"{row['stage_other_ms']:.2f} ms/step; {n_steps} steps, {gen} tokens)")
+        # TTFT of a long prompt (alone in the pipeline)
+        ttft = []
+        for rep in range(3):
+            if out_of_time():
+                break
+            s = pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.ttft_prompt).astype(np.int64), greedy, 1))
+            await _drain(s)
+            ttft.append(s.t_first - s.t_submit)
+        if ttft:
+            say(f"  {len(urls)} stage(s) mb={mb} TTFT {ARGS.ttft_prompt} tokens: {min(ttft) * 1e3:.1f} ms "
+                f"(runs {', '.join(f'{x * 1e3:.0f}' for x in ttft)})")
+        return {"rows": rows, "ttft_ms": [x * 1e3 for x in ttft], "ttft_ms_best": min(ttft) * 1e3 if ttft else None}
+    finally:
+        await pipe.close()
+
+
+def chain_engine(model: str, n_stages: int, seqs: List[int]) -> dict:
+    """The stages' engines in this process, run one after the other with a real codec round trip
+    between them: per-stage forward time (llama_decode + GPU wait + capture), codec and argmax,
+    without processes or sockets."""
+    info = read_model_info(model)
+    ranges = even_ranges(info.n_layer, n_stages)
+    n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8), 256)
+    engines = [StageEngine(stage_gguf(model, r), n_ctx=n_ctx, n_seq_max=max(seqs), n_batch=ARGS.batch,
+                           n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads) for r in ranges]
+    pool = SamplerPool(info.n_vocab)
+    greedy = SamplingParams(temperature=0.0)
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for n in seqs:
+            if out_of_time():
+                break
+            for s in range(n):
+                pool.start(s, greedy)
+            ids = np.arange(n, dtype=np.int32)
+
+            def step(seq, pos, tok, rec):
+                h = None
+                for i, e in enumerate(engines):
+                    d0, c0 = e.times.decode, e.times.capture
+                    t0 = time.perf_counter()
+                    o = e.forward(seq, pos, tokens=tok) if i == 0 else e.forward(seq, pos, hidden=h)
+                    t1 = time.perf_counter()
+                    if rec is not None:
+                        rec["fwd"][i].append(t1 - t0)
+                        rec["dec"][i].append(e.times.decode - d0)
+                        rec["cap"][i].append(e.times.capture - c0)
+                    if i < len(engines) - 1:
+                        frame = encode_frame({"type": "step"}, {"seq": seq, "pos": pos, "hidden": o}, codec=ARGS.codec)
+                        h = decode_frame(frame)[1]["hidden"]
+                        if rec is not None:
+                            rec["codec"].append(time.perf_counter() - t1)
+                return o
+
+            seq = np.repeat(ids, ARGS.prompt_len)
+            pos = np.tile(np.arange(ARGS.prompt_len, dtype=np.int32), n)
+            tok = rng.integers(3, info.n_vocab, size=seq.shape[0]).astype(np.int32)
+            nxt = pool.sample(ids, step(seq, pos, tok, None))
+            cur = np.full(n, ARGS.prompt_len, dtype=np.int32)
+            rec = {"fwd": [[] for _ in engines], "dec": [[] for _ in engines], "cap": [[] for _ in engines],
+                   "codec": [], "argmax": [], "step": []}
+            for k in range(ARGS.steps):
+                r = rec if k >= 3 else None
+                t0 = time.perf_counter()
+                logits = step(ids, cur, nxt, r)
+                t1 = time.perf_counter()
+                nxt = pool.sample(ids, logits)
+                t2 = time.perf_counter()
+                cur += 1
+                if r is not None:
+                    rec["argmax"].append(t2 - t1)
+                    rec["step"].append(t2 - t0)
+            for e in engines:
+                e.clear()
+            for s in range(n):
+                pool.drop(s)
+            med = lambda xs: statistics.median(xs) * 1e3 if xs else 0.0  # noqa: E731
+            k = len(rec["step"])
+            row = {"seqs": n, "step_ms": med(rec["step"]),
+                   "forward_ms": [med(x) for x in rec["fwd"]], "llama_decode_ms": [med(x) for x in rec["dec"]],
+                   "capture_ms": [med(x) for x in rec["cap"]],
+                   "codec_ms": sum(rec["codec"]) / max(1, k) * 1e3, "argmax_ms": med(rec["argmax"])}
+            row["tok_s"] = n / row["step_ms"] * 1e3
+            rows.append(row)
+            say(f"  chain x{n_stages} in process {n:>3} seqs: step {row['step_ms']:.2f} ms = forward "
+                f"{' + '.join(f'{x:.2f}' for x in row['forward_ms'])} (llama_decode call "
+                f"{' + '.join(f'{x:.2f}' for x in row['llama_decode_ms'])}, capture "
+                f"{' + '.join(f'{x:.2f}' for x in row['capture_ms'])}) + codec {row['codec_ms']:.2f} + argmax "
+                f"{row['argmax_ms']:.2f}")
+        return {"ranges": [str(r) for r in ranges], "rows": rows}
+    finally:
+        for e in engines:
+            e.close()
+
+
+def codec_cost(n_embd: int, seqs: List[int]) -> Dict[int, float]:
+    """Encode + decode of one step's hidden states (µs), as a stage boundary does."""
+    out = {}
+    for n in seqs:
+        h = np.random.default_rng(0).standard_normal((n, n_embd), dtype=np.float32)
+        arrays = {"seq": np.arange(n, dtype=np.int32), "pos": np.zeros(n, np.int32), "hidden": h}
+        ts = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            decode_frame(encode_frame({"type": "step", "step": 1}, arrays, codec=ARGS.codec))
+            ts.append(time.perf_counter() - t0)
+        out[n] = statistics.median(ts) * 1e6
+    return out
+
+
+def part_pipeline(model: str) -> None:
+    seqs = [int(x) for x in ARGS.seqs.split(",")]
+    info = read_model_info(model)
+    gpus = ARGS.gpus.split(",")[:1]  # issue 6: everything on one GPU
+    if not ARGS.skip_whole_engine:
+        RESULTS["whole_engine"] = whole_engine(model, seqs)
+        save()
+    RESULTS["codec_us"] = codec_cost(info.n_embd, seqs)
+    if ARGS.chain:
+        chains = RESULTS.setdefault("chain_engine", {})
+        for ns in [int(x) for x in ARGS.chain.split(",")]:
+            if not out_of_time():
+                chains[str(ns)] = chain_engine(model, ns, seqs)
+                save()
+    n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8) + 64, ARGS.ttft_prompt + 64)
+    served = RESULTS.setdefault("served", {})
+    wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
+    for ns in [int(x) for x in ARGS.stages.split(",")]:
+        if out_of_time():
+            break
+        say(f"starting {ns} stage process(es) on GPU {gpus[0]}")
+        t0 = time.perf_counter()
+        ranges, procs = launch(model, ns, n_ctx, max(seqs), gpus, wd)
+        say(f"  up in {time.perf_counter() - t0:.1f} s: {', '.join(str(r) for r in ranges)}")
+        try:
+            mbs = sorted({ns if m == "S" else int(m) for m in ARGS.micro_batches.split(",")})
+            for mb in mbs:
+                if out_of_time():
+                    break
+                served[f"{ns}x_mb{mb}"] = asyncio.run(pipeline_runs([sp.url for sp in procs], mb, seqs, info.n_vocab,
+                                                                    info.n_embd))
+                save()
+        finally:
+            stop_stages(procs)
+    print_pipeline_table(seqs)
+
+
+def print_pipeline_table(seqs: List[int]) -> None:
+    whole = {r["seqs"]: r for r in (RESULTS.get("whole_engine") or {}).get("rows", [])}
+    served = RESULTS.get("served", {})
+    m = RESULTS["model"]
+    print()
+    print(f"== issue 6: one GPU, {m['n_layer']} layers x {m['n_embd']}, {m['qtype']}, {m['bytes'] / 1e9:.2f} GB; "
+          f"decode {ARGS.steps} tokens/seq after a {ARGS.prompt_len}-token prompt; codec {ARGS.codec}")
+    print(f"   devices: {RESULTS.get('backend', {}).get('devices')}")
+    hdr = (f"{'config':<16}{'seqs':>5}{'tok/s':>9}{'round ms':>10}{'ratio':>7}{'Σdecode':>9}{'capture':>9}"
+           f"{'stage py':>9}{'outside':>9}{'ovh µs':>9}")
+    print(hdr)
+    for n in seqs:
+        w = whole.get(n)
+        if w:
+            print(f"{'whole (engine)':<16}{n:>5}{w['tok_s']:>9.0f}{w['step_ms']:>10.2f}{1.0:>7.3f}{w['decode_ms']:>9.2f}"
+                  f"{0.0:>9.2f}{w['sample_ms']:>9.2f}{0.0:>9.2f}{w['overhead_us']:>9.0f}")
+        for key, res in served.items():
+            for r in res["rows"]:
+                if r["seqs"] != n:
+                    continue
+                ratio = r["round_ms"] / w["step_ms"] if w else float("nan")
+                outside = r.get("outside_ms")
+                print(f"{key:<16}{n:>5}{r['tok_s']:>9.0f}{r['round_ms']:>10.2f}{ratio:>7.3f}{r['decode_ms']:>9.2f}"
+                      f"{r['capture_ms']:>9.2f}{r['stage_other_ms']:>9.2f}"
+                      f"{(outside if outside is not None else float('nan')):>9.2f}{r.get('overhead_us', float('nan')):>9.0f}")
+    chains = RESULTS.get("chain_engine", {})
+    if chains:
+        print("in-process engine chain (no processes/sockets): step = Σ forward (llama_decode + GPU wait + capture) "
+              "+ codec + argmax, ms")
+        for n in seqs:
+            w = whole.get(n)
+            if w:
+                print(f"  whole   {n:>3} seqs: step {w['step_ms']:.2f} = forward {w.get('forward_ms', float('nan')):.2f}"
+                      f" + argmax {w['sample_ms']:.2f}")
+            for ns, c in chains.items():
+                for r in c["rows"]:
+                    if r["seqs"] == n:
+                        ratio = r["step_ms"] / w["step_ms"] if w else float("nan")
+                        print(f"  chain{ns}  {n:>3} seqs: step {r['step_ms']:.2f} (x{ratio:.3f}) = forward "
+                              f"{' + '.join(f'{x:.2f}' for x in r['forward_ms'])} + codec {r['codec_ms']:.2f} + argmax "
+                              f"{r['argmax_ms']:.2f}; capture {' + '.join(f'{x:.2f}' for x in r['capture_ms'])}")
+    print("ratio = round time / whole-engine step time (round: one token for every sequence). Σdecode/capture/"
+          "stage py: per step, summed over stages; outside: step wall time not inside any stage step (sockets, "
+          "frame decode, scheduler; mb=1 only); ovh µs: round time minus Σ llama_decode (mb=1).")
+    cu = RESULTS.get("codec_us", {})
+    print("codec encode+decode per boundary (µs): " + ", ".join(f"{k} seqs {v:.0f}" for k, v in cu.items()))
+    w = RESULTS.get("whole_engine") or {}
+    line = [f"whole engine {w['ttft_ms_best']:.1f}"] if w.get("ttft_ms_best") else []
+    line += [f"{k} {v['ttft_ms_best']:.1f}" for k, v in served.items() if v.get("ttft_ms_best")]
+    print(f"TTFT {ARGS.ttft_prompt}-token prompt (ms, best of 3): " + "; ".join(line))
+
+
+# ----------------------------------------------------------------------------- gateway / HTTP
+def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(port), "--codec", ARGS.codec,
+           "--micro-batches", str(mb), "--prefill-chunk", str(ARGS.prefill_chunk),
+           "--max-batch-tokens", str(max(ARGS.batch, 256)), "--pipeline", ",".join(urls)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "NCCL_NVLS_ENABLE": "0"}
+    f = open(logf, "wb")
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+    f.close()
+    return p
+
+
+async def http_runs(port: int, concs: List[int], n_vocab: int) -> dict:
+    import aiohttp
+
+    base = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(2)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        for _ in range(300):
+            try:
+                async with http.get(base + "/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError("gateway did not come up")
+
+        async def one(max_tokens: int, prompt_len: int) -> dict:
+            body = {"prompt": rng.integers(3, n_vocab, prompt_len).tolist(), "max_tokens": max_tokens,
+                    "temperature": 0.0}
+            async with http.post(base + "/v1/completions", json=body) as r:
+                data = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {data}")
+                return data["usage"]
+
+        async def ttft(prompt_len: int) -> float:
+            body = {"prompt": rng.integers(3, n_vocab, prompt_len).tolist(), "max_tokens": 2, "temperature": 0.0,
+                    "stream": True}
+            t0 = time.perf_counter()
+            async with http.post(base + "/v1/completions", json=body) as r:
+                async for line in r.content:
+                    if line.startswith(b"data:") and b"[DONE]" not in line:
+                        t = time.perf_counter() - t0
+                        async for _ in r.content:
+                            pass
+                        return t
+            return float("nan")
+
+        await asyncio.gather(*(one(8, ARGS.prompt_len) for _ in range(min(16, max(concs)))))  # warm-up
+        rows = []
+        for c in concs:
+            if out_of_time():
+                break
+            t0 = time.perf_counter()
+            usage = await asyncio.gather(*(one(ARGS.http_tokens, ARGS.prompt_len) for _ in range(c)))
+            dt = time.perf_counter() - t0
+            toks = sum(u["completion_tokens"] for u in usage)
+            rows.append({"conc": c, "tok_s": toks / dt, "wall_s": dt, "tokens": toks})
+            say(f"    {c:>3} concurrent: {toks / dt:7.0f} tok/s ({toks} tokens in {dt:.2f} s)")
+        tt = []
+        for _ in range(3):
+            if out_of_time():
+                break
+            tt.append(await ttft(ARGS.ttft_prompt))
+        if tt:
+            say(f"    TTFT {ARGS.ttft_prompt} tokens: {min(tt) * 1e3:.1f} ms")
+        async with http.get(base + "/v1/stats") as r:
+            stats = await r.json()
+        return {"rows": rows, "ttft_ms": [x * 1e3 for x in tt], "ttft_ms_best": min(tt) * 1e3 if tt else None,
+                "stats": stats}
+
+
+def part_gateway(model: str) -> None:
+    concs = [int(x) for x in ARGS.conc.split(",")]
+    info = read_model_info(model)
+    gpus = ARGS.gpus.split(",")
+    n_ctx = ARGS.ctx or max(max(concs) * (ARGS.prompt_len + ARGS.http_tokens + 8) + 64, ARGS.ttft_prompt + 64)
+    res = RESULTS.setdefault("gateway", {})
+    wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-")) / "gw"
+    wd.mkdir(parents=True, exist_ok=True)
+    port = 8400
+    for ns in [int(x) for x in ARGS.stages.split(",")]:
+        if out_of_time():
+            break
+        say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, ctx {n_ctx}")
+        ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd)
+        try:
+            mbs = sorted({ns if m == "S" else int(m) for m in ARGS.micro_batches.split(",")})
+            for mb in mbs:
+                if out_of_time():
+                    break
+                port += 1
+                say(f"  gateway --micro-batches {mb} on :{port}")
+                gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{ns}-{mb}.log")
+                try:
+                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab))
+                except Exception as e:  # noqa: BLE001
+                    say(f"  FAILED: {e}\n{(wd / f'gateway-{ns}-{mb}.log').read_text()[-3000:]}")
+                    res[f"{ns}x_mb{mb}"] = {"error": str(e)}
+                finally:
+                    gw.terminate()
+                    try:
+                        gw.wait(10)
+                    except subprocess.TimeoutExpired:
+                        gw.kill()
+                save()
+        finally:
+            stop_stages(procs)
+    print_gateway_table(concs, gpus)
+
+
+def print_gateway_table(concs: List[int], gpus: List[str]) -> None:
+    res = RESULTS.get("gateway", {})
+    m = RESULTS["model"]
+    print()
+    print(f"== issue 7: behind the gateway (HTTP, aiohttp clients), {m['n_layer']} layers x {m['n_embd']}, {m['qtype']}; "
+          f"{ARGS.http_tokens} tokens per request after a {ARGS.prompt_len}-token prompt; stage i on GPU "
+          f"gpus[i % {len(gpus)}] of {gpus}")
+    keys = list(res)
+    print(f"{'concurrent':>10}" + "".join(f"{k:>14}" for k in keys) + "   (tok/s, end to end)")
+    base = next((k for k in keys if k.startswith("1x")), None)
+    for c in concs:
+        vals = []
+        for k in keys:
+            r = next((r for r in res[k].get("rows", []) if r["conc"] == c), None)
+            vals.append(f"{r['tok_s']:>14.0f}" if r else f"{'-':>14}")
+        print(f"{c:>10}" + "".join(vals))
+    if base:
+        for c in concs:
+            b = next((r for r in res[base].get("rows", []) if r["conc"] == c), None)
+            if not b:
+                continue
+            print(f"{c:>10}" + "".join(
+                f"{(r['tok_s'] / b['tok_s']):>13.2f}x" if r else f"{'-':>14}"
+                for r in (next((r for r in res[k].get("rows", []) if r["conc"] == c), None) for k in keys))
+                + f"   (vs {base})")
+    print(f"{'TTFT ms':>10}" + "".join(f"{(res[k].get('ttft_ms_best') or float('nan')):>14.1f}" for k in keys)
+          + f"   ({ARGS.ttft_prompt}-token prompt, streamed, best of 3)")
+
+
+def main() -> int:
+    model = ensure_model()
+    RESULTS["backend"] = backend_desc()
+    say(f"library {RESULTS['backend']['lib']}; devices {RESULTS['backend']['devices']}")
+    try:
+        if ARGS.part in ("pipeline", "both"):
+            part_pipeline(model)
+        if ARGS.part in ("gateway", "both"):
+            part_gateway(model)
+    finally:
+        RESULTS["total_s"] = time.perf_counter() - T_START
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

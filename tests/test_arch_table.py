@@ -1,0 +1,46 @@
+"""README's architecture table is generated from molink_lite.archs and up to date."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("gen_arch_table", ROOT / "tools" / "gen_arch_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_arch_table_is_current():
+    tool = _tool()
+    assert tool.is_current(ROOT / "README.md"), "run: python tools/gen_arch_table.py"
+
+
+def test_table_lists_every_rule_and_refusal():
+    from molink_lite.archs import RULES, UNSUPPORTED
+
+    block = _tool().render()
+    for name in RULES:
+        assert f"| `{name}` |" in block
+    for name in UNSUPPORTED:
+        assert f"- `{name}`: " in block
+
+
+def test_check_mode(tmp_path):
+    tool = _tool()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- archs:start -->\nold\n<!-- archs:end -->\n\nrest\n")
+    assert tool.main(["--check", "--readme", str(readme)]) == 1
+    assert tool.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n<!-- archs:start -->\n") and text.endswith("<!-- archs:end -->\n\nrest\n")
+    assert tool.main(["--check", "--readme", str(readme)]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError):
+        tool.main(["--check", "--readme", str(readme)])

@@ -1,0 +1,183 @@
+"""Every architecture in ``archs.RULES`` is split-exact: the last stage of a 2- or 3-stage chain
+gives bit-identical logits to the whole model (f32 wire), over a batched prefill of 3 sequences
+of different lengths and 16 greedy decode steps.
+
+Tiny random-weight models (6 layers, 64 wide) from :mod:`molink_lite.testmodels`; the whole
+model's reference run is computed once per model and shared by all its splits.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401  # import before numpy
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from molink_lite import archs
+from molink_lite.engine import StageEngine
+from molink_lite.split import LayerRange, SplitError, read_model_info, stage_gguf
+
+from chain import greedy_run
+
+N_LAYER = 6
+PROMPT_LENS = (5, 12, 3)  # batched together; 12 + 16 steps crosses the 8-token sliding windows
+N_STEPS = 16
+N_CTX = 256
+BASE_KW = dict(n_layer=N_LAYER, n_embd=64, n_head=4, n_vocab=160)
+
+# Cuts used for every model unless the case names its own: 2 stages at the first, middle and last
+# layer boundary, and two 3-stage chains (one with a 1-layer middle stage).
+DEFAULT_CUTS: Tuple[Tuple[int, ...], ...] = ((1,), (3,), (5,), (2, 4), (1, 2))
+
+# case id -> (arch, extra write_random_gguf kwargs, cuts or None for DEFAULT_CUTS)
+CASES: Dict[str, Tuple[str, dict, Tuple[Tuple[int, ...], ...] | None]] = {}
+
+
+def _case(cid: str, arch: str, cuts=None, **kw) -> None:
+    CASES[cid] = (arch, kw, cuts)
+
+
+for _arch in sorted(archs.RULES):
+    _case(_arch, _arch)
+
+# llama variants
+_case("llama3", "llama", variant="llama3")            # rope_freqs.weight on every stage
+_case("mistral", "llama", variant="mistral")          # GQA
+_case("mixtral", "llama", variant="mixtral")          # 8 experts, 2 used
+# sliding-window patterns: gemma3 period 6 (SWA 0-4, full 5), cohere2 period 4 (SWA 0-2, full 3, SWA 4-5)
+_case("gemma3", "gemma3", cuts=((5,), (4,), (1,), (2, 5), (1, 3)))
+_case("cohere2", "cohere2", cuts=((3,), (4,), (1,), (2, 4), (1, 3)))
+# dense leading block (layer 0) then MoE: cut right after it and inside the MoE part
+_case("deepseek", "deepseek", cuts=((1,), (3,), (1, 2), (2, 4)))
+_case("deepseek2", "deepseek2", cuts=((1,), (3,), (1, 2), (2, 4)))
+
+# OLMo 3 style: sliding window on layers 0-2 and 4-5, full attention on 3
+_case("olmo2-swa", "olmo2", cuts=((3,), (4,), (2, 4), (3, 4), (1, 3)), sliding_window=8)
+# no RoPE on every 4th layer, counted per stage: only stages starting at a multiple of 4
+_case("smollm3", "smollm3", cuts=((4,), (8,), (4, 8)), n_layer=12)
+
+
+def _params():
+    out = []
+    for cid, (arch, kw, cuts) in CASES.items():
+        for c in cuts or DEFAULT_CUTS:
+            out.append(pytest.param(cid, c, id=f"{cid}-{'-'.join(map(str, c))}"))
+    return out
+
+
+def _prompts(n_vocab: int) -> List[List[int]]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, n_vocab, size=n).tolist() for n in PROMPT_LENS]
+
+
+def _engine(path) -> StageEngine:
+    return StageEngine(path, n_ctx=N_CTX, n_seq_max=len(PROMPT_LENS), n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def model_for(tiny_models):
+    """case id -> (path, whole-model logits per step, greedy tokens), computed once per case."""
+    cache: Dict[str, tuple] = {}
+
+    def get(cid: str):
+        if cid not in cache:
+            arch, kw, _ = CASES[cid]
+            path = tiny_models(arch, **{**BASE_KW, **kw})
+            info = read_model_info(path)
+            whole = [_engine(path)]
+            try:
+                want, want_tok = greedy_run(whole, _prompts(info.n_vocab), N_STEPS)
+            finally:
+                whole[0].close()
+            cache[cid] = (path, [np.array(a, copy=True) for a in want], want_tok, info)
+        return cache[cid]
+
+    return get
+
+
+@pytest.mark.parametrize("cid,cuts", _params())
+def test_split_is_exact(model_for, cid, cuts):
+    path, want, want_tok, info = model_for(cid)
+    bounds = [0, *cuts, info.n_layer]
+    engines = []
+    try:
+        for a, b in zip(bounds, bounds[1:]):
+            engines.append(_engine(stage_gguf(path, LayerRange(a, b))))
+        got, got_tok = greedy_run(engines, _prompts(info.n_vocab), N_STEPS)
+    finally:
+        for e in engines:
+            e.close()
+    assert len(got) == N_STEPS + 1
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert a.shape == b.shape == (len(PROMPT_LENS), info.n_vocab)
+        assert np.isfinite(a).all()
+        assert np.array_equal(a, b), f"step {step}: max |diff| {np.abs(a - b).max()}"
+    assert np.array_equal(want_tok, got_tok)
+    # the reference is not degenerate: sequences and steps differ
+    assert len({tuple(r) for r in want_tok.tolist()}) > 1
+
+
+def test_every_rule_is_covered():
+    covered = {arch for arch, _, _ in CASES.values()}
+    assert set(archs.RULES) <= covered
+    assert len(archs.RULES) >= 26
+    assert not set(archs.RULES) & set(archs.UNSUPPORTED)
+
+
+# ------------------------------------------------------------------ refusals
+
+@pytest.mark.parametrize("arch", sorted(archs.UNSUPPORTED))
+def test_unsupported_arch_is_refused(tiny_models, arch, tmp_path):
+    from molink_lite.testmodels import SUPPORTED_TEST_ARCHS
+
+    if arch not in SUPPORTED_TEST_ARCHS:
+        pytest.skip(f"no test model generator for {arch}")
+    path = tiny_models(arch, **BASE_KW)
+    with pytest.raises(SplitError) as e:
+        stage_gguf(path, LayerRange(0, 3), cache_dir=tmp_path)
+    msg = str(e.value)
+    assert f"'{arch}' is not supported" in msg
+    assert archs.UNSUPPORTED[arch][:40] in msg
+    assert "supported: " in msg and "llama" in msg and "qwen2" in msg
+
+
+def test_unknown_arch_is_refused(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(path, "no-such-arch")
+    w.add_block_count(4)
+    w.add_embedding_length(64)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SplitError, match=r"architecture 'no-such-arch' is not supported .*supported: .*llama"):
+        stage_gguf(path, LayerRange(0, 2), cache_dir=tmp_path)
+    with pytest.raises(archs.UnsupportedArchitecture, match="supported: "):
+        archs.rule_for("no-such-arch")
+
+
+def test_cohere2_stage_without_swa_layer_is_refused(tiny_models, tmp_path):
+    path = tiny_models("cohere2", **BASE_KW)
+    with pytest.raises(SplitError, match="no sliding-window layer"):
+        stage_gguf(path, LayerRange(3, 4), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("start", [1, 2, 3, 5])
+def test_smollm3_stage_off_the_rope_period_is_refused(tiny_models, tmp_path, start):
+    kw = {**BASE_KW, **CASES["smollm3"][1]}
+    path = tiny_models("smollm3", **kw)
+    with pytest.raises(SplitError, match="multiple of 4"):
+        stage_gguf(path, LayerRange(start, kw["n_layer"]), cache_dir=tmp_path)
+
+
+def test_command_r_plus_layer_count_is_refused(tmp_path):
+    from molink_lite.testmodels import write_random_gguf
+
+    path = write_random_gguf(tmp_path / "cr.gguf", "command-r", n_layer=64, n_embd=32, n_head=2, n_vocab=128)
+    with pytest.raises(SplitError, match="64\\+ layers"):
+        stage_gguf(path, LayerRange(0, 32), cache_dir=tmp_path)

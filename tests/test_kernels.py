@@ -1,0 +1,189 @@
+"""kernels/build.py builds llama.cpp libraries that the bindings load via LLAMA_CPP_LIB_PATH.
+
+The CPU build (``--portable``) takes about 5 minutes on 2 cores the first time; its output
+is cached under ``~/.cache/molink-lite/kernels/<hash>`` (``$MOLINK_KERNELS_CACHE``
+overrides), keyed by build.py's content and the platform, so later runs take seconds.
+``$MOLINK_LLAMA_SDIST`` may point at a local llama-cpp-python sdist (tarball or folder)
+instead of downloading it with pip.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401 - import before numpy
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molink_lite import libpath
+from molink_lite.libpath import LibraryPathError, StructSizeMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_PY = ROOT / "kernels" / "build.py"
+
+# Runs in a fresh interpreter: LLAMA_CPP_LIB_PATH only counts before llama_cpp is imported.
+PROBE = r"""
+import json, os, sys
+from molink_lite.libpath import use_library_dir, check_struct_sizes
+lib_dir, model_path, logits_path = sys.argv[1:4]
+if lib_dir:
+    use_library_dir(lib_dir)
+import llama_cpp                      # loads libllama now
+import llama_cpp.llama_cpp as L
+out = {"lib": L._lib._name, "version": llama_cpp.__version__}
+if lib_dir:
+    out["sizes"] = check_struct_sizes(lib_dir)
+if os.path.exists("/proc/self/maps"):
+    with open("/proc/self/maps") as f:
+        maps = f.read().split()
+    out["loaded"] = sorted({p for p in maps if "libggml" in p or "libllama" in p})
+import numpy as np
+from molink_lite.engine import StageEngine
+from molink_lite.testmodels import write_random_gguf
+if not os.path.exists(model_path):
+    write_random_gguf(model_path, "llama", n_layer=2, n_embd=64, n_head=4, n_vocab=256)
+with StageEngine(model_path, n_ctx=64, n_seq_max=2, n_batch=16, n_threads=2) as eng:
+    tokens = np.array([1, 5, 9, 200, 3, 7], dtype=np.int32)
+    seqs = np.array([0, 0, 0, 0, 1, 1], dtype=np.int32)
+    pos = np.array([0, 1, 2, 3, 0, 1], dtype=np.int32)
+    # a copy: forward() returns a view of llama.cpp's logits buffer, freed with the context
+    logits = eng.forward(seqs, pos, tokens=tokens).copy()
+np.save(logits_path, logits)
+out["shape"] = list(logits.shape)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("MOLINK_KERNELS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "molink-lite" / "kernels"
+
+
+def _run_probe(lib_dir: str, model: Path, logits: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != libpath.ENV}
+    p = subprocess.run([sys.executable, "-c", PROBE, lib_dir, str(model), str(logits)], cwd=ROOT, env=env,
+                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert p.returncode == 0, p.stdout[-5000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, p.stdout[-5000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def cpu_lib_dir(tmp_path_factory) -> Path:
+    """Portable CPU libraries built by kernels/build.py (cached across runs)."""
+    key = hashlib.sha256(BUILD_PY.read_bytes() + f"cpu-portable {sys.platform} {platform.machine()}".encode())
+    out = _cache_root() / key.hexdigest()[:16]
+    work = tmp_path_factory.mktemp("kernels-build")
+    cmd = [sys.executable, str(BUILD_PY), "--backend", "cpu", "--portable", "--out", str(out),
+           "--build-dir", str(work / "cmake"), "--download-dir", str(work / "src"),
+           "--jobs", str(os.cpu_count() or 2), "--clean-build"]
+    if os.environ.get("MOLINK_LLAMA_SDIST"):
+        cmd += ["--src", os.environ["MOLINK_LLAMA_SDIST"]]
+    p = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert p.returncode == 0, f"kernels/build.py failed:\n{p.stdout[-8000:]}"
+    assert f"LLAMA_CPP_LIB_PATH={out}" in p.stdout
+    return out
+
+
+@pytest.mark.timeout(2400)
+def test_cpu_build_loads_and_runs(cpu_lib_dir: Path, tmp_path: Path) -> None:
+    info = json.loads((cpu_lib_dir / "build_info.json").read_text())
+    assert info["backend"] == "cpu" and info["portable"] is True
+    assert info["llama_cpp_python"] == llama_cpp.__version__
+    assert libpath.find_library(cpu_lib_dir) is not None
+
+    model = tmp_path / "tiny-llama.gguf"
+    built = _run_probe(str(cpu_lib_dir), model, tmp_path / "built.npy")
+    # the bindings loaded the built libllama, and (Linux) every llama/ggml library came from that folder
+    assert os.path.samefile(Path(built["lib"]).parent, cpu_lib_dir), built["lib"]
+    for p in built.get("loaded", []):
+        assert os.path.samefile(Path(p).parent, cpu_lib_dir), f"{p} was loaded from outside {cpu_lib_dir}"
+    # struct sizes recorded at build time match the bindings
+    assert set(libpath.REQUIRED_STRUCTS) <= set(built["sizes"])
+    assert all(v["c"] == v["python"] for v in built["sizes"].values()), built["sizes"]
+    assert built["shape"] == [2, 256]
+
+    # the same forward with the wheel's own libraries gives the same logits
+    bundled = _run_probe("", model, tmp_path / "bundled.npy")
+    assert not os.path.samefile(Path(bundled["lib"]).parent, cpu_lib_dir)
+    import numpy as np
+
+    a, b = np.load(tmp_path / "built.npy"), np.load(tmp_path / "bundled.npy")
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.abs(b).max()))
+
+
+# ----------------------------------------------------------------------------- libpath errors
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv(libpath.ENV, raising=False)  # restored after the test
+
+
+def test_use_library_dir_missing(tmp_path, no_env):
+    with pytest.raises(LibraryPathError, match="does not exist"):
+        libpath.use_library_dir(tmp_path / "nope")
+    assert libpath.ENV not in os.environ
+
+
+def test_use_library_dir_not_a_folder(tmp_path, no_env):
+    f = tmp_path / libpath.library_names()[0]
+    f.write_bytes(b"")
+    with pytest.raises(LibraryPathError, match="not a folder"):
+        libpath.use_library_dir(f)
+
+
+def test_use_library_dir_without_library(tmp_path, no_env):
+    (tmp_path / "libggml.so").write_bytes(b"")
+    with pytest.raises(LibraryPathError, match="holds no llama library") as e:
+        libpath.use_library_dir(tmp_path)
+    assert "libggml.so" in str(e.value)
+    assert libpath.ENV not in os.environ
+
+
+def test_use_library_dir_after_import_with_other_dir(tmp_path, no_env):
+    (tmp_path / libpath.library_names()[0]).write_bytes(b"")  # passes the folder check
+    assert libpath.loaded_library() is not None  # llama_cpp is imported in this process
+    with pytest.raises(LibraryPathError, match="already imported"):
+        libpath.use_library_dir(tmp_path)
+    assert libpath.ENV not in os.environ
+
+
+def test_use_library_dir_after_import_with_same_dir(no_env):
+    loaded = libpath.loaded_library()
+    libpath.use_library_dir(loaded.parent)
+    assert os.path.samefile(os.environ[libpath.ENV], loaded.parent)
+
+
+def test_check_struct_sizes_wrong_dir(tmp_path):
+    with pytest.raises(LibraryPathError, match="llama_cpp loaded"):
+        libpath.check_struct_sizes(tmp_path)
+
+
+def test_check_struct_sizes_without_record():
+    if (libpath.loaded_library().parent / libpath.STRUCT_SIZES_FILE).exists():
+        pytest.skip("the loaded library has a struct_sizes.json")
+    with pytest.raises(LibraryPathError, match="no struct_sizes.json"):
+        libpath.check_struct_sizes()
+
+
+def test_compare_struct_sizes():
+    import llama_cpp.llama_cpp as L
+
+    recorded = {"pointer": ctypes.sizeof(ctypes.c_void_p),
+                "structs": {n: ctypes.sizeof(getattr(L, n)) for n in libpath.REQUIRED_STRUCTS}}
+    res = libpath.compare_struct_sizes(recorded)
+    assert set(res) == set(libpath.REQUIRED_STRUCTS)
+    recorded["structs"]["llama_batch"] += 8
+    del recorded["structs"]["llama_token_data"]
+    with pytest.raises(StructSizeMismatch) as e:
+        libpath.compare_struct_sizes(recorded)
+    msg = str(e.value)
+    assert "llama_batch: C sizeof" in msg and "llama_token_data: not recorded" in msg

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Generate the README's architecture table from ``molink_lite.archs``.
+
+Rewrites the text between ``<!-- archs:start -->`` and ``<!-- archs:end -->`` in README.md
+with a Markdown table of :data:`molink_lite.archs.RULES` (name and notes) and a list of
+:data:`molink_lite.archs.UNSUPPORTED` with the reasons.
+
+    python tools/gen_arch_table.py            # rewrite README.md
+    python tools/gen_arch_table.py --check    # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from molink_lite.archs import RULES, UNSUPPORTED  # noqa: E402
+
+START = "<!-- archs:start -->"
+END = "<!-- archs:end -->"
+README = ROOT / "README.md"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def render() -> str:
+    """The Markdown that goes between the markers (no markers, ends with a newline)."""
+    lines = [
+        f"{len(RULES)} architectures (llama.cpp names, `general.architecture`):",
+        "",
+        "| Architecture | Split notes |",
+        "|---|---|",
+    ]
+    for name in sorted(RULES):
+        lines.append(f"| `{name}` | {_cell(RULES[name].notes) or '—'} |")
+    lines += ["", "Refused (cannot be split exactly):", ""]
+    for name in sorted(UNSUPPORTED):
+        lines.append(f"- `{name}`: {_cell(UNSUPPORTED[name])}")
+    return "\n".join(lines) + "\n"
+
+
+def update(text: str) -> str:
+    """``text`` (a README) with the block between the markers replaced by :func:`render`."""
+    a = text.find(START)
+    b = text.find(END)
+    if a < 0 or b < 0 or b < a:
+        raise ValueError(f"README has no '{START}' ... '{END}' block")
+    return text[: a + len(START)] + "\n" + render() + text[b:]
+
+
+def is_current(path: Path = README) -> bool:
+    text = Path(path).read_text(encoding="utf-8")
+    return update(text) == text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README block is stale, change nothing")
+    ap.add_argument("--readme", type=Path, default=README, help="README to update (default: %(default)s)")
+    args = ap.parse_args(argv)
+    text = args.readme.read_text(encoding="utf-8")
+    new = update(text)
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: architecture table is stale; run python tools/gen_arch_table.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+        print(f"{args.readme}: architecture table updated ({len(RULES)} supported, {len(UNSUPPORTED)} refused)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
