@@ -204,6 +204,63 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--model", help="GGUF (default: the gemma3-270m demo model)")
+    b.add_argument("--stages", type=int, default=2, help="stage processes, even layer split (default 2)")
+    b.add_argument("--concurrency", default="1,16", help="comma-separated concurrent request counts (default 1,16)")
+    b.add_argument("--requests", type=int, default=0,
+                   help="requests per concurrency level (default: 2 x concurrency, at least 4)")
+    b.add_argument("--prompt-len", type=int, default=32, help="prompt length in words, ~tokens (default 32)")
+    b.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, EOS ignored (default 64)")
+    b.add_argument("--delay-ms", type=float, default=0.0,
+                   help="one-way delay of the relay between consecutive stages (default 0: no relay)")
+    b.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap of that relay (default 0: none)")
+    b.add_argument("--baseline", default="",
+                   help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
+                        "+ ggml-rpc-server, same split and relay)")
+    b.add_argument("--long-prompt", type=int, default=0,
+                   help="also measure inter-token p99 of 8 decoding requests while a prompt of this many words "
+                        "arrives (e.g. 4096; default 0: skip)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads per process (default: cores / processes; the whole baseline gets all)")
+    b.add_argument("--micro-batches", type=int, default=None, help="molink-lite steps in flight (default: stages)")
+    b.add_argument("--prefill-chunk", type=int, default=None,
+                   help="molink-lite prefill chunk (default: from the measured links)")
+    b.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="hidden-state codec")
+    b.add_argument("--ctx", type=int, default=8192, help="KV cache tokens per process, shared by all requests")
+    b.add_argument("--llama-bin", default=None,
+                   help="folder with llama-server and ggml-rpc-server (default: build them once with "
+                        "kernels/build_tools.py, or $MOLINK_LLAMA_BIN)")
+    b.add_argument("--json", dest="json_out", default=None, help="write results as JSON here")
+    b.add_argument("--chart", default=None, help="write an SVG chart (throughput vs concurrency) here")
+    b.add_argument("--workdir", default=None, help="where process logs go (default: a temp folder)")
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from .bench_serve import BenchConfig, run_bench
+
+    bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
+    bad = [x for x in bases if x not in ("whole", "rpc")]
+    if bad:
+        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc", file=sys.stderr)
+        return 2
+    try:
+        conc = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    except ValueError:
+        print(f"error: --concurrency must be comma-separated integers, got {a.concurrency!r}", file=sys.stderr)
+        return 2
+    if not conc or min(conc) < 1:
+        print("error: --concurrency values must be >= 1", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(model=a.model or _default_model(), stages=a.stages, concurrency=conc, prompt_len=a.prompt_len,
+                      max_tokens=a.max_tokens, requests=a.requests, delay_ms=a.delay_ms, rate_mbit=a.rate_mbit,
+                      threads=a.threads, micro_batches=a.micro_batches, prefill_chunk=a.prefill_chunk,
+                      codec=a.codec, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
+                      workdir=a.workdir)
+    results = run_bench(cfg, json_out=a.json_out, chart_out=a.chart)
+    return 0 if all(r.levels for r in results) else 1
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="molink-lite", description=__doc__)
@@ -226,8 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap in each direction (0 = none)")
     s.set_defaults(func=cmd_link)
 
-    b = sub.add_parser("bench", help="benchmarks (see 'bench engine --help', 'bench serve --help')")
-    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    b = sub.add_parser(
+        "bench", help="serving benchmark vs llama.cpp (also: 'bench engine', 'bench fidelity')",
+        description="Serving benchmark: starts molink-lite (stage processes + gateway, optional slow-link relays "
+                    "between stages) and, with --baseline, llama.cpp's llama-server (whole model) and its RPC "
+                    "backend (same layer split, same relay), drives concurrent streaming requests and prints "
+                    "output tok/s, TTFT and inter-token latency p50/p99 and peak memory per process, side by side "
+                    "with ratios. Subcommands 'engine' (in-process step time) and 'fidelity' (wire codecs) are "
+                    "separate benchmarks.")
+    _bench_serve_opts(b)
+    b.set_defaults(func=cmd_bench_serve)
+    bsub = b.add_subparsers(dest="bench_cmd", required=False, metavar="{engine,fidelity}")
     s = bsub.add_parser("engine", help="step time of a stage chain vs the whole model, in one process")
     s.add_argument("--model", help="GGUF (default: the gemma3-270m demo model)")
     s.add_argument("--stages", type=int, default=2, help="stages in the chain (default 2)")

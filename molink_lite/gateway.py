@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP gateway over one or more pipelines (replicas), least-loaded routing.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream``), ``GET /v1/models``, ``GET /health``, ``GET /v1/stats``. Errors use
+``stream``), ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (``?timeline=1`` adds each stage's
+recent step start/end times). Errors use
 OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 for bad input,
 404 for an unknown model, 503 when no pipeline can take the request.
 """
@@ -128,6 +129,9 @@ class Gateway:
             if p.healthy:
                 try:
                     entry["stages"] = await p.stage_stats()
+                    if request.query.get("timeline") not in ("1", "true"):
+                        for st in entry["stages"]:
+                            st.pop("timeline", None)
                 except Exception as e:  # noqa: BLE001
                     entry["stages_error"] = str(e)
             out.append(entry)

@@ -24,7 +24,8 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Tuple
+from collections import deque
+from typing import Deque, Dict, Optional, Tuple
 
 import numpy as np
 import websockets
@@ -62,6 +63,9 @@ class StageServer:
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
                                         "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0}
         self._in_flight = 0  # steps received and not yet finished here
+        # (step id, start, end) of the latest steps; perf_counter is a system-wide monotonic clock, so
+        # timelines of stages on one host can be compared (tests prove micro-batches overlap with it)
+        self.timeline: Deque[Tuple[object, float, float]] = deque(maxlen=512)
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> dict:
@@ -127,7 +131,7 @@ class StageServer:
         elif kind == "tokenize":
             self._tokenize(ch, meta)
         elif kind == "stats":
-            ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats()})
+            ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline)})
         elif kind == "ping":
             ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})
         elif kind == "probe_next":
@@ -235,7 +239,9 @@ class StageServer:
             try:
                 t0 = time.perf_counter()
                 out = await loop.run_in_executor(self._pool, self._run_step, meta, arrays)
-                self.stats["busy_s"] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.stats["busy_s"] += t1 - t0
+                self.timeline.append((meta.get("step"), t0, t1))
                 self._deliver(meta, out)
             except (EngineError, SamplingError, StepError) as e:
                 self.stats["errors"] += 1
