@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import aiohttp
 
 from .launcher import StageProcess, start_stages, stop_stages
-from .split import LayerRange, even_ranges, read_model_info
+from .split import LayerRange, plan_ranges, read_model_info
 
 WORDS = ("river stone light garden music paper window silver morning forest letter bridge harbor "
          "candle meadow engine pocket thunder velvet lantern").split()
@@ -45,6 +45,7 @@ WORDS = ("river stone light garden music paper window silver morning forest lett
 class BenchConfig:
     model: str
     stages: int = 2
+    split: str = "balanced"           # layer split policy (split.plan_ranges)
     concurrency: Sequence[int] = (1, 16)
     prompt_len: int = 32
     max_tokens: int = 64
@@ -455,7 +456,7 @@ def svg_chart(results: List[SystemResult], title: str) -> str:
 def run_bench(cfg: BenchConfig, json_out: Optional[str] = None, chart_out: Optional[str] = None) -> List[SystemResult]:
     """Run molink-lite and the baselines one after the other; print, save JSON and chart."""
     info = read_model_info(cfg.model)
-    ranges = even_ranges(info.n_layer, cfg.stages)
+    ranges = plan_ranges(cfg.model, cfg.stages, cfg.split)
     link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
             else "loopback, no relay")
     print(f"bench: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "

@@ -24,12 +24,12 @@ def _default_model() -> str:
 
 # ---------------------------------------------------------------- split
 def cmd_split(a: argparse.Namespace) -> int:
-    from .split import SplitError, parse_ranges, read_model_info, split_model, even_ranges
+    from .split import SplitError, parse_ranges, plan_ranges, read_model_info, split_model
 
     try:
         info = read_model_info(a.model)
         ranges = (parse_ranges(a.layers, info.n_layer) if a.layers
-                  else even_ranges(info.n_layer, a.stages))
+                  else plan_ranges(a.model, a.stages, a.split))
         paths = split_model(a.model, ranges, a.output)
     except SplitError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -165,7 +165,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
                        n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
-                       flash_attn=a.flash_attn)
+                       flash_attn=a.flash_attn, split=a.split)
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -204,9 +204,16 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
     return 0
 
 
+def _split_opt(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--split", choices=["balanced", "even"], default="balanced",
+                   help="how --stages cuts the layers: 'balanced' evens out compute, counting the LM head on the "
+                        "last stage (default); 'even' gives each stage the same number of layers")
+
+
 def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", help="GGUF (default: the gemma3-270m demo model)")
-    b.add_argument("--stages", type=int, default=2, help="stage processes, even layer split (default 2)")
+    b.add_argument("--stages", type=int, default=2, help="stage processes (default 2)")
+    _split_opt(b)
     b.add_argument("--concurrency", default="1,16", help="comma-separated concurrent request counts (default 1,16)")
     b.add_argument("--requests", type=int, default=0,
                    help="requests per concurrency level (default: 2 x concurrency, at least 4)")
@@ -255,7 +262,7 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     cfg = BenchConfig(model=a.model or _default_model(), stages=a.stages, concurrency=conc, prompt_len=a.prompt_len,
                       max_tokens=a.max_tokens, requests=a.requests, delay_ms=a.delay_ms, rate_mbit=a.rate_mbit,
                       threads=a.threads, micro_batches=a.micro_batches, prefill_chunk=a.prefill_chunk,
-                      codec=a.codec, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
+                      codec=a.codec, split=a.split, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
                       workdir=a.workdir)
     results = run_bench(cfg, json_out=a.json_out, chart_out=a.chart)
     return 0 if all(r.levels for r in results) else 1
@@ -272,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="whole-model GGUF")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--layers", help="inclusive ranges that tile the model, e.g. 0-8,9-17")
-    g.add_argument("--stages", type=int, default=2, help="split evenly into N stages (default 2)")
+    g.add_argument("--stages", type=int, default=2, help="split into N stages (default 2; see --split)")
+    _split_opt(s)
     s.add_argument("-o", "--output", required=True, help="output directory")
     s.set_defaults(func=cmd_split)
 
@@ -341,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="all-in-one: local stage processes + gateway (defaults to the demo model)")
     s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
     s.add_argument("--stages", type=int, default=2, help="stage processes (default 2)")
+    _split_opt(s)
     s.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .split import LayerRange, even_ranges, read_model_info, stage_gguf
+from .split import LayerRange, plan_ranges, read_model_info, stage_gguf
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,13 @@ def stop_stages(procs: Sequence[StageProcess], timeout: float = 10.0) -> None:
 
 def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
-                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto") -> int:
+                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto",
+                split: str = "balanced") -> int:
     """``molink-lite serve``: local stages + gateway until Ctrl-C."""
     from .gateway import start_gateway
 
     info = read_model_info(model)
-    ranges = even_ranges(info.n_layer, stages)
+    ranges = plan_ranges(model, stages, split)
     extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec,
              "--flash-attn", flash_attn]
     if threads:

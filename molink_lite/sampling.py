@@ -12,6 +12,9 @@ from __future__ import annotations
 import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
 
 import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from typing import Dict, List, Optional, Sequence
 
@@ -153,15 +156,80 @@ class SamplerPool:
         return seq_id in self._by_seq
 
     def sample(self, seq_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``); greedy rows in one argmax."""
-        out = np.empty(len(seq_ids), dtype=np.int32)
-        samplers: List[SequenceSampler] = [self._by_seq.get(int(s)) or _GREEDY for s in seq_ids]
-        fast = np.fromiter((s.fast_greedy for s in samplers), dtype=bool, count=len(samplers))
-        if fast.any():
-            out[fast] = np.argmax(logits[fast], axis=1)
-        for i in np.flatnonzero(~fast):
+        """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``).
+
+        Greedy rows take an argmax straight on the rows of ``logits`` (no copy; runs of
+        consecutive greedy rows in one call, split over a few threads when large).
+        """
+        n = len(seq_ids)
+        out = np.empty(n, dtype=np.int32)
+        get = self._by_seq.get
+        samplers: List[SequenceSampler] = [get(int(s)) or _GREEDY for s in seq_ids]
+        slow = [i for i, s in enumerate(samplers) if not s.fast_greedy]
+        if not slow:
+            if n:
+                argmax_rows(logits, out)
+            return out
+        # greedy runs between the rows that need a sampler chain
+        start = 0
+        for i in slow + [n]:
+            if i > start:
+                argmax_rows(logits[start:i], out[start:i])
+            start = i + 1
+        for i in slow:
             out[i] = samplers[i].sample(logits[i])
         return out
+
+
+# --------------------------------------------------------------------------- argmax
+
+#: Split an argmax over threads only from this many values on (numpy's argmax
+#: releases the GIL; below this the thread hand-off costs more than it saves).
+ARGMAX_PAR_MIN = 1 << 21
+_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _argmax_threads() -> int:
+    v = os.environ.get("MOLINK_ARGMAX_THREADS")
+    if v is not None:
+        try:
+            return max(1, int(v))
+        except ValueError:
+            pass
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+ARGMAX_THREADS = _argmax_threads()
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(ARGMAX_THREADS, thread_name_prefix="molink-argmax")
+        return _pool
+
+
+def argmax_rows(logits: np.ndarray, out: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+    """``out[i] = argmax(logits[i])`` (first maximal index, like ``np.argmax``) without copying ``logits``."""
+    rows = logits.shape[0]
+    k = ARGMAX_THREADS if threads is None else max(1, int(threads))
+    k = min(k, rows, max(1, logits.size // (ARGMAX_PAR_MIN // 2)))
+    if k <= 1 or logits.size < ARGMAX_PAR_MIN:
+        out[...] = np.argmax(logits, axis=-1)
+        return out
+    bounds = [rows * j // k for j in range(k + 1)]
+
+    def part(j: int) -> None:
+        a, b = bounds[j], bounds[j + 1]
+        out[a:b] = np.argmax(logits[a:b], axis=-1)
+
+    futs = [_get_pool().submit(part, j) for j in range(1, k)]
+    part(0)
+    for f in futs:
+        f.result()
+    return out
 
 
 _GREEDY = SequenceSampler(SamplingParams(temperature=0.0), 0)

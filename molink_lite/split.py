@@ -125,6 +125,89 @@ def even_ranges(n_layer: int, n_stages: int) -> List[LayerRange]:
     return [LayerRange(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+SPLIT_POLICIES = ("balanced", "even")
+
+
+def plan_ranges(path: str | os.PathLike, n_stages: int, policy: str = "balanced") -> List[LayerRange]:
+    """Layer ranges for ``n_stages`` stages: ``balanced`` (by compute, LM head counted) or ``even`` (by count)."""
+    if policy == "even":
+        return even_ranges(read_model_info(path).n_layer, n_stages)
+    if policy == "balanced":
+        return balanced_ranges(path, n_stages)
+    raise SplitError(f"unknown split policy {policy!r}: choose from {', '.join(SPLIT_POLICIES)}")
+
+
+def stage_costs(path: str | os.PathLike) -> Tuple[List[int], int]:
+    """Compute proxies read from a GGUF: weight elements of each layer, and of the LM head (last stage).
+
+    The LM head (``output.weight``, or the tied ``token_embd.weight``) is multiplied by every output row,
+    so it costs like a layer; for small models with big vocabularies it outweighs all layers together.
+    """
+    r = _reader(path)
+    info = read_model_info(path, r)
+    layers = [0] * info.n_layer
+    head = tied = 0
+    for t in r.tensors:
+        m = _BLK.match(t.name)
+        n = int(math.prod(t.ne))
+        if m:
+            il = int(m.group(1))
+            if 0 <= il < info.n_layer:
+                layers[il] += n
+        elif t.name == "output.weight":
+            head = n
+        elif t.name == "token_embd.weight":
+            tied = n
+    return layers, head or tied
+
+
+def balanced_ranges(path: str | os.PathLike, n_stages: int) -> List[LayerRange]:
+    """Contiguous ranges minimizing the largest stage cost (:func:`stage_costs`, LM head on the last stage).
+
+    With stages computing in parallel (micro-batches), throughput is set by the slowest stage; an even
+    split by layer count leaves the last stage, which also runs the LM head, the bottleneck.
+    """
+    layers, head = stage_costs(path)
+    if n_stages < 1 or n_stages > len(layers):
+        raise SplitError(f"cannot split {len(layers)} layers into {n_stages} stages")
+    bounds = _balanced_bounds(layers, head, n_stages)
+    return [LayerRange(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _balanced_bounds(layers: List[int], head: int, k: int) -> List[int]:
+    """Stage boundaries: the smallest possible largest stage (binary search on it), the last stage as
+    large as that allows, then the layers before it balanced the same way among the other stages."""
+    n = len(layers)
+    prefix = [0]
+    for c in layers:
+        prefix.append(prefix[-1] + c)
+
+    def cost(a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (head if b == n else 0)
+
+    def fits(limit: int) -> bool:  # greedy from the end: fewest stages with every stage <= limit
+        stages, b = 0, n
+        while b > 0:
+            a = b - 1
+            if cost(a, b) > limit:
+                return False
+            while a > 0 and cost(a - 1, b) <= limit:
+                a -= 1
+            stages, b = stages + 1, a
+        return stages <= k
+
+    lo, hi = max(cost(i, i + 1) for i in range(n)), cost(0, n)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    if k == 1:
+        return [0, n]
+    start = n - 1
+    while start > k - 1 and cost(start - 1, n) <= lo:
+        start -= 1
+    return _balanced_bounds(layers[:start], 0, k - 1) + [n]
+
+
 # ---------------------------------------------------------------- model identity
 
 def fingerprint(path: str | os.PathLike) -> str:
