@@ -371,6 +371,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
 
+    if getattr(args, "lib", None):
+        from .libpath import LibraryPathError, StructSizeMismatch, check_struct_sizes
+
+        try:
+            check_struct_sizes(args.lib)  # a library of another llama.cpp version would corrupt memory
+        except StructSizeMismatch as e:
+            print(f"error: --lib {args.lib}: {e}", file=sys.stderr)
+            return 2
+        except LibraryPathError as e:  # no struct_sizes.json (not built by kernels/build.py): go on, warn
+            print(f"warning: --lib {args.lib}: {e}", file=sys.stderr)
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return int(args.func(args) or 0)
