@@ -88,6 +88,19 @@ def stop_stages(procs: Sequence[StageProcess], timeout: float = 10.0) -> None:
             sp.proc.wait()
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks run and child processes are stopped."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread, or unsupported: Ctrl-C still works
+        pass
+
+
 def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
                 codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto",
@@ -104,6 +117,7 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
     ports = [base_port + i for i in range(stages)] if base_port else None
     print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {stages} stage(s): "
           f"{', '.join(str(r) for r in ranges)}", flush=True)
+    _exit_on_sigterm()  # `kill`, `docker stop`, systemd: stop the stage processes too, as Ctrl-C does
     procs = start_stages(model, ranges, ports=ports, extra_args=extra)
 
     async def main() -> None:

@@ -36,3 +36,53 @@ def test_bench_help_documents_options():
     for opt in ("--concurrency", "--prompt-len", "--max-tokens", "--delay-ms", "--rate-mbit", "--baseline",
                 "--long-prompt", "--json", "--chart", "--split", "--micro-batches", "--prefill-chunk"):
         assert opt in out, opt
+
+
+def _procs_with(text: str):
+    from pathlib import Path
+
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_serve_sigterm_stops_stage_processes(tiny_models, tmp_path):
+    """`kill` / `docker stop` on `serve` must not leave stage processes behind."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    import pytest
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc to find the child processes")
+    model = str(tmp_path / "serve-sigterm.gguf")
+    shutil.copy(tiny_models("llama", n_layer=4), model)
+    from serving import free_port
+
+    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", "serve", "--model", model, "--port",
+                          str(free_port()), "--threads", "1", "--ctx", "256"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            if "serving at" in line:
+                break
+        else:
+            raise AssertionError("serve did not start")
+        assert len(_procs_with(model)) == 3  # serve + 2 stages
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        deadline = time.monotonic() + 15
+        while _procs_with(model) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _procs_with(model) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
