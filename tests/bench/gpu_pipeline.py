@@ -443,6 +443,48 @@ def codec_cost(n_embd: int, seqs: List[int]) -> Dict[int, float]:
     return out
 
 
+def hot_path_cost(n_embd: int, n_vocab: int, n: int) -> Dict[str, float]:
+    """Micro-benchmark of the last stage's greedy argmax and the f16 codec at ``n`` rows (µs, medians)."""
+    from molink_lite import sampling, wire
+
+    def med(fn, reps: int = 20) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e6
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((n, n_vocab), dtype=np.float32)
+    out = np.empty(n, dtype=np.int32)
+    fast = np.ones(n, dtype=bool)
+    res = {"argmax_copy": med(lambda: np.argmax(logits[fast], axis=1)),
+           "argmax_direct": med(lambda: np.argmax(logits, axis=1))}
+    for k in (2, 4, 8):
+        res[f"argmax_threads{k}"] = med(lambda: sampling.argmax_rows(logits, out, threads=k))
+    res["argmax_default"] = med(lambda: sampling.argmax_rows(logits, out))
+    h = rng.standard_normal((n, n_embd), dtype=np.float32)
+    h16 = h.astype(np.float16)
+    saved = (wire._FAST_F16, wire._FAST_F16_DEC, wire.CODEC_THREADS)
+    res["codec_default"] = f"bits enc {saved[0]} dec {saved[1]}, threads {saved[2]}"
+    try:
+        for enc_bits in (True, False):
+            for th in (1, 4):
+                wire._FAST_F16 = wire._FAST_F16_DEC = enc_bits
+                wire.CODEC_THREADS = th
+                tag = f"{'bits' if enc_bits else 'numpy'}_t{th}"
+                res[f"f32to16_{tag}"] = med(lambda: wire._f32_to_f16(h))
+                res[f"f16to32_{tag}"] = med(lambda: wire._f16_to_f32(h16))
+    finally:
+        wire._FAST_F16, wire._FAST_F16_DEC, wire.CODEC_THREADS = saved
+    res["astype_f16"] = med(lambda: h.astype(np.float16))
+    say(f"hot paths at {n} rows (µs): " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k}: {v}"
+                                                      for k, v in res.items()))
+    return res
+
+
 def part_pipeline(model: str) -> None:
     seqs = [int(x) for x in ARGS.seqs.split(",")]
     info = read_model_info(model)
@@ -451,6 +493,7 @@ def part_pipeline(model: str) -> None:
         RESULTS["whole_engine"] = whole_engine(model, seqs)
         save()
     RESULTS["codec_us"] = codec_cost(info.n_embd, seqs)
+    RESULTS["hot_path_us"] = hot_path_cost(info.n_embd, info.n_vocab, max(seqs))
     if ARGS.chain:
         chains = RESULTS.setdefault("chain_engine", {})
         for ns in [int(x) for x in ARGS.chain.split(",")]:
