@@ -118,6 +118,10 @@ def make_prompt(i: int, n_words: int) -> str:
 
 
 # ------------------------------------------------------------------ load generation
+def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    # one connection per request: llama-server may close idle keep-alive connections under the client
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=0))
+
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -154,7 +158,7 @@ async def run_level(url: str, concurrency: int, n_requests: int, prompt_len: int
     """``n_requests`` streaming completions, at most ``concurrency`` at a time."""
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with _session(timeout) as session:
         async def job(i: int) -> dict:
             async with sem:
                 return await _one(session, url, make_prompt(offset + i, prompt_len), max_tokens, model)
@@ -179,7 +183,7 @@ async def run_interference(url: str, long_prompt: int, model: str = "default", n
     """Inter-token p99 of ``n_decoders`` decoding requests, alone and with one long prompt arriving."""
     async def decoders(with_long: bool) -> dict:
         timeout = aiohttp.ClientTimeout(total=3600)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with _session(timeout) as session:
             tasks = [asyncio.ensure_future(_one(session, url, make_prompt(1000 + i, 16), max_tokens, model))
                      for i in range(n_decoders)]
             long_res = None

@@ -30,6 +30,8 @@ from .stage import PROTOCOL_VERSION, chain_mismatch
 log = logging.getLogger(__name__)
 
 
+INTERLEAVE_SLOWDOWN = 2.0  # while a prompt is prefilled, decoders' inter-token time may grow this much
+MIN_PREFILL_ROWS = 8       # prompt rows per step never drop below this (the prompt always progresses)
 BYTES_PER_VALUE = {"f32": 4, "f16": 2, "f16-clamp": 2, "int8": 1}
 
 
@@ -90,6 +92,7 @@ class SeqState:
     last_sent: int = 0
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: Optional[float] = None
+    t_last: Optional[float] = None
 
     @property
     def need(self) -> int:
@@ -105,6 +108,8 @@ class _Step:
     sid: int
     seqs: List[Tuple[SeqState, bool]]   # (sequence, expects a token back)
     sent_at: float
+    n_decode: int = 0
+    n_prefill: int = 0
 
 
 class Pipeline:
@@ -122,6 +127,10 @@ class Pipeline:
         self.auto_chunk = not prefill_chunk
         self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
         self.links: List[dict] = []  # measured stage-to-stage links (auto chunk size)
+        # Prompt rows allowed in a step that also carries decode rows, adapted to measured step times:
+        # halved when such a step takes more than INTERLEAVE_SLOWDOWN x a decode-only step, else grown.
+        self.prefill_budget = min(32, self.prefill_chunk)
+        self.t_decode_step: Optional[float] = None  # moving average of inter-token time without prefill (s)
         self.max_batch_tokens = max_batch_tokens
         self.step_timeout = step_timeout
         self.channels: List[Channel] = []
@@ -211,6 +220,7 @@ class Pipeline:
         chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, self.codec, self.max_batch_tokens)
                   for k in self.links]
         self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
+        self.prefill_budget = min(self.prefill_budget, self.prefill_chunk)
         for k in self.links:
             log.info("link to %s: rtt %.2f ms, %.0f Mbit/s", k["to"], k["rtt_ms"], k["mbit"])
         log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
@@ -337,6 +347,8 @@ class Pipeline:
         decoding.sort(key=lambda s: s.last_sent)
         chosen = decoding[:per_step]
         budget = max(0, self.max_batch_tokens - len(chosen))
+        if n_decoding:  # decoders are active: keep the prompt rows that delay them in check
+            budget = min(budget, self.prefill_budget)
         prefill: List[Tuple[SeqState, int]] = []
         for s in sorted((s for s in ready if s.prefilling), key=lambda s: s.t_submit):
             take = min(self.prefill_chunk, int(s.req.prompt.shape[0]) - s.prefilled, budget)
@@ -388,8 +400,8 @@ class Pipeline:
         for s, _ in entries:
             s.in_flight = True
             s.last_sent = sid
-        self.inflight[sid] = _Step(sid, entries, time.perf_counter())
         n = int(arrays["seq"].shape[0])
+        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n - len(decode))
         st = self.stats
         st["steps"] += 1
         st["rows"] += n
@@ -429,6 +441,7 @@ class Pipeline:
         eogs = arrays.get("eog", np.zeros(len(seqs), np.uint8)).tolist()
         pieces = meta.get("pieces") or [""] * len(seqs)
         now = time.perf_counter()
+        worst_itl: Optional[float] = None
         for slot, tok, eog, piece in zip(seqs, toks, eogs, pieces):
             s = by_slot.get(slot)
             if s is None or s.finished:
@@ -438,6 +451,9 @@ class Pipeline:
                 continue
             if s.t_first is None:
                 s.t_first = now
+            elif s.t_last is not None:
+                worst_itl = max(worst_itl or 0.0, now - s.t_last)
+            s.t_last = now
             s.generated.append(int(tok))
             if eog and not s.req.ignore_eos:
                 self._finish(s, reason="stop")
@@ -450,7 +466,28 @@ class Pipeline:
         for s, _ in st.seqs:
             if s.cancelled and not s.finished:
                 self._release(s)
+        self._adapt_budget(worst_itl)
         self._wake.set()
+
+    def _adapt_budget(self, itl: Optional[float]) -> None:
+        """AIMD on the prompt rows allowed per step while sequences decode (chunked-prefill interleaving).
+
+        ``itl`` is the longest inter-token interval the decoding sequences of the step just finished saw.
+        With no prompt being prefilled it updates the baseline; during a prefill the budget is halved
+        when decoders wait more than INTERLEAVE_SLOWDOWN x the baseline, else it grows by a quarter.
+        """
+        if itl is None:
+            return
+        prefilling = any(s.prefilling and not s.finished for s in self.active.values())
+        if not prefilling:
+            t = self.t_decode_step
+            self.t_decode_step = itl if t is None else 0.8 * t + 0.2 * itl
+        elif self.t_decode_step is not None:
+            if itl > INTERLEAVE_SLOWDOWN * self.t_decode_step:
+                self.prefill_budget = max(MIN_PREFILL_ROWS, self.prefill_budget // 2)
+            else:
+                self.prefill_budget = min(self.prefill_chunk, self.prefill_budget + max(4, self.prefill_budget // 4))
+        self.stats["prefill_budget"] = self.prefill_budget
 
     def _emit(self, s: SeqState) -> bool:
         """Send new text to the client, holding back a possible stop-string prefix; True if stopped."""
