@@ -122,9 +122,11 @@ def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     # one connection per request: llama-server may close idle keep-alive connections under the client
     return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=0))
 
-async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str) -> dict:
+async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: time to first token, inter-token gaps, tokens (or an error)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    usage_tokens = None
     t0 = time.perf_counter()
     stamps: List[float] = []
     async with session.post(url + "/v1/completions", json=body) as r:
@@ -144,24 +146,28 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens
                 msg = json.loads(data)
                 if "error" in msg:
                     return {"error": str(msg["error"])}
+                if msg.get("usage"):
+                    usage_tokens = msg["usage"].get("completion_tokens")
                 ch = msg.get("choices") or []
                 if ch and (ch[0].get("text") or "") != "":
                     stamps.append(time.perf_counter())
     if not stamps:
         return {"error": "no tokens"}
-    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "n": len(stamps),
-            "end": stamps[-1]}
+    # tokens: the server's usage count; else one per streamed text event (a token whose text is held back,
+    # e.g. half of a UTF-8 character, then goes uncounted)
+    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "n": usage_tokens or len(stamps), "end": stamps[-1]}
 
 
 async def run_level(url: str, concurrency: int, n_requests: int, prompt_len: int, max_tokens: int,
-                    model: str = "default", offset: int = 0) -> LevelResult:
+                    offset: int = 0) -> LevelResult:
     """``n_requests`` streaming completions, at most ``concurrency`` at a time."""
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with _session(timeout) as session:
         async def job(i: int) -> dict:
             async with sem:
-                return await _one(session, url, make_prompt(offset + i, prompt_len), max_tokens, model)
+                return await _one(session, url, make_prompt(offset + i, prompt_len), max_tokens)
 
         t0 = time.perf_counter()
         res = await asyncio.gather(*(job(i) for i in range(n_requests)))
@@ -170,7 +176,6 @@ async def run_level(url: str, concurrency: int, n_requests: int, prompt_len: int
     errs = [r["error"] for r in res if "error" in r]
     if errs:
         print(f"  {len(errs)} request(s) failed, first: {errs[0]}", file=sys.stderr, flush=True)
-    # tokens are counted as streamed text events (llama-server and molink-lite send one per token)
     n_out = sum(r["n"] for r in ok)
     ttft = [1e3 * r["ttft"] for r in ok]
     itl = [1e3 * x for r in ok for x in r["itl"]]
@@ -178,18 +183,18 @@ async def run_level(url: str, concurrency: int, n_requests: int, prompt_len: int
                        _pct(ttft, 99), _pct(itl, 50), _pct(itl, 99), len(res) - len(ok))
 
 
-async def run_interference(url: str, long_prompt: int, model: str = "default", n_decoders: int = 8,
+async def run_interference(url: str, long_prompt: int, n_decoders: int = 8,
                            max_tokens: int = 96) -> dict:
     """Inter-token p99 of ``n_decoders`` decoding requests, alone and with one long prompt arriving."""
     async def decoders(with_long: bool) -> dict:
         timeout = aiohttp.ClientTimeout(total=3600)
         async with _session(timeout) as session:
-            tasks = [asyncio.ensure_future(_one(session, url, make_prompt(1000 + i, 16), max_tokens, model))
+            tasks = [asyncio.ensure_future(_one(session, url, make_prompt(1000 + i, 16), max_tokens))
                      for i in range(n_decoders)]
             long_res = None
             if with_long:
                 await asyncio.sleep(1.0)
-                long_res = await _one(session, url, make_prompt(5000, long_prompt), 4, model)
+                long_res = await _one(session, url, make_prompt(5000, long_prompt), 4)
             res = await asyncio.gather(*tasks)
         ok = [r for r in res if "error" not in r]
         itl = [1e3 * x for r in ok for x in r["itl"]]

@@ -347,13 +347,17 @@ class Pipeline:
         decoding.sort(key=lambda s: s.last_sent)
         chosen = decoding[:per_step]
         budget = max(0, self.max_batch_tokens - len(chosen))
-        if n_decoding:  # decoders are active: keep the prompt rows that delay them in check
-            budget = min(budget, self.prefill_budget)
+        # While others decode, a long prompt (more than one chunk) gets at most ``prefill_budget`` rows
+        # per step in all; short prompts go in one piece (they delay decoders by one step at most).
+        long_budget = self.prefill_budget if n_decoding else budget
         prefill: List[Tuple[SeqState, int]] = []
         for s in sorted((s for s in ready if s.prefilling), key=lambda s: s.t_submit):
             take = min(self.prefill_chunk, int(s.req.prompt.shape[0]) - s.prefilled, budget)
+            if self._is_long(s):
+                take = min(take, long_budget)
+                long_budget -= max(take, 0)
             if take <= 0:
-                break
+                continue
             prefill.append((s, take))
             budget -= take
         if not chosen and not prefill:
@@ -469,16 +473,20 @@ class Pipeline:
         self._adapt_budget(worst_itl)
         self._wake.set()
 
+    def _is_long(self, s: SeqState) -> bool:
+        """A prompt that takes more than one chunk: the kind whose prefill is throttled while others decode."""
+        return int(s.req.prompt.shape[0]) > self.prefill_chunk
+
     def _adapt_budget(self, itl: Optional[float]) -> None:
         """AIMD on the prompt rows allowed per step while sequences decode (chunked-prefill interleaving).
 
         ``itl`` is the longest inter-token interval the decoding sequences of the step just finished saw.
-        With no prompt being prefilled it updates the baseline; during a prefill the budget is halved
+        With no long prompt being prefilled it updates the baseline; during one the budget is halved
         when decoders wait more than INTERLEAVE_SLOWDOWN x the baseline, else it grows by a quarter.
         """
         if itl is None:
             return
-        prefilling = any(s.prefilling and not s.finished for s in self.active.values())
+        prefilling = any(self._is_long(s) and s.prefilling and not s.finished for s in self.active.values())
         if not prefilling:
             t = self.t_decode_step
             self.t_decode_step = itl if t is None else 0.8 * t + 0.2 * itl

@@ -1,0 +1,39 @@
+"""`molink-lite bench` runs end to end (real stage processes, relay, gateway, HTTP streaming).
+
+A smoke test of the tool, not a performance test: figures are only checked to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from molink_lite.bench_serve import LevelResult, SystemResult, format_table, svg_chart
+
+
+def test_bench_runs_with_relay_and_writes_json_and_chart(tiny_models, tmp_path):
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    out, chart = tmp_path / "b.json", tmp_path / "b.svg"
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "bench", "--model", model, "--concurrency", "1,2",
+                        "--requests", "2", "--prompt-len", "8", "--max-tokens", "4", "--delay-ms", "5",
+                        "--rate-mbit", "50", "--threads", "1", "--ctx", "512", "--json", str(out), "--chart",
+                        str(chart), "--workdir", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "relay 5 ms one-way" in r.stdout
+    data = json.loads(out.read_text())
+    (mol,) = data["results"]
+    assert mol["system"] == "molink" and [lv["concurrency"] for lv in mol["levels"]] == [1, 2]
+    for lv in mol["levels"]:
+        assert lv["errors"] == 0 and lv["output_tokens"] == 2 * 4 and lv["tok_s"] > 0
+    assert {"stage0", "stage1", "link1", "gateway"} <= set(mol["peak_rss_mb"])
+    assert chart.read_text().startswith("<svg")
+
+
+def test_format_table_ratios():
+    lv = lambda c, t: LevelResult(c, 4, 100, 1.0, t, 1, 2, 3, 4, 0)  # noqa: E731
+    text = format_table([SystemResult("molink", [lv(1, 20.0), lv(16, 100.0)]),
+                         SystemResult("rpc", [lv(1, 10.0), lv(16, 10.0)])])
+    assert "molink-lite / rpc throughput: c=1: 2.00x, c=16: 10.00x" in text
+    assert svg_chart([SystemResult("molink", [lv(1, 20.0)])], "t").count("<circle") == 1
