@@ -546,10 +546,7 @@ def _arch_phi2(m: _Model, p: _Params) -> None:
     for i in range(p.n_layer):
         _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
         _attn(m, p, i, bias_qkv=True, bias_o=True)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+        _ffn_biased(m, p, i)
 
 
 def _arch_baichuan(m: _Model, p: _Params) -> None:
@@ -568,15 +565,7 @@ def _arch_bloom(m: _Model, p: _Params) -> None:
     _norm(m, "token_embd_norm", p.n_embd, bias=True)
     _norm(m, "output_norm", p.n_embd, bias=True)
     for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-        _qkv_fused(m, p, i, bias=True)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+        _gelu_block(m, p, i)
 
 
 def _arch_gpt2(m: _Model, p: _Params) -> None:
@@ -586,15 +575,7 @@ def _arch_gpt2(m: _Model, p: _Params) -> None:
     _norm(m, "output_norm", p.n_embd, bias=True)
     m.t("output.weight", (p.n_embd, p.n_vocab))
     for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-        _qkv_fused(m, p, i, bias=True)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+        _gelu_block(m, p, i)
 
 
 def _arch_starcoder2(m: _Model, p: _Params) -> None:
@@ -604,10 +585,7 @@ def _arch_starcoder2(m: _Model, p: _Params) -> None:
         _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
         _attn(m, p, i, bias_qkv=True, bias_o=True)
         _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
+        _ffn_biased(m, p, i)
 
 
 def _arch_falcon(m: _Model, p: _Params) -> None:
@@ -952,6 +930,11 @@ def _gelu_block(m: _Model, p: _Params, i: int) -> None:
     m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
     m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
     _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
+    _ffn_biased(m, p, i)
+
+
+def _ffn_biased(m: _Model, p: _Params, i: int) -> None:
+    """Ungated MLP with biases: ffn_up (+bias), ffn_down (+bias)."""
     m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
     m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
     m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
