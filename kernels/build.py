@@ -5,7 +5,7 @@ Only the ``llama`` target and the ggml libraries it links are built from the
 llama.cpp source vendored in the llama-cpp-python sdist, so a CUDA build takes
 minutes instead of a full ``pip install`` from source.  The libraries land in one
 folder; point the Python bindings at it with ``LLAMA_CPP_LIB_PATH`` (or
-``molink_lite.libpath.use_library_dir``) *before* ``llama_cpp`` is imported.
+``molink_lite.stage.libpath.use_library_dir``) *before* ``llama_cpp`` is imported.
 
 Usage::
 
@@ -19,7 +19,7 @@ when found (``pip install ninja``); otherwise CMake's default generator.
 
 Next to the libraries it writes ``struct_sizes.json`` (``sizeof`` of the main
 llama.h structs, from a tiny C program compiled against the same headers; see
-``molink_lite.libpath.check_struct_sizes``) and ``build_info.json`` (what was
+``molink_lite.stage.libpath.check_struct_sizes``) and ``build_info.json`` (what was
 built and how).  Running it again with the same settings into the same ``--out``
 is a no-op (``--force`` rebuilds).
 """
@@ -44,6 +44,10 @@ from typing import Dict, List, Optional, Sequence
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # must match the pinned llama-cpp-python bindings
 KERNELS_DIR = Path(__file__).resolve().parent
+# From a source checkout builds go under kernels/build/; an installed package (``molink-lite build-lib``)
+# has no writable kernels folder, so they go to the user's cache instead.
+BUILD_ROOT = (KERNELS_DIR / "build" if (KERNELS_DIR.parent / "pyproject.toml").is_file()
+              else Path(os.environ.get("MOLINK_CACHE", Path.home() / ".cache" / "molink-lite")) / "kernels-build")
 MIN_CMAKE = (3, 18)  # ggml-cuda's CMakeLists needs 3.18; "native" CUDA arch needs 3.24
 
 # Structs whose layout the Python bindings must agree with (passed by value or filled from Python).
@@ -489,8 +493,8 @@ def up_to_date(out: Path, key: str) -> bool:
     return data.get("key") == key and any((out / n).exists() for n in main_lib_names())
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Then: export LLAMA_CPP_LIB_PATH=<out> (before llama_cpp is imported).")
     ap.add_argument("--backend", choices=["cpu", "cuda"], required=True)
@@ -501,7 +505,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="GGML_NATIVE=OFF: do not tune the CPU code for this machine's CPU (x86-64: AVX2/FMA/F16C "
                          "baseline), so the libraries run on other machines too")
     ap.add_argument("--no-openmp", action="store_true", help="GGML_OPENMP=OFF (ggml's own thread pool)")
-    ap.add_argument("--out", type=Path, default=None, help="where the libraries go (default kernels/build/<backend>/lib)")
+    ap.add_argument("--out", type=Path, default=None, help="where the libraries go (default kernels/build/<backend>/lib in a checkout, "
+                         "else ~/.cache/molink-lite/kernels-build/<backend>/lib)")
     ap.add_argument("--src", type=Path, default=None,
                     help="llama-cpp-python sdist (.tar.gz or unpacked folder) or a llama.cpp source folder "
                          "(default: pip download llama-cpp-python==%s)" % LLAMA_CPP_PYTHON_VERSION)
@@ -518,12 +523,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    args = parse_args(argv, prog)
     t_start = time.perf_counter()
-    out = (args.out or KERNELS_DIR / "build" / args.backend / "lib").expanduser().resolve()
-    build = (args.build_dir or KERNELS_DIR / "build" / args.backend / "cmake").expanduser().resolve()
-    dl = (args.download_dir or KERNELS_DIR / "build" / "src").expanduser().resolve()
+    out = (args.out or BUILD_ROOT / args.backend / "lib").expanduser().resolve()
+    build = (args.build_dir or BUILD_ROOT / args.backend / "cmake").expanduser().resolve()
+    dl = (args.download_dir or BUILD_ROOT / "src").expanduser().resolve()
     args.nvcc = None
     args.ninja = None
 

@@ -1,4 +1,4 @@
-"""molink-lite command line: serve, stage, gateway, split, bench, link."""
+"""molink-lite command line: serve, stage, gateway, split, bench, link, build-lib."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _default_model() -> str:
 
 # ---------------------------------------------------------------- split
 def cmd_split(a: argparse.Namespace) -> int:
-    from .split import SplitError, parse_ranges, plan_ranges, read_model_info, split_model
+    from .model.split import SplitError, parse_ranges, plan_ranges, read_model_info, split_model
 
     try:
         info = read_model_info(a.model)
@@ -41,7 +41,7 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- link
 def cmd_link(a: argparse.Namespace) -> int:
-    from .link import LinkConfig, parse_hostport, run_link
+    from .tools.link import LinkConfig, parse_hostport, run_link
 
     lh, lp = parse_hostport(a.listen)
     th, tp = parse_hostport(a.to)
@@ -56,7 +56,7 @@ def cmd_link(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench engine
 def cmd_bench_engine(a: argparse.Namespace) -> int:
-    from .bench_engine import bench_engine
+    from .tools.bench_engine import bench_engine
 
     bench_engine(a.model or _default_model(), stages=a.stages, seqs=[int(x) for x in a.seqs.split(",")],
                  steps=a.steps, prompt_len=a.prompt_len, codec=a.codec, n_gpu_layers=a.n_gpu_layers,
@@ -66,11 +66,11 @@ def cmd_bench_engine(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- stage
 def cmd_stage(a: argparse.Namespace) -> int:
-    from .engine import EngineError, StageEngine
-    from .split import SplitError, parse_range, read_model_info, stage_gguf
-    from .stage import run_stage
+    from .stage.engine import EngineError, StageEngine
+    from .model.split import SplitError, parse_range, read_model_info, stage_gguf
+    from .stage.server import run_stage
 
-    log = logging.getLogger("molink_lite.stage")
+    log = logging.getLogger("molink_lite.stage.server")
     model = a.model or _default_model()
     try:
         info = read_model_info(model)
@@ -129,7 +129,7 @@ def _pipelines(values: List[str]) -> List[List[str]]:
 
 
 async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]]) -> None:
-    from .gateway import start_gateway
+    from .serving.gateway import start_gateway
 
     runner = await start_gateway(pipelines, host=a.host, port=a.port, codec=a.codec, max_inflight=a.micro_batches,
                                  prefill_chunk=a.prefill_chunk, max_batch_tokens=a.max_batch_tokens,
@@ -143,7 +143,7 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]]) -> No
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
-    from .scheduler import PipelineError
+    from .serving.scheduler import PipelineError
 
     try:
         asyncio.run(_gateway_main(a, _pipelines(a.pipeline)))
@@ -160,7 +160,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- serve
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .launcher import serve_local
+    from .serving.launcher import serve_local
 
     return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
@@ -192,8 +192,8 @@ def _sched_opts(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
-    from .fidelity import measure_fidelity, print_fidelity
-    from .split import read_model_info
+    from .tools.fidelity import measure_fidelity, print_fidelity
+    from .model.split import read_model_info
 
     model = a.model or _default_model()
     info = read_model_info(model)
@@ -244,7 +244,7 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from .bench_serve import BenchConfig, run_bench
+    from .tools.bench_serve import BenchConfig, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
     bad = [x for x in bases if x not in ("whole", "rpc")]
@@ -266,6 +266,14 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                       workdir=a.workdir)
     results = run_bench(cfg, json_out=a.json_out, chart_out=a.chart)
     return 0 if all(r.levels for r in results) else 1
+
+
+# ---------------------------------------------------------------- build-lib
+def cmd_build_lib(argv: List[str]) -> int:
+    """``molink-lite build-lib ...``: kernels/build.py, shipped in the package (options pass through)."""
+    from .kernels.build import main as build_main
+
+    return build_main(argv, prog="molink-lite build-lib")
 
 
 # ---------------------------------------------------------------- parser
@@ -346,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sched_opts(s)
     s.set_defaults(func=cmd_gateway)
 
+    s = sub.add_parser("build-lib", add_help=False,
+                       help="build llama.cpp's shared libraries (CPU or CUDA) for --lib; "
+                            "'molink-lite build-lib --help' lists the options")
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=lambda a: cmd_build_lib(a.args))
+
     s = sub.add_parser("serve", help="all-in-one: local stage processes + gateway (defaults to the demo model)")
     s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
     s.add_argument("--stages", type=int, default=2, help="stage processes (default 2)")
@@ -360,9 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-lib"]:  # its own parser (kernels/build.py); needs no llama_cpp
+        return cmd_build_lib(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "lib", None):
-        from .libpath import LibraryPathError, use_library_dir
+        from .stage.libpath import LibraryPathError, use_library_dir
 
         try:
             use_library_dir(args.lib)  # sets LLAMA_CPP_LIB_PATH before llama_cpp loads libllama
@@ -372,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
 
     if getattr(args, "lib", None):
-        from .libpath import LibraryPathError, StructSizeMismatch, check_struct_sizes
+        from .stage.libpath import LibraryPathError, StructSizeMismatch, check_struct_sizes
 
         try:
             check_struct_sizes(args.lib)  # a library of another llama.cpp version would corrupt memory

@@ -8,8 +8,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-from molink_lite.engine import StageEngine
-from molink_lite.wire import decode_frame, encode_frame
+from molink_lite.stage.engine import StageEngine
+from molink_lite.wire.codec import decode_frame, encode_frame
 
 
 def batch_for(prompts: Sequence[Sequence[int]]):

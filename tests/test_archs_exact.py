@@ -2,7 +2,7 @@
 gives bit-identical logits to the whole model (f32 wire), over a batched prefill of 3 sequences
 of different lengths and 16 greedy decode steps.
 
-Tiny random-weight models (6 layers, 64 wide) from :mod:`molink_lite.testmodels`; the whole
+Tiny random-weight models (6 layers, 64 wide) from :mod:`molink_lite.tools.testmodels`; the whole
 model's reference run is computed once per model and shared by all its splits.
 """
 
@@ -15,9 +15,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from molink_lite import archs
-from molink_lite.engine import StageEngine
-from molink_lite.split import LayerRange, SplitError, read_model_info, stage_gguf
+from molink_lite.model import archs
+from molink_lite.stage.engine import StageEngine
+from molink_lite.model.split import LayerRange, SplitError, read_model_info, stage_gguf
 
 from chain import greedy_run
 
@@ -130,7 +130,7 @@ def test_every_rule_is_covered():
 
 @pytest.mark.parametrize("arch", sorted(archs.UNSUPPORTED))
 def test_unsupported_arch_is_refused(tiny_models, arch, tmp_path):
-    from molink_lite.testmodels import SUPPORTED_TEST_ARCHS
+    from molink_lite.tools.testmodels import SUPPORTED_TEST_ARCHS
 
     if arch not in SUPPORTED_TEST_ARCHS:
         pytest.skip(f"no test model generator for {arch}")
@@ -176,7 +176,7 @@ def test_smollm3_stage_off_the_rope_period_is_refused(tiny_models, tmp_path, sta
 
 
 def test_command_r_plus_layer_count_is_refused(tmp_path):
-    from molink_lite.testmodels import write_random_gguf
+    from molink_lite.tools.testmodels import write_random_gguf
 
     path = write_random_gguf(tmp_path / "cr.gguf", "command-r", n_layer=64, n_embd=32, n_head=2, n_vocab=128)
     with pytest.raises(SplitError, match="64\\+ layers"):

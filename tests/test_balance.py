@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from molink_lite.split import SplitError, _balanced_bounds, balanced_ranges, plan_ranges, stage_costs
+from molink_lite.model.split import SplitError, _balanced_bounds, balanced_ranges, plan_ranges, stage_costs
 
 
 @pytest.mark.parametrize("layers,head,k,want", [

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from molink_lite.bench_serve import LevelResult, SystemResult, format_table, svg_chart
+from molink_lite.tools.bench_serve import LevelResult, SystemResult, format_table, svg_chart
 
 
 def test_bench_runs_with_relay_and_writes_json_and_chart(tiny_models, tmp_path):

@@ -7,9 +7,9 @@ import llama_cpp  # noqa: F401
 import numpy as np
 import pytest
 
-from molink_lite.engine import StageEngine
-from molink_lite.fidelity import NOISE_FLOOR, measure_fidelity
-from molink_lite.split import LayerRange, stage_gguf
+from molink_lite.stage.engine import StageEngine
+from molink_lite.tools.fidelity import NOISE_FLOOR, measure_fidelity
+from molink_lite.model.split import LayerRange, stage_gguf
 
 from chain import greedy_run
 

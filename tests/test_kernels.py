@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from molink_lite import libpath
-from molink_lite.libpath import LibraryPathError, StructSizeMismatch
+from molink_lite.stage import libpath
+from molink_lite.stage.libpath import LibraryPathError, StructSizeMismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_PY = ROOT / "kernels" / "build.py"
@@ -31,7 +31,7 @@ BUILD_PY = ROOT / "kernels" / "build.py"
 # Runs in a fresh interpreter: LLAMA_CPP_LIB_PATH only counts before llama_cpp is imported.
 PROBE = r"""
 import json, os, sys
-from molink_lite.libpath import use_library_dir, check_struct_sizes
+from molink_lite.stage.libpath import use_library_dir, check_struct_sizes
 lib_dir, model_path, logits_path = sys.argv[1:4]
 if lib_dir:
     use_library_dir(lib_dir)
@@ -45,8 +45,8 @@ if os.path.exists("/proc/self/maps"):
         maps = f.read().split()
     out["loaded"] = sorted({p for p in maps if "libggml" in p or "libllama" in p})
 import numpy as np
-from molink_lite.engine import StageEngine
-from molink_lite.testmodels import write_random_gguf
+from molink_lite.stage.engine import StageEngine
+from molink_lite.tools.testmodels import write_random_gguf
 if not os.path.exists(model_path):
     write_random_gguf(model_path, "llama", n_layer=2, n_embd=64, n_head=4, n_vocab=256)
 with StageEngine(model_path, n_ctx=64, n_seq_max=2, n_batch=16, n_threads=2) as eng:

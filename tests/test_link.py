@@ -1,4 +1,4 @@
-"""Tests for molink_lite.link (TCP link emulator) over real loopback sockets.
+"""Tests for molink_lite.tools.link (TCP link emulator) over real loopback sockets.
 
 Plain test functions driving ``asyncio.run`` (no pytest-asyncio); every
 network wait is bounded by a timeout.
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from molink_lite.link import LinkConfig, LinkRelay, parse_hostport, run_link
+from molink_lite.tools.link import LinkConfig, LinkRelay, parse_hostport, run_link
 
 HOST = "127.0.0.1"
 # asyncio timers on Windows are only accurate to the ~15.6 ms system tick
@@ -437,7 +437,7 @@ def test_target_close_propagates_to_client():
 
 
 def test_target_refused_closes_client(caplog):
-    caplog.set_level(logging.WARNING, logger="molink_lite.link")
+    caplog.set_level(logging.WARNING, logger="molink_lite.tools.link")
 
     async def main():
         relay = LinkRelay(LinkConfig(target_port=free_port()))
@@ -487,7 +487,7 @@ def test_relay_close_closes_active_connections():
 
 
 def test_run_link_logs_and_cancels(caplog):
-    caplog.set_level(logging.INFO, logger="molink_lite.link")
+    caplog.set_level(logging.INFO, logger="molink_lite.tools.link")
 
     async def main():
         srv, eport = await start_echo()

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from molink_lite.launcher import start_stages, stop_stages
-from molink_lite.scheduler import chunk_for_link
-from molink_lite.split import LayerRange
+from molink_lite.serving.launcher import start_stages, stop_stages
+from molink_lite.serving.scheduler import chunk_for_link
+from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, free_port, http
 

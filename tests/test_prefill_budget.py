@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from molink_lite.sampling import SamplingParams
-from molink_lite.scheduler import MIN_PREFILL_ROWS, GenRequest, Pipeline, SeqState
+from molink_lite.stage.sampling import SamplingParams
+from molink_lite.serving.scheduler import MIN_PREFILL_ROWS, Pipeline
+from molink_lite.serving.sequence import GenRequest, SeqState
 
 
 def _pipe(chunk: int = 96) -> Pipeline:

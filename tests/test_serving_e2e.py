@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from molink_lite.launcher import start_stages, stop_stages
-from molink_lite.split import LayerRange
+from molink_lite.serving.launcher import start_stages, stop_stages
+from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, http, run_gateway_expect_failure
 
@@ -84,7 +84,7 @@ def test_streaming_completion_equals_non_streaming(client, whole):
 
 
 def test_chat_matches_whole_model_and_streams(client, whole):
-    from molink_lite.chat import render_chat
+    from molink_lite.serving.chat import render_chat
 
     messages = [{"role": "user", "content": "Name three fruits."}]
     r = client.chat.completions.create(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=20, temperature=0)

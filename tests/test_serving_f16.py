@@ -14,9 +14,9 @@ import llama_cpp  # noqa: F401
 import numpy as np
 import pytest
 
-from molink_lite.engine import StageEngine
-from molink_lite.launcher import start_stages, stop_stages
-from molink_lite.split import LayerRange, stage_gguf
+from molink_lite.stage.engine import StageEngine
+from molink_lite.serving.launcher import start_stages, stop_stages
+from molink_lite.model.split import LayerRange, stage_gguf
 
 from chain import greedy_run
 from serving import GatewayProcess

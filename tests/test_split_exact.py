@@ -7,8 +7,8 @@ import llama_cpp  # noqa: F401
 import numpy as np
 import pytest
 
-from molink_lite.engine import StageEngine
-from molink_lite.split import LayerRange, stage_gguf, read_model_info
+from molink_lite.stage.engine import StageEngine
+from molink_lite.model.split import LayerRange, stage_gguf, read_model_info
 
 from chain import greedy_run
 
@@ -61,7 +61,7 @@ def test_tiny_split_is_exact(tiny_models, arch, cuts):
 
 def test_stage_without_sliding_window_pattern_differs(gemma3_path, tmp_path):
     """Guard for the SWA rule: a gemma3 stage written without the absolute pattern is not exact."""
-    from molink_lite import archs
+    from molink_lite.model import archs
 
     rule = archs.RULES["gemma3"]
     broken = archs.ArchRule("gemma3", swa=None, tensor_fixes=rule.tensor_fixes)

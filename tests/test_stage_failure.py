@@ -7,8 +7,8 @@ import threading
 import time
 import urllib.request
 
-from molink_lite.launcher import start_stages, stop_stages
-from molink_lite.split import LayerRange
+from molink_lite.serving.launcher import start_stages, stop_stages
+from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, http
 

@@ -5,7 +5,7 @@ import llama_cpp  # noqa: F401  # must be imported before numpy (segfault otherw
 import numpy as np
 import pytest
 
-from molink_lite.testmodels import SUPPORTED_TEST_ARCHS, write_random_gguf
+from molink_lite.tools.testmodels import SUPPORTED_TEST_ARCHS, write_random_gguf
 
 
 def _last_logits(llm, tokens):

@@ -1,4 +1,4 @@
-"""Tests for molink_lite.wire: the binary frame codec."""
+"""Tests for molink_lite.wire.codec: the binary frame codec."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from molink_lite import wire
-from molink_lite.wire import (
+from molink_lite.wire import codec as wire
+from molink_lite.wire.codec import (
     CODECS,
     F16_MAX,
     MAGIC,

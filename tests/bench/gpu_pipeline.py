@@ -5,8 +5,8 @@ Two parts (``--part``):
 
 ``pipeline`` (issue 6, one GPU): the whole model in this process (``StageEngine`` over all
 layers, greedy decode loop: the floor) against the real stage servers (``molink-lite stage``
-processes started by :func:`molink_lite.launcher.start_stages`) driven by the scheduler's
-:class:`~molink_lite.scheduler.Pipeline` in this process, for 1 (the whole model served), 2
+processes started by :func:`molink_lite.serving.launcher.start_stages`) driven by the scheduler's
+:class:`~molink_lite.serving.scheduler.Pipeline` in this process, for 1 (the whole model served), 2
 and 3 stages. Decode throughput and time per decode round (one token for every sequence)
 at each concurrency, TTFT of a long prompt, and a per-step breakdown from the stages'
 counters (llama_decode, hidden-state capture, the rest of the stage's step: codec encode,
@@ -18,7 +18,7 @@ with aiohttp at several concurrencies and micro-batch settings, against the whol
 on one GPU behind the same gateway.
 
 By default the model is a random-weight Llama-3-8B-shaped GGUF (32 layers, 4096 wide,
-GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``molink_lite.testmodels``;
+GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``molink_lite.tools.testmodels``;
 ``--tiny`` uses a small one (CPU dry runs). Results: a table on stdout and ``--json``.
 
     python tests/bench/gpu_pipeline.py --part pipeline --lib kernels/build/cuda/lib --model /tmp/l8b.gguf
@@ -72,7 +72,7 @@ if ARGS.part in ("pipeline", "both"):
     # this process runs the whole-model engine: pin it to the first GPU like the stages
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", ARGS.gpus.split(",")[0])
 if ARGS.lib:
-    from molink_lite.libpath import use_library_dir
+    from molink_lite.stage.libpath import use_library_dir
 
     use_library_dir(ARGS.lib)
 
@@ -90,13 +90,14 @@ from typing import Dict, List, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from molink_lite.engine import StageEngine  # noqa: E402
-from molink_lite.launcher import start_stages, stop_stages  # noqa: E402
-from molink_lite.sampling import SamplerPool, SamplingParams  # noqa: E402
-from molink_lite.scheduler import GenRequest, Pipeline  # noqa: E402
-from molink_lite.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
-from molink_lite.testmodels import write_random_gguf  # noqa: E402
-from molink_lite.wire import decode_frame, encode_frame  # noqa: E402
+from molink_lite.stage.engine import StageEngine  # noqa: E402
+from molink_lite.serving.launcher import start_stages, stop_stages  # noqa: E402
+from molink_lite.stage.sampling import SamplerPool, SamplingParams  # noqa: E402
+from molink_lite.serving.scheduler import Pipeline  # noqa: E402
+from molink_lite.serving.sequence import GenRequest  # noqa: E402
+from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
+from molink_lite.tools.testmodels import write_random_gguf  # noqa: E402
+from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
 
 T_START = time.perf_counter()
 RESULTS: Dict[str, object] = {"args": vars(ARGS)}
@@ -445,7 +446,8 @@ def codec_cost(n_embd: int, seqs: List[int]) -> Dict[int, float]:
 
 def hot_path_cost(n_embd: int, n_vocab: int, n: int) -> Dict[str, float]:
     """Micro-benchmark of the last stage's greedy argmax and the f16 codec at ``n`` rows (µs, medians)."""
-    from molink_lite import sampling, wire
+    from molink_lite.stage import sampling
+    from molink_lite.wire import codec as wire
 
     def med(fn, reps: int = 20) -> float:
         fn()

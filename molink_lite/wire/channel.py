@@ -1,7 +1,7 @@
 """Ordered, framed messaging over one WebSocket connection (client or server side).
 
 A :class:`Channel` wraps a ``websockets`` connection: one sender task keeps outgoing
-frames in order, incoming binary frames are decoded with :mod:`molink_lite.wire`, and
+frames in order, incoming binary frames are decoded with :mod:`molink_lite.wire.codec`, and
 request/response pairs are matched by ``meta["rid"]``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .wire import FrameError, decode_frame, encode_frame
+from .codec import FrameError, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1 << 30

@@ -19,9 +19,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .engine import StageEngine
-from .split import LayerRange, read_model_info, stage_gguf
-from .wire import decode_frame, encode_frame
+from ..stage.engine import StageEngine
+from ..model.split import LayerRange, read_model_info, stage_gguf
+from ..wire.codec import decode_frame, encode_frame
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -100,7 +100,7 @@ def measure_fidelity(model: str, cuts: Sequence[int], prompts: Sequence[str] = D
     whole = [StageEngine(model, **kw)]
     chain = [StageEngine(stage_gguf(model, LayerRange(a, b)), **kw) for a, b in zip(bounds, bounds[1:])]
     try:
-        from .vocab import Vocab
+        from ..model.vocab import Vocab
 
         vocab = Vocab(whole[0].model_ptr)
         toks = [vocab.tokenize(p, add_special=True, parse_special=True) for p in prompts]

@@ -1,6 +1,6 @@
 """WebSocket stage server: runs one layer range and forwards hidden states to the next stage.
 
-Frames (see :mod:`molink_lite.wire`), by ``meta["type"]``:
+Frames (see :mod:`molink_lite.wire.codec`), by ``meta["type"]``:
 
 * ``hello`` -> ``info``: model identity (fingerprint, arch, layer range, widths, limits).
 * ``configure`` (from the pipeline head): becomes the head, connects to the next stage.
@@ -30,11 +30,11 @@ from typing import Deque, Dict, Optional, Tuple
 import numpy as np
 import websockets
 
-from .channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
+from ..wire.channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
 from .engine import EngineError, StageEngine, last_row_of_each_seq
 from .sampling import SamplerPool, SamplingError, SamplingParams
-from .vocab import Detokenizer, Vocab
-from .wire import CODECS, encode_frame
+from ..model.vocab import Detokenizer, Vocab
+from ..wire.codec import CODECS, encode_frame
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Generate the README's architecture table from ``molink_lite.archs``.
+"""Generate the README's architecture table from ``molink_lite.model.archs``.
 
 Rewrites the text between ``<!-- archs:start -->`` and ``<!-- archs:end -->`` in README.md
-with a Markdown table of :data:`molink_lite.archs.RULES` (name and notes) and a list of
-:data:`molink_lite.archs.UNSUPPORTED` with the reasons.
+with a Markdown table of :data:`molink_lite.model.archs.RULES` (name and notes) and a list of
+:data:`molink_lite.model.archs.UNSUPPORTED` with the reasons.
 
-    python tools/gen_arch_table.py            # rewrite README.md
-    python tools/gen_arch_table.py --check    # exit 1 if README.md is stale
+    python -m molink_lite.tools.gen_arch_table            # rewrite README.md (from a checkout)
+    python -m molink_lite.tools.gen_arch_table --check    # exit 1 if README.md is stale
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from ..model.archs import RULES, UNSUPPORTED
 
-from molink_lite.archs import RULES, UNSUPPORTED  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 START = "<!-- archs:start -->"
 END = "<!-- archs:end -->"
@@ -70,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     new = update(text)
     if args.check:
         if new != text:
-            print(f"{args.readme}: architecture table is stale; run python tools/gen_arch_table.py", file=sys.stderr)
+            print(f"{args.readme}: architecture table is stale; run python -m molink_lite.tools.gen_arch_table", file=sys.stderr)
             return 1
         return 0
     if new != text:

@@ -17,15 +17,15 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import websockets
 
-from .channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
-from .sampling import SamplingParams
-from .stage import PROTOCOL_VERSION, chain_mismatch
+from ..wire.channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
+from ..stage.server import PROTOCOL_VERSION, chain_mismatch
+from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
 
@@ -55,52 +55,6 @@ class PipelineError(RuntimeError):
 
 class RequestError(ValueError):
     """A request that can never be served by this pipeline (e.g. longer than the context)."""
-
-
-@dataclass
-class GenRequest:
-    """Tokens in, sampling settings, and when to stop."""
-
-    prompt: np.ndarray
-    params: SamplingParams
-    max_tokens: int
-    stop: Sequence[str] = ()
-    ignore_eos: bool = False
-
-
-@dataclass
-class Event:
-    kind: str              # "text", "done" or "error"
-    text: str = ""
-    finish_reason: Optional[str] = None
-    message: str = ""
-
-
-@dataclass
-class SeqState:
-    req: GenRequest
-    events: "asyncio.Queue[Event]"
-    slot: int = -1
-    prefilled: int = 0
-    generated: List[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    in_flight: bool = False
-    started: bool = False
-    finished: bool = False
-    cancelled: bool = False
-    last_sent: int = 0
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: Optional[float] = None
-    t_last: Optional[float] = None
-
-    @property
-    def need(self) -> int:
-        return int(self.req.prompt.shape[0]) + self.req.max_tokens
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < self.req.prompt.shape[0]
 
 
 @dataclass
@@ -362,13 +316,13 @@ class Pipeline:
             budget -= take
         if not chosen and not prefill:
             if self.pending_free and not self.inflight:
-                self._send_step([], [], [])
+                self._send_step([], [])
                 return True
             return False
-        self._send_step(chosen, prefill, [])
+        self._send_step(chosen, prefill)
         return True
 
-    def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]], _unused: list) -> None:
+    def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]]) -> None:
         sid = next(self._sids)
         seq_parts, pos_parts, tok_parts, out_parts = [], [], [], []
         entries: List[Tuple[SeqState, bool]] = []

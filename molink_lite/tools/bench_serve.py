@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Sequence
 
 import aiohttp
 
-from .launcher import StageProcess, start_stages, stop_stages
-from .split import LayerRange, plan_ranges, read_model_info
+from ..serving.launcher import StageProcess, start_stages, stop_stages
+from ..model.split import LayerRange, plan_ranges, read_model_info
 
 WORDS = ("river stone light garden music paper window silver morning forest letter bridge harbor "
          "candle meadow engine pocket thunder velvet lantern").split()

@@ -3,10 +3,10 @@
 llama-cpp-python loads ``libllama`` once, when ``llama_cpp`` is first imported: from
 ``$LLAMA_CPP_LIB_PATH`` if set, else from the libraries bundled in the package. So
 :func:`use_library_dir` must run **before anything imports llama_cpp** (in molink-lite:
-``molink_lite.engine``, ``.stage``, ``.split`` and everything that imports them). This
+``molink_lite.stage.engine``, ``.stage``, ``.split`` and everything that imports them). This
 module itself imports neither llama_cpp nor numpy::
 
-    from molink_lite.libpath import use_library_dir, check_struct_sizes
+    from molink_lite.stage.libpath import use_library_dir, check_struct_sizes
     use_library_dir("kernels/build/cuda/lib")      # first!
     import llama_cpp                                # now loads that folder's libllama
     check_struct_sizes()                            # bindings vs. the build's C structs
@@ -110,7 +110,7 @@ def use_library_dir(path: Union[str, os.PathLike]) -> None:
         raise LibraryPathError(
             f"llama_cpp is already imported and has loaded {loaded}; it cannot switch to {lib} in this "
             f"process. Call use_library_dir() before the first `import llama_cpp` (and before importing "
-            f"molink_lite.engine/stage/split), or set {ENV}={p} in the environment of a new process.")
+            f"molink_lite.stage.engine/stage/split), or set {ENV}={p} in the environment of a new process.")
     os.environ[ENV] = str(p)
 
 

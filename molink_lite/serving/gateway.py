@@ -21,8 +21,9 @@ import orjson
 from aiohttp import web
 
 from .chat import ChatPrompt, ChatTemplateError, render_chat
-from .sampling import SamplingError, SamplingParams
-from .scheduler import Event, GenRequest, Pipeline, PipelineError, RequestError, SeqState
+from ..stage.sampling import SamplingError, SamplingParams
+from .scheduler import Pipeline, PipelineError, RequestError
+from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
 DEFAULT_COMPLETION_MAX_TOKENS = 16     # OpenAI's default for /v1/completions

@@ -17,9 +17,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .engine import StageEngine
-from .split import LayerRange, even_ranges, read_model_info, stage_gguf
-from .wire import decode_frame, encode_frame
+from ..stage.engine import StageEngine
+from ..model.split import LayerRange, even_ranges, read_model_info, stage_gguf
+from ..wire.codec import decode_frame, encode_frame
 
 
 @dataclass

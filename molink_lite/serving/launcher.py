@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .split import LayerRange, plan_ranges, read_model_info, stage_gguf
+from ..model.split import LayerRange, plan_ranges, read_model_info, stage_gguf
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """llama.cpp stage engine: tokens or hidden states in, hidden states or logits out, batched.
 
-One :class:`StageEngine` runs one stage GGUF (see :mod:`molink_lite.split`). A step
+One :class:`StageEngine` runs one stage GGUF (see :mod:`molink_lite.model.split`). A step
 takes the rows of many sequences at once (each row: sequence id, position, and a
 token id on the first stage or a hidden-state row on later stages) and runs them
 through one ``llama_decode``. Non-last stages capture the output of their last
@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .archs import RULES, SplitContext, rule_for
+from ..model.archs import RULES, SplitContext, rule_for
 
 _lib = _llama._lib
 _lib.ggml_get_name.restype = ctypes.c_char_p
@@ -183,7 +183,7 @@ class StageEngine:
         vocab = _llama.llama_model_get_vocab(m)
         fp = _meta(m, "molink.source_fingerprint")
         if fp is None:
-            from .split import fingerprint
+            from ..model.split import fingerprint
             fp = fingerprint(self.path)
         name = _meta(m, "molink.source_name") or Path(self.path).stem
         return StageInfo(self.path, arch, start, stop, total, _llama.llama_model_n_embd(m),
