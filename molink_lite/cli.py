@@ -1,4 +1,4 @@
-"""molink-lite command line: serve, stage, gateway, split, bench, link, build-lib."""
+"""molink-lite command line: serve, stage, gateway, secret, split, bench, link, build-lib."""
 
 from __future__ import annotations
 
@@ -64,6 +64,80 @@ def cmd_bench_engine(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- security
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+def _link_security(a: argparse.Namespace, host: str, what: str):
+    """(cluster key, TLS cert/key) from the options; refuses an exposed listener without a secret.
+
+    Returns None on a refusal (the message is printed)."""
+    from .wire.auth import load_secret
+    from .wire.tls import TLSConfigError, resolve
+
+    log = logging.getLogger("molink_lite.security")
+    try:
+        key = load_secret(a.secret_file)
+        tls = resolve(a.tls, a.tls_cert, a.tls_key)
+    except (ValueError, TLSConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if key is None and not _is_loopback(host):
+        if not a.insecure:
+            print(f"error: refusing to start a {what} on {host} without a cluster secret (anyone who reaches the port "
+                  f"could drive it): run `molink-lite secret -o cluster.key`, copy the file to every host and pass "
+                  f"--secret-file cluster.key to every stage and the gateway (or --insecure to accept the risk)",
+                  file=sys.stderr)
+            return None
+        log.warning("INSECURE: %s on %s accepts unauthenticated connections (--insecure); anyone who reaches "
+                    "it can read and alter requests", what, host)
+    elif key is None:
+        log.info("%s on loopback without a cluster secret: only processes on this machine can connect", what)
+    if tls is not None and key is None:
+        log.warning("TLS without a cluster secret encrypts but does not authenticate peers")
+    return key, tls
+
+
+def _security_opts(s: argparse.ArgumentParser, what: str, secret: bool = True) -> None:
+    if secret:
+        s.add_argument("--secret-file", default=None,
+                       help="cluster secret file made by `molink-lite secret` (default: $MOLINK_SECRET); every link "
+                            "between gateway and stages is authenticated with it, both ways")
+    s.add_argument("--tls", choices=["auto", "off"], default="off",
+                   help=f"'auto': serve {what} over TLS with a self-signed certificate made once and cached in "
+                        "~/.cache/molink-lite/tls (peers pin it through the secret handshake; no CA needed)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate for TLS (with --tls-key)")
+    s.add_argument("--tls-key", default=None, help="PEM private key for TLS (with --tls-cert)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without a secret (or API key): not safe on a "
+                        "shared network")
+
+
+def cmd_secret(a: argparse.Namespace) -> int:
+    from .wire.auth import new_secret, write_secret
+
+    secret = new_secret()
+    if not a.output:
+        print(secret)
+        return 0
+    try:
+        write_secret(a.output, secret, force=a.force)
+    except (OSError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote a new cluster secret to {a.output} (readable only by you); copy it to every stage host and the "
+          f"gateway, and pass --secret-file {a.output}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- stage
 def cmd_stage(a: argparse.Namespace) -> int:
     from .stage.engine import EngineError, StageEngine
@@ -71,6 +145,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from .stage.server import run_stage
 
     log = logging.getLogger("molink_lite.stage.server")
+    sec = _link_security(a, a.host, "stage")
+    if sec is None:
+        return 2
+    key, tls = sec
     model = a.model or _default_model()
     try:
         info = read_model_info(model)
@@ -86,7 +164,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
     log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
              layers.n)
     try:
-        asyncio.run(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file))
+        asyncio.run(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls))
     except KeyboardInterrupt:
         pass
     except OSError as e:
@@ -128,14 +206,37 @@ def _pipelines(values: List[str]) -> List[List[str]]:
     return out
 
 
-async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]]) -> None:
+def _api_keys(a: argparse.Namespace) -> Optional[List[str]]:
+    """API keys from the options; refuses a gateway exposed without any (None after printing why)."""
+    from .serving.auth import load_api_keys
+
+    try:
+        keys = load_api_keys(a.api_key, a.api_key_file)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not keys and not _is_loopback(a.host):
+        if not a.insecure:
+            print(f"error: refusing to serve the API on {a.host} without an API key (anyone who reaches the port "
+                  f"could use it): pass --api-key-file FILE (make a key with `molink-lite secret -o api.key`) or set "
+                  f"MOLINK_API_KEY (or --insecure to accept the risk)", file=sys.stderr)
+            return None
+        logging.getLogger("molink_lite.security").warning(
+            "INSECURE: the API on %s needs no API key (--insecure)", a.host)
+    return keys
+
+
+async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, tls, api_keys: List[str]) -> None:
     from .serving.gateway import start_gateway
+    from .wire.tls import server_context
 
     runner = await start_gateway(pipelines, host=a.host, port=a.port, codec=a.codec, max_inflight=a.micro_batches,
                                  prefill_chunk=a.prefill_chunk, max_batch_tokens=a.max_batch_tokens,
                                  connect_timeout=a.connect_timeout, model_name=a.model_name,
-                                 chat_template=a.chat_template)
-    print(f"molink-lite gateway: http://{a.host}:{a.port}/v1", flush=True)
+                                 chat_template=a.chat_template, key=key,
+                                 ssl_context=server_context(*tls) if tls else None, api_keys=api_keys,
+                                 max_connections=a.max_connections, header_timeout=a.header_timeout)
+    print(f"molink-lite gateway: {'https' if tls else 'http'}://{a.host}:{a.port}/v1", flush=True)
     try:
         await asyncio.Future()
     finally:
@@ -145,8 +246,13 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]]) -> No
 def cmd_gateway(a: argparse.Namespace) -> int:
     from .serving.scheduler import PipelineError
 
+    sec = _link_security(a, a.host, "gateway")
+    api_keys = _api_keys(a) if sec is not None else None
+    if sec is None or api_keys is None:
+        return 2
+    key, tls = sec
     try:
-        asyncio.run(_gateway_main(a, _pipelines(a.pipeline)))
+        asyncio.run(_gateway_main(a, _pipelines(a.pipeline), key, tls, api_keys))
     except KeyboardInterrupt:
         pass
     except PipelineError as e:
@@ -161,11 +267,21 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- serve
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serving.launcher import serve_local
+    from .wire.tls import TLSConfigError, resolve
 
+    api_keys = _api_keys(a)
+    if api_keys is None:
+        return 2
+    try:
+        tls = resolve(a.tls, a.tls_cert, a.tls_key)
+    except TLSConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
                        n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
-                       flash_attn=a.flash_attn, split=a.split)
+                       flash_attn=a.flash_attn, split=a.split, api_keys=api_keys, tls=tls,
+                       max_connections=a.max_connections, header_timeout=a.header_timeout)
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -189,6 +305,20 @@ def _sched_opts(s: argparse.ArgumentParser) -> None:
                    help="prompt tokens per sequence per step (default: chosen from the measured stage-to-stage links: "
                         "bandwidth x max(one-way latency, 5 ms), 32..max-batch-tokens)")
     s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
+
+
+def _api_opts(s: argparse.ArgumentParser) -> None:
+    """HTTP API keys and connection limits (gateway, serve)."""
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health; repeat for several keys "
+                        "(a key on the command line is visible to other local users: prefer --api-key-file or "
+                        "$MOLINK_API_KEY, comma-separated)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file with one API key per line ('#' comments and blank lines ignored)")
+    s.add_argument("--max-connections", type=int, default=512,
+                   help="open HTTP connections at most; more get a 503 and are closed (default 512)")
+    s.add_argument("--header-timeout", type=float, default=15.0,
+                   help="seconds for a request's headers to arrive before the connection is closed (default 15)")
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
@@ -224,7 +354,8 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap of that relay (default 0: none)")
     b.add_argument("--baseline", default="",
                    help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
-                        "+ ggml-rpc-server, same split and relay)")
+                        "+ ggml-rpc-server, same split and relay), 'secure' (molink-lite with a cluster secret and "
+                        "TLS on every link, to see what security costs)")
     b.add_argument("--long-prompt", type=int, default=0,
                    help="also measure inter-token p99 of 8 decoding requests while a prompt of this many words "
                         "arrives (e.g. 4096; default 0: skip)")
@@ -247,9 +378,9 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     from .tools.bench_serve import BenchConfig, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
-    bad = [x for x in bases if x not in ("whole", "rpc")]
+    bad = [x for x in bases if x not in ("whole", "rpc", "secure")]
     if bad:
-        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc", file=sys.stderr)
+        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, secure", file=sys.stderr)
         return 2
     try:
         conc = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -338,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=512, help="llama.cpp batch size in tokens (default 512)")
     s.add_argument("--cache-dir", default=None, help="where stage GGUFs are cached (default ~/.cache/molink-lite)")
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    _security_opts(s, "the stage's links (wss://)")
     _engine_opts(s)
     s.set_defaults(func=cmd_stage)
 
@@ -351,8 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default=None, help="model id reported by the API (default: GGUF file name)")
     s.add_argument("--chat-template", default=None,
                    help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")
+    _security_opts(s, "the HTTP API (https://)")
+    _api_opts(s)
     _sched_opts(s)
     s.set_defaults(func=cmd_gateway)
+
+    s = sub.add_parser("secret", help="make a new random cluster secret (for --secret-file)")
+    s.add_argument("-o", "--output", default=None, help="write it to this file, mode 0600 (default: print it)")
+    s.add_argument("--force", action="store_true", help="replace an existing file")
+    s.set_defaults(func=cmd_secret)
 
     s = sub.add_parser("build-lib", add_help=False,
                        help="build llama.cpp's shared libraries (CPU or CUDA) for --lib; "
@@ -368,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")
     s.add_argument("--micro-batches", type=int, default=None, help="steps in flight (default: number of stages)")
+    _security_opts(s, "the HTTP API (https://)", secret=False)
+    _api_opts(s)
     _engine_opts(s)
     s.set_defaults(func=cmd_serve)
     return p

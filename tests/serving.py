@@ -79,9 +79,11 @@ class GatewayProcess:
         self._out.close()
 
 
-def run_gateway_expect_failure(pipelines: List[List[str]], timeout: float = 120) -> subprocess.CompletedProcess:
+def run_gateway_expect_failure(pipelines: List[List[str]], timeout: float = 120,
+                               extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """Start a gateway that should refuse its pipeline; return the finished process."""
     cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(free_port()), "--connect-timeout", "20"]
     for p in pipelines:
         cmd += ["--pipeline", ",".join(p)]
+    cmd += list(extra)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

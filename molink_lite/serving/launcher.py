@@ -11,9 +11,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..model.split import LayerRange, plan_ranges, read_model_info, stage_gguf
+from ..wire.auth import SECRET_ENV, LinkKey, new_secret
+from ..wire.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,14 @@ class StageProcess:
 
 def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Sequence[int]] = None,
                  extra_args: Sequence[str] = (), env: Optional[dict] = None, timeout: float = 300.0,
-                 workdir: Optional[str] = None) -> List[StageProcess]:
-    """Launch one stage process per range on 127.0.0.1 and wait until all listen (or one fails)."""
+                 workdir: Optional[str] = None, secret: Optional[str] = None) -> List[StageProcess]:
+    """Launch one stage process per range on 127.0.0.1 and wait until all listen (or one fails).
+
+    ``secret``: the cluster secret the stages require (handed over in the environment, never on the
+    command line, where other users of the machine could read it)."""
+    env = dict(env or {})
+    if secret is not None:
+        env[SECRET_ENV] = secret
     for r in ranges:  # write the stage GGUFs here, once, before the children race for the cache
         stage_gguf(model, r)
     wd = Path(workdir or tempfile.mkdtemp(prefix="molink-"))
@@ -56,7 +64,7 @@ def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Se
             cmd = [sys.executable, "-m", "molink_lite.cli", "stage", "--model", model, "--layers", str(r),
                    "--host", "127.0.0.1", "--port", str(port), "--ready-file", str(ready), *extra_args]
             out = open(logf, "wb")
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
             out.close()
             procs.append(StageProcess(r, p, ready, logf))
         deadline = time.monotonic() + timeout
@@ -104,8 +112,9 @@ def _exit_on_sigterm() -> None:
 def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
                 codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto",
-                split: str = "balanced") -> int:
-    """``molink-lite serve``: local stages + gateway until Ctrl-C."""
+                split: str = "balanced", api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None,
+                max_connections: int = 512, header_timeout: float = 15.0) -> int:
+    """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret)."""
     from .gateway import start_gateway
 
     info = read_model_info(model)
@@ -118,14 +127,20 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
     print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {stages} stage(s): "
           f"{', '.join(str(r) for r in ranges)}", flush=True)
     _exit_on_sigterm()  # `kill`, `docker stop`, systemd: stop the stage processes too, as Ctrl-C does
-    procs = start_stages(model, ranges, ports=ports, extra_args=extra)
+    secret = new_secret()  # a fresh cluster secret per run: other local users cannot drive the stages
+    procs = start_stages(model, ranges, ports=ports, extra_args=extra, secret=secret)
 
     async def main() -> None:
         runner = await start_gateway([[sp.url for sp in procs]], host=host, port=port, codec=codec,
-                                     max_inflight=micro_batches)
-        print(f"\nmolink-lite is serving at http://{host}:{port}/v1\n\ntry:\n"
-              f"  curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 64}}'\n\n"
+                                     max_inflight=micro_batches, key=LinkKey.from_secret(secret),
+                                     api_keys=api_keys, ssl_context=server_context(*tls) if tls else None,
+                                     max_connections=max_connections, header_timeout=header_timeout)
+        scheme = "https" if tls else "http"
+        auth_hdr = " -H \"Authorization: Bearer $MOLINK_API_KEY\"" if api_keys else ""
+        print(f"\nmolink-lite is serving at {scheme}://{host}:{port}/v1\n\ntry:\n"
+              f"  curl {'-k ' if tls else ''}{scheme}://{host}:{port}/v1/completions{auth_hdr} "
+              f"-H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'\n\n"
               f"Ctrl-C stops everything.", flush=True)
         try:
             while all(sp.proc.poll() is None for sp in procs):

@@ -23,11 +23,17 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import websockets
 
-from ..wire.channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
+import orjson
+
+from ..wire import auth
+from ..wire.auth import AuthError, LinkKey
+from ..wire.channel import Channel, ChannelClosed, RemoteError
+from ..wire.codec import FrameError
 from ..stage.server import PROTOCOL_VERSION, chain_mismatch
 from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
+RESULT_MAX_BYTES = 64 << 20  # what the gateway accepts from a stage (results, stats, replies)
 
 
 INTERLEAVE_SLOWDOWN = 2.0  # while a prompt is prefilled, decoders' inter-token time may grow this much
@@ -71,7 +77,7 @@ class Pipeline:
 
     def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
                  prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
-                 name: str = ""):
+                 name: str = "", key: Optional[LinkKey] = None):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -85,7 +91,8 @@ class Pipeline:
         # halved when such a step takes more than INTERLEAVE_SLOWDOWN x a decode-only step, else grown.
         self.prefill_budget = min(32, self.prefill_chunk)
         self.t_decode_step: Optional[float] = None  # moving average of inter-token time without prefill (s)
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = self.max_batch_tokens_opt = max_batch_tokens
+        self.key = key
         self.step_timeout = step_timeout
         self.channels: List[Channel] = []
         self.infos: List[dict] = []
@@ -120,7 +127,7 @@ class Pipeline:
         chans: List[Channel] = []
         try:
             for i, url in enumerate(self.urls):
-                ch = await _connect(url, deadline)
+                ch = await _connect(url, deadline, self.key)
                 chans.append(ch)
                 asyncio.ensure_future(self._watch(i, ch))
             infos = []
@@ -143,6 +150,8 @@ class Pipeline:
                 await ch.close()
             raise
         self.channels, self.infos = chans, infos
+        # rows per step never exceed what every stage accepts
+        self.max_batch_tokens = min([self.max_batch_tokens_opt] + [int(i.get("max_rows") or 1 << 30) for i in infos])
         if self.auto_chunk:
             await self._choose_chunk()
         self.n_ctx = min(int(i["n_ctx"]) for i in infos)
@@ -246,6 +255,10 @@ class Pipeline:
         if not self.healthy:
             raise PipelineError(self.error)
         self.check(req)
+        try:  # what goes into a step must serialize: a bad request fails alone, never a whole step
+            orjson.dumps(req.params.validate().to_dict())
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"invalid sampling parameters: {e}") from None
         s = SeqState(req=req, events=asyncio.Queue())
         self.waiting.append(s)
         self._wake.set()
@@ -350,11 +363,17 @@ class Pipeline:
                 s.started = True
             s.prefilled = b
         meta = {"type": "step", "step": sid, "free": self.pending_free, "start": start}
-        self.pending_free = []
         cat = lambda parts, dt: np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dt)  # noqa: E731
         arrays = {"seq": cat(seq_parts, np.int32), "pos": cat(pos_parts, np.int32),
                   "tokens": cat(tok_parts, np.int32), "out": cat(out_parts, np.uint8)}
-        self.channels[0].send(meta, arrays)
+        try:
+            self.channels[0].send(meta, arrays)
+        except FrameError as e:  # cannot happen for checked requests; if it does, fail only this step's requests
+            log.error("step %d could not be encoded: %s", sid, e)
+            for s, _ in entries:
+                self._finish(s, error=f"internal error building a step: {e}")
+            return
+        self.pending_free = []
         for s, _ in entries:
             s.in_flight = True
             s.last_sent = sid
@@ -539,13 +558,14 @@ def check_chain(infos: Sequence[dict]) -> Optional[str]:
     return None
 
 
-async def _connect(url: str, deadline: float) -> Channel:
+async def _connect(url: str, deadline: float, key: Optional[LinkKey]) -> Channel:
     delay = 0.2
     while True:
         try:
-            ws = await websockets.connect(url, max_size=MAX_FRAME_BYTES, compression=None, open_timeout=10,
-                                          ping_interval=20, ping_timeout=60)
+            ws = await auth.connect(url, key, "gateway", max_size=RESULT_MAX_BYTES)
             return Channel(ws, name=f"stage {url}")
+        except AuthError as e:
+            raise PipelineError(f"stage {url}: authentication failed: {e}") from None
         except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as e:
             if time.monotonic() + delay > deadline:
                 raise PipelineError(f"cannot reach stage {url}: {e}") from None

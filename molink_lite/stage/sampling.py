@@ -12,6 +12,7 @@ from __future__ import annotations
 import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
 
 import ctypes
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,26 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     def validate(self) -> "SamplingParams":
-        """Raise :class:`SamplingError` for out-of-range values; return self."""
+        """Raise :class:`SamplingError` for wrong types or out-of-range values; return self.
+
+        Runs on the gateway and again on the last stage (a frame is checked where it arrives), so
+        nothing a peer sends reaches llama.cpp's samplers unchecked.
+        """
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SamplingError(f"{name} must be a finite number")
+        for name in ("top_k", "penalty_last_n") + (("seed",) if self.seed is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SamplingError(f"{name} must be an integer")
+        if not 0 <= self.top_k <= 2**31 - 1:
+            raise SamplingError("top_k must be in 0..2^31-1 (0 disables it)")
+        if not -1 <= self.penalty_last_n <= 2**31 - 1:
+            raise SamplingError("penalty_last_n must be in -1..2^31-1")
+        if 0.0 < self.temperature < 1e-6 or 0.0 < self.repetition_penalty < 1e-6:
+            raise SamplingError("temperature and repetition_penalty must be 0 or at least 1e-6 (smaller values "
+                                "overflow float32 logits)")
         if not 0.0 <= self.temperature <= 10.0:
             raise SamplingError("temperature must be between 0 and 10")
         if not 0.0 < self.top_p <= 1.0:
@@ -73,6 +93,9 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
+        """Parameters from a dict (unknown keys ignored); call :meth:`validate` before use."""
+        if d is not None and not isinstance(d, dict):
+            raise SamplingError(f"sampling parameters must be an object, got {type(d).__name__}")
         d = d or {}
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
         return cls(**known)

@@ -2,12 +2,19 @@
 
 Frames (see :mod:`molink_lite.wire.codec`), by ``meta["type"]``:
 
+Every connection first passes the cluster-secret handshake (:mod:`molink_lite.wire.auth`) and
+declares its role: ``gateway`` (may configure the stage and drive it) or ``upstream`` (the
+previous stage: sends steps and pings only). Nothing else is read before that.
+
 * ``hello`` -> ``info``: model identity (fingerprint, arch, layer range, widths, limits).
-* ``configure`` (from the pipeline head): becomes the head, connects to the next stage.
+* ``configure`` (gateway role): becomes the pipeline head, connects to the next stage. A later
+  ``configure`` from another gateway connection takes over (a restarted gateway, a reconnect):
+  the previous head is disconnected and every sequence forgotten.
 * ``step``: one micro-batch. Arrays ``seq`` / ``pos`` (int32) and ``tokens`` (first stage)
   or ``hidden`` (later stages); ``out`` (u8) marks rows whose next token is wanted.
   Meta ``free`` lists sequences to forget first, ``start`` maps new sequences to sampling
-  parameters. Non-last stages forward the step with their hidden states to the next
+  parameters. Every field is checked by :mod:`molink_lite.stage.validate` first. Steps are taken
+  from the head on the first stage and from the upstream stage on the others. Non-last stages forward the step with their hidden states to the next
   stage; the last stage samples and sends a ``result`` (seq, tokens, eog, text pieces)
   to the head. A failure sends an ``error`` for the step straight to the head.
 * ``tokenize`` (first stage) and ``stats``: small requests answered on the same connection.
@@ -30,30 +37,53 @@ from typing import Deque, Dict, Optional, Tuple
 import numpy as np
 import websockets
 
-from ..wire.channel import MAX_FRAME_BYTES, Channel, ChannelClosed, RemoteError
-from .engine import EngineError, StageEngine, last_row_of_each_seq
-from .sampling import SamplerPool, SamplingError, SamplingParams
 from ..model.vocab import Detokenizer, Vocab
+from ..wire import auth
+from ..wire.auth import AuthError, LinkKey
+from ..wire.channel import Channel, ChannelClosed, RemoteError
 from ..wire.codec import CODECS, encode_frame
+from ..wire.tls import fingerprint_file, server_context
+from .engine import EngineError, StageEngine, last_row_of_each_seq
+from .sampling import SamplerPool, SamplingError
+from .validate import StepError, StepLimits, StepPlan, check_step
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+REPLY_MAX_BYTES = 64 << 20   # what a stage accepts on its own link to the next stage (replies only)
+# what each link role may send
+ROLE_FRAMES = {"gateway": {"hello", "configure", "step", "tokenize", "stats", "ping", "probe_next", "error"},
+               "upstream": {"hello", "step", "ping", "error"}}
 
 
 class StageServer:
     """Serves one :class:`StageEngine` over WebSockets."""
 
     def __init__(self, engine: StageEngine, *, host: str = "127.0.0.1", port: int = 9001,
-                 next_url: Optional[str] = None, codec: str = "f16"):
+                 next_url: Optional[str] = None, codec: str = "f16", key: Optional[LinkKey] = None,
+                 tls: Optional[Tuple[str, str]] = None, max_connections: int = 32, max_handshakes: int = 8,
+                 handshake_timeout: float = auth.HANDSHAKE_TIMEOUT):
         self.engine = engine
         self.info = engine.info
         self.host, self.port = host, port
         self.fixed_next = next_url
         self.codec = codec
+        self.key = key
+        self.tls = tls
+        self.cert_fp = fingerprint_file(tls[0]) if tls else ""
+        self.max_connections, self.max_handshakes = max_connections, max_handshakes
+        self.handshake_timeout = handshake_timeout
+        self._n_conn = 0
+        self._n_handshakes = 0
+        self.limits = StepLimits(n_seq_max=engine.n_seq_max, n_ctx=engine.n_ctx,
+                                 max_rows=max(engine.n_batch, engine.n_seq_max), n_vocab=self.info.n_vocab,
+                                 n_embd_inp=self.info.n_embd_inp, is_first=self.info.is_first,
+                                 is_last=self.info.is_last)
+        self._seq_len = np.zeros(engine.n_seq_max, dtype=np.int64)  # positions each sequence holds here
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
         self.samplers = SamplerPool(self.info.n_vocab) if self.info.is_last else None
         self.detok = Detokenizer(self.vocab) if self.info.is_last and self.vocab else None
         self.head: Optional[Channel] = None
+        self.upstream: Optional[Channel] = None
         self.next: Optional[Channel] = None
         self.next_url: Optional[str] = None
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -61,7 +91,8 @@ class StageServer:
         self._server = None
         self._worker: Optional[asyncio.Task] = None
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
-                                        "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0}
+                                        "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0,
+                                        "refused_links": 0, "rejected_frames": 0}
         self._in_flight = 0  # steps received and not yet finished here
         # (step id, start, end) of the latest steps; perf_counter is a system-wide monotonic clock, so
         # timelines of stages on one host can be compared (tests prove micro-batches overlap with it)
@@ -73,8 +104,8 @@ class StageServer:
         d = {"type": "info", "protocol": PROTOCOL_VERSION, "arch": i.arch, "fingerprint": i.fingerprint,
              "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
              "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": self.engine.n_ctx,
-             "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "model": i.path, "name": i.name,
-             "next": self.next_url, "codec": self.codec}
+             "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "max_rows": self.limits.max_rows,
+             "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -83,12 +114,16 @@ class StageServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._worker = asyncio.ensure_future(self._work_loop())
-        self._server = await websockets.serve(self._on_connect, self.host, self.port, max_size=MAX_FRAME_BYTES,
-                                              compression=None, ping_interval=20, ping_timeout=60)
+        ssl_ctx = server_context(*self.tls) if self.tls else None
+        self._server = await websockets.serve(self._on_connect, self.host, self.port,
+                                              max_size=self.limits.max_frame_bytes(), compression=None,
+                                              ping_interval=20, ping_timeout=60, ssl=ssl_ctx)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
-        log.info("stage layers %d-%d of %d (%s) listening on ws://%s:%d", self.info.layer_start,
-                 self.info.layer_stop - 1, self.info.n_layer_total, self.info.arch, self.host, self.port)
+        log.info("stage layers %d-%d of %d (%s) listening on %s://%s:%d (%s%s)", self.info.layer_start,
+                 self.info.layer_stop - 1, self.info.n_layer_total, self.info.arch, "wss" if ssl_ctx else "ws",
+                 self.host, self.port, "cluster secret required" if self.key else "NO authentication",
+                 f", TLS certificate sha256 {self.cert_fp}" if ssl_ctx else "")
 
     async def close(self) -> None:
         if self._server is not None:
@@ -96,7 +131,7 @@ class StageServer:
             await self._server.wait_closed()
         if self._worker is not None:
             self._worker.cancel()
-        for ch in (self.next, self.head):
+        for ch in (self.next, self.head, self.upstream):
             if ch is not None:
                 await ch.close()
         self._pool.shutdown(wait=True)
@@ -110,16 +145,62 @@ class StageServer:
 
     # ------------------------------------------------------------------ connections
     async def _on_connect(self, ws) -> None:
-        ch = Channel(ws, name=f"client {ws.remote_address}")
-        await ch.serve(self._handle)
-        if ch is self.head:
-            log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
-            self.head = None
-            self._queue.put_nowait(("reset", None, None))
+        peer = ws.remote_address
+        if self._n_conn >= self.max_connections or self._n_handshakes >= self.max_handshakes:
+            self.stats["refused_links"] += 1
+            log.warning("refused a connection from %s: too many connections or pending handshakes", peer)
+            await ws.close(auth.CLOSE_BUSY, "too many connections")
+            return
+        self._n_conn += 1
+        try:
+            self._n_handshakes += 1
+            try:
+                role = await auth.server_handshake(ws, self.key, self.cert_fp, self.handshake_timeout)
+            except (AuthError, websockets.exceptions.WebSocketException, OSError) as e:
+                self.stats["refused_links"] += 1
+                log.warning("refused a connection from %s: authentication failed: %s", peer, e)
+                await ws.close(auth.CLOSE_AUTH, f"authentication failed: {e}"[:120])
+                return
+            finally:
+                self._n_handshakes -= 1
+            ch = Channel(ws, name=f"{role} {peer}")
+            ch.role = role
+            if role == "upstream":
+                await self._take_role("upstream", ch)
+            await ch.serve(self._handle)
+            if ch is self.head:
+                log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
+                self.head = None
+                self._queue.put_nowait(("reset", None, None))
+            if ch is self.upstream:
+                self.upstream = None
+        finally:
+            self._n_conn -= 1
+
+    async def _take_role(self, role: str, ch: Channel) -> None:
+        """``ch`` becomes the head (gateway) or the upstream stage; a previous holder is disconnected."""
+        old = self.head if role == "gateway" else self.upstream
+        if role == "gateway":
+            self.head = ch
+        else:
+            self.upstream = ch
+        if old is not None and old is not ch:
+            log.info("a new %s connection (%s) replaces %s", role, ch.name, old.name)
+            asyncio.ensure_future(old.close(auth.CLOSE_REPLACED, f"another {role} took over this stage"))
 
     async def _handle(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         kind = meta.get("type")
+        if kind not in ROLE_FRAMES[ch.role]:
+            self.stats["rejected_frames"] += 1
+            ch.reply(meta, {"type": "error", "message": f"a {ch.role} link may not send {str(kind)[:40]!r} frames"})
+            return
         if kind == "step":
+            feeder = self.head if self.info.is_first else self.upstream
+            if ch is not feeder:
+                self.stats["rejected_frames"] += 1
+                ch.reply(meta, {"type": "error", "message": "steps are taken only from the pipeline head (first stage) "
+                                                            "or the upstream stage"})
+                return
             self._in_flight += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
             self._queue.put_nowait(("step", meta, arrays))
@@ -129,7 +210,7 @@ class StageServer:
         elif kind == "configure":
             await self._configure(ch, meta)
         elif kind == "tokenize":
-            self._tokenize(ch, meta)
+            await self._tokenize(ch, meta)
         elif kind == "stats":
             ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline)})
         elif kind == "ping":
@@ -153,12 +234,15 @@ class StageServer:
         if self.head is not None and self.head is not ch:
             log.info("a new pipeline head replaces the previous one; forgetting all sequences")
             self._queue.put_nowait(("reset", None, None))
-        self.head = ch
+        await self._take_role("gateway", ch)
         self.codec = codec
         if self.info.is_last:
             ch.reply(meta, {"type": "configured", "next": None})
             return
         url = self.fixed_next or meta.get("next")
+        if url is not None and (not isinstance(url, str) or not url.startswith(("ws://", "wss://"))):
+            ch.reply(meta, {"type": "error", "message": "'next' must be a ws:// or wss:// URL"})
+            return
         if not url:
             ch.reply(meta, {"type": "error", "message": f"stage {self.info.layer_start}-{self.info.layer_stop - 1} is not "
                             f"the last stage and has no next stage (start it with --next or list it in --pipeline)"})
@@ -176,8 +260,9 @@ class StageServer:
         if self.next is not None:
             await self.next.close()
         try:
-            ws = await websockets.connect(url, max_size=MAX_FRAME_BYTES, compression=None, open_timeout=10,
-                                          ping_interval=20, ping_timeout=60)
+            ws = await auth.connect(url, self.key, "upstream", max_size=REPLY_MAX_BYTES)
+        except AuthError as e:
+            raise ConnectionError(f"next stage {url}: authentication failed: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"cannot reach next stage {url}: {e}") from None
         ch = Channel(ws, name=f"next stage {url}")
@@ -195,7 +280,9 @@ class StageServer:
         if self.next is None or self.next.closed.is_set():
             ch.reply(meta, {"type": "probe", "rtt_s": None, "mbit": None})
             return
-        big = int(min(max(int(meta.get("bytes", 1 << 20)), 1 << 14), 16 << 20))
+        asked = meta.get("bytes", 1 << 20)
+        asked = asked if isinstance(asked, int) and not isinstance(asked, bool) else 1 << 20
+        big = int(min(max(asked, 1 << 14), min(16 << 20, self.limits.max_frame_bytes() // 2)))
         try:
             rtts = []
             for _ in range(3):
@@ -216,16 +303,18 @@ class StageServer:
         if meta.get("type") == "error":
             log.warning("next stage reported: %s", meta.get("message"))
 
-    def _tokenize(self, ch: Channel, meta: dict) -> None:
+    async def _tokenize(self, ch: Channel, meta: dict) -> None:
         if self.vocab is None or self.vocab.n_vocab <= 1:
             ch.reply(meta, {"type": "error", "message": "this stage has no tokenizer (ask the first stage)"})
             return
         text = meta.get("text")
-        if not isinstance(text, str):
-            ch.reply(meta, {"type": "error", "message": "tokenize needs a 'text' string"})
+        if not isinstance(text, str) or len(text) > 4 * self.engine.n_ctx * 8:
+            ch.reply(meta, {"type": "error", "message": "tokenize needs a 'text' string (at most 32 x n_ctx characters)"})
             return
-        toks = self.vocab.tokenize(text, add_special=bool(meta.get("add_special", True)),
-                                   parse_special=bool(meta.get("parse_special", True)))
+        # off the event loop: a long text takes seconds, and heartbeats and steps must keep flowing
+        toks = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.vocab.tokenize(text, add_special=bool(meta.get("add_special", True)),
+                                              parse_special=bool(meta.get("parse_special", True))))
         ch.reply(meta, {"type": "tokens"}, {"tokens": toks})
 
     # ------------------------------------------------------------------ the step worker
@@ -236,69 +325,76 @@ class StageServer:
             if kind == "reset":
                 await loop.run_in_executor(self._pool, self._reset)
                 continue
+            plan: Optional[StepPlan] = None
             try:
+                plan = check_step(meta, arrays, self.limits, self._seq_len)
                 t0 = time.perf_counter()
-                out = await loop.run_in_executor(self._pool, self._run_step, meta, arrays)
+                out = await loop.run_in_executor(self._pool, self._run_step, meta, plan)
                 t1 = time.perf_counter()
                 self.stats["busy_s"] += t1 - t0
                 self.timeline.append((meta.get("step"), t0, t1))
                 self._deliver(meta, out)
-            except (EngineError, SamplingError, StepError) as e:
+            except StepError as e:  # rejected before anything was applied
+                self.stats["rejected_frames"] += 1
+                self._report(meta, f"rejected step: {e}")
+            except (EngineError, SamplingError) as e:
                 self.stats["errors"] += 1
+                await loop.run_in_executor(self._pool, self._forget, plan)
                 self._report(meta, str(e))
             except Exception as e:  # noqa: BLE001 - never lose a step silently
                 self.stats["errors"] += 1
                 log.exception("step %s failed", meta.get("step"))
+                await loop.run_in_executor(self._pool, self._forget, plan)
                 self._report(meta, f"internal error in stage {self.info.layer_start}-{self.info.layer_stop - 1}: {e}")
             finally:
                 self._in_flight -= 1
 
     def _reset(self) -> None:
         self.engine.clear()
+        self._seq_len[:] = 0
         if self.samplers is not None:
             for s in list(self.samplers._by_seq):
                 self.samplers.drop(s)
 
-    def _run_step(self, meta: dict, arrays: Dict[str, np.ndarray]) -> Tuple[dict, object]:
-        """Runs in the llama thread: free, start samplers, forward, then encode or sample."""
-        for s in meta.get("free") or []:
-            self.engine.free(int(s))
-            if self.samplers is not None:
-                self.samplers.drop(int(s))
-                self.detok.drop(int(s))
+    def _free(self, s: int) -> None:
+        self.engine.free(s)
+        self._seq_len[s] = 0
+        if self.samplers is not None:
+            self.samplers.drop(s)
+            self.detok.drop(s)
+
+    def _forget(self, plan: Optional[StepPlan]) -> None:
+        """After a failed step: drop its sequences here, so a half-written KV entry cannot outlive it."""
+        if plan is not None and plan.n:
+            for s in np.unique(plan.seq).tolist():
+                self._free(int(s))
+
+    def _run_step(self, meta: dict, plan: StepPlan) -> Tuple[dict, object]:
+        """Runs in the llama thread: free, start samplers, forward, then encode or sample (``plan`` is checked)."""
+        for s in plan.free:
+            self._free(s)
             self.stats["frees"] += 1
         if self.samplers is not None:
-            for s, params in (meta.get("start") or {}).items():
-                self.samplers.start(int(s), SamplingParams.from_dict(params).validate())
-                self.detok.start(int(s))
-        seq, pos = arrays.get("seq"), arrays.get("pos")
-        if seq is None or pos is None:
-            raise StepError("step frame needs 'seq' and 'pos' arrays")
-        n = int(seq.shape[0])
+            for s, params in plan.start.items():
+                self.samplers.start(s, params)
+                self.detok.start(s)
+        seq, pos, n = plan.seq, plan.pos, plan.n
         fwd_meta = {k: v for k, v in meta.items() if k not in ("rid",)}
         if n == 0:
             return fwd_meta, None
         self.stats["steps"] += 1
         self.stats["rows"] += n
-        self.stats["max_seqs_in_step"] = max(self.stats["max_seqs_in_step"], int(np.unique(seq).shape[0]))
-        out_rows = arrays.get("out")
-        if self.info.is_first:
-            if "tokens" not in arrays:
-                raise StepError("the first stage needs a 'tokens' array")
-            res = self.engine.forward(seq, pos, tokens=arrays["tokens"],
-                                      output_rows=None if out_rows is None else out_rows.astype(bool))
-        else:
-            if "hidden" not in arrays:
-                raise StepError(f"stage {self.info.layer_start}-{self.info.layer_stop - 1} needs a 'hidden' array")
-            res = self.engine.forward(seq, pos, hidden=arrays["hidden"],
-                                      output_rows=None if out_rows is None else out_rows.astype(bool))
+        self.stats["max_seqs_in_step"] = max(self.stats["max_seqs_in_step"], int(plan.run_starts.shape[0]))
+        out_rows = plan.out
+        res = self.engine.forward(seq, pos, tokens=plan.tokens, hidden=plan.hidden, output_rows=out_rows)
+        self._seq_len[seq[plan.run_ends]] = pos[plan.run_ends] + 1
         if not self.info.is_last:
             send = {"seq": seq, "pos": pos, "hidden": res}
             if out_rows is not None:
-                send["out"] = out_rows
+                send["out"] = out_rows.astype(np.uint8)
             return fwd_meta, encode_frame(fwd_meta, send, codec=self.codec)
         # last stage: sample one token per output row
-        mask = last_row_of_each_seq(seq) if out_rows is None else out_rows.astype(bool)
+        mask = last_row_of_each_seq(seq) if out_rows is None else out_rows
         seqs = seq[mask]
         tokens = self.samplers.sample(seqs, res)
         eog = self.vocab.is_eog(tokens)
@@ -344,10 +440,6 @@ class StageServer:
                          "stage": f"{self.info.layer_start}-{self.info.layer_stop - 1}"}, None)
 
 
-class StepError(ValueError):
-    """A step frame that cannot be run (missing or inconsistent arrays)."""
-
-
 def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
     """Why stage ``nxt`` cannot follow stage ``prev``, or None if it can."""
     if nxt.get("protocol") != PROTOCOL_VERSION:
@@ -365,9 +457,10 @@ def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
 
 
 async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optional[str], codec: str,
-                    ready_file: Optional[str] = None) -> None:
+                    ready_file: Optional[str] = None, key: Optional[LinkKey] = None,
+                    tls: Optional[Tuple[str, str]] = None) -> None:
     """Serve a stage until cancelled; optionally write the bound port to ``ready_file``."""
-    server = StageServer(engine, host=host, port=port, next_url=next_url, codec=codec)
+    server = StageServer(engine, host=host, port=port, next_url=next_url, codec=codec, key=key, tls=tls)
     await server.start()
     if ready_file:
         with open(ready_file, "w") as f:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import aiohttp
 
 from ..serving.launcher import StageProcess, start_stages, stop_stages
+from ..wire.auth import SECRET_ENV, new_secret
 from ..model.split import LayerRange, plan_ranges, read_model_info
 
 WORDS = ("river stone light garden music paper window silver morning forest letter bridge harbor "
@@ -296,14 +297,19 @@ def _linked(cfg: BenchConfig) -> bool:
     return cfg.delay_ms > 0 or cfg.rate_mbit > 0
 
 
-def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange]) -> str:
+def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False) -> str:
+    """Stages + gateway; ``secure``: every link authenticated with a cluster secret and TLS-encrypted."""
     t = _threads(cfg, len(ranges))
     max_seqs = max(list(cfg.concurrency) + [16])
     extra = ["--threads", str(t), "--ctx", str(cfg.ctx), "--max-seqs", str(min(256, max_seqs))]
-    procs.stages = start_stages(cfg.model, ranges, extra_args=extra, workdir=str(procs.workdir))
-    urls = [procs.stages[0].url]
+    secret = new_secret() if secure else None
+    procs.stages = start_stages(cfg.model, ranges, extra_args=extra + (["--tls", "auto"] if secure else []),
+                                workdir=str(procs.workdir), secret=secret)
+    scheme = "wss" if secure else "ws"
+    urls = [f"{scheme}://127.0.0.1:{procs.stages[0].port}"]
     for i, sp in enumerate(procs.stages[1:], 1):
-        urls.append(f"ws://127.0.0.1:{_relay(procs, f'link{i}', sp.port, cfg)}" if _linked(cfg) else sp.url)
+        port = _relay(procs, f"link{i}", sp.port, cfg) if _linked(cfg) else sp.port
+        urls.append(f"{scheme}://127.0.0.1:{port}")
     port = _free_port()
     cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(port), "--pipeline", ",".join(urls),
            "--codec", cfg.codec]
@@ -311,7 +317,7 @@ def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange]) -> st
         cmd += ["--micro-batches", str(cfg.micro_batches)]
     if cfg.prefill_chunk:
         cmd += ["--prefill-chunk", str(cfg.prefill_chunk)]
-    gw = procs.spawn("gateway", cmd)
+    gw = procs.spawn("gateway", cmd, env={SECRET_ENV: secret} if secret else None)
     _wait_http(f"http://127.0.0.1:{port}", gw, "gateway")
     return f"http://127.0.0.1:{port}"
 
@@ -368,12 +374,12 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     procs.workdir.mkdir(parents=True, exist_ok=True)
     res = SystemResult(system)
     try:
-        if system == "molink":
-            url = start_molink(cfg, procs, ranges)
+        if system in ("molink", "secure"):
+            url = start_molink(cfg, procs, ranges, secure=system == "secure")
         elif system in ("whole", "rpc"):
             url = start_llama_server(cfg, procs, ranges, rpc=system == "rpc")
         else:
-            raise ValueError(f"unknown system {system!r} (molink, whole, rpc)")
+            raise ValueError(f"unknown system {system!r} (molink, secure, whole, rpc)")
         asyncio.run(run_level(url, 1, 1, 8, 4))  # warm-up
         for i, c in enumerate(cfg.concurrency):
             n = cfg.requests or max(4, 2 * c)

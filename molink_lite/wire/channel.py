@@ -17,7 +17,6 @@ import numpy as np
 from .codec import FrameError, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
-MAX_FRAME_BYTES = 1 << 30
 Handler = Callable[["Channel", dict, Dict[str, np.ndarray]], Awaitable[None]]
 
 
@@ -41,6 +40,7 @@ class Channel:
         self._sender = asyncio.ensure_future(self._send_loop())
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.role = ""  # what the peer is on this link ("gateway", "upstream"), set after authentication
 
     async def _send_loop(self) -> None:
         try:
@@ -124,15 +124,15 @@ class Channel:
                 fut.set_exception(ChannelClosed(f"connection to {self.name} lost: {reason}"))
         self._out.put_nowait(None)
 
-    async def close(self) -> None:
-        """Flush queued frames and close the connection."""
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Flush queued frames and close the connection (``code``/``reason`` tell the peer why)."""
         self._out.put_nowait(None)
         try:
             await asyncio.wait_for(self._sender, 5)
         except (asyncio.TimeoutError, Exception):  # noqa: BLE001
             self._sender.cancel()
         try:
-            await self.ws.close()
+            await self.ws.close(code, reason)
         except Exception:  # noqa: BLE001
             pass
-        self._mark_closed("closed locally")
+        self._mark_closed(f"closed locally{': ' + reason if reason else ''}")

@@ -1,0 +1,92 @@
+"""Step-frame validation at the stage's edge (pure logic: no model, no sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from molink_lite.stage.validate import StepError, StepLimits, check_step
+
+FIRST = StepLimits(n_seq_max=16, n_ctx=256, max_rows=64, n_vocab=100, n_embd_inp=8, is_first=True, is_last=False)
+LATER = StepLimits(n_seq_max=16, n_ctx=256, max_rows=64, n_vocab=1, n_embd_inp=8, is_first=False, is_last=True)
+
+
+def arrays(seq, pos, tokens=None, hidden=None, out=None):
+    a = {"seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32)}
+    if tokens is not None:
+        a["tokens"] = np.asarray(tokens, np.int32)
+    if hidden is not None:
+        a["hidden"] = np.asarray(hidden, np.float32)
+    if out is not None:
+        a["out"] = np.asarray(out, np.uint8)
+    return a
+
+
+def test_a_normal_step_passes_and_reports_runs():
+    held = np.zeros(16, np.int64)
+    held[3] = 5
+    plan = check_step({"type": "step", "step": 1, "free": [2], "start": {"0": {"temperature": 0.0}}},
+                      arrays([3, 0, 0, 0], [5, 0, 1, 2], tokens=[1, 2, 3, 4], out=[1, 0, 0, 1]), FIRST, held)
+    assert plan.free == [2] and list(plan.start) == [0]
+    assert plan.run_starts.tolist() == [0, 1] and plan.run_ends.tolist() == [0, 3]
+    assert plan.out.dtype == bool
+
+
+@pytest.mark.parametrize("meta,arr,msg", [
+    ({"free": [256]}, arrays([], []), "sequence ids"),
+    ({"free": [-1]}, arrays([], []), "sequence ids"),
+    ({"free": [True]}, arrays([], []), "sequence ids"),
+    ({"free": "0"}, arrays([], []), "list"),
+    ({"start": {"99": {}}}, arrays([], []), "start"),
+    ({"start": {"1": {"top_k": 1e300}}}, arrays([], []), "top_k"),
+    ({"start": {"1": {"temperature": "hot"}}}, arrays([], []), "temperature"),
+    ({"start": {"1": {"seed": 2 ** 40}}}, arrays([], []), "seed"),
+    ({"start": {"1": 5}}, arrays([], []), "object"),
+    ({"step": "x"}, arrays([], []), "step"),
+    ({}, arrays([0], [2 ** 31 - 1], tokens=[1]), "positions"),
+    ({}, arrays([0], [256], tokens=[1]), "positions"),
+    ({}, arrays([0], [-1], tokens=[1]), "positions"),
+    ({}, arrays([16], [0], tokens=[1]), "sequence ids"),
+    ({}, arrays([0, 0], [0, 2], tokens=[1, 1]), "increase by one"),
+    ({}, arrays([0, 1, 0], [0, 0, 1], tokens=[1, 1, 1]), "contiguous"),
+    ({}, arrays([0], [3], tokens=[1]), "holds 0 positions"),
+    ({}, arrays([0], [0], tokens=[100]), "token ids"),
+    ({}, arrays([0], [0]), "tokens"),
+    ({}, arrays([0], [0], tokens=[1], hidden=np.zeros((1, 8))), "hidden states"),
+    ({}, arrays([0] * 65, list(range(65)), tokens=[1] * 65), "at most 64"),
+    ({}, arrays([0], [0, 1], tokens=[1]), "rows"),
+    ({}, {"seq": np.zeros((1, 1), np.int32), "pos": np.zeros(1, np.int32)}, "1-D"),
+    ({}, {"seq": np.zeros(1, np.float32), "pos": np.zeros(1, np.int32)}, "integer"),
+    ({}, {**arrays([0], [0], tokens=[1]), "evil": np.zeros(1, np.int32)}, "unknown array"),
+    ({}, arrays([0], [0], tokens=[1], out=[2]), "'out'"),
+])
+def test_bad_first_stage_frames_are_rejected(meta, arr, msg):
+    with pytest.raises(StepError, match=msg):
+        check_step({"type": "step", **meta}, arr, FIRST, np.zeros(16, np.int64))
+
+
+@pytest.mark.parametrize("hidden,msg", [
+    (np.full((1, 8), np.nan), "NaN"),
+    (np.full((1, 8), np.inf), "NaN"),
+    (np.zeros((1, 7)), "hidden"),
+    (None, "hidden"),
+])
+def test_bad_hidden_rows_are_rejected(hidden, msg):
+    arr = arrays([0], [0])
+    if hidden is not None:
+        arr["hidden"] = np.asarray(hidden, np.float32)
+    with pytest.raises(StepError, match=msg):
+        check_step({"type": "step"}, arr, LATER, np.zeros(16, np.int64))
+
+
+def test_free_in_the_same_step_restarts_a_sequence():
+    held = np.zeros(16, np.int64)
+    held[4] = 10
+    with pytest.raises(StepError):
+        check_step({"type": "step"}, arrays([4], [0], tokens=[1]), FIRST, held)
+    plan = check_step({"type": "step", "free": [4]}, arrays([4], [0], tokens=[1]), FIRST, held)
+    assert plan.n == 1 and held[4] == 10  # the check never changes the caller's state
+
+
+def test_frame_size_limit_follows_the_configuration():
+    assert FIRST.max_frame_bytes() == 64 * (8 * 4 + 16) + (1 << 20)
