@@ -235,7 +235,8 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
                                  connect_timeout=a.connect_timeout, model_name=a.model_name,
                                  chat_template=a.chat_template, key=key,
                                  ssl_context=server_context(*tls) if tls else None, api_keys=api_keys,
-                                 max_connections=a.max_connections, header_timeout=a.header_timeout)
+                                 max_connections=a.max_connections, header_timeout=a.header_timeout,
+                                 **_resilience_kw(a))
     print(f"molink-lite gateway: {'https' if tls else 'http'}://{a.host}:{a.port}/v1", flush=True)
     try:
         await asyncio.Future()
@@ -244,7 +245,7 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
-    from .serving.scheduler import PipelineError
+    from .serving.pipeline import PipelineError
 
     sec = _link_security(a, a.host, "gateway")
     api_keys = _api_keys(a) if sec is not None else None
@@ -281,7 +282,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
                        n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
                        flash_attn=a.flash_attn, split=a.split, api_keys=api_keys, tls=tls,
-                       max_connections=a.max_connections, header_timeout=a.header_timeout)
+                       max_connections=a.max_connections, header_timeout=a.header_timeout,
+                       gateway_kw=_resilience_kw(a))
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -305,6 +307,28 @@ def _sched_opts(s: argparse.ArgumentParser) -> None:
                    help="prompt tokens per sequence per step (default: chosen from the measured stage-to-stage links: "
                         "bandwidth x max(one-way latency, 5 ms), 32..max-batch-tokens)")
     s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
+
+
+def _resilience_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--recover-timeout", type=float, default=60.0,
+                   help="when no pipeline is up, requests wait this long for one to come back, then fail (default 60)")
+    s.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting for a slot at most; more get 429 with Retry-After (default 1024)")
+    s.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between pings on every gateway-stage link (default 1)")
+    s.add_argument("--heartbeat-timeout", type=float, default=3.0,
+                   help="a stage that does not answer a ping within this many seconds is treated as failed and its "
+                        "requests are replayed elsewhere (default 3; raise it on links slower than ~20 Mbit/s)")
+
+
+def _resilience_kw(a: argparse.Namespace) -> dict:
+    for name in ("recover_timeout", "heartbeat_interval", "heartbeat_timeout"):
+        if getattr(a, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
+    if a.max_queue < 1:
+        raise SystemExit("error: --max-queue must be >= 1")
+    return {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
+            "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
 
 
 def _api_opts(s: argparse.ArgumentParser) -> None:
@@ -485,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")
     _security_opts(s, "the HTTP API (https://)")
     _api_opts(s)
+    _resilience_opts(s)
     _sched_opts(s)
     s.set_defaults(func=cmd_gateway)
 
@@ -509,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--micro-batches", type=int, default=None, help="steps in flight (default: number of stages)")
     _security_opts(s, "the HTTP API (https://)", secret=False)
     _api_opts(s)
+    _resilience_opts(s)
     _engine_opts(s)
     s.set_defaults(func=cmd_serve)
     return p

@@ -391,12 +391,13 @@ class InProcessGateway:
 
     def __init__(self, **serve_kw):
         from molink_lite.serving.gateway import Gateway, serve_app
+        from molink_lite.serving.router import Router
 
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
 
         async def run():
-            self.runner, self.site = await serve_app(Gateway([], api_keys=[KEY1]).app(), "127.0.0.1", 0, **serve_kw)
+            self.runner, self.site = await serve_app(Gateway(Router([]), api_keys=[KEY1]).app(), "127.0.0.1", 0, **serve_kw)
             started.set()
 
         self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(run()), self.loop.run_forever()),

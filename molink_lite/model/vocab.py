@@ -6,7 +6,7 @@ import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
 
 import codecs
 import ctypes
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -68,8 +68,12 @@ class Detokenizer:
         self.vocab = vocab
         self._dec: Dict[int, codecs.IncrementalDecoder] = {}
 
-    def start(self, seq_id: int) -> None:
-        self._dec[seq_id] = codecs.getincrementaldecoder("utf-8")("replace")
+    def start(self, seq_id: int, history: Sequence[int] = ()) -> None:
+        """Start decoding a sequence; ``history`` (its earlier tokens, after a replay) is decoded silently so a
+        character split across the replay point still comes out whole."""
+        dec = self._dec[seq_id] = codecs.getincrementaldecoder("utf-8")("replace")
+        for t in history:
+            dec.decode(self.vocab.piece(int(t)))
 
     def drop(self, seq_id: int) -> None:
         self._dec.pop(seq_id, None)

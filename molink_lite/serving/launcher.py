@@ -113,7 +113,7 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
                 codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto",
                 split: str = "balanced", api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None,
-                max_connections: int = 512, header_timeout: float = 15.0) -> int:
+                max_connections: int = 512, header_timeout: float = 15.0, gateway_kw: Optional[dict] = None) -> int:
     """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret)."""
     from .gateway import start_gateway
 
@@ -134,7 +134,8 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
         runner = await start_gateway([[sp.url for sp in procs]], host=host, port=port, codec=codec,
                                      max_inflight=micro_batches, key=LinkKey.from_secret(secret),
                                      api_keys=api_keys, ssl_context=server_context(*tls) if tls else None,
-                                     max_connections=max_connections, header_timeout=header_timeout)
+                                     max_connections=max_connections, header_timeout=header_timeout,
+                                     **(gateway_kw or {}))
         scheme = "https" if tls else "http"
         auth_hdr = " -H \"Authorization: Bearer $MOLINK_API_KEY\"" if api_keys else ""
         print(f"\nmolink-lite is serving at {scheme}://{host}:{port}/v1\n\ntry:\n"

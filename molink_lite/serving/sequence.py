@@ -1,13 +1,18 @@
 """Request state: what a request asks for (:class:`GenRequest`), how far it got (:class:`SeqState`),
-and what its client receives (:class:`Event`). The scheduler's policy reads and updates these
-records; the gateway reads events from them."""
+and what its client receives (:class:`Event`).
+
+The gateway's record of a request is the source of truth: prompt, every token generated so far,
+sampling parameters and the text already sent. A pipeline only borrows a sequence (its slot and
+KV); when the pipeline fails, :meth:`SeqState.prepare_replay` turns the record back into work that
+any pipeline can take: prefill the prompt plus the generated tokens, then go on decoding.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -35,26 +40,118 @@ class Event:
 
 @dataclass
 class SeqState:
+    """One request's progress. Fields above ``pipeline`` belong to the request; the rest to the pipeline
+    currently running it (reset by :meth:`prepare_replay`)."""
+
     req: GenRequest
     events: "asyncio.Queue[Event]"
-    slot: int = -1
-    prefilled: int = 0
     generated: List[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
-    in_flight: bool = False
-    started: bool = False
     finished: bool = False
     cancelled: bool = False
-    last_sent: int = 0
+    replays: int = 0
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: Optional[float] = None
     t_last: Optional[float] = None
+    # --- where it runs now
+    pipeline: Any = None
+    feed: Optional[np.ndarray] = None   # tokens to prefill (the prompt; prompt + generated after a replay)
+    slot: int = -1
+    prefilled: int = 0
+    in_flight: bool = False
+    started: bool = False
+    last_sent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feed is None:
+            self.feed = self.req.prompt
 
     @property
     def need(self) -> int:
+        """KV cells reserved for this sequence: it can never outgrow them."""
         return int(self.req.prompt.shape[0]) + self.req.max_tokens
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < self.req.prompt.shape[0]
+        return self.prefilled < self.feed.shape[0]
+
+    @property
+    def decode_pos(self) -> int:
+        """Position of the token the next decode step feeds (the last generated one)."""
+        return int(self.req.prompt.shape[0]) + len(self.generated) - 1
+
+    def prepare_replay(self) -> None:
+        """Forget the pipeline it ran on; prefill prompt + generated tokens wherever it goes next.
+
+        Greedy decoding then continues exactly as a one-at-a-time run that prefilled the same tokens.
+        """
+        self.replays += 1
+        self.pipeline = None
+        self.feed = (np.concatenate([self.req.prompt, np.asarray(self.generated, dtype=np.int32)])
+                     if self.generated else self.req.prompt)
+        self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, False, False, 0
+
+    def start_params(self) -> dict:
+        """What the last stage needs to start this sequence's sampler (history after a replay).
+
+        A seeded sampler restarts from a seed derived from (seed, tokens so far): the continuation is
+        reproducible, though not the one an undisturbed run would have drawn (llama.cpp's RNG state
+        cannot move between hosts).
+        """
+        d = self.req.params.to_dict()
+        if self.generated:
+            d["history"] = list(self.generated)
+            if d.get("seed") is not None:
+                d["seed"] = (int(d["seed"]) + 0x9E3779B1 * len(self.generated)) % 0xFFFFFFFF
+        return d
+
+    # ------------------------------------------------------------------ results
+    def take_token(self, token: int, eog: bool, piece: str, now: float) -> Optional[str]:
+        """Record a generated token and queue new text; returns the finish reason if it ends here."""
+        if self.t_first is None:
+            self.t_first = now
+        self.t_last = now
+        self.generated.append(int(token))
+        if eog and not self.req.ignore_eos:
+            return "stop"
+        self.text += piece
+        if self._emit():
+            return "stop"
+        if len(self.generated) >= self.req.max_tokens:
+            return "length"
+        return None
+
+    def _emit(self) -> bool:
+        """Send new text to the client, holding back a possible stop-string prefix; True if stopped."""
+        stops = self.req.stop
+        if stops:
+            lo = max(0, self.emitted - max(len(x) for x in stops))
+            hits = [i for i in (self.text.find(x, lo) for x in stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                if cut > self.emitted:
+                    self.events.put_nowait(Event("text", self.text[self.emitted:cut]))
+                self.emitted = cut
+                self.text = self.text[:cut]
+                return True
+            hold = max(len(x) for x in stops) - 1
+            upto = max(self.emitted, len(self.text) - hold)
+        else:
+            upto = len(self.text)
+        if upto > self.emitted:
+            self.events.put_nowait(Event("text", self.text[self.emitted:upto]))
+            self.emitted = upto
+        return False
+
+    def end(self, reason: Optional[str] = None, error: Optional[str] = None) -> bool:
+        """Finish with a reason or an error (flushing held-back text); False if it had already ended."""
+        if self.finished:
+            return False
+        if error is None and self.emitted < len(self.text):
+            self.events.put_nowait(Event("text", self.text[self.emitted:]))
+            self.emitted = len(self.text)
+        self.finished = True
+        self.events.put_nowait(Event("error", message=error) if error is not None
+                               else Event("done", finish_reason=reason))
+        return True

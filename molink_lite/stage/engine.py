@@ -40,6 +40,11 @@ _backend_ready = False
 _log_cb = None
 GGML_TYPE_F32 = 0
 _LOG_LEVEL_ERROR = 4
+# A non-last stage marks every row as an output (so its last layer computes them all), and llama.cpp then
+# reserves, clears and fills n_vocab floats per output row that nobody reads: 1 MiB per row for a 262k
+# vocabulary, 512 MiB for a 512-row batch on a first stage (it keeps the tokenizer). Such stages decode in
+# chunks small enough to keep that buffer under this size (at least 32 rows per chunk).
+OUTPUT_BUFFER_BUDGET = 128 << 20
 
 
 class EngineError(RuntimeError):
@@ -125,18 +130,22 @@ class StageEngine:
             raise EngineError(f"llama.cpp could not load {self.path} (see the error above)")
         self.info = self._read_info()
         self.n_batch = int(n_batch)
+        n_vocab_out = _llama.llama_vocab_n_tokens(_llama.llama_model_get_vocab(self._model))
+        # rows per llama_decode: all of n_batch, except on non-last stages with a large vocabulary (see above)
+        self.n_chunk = self.n_batch if self.info.is_last else max(
+            32, min(self.n_batch, OUTPUT_BUFFER_BUDGET // max(1, 4 * n_vocab_out)))
         self.n_seq_max = int(n_seq_max)
         self.times = StepTimes()
 
         # hidden-state capture on non-last stages
         self._target = f"l_out-{llama_cpp.llama_model_n_layer(self._model) - 1}".encode()
-        self._cap_buf = np.empty((self.n_batch, self.info.n_embd), dtype=np.float32)
+        self._cap_buf = np.empty((self.n_chunk, self.info.n_embd), dtype=np.float32)
         self._cap_rows = 0
         self._cap_error: Optional[str] = None
         cparams = _llama.llama_context_default_params()
         cparams.n_ctx = int(n_ctx)
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch
+        cparams.n_batch = self.n_chunk
+        cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
         rule = RULES.get(self.info.arch)
@@ -165,9 +174,9 @@ class StageEngine:
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
         # reusable batch buffers
-        self._seq_storage = np.zeros(self.n_batch, dtype=np.int32)
-        self._seq_ptrs = (self._seq_storage.ctypes.data + 4 * np.arange(self.n_batch, dtype=np.uint64)).astype(np.uint64)
-        self._ones = np.ones(self.n_batch, dtype=np.int32)
+        self._seq_storage = np.zeros(self.n_chunk, dtype=np.int32)
+        self._seq_ptrs = (self._seq_storage.ctypes.data + 4 * np.arange(self.n_chunk, dtype=np.uint64)).astype(np.uint64)
+        self._ones = np.ones(self.n_chunk, dtype=np.int32)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ info
@@ -256,8 +265,8 @@ class StageEngine:
             if self._ctx is None:
                 raise EngineError("engine is closed")
             outs = []
-            for a in range(0, n, self.n_batch):
-                b = min(n, a + self.n_batch)
+            for a in range(0, n, self.n_chunk):
+                b = min(n, a + self.n_chunk)
                 outs.append(self._decode_chunk(seq_ids[a:b], positions[a:b],
                                                None if tokens is None else tokens[a:b],
                                                None if hidden is None else hidden[a:b], output_rows[a:b]))

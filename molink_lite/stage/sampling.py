@@ -166,9 +166,13 @@ class SamplerPool:
         self.n_vocab = n_vocab
         self._by_seq: Dict[int, SequenceSampler] = {}
 
-    def start(self, seq_id: int, params: SamplingParams) -> None:
+    def start(self, seq_id: int, params: SamplingParams, history: Sequence[int] = ()) -> None:
+        """A sampler for a sequence; ``history`` (tokens it generated before a replay) primes the penalties."""
         self.drop(seq_id)
-        self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab)
+        sampler = self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab)
+        if sampler._chain is not None:
+            for t in history:
+                _llama.llama_sampler_accept(sampler._chain, int(t))
 
     def drop(self, seq_id: int) -> None:
         s = self._by_seq.pop(seq_id, None)

@@ -32,7 +32,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
 import websockets
@@ -94,6 +94,8 @@ class StageServer:
                                         "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0,
                                         "refused_links": 0, "rejected_frames": 0}
         self._in_flight = 0  # steps received and not yet finished here
+        self.draining = False
+        self.drained = asyncio.Event()
         # (step id, start, end) of the latest steps; perf_counter is a system-wide monotonic clock, so
         # timelines of stages on one host can be compared (tests prove micro-batches overlap with it)
         self.timeline: Deque[Tuple[object, float, float]] = deque(maxlen=512)
@@ -172,10 +174,23 @@ class StageServer:
                 log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
                 self.head = None
                 self._queue.put_nowait(("reset", None, None))
+                if self.draining:
+                    self.drained.set()
             if ch is self.upstream:
                 self.upstream = None
         finally:
             self._n_conn -= 1
+
+    def begin_drain(self, timeout: float = 30.0) -> None:
+        """Ask the gateway to move this pipeline's sequences away; ``drained`` is set once it let go."""
+        if self.draining or self.head is None:
+            self.draining = True
+            self.drained.set()  # nothing to hand over (or a second signal): go now
+            return
+        self.draining = True
+        log.warning("draining: asking the gateway to move this pipeline's sequences (at most %.0f s)", timeout)
+        self._send_head({"type": "drain"}, None)
+        asyncio.get_running_loop().call_later(timeout, self.drained.set)
 
     async def _take_role(self, role: str, ch: Channel) -> None:
         """``ch`` becomes the head (gateway) or the upstream stage; a previous holder is disconnected."""
@@ -212,7 +227,9 @@ class StageServer:
         elif kind == "tokenize":
             await self._tokenize(ch, meta)
         elif kind == "stats":
-            ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline)})
+            ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline),
+                            "live_seqs": int(np.count_nonzero(self._seq_len)),
+                            "kv_positions": int(self._seq_len.sum())})
         elif kind == "ping":
             ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})
         elif kind == "probe_next":
@@ -227,6 +244,9 @@ class StageServer:
         return {"engine_decode_s": t.decode, "engine_capture_s": t.capture, "engine_steps": t.steps}
 
     async def _configure(self, ch: Channel, meta: dict) -> None:
+        if self.draining:
+            ch.reply(meta, {"type": "error", "message": "this stage is shutting down"})
+            return
         codec = meta.get("codec", self.codec)
         if codec not in CODECS:
             ch.reply(meta, {"type": "error", "message": f"unknown codec {codec!r}; choose from {', '.join(CODECS)}"})
@@ -375,9 +395,9 @@ class StageServer:
             self._free(s)
             self.stats["frees"] += 1
         if self.samplers is not None:
-            for s, params in plan.start.items():
-                self.samplers.start(s, params)
-                self.detok.start(s)
+            for s, (params, history) in plan.start.items():  # history: a replayed sequence's earlier tokens
+                self.samplers.start(s, params, history)
+                self.detok.start(s, history)
         seq, pos, n = plan.seq, plan.pos, plan.n
         fwd_meta = {k: v for k, v in meta.items() if k not in ("rid",)}
         if n == 0:
@@ -458,17 +478,49 @@ def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
 
 async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optional[str], codec: str,
                     ready_file: Optional[str] = None, key: Optional[LinkKey] = None,
-                    tls: Optional[Tuple[str, str]] = None) -> None:
-    """Serve a stage until cancelled; optionally write the bound port to ``ready_file``."""
+                    tls: Optional[Tuple[str, str]] = None, drain_timeout: float = 30.0) -> None:
+    """Serve a stage until cancelled or drained; optionally write the bound port to ``ready_file``.
+
+    SIGTERM (SIGBREAK on Windows) drains: the gateway is told to move this pipeline's sequences
+    elsewhere, and the stage exits once it has let go (at most ``drain_timeout`` seconds); a second
+    signal exits at once.
+    """
     server = StageServer(engine, host=host, port=port, next_url=next_url, codec=codec, key=key, tls=tls)
     await server.start()
+    loop = asyncio.get_running_loop()
+    restore = _on_stop_signals(lambda: loop.call_soon_threadsafe(server.begin_drain, drain_timeout))
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(str(server.port))
     try:
-        await asyncio.Future()
+        await server.drained.wait()
+        log.info("stage drained; exiting")
     finally:
+        restore()
         await server.close()
+
+
+def _on_stop_signals(callback) -> "Callable[[], None]":
+    """Run ``callback`` on SIGTERM/SIGBREAK (portable: signal.signal, main thread only); returns an undo."""
+    import signal
+
+    old = {}
+    for name in ("SIGTERM", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: callback())
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+    return restore
 
 
 __all__ = ["StageServer", "run_stage", "chain_mismatch", "RemoteError"]

@@ -8,7 +8,7 @@ Pure functions over numpy arrays: unit-testable without sockets or a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class StepPlan:
     """A checked step: what to free, which samplers to start, and the rows."""
 
     free: List[int]
-    start: Dict[int, SamplingParams]
+    start: Dict[int, Tuple[SamplingParams, List[int]]]  # sampler settings and tokens generated before (replay)
     seq: np.ndarray               # int32 [n]
     pos: np.ndarray               # int32 [n]
     tokens: Optional[np.ndarray]  # int32 [n] (first stage)
@@ -94,7 +94,7 @@ def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: StepLimits, seq_l
         raise StepError(f"unknown array(s) {sorted(extra)} in a step frame")
     free = _int_list(meta.get("free"), "free", lim.n_seq_max)
     start_raw = meta.get("start")
-    start: Dict[int, SamplingParams] = {}
+    start: Dict[int, Tuple[SamplingParams, List[int]]] = {}
     if start_raw is not None:
         if not isinstance(start_raw, dict) or len(start_raw) > lim.n_seq_max:
             raise StepError(f"'start' must map at most {lim.n_seq_max} sequence ids to sampling parameters")
@@ -102,9 +102,15 @@ def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: StepLimits, seq_l
             if not (isinstance(k, str) and k.isdigit() and int(k) < lim.n_seq_max):
                 raise StepError(f"'start' key {k!r} is not a sequence id in 0..{lim.n_seq_max - 1}")
             try:
-                start[int(k)] = SamplingParams.from_dict(v).validate()
+                params = SamplingParams.from_dict(v).validate()
             except (SamplingError, TypeError, ValueError) as e:
                 raise StepError(f"sampling parameters of sequence {k}: {e}") from None
+            history = v.get("history") or []
+            if (not isinstance(history, list) or len(history) > lim.n_ctx
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < lim.n_vocab for t in history)):
+                raise StepError(f"'history' of sequence {k} must be at most {lim.n_ctx} token ids in "
+                                f"0..{lim.n_vocab - 1}")
+            start[int(k)] = (params, history)
 
     seq = _ints(arrays, "seq", None)
     n = int(seq.shape[0])

@@ -202,8 +202,10 @@ async def connect(url: str, key: Optional[LinkKey], role: str, *, max_size: int,
     from .tls import client_context, peer_fingerprint
 
     ssl_ctx = client_context() if url.startswith("wss://") else None
+    # close_timeout: a peer that stopped answering pings will not answer a close either; do not wait 10 s for it
     ws = await websockets.connect(url, max_size=max_size, compression=None, open_timeout=open_timeout,
-                                  ping_interval=ping_interval, ping_timeout=ping_timeout, ssl=ssl_ctx)
+                                  ping_interval=ping_interval, ping_timeout=ping_timeout, ssl=ssl_ctx,
+                                  close_timeout=0.25)
     try:
         await client_handshake(ws, key, role, peer_fingerprint(ws))
     except BaseException:

@@ -93,7 +93,7 @@ import numpy as np  # noqa: E402
 from molink_lite.stage.engine import StageEngine  # noqa: E402
 from molink_lite.serving.launcher import start_stages, stop_stages  # noqa: E402
 from molink_lite.stage.sampling import SamplerPool, SamplingParams  # noqa: E402
-from molink_lite.serving.scheduler import Pipeline  # noqa: E402
+from molink_lite.serving.pipeline import Pipeline  # noqa: E402
 from molink_lite.serving.sequence import GenRequest  # noqa: E402
 from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
 from molink_lite.tools.testmodels import write_random_gguf  # noqa: E402

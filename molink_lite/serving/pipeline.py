@@ -1,0 +1,526 @@
+"""One chain of stages (a pipeline): connect, verify, send steps, take results back, notice failure.
+
+A :class:`Pipeline` owns the links to its stages (authenticated, with heartbeats), the sequence
+slots and KV reservations on them, and the steps in flight. Which rows go into a step is decided
+by :mod:`molink_lite.serving.scheduler`; what happens to requests when the pipeline fails is
+decided by :mod:`molink_lite.serving.router` (``on_lost``): the pipeline hands back every
+unfinished sequence instead of failing it.
+
+States: ``connecting`` (never up yet), ``up``, ``down`` (failed, or a stage is leaving: its sequences
+were handed back; the reconnect loop keeps trying and the pipeline comes back by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import websockets
+
+from ..stage.server import PROTOCOL_VERSION, chain_mismatch
+from ..wire import auth
+from ..wire.auth import AuthError, LinkKey
+from ..wire.channel import Channel, ChannelClosed, RemoteError
+from ..wire.codec import FrameError
+from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
+from .sequence import GenRequest, SeqState
+
+log = logging.getLogger(__name__)
+RESULT_MAX_BYTES = 64 << 20  # what the gateway accepts from a stage (results, stats, replies)
+
+
+class PipelineError(RuntimeError):
+    """A pipeline that cannot be used (unreachable, mis-tiled, mixed models), with the reason."""
+
+
+class RequestError(ValueError):
+    """A request that can never be served by this pipeline (e.g. longer than the context)."""
+
+
+@dataclass
+class _Step:
+    sid: int
+    seqs: List[Tuple[SeqState, bool]]   # (sequence, expects a token back)
+    sent_at: float
+    n_decode: int = 0
+    n_prefill: int = 0
+
+
+LostHandler = Callable[["Pipeline", List[SeqState], str], None]
+
+
+class Pipeline:
+    """One chain of stages (``urls`` in layer order) and the sequences running on it."""
+
+    def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
+                 prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
+                 name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
+                 heartbeat_timeout: float = 3.0):
+        if not urls:
+            raise PipelineError("a pipeline needs at least one stage URL")
+        self.urls = list(urls)
+        self.name = name or ",".join(self.urls)
+        self.codec = codec
+        self.max_inflight = max_inflight or len(self.urls)
+        self.auto_chunk = not prefill_chunk
+        self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
+        self.budget = PrefillBudget(self.prefill_chunk)
+        self.links: List[dict] = []  # measured stage-to-stage links (auto chunk size)
+        self.max_batch_tokens = self.max_batch_tokens_opt = max_batch_tokens
+        self.key = key
+        self.heartbeat = (heartbeat_interval, heartbeat_timeout)
+        self.step_timeout = step_timeout
+        self.channels: List[Channel] = []
+        self.infos: List[dict] = []
+        self.state = "connecting"
+        self.error = "not connected"
+        self.waiting: Deque[SeqState] = deque()
+        self.active: Dict[int, SeqState] = {}
+        self.free_slots: List[int] = []
+        self.pending_free: List[int] = []
+        self.kv_reserved = 0
+        self.n_ctx = 0
+        self.max_seqs = 0
+        self.inflight: Dict[int, _Step] = {}
+        self._sids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self.on_lost: LostHandler = _fail_lost
+        self.on_up: Callable[["Pipeline"], None] = lambda p: None
+        self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
+        self.stats = {"steps": 0, "rows": 0, "max_inflight_seen": 0, "max_seqs_in_step": 0,
+                      "completed": 0, "failed": 0, "prefill_rows": 0, "decode_rows": 0, "mixed_steps": 0,
+                      "failures": 0, "recoveries": 0, "handed_back": 0}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def healthy(self) -> bool:
+        return self.state == "up"
+
+    @property
+    def first(self) -> dict:
+        return self.infos[0]
+
+    @property
+    def prefill_budget(self) -> int:
+        return self.budget.rows
+
+    @property
+    def load(self) -> float:
+        """Share of this pipeline in use, counted now: queued and running sequences, and reserved KV."""
+        seqs = (len(self.active) + len(self.waiting)) / max(1, self.max_seqs)
+        kv = (self.kv_reserved + sum(s.need for s in self.waiting)) / max(1, self.n_ctx)
+        return max(seqs, kv)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "state": self.state, "healthy": self.healthy, "error": self.error or None,
+                "load": round(self.load, 4), "running": len(self.active), "queued": len(self.waiting),
+                "stages": self.urls, "recoveries": self.stats["recoveries"], "failures": self.stats["failures"]}
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self, timeout: float = 60.0) -> None:
+        """Connect to every stage, check the chain tiles one model, link stages, start scheduling."""
+        deadline = time.monotonic() + timeout
+        chans: List[Channel] = []
+        try:
+            for i, url in enumerate(self.urls):
+                ch = await _connect(url, deadline, self.key, self.heartbeat)
+                chans.append(ch)
+                asyncio.ensure_future(self._watch(i, ch))
+            infos = []
+            for url, ch in zip(self.urls, chans):
+                info, _ = await ch.request({"type": "hello"}, timeout=30)
+                info["url"] = url
+                infos.append(info)
+            problem = check_chain(infos)
+            if problem:
+                raise PipelineError(problem)
+            for i, ch in enumerate(chans):
+                nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
+                await ch.request({"type": "configure", "next": nxt, "codec": self.codec}, timeout=60)
+        except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
+            for ch in chans:
+                await ch.close()
+            raise PipelineError(f"pipeline {self.name}: {e}") from None
+        except BaseException:
+            for ch in chans:
+                await ch.close()
+            raise
+        self.channels, self.infos = chans, infos
+        # rows per step never exceed what every stage accepts
+        self.max_batch_tokens = min([self.max_batch_tokens_opt] + [int(i.get("max_rows") or 1 << 30) for i in infos])
+        if self.auto_chunk:
+            await self._choose_chunk()
+        self.n_ctx = min(int(i["n_ctx"]) for i in infos)
+        self.max_seqs = min(int(i["max_seqs"]) for i in infos)
+        self.free_slots = list(range(self.max_seqs - 1, -1, -1))
+        self.pending_free.clear()
+        self.kv_reserved = 0
+        was = self.state
+        self.state, self.error = "up", ""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._loop())
+        log.info("pipeline %s %s: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches", self.name,
+                 "back in service" if was == "down" else "ready", len(chans), infos[0]["arch"],
+                 infos[0]["n_layer_total"], self.max_seqs, self.n_ctx, self.max_inflight)
+        if was == "down":
+            self.stats["recoveries"] += 1
+            self.events.append({"at": time.time(), "event": "up", "message": "reconnected"})
+        self.on_up(self)
+        self._wake.set()
+
+    async def _choose_chunk(self) -> None:
+        """Pick the prefill chunk from the measured stage-to-stage links (see :func:`chunk_for_link`)."""
+        self.links = []
+        n_embd = int(self.infos[0]["n_embd"])
+        for ch, url in zip(self.channels[:-1], self.urls[1:]):
+            try:
+                meta, _ = await ch.request({"type": "probe_next", "bytes": 1 << 20}, timeout=120)
+            except (RemoteError, asyncio.TimeoutError) as e:
+                log.warning("could not measure the link to %s (%s); prefill chunk stays %d", url, e,
+                            self.prefill_chunk)
+                return
+            if meta.get("rtt_s") is None:
+                continue
+            self.links.append({"to": url, "rtt_ms": 1e3 * meta["rtt_s"], "mbit": meta["mbit"]})
+        chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, self.codec, self.max_batch_tokens)
+                  for k in self.links]
+        self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
+        self.budget.set_chunk(self.prefill_chunk)
+        for k in self.links:
+            log.info("link to %s: rtt %.2f ms, %.0f Mbit/s", k["to"], k["rtt_ms"], k["mbit"])
+        log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
+
+    async def _watch(self, idx: int, ch: Channel) -> None:
+        await ch.serve(self._on_frame)
+        if ch in self.channels and self.state == "up":
+            self.fail(f"stage {self.urls[idx]} disconnected ({ch.close_reason})")
+
+    def fail(self, message: str) -> None:
+        """The chain is broken: hand every unfinished sequence back (``on_lost``) and go down."""
+        if self.state == "down":
+            return
+        log.error("pipeline %s down: %s", self.name, message)
+        self.state, self.error = "down", message
+        self.stats["failures"] += 1
+        self.events.append({"at": time.time(), "event": "down", "message": message})
+        seqs: List[SeqState] = []
+        for st in self.inflight.values():
+            seqs.extend(s for s, _ in st.seqs)
+        seqs.extend(self.active.values())
+        seqs.extend(self.waiting)
+        self.inflight.clear()
+        self.active.clear()
+        self.waiting.clear()
+        self.kv_reserved = 0
+        self.pending_free.clear()
+        lost = list({id(s): s for s in seqs if not s.finished}.values())
+        for ch in self.channels:
+            asyncio.ensure_future(ch.close())
+        self._hand_back(lost, message)
+        self._wake.set()
+
+    def _hand_back(self, seqs: List[SeqState], message: str) -> None:
+        for s in seqs:
+            s.prepare_replay()
+        self.stats["handed_back"] += len(seqs)
+        if seqs:
+            self.on_lost(self, seqs, message)
+
+    async def close(self) -> None:
+        self.state = "down"
+        if self._task is not None:
+            self._task.cancel()
+        for ch in self.channels:
+            await ch.close()
+
+    async def reconnect_forever(self, interval: float = 1.0) -> None:
+        """Keep trying to bring a down pipeline back (a restarted stage at the same address rejoins)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.state != "down":
+                continue
+            for ch in self.channels:
+                await ch.close()
+            try:
+                await self.connect(timeout=max(interval, 2.0))
+            except (PipelineError, OSError) as e:
+                self.error = str(e)
+
+    async def watchdog(self, interval: float = 5.0) -> None:
+        """Fail steps that never came back (a frame was lost; hung stages are caught by heartbeats first)."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            late = [st for st in self.inflight.values() if now - st.sent_at > self.step_timeout]
+            if late and self.state == "up":
+                self.fail(f"step {late[0].sid} got no answer within {self.step_timeout:.0f} s")
+
+    # ------------------------------------------------------------------ requests
+    async def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        """Token ids from the first stage's tokenizer."""
+        if not self.healthy:
+            raise PipelineError(self.error)
+        meta, arrays = await self.channels[0].request(
+            {"type": "tokenize", "text": text, "add_special": add_special, "parse_special": True})
+        return arrays["tokens"]
+
+    def check(self, req: GenRequest) -> None:
+        """Raise :class:`RequestError` if the request can never fit this pipeline."""
+        n = int(req.prompt.shape[0])
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1")
+        if self.n_ctx and n + req.max_tokens > self.n_ctx:
+            raise RequestError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
+                               f"window ({self.n_ctx} tokens)")
+        if self.infos:
+            vocab = int(self.first["n_vocab"])
+            if int(req.prompt.min()) < 0 or int(req.prompt.max()) >= vocab:
+                raise RequestError(f"prompt token ids must be in 0..{vocab - 1}")
+
+    def add(self, s: SeqState, front: bool = False) -> None:
+        """Queue a sequence here (a replayed one goes to the front: it was admitted before the others)."""
+        s.pipeline = self
+        if front:
+            self.waiting.appendleft(s)
+        else:
+            self.waiting.append(s)
+        self._wake.set()
+
+    def cancel(self, s: SeqState) -> None:
+        """The client went away: stop generating and free the sequence on every stage."""
+        if s.finished:
+            return
+        s.cancelled = True
+        if s in self.waiting:
+            self.waiting.remove(s)
+            s.finished = True
+            return
+        if not s.in_flight:
+            self._release(s)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.state != "up":
+                continue
+            try:
+                self.kv_reserved = admit(self.waiting, self.free_slots, self.kv_reserved, self.n_ctx, self.active)
+                while len(self.inflight) < self.max_inflight:
+                    if not self._build_and_send():
+                        break
+            except ChannelClosed as e:
+                self.fail(str(e))
+            except Exception as e:  # noqa: BLE001 - keep serving; hand back what was involved
+                log.exception("scheduler error")
+                self.fail(f"scheduler error: {e}")
+
+    def _build_and_send(self) -> bool:
+        plan = plan_step(self.active.values(), self.max_inflight, self.max_batch_tokens, self.prefill_chunk,
+                         self.budget.rows)
+        if not plan.decode and not plan.prefill:
+            if self.pending_free and not self.inflight:
+                self._send_step([], [])
+                return True
+            return False
+        self._send_step(plan.decode, plan.prefill)
+        return True
+
+    def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]]) -> None:
+        sid = next(self._sids)
+        seq_parts, pos_parts, tok_parts, out_parts = [], [], [], []
+        entries: List[Tuple[SeqState, bool]] = []
+        start: Dict[str, dict] = {}
+        if decode:
+            n = len(decode)
+            seq_parts.append(np.fromiter((s.slot for s in decode), dtype=np.int32, count=n))
+            pos_parts.append(np.fromiter((s.decode_pos for s in decode), dtype=np.int32, count=n))
+            tok_parts.append(np.fromiter((s.generated[-1] for s in decode), dtype=np.int32, count=n))
+            out_parts.append(np.ones(n, dtype=np.uint8))
+            entries.extend((s, True) for s in decode)
+        for s, take in prefill:
+            a, b = s.prefilled, s.prefilled + take
+            seq_parts.append(np.full(take, s.slot, dtype=np.int32))
+            pos_parts.append(np.arange(a, b, dtype=np.int32))
+            tok_parts.append(s.feed[a:b])
+            done = b == s.feed.shape[0]
+            out = np.zeros(take, dtype=np.uint8)
+            out[-1] = 1 if done else 0
+            out_parts.append(out)
+            entries.append((s, done))
+            if not s.started:
+                start[str(s.slot)] = s.start_params()
+                s.started = True
+            s.prefilled = b
+        meta = {"type": "step", "step": sid, "free": self.pending_free, "start": start}
+        cat = lambda parts, dt: np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dt)  # noqa: E731
+        arrays = {"seq": cat(seq_parts, np.int32), "pos": cat(pos_parts, np.int32),
+                  "tokens": cat(tok_parts, np.int32), "out": cat(out_parts, np.uint8)}
+        try:
+            self.channels[0].send(meta, arrays)
+        except FrameError as e:  # cannot happen for checked requests; if it does, fail only this step's requests
+            log.error("step %d could not be encoded: %s", sid, e)
+            for s, _ in entries:
+                self._finish(s, error=f"internal error building a step: {e}")
+            return
+        self.pending_free = []
+        for s, _ in entries:
+            s.in_flight = True
+            s.last_sent = sid
+        n = int(arrays["seq"].shape[0])
+        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n - len(decode))
+        st = self.stats
+        st["steps"] += 1
+        st["rows"] += n
+        st["decode_rows"] += len(decode)
+        st["prefill_rows"] += n - len(decode)
+        if decode and prefill:
+            st["mixed_steps"] += 1
+        st["max_inflight_seen"] = max(st["max_inflight_seen"], len(self.inflight))
+        st["max_seqs_in_step"] = max(st["max_seqs_in_step"], len(entries))
+
+    # ------------------------------------------------------------------ results
+    async def _on_frame(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        kind = meta.get("type")
+        if kind == "result":
+            self._on_result(meta, arrays)
+        elif kind == "step_error":
+            self._on_step_error(meta)
+        elif kind == "drain":  # a stage is shutting down: move its sequences now, then let it go
+            self.fail(f"{ch.name} is shutting down (drain)")
+        elif kind == "error":
+            log.warning("stage reported: %s", meta.get("message"))
+
+    def _on_step_error(self, meta: dict) -> None:
+        """A stage could not run a step: free its sequences here and hand them back to be replayed."""
+        st = self.inflight.pop(meta.get("step"), None)
+        msg = f"stage {meta.get('stage')}: {meta.get('message')}"
+        log.warning("pipeline %s: %s", self.name, msg)
+        if st is None:
+            return
+        lost = []
+        for s, _ in st.seqs:
+            s.in_flight = False
+            if s.finished:
+                continue
+            if s.cancelled:
+                self._release(s)
+                continue
+            self._release(s, keep=True)
+            lost.append(s)
+        self._hand_back(lost, msg)
+        self._wake.set()
+
+    def _on_result(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        st = self.inflight.pop(meta.get("step"), None)
+        if st is None:
+            return  # a step whose sequences were moved away (drain) or a stale one
+        by_slot = {s.slot: s for s, _ in st.seqs}
+        for s, _ in st.seqs:
+            s.in_flight = False
+        seqs = arrays.get("seq", np.zeros(0, np.int32)).tolist()
+        toks = arrays.get("tokens", np.zeros(0, np.int32)).tolist()
+        eogs = arrays.get("eog", np.zeros(len(seqs), np.uint8)).tolist()
+        pieces = meta.get("pieces") or [""] * len(seqs)
+        now = time.perf_counter()
+        worst_itl: Optional[float] = None
+        for slot, tok, eog, piece in zip(seqs, toks, eogs, pieces):
+            s = by_slot.get(slot)
+            if s is None or s.finished or s.pipeline is not self:
+                continue
+            if s.cancelled:
+                self._release(s)
+                continue
+            if s.t_last is not None and s.t_first is not None:
+                worst_itl = max(worst_itl or 0.0, now - s.t_last)
+            reason = s.take_token(tok, bool(eog), piece, now)
+            if reason:
+                self._finish(s, reason=reason)
+        for s, _ in st.seqs:
+            if s.cancelled and not s.finished:
+                self._release(s)
+        long_running = any(is_long(s, self.prefill_chunk) and s.prefilling and not s.finished
+                           for s in self.active.values())
+        self.budget.update(worst_itl, long_running)
+        self.stats["prefill_budget"] = self.budget.rows
+        self._wake.set()
+
+    def _finish(self, s: SeqState, reason: Optional[str] = None, error: Optional[str] = None) -> None:
+        if s.end(reason, error):
+            self.stats["failed" if error is not None else "completed"] += 1
+        self._release(s)
+
+    def _release(self, s: SeqState, keep: bool = False) -> None:
+        """Give the sequence's slot and KV back (``keep``: the request itself goes on elsewhere)."""
+        if not keep:
+            s.finished = True
+        if s.slot >= 0 and self.active.get(s.slot) is s:
+            del self.active[s.slot]
+            self.kv_reserved -= s.need
+            if s.started:
+                self.pending_free.append(s.slot)
+            self.free_slots.append(s.slot)
+        self._wake.set()
+
+    async def stage_stats(self) -> List[dict]:
+        """Counters of every stage (steps, rows, most sequences in one step, ...)."""
+        out = []
+        for ch in self.channels:
+            meta, _ = await ch.request({"type": "stats"}, timeout=10)
+            out.append(meta)
+        return out
+
+
+def _fail_lost(p: Pipeline, seqs: List[SeqState], message: str) -> None:
+    """Default when no router takes sequences back: they end with the error."""
+    for s in seqs:
+        if s.end(error=message):
+            p.stats["failed"] += 1
+
+
+def check_chain(infos: Sequence[dict]) -> Optional[str]:
+    """Why these stages (in order) do not form one whole model, or None."""
+    if not infos:
+        return "no stages"
+    for i in infos:
+        if i.get("protocol") != PROTOCOL_VERSION:
+            return f"stage {i.get('url')} speaks protocol {i.get('protocol')}, expected {PROTOCOL_VERSION}"
+    if infos[0]["layer_start"] != 0:
+        return (f"the first stage ({infos[0]['url']}) starts at layer {infos[0]['layer_start']}: "
+                f"layers 0-{infos[0]['layer_start'] - 1} are served by no stage")
+    for a, b in zip(infos, infos[1:]):
+        problem = chain_mismatch(a, b)
+        if problem:
+            return f"stage {b['url']} cannot follow {a['url']}: {problem}"
+    last = infos[-1]
+    if last["layer_stop"] != last["n_layer_total"]:
+        return (f"the last stage ({last['url']}) ends at layer {last['layer_stop'] - 1}: layers "
+                f"{last['layer_stop']}-{last['n_layer_total'] - 1} are served by no stage")
+    return None
+
+
+async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat: Tuple[float, float]) -> Channel:
+    delay = 0.2
+    while True:
+        try:
+            ws = await auth.connect(url, key, "gateway", max_size=RESULT_MAX_BYTES, ping_interval=heartbeat[0],
+                                    ping_timeout=heartbeat[1])
+            return Channel(ws, name=f"stage {url}")
+        except AuthError as e:
+            raise PipelineError(f"stage {url}: authentication failed: {e}") from None
+        except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as e:
+            if time.monotonic() + delay > deadline:
+                raise PipelineError(f"cannot reach stage {url}: {e}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
