@@ -1,3 +1,5 @@
-"""The gateway side: the OpenAI HTTP API (gateway), request state (sequence), the scheduler that
-batches requests into steps and sends them down a pipeline of stages, chat templates, and the
-all-in-one local launcher (``molink-lite serve``)."""
+"""The gateway side, in the order a request meets it: the OpenAI HTTP API (gateway; openai_schema
+validates requests, http_limits caps connections, auth checks API keys, chat renders templates),
+the router (replicas, balance, failover and replay), request state (sequence), the batch policy
+(scheduler), one pipeline of stages (pipeline, over the links in chain), and the all-in-one local
+launcher (``molink-lite serve``)."""

@@ -21,22 +21,16 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import websockets
 
-from ..stage.server import PROTOCOL_VERSION, chain_mismatch
-from ..wire import auth
-from ..wire.auth import AuthError, LinkKey
-from ..wire.channel import Channel, ChannelClosed, RemoteError
+from ..wire.auth import LinkKey
+from ..wire.channel import Channel, ChannelClosed
 from ..wire.codec import FrameError
+from .chain import Chain, PipelineError, check_chain
 from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
 from .sequence import GenRequest, SeqState
 
 log = logging.getLogger(__name__)
-RESULT_MAX_BYTES = 64 << 20  # what the gateway accepts from a stage (results, stats, replies)
-
-
-class PipelineError(RuntimeError):
-    """A pipeline that cannot be used (unreachable, mis-tiled, mixed models), with the reason."""
+__all__ = ["Pipeline", "PipelineError", "RequestError", "check_chain"]
 
 
 class RequestError(ValueError):
@@ -73,11 +67,9 @@ class Pipeline:
         self.budget = PrefillBudget(self.prefill_chunk)
         self.links: List[dict] = []  # measured stage-to-stage links (auto chunk size)
         self.max_batch_tokens = self.max_batch_tokens_opt = max_batch_tokens
-        self.key = key
-        self.heartbeat = (heartbeat_interval, heartbeat_timeout)
         self.step_timeout = step_timeout
-        self.channels: List[Channel] = []
-        self.infos: List[dict] = []
+        self.chain = Chain(self.urls, codec=codec, key=key, heartbeat=(heartbeat_interval, heartbeat_timeout),
+                           name=self.name)
         self.state = "connecting"
         self.error = "not connected"
         self.waiting: Deque[SeqState] = deque()
@@ -105,7 +97,15 @@ class Pipeline:
 
     @property
     def first(self) -> dict:
-        return self.infos[0]
+        return self.chain.first
+
+    @property
+    def infos(self) -> List[dict]:
+        return self.chain.infos
+
+    @property
+    def channels(self) -> List[Channel]:
+        return self.chain.channels
 
     @property
     def prefill_budget(self) -> int:
@@ -125,38 +125,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ connection
     async def connect(self, timeout: float = 60.0) -> None:
-        """Connect to every stage, check the chain tiles one model, link stages, start scheduling."""
-        deadline = time.monotonic() + timeout
-        chans: List[Channel] = []
-        try:
-            for i, url in enumerate(self.urls):
-                ch = await _connect(url, deadline, self.key, self.heartbeat)
-                chans.append(ch)
-                asyncio.ensure_future(self._watch(i, ch))
-            infos = []
-            for url, ch in zip(self.urls, chans):
-                info, _ = await ch.request({"type": "hello"}, timeout=30)
-                info["url"] = url
-                infos.append(info)
-            problem = check_chain(infos)
-            if problem:
-                raise PipelineError(problem)
-            for i, ch in enumerate(chans):
-                nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
-                await ch.request({"type": "configure", "next": nxt, "codec": self.codec}, timeout=60)
-        except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
-            for ch in chans:
-                await ch.close()
-            raise PipelineError(f"pipeline {self.name}: {e}") from None
-        except BaseException:
-            for ch in chans:
-                await ch.close()
-            raise
-        self.channels, self.infos = chans, infos
+        """Open the chain (checked, linked), size steps for it, start scheduling; a rejoin ends here too."""
+        await self.chain.open(timeout, self._on_frame, self._on_link_closed)
+        infos = self.chain.infos
         # rows per step never exceed what every stage accepts
         self.max_batch_tokens = min([self.max_batch_tokens_opt] + [int(i.get("max_rows") or 1 << 30) for i in infos])
         if self.auto_chunk:
-            await self._choose_chunk()
+            self.links = await self.chain.probe()
+            n_embd = int(infos[0]["n_embd"])
+            chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, self.codec, self.max_batch_tokens)
+                      for k in self.links]
+            self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
+            self.budget.set_chunk(self.prefill_chunk)
+            log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         self.n_ctx = min(int(i["n_ctx"]) for i in infos)
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
@@ -167,7 +148,7 @@ class Pipeline:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
         log.info("pipeline %s %s: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches", self.name,
-                 "back in service" if was == "down" else "ready", len(chans), infos[0]["arch"],
+                 "back in service" if was == "down" else "ready", len(infos), infos[0]["arch"],
                  infos[0]["n_layer_total"], self.max_seqs, self.n_ctx, self.max_inflight)
         if was == "down":
             self.stats["recoveries"] += 1
@@ -175,32 +156,9 @@ class Pipeline:
         self.on_up(self)
         self._wake.set()
 
-    async def _choose_chunk(self) -> None:
-        """Pick the prefill chunk from the measured stage-to-stage links (see :func:`chunk_for_link`)."""
-        self.links = []
-        n_embd = int(self.infos[0]["n_embd"])
-        for ch, url in zip(self.channels[:-1], self.urls[1:]):
-            try:
-                meta, _ = await ch.request({"type": "probe_next", "bytes": 1 << 20}, timeout=120)
-            except (RemoteError, asyncio.TimeoutError) as e:
-                log.warning("could not measure the link to %s (%s); prefill chunk stays %d", url, e,
-                            self.prefill_chunk)
-                return
-            if meta.get("rtt_s") is None:
-                continue
-            self.links.append({"to": url, "rtt_ms": 1e3 * meta["rtt_s"], "mbit": meta["mbit"]})
-        chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, self.codec, self.max_batch_tokens)
-                  for k in self.links]
-        self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
-        self.budget.set_chunk(self.prefill_chunk)
-        for k in self.links:
-            log.info("link to %s: rtt %.2f ms, %.0f Mbit/s", k["to"], k["rtt_ms"], k["mbit"])
-        log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
-
-    async def _watch(self, idx: int, ch: Channel) -> None:
-        await ch.serve(self._on_frame)
+    def _on_link_closed(self, ch: Channel, url: str) -> None:
         if ch in self.channels and self.state == "up":
-            self.fail(f"stage {self.urls[idx]} disconnected ({ch.close_reason})")
+            self.fail(f"stage {url} disconnected ({ch.close_reason})")
 
     def fail(self, message: str) -> None:
         """The chain is broken: hand every unfinished sequence back (``on_lost``) and go down."""
@@ -221,8 +179,7 @@ class Pipeline:
         self.kv_reserved = 0
         self.pending_free.clear()
         lost = list({id(s): s for s in seqs if not s.finished}.values())
-        for ch in self.channels:
-            asyncio.ensure_future(ch.close())
+        self.chain.close_soon()
         self._hand_back(lost, message)
         self._wake.set()
 
@@ -237,8 +194,7 @@ class Pipeline:
         self.state = "down"
         if self._task is not None:
             self._task.cancel()
-        for ch in self.channels:
-            await ch.close()
+        await self.chain.close()
 
     async def reconnect_forever(self, interval: float = 1.0) -> None:
         """Keep trying to bring a down pipeline back (a restarted stage at the same address rejoins)."""
@@ -246,8 +202,7 @@ class Pipeline:
             await asyncio.sleep(interval)
             if self.state != "down":
                 continue
-            for ch in self.channels:
-                await ch.close()
+            await self.chain.close()
             try:
                 await self.connect(timeout=max(interval, 2.0))
             except (PipelineError, OSError) as e:
@@ -474,12 +429,7 @@ class Pipeline:
         self._wake.set()
 
     async def stage_stats(self) -> List[dict]:
-        """Counters of every stage (steps, rows, most sequences in one step, ...)."""
-        out = []
-        for ch in self.channels:
-            meta, _ = await ch.request({"type": "stats"}, timeout=10)
-            out.append(meta)
-        return out
+        return await self.chain.stage_stats()
 
 
 def _fail_lost(p: Pipeline, seqs: List[SeqState], message: str) -> None:
@@ -487,40 +437,3 @@ def _fail_lost(p: Pipeline, seqs: List[SeqState], message: str) -> None:
     for s in seqs:
         if s.end(error=message):
             p.stats["failed"] += 1
-
-
-def check_chain(infos: Sequence[dict]) -> Optional[str]:
-    """Why these stages (in order) do not form one whole model, or None."""
-    if not infos:
-        return "no stages"
-    for i in infos:
-        if i.get("protocol") != PROTOCOL_VERSION:
-            return f"stage {i.get('url')} speaks protocol {i.get('protocol')}, expected {PROTOCOL_VERSION}"
-    if infos[0]["layer_start"] != 0:
-        return (f"the first stage ({infos[0]['url']}) starts at layer {infos[0]['layer_start']}: "
-                f"layers 0-{infos[0]['layer_start'] - 1} are served by no stage")
-    for a, b in zip(infos, infos[1:]):
-        problem = chain_mismatch(a, b)
-        if problem:
-            return f"stage {b['url']} cannot follow {a['url']}: {problem}"
-    last = infos[-1]
-    if last["layer_stop"] != last["n_layer_total"]:
-        return (f"the last stage ({last['url']}) ends at layer {last['layer_stop'] - 1}: layers "
-                f"{last['layer_stop']}-{last['n_layer_total'] - 1} are served by no stage")
-    return None
-
-
-async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat: Tuple[float, float]) -> Channel:
-    delay = 0.2
-    while True:
-        try:
-            ws = await auth.connect(url, key, "gateway", max_size=RESULT_MAX_BYTES, ping_interval=heartbeat[0],
-                                    ping_timeout=heartbeat[1])
-            return Channel(ws, name=f"stage {url}")
-        except AuthError as e:
-            raise PipelineError(f"stage {url}: authentication failed: {e}") from None
-        except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as e:
-            if time.monotonic() + delay > deadline:
-                raise PipelineError(f"cannot reach stage {url}: {e}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)

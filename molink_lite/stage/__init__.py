@@ -1,3 +1,3 @@
-"""The host side: one stage serves a layer range of the model over WebSockets (server), runs it
-in llama.cpp (engine), samples on the last stage (sampling), and loads the llama.cpp libraries
-(libpath)."""
+"""The host side: one stage serves a layer range of the model over WebSockets (server), checks every
+frame against its configuration (validate), runs it in llama.cpp (engine), samples on the last stage
+(sampling), and loads the llama.cpp libraries (libpath)."""

@@ -1,0 +1,154 @@
+"""The links from the gateway to one chain of stages: open them (authenticated, with heartbeats), check
+that the stages tile one model, tell each stage where to send, and measure the stage-to-stage links.
+
+:class:`~molink_lite.serving.pipeline.Pipeline` runs sequences over a :class:`Chain`; this module
+knows nothing about requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import websockets
+
+from ..stage.server import PROTOCOL_VERSION, chain_mismatch
+from ..wire import auth
+from ..wire.auth import AuthError, LinkKey
+from ..wire.channel import Channel, ChannelClosed, RemoteError
+
+log = logging.getLogger(__name__)
+RESULT_MAX_BYTES = 64 << 20  # what the gateway accepts from a stage (results, stats, replies)
+FrameHandler = Callable[[Channel, dict, Dict[str, np.ndarray]], Awaitable[None]]
+
+
+class PipelineError(RuntimeError):
+    """A pipeline that cannot be used (unreachable, mis-tiled, mixed models), with the reason."""
+
+
+class Chain:
+    """Open links to the stages at ``urls`` (in layer order)."""
+
+    def __init__(self, urls: Sequence[str], *, codec: str, key: Optional[LinkKey], heartbeat: Tuple[float, float],
+                 name: str):
+        self.urls = list(urls)
+        self.codec = codec
+        self.key = key
+        self.heartbeat = heartbeat
+        self.name = name
+        self.channels: List[Channel] = []
+        self.infos: List[dict] = []
+
+    @property
+    def first(self) -> dict:
+        return self.infos[0]
+
+    async def open(self, timeout: float, on_frame: FrameHandler,
+                   on_closed: Callable[[Channel, str], None]) -> None:
+        """Connect to every stage, check the chain tiles one model, and link the stages to each other.
+
+        ``on_frame`` gets every frame that is not a reply; ``on_closed(channel, url)`` runs when a link ends.
+        """
+        deadline = time.monotonic() + timeout
+        chans: List[Channel] = []
+        try:
+            for url in self.urls:
+                ch = await _connect(url, deadline, self.key, self.heartbeat)
+                chans.append(ch)
+                asyncio.ensure_future(self._watch(ch, url, on_frame, on_closed))
+            infos = []
+            for url, ch in zip(self.urls, chans):
+                info, _ = await ch.request({"type": "hello"}, timeout=30)
+                info["url"] = url
+                infos.append(info)
+            problem = check_chain(infos)
+            if problem:
+                raise PipelineError(problem)
+            for i, ch in enumerate(chans):
+                nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
+                await ch.request({"type": "configure", "next": nxt, "codec": self.codec}, timeout=60)
+        except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
+            for ch in chans:
+                await ch.close()
+            raise PipelineError(f"pipeline {self.name}: {e}") from None
+        except BaseException:
+            for ch in chans:
+                await ch.close()
+            raise
+        self.channels, self.infos = chans, infos
+
+    @staticmethod
+    async def _watch(ch: Channel, url: str, on_frame: FrameHandler, on_closed: Callable[[Channel, str], None]) -> None:
+        await ch.serve(on_frame)
+        on_closed(ch, url)
+
+    async def probe(self) -> List[dict]:
+        """Round-trip time and bandwidth of each stage-to-stage link, measured by the sending stage."""
+        links = []
+        for ch, url in zip(self.channels[:-1], self.urls[1:]):
+            try:
+                meta, _ = await ch.request({"type": "probe_next", "bytes": 1 << 20}, timeout=120)
+            except (RemoteError, asyncio.TimeoutError) as e:
+                log.warning("could not measure the link to %s (%s)", url, e)
+                return []
+            if meta.get("rtt_s") is not None:
+                links.append({"to": url, "rtt_ms": 1e3 * meta["rtt_s"], "mbit": meta["mbit"]})
+        for k in links:
+            log.info("link to %s: rtt %.2f ms, %.0f Mbit/s", k["to"], k["rtt_ms"], k["mbit"])
+        return links
+
+    def close_soon(self) -> None:
+        for ch in self.channels:
+            asyncio.ensure_future(ch.close())
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+    async def stage_stats(self) -> List[dict]:
+        """Counters of every stage (steps, rows, most sequences in one step, ...)."""
+        out = []
+        for ch in self.channels:
+            meta, _ = await ch.request({"type": "stats"}, timeout=10)
+            out.append(meta)
+        return out
+
+
+def check_chain(infos: Sequence[dict]) -> Optional[str]:
+    """Why these stages (in order) do not form one whole model, or None."""
+    if not infos:
+        return "no stages"
+    for i in infos:
+        if i.get("protocol") != PROTOCOL_VERSION:
+            return f"stage {i.get('url')} speaks protocol {i.get('protocol')}, expected {PROTOCOL_VERSION}"
+    if infos[0]["layer_start"] != 0:
+        return (f"the first stage ({infos[0]['url']}) starts at layer {infos[0]['layer_start']}: "
+                f"layers 0-{infos[0]['layer_start'] - 1} are served by no stage")
+    for a, b in zip(infos, infos[1:]):
+        problem = chain_mismatch(a, b)
+        if problem:
+            return f"stage {b['url']} cannot follow {a['url']}: {problem}"
+    last = infos[-1]
+    if last["layer_stop"] != last["n_layer_total"]:
+        return (f"the last stage ({last['url']}) ends at layer {last['layer_stop'] - 1}: layers "
+                f"{last['layer_stop']}-{last['n_layer_total'] - 1} are served by no stage")
+    return None
+
+
+async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat: Tuple[float, float]) -> Channel:
+    delay = 0.2
+    while True:
+        try:
+            ws = await auth.connect(url, key, "gateway", max_size=RESULT_MAX_BYTES, ping_interval=heartbeat[0],
+                                    ping_timeout=heartbeat[1])
+            return Channel(ws, name=f"stage {url}")
+        except AuthError as e:
+            raise PipelineError(f"stage {url}: authentication failed: {e}") from None
+        except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as e:
+            if time.monotonic() + delay > deadline:
+                raise PipelineError(f"cannot reach stage {url}: {e}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
