@@ -1,4 +1,4 @@
-"""molink-lite command line: serve, stage, gateway, secret, split, bench, link, build-lib."""
+"""molink-lite command line: serve, stage, gateway, secret, split, plan, bench, link, build-lib."""
 
 from __future__ import annotations
 
@@ -36,6 +36,23 @@ def cmd_split(a: argparse.Namespace) -> int:
         return 2
     for r, p in zip(ranges, paths):
         print(f"layers {r}: {p}")
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+def cmd_plan(a: argparse.Namespace) -> int:
+    """Dry run: which host would serve which layers (nothing is started or written)."""
+    import json
+
+    from .serving.placement import PlacementError, parse_host, plan
+
+    try:
+        hosts = [parse_host(h) for h in a.host]
+        result = plan(a.model or _default_model(), hosts, n_ctx=a.ctx, n_seqs=a.max_seqs)
+    except (PlacementError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if a.json else result.describe())
     return 0
 
 
@@ -446,6 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     _split_opt(s)
     s.add_argument("-o", "--output", required=True, help="output directory")
     s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("plan", help="dry run: place a model's layers over hosts (pipelines, replicas, memory)")
+    s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--host", action="append", required=True, metavar="SPEC",
+                   help="MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A], e.g. 24GB,cuda or 8GiB,cpu,name=box1 "
+                        "(free VRAM for cuda, free RAM for cpu); repeat for each host, in preferred order")
+    s.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens per stage (default 8192)")
+    s.add_argument("--max-seqs", type=int, default=16, help="concurrent sequences (default 16)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("link", help="TCP relay emulating a slow link (delay + bandwidth cap each way)")
     s.add_argument("--listen", required=True, help="[host]:port to listen on, e.g. :9101")

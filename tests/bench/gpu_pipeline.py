@@ -94,6 +94,7 @@ from molink_lite.stage.engine import StageEngine  # noqa: E402
 from molink_lite.serving.launcher import start_stages, stop_stages  # noqa: E402
 from molink_lite.stage.sampling import SamplerPool, SamplingParams  # noqa: E402
 from molink_lite.serving.pipeline import Pipeline  # noqa: E402
+from molink_lite.serving.router import Router  # noqa: E402
 from molink_lite.serving.sequence import GenRequest  # noqa: E402
 from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
 from molink_lite.tools.testmodels import write_random_gguf  # noqa: E402
@@ -285,12 +286,13 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
     pipe = TimedPipeline(urls, codec=ARGS.codec, max_inflight=mb, prefill_chunk=ARGS.prefill_chunk,
                          max_batch_tokens=max(ARGS.batch, max(seqs)))
     await pipe.connect(timeout=120)
+    router = Router([pipe])
     rng = np.random.default_rng(1)
     greedy = SamplingParams(temperature=0.0)
     rows = []
     try:
         # warm-up (CUDA graphs, allocations, connections)
-        await asyncio.gather(*(_drain(pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len), greedy, 8)))
+        await asyncio.gather(*(_drain(router.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len), greedy, 8)))
                                for _ in range(max(seqs))))
         for n in seqs:
             if out_of_time():
@@ -299,7 +301,7 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
             steps0 = pipe.stats["steps"]
             pipe.marks.clear()
             t0 = time.perf_counter()
-            states = [pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len).astype(np.int64), greedy,
+            states = [router.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len).astype(np.int64), greedy,
                                              ARGS.steps)) for _ in range(n)]
             await asyncio.gather(*(_drain(s) for s in states))
             t1 = time.perf_counter()
@@ -338,7 +340,7 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
         for rep in range(3):
             if out_of_time():
                 break
-            s = pipe.submit(GenRequest(rng.integers(3, n_vocab, ARGS.ttft_prompt).astype(np.int64), greedy, 1))
+            s = router.submit(GenRequest(rng.integers(3, n_vocab, ARGS.ttft_prompt).astype(np.int64), greedy, 1))
             await _drain(s)
             ttft.append(s.t_first - s.t_submit)
         if ttft:
