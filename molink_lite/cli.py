@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -166,6 +167,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
     if sec is None:
         return 2
     key, tls = sec
+    if a.join:
+        return _stage_join(a, key, tls)
     model = a.model or _default_model()
     try:
         info = read_model_info(model)
@@ -189,6 +192,62 @@ def cmd_stage(a: argparse.Namespace) -> int:
         return 2
     finally:
         engine.close()
+    return 0
+
+
+def _stage_join(a: argparse.Namespace, key, tls) -> int:
+    """``stage --join URL``: register with the gateway, fetch the assigned layers, serve them."""
+    import socket
+
+    import llama_cpp.llama_cpp as ll
+
+    from .model.split import default_cache_dir
+    from .serving.placement import parse_size
+    from .stage.engine import EngineError, StageEngine
+    from .stage.join import JoinError, Membership, free_memory_bytes
+    from .stage.server import run_stage
+
+    if a.model or a.layers:
+        print("error: --join takes its layers from the gateway: drop --model/--layers", file=sys.stderr)
+        return 2
+    try:
+        cap = parse_size(a.max_memory) if a.max_memory else None
+    except ValueError as e:
+        print(f"error: --max-memory: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        m = Membership(a.join, key, Path(a.cache_dir) if a.cache_dir else default_cache_dir())
+        local_ip = await m.open()
+        memory = free_memory_bytes() if cap is None else min(cap, free_memory_bytes())
+        backend = "cuda" if ll.llama_supports_gpu_offload() else "cpu"
+        assign = await m.join(name=a.name or socket.gethostname(), backend=backend, memory_bytes=memory,
+                              advertise=a.advertise or "")
+        path = await m.fetch(assign)
+        engine = StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
+                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn))
+        host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
+
+        async def ready(port: int) -> None:
+            await m.ready(a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}")
+
+        try:
+            await run_stage(engine, a.host, a.port, a.next, str(assign["codec"]), a.ready_file, key=key, tls=tls,
+                            on_listen=ready)
+        finally:
+            engine.close()
+            await m.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except (JoinError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -253,6 +312,7 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
                                  chat_template=a.chat_template, key=key,
                                  ssl_context=server_context(*tls) if tls else None, api_keys=api_keys,
                                  max_connections=a.max_connections, header_timeout=a.header_timeout,
+                                 join_model=a.model, join_ctx=a.ctx, join_seqs=a.max_seqs, join_settle=a.join_settle,
                                  **_resilience_kw(a))
     print(f"molink-lite gateway: {'https' if tls else 'http'}://{a.host}:{a.port}/v1", flush=True)
     try:
@@ -264,6 +324,10 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
 def cmd_gateway(a: argparse.Namespace) -> int:
     from .serving.pipeline import PipelineError
 
+    if not a.pipeline and not a.model:
+        print("error: give --pipeline ws://a,ws://b (stages you started) or --model M.gguf (stages join with "
+              "`stage --join`)", file=sys.stderr)
+        return 2
     sec = _link_security(a, a.host, "gateway")
     api_keys = _api_keys(a) if sec is not None else None
     if sec is None or api_keys is None:
@@ -520,13 +584,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=512, help="llama.cpp batch size in tokens (default 512)")
     s.add_argument("--cache-dir", default=None, help="where stage GGUFs are cached (default ~/.cache/molink-lite)")
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--join", metavar="URL", default=None,
+                   help="join the gateway at http(s)://host:port (started with --model): it assigns this stage's "
+                        "layers and sends only those; no --model/--layers needed")
+    s.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="with --join: offer at most this much memory, e.g. 6GB (default: the free RAM)")
+    s.add_argument("--advertise", default=None, metavar="URL",
+                   help="with --join: the ws(s)://host:port other machines reach this stage at (default: this "
+                        "host's address towards the gateway and the bound port)")
+    s.add_argument("--name", default=None, help="with --join: this host's name in the plan (default: hostname)")
     _security_opts(s, "the stage's links (wss://)")
     _engine_opts(s)
     s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("gateway", help="OpenAI-compatible HTTP API over one or more stage pipelines")
-    s.add_argument("--pipeline", action="append", required=True,
+    s.add_argument("--pipeline", action="append", default=[],
                    help="comma-separated stage URLs in layer order; repeat for replicas")
+    s.add_argument("--model", default=None,
+                   help="join mode: this gateway holds the GGUF; stages started with `stage --join` register, get "
+                        "their layer range by placement and fetch only those layers from here")
+    s.add_argument("--ctx", type=int, default=8192, help="join mode: KV cache size each placed stage gets")
+    s.add_argument("--max-seqs", type=int, default=16, help="join mode: sequences each placed stage serves at once")
+    s.add_argument("--join-settle", type=float, default=3.0,
+                   help="join mode: place layers once no other stage has joined for this many seconds (default 3)")
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
     s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="hidden-state wire codec")

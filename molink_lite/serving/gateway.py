@@ -41,7 +41,7 @@ from .router import Overloaded, Router
 from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
-_OPEN_PATHS = ("/health",)
+_OPEN_PATHS = ("/health", "/cluster")  # /cluster: joining stages authenticate with the cluster secret
 
 
 class Gateway:
@@ -51,6 +51,7 @@ class Gateway:
                  chat_template: Optional[str] = None, api_keys: Sequence[str] = (),
                  body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.router = router
+        self.cluster: Any = None  # serving.cluster.Cluster when stages join this gateway
         self.pipelines = router.pipelines
         self._model_name = model_name
         self.api_keys = ApiKeys(api_keys)
@@ -89,8 +90,7 @@ class Gateway:
 
     async def _startup(self, app: web.Application) -> None:
         for p in self.pipelines:
-            self._bg.append(asyncio.ensure_future(p.watchdog()))
-            self._bg.append(asyncio.ensure_future(p.reconnect_forever()))
+            p.start_background()
         self._bg.append(asyncio.ensure_future(self.router.expire_parked()))
 
     async def _cleanup(self, app: web.Application) -> None:
@@ -156,7 +156,7 @@ class Gateway:
                     entry["stages_error"] = str(e)
             out.append(entry)
         return _json({"status": self.router.status, "router": self.router.stats, "queued": self.router.queued,
-                      "pipelines": out})
+                      "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None})
 
     # ------------------------------------------------------------------ parsing
     async def _body(self, request: web.Request) -> dict:
@@ -198,7 +198,7 @@ class Gateway:
         if isinstance(prompt, str):
             tokens = await self._tokenize(prompt, add_special=True)
         else:
-            n_vocab = int(self.router.any().first["n_vocab"])
+            n_vocab = int((await self._facts()).first["n_vocab"])
             if min(prompt) < 0 or max(prompt) >= n_vocab:
                 raise _invalid(f"prompt token ids must be in 0..{n_vocab - 1}", "prompt")
             tokens = np.asarray(prompt, dtype=np.int32)
@@ -214,15 +214,23 @@ class Gateway:
         stop = parse_stop(body)
         ignore_eos = _boolean(body, "ignore_eos", False)
         parse_max_tokens(body, 1)  # checked now; the default depends on the prompt's length
-        chat_prompt = self._apply_template(messages)
+        pipe = await self._facts()
+        chat_prompt = self._apply_template(pipe, messages)
         tokens = await self._tokenize(chat_prompt.text, add_special=chat_prompt.add_special)
-        max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, self.router.any().n_ctx - int(tokens.shape[0])))
+        max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
         req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in chat_prompt.stop if s],
                          ignore_eos=ignore_eos)
         return await self._run(request, req, opts, chat=True)
 
-    def _apply_template(self, messages: list) -> ChatPrompt:
-        info = self.router.any().first
+    async def _facts(self) -> Pipeline:
+        """An up pipeline to read model facts from (vocabulary, context, template); waits like a request does."""
+        try:
+            return await self.router.wait_up()
+        except PipelineError as e:
+            raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
+
+    def _apply_template(self, pipe: Pipeline, messages: list) -> ChatPrompt:
+        info = pipe.first
         try:
             return render_chat(messages, template=self.chat_template or info.get("chat_template"), arch=info["arch"],
                                bos=info.get("bos", ""), eos=info.get("eos", ""), builtin=self.builtin_template)
@@ -230,7 +238,7 @@ class Gateway:
             raise _invalid(_short(str(e), 500), "messages") from None
 
     async def _tokenize(self, text: str, add_special: bool) -> np.ndarray:
-        n_ctx = self.router.any().n_ctx
+        n_ctx = (await self._facts()).n_ctx
         n_bytes = len(text.encode("utf-8", "surrogatepass"))
         if n_bytes > MAX_BYTES_PER_TOKEN * n_ctx:
             raise ApiError(400, f"the prompt ({n_bytes} bytes) cannot fit the context window ({n_ctx} tokens)",
@@ -338,7 +346,8 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
                         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
                         body_timeout: float = DEFAULT_BODY_TIMEOUT, recover_timeout: float = 60.0,
-                        max_queue: int = 1024, **pipeline_kw: Any) -> web.AppRunner:
+                        max_queue: int = 1024, join_model: Optional[str] = None, join_ctx: int = 8192,
+                        join_seqs: int = 16, join_settle: float = 3.0, **pipeline_kw: Any) -> web.AppRunner:
     """Connect every pipeline (failing fast on a bad chain) and start serving HTTP (HTTPS with ``ssl_context``).
 
     ``api_keys``: when given, every endpoint but ``GET /health`` needs ``Authorization: Bearer <key>``.
@@ -347,7 +356,8 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
     ``keepalive_timeout``: an idle keep-alive connection is closed after it; ``body_timeout``: seconds
     for a request's body. ``recover_timeout``: how long a request waits for a pipeline to come back when none
     is up; ``max_queue``: requests waiting for a slot at most (more get 429). ``pipeline_kw`` goes to each
-    :class:`Pipeline`.
+    :class:`Pipeline`. ``join_model``: the gateway holds this GGUF and stages join at ``/cluster``
+    (:mod:`molink_lite.serving.cluster`), placed for ``join_ctx`` tokens and ``join_seqs`` sequences.
     """
     ConnectionGuard(max_connections, header_timeout)  # bad limits fail before connecting anything
     pipes = [Pipeline(urls, codec=codec, max_inflight=max_inflight, prefill_chunk=prefill_chunk,
@@ -355,8 +365,20 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
              for i, urls in enumerate(pipeline_urls)]
     await asyncio.gather(*(p.connect(timeout=connect_timeout) for p in pipes))
     router = Router(pipes, recover_timeout=recover_timeout, max_queue=max_queue)
-    gw = Gateway(router, model_name, chat_template, api_keys=api_keys, body_timeout=body_timeout)
-    runner, site = await serve_app(gw.app(), host, port, ssl_context=ssl_context, max_connections=max_connections,
+    app_model_name = model_name
+    cluster = None
+    if join_model:
+        from .cluster import Cluster
+
+        cluster = Cluster(join_model, router, pipeline_kw.get("key"), n_ctx=join_ctx, n_seqs=join_seqs, codec=codec,
+                          settle=join_settle, pipeline_kw={k: v for k, v in pipeline_kw.items() if k != "key"})
+        app_model_name = model_name or cluster.info.name
+    gw = Gateway(router, app_model_name, chat_template, api_keys=api_keys, body_timeout=body_timeout)
+    app = gw.app()
+    if cluster is not None:
+        cluster.routes(app)
+        gw.cluster = cluster
+    runner, site = await serve_app(app, host, port, ssl_context=ssl_context, max_connections=max_connections,
                                    header_timeout=header_timeout, keepalive_timeout=keepalive_timeout)
     log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections, header timeout %g s",
              site.name, gw.model_name, len(pipes),

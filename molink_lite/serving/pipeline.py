@@ -83,6 +83,7 @@ class Pipeline:
         self._sids = itertools.count(1)
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
+        self._bg: List[asyncio.Task] = []
         self.on_lost: LostHandler = _fail_lost
         self.on_up: Callable[["Pipeline"], None] = lambda p: None
         self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
@@ -190,8 +191,15 @@ class Pipeline:
         if seqs:
             self.on_lost(self, seqs, message)
 
+    def start_background(self) -> None:
+        """The watchdog and the reconnect loop (once; the gateway calls this when it starts or adds the pipeline)."""
+        if not self._bg:
+            self._bg = [asyncio.ensure_future(self.watchdog()), asyncio.ensure_future(self.reconnect_forever())]
+
     async def close(self) -> None:
         self.state = "down"
+        for t in self._bg:
+            t.cancel()
         if self._task is not None:
             self._task.cancel()
         await self.chain.close()

@@ -53,6 +53,15 @@ class Router:
             p.on_up = self._on_up
         self._refresh_up()
 
+    def add(self, p: Pipeline) -> None:
+        """A pipeline that came up after start (joined stages): it takes parked requests and new ones."""
+        p.on_lost = self._on_lost
+        p.on_up = self._on_up
+        self.pipelines.append(p)
+        p.start_background()
+        if p.healthy:
+            self._on_up(p)
+
     # ------------------------------------------------------------------ state
     def up(self) -> List[Pipeline]:
         return [p for p in self.pipelines if p.healthy]
@@ -70,7 +79,7 @@ class Router:
     @property
     def status(self) -> str:
         n = len(self.up())
-        return "ok" if n == len(self.pipelines) else "degraded" if n else "unavailable"
+        return "unavailable" if not n else "ok" if n == len(self.pipelines) else "degraded"
 
     def describe(self) -> List[dict]:
         out = []
@@ -84,6 +93,8 @@ class Router:
     def any(self) -> Pipeline:
         """A pipeline to read model facts from (the first up one, else the first)."""
         ups = self.up()
+        if not ups and not self.pipelines:
+            raise PipelineError("no pipeline yet (stages are still joining)")
         return ups[0] if ups else self.pipelines[0]
 
     async def wait_up(self, timeout: Optional[float] = None) -> Pipeline:
@@ -120,7 +131,7 @@ class Router:
                              f"retry shortly")
         ups = self.up()
         target = min(ups, key=lambda p: p.load) if ups else None
-        (target or self.pipelines[0]).check(req)
+        (target or self.any()).check(req)
         try:  # what goes into a step must serialize: a bad request fails alone, never a whole step
             orjson.dumps(req.params.validate().to_dict())
         except (TypeError, ValueError) as e:

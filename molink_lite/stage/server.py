@@ -32,7 +32,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Awaitable, Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
 import websockets
@@ -165,6 +165,9 @@ class StageServer:
                 return
             finally:
                 self._n_handshakes -= 1
+            if role not in ROLE_FRAMES:
+                await ws.close(auth.CLOSE_AUTH, f"a {role} link cannot talk to a stage")
+                return
             ch = Channel(ws, name=f"{role} {peer}")
             ch.role = role
             if role == "upstream":
@@ -478,7 +481,8 @@ def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
 
 async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optional[str], codec: str,
                     ready_file: Optional[str] = None, key: Optional[LinkKey] = None,
-                    tls: Optional[Tuple[str, str]] = None, drain_timeout: float = 30.0) -> None:
+                    tls: Optional[Tuple[str, str]] = None, drain_timeout: float = 30.0,
+                    on_listen: Optional[Callable[[int], Awaitable[None]]] = None) -> None:
     """Serve a stage until cancelled or drained; optionally write the bound port to ``ready_file``.
 
     SIGTERM (SIGBREAK on Windows) drains: the gateway is told to move this pipeline's sequences
@@ -493,6 +497,8 @@ async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optiona
         with open(ready_file, "w") as f:
             f.write(str(server.port))
     try:
+        if on_listen is not None:  # e.g. tell the gateway this joined stage now serves
+            await on_listen(server.port)
         await server.drained.wait()
         log.info("stage drained; exiting")
     finally:

@@ -12,8 +12,8 @@ fresh 32-byte nonces, so a recorded transcript cannot be replayed against either
 the SHA-256 fingerprint of the server's TLS certificate: the server puts in its own, the client the
 one it actually received. A man in the middle presenting another certificate therefore makes both
 MACs fail, which pins self-signed certificates without any CA (``--tls auto``).
-``R`` is what the client will be on this link: ``gateway`` (controls the stage) or ``upstream``
-(the previous stage, which only sends steps).
+``R`` is what the client will be on this link: ``gateway`` (controls the stage), ``upstream``
+(the previous stage, which only sends steps) or ``member`` (a stage joining a gateway).
 
 With no secret on either side (loopback, or ``--insecure``) the same messages flow with
 ``auth: "none"`` and no MACs. A side that has a secret refuses a peer that has none.
@@ -37,7 +37,7 @@ import websockets
 log = logging.getLogger(__name__)
 
 VERSION = 1
-ROLES = ("gateway", "upstream")
+ROLES = ("gateway", "upstream", "member")
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_AUTH = 4401        # WebSocket close code: authentication failed
 CLOSE_BUSY = 1013        # try again later (too many connections or handshakes)

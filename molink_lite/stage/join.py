@@ -1,0 +1,180 @@
+"""A stage that joins a gateway instead of being configured by hand (``molink-lite stage --join URL``).
+
+Over one authenticated WebSocket to the gateway (``/cluster``, same cluster-secret handshake as
+every link, role ``member``): report what this host offers (backend, free memory capped by
+``--max-memory``, the address peers should use), wait for a layer range, then fetch only that
+range's partial GGUF from the gateway: streamed in chunks, resumable (a ``.part`` file continues
+where it stopped), SHA-256 verified, written straight into the local cache. The host never stores
+or reads the whole model file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import orjson
+
+from ..wire import auth
+from ..wire.auth import LinkKey
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class JoinError(RuntimeError):
+    """Joining failed; the message says why."""
+
+
+@dataclass
+class Assignment:
+    layers: str            # "a-b", inclusive
+    path: Path             # the fetched partial GGUF
+    n_ctx: int
+    n_seqs: int
+    codec: str
+
+
+def free_memory_bytes() -> int:
+    """Free RAM (psutil when installed, else /proc/meminfo; a conservative 4 GiB elsewhere)."""
+    try:
+        import psutil  # type: ignore
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def cluster_url(gateway: str) -> str:
+    """ws(s)://host:port/cluster from the gateway's http(s) address."""
+    g = gateway.rstrip("/")
+    if g.startswith("https://"):
+        return "wss://" + g[len("https://"):] + "/cluster"
+    if g.startswith("http://"):
+        return "ws://" + g[len("http://"):] + "/cluster"
+    if g.startswith(("ws://", "wss://")):
+        return g if g.endswith("/cluster") else g + "/cluster"
+    raise JoinError(f"--join needs the gateway's http(s):// address, got {gateway!r}")
+
+
+class Membership:
+    """This stage's link to the gateway while it joins, fetches and serves."""
+
+    def __init__(self, gateway: str, key: Optional[LinkKey], cache_dir: Path):
+        self.url = cluster_url(gateway)
+        self.key = key
+        self.cache_dir = Path(cache_dir)
+        self.ws: Any = None
+
+    async def open(self, timeout: float = 600.0) -> str:
+        """Connect and authenticate (retrying while the gateway is not up yet, at most ``timeout`` seconds);
+        returns this host's address on the connection towards the gateway."""
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self.ws = await auth.connect(self.url, self.key, "member", max_size=4 * CHUNK, ping_interval=20,
+                                             ping_timeout=60)
+                break
+            except auth.AuthError as e:
+                raise JoinError(f"the gateway refused to let this stage join: {e}") from None
+            except Exception as e:  # noqa: BLE001 - not reachable (yet)
+                if time.monotonic() + delay > deadline:
+                    raise JoinError(f"cannot reach the gateway at {self.url}: {e}") from None
+                log.info("waiting for the gateway at %s (%s)", self.url, e)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        local = self.ws.local_address
+        return str(local[0]) if local else socket.gethostname()
+
+    async def _send(self, obj: dict) -> None:
+        await self.ws.send(orjson.dumps(obj).decode())
+
+    async def _recv(self) -> Any:
+        try:
+            return await self.ws.recv()
+        except Exception as e:  # noqa: BLE001 - the gateway went away
+            raise JoinError(f"the gateway closed the cluster link: {e}") from None
+
+    async def _recv_json(self) -> dict:
+        msg = await self._recv()
+        if not isinstance(msg, str):
+            raise JoinError("unexpected binary message from the gateway")
+        data = orjson.loads(msg)
+        if data.get("t") == "error":
+            raise JoinError(f"the gateway says: {data.get('message')}")
+        return data
+
+    async def join(self, *, name: str, backend: str, memory_bytes: int, advertise: str) -> dict:
+        """Register and wait for a layer range (``{"t": "assign", ...}``)."""
+        await self._send({"t": "join", "name": name, "backend": backend, "memory_bytes": int(memory_bytes),
+                          "advertise": advertise})
+        log.info("joined %s as %s (%s, %.0f MiB offered); waiting for a layer range", self.url, name, backend,
+                 memory_bytes / 2**20)
+        while True:
+            msg = await self._recv_json()
+            if msg.get("t") == "assign":
+                return msg
+            if msg.get("t") == "wait":
+                log.info("gateway: %s", msg.get("message"))
+
+    async def fetch(self, assign: dict) -> Path:
+        """Download the assigned partial GGUF (resuming a .part file), verify its SHA-256, return its path."""
+        dst = self.cache_dir / "joined" / str(assign["fingerprint"]) / str(assign["file"])
+        size, sha = int(assign["size"]), str(assign["sha256"])
+        if dst.exists() and dst.stat().st_size == size:
+            log.info("layer file already here: %s", dst)
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        part = dst.with_name(dst.name + ".part")
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > size:
+            part.unlink()
+            offset = 0
+        h = hashlib.sha256()
+        if offset:
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(CHUNK), b""):
+                    h.update(block)
+            log.info("resuming the download at %.1f of %.1f MiB", offset / 2**20, size / 2**20)
+        await self._send({"t": "fetch", "offset": offset})
+        done, step = offset, max(size // 10, CHUNK)
+        with open(part, "ab") as f:
+            while done < size:
+                chunk = await self._recv()
+                if isinstance(chunk, str):
+                    raise JoinError(f"download interrupted: {chunk[:200]}")
+                f.write(chunk)
+                h.update(chunk)
+                if (done + len(chunk)) // step != done // step:
+                    log.info("fetched %.0f%% of layers %s (%.1f MiB)", 100 * (done + len(chunk)) / size,
+                             assign["layers"], size / 2**20)
+                done += len(chunk)
+        if done != size or h.hexdigest() != sha:
+            part.unlink(missing_ok=True)
+            raise JoinError(f"the downloaded layer file is corrupt (sha256 {h.hexdigest()[:16]}..., expected "
+                            f"{sha[:16]}...); run the stage again to download it anew")
+        os.replace(part, dst)
+        return dst
+
+    async def ready(self, url: str) -> None:
+        await self._send({"t": "ready", "url": url})
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()

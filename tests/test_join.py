@@ -1,0 +1,134 @@
+"""Stages that join a gateway: placement by declared memory, each fetching only its layers.
+
+Real processes: a gateway holding a tiny model file, three stage processes that were never given the
+model (each with its own cache directory), `--join` over the authenticated cluster link.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401 - before numpy
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from molink_lite.model.vocab import Detokenizer, Vocab
+from molink_lite.stage.engine import StageEngine
+from molink_lite.wire.auth import new_secret
+
+from chain import greedy_run
+from serving import free_port, http
+
+pytestmark = pytest.mark.slow
+SECRET = new_secret()
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def _spawn(args, log: Path, cache: Path):
+    env = {**os.environ, "MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache)}
+    out = open(log, "wb")
+    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                         env=env)
+    out.close()
+    return p
+
+
+def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
+    model = tiny_models("llama", n_layer=12, n_embd=256, n_head=4, n_vocab=512)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = _spawn(["gateway", "--model", model, "--port", str(port), "--codec", "f32", "--ctx", "512",
+                 "--max-seqs", "4", "--join-settle", "2"], tmp_path / "gateway.log", tmp_path / "gwcache")
+    stages = []
+    try:
+        for i, mem in enumerate(["60MiB", "60MiB", "60MiB", "30MiB"]):  # the last cannot hold even one layer
+            cache = tmp_path / f"cache{i}"
+            cache.mkdir()
+            stages.append((_spawn(["stage", "--join", url, "--host", "127.0.0.1", "--port", "0", "--max-memory", mem,
+                                   "--name", f"h{i}", "--threads", "1", "--flash-attn", "off"],
+                                  tmp_path / f"stage{i}.log", cache), cache))
+            time.sleep(0.3)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if gw.poll() is not None:
+                break
+            try:
+                if http("GET", url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
+        assert http("GET", url + "/health", timeout=5)[0] == 200, logs
+        status, st = http("GET", url + "/v1/stats")
+        plan = st["placement"][0]
+        stages_plan = plan["pipelines"][0]["stages"]
+        ranges = [s["layers"] for s in stages_plan]
+        print(f"\nplan: {[(s['host']['name'], s['layers']) for s in stages_plan]}; "
+              f"unused: {[(u['host']['name'], u['reason']) for u in plan['unused']]}")
+        assert ranges == ["0-3", "4-7", "8-11"]  # covers every layer, once
+        assert plan["unused"][0]["host"]["name"] == "h3" and "needs at least" in plan["unused"][0]["reason"]
+        assert stages[3][0].wait(60) == 2  # told why and not used
+        assert "cannot serve a layer" in (tmp_path / "stage3.log").read_text()
+        # each stage stores only its share of the model (4 of 12 layers plus embeddings or head)
+        size = Path(model).stat().st_size
+        held = [_dir_bytes(c) for _, c in stages[:3]]
+        print(f"model {size / 2**20:.1f} MiB; stage caches {[round(h / 2**20, 1) for h in held]} MiB")
+        for h in held:
+            assert h <= 1.05 * size * 4 / 12 + (1 << 20)
+        # greedy output over the f32 wire equals the whole model's, token for token (ignore_eos: full length;
+        # the reference text is decoded by the same incremental detokenizer the last stage uses)
+        whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
+        try:
+            detok = Detokenizer(Vocab(whole.model_ptr))
+            for i, prompt in enumerate(([1, 5, 9, 200, 31], [7, 7, 300])):
+                _, toks = greedy_run([whole], [prompt], 11)
+                detok.start(i)
+                want = "".join(detok.pieces(np.full(12, i), toks[0], np.arange(12) == 11))
+                status, body = http("POST", url + "/v1/completions",
+                                    {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+                assert status == 200, body
+                assert body["usage"]["completion_tokens"] == 12
+                assert body["choices"][0]["text"] == want
+        finally:
+            whole.close()
+    finally:
+        for p, _ in stages:
+            if p.poll() is None:
+                p.terminate()
+        gw.terminate()
+        for p, _ in stages:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        gw.wait(20)
+
+
+def test_join_with_a_wrong_secret_is_refused(tiny_models, tmp_path):
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    port = free_port()
+    gw = _spawn(["gateway", "--model", model, "--port", str(port)], tmp_path / "gw.log", tmp_path / "c0")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                http("GET", f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        env = {**os.environ, "MOLINK_SECRET": "w" * 64, "MOLINK_CACHE": str(tmp_path / "c1")}
+        p = subprocess.run([sys.executable, "-m", "molink_lite.cli", "stage", "--join", f"http://127.0.0.1:{port}",
+                            "--host", "127.0.0.1", "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 2 and "refused" in p.stderr
+    finally:
+        gw.terminate()
+        gw.wait(20)
