@@ -132,3 +132,87 @@ def test_join_with_a_wrong_secret_is_refused(tiny_models, tmp_path):
     finally:
         gw.terminate()
         gw.wait(20)
+
+
+def _wait_health(url: str, procs, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if http("GET", url + "/health", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("the joined cluster never came up")
+
+
+def test_a_download_killed_midway_resumes_and_a_later_host_becomes_a_replica(tiny_models, tmp_path):
+    """Stages fetch through a 10 Mbit/s relay; one is killed mid-download and started again: it takes its
+    layers back and resumes the file where it stopped. A fourth host joining later forms a replica that
+    takes load."""
+    model = tiny_models("llama", n_layer=12, n_embd=256, n_head=4, n_vocab=512)
+    port, rport = free_port(), free_port()
+    gw = _spawn(["gateway", "--model", model, "--port", str(port), "--codec", "f32", "--ctx", "512",
+                 "--max-seqs", "4", "--join-settle", "2"], tmp_path / "gateway.log", tmp_path / "gwcache")
+    relay = _spawn(["link", "--listen", f"127.0.0.1:{rport}", "--to", f"127.0.0.1:{port}", "--rate-mbit", "10"],
+                   tmp_path / "relay.log", tmp_path / "rc")
+    via = f"http://127.0.0.1:{rport}"
+    procs = []
+
+    def stage(i: int, mem: str, url: str):
+        cache = tmp_path / f"cache{i}"
+        cache.mkdir(exist_ok=True)
+        p = _spawn(["stage", "--join", url, "--host", "127.0.0.1", "--port", "0", "--max-memory", mem,
+                    "--name", f"h{i}", "--threads", "1", "--flash-attn", "off"], tmp_path / f"stage{i}-{len(procs)}.log",
+                   cache)
+        procs.append(p)
+        return p, cache
+
+    try:
+        first, cache0 = stage(0, "60MiB", via)
+        stage(1, "60MiB", via)
+        stage(2, "60MiB", via)
+        deadline = time.monotonic() + 120
+        part = None
+        while time.monotonic() < deadline:
+            parts = list(cache0.rglob("*.part"))
+            if parts and parts[0].stat().st_size > (2 << 20):
+                part = parts[0]
+                break
+            time.sleep(0.05)
+        assert part is not None, "no download started"
+        first.kill()
+        first.wait(10)
+        got = part.stat().st_size
+        again, _ = stage(0, "60MiB", via)
+        _wait_health(f"http://127.0.0.1:{port}", procs)
+        log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("stage0-*.log"))
+        assert "resuming the download at" in log, log[-3000:]
+        print(f"\nkilled after {got / 2**20:.1f} MiB; the restarted stage resumed there")
+        # a fourth host with room for the whole model joins later: a replica pipeline that takes load
+        stage(3, "200MiB", f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status, st = http("GET", f"http://127.0.0.1:{port}/v1/stats")
+            if len([p for p in st["pipelines"] if p["state"] == "up"]) == 2:
+                break
+            time.sleep(0.5)
+        assert len([p for p in st["pipelines"] if p["state"] == "up"]) == 2, st
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(8) as pool:
+            res = list(pool.map(lambda i: http("POST", f"http://127.0.0.1:{port}/v1/completions",
+                                               {"prompt": [1, 2, 3, i + 4], "max_tokens": 8, "ignore_eos": True}),
+                                range(8)))
+        assert all(r[0] == 200 for r in res)
+        done = [p["scheduler"]["completed"] for p in http("GET", f"http://127.0.0.1:{port}/v1/stats")[1]["pipelines"]]
+        assert min(done) >= 1, done
+    finally:
+        for p in procs + [relay]:
+            if p.poll() is None:
+                p.terminate()
+        gw.terminate()
+        for p in procs + [relay, gw]:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -64,6 +64,19 @@ class Member:
     ws: _WS
     assigned: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    slot: Optional["Slot"] = None
+
+
+@dataclass
+class Slot:
+    """One stage of a placed pipeline: its layers, its file, the host serving it (None once it left)."""
+
+    assign: dict
+    est_bytes: int
+    member: Optional[Member] = None
+    url: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    pipeline: Optional[Pipeline] = None
+    index: int = 0
 
 
 class Cluster:
@@ -83,6 +96,7 @@ class Cluster:
         self.waiting: List[Member] = []
         self.members: Dict[str, Member] = {}
         self.plans: List[dict] = []
+        self.slots: List[Slot] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._n_pipes = 0
 
@@ -111,10 +125,38 @@ class Cluster:
             if not isinstance(e, asyncio.CancelledError):
                 log.warning("stage %s left the cluster link: %s", member.spec.name if member else peer, e)
         finally:
-            if member is not None and member in self.waiting:
-                self.waiting.remove(member)
+            if member is not None:
+                self._left(member)
             await ws.close()
         return ws
+
+    def _left(self, m: Member) -> None:
+        """A host went away: its layers wait for the next host that joins and can hold them."""
+        if m in self.waiting:
+            self.waiting.remove(m)
+        self.members.pop(m.spec.name, None)
+        slot = m.slot
+        if slot is not None and slot.member is m:
+            slot.member = None
+            log.warning("stage %s left; layers %s wait for a host with %.0f MiB (requests are replayed meanwhile)",
+                        m.spec.name, slot.assign["layers"], slot.est_bytes / 2**20)
+
+    def _take_over(self, m: Member) -> bool:
+        """Give a newly joined host the layers of a host that left, if it can hold them."""
+        for slot in self.slots:
+            if slot.member is None and m.spec.memory_bytes >= slot.est_bytes:
+                self._give(m, slot)
+                log.info("stage %s takes over layers %s", m.spec.name, slot.assign["layers"])
+                return True
+        return False
+
+    @staticmethod
+    def _give(m: Member, slot: Slot) -> None:
+        slot.member = m
+        m.slot = slot
+        if slot.url.done():  # the pipeline already ran: the new host serves at a new address
+            slot.url = asyncio.get_running_loop().create_future()
+        m.assigned.set_result(slot.assign)
 
     async def _register(self, link: _WS, peer: Optional[str]) -> Member:
         msg = orjson.loads(await link.recv())
@@ -127,9 +169,11 @@ class Cluster:
                         address=str(msg.get("advertise", "")))
         member = Member(spec, str(msg.get("advertise", "")), link)
         self.members[name] = member
-        self.waiting.append(member)
         log.info("stage %s joined from %s: %s, %.0f MiB, serves at %s", name, peer, spec.backend,
                  spec.memory_bytes / 2**20, member.advertise)
+        if self._take_over(member):
+            return member
+        self.waiting.append(member)
         await link.send(orjson.dumps({"t": "wait", "message": f"joined as {name}; placing layers once no other "
                                                               f"host joins for {self.settle:g} s"}).decode())
         self._schedule()
@@ -159,8 +203,15 @@ class Cluster:
                     for block in iter(lambda: f.read(CHUNK), b""):
                         await m.ws.send(block)
             elif msg.get("t") == "ready":
+                url = str(msg.get("url"))
                 if not m.ready.done():
-                    m.ready.set_result(str(msg.get("url")))
+                    m.ready.set_result(url)
+                slot = m.slot
+                if slot is not None and not slot.url.done():
+                    slot.url.set_result(url)
+                    if slot.pipeline is not None:  # a replacement host: the pipeline reconnects to it
+                        slot.pipeline.chain.urls[slot.index] = url
+                        slot.pipeline.urls[slot.index] = url
                 while True:  # the link stays open while the stage serves; it ends when the stage leaves
                     await m.ws.recv()
 
@@ -190,28 +241,38 @@ class Cluster:
                 m.assigned.set_result({"error": f"this host cannot serve a layer of {self.info.name}: {why}"})
         loop = asyncio.get_running_loop()
         for stages in p.pipelines:
-            for st in stages:
+            slots = []
+            for i, st in enumerate(stages):
                 path = await loop.run_in_executor(None, stage_gguf, self.model, st.layers, self.cache_dir)
                 size, sha = await loop.run_in_executor(None, _size_sha, Path(path))
-                by_name[st.host.name].assigned.set_result({
-                    "layers": str(st.layers), "fingerprint": self.info.fingerprint, "file": Path(path).name,
-                    "size": size, "sha256": sha, "n_ctx": self.n_ctx, "n_seqs": self.n_seqs, "codec": self.codec,
-                    "_path": str(path)})
-            asyncio.ensure_future(self._start_pipeline([by_name[st.host.name] for st in stages],
-                                                       [st.layers for st in stages]))
+                slot = Slot({"layers": str(st.layers), "fingerprint": self.info.fingerprint, "file": Path(path).name,
+                             "size": size, "sha256": sha, "n_ctx": self.n_ctx, "n_seqs": self.n_seqs,
+                             "codec": self.codec, "_path": str(path)}, st.est_bytes, index=i)
+                self.slots.append(slot)
+                slots.append(slot)
+                m = by_name[st.host.name]
+                if m in self.waiting:
+                    self.waiting.remove(m)
+                if m.assigned.done() or self.members.get(m.spec.name) is not m:  # it left meanwhile
+                    log.warning("stage %s left before its layers %s were assigned", m.spec.name, st.layers)
+                    continue
+                self._give(m, slot)
+            asyncio.ensure_future(self._start_pipeline(slots, [st.layers for st in stages]))
 
-    async def _start_pipeline(self, members: List[Member], ranges: List[LayerRange]) -> None:
-        urls = [await m.ready for m in members]
+    async def _start_pipeline(self, slots: List[Slot], ranges: List[LayerRange]) -> None:
+        urls = [await s.url for s in slots]  # a slot whose host left is taken over by the next fitting joiner
         name = f"j{self._n_pipes}"
         self._n_pipes += 1
         pipe = Pipeline(urls, codec=self.codec, name=name, key=self.key, **self.pipeline_kw)
+        for s in slots:
+            s.pipeline = pipe
         try:
             await pipe.connect(timeout=120)
         except (PipelineError, OSError) as e:
-            log.error("pipeline %s (%s) could not start: %s", name, ", ".join(map(str, ranges)), e)
-            return
+            log.error("pipeline %s (%s) could not start: %s; it keeps trying", name, ", ".join(map(str, ranges)), e)
+            pipe.state = "down"
         self.router.add(pipe)
-        log.info("pipeline %s in service: %s", name, ", ".join(f"{m.spec.name} {r}" for m, r in zip(members, ranges)))
+        log.info("pipeline %s: %s", name, ", ".join(f"{r} at {u}" for r, u in zip(ranges, urls)))
 
 
 def _size_sha(path: Path) -> tuple:
