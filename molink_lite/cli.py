@@ -184,15 +184,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
     log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
              layers.n)
     try:
-        asyncio.run(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls))
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
-        return 2
+        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls),
+                                  a.host, a.port)
     finally:
         engine.close()
-    return 0
 
 
 def _stage_join(a: argparse.Namespace, key, tls) -> int:
@@ -238,15 +233,20 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
             engine.close()
             await m.close()
 
+    return _run_until_stopped(main(), a.host, a.port, (JoinError, EngineError))
+
+
+def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
+    """Run a server coroutine until Ctrl-C; known errors and a port that cannot be bound exit 2 with one line."""
     try:
-        asyncio.run(main())
+        asyncio.run(coro)
     except KeyboardInterrupt:
         pass
-    except (JoinError, EngineError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        print(f"error: cannot listen on {host}:{port}: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -333,17 +333,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     if sec is None or api_keys is None:
         return 2
     key, tls = sec
-    try:
-        asyncio.run(_gateway_main(a, _pipelines(a.pipeline), key, tls, api_keys))
-    except KeyboardInterrupt:
-        pass
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _run_until_stopped(_gateway_main(a, _pipelines(a.pipeline), key, tls, api_keys), a.host, a.port,
+                              (PipelineError,))
 
 
 # ---------------------------------------------------------------- serve
