@@ -445,27 +445,11 @@ def test_connection_cap_in_process():
         gw.close()
 
 
-def _self_signed(tmp_path) -> "ssl.SSLContext":
-    import datetime
-    import ssl
+def _self_signed(tmp_path):
+    """The project's own self-signed certificate (wire/tls.py), as a server context."""
+    from molink_lite.wire.tls import self_signed, server_context
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    pk = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pk.public_key())
-           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-           .not_valid_after(now + datetime.timedelta(days=1)).sign(pk, hashes.SHA256()))
-    (tmp_path / "key.pem").write_bytes(pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
-    (tmp_path / "cert.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
-    return ctx
+    return server_context(*self_signed(tmp_path))
 
 
 def test_https_in_process(tmp_path):

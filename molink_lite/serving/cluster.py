@@ -31,7 +31,7 @@ from ..model.split import LayerRange, read_model_info, stage_gguf
 from ..wire import auth
 from ..wire.auth import LinkKey
 from .pipeline import Pipeline, PipelineError
-from .placement import HostSpec, PlacementError, plan
+from .placement import TOO_SMALL, HostSpec, PlacementError, plan
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Cluster:
         by_name = {m.spec.name: m for m in hosts}
         for host, why in p.unused:
             m = by_name[host.name]
-            if why.startswith("needs at least"):
+            if why.startswith(TOO_SMALL):
                 m.assigned.set_result({"error": f"this host cannot serve a layer of {self.info.name}: {why}"})
         loop = asyncio.get_running_loop()
         for stages in p.pipelines:

@@ -58,6 +58,9 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 
           "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30, "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
 
 
+TOO_SMALL = "needs at least"  # how an unused host's reason starts when it cannot hold even one layer
+
+
 class PlacementError(ValueError):
     """The hosts cannot serve the model (or the model cannot be placed); the message says why."""
 
@@ -443,7 +446,7 @@ def plan(model_path: str, hosts: Sequence[HostSpec], n_ctx: int = 8192, n_seqs: 
     free: List[HostSpec] = []
     for h in hosts:
         if h.memory_bytes < one:
-            unused.append((h, f"needs at least {fmt_bytes(one)} for one layer + KV, has {fmt_bytes(h.memory_bytes)}"))
+            unused.append((h, f"{TOO_SMALL} {fmt_bytes(one)} for one layer + KV, has {fmt_bytes(h.memory_bytes)}"))
         else:
             free.append(h)
     pipelines: List[List[Stage]] = []
