@@ -223,7 +223,8 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
         host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
 
         async def ready(port: int) -> None:
-            await m.ready(a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}")
+            local = "127.0.0.1" if a.host in ("0.0.0.0", "") else "::1" if a.host == "::" else a.host
+            await m.ready(a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port))
 
         try:
             await run_stage(engine, a.host, a.port, a.next, str(assign["codec"]), a.ready_file, key=key, tls=tls,

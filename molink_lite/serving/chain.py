@@ -41,6 +41,8 @@ class Chain:
         self.name = name
         self.channels: List[Channel] = []
         self.infos: List[dict] = []
+        # where each stage sends to, when not simply the next URL (a relayed link: wire/relay.py)
+        self.next_urls: Optional[List[Optional[str]]] = None
 
     @property
     def first(self) -> dict:
@@ -69,6 +71,8 @@ class Chain:
                 raise PipelineError(problem)
             for i, ch in enumerate(chans):
                 nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
+                if self.next_urls is not None and nxt is not None:
+                    nxt = self.next_urls[i] or nxt
                 await ch.request({"type": "configure", "next": nxt, "codec": self.codec}, timeout=60)
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             for ch in chans:

@@ -8,7 +8,12 @@ role ``member``). Messages (JSON text; file data as binary):
 2. gateway -> ``assign`` {layers, fingerprint, file, size, sha256, n_ctx, n_seqs, codec} once placed
    (``wait`` while too few hosts have joined, ``error`` for a host that cannot hold even one layer)
 3. stage -> ``fetch`` {offset}; gateway -> the file from ``offset`` in 1 MiB binary messages
-4. stage -> ``ready`` {url}: when every stage of a pipeline is ready, the gateway connects it.
+4. stage -> ``ready`` {url}: when every stage of a pipeline is ready, the gateway checks who can reach
+   whom (it dials each stage itself; it asks each stage's upstream peer to ``probe`` {url} and answer
+   ``probed`` {ok, why}) and connects it. A stage its dialer cannot reach (behind NAT) is reached
+   through the gateway: the dialer opens ``/relay/<token>``, the gateway sends the stage ``dial`` {id},
+   the stage opens ``/relay-back/<id>`` and the gateway copies bytes between the two
+   (:mod:`molink_lite.wire.relay`). The plan shows every link's route and its measured cost.
 
 Placement waits until no host has joined for ``settle`` seconds, then places every waiting host
 (:func:`molink_lite.serving.placement.plan`); hosts that join later are placed as new replicas.
@@ -19,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,7 +35,7 @@ import orjson
 from aiohttp import web
 
 from ..model.split import LayerRange, read_model_info, stage_gguf
-from ..wire import auth
+from ..wire import auth, relay
 from ..wire.auth import LinkKey
 from .pipeline import Pipeline, PipelineError
 from .placement import TOO_SMALL, HostSpec, PlacementError, plan
@@ -65,6 +72,8 @@ class Member:
     assigned: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     slot: Optional["Slot"] = None
+    base: str = ""  # the gateway's address as this stage reaches it, ws(s)://host:port
+    probes: Dict[str, asyncio.Future] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +86,9 @@ class Slot:
     url: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     pipeline: Optional[Pipeline] = None
     index: int = 0
+    group: List["Slot"] = field(default_factory=list)  # the slots of this pipeline, in layer order
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(18))  # /relay/<token> reaches this slot
+    links: List[dict] = field(default_factory=list)  # routes into this slot (from the gateway, from upstream)
 
 
 class Cluster:
@@ -99,9 +111,14 @@ class Cluster:
         self.slots: List[Slot] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._n_pipes = 0
+        self.by_token: Dict[str, Slot] = {}
+        self.backs: Dict[str, asyncio.Future] = {}  # relay id -> the stage's dial-back, once it arrives
+        self.local_base = ""  # this gateway as its own pipelines reach it (set once it listens)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/cluster", self.handle)
+        app.router.add_get("/relay/{token}", self.relay)
+        app.router.add_get("/relay-back/{cid}", self.relay_back)
 
     # ------------------------------------------------------------------ one joining stage
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -120,6 +137,7 @@ class Cluster:
         member: Optional[Member] = None
         try:
             member = await self._register(link, peer)
+            member.base = f"{'wss' if request.secure else 'ws'}://{request.host}"
             await self._serve(member)
         except (ConnectionError, ValueError, asyncio.CancelledError) as e:
             if not isinstance(e, asyncio.CancelledError):
@@ -210,10 +228,15 @@ class Cluster:
                 if slot is not None and not slot.url.done():
                     slot.url.set_result(url)
                     if slot.pipeline is not None:  # a replacement host: the pipeline reconnects to it
-                        slot.pipeline.chain.urls[slot.index] = url
-                        slot.pipeline.urls[slot.index] = url
+                        asyncio.ensure_future(self._apply_routes(slot.group, slot.pipeline))
                 while True:  # the link stays open while the stage serves; it ends when the stage leaves
-                    await m.ws.recv()
+                    msg = orjson.loads(await nxt)
+                    nxt = asyncio.ensure_future(m.ws.recv())
+                    if not isinstance(msg, dict):
+                        continue
+                    fut = m.probes.pop(str(msg.get("id")), None) if msg.get("t") == "probed" else None
+                    if fut is not None and not fut.done():
+                        fut.set_result((bool(msg.get("ok")), str(msg.get("why", ""))[:200]))
 
     # ------------------------------------------------------------------ placement
     def _schedule(self) -> None:
@@ -240,8 +263,9 @@ class Cluster:
             if why.startswith(TOO_SMALL):
                 m.assigned.set_result({"error": f"this host cannot serve a layer of {self.info.name}: {why}"})
         loop = asyncio.get_running_loop()
-        for stages in p.pipelines:
-            slots = []
+        plan_dict = self.plans[-1]
+        for k, stages in enumerate(p.pipelines):
+            slots: List[Slot] = []
             for i, st in enumerate(stages):
                 path = await loop.run_in_executor(None, stage_gguf, self.model, st.layers, self.cache_dir)
                 size, sha = await loop.run_in_executor(None, _size_sha, Path(path))
@@ -250,6 +274,8 @@ class Cluster:
                              "codec": self.codec, "_path": str(path)}, st.est_bytes, index=i)
                 self.slots.append(slot)
                 slots.append(slot)
+                slot.group = slots
+                self.by_token[slot.token] = slot
                 m = by_name[st.host.name]
                 if m in self.waiting:
                     self.waiting.remove(m)
@@ -257,22 +283,138 @@ class Cluster:
                     log.warning("stage %s left before its layers %s were assigned", m.spec.name, st.layers)
                     continue
                 self._give(m, slot)
-            asyncio.ensure_future(self._start_pipeline(slots, [st.layers for st in stages]))
+            asyncio.ensure_future(self._start_pipeline(slots, [st.layers for st in stages], plan_dict["pipelines"][k]))
 
-    async def _start_pipeline(self, slots: List[Slot], ranges: List[LayerRange]) -> None:
+    async def _start_pipeline(self, slots: List[Slot], ranges: List[LayerRange], shown: dict) -> None:
         urls = [await s.url for s in slots]  # a slot whose host left is taken over by the next fitting joiner
         name = f"j{self._n_pipes}"
         self._n_pipes += 1
         pipe = Pipeline(urls, codec=self.codec, name=name, key=self.key, **self.pipeline_kw)
         for s in slots:
             s.pipeline = pipe
+        shown["name"] = name
+        await self._apply_routes(slots, pipe)
         try:
             await pipe.connect(timeout=120)
+            await self._measure(slots, pipe)
         except (PipelineError, OSError) as e:
             log.error("pipeline %s (%s) could not start: %s; it keeps trying", name, ", ".join(map(str, ranges)), e)
             pipe.state = "down"
+        shown["links"] = [k for s in slots for k in s.links]
         self.router.add(pipe)
         log.info("pipeline %s: %s", name, ", ".join(f"{r} at {u}" for r, u in zip(ranges, urls)))
+
+    # ------------------------------------------------------------------ who reaches whom
+    async def _apply_routes(self, slots: List[Slot], pipe: Pipeline) -> None:
+        """Direct links where the dialer reaches the stage, else through this gateway's relay."""
+        urls = [await s.url for s in slots]
+        gw_urls, next_urls = [], []
+        for i, (slot, url) in enumerate(zip(slots, urls)):
+            name = slot.member.spec.name if slot.member else "?"
+            ok, why = await relay.reachable(url)
+            gw_urls.append(url if ok else relay.with_via(url, f"{self.local_base}/relay/{slot.token}"))
+            slot.links = [{"from": "gateway", "to": name, "route": "direct" if ok else "relay via gateway",
+                           "check": why}]
+            if i > 0:
+                up = slots[i - 1].member
+                ok, why = await self._peer_reaches(up, url) if up is not None else (False, "no host upstream")
+                base = up.base if up is not None else self.local_base
+                next_urls.append(url if ok else relay.with_via(url, f"{base}/relay/{slot.token}"))
+                slot.links.append({"from": up.spec.name if up else "?", "to": name,
+                                   "route": "direct" if ok else "relay via gateway", "check": why})
+            for k in slot.links:
+                (log.info if k["route"] == "direct" else log.warning)(
+                    "link %s -> %s: %s (%s)", k["from"], k["to"], k["route"], k["check"])
+        next_urls.append(None)
+        pipe.urls[:] = gw_urls
+        pipe.chain.urls[:] = gw_urls
+        pipe.chain.next_urls = next_urls
+
+    async def _peer_reaches(self, m: Member, url: str, timeout: float = 2.0) -> tuple:
+        """Ask stage ``m`` whether it can open a connection to ``url``."""
+        pid = secrets.token_hex(8)
+        fut = m.probes[pid] = asyncio.get_running_loop().create_future()
+        try:
+            await m.ws.send(orjson.dumps({"t": "probe", "id": pid, "url": url, "timeout": timeout}).decode())
+            return await asyncio.wait_for(fut, timeout + 5)
+        except (asyncio.TimeoutError, ConnectionError) as e:
+            return False, f"{m.spec.name} did not answer the reachability check ({e or type(e).__name__})"
+        finally:
+            m.probes.pop(pid, None)
+
+    async def _measure(self, slots: List[Slot], pipe: Pipeline) -> None:
+        """The cost of each link as routed: round trip from the gateway; stage-to-stage rtt and bandwidth."""
+        for slot, ch in zip(slots, pipe.channels):
+            t0 = time.perf_counter()
+            await ch.request({"type": "ping"}, timeout=30)
+            slot.links[0]["rtt_ms"] = round(1e3 * (time.perf_counter() - t0), 2)
+        measured = pipe.links or await pipe.chain.probe()
+        for slot, k in zip(slots[1:], measured):
+            slot.links[1].update(rtt_ms=round(k["rtt_ms"], 2), mbit=round(k["mbit"], 1))
+        for slot in slots:
+            for k in slot.links:
+                log.info("link %s -> %s (%s): rtt %s ms%s", k["from"], k["to"], k["route"], k.get("rtt_ms"),
+                         f", {k['mbit']} Mbit/s" if "mbit" in k else "")
+
+    # ------------------------------------------------------------------ the relay
+    async def relay(self, request: web.Request) -> web.StreamResponse:
+        """A dialer's tunnel to a stage that cannot accept connections: the stage dials back, bytes are copied."""
+        slot = self.by_token.get(request.match_info["token"])
+        m = slot.member if slot is not None else None
+        if m is None:
+            return web.Response(status=404, text="no relayed stage with this token (it left?)\n")
+        if len(self.backs) >= 64:
+            return web.Response(status=503, text="too many relay connections being set up\n")
+        ws = web.WebSocketResponse(max_msg_size=relay.TUNNEL_MAX_MSG, heartbeat=20)
+        await ws.prepare(request)
+        cid = secrets.token_urlsafe(18)
+        fut = self.backs[cid] = asyncio.get_running_loop().create_future()
+        try:
+            await m.ws.send(orjson.dumps({"t": "dial", "id": cid}).decode())
+            back, done = await asyncio.wait_for(fut, 10)
+        except (asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("relay to %s: the stage did not dial back (%s)", m.spec.name, e or type(e).__name__)
+            await ws.close(code=1011, message=b"the stage did not dial back through the relay")
+            return ws
+        finally:
+            self.backs.pop(cid, None)
+        try:
+            await _splice(ws, back)
+        finally:
+            if not done.done():
+                done.set_result(None)
+        return ws
+
+    async def relay_back(self, request: web.Request) -> web.StreamResponse:
+        fut = self.backs.get(request.match_info["cid"])
+        if fut is None or fut.done():
+            return web.Response(status=404, text="no relay waits for this id\n")
+        ws = web.WebSocketResponse(max_msg_size=relay.TUNNEL_MAX_MSG, heartbeat=20)
+        await ws.prepare(request)
+        done = asyncio.get_running_loop().create_future()
+        fut.set_result((ws, done))
+        await done  # the relay handler copies bytes until either side ends
+        return ws
+
+
+async def _splice(a: web.WebSocketResponse, b: web.WebSocketResponse) -> None:
+    """Copy binary messages both ways until either side ends; then close both."""
+
+    async def copy(src: web.WebSocketResponse, dst: web.WebSocketResponse) -> None:
+        async for msg in src:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                return
+            await dst.send_bytes(msg.data)
+
+    tasks = [asyncio.ensure_future(copy(a, b)), asyncio.ensure_future(copy(b, a))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await a.close()
+        await b.close()
 
 
 def _size_sha(path: Path) -> tuple:

@@ -42,6 +42,8 @@ from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/cluster")  # /cluster: joining stages authenticate with the cluster secret
+# relayed stage links: a random per-stage token, and the stage link's own handshake runs inside the tunnel
+_OPEN_PREFIXES = ("/relay/", "/relay-back/")
 
 
 class Gateway:
@@ -120,7 +122,8 @@ class Gateway:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if self.api_keys and not (request.method in ("GET", "HEAD") and request.path in _OPEN_PATHS):
+        open_path = request.path in _OPEN_PATHS or request.path.startswith(_OPEN_PREFIXES)
+        if self.api_keys and not (request.method in ("GET", "HEAD") and open_path):
             token = ApiKeys.bearer(request.headers.get("Authorization"))
             if token is None:
                 raise ApiError(401, "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
@@ -380,6 +383,11 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
         gw.cluster = cluster
     runner, site = await serve_app(app, host, port, ssl_context=ssl_context, max_connections=max_connections,
                                    header_timeout=header_timeout, keepalive_timeout=keepalive_timeout)
+    if cluster is not None:
+        own = "127.0.0.1" if host in ("0.0.0.0", "", None) else "[::1]" if host == "::" else host
+        own = f"[{own}]" if ":" in own and not own.startswith("[") else own
+        bound = runner.addresses[0][1] if runner.addresses else port
+        cluster.local_base = f"{'wss' if ssl_context else 'ws'}://{own}:{bound}"
     log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections, header timeout %g s",
              site.name, gw.model_name, len(pipes),
              f"{len(gw.api_keys)} API key(s) required" if gw.api_keys else "no API key required",

@@ -18,11 +18,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import orjson
 
-from ..wire import auth
+from ..wire import auth, relay
 from ..wire.auth import LinkKey
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Membership:
         self.key = key
         self.cache_dir = Path(cache_dir)
         self.ws: Any = None
+        self._task: Optional[asyncio.Future] = None
 
     async def open(self, timeout: float = 600.0) -> str:
         """Connect and authenticate (retrying while the gateway is not up yet, at most ``timeout`` seconds);
@@ -172,9 +173,35 @@ class Membership:
         os.replace(part, dst)
         return dst
 
-    async def ready(self, url: str) -> None:
+    async def ready(self, url: str, local: Tuple[str, int]) -> None:
+        """Tell the gateway this stage serves at ``url``; then answer its requests on the cluster link:
+        reachability probes of peers, and relay dial-backs to this stage's own port at ``local``."""
         await self._send({"t": "ready", "url": url})
+        self._task = asyncio.ensure_future(self._serve(local))
+
+    async def _serve(self, local: Tuple[str, int]) -> None:
+        base = self.url[: -len("/cluster")]
+        while True:
+            try:
+                msg = orjson.loads(await self.ws.recv())
+            except Exception as e:  # noqa: BLE001 - the gateway went away; the stage keeps serving
+                log.warning("the cluster link to the gateway ended (%s); this stage keeps serving", e)
+                return
+            kind = msg.get("t") if isinstance(msg, dict) else None
+            if kind == "probe":
+                asyncio.ensure_future(self._probe(msg))
+            elif kind == "dial" and isinstance(msg.get("id"), str):
+                asyncio.ensure_future(relay.dial_back(f"{base}/relay-back/{msg['id']}", *local))
+
+    async def _probe(self, msg: dict) -> None:
+        ok, why = await relay.reachable(str(msg.get("url", "")), timeout=float(msg.get("timeout", 2.0)))
+        try:
+            await self._send({"t": "probed", "id": msg.get("id"), "ok": ok, "why": why})
+        except Exception:  # noqa: BLE001 - the gateway went away
+            pass
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         if self.ws is not None:
             await self.ws.close()

@@ -199,13 +199,22 @@ async def connect(url: str, key: Optional[LinkKey], role: str, *, max_size: int,
     Raises :class:`AuthError` when authentication fails (the message says which side lacks what) and
     OSError / websockets errors when the stage cannot be reached.
     """
+    from .relay import open_tunnel, split_via
     from .tls import client_context, peer_fingerprint
 
+    url, via = split_via(url)
     ssl_ctx = client_context() if url.startswith("wss://") else None
+    # a relayed stage (behind NAT): the link runs end to end inside a byte tunnel through the relay
+    extra = {"sock": await asyncio.wait_for(open_tunnel(via), open_timeout)} if via else {}
     # close_timeout: a peer that stopped answering pings will not answer a close either; do not wait 10 s for it
-    ws = await websockets.connect(url, max_size=max_size, compression=None, open_timeout=open_timeout,
-                                  ping_interval=ping_interval, ping_timeout=ping_timeout, ssl=ssl_ctx,
-                                  close_timeout=0.25)
+    try:
+        ws = await websockets.connect(url, max_size=max_size, compression=None, open_timeout=open_timeout,
+                                      ping_interval=ping_interval, ping_timeout=ping_timeout, ssl=ssl_ctx,
+                                      close_timeout=0.25, **extra)
+    except BaseException:
+        if extra:
+            extra["sock"].close()
+        raise
     try:
         await client_handshake(ws, key, role, peer_fingerprint(ws))
     except BaseException:
