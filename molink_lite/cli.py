@@ -198,7 +198,8 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
     from .model.split import default_cache_dir
     from .serving.placement import parse_size
     from .stage.engine import EngineError, StageEngine
-    from .stage.join import JoinError, Membership, free_memory_bytes
+    from .stage import hostinfo
+    from .stage.join import JoinError, Membership
     from .stage.server import run_stage
 
     if a.model or a.layers:
@@ -213,10 +214,13 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
     async def main() -> None:
         m = Membership(a.join, key, Path(a.cache_dir) if a.cache_dir else default_cache_dir())
         local_ip = await m.open()
-        memory = free_memory_bytes() if cap is None else min(cap, free_memory_bytes())
-        backend = "cuda" if ll.llama_supports_gpu_offload() else "cpu"
-        assign = await m.join(name=a.name or socket.gethostname(), backend=backend, memory_bytes=memory,
-                              advertise=a.advertise or "")
+        offer = hostinfo.offer(cap, gpu=bool(a.n_gpu_layers) and ll.llama_supports_gpu_offload())
+
+        def calibrate(path: str, rows: int) -> float:
+            return hostinfo.calibrate(path, n_rows=rows, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
+
+        assign = await m.join(name=a.name or socket.gethostname(), offer=offer, advertise=a.advertise or "",
+                              calibrate=calibrate)
         path = await m.fetch(assign)
         engine = StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
                              n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn))

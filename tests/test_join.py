@@ -75,6 +75,7 @@ def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
         print(f"\nplan: {[(s['host']['name'], s['layers']) for s in stages_plan]}; "
               f"unused: {[(u['host']['name'], u['reason']) for u in plan['unused']]}")
         assert ranges == ["0-3", "4-7", "8-11"]  # covers every layer, once
+        assert all(s["host"]["sec_per_layer"] > 0 for s in stages_plan)  # each stage measured its speed
         assert plan["unused"][0]["host"]["name"] == "h3" and "needs at least" in plan["unused"][0]["reason"]
         assert stages[3][0].wait(60) == 2  # told why and not used
         assert "cannot serve a layer" in (tmp_path / "stage3.log").read_text()
@@ -206,6 +207,29 @@ def test_a_download_killed_midway_resumes_and_a_later_host_becomes_a_replica(tin
         assert all(r[0] == 200 for r in res)
         done = [p["scheduler"]["completed"] for p in http("GET", f"http://127.0.0.1:{port}/v1/stats")[1]["pipelines"]]
         assert min(done) >= 1, done
+        # a stage of the first pipeline leaves with requests in flight: none is lost (replayed on the replica),
+        # and the next host that joins takes its layers over (re-placement)
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(http, "POST", f"http://127.0.0.1:{port}/v1/completions",
+                                {"prompt": [1, 2, 3, i + 4], "max_tokens": 300, "ignore_eos": True, "seed": i})
+                    for i in range(8)]
+            time.sleep(1.0)
+            procs[1].kill()  # h1: the middle stage of pipeline j0
+            res = [f.result() for f in futs]
+        assert all(r[0] == 200 and r[1]["usage"]["completion_tokens"] == 300 for r in res), res
+        st = http("GET", f"http://127.0.0.1:{port}/v1/stats")[1]
+        print(f"requests replayed after the stage left: {st['router']['replayed']}")
+        assert st["router"]["replayed"] >= 1, st["router"]
+        t0 = time.monotonic()
+        stage(4, "60MiB", f"http://127.0.0.1:{port}")
+        while time.monotonic() < t0 + 120:
+            st = http("GET", f"http://127.0.0.1:{port}/v1/stats")[1]
+            if st["replacements"] and all(p["state"] == "up" for p in st["pipelines"]):
+                break
+            time.sleep(0.2)
+        assert st["replacements"] and st["replacements"][0]["host"] == "h4", st["replacements"]
+        print(f"re-placement: {st['replacements'][0]} (test saw it after {time.monotonic() - t0:.2f} s)")
+        assert http("POST", f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2], "max_tokens": 4})[0] == 200
     finally:
         for p in procs + [relay]:
             if p.poll() is None:

@@ -4,7 +4,9 @@ each its partial GGUF, and adds a pipeline to the router once all its stages ser
 One WebSocket per joining stage at ``GET /cluster`` (the same cluster-secret handshake as every link,
 role ``member``). Messages (JSON text; file data as binary):
 
-1. stage -> ``join`` {name, backend, memory_bytes, advertise}
+1. stage -> ``join`` {name, backend, memory_bytes, ram_free, devices, advertise}; gateway ->
+   ``calibrate`` {size, rows, name} and the header of a one-layer GGUF of this model (weights all zero,
+   left as a sparse tail); stage -> ``calibrated`` {sec_per_layer} (placement balances by it)
 2. gateway -> ``assign`` {layers, fingerprint, file, size, sha256, n_ctx, n_seqs, codec} once placed
    (``wait`` while too few hosts have joined, ``error`` for a host that cannot hold even one layer)
 3. stage -> ``fetch`` {offset}; gateway -> the file from ``offset`` in 1 MiB binary messages
@@ -34,6 +36,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ..model.gguf_meta import GGUFFile
 from ..model.split import LayerRange, read_model_info, stage_gguf
 from ..wire import auth, relay
 from ..wire.auth import LinkKey
@@ -73,6 +76,7 @@ class Member:
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     slot: Optional["Slot"] = None
     base: str = ""  # the gateway's address as this stage reaches it, ws(s)://host:port
+    offer: dict = field(default_factory=dict)  # what the stage reported: devices, free RAM
     probes: Dict[str, asyncio.Future] = field(default_factory=dict)
 
 
@@ -89,6 +93,7 @@ class Slot:
     group: List["Slot"] = field(default_factory=list)  # the slots of this pipeline, in layer order
     token: str = field(default_factory=lambda: secrets.token_urlsafe(18))  # /relay/<token> reaches this slot
     links: List[dict] = field(default_factory=list)  # routes into this slot (from the gateway, from upstream)
+    taken_at: float = 0.0  # when a new host took this slot over (re-placement timing)
 
 
 class Cluster:
@@ -114,6 +119,8 @@ class Cluster:
         self.by_token: Dict[str, Slot] = {}
         self.backs: Dict[str, asyncio.Future] = {}  # relay id -> the stage's dial-back, once it arrives
         self.local_base = ""  # this gateway as its own pipelines reach it (set once it listens)
+        self.replacements: List[dict] = []  # layers moved to a new host after one left, and how long it took
+        self._calib: Optional[asyncio.Future] = None  # (header, size, name) of the calibration file, or None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/cluster", self.handle)
@@ -158,12 +165,17 @@ class Cluster:
             slot.member = None
             log.warning("stage %s left; layers %s wait for a host with %.0f MiB (requests are replayed meanwhile)",
                         m.spec.name, slot.assign["layers"], slot.est_bytes / 2**20)
+            for spare in sorted(self.waiting, key=lambda w: w.spec.speed):  # a joined host not placed yet
+                if not spare.assigned.done() and self._take_over(spare):
+                    self.waiting.remove(spare)
+                    break
 
     def _take_over(self, m: Member) -> bool:
         """Give a newly joined host the layers of a host that left, if it can hold them."""
         for slot in self.slots:
             if slot.member is None and m.spec.memory_bytes >= slot.est_bytes:
                 self._give(m, slot)
+                slot.taken_at = time.monotonic()
                 log.info("stage %s takes over layers %s", m.spec.name, slot.assign["layers"])
                 return True
         return False
@@ -183,12 +195,15 @@ class Cluster:
         name = str(msg.get("name") or peer)[:64]
         if name in self.members:
             name = f"{name}-{len(self.members)}"
-        spec = HostSpec(name=name, backend=str(msg.get("backend", "cpu")), memory_bytes=int(msg["memory_bytes"]),
-                        address=str(msg.get("advertise", "")))
-        member = Member(spec, str(msg.get("advertise", "")), link)
+        spl = await self._calibrate(link, name)
+        spec = HostSpec(name=name, backend=str(msg.get("backend", "cpu"))[:16], memory_bytes=int(msg["memory_bytes"]),
+                        address=str(msg.get("advertise", ""))[:200], sec_per_layer=spl)
+        member = Member(spec, str(msg.get("advertise", ""))[:200], link)
+        member.offer = {"ram_free": msg.get("ram_free"), "devices": msg.get("devices", [])[:16]}
         self.members[name] = member
-        log.info("stage %s joined from %s: %s, %.0f MiB, serves at %s", name, peer, spec.backend,
-                 spec.memory_bytes / 2**20, member.advertise)
+        log.info("stage %s joined from %s: %s, %.0f MiB, %s, serves at %s", name, peer, spec.backend,
+                 spec.memory_bytes / 2**20, f"{1e3 * spl:.2f} ms per layer-step" if spl else "not calibrated",
+                 member.advertise)
         if self._take_over(member):
             return member
         self.waiting.append(member)
@@ -196,6 +211,25 @@ class Cluster:
                                                               f"host joins for {self.settle:g} s"}).decode())
         self._schedule()
         return member
+
+    async def _calibrate(self, link: _WS, name: str) -> Optional[float]:
+        """Have the stage time one layer of this model's shape; None when it cannot (nominal speed then)."""
+        if self._calib is None:
+            self._calib = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+                None, calibration_file, self.model, self.cache_dir))
+        calib = await self._calib
+        if calib is None:
+            return None
+        header, size, tag = calib
+        await link.send(orjson.dumps({"t": "calibrate", "size": size, "rows": self.n_seqs, "name": tag}).decode())
+        await link.send(header)
+        reply = orjson.loads(await asyncio.wait_for(link.recv(), 300))
+        spl = reply.get("sec_per_layer") if isinstance(reply, dict) else None
+        if isinstance(spl, (int, float)) and 0 < spl < 1e4:
+            return float(spl)
+        log.warning("stage %s could not calibrate (%s); it is placed by nominal speed", name,
+                    reply.get("error") if isinstance(reply, dict) else "bad reply")
+        return None
 
     async def _serve(self, m: Member) -> None:
         # keep reading while the stage waits for its range: pings are answered and a departure is noticed
@@ -228,7 +262,7 @@ class Cluster:
                 if slot is not None and not slot.url.done():
                     slot.url.set_result(url)
                     if slot.pipeline is not None:  # a replacement host: the pipeline reconnects to it
-                        asyncio.ensure_future(self._apply_routes(slot.group, slot.pipeline))
+                        asyncio.ensure_future(self._replaced(slot))
                 while True:  # the link stays open while the stage serves; it ends when the stage leaves
                     msg = orjson.loads(await nxt)
                     nxt = asyncio.ensure_future(m.ws.recv())
@@ -303,6 +337,18 @@ class Cluster:
         shown["links"] = [k for s in slots for k in s.links]
         self.router.add(pipe)
         log.info("pipeline %s: %s", name, ", ".join(f"{r} at {u}" for r, u in zip(ranges, urls)))
+
+    async def _replaced(self, slot: Slot) -> None:
+        """A host that took over ``slot`` serves: route to it and report how long the re-placement took."""
+        pipe = slot.pipeline
+        await self._apply_routes(slot.group, pipe)
+        while pipe.state != "up":
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - slot.taken_at
+        self.replacements.append({"layers": slot.assign["layers"], "host": slot.member.spec.name if slot.member
+                                  else None, "pipeline": pipe.name, "seconds": round(took, 2)})
+        log.info("re-placement of layers %s on %s done in %.2f s (joined -> fetched -> serving -> pipeline up)",
+                 slot.assign["layers"], self.replacements[-1]["host"], took)
 
     # ------------------------------------------------------------------ who reaches whom
     async def _apply_routes(self, slots: List[Slot], pipe: Pipeline) -> None:
@@ -395,6 +441,24 @@ class Cluster:
         fut.set_result((ws, done))
         await done  # the relay handler copies bytes until either side ends
         return ws
+
+
+def calibration_file(model: str, cache_dir: Optional[str]) -> Optional[tuple]:
+    """(header bytes, file size, name) of a one-layer middle-stage GGUF of ``model``: the stage writes the
+    header and leaves the tensor data as zeros (a sparse file), so only the header crosses the link."""
+    info = read_model_info(model)
+    mid = info.n_layer // 2
+    for layer in sorted(range(1, info.n_layer - 1), key=lambda i: abs(i - mid))[:8]:
+        try:
+            path = stage_gguf(model, LayerRange(layer, layer + 1), cache_dir)
+        except Exception as e:  # noqa: BLE001 - the architecture refuses this cut; try another layer
+            log.debug("no calibration file at layer %d: %s", layer, e)
+            continue
+        off = GGUFFile(path).data_start
+        with open(path, "rb") as f:
+            header = f.read(off)
+        return header, path.stat().st_size, f"{info.fingerprint}-L{layer}"
+    return None
 
 
 async def _splice(a: web.WebSocketResponse, b: web.WebSocketResponse) -> None:

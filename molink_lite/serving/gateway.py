@@ -159,7 +159,8 @@ class Gateway:
                     entry["stages_error"] = str(e)
             out.append(entry)
         return _json({"status": self.router.status, "router": self.router.stats, "queued": self.router.queued,
-                      "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None})
+                      "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None,
+                      "replacements": self.cluster.replacements if self.cluster is not None else None})
 
     # ------------------------------------------------------------------ parsing
     async def _body(self, request: web.Request) -> dict:

@@ -15,10 +15,11 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import orjson
 
@@ -40,24 +41,6 @@ class Assignment:
     n_ctx: int
     n_seqs: int
     codec: str
-
-
-def free_memory_bytes() -> int:
-    """Free RAM (psutil when installed, else /proc/meminfo; a conservative 4 GiB elsewhere)."""
-    try:
-        import psutil  # type: ignore
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 def cluster_url(gateway: str) -> str:
@@ -121,18 +104,52 @@ class Membership:
             raise JoinError(f"the gateway says: {data.get('message')}")
         return data
 
-    async def join(self, *, name: str, backend: str, memory_bytes: int, advertise: str) -> dict:
-        """Register and wait for a layer range (``{"t": "assign", ...}``)."""
-        await self._send({"t": "join", "name": name, "backend": backend, "memory_bytes": int(memory_bytes),
-                          "advertise": advertise})
-        log.info("joined %s as %s (%s, %.0f MiB offered); waiting for a layer range", self.url, name, backend,
-                 memory_bytes / 2**20)
+    async def join(self, *, name: str, offer: dict, advertise: str,
+                   calibrate: Optional[Callable[[str, int], float]] = None) -> dict:
+        """Register (``offer``: backend, memory_bytes, ram_free, devices), answer the gateway's calibration
+        request with ``calibrate(path, n_rows)`` (seconds per step of a one-layer file), and wait for a
+        layer range (``{"t": "assign", ...}``)."""
+        await self._send({"t": "join", "name": name, "advertise": advertise, **offer})
+        log.info("joined %s as %s (%s, %.0f MiB offered); waiting for a layer range", self.url, name,
+                 offer["backend"], offer["memory_bytes"] / 2**20)
         while True:
             msg = await self._recv_json()
             if msg.get("t") == "assign":
                 return msg
             if msg.get("t") == "wait":
                 log.info("gateway: %s", msg.get("message"))
+            elif msg.get("t") == "calibrate":
+                await self._calibrate(msg, calibrate)
+
+    async def _calibrate(self, msg: dict, calibrate: Optional[Callable[[str, int], float]]) -> None:
+        """Write the one-layer calibration file (its header as sent; the zero weights as a sparse tail), time
+        it, report the seconds per layer-step."""
+        header = await self._recv()
+        if not isinstance(header, bytes):
+            raise JoinError("expected the calibration file's header")
+        size, tag = int(msg["size"]), "".join(c for c in str(msg.get("name", "calib")) if c.isalnum() or c in "-_.")
+        reply: dict = {"t": "calibrated"}
+        if calibrate is None or size < len(header):
+            reply["error"] = "no calibration on this stage"
+        else:
+            path = self.cache_dir / "calibration" / f"{tag[:80]}.gguf"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(header)
+                f.truncate(size)
+            t0 = time.perf_counter()
+            try:
+                spl = await asyncio.get_running_loop().run_in_executor(None, calibrate, str(path),
+                                                                       int(msg.get("rows", 1)))
+                reply["sec_per_layer"] = spl
+                log.info("calibration: %.2f ms per layer-step at %d rows (took %.1f s)", 1e3 * spl,
+                         int(msg.get("rows", 1)), time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - report it; the gateway then assumes a nominal speed
+                reply["error"] = f"calibration failed: {e}"[:300]
+                log.warning("%s", reply["error"])
+            finally:
+                path.unlink(missing_ok=True)
+        await self._send(reply)
 
     async def fetch(self, assign: dict) -> Path:
         """Download the assigned partial GGUF (resuming a .part file), verify its SHA-256, return its path."""
@@ -155,17 +172,33 @@ class Membership:
             log.info("resuming the download at %.1f of %.1f MiB", offset / 2**20, size / 2**20)
         await self._send({"t": "fetch", "offset": offset})
         done, step = offset, max(size // 10, CHUNK)
-        with open(part, "ab") as f:
-            while done < size:
-                chunk = await self._recv()
-                if isinstance(chunk, str):
-                    raise JoinError(f"download interrupted: {chunk[:200]}")
-                f.write(chunk)
-                h.update(chunk)
-                if (done + len(chunk)) // step != done // step:
-                    log.info("fetched %.0f%% of layers %s (%.1f MiB)", 100 * (done + len(chunk)) / size,
-                             assign["layers"], size / 2**20)
-                done += len(chunk)
+        bar = None
+        if sys.stderr.isatty():  # a progress bar on a terminal; log lines every 10% otherwise
+            from tqdm import tqdm
+
+            bar = tqdm(total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"layers {assign['layers']}")
+        t0 = time.perf_counter()
+        try:
+            with open(part, "ab") as f:
+                while done < size:
+                    chunk = await self._recv()
+                    if isinstance(chunk, str):
+                        raise JoinError(f"download interrupted: {chunk[:200]}")
+                    f.write(chunk)
+                    h.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    elif (done + len(chunk)) // step != done // step:
+                        log.info("fetched %.0f%% of layers %s (%.1f MiB)", 100 * (done + len(chunk)) / size,
+                                 assign["layers"], size / 2**20)
+                    done += len(chunk)
+        finally:
+            if bar is not None:
+                bar.close()
+        dt = time.perf_counter() - t0
+        log.info("fetched %.1f MiB in %.2f s (%.1f MiB/s)", (done - offset) / 2**20, dt,
+                 (done - offset) / 2**20 / max(dt, 1e-9))
         if done != size or h.hexdigest() != sha:
             part.unlink(missing_ok=True)
             raise JoinError(f"the downloaded layer file is corrupt (sha256 {h.hexdigest()[:16]}..., expected "
