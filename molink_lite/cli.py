@@ -138,6 +138,15 @@ def _security_opts(s: argparse.ArgumentParser, what: str, secret: bool = True) -
                         "shared network")
 
 
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from .tools.doctor import report
+
+    lines, ok = report(a.model, a.n_gpu_layers)
+    for line in lines:
+        print(line)
+    return 0 if ok else 1
+
+
 def cmd_secret(a: argparse.Namespace) -> int:
     from .wire.auth import new_secret, write_secret
 
@@ -161,7 +170,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from .model.split import SplitError, parse_range, read_model_info, stage_gguf
     from .stage.server import run_stage
 
+    from .tools.doctor import summary_line
+
     log = logging.getLogger("molink_lite.stage.server")
+    log.info("%s", summary_line())
     sec = _link_security(a, a.host, "stage")
     if sec is None:
         return 2
@@ -620,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing file")
     s.set_defaults(func=cmd_secret)
 
+    s = sub.add_parser("doctor", help="check the llama.cpp library: which one, how built, struct sizes, devices")
+    s.add_argument("--model", default=None, help="also say how many of this GGUF's layers would be offloaded")
+    s.add_argument("--n-gpu-layers", type=int, default=-1, help="as for `stage` (default -1 = all)")
+    s.add_argument("--lib", default=None, metavar="DIR", help="check this library folder (as `stage --lib`)")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("build-lib", add_help=False,
                        help="build llama.cpp's shared libraries (CPU or CUDA) for --lib; "
                             "'molink-lite build-lib --help' lists the options")
@@ -655,6 +673,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except LibraryPathError as e:
             print(f"error: --lib: {e}", file=sys.stderr)
             return 2
+    from .stage.libpath import preload_cuda_runtime
+
+    preload_cuda_runtime()  # a CUDA wheel's runtime comes from NVIDIA's pip wheels (kernels/wheel.py)
     import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
 
     if getattr(args, "lib", None):

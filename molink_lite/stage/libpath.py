@@ -185,3 +185,40 @@ def check_struct_sizes(lib_dir: Optional[Union[str, os.PathLike]] = None) -> Dic
     except ValueError as e:
         raise LibraryPathError(f"{f} is not valid JSON: {e}") from e
     return compare_struct_sizes(recorded)
+
+
+def preload_cuda_runtime() -> List[str]:
+    """Make NVIDIA's registry wheels (``nvidia-cuda-runtime-cu12``, ``nvidia-cublas-cu12``) serve as the CUDA
+    runtime of a CUDA llama.cpp build; call before llama_cpp is imported. Returns what it loaded or added.
+
+    The project's CUDA wheels (kernels/wheel.py) do not bundle the runtime: they depend on those wheels.
+    On Linux the libraries are loaded with ``RTLD_GLOBAL``, so the loader resolves llama.cpp's CUDA
+    library against them by soname; on Windows their ``bin`` folders join the DLL search path.
+    Nothing happens where the wheels are not installed (CPU builds, or a CUDA toolkit on the system).
+    """
+    import ctypes
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    done: List[str] = []
+    for root in roots:
+        for pkg, names in (("cuda_runtime", ("cudart",)), ("cublas", ("cublasLt", "cublas"))):
+            if sys.platform == "win32":
+                d = root / pkg / "bin"
+                if d.is_dir():
+                    os.add_dll_directory(str(d))
+                    done.append(str(d))
+                continue
+            for name in names:
+                for lib in sorted((root / pkg / "lib").glob(f"lib{name}.so.*")):
+                    try:
+                        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                        done.append(str(lib))
+                    except OSError:
+                        pass
+                    break
+    return done
