@@ -29,6 +29,8 @@ import llama_cpp  # noqa: F401,I001 - before numpy
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
@@ -48,6 +50,25 @@ from .sampling import SamplerPool, SamplingError
 from .validate import StepError, StepLimits, StepPlan, check_step
 
 log = logging.getLogger(__name__)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (model weights mapped in, KV cache, buffers)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - a counter for display only
+        return 0
+
+
 PROTOCOL_VERSION = 2
 REPLY_MAX_BYTES = 64 << 20   # what a stage accepts on its own link to the next stage (replies only)
 # what each link role may send
@@ -107,7 +128,9 @@ class StageServer:
              "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
              "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": self.engine.n_ctx,
              "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "max_rows": self.limits.max_rows,
-             "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec}
+             "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec,
+             "host": socket.gethostname(), "backend": self._backend(), "n_gpu_layers": self.engine.n_gpu_layers,
+             "model_bytes": _file_size(i.path)}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -232,7 +255,7 @@ class StageServer:
         elif kind == "stats":
             ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline),
                             "live_seqs": int(np.count_nonzero(self._seq_len)),
-                            "kv_positions": int(self._seq_len.sum())})
+                            "kv_positions": int(self._seq_len.sum()), "rss_bytes": _rss()})
         elif kind == "ping":
             ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})
         elif kind == "probe_next":
@@ -241,6 +264,15 @@ class StageServer:
             log.warning("peer reported: %s", meta.get("message"))
         else:
             ch.reply(meta, {"type": "error", "message": f"unknown frame type {kind!r}"})
+
+    def _backend(self) -> str:
+        """Where the layers run: 'cpu', or the GPU devices llama.cpp offloads to (e.g. 'CUDA0')."""
+        if not self.engine.n_gpu_layers:
+            return "cpu"
+        from .hostinfo import devices
+
+        gpus = [d["name"] for d in devices() if d["type"] in ("gpu", "igpu")]
+        return ",".join(gpus) or "gpu"
 
     def _engine_stats(self) -> dict:
         t = self.engine.times

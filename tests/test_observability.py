@@ -1,0 +1,142 @@
+"""Seeing the cluster: Prometheus /metrics, the dashboard page (in headless Chromium), `molink-lite status`,
+and the log of a gateway whose clients misbehave (2 real stage processes of a tiny model + a gateway process
+with an API key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+
+from molink_lite.model.split import LayerRange
+from molink_lite.serving.launcher import start_stages, stop_stages
+
+from serving import GatewayProcess
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-0123456789abcdef"
+ARTIFACTS = Path(os.environ.get("MOLINK_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
+
+
+def call(method: str, url: str, body: Any = None, key: Optional[str] = KEY, timeout: float = 60) -> Tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("obs")
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    procs = start_stages(model, [LayerRange(0, 2), LayerRange(2, 4)],
+                         extra_args=["--threads", "1", "--ctx", "2048", "--max-seqs", "4"], workdir=str(wd))
+    keyfile = wd / "api.key"
+    keyfile.write_text(KEY + "\n")
+    keyfile.chmod(0o600)
+    gw = GatewayProcess([[s.url for s in procs]], extra=["--api-key-file", str(keyfile)], log_dir=wd)
+    try:
+        gw.wait_ready()
+        yield gw, procs, keyfile
+    finally:
+        gw.stop()
+        stop_stages(procs)
+
+
+@pytest.fixture(scope="module")
+def traffic(cluster):
+    """A few requests of known size; returns their usage blocks."""
+    gw = cluster[0]
+    usages = []
+    for i in range(3):
+        status, body = call("POST", gw.url + "/v1/completions",
+                            {"prompt": f"hello number {i}", "max_tokens": 8, "ignore_eos": True})
+        assert status == 200, body
+        usages.append(body["usage"])
+    status, body = call("POST", gw.url + "/v1/completions", {"prompt": "x", "max_tokens": -1})
+    assert status == 400
+    return usages
+
+
+def _families(text: str) -> Dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(fams: Dict[str, Any], family: str, sample: str, **labels: str) -> float:
+    found = [s.value for s in fams[family].samples if s.name == sample and all(s.labels.get(k) == v
+                                                                               for k, v in labels.items())]
+    assert len(found) == 1, (family, sample, labels, fams[family].samples)
+    return found[0]
+
+
+def test_metrics_count_requests_tokens_and_latency(cluster, traffic):
+    gw = cluster[0]
+    status, _ = call("GET", gw.url + "/metrics", key=None)
+    assert status == 401  # behind the API key like every data endpoint
+    status, text = call("GET", gw.url + "/metrics")
+    assert status == 200 and isinstance(text, str)
+    fams = _families(text)
+    n = len(traffic)
+    gen = sum(u["completion_tokens"] for u in traffic)
+    prompt = sum(u["prompt_tokens"] for u in traffic)
+    assert _value(fams, "molink_requests", "molink_requests_total", endpoint="completions", status="200") == n
+    assert _value(fams, "molink_requests", "molink_requests_total", endpoint="completions", status="400") == 1
+    assert _value(fams, "molink_generation_tokens", "molink_generation_tokens_total") == gen
+    assert _value(fams, "molink_prompt_tokens", "molink_prompt_tokens_total") == prompt
+    assert _value(fams, "molink_time_to_first_token_seconds", "molink_time_to_first_token_seconds_count") == n
+    assert _value(fams, "molink_time_to_first_token_seconds", "molink_time_to_first_token_seconds_bucket",
+                  le="+Inf") == n
+    assert _value(fams, "molink_inter_token_latency_seconds", "molink_inter_token_latency_seconds_count") == gen - n
+    assert _value(fams, "molink_inter_token_latency_seconds", "molink_inter_token_latency_seconds_sum") > 0
+    assert fams["molink_time_to_first_token_seconds"].type == "histogram"
+    assert fams["molink_requests"].type == "counter"
+    # state read at scrape time: gateway, pipeline, links and both stages (fetched through the gateway)
+    assert _value(fams, "molink_queue_length", "molink_queue_length") == 0
+    assert _value(fams, "molink_running_sequences", "molink_running_sequences", pipeline="p0") == 0
+    assert _value(fams, "molink_pipeline_state", "molink_pipeline_state", pipeline="p0", state="up") == 1
+    assert _value(fams, "molink_pipeline_state", "molink_pipeline_state", pipeline="p0", state="down") == 0
+    assert _value(fams, "molink_kv_cells_capacity", "molink_kv_cells_capacity", pipeline="p0") == 2048
+    assert _value(fams, "molink_link_rtt_seconds", "molink_link_rtt_seconds", pipeline="p0", stage="0") > 0
+    assert _value(fams, "molink_link_bandwidth_bytes_per_second", "molink_link_bandwidth_bytes_per_second",
+                  pipeline="p0", stage="0") > 0
+    infos = fams["molink_stage_info"].samples
+    assert sorted(s.labels["layers"] for s in infos) == ["0-1", "2-3"]
+    assert all(s.labels["backend"] == "cpu" for s in infos)
+    for stage in ("0", "1"):
+        steps = _value(fams, "molink_stage_steps", "molink_stage_steps_total", pipeline="p0", stage=stage)
+        assert steps >= gen / 4  # every token needs a step on every stage (steps may batch sequences)
+        assert _value(fams, "molink_stage_step_seconds", "molink_stage_step_seconds", pipeline="p0", stage=stage) > 0
+        assert _value(fams, "molink_stage_rows_per_step", "molink_stage_rows_per_step", pipeline="p0",
+                      stage=stage) >= 1
+        assert _value(fams, "molink_stage_memory_bytes", "molink_stage_memory_bytes", pipeline="p0", stage=stage) > 0
+        assert _value(fams, "molink_kv_cells_used", "molink_kv_cells_used", pipeline="p0", stage=stage) == 0
+        assert _value(fams, "molink_stage_up", "molink_stage_up", pipeline="p0", stage=stage) == 1
+    assert _value(fams, "molink_router_events", "molink_router_events_total", event="replayed") == 0
+    assert _value(fams, "molink_pipeline_recoveries", "molink_pipeline_recoveries_total", pipeline="p0") == 0
+    # /v1/stats carries the same totals and the recent rates the dashboard and `status` show
+    status, stats = call("GET", gw.url + "/v1/stats")
+    assert stats["metrics"]["generation_tokens"] == gen and stats["metrics"]["requests"]["200"] == n
+    assert stats["metrics"]["last_60s"]["tokens_per_s"] > 0
+    assert [s["host"] for s in stats["pipelines"][0]["stage_info"]] == [socket.gethostname()] * 2
