@@ -140,3 +140,71 @@ def test_metrics_count_requests_tokens_and_latency(cluster, traffic):
     assert stats["metrics"]["generation_tokens"] == gen and stats["metrics"]["requests"]["200"] == n
     assert stats["metrics"]["last_60s"]["tokens_per_s"] > 0
     assert [s["host"] for s in stats["pipelines"][0]["stage_info"]] == [socket.gethostname()] * 2
+
+
+def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-dev-shm-usage", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class _Traffic:
+    """Streaming requests in a background thread while the browser looks."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.stop_flag, self.done = url, False, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_flag:
+            status, _ = call("POST", self.url + "/v1/completions",
+                             {"prompt": "tell me more", "max_tokens": 48, "ignore_eos": True})
+            self.done += status == 200
+
+    def stop(self) -> None:
+        self.stop_flag = True
+        self.thread.join(60)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="Chromium is not installed (apt-get install chromium): the dashboard is not tested in a "
+                           "browser")
+def test_dashboard_in_headless_chromium(cluster, traffic, tmp_path):
+    gw = cluster[0]
+    status, page = call("GET", gw.url + "/", key=None)  # the page itself loads without a key; its data does not
+    assert status == 200 and "<canvas" in page
+    assert call("GET", gw.url + "/web/app.js", key=None)[0] == 200
+    assert call("GET", gw.url + "/web/../gateway.py", key=None)[0] == 404
+    assert call("GET", gw.url + "/v1/stats", key=None)[0] == 401
+    load = _Traffic(gw.url)
+    try:
+        # without the key the page asks for one
+        r = _chromium(f"--user-data-dir={tmp_path / 'profile0'}", "--virtual-time-budget=4000", "--dump-dom",
+                      gw.url + "/")
+        assert 'id="keybox"' in r.stdout and 'id="keybox" hidden' not in r.stdout, r.stdout[-2000:]
+        # with the key (given in the address's #fragment, which the browser never sends, then kept in localStorage)
+        url = f"{gw.url}/#key={KEY}"
+        r = _chromium(f"--user-data-dir={tmp_path / 'profile1'}", "--virtual-time-budget=10000", "--dump-dom", url)
+        dom = r.stdout
+        assert 'id="keybox" hidden' in dom, dom[-3000:]
+        import re
+
+        layers = re.findall(r'<tr class="stage" data-layers="([^"]+)"', dom)
+        assert layers == ["0-1", "2-3"], dom[-3000:]
+        tput = float(re.search(r'id="tput60">([^<]+)<', dom).group(1))
+        assert tput > 0, dom[-3000:]
+        assert re.search(r'id="status" class="badge ok"', dom)
+        assert "Mbit/s" in dom  # the measured link between the two stages
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "dashboard.png"
+        shot.unlink(missing_ok=True)
+        r = _chromium(f"--user-data-dir={tmp_path / 'profile2'}", "--virtual-time-budget=20000",
+                      f"--screenshot={shot}", "--window-size=1400,1000", url)
+        assert shot.exists() and shot.stat().st_size > 10000, r.stderr[-2000:]
+    finally:
+        load.stop()
+    assert load.done >= 1

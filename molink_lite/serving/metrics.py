@@ -58,6 +58,7 @@ class _Window:
     def __init__(self) -> None:
         # [second, tokens, ttft sum, ttft count, gap sum, gap count]
         self.buckets: Deque[List[float]] = deque(maxlen=WINDOW_S + 2)
+        self.started = time.monotonic()
 
     def _now(self) -> List[float]:
         sec = int(time.monotonic())
@@ -72,8 +73,10 @@ class _Window:
             b[count_i] += 1
 
     def summary(self, window: int) -> dict:
-        """Tokens per second and mean TTFT / inter-token gap over the last ``window`` complete-ish seconds."""
-        since = int(time.monotonic()) - window
+        """Tokens per second and mean TTFT / inter-token gap over the last ``window`` seconds (or since start)."""
+        now = time.monotonic()
+        since = int(now) - window
+        span = max(1.0, min(float(window), now - self.started))
         tok = ttft_s = ttft_n = gap_s = gap_n = 0.0
         for sec, t, fs, fn, gs, gn in self.buckets:
             if sec > since:
@@ -82,7 +85,7 @@ class _Window:
                 ttft_n += fn
                 gap_s += gs
                 gap_n += gn
-        return {"tokens_per_s": round(tok / window, 3),
+        return {"tokens_per_s": round(tok / span, 3),
                 "ttft_s": round(ttft_s / ttft_n, 5) if ttft_n else None,
                 "inter_token_s": round(gap_s / gap_n, 5) if gap_n else None}
 
