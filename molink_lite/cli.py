@@ -1,4 +1,4 @@
-"""molink-lite command line: serve, stage, gateway, secret, split, plan, bench, link, build-lib."""
+"""molink-lite command line: serve, stage, gateway, status, secret, split, plan, bench, link, build-lib."""
 
 from __future__ import annotations
 
@@ -499,6 +499,25 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     return 0 if all(r.levels for r in results) else 1
 
 
+# ---------------------------------------------------------------- status
+def cmd_status(a: argparse.Namespace) -> int:
+    """A running gateway's pipelines, stages, links and rates in the terminal (from its /v1/stats)."""
+    import ssl
+
+    from .serving.auth import load_api_keys
+    from .tools.status import StatusError, fetch, render
+
+    try:
+        keys = load_api_keys(None, a.api_key_file)
+        ctx = ssl.create_default_context(cafile=a.cacert) if a.cacert else None
+        stats = fetch(a.url, keys[0] if keys else None, timeout=a.timeout, context=ctx)
+    except (ValueError, OSError, StatusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(stats, a.url))
+    return 1 if stats.get("status") == "unavailable" else 0
+
+
 # ---------------------------------------------------------------- build-lib
 def cmd_build_lib(argv: List[str]) -> int:
     """``molink-lite build-lib ...``: kernels/build.py, shipped in the package (options pass through)."""
@@ -615,6 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sched_opts(s)
     s.set_defaults(func=cmd_gateway)
 
+    s = sub.add_parser("status", help="a running gateway's pipelines, stages, links and rates (its /v1/stats)")
+    s.add_argument("url", nargs="?", default="http://127.0.0.1:8000",
+                   help="the gateway's address (default http://127.0.0.1:8000)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file with the API key (first line that is not a comment; default: $MOLINK_API_KEY)")
+    s.add_argument("--cacert", default=None, metavar="FILE",
+                   help="trust this certificate (PEM) for an https:// gateway with a self-signed certificate")
+    s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the gateway (default 15)")
+    s.set_defaults(func=cmd_status)
+
     s = sub.add_parser("secret", help="make a new random cluster secret (for --secret-file)")
     s.add_argument("-o", "--output", default=None, help="write it to this file, mode 0600 (default: print it)")
     s.add_argument("--force", action="store_true", help="replace an existing file")
@@ -647,6 +676,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["build-lib"]:  # its own parser (kernels/build.py); needs no llama_cpp
         return cmd_build_lib(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.cmd == "status":  # an HTTP client only: no llama.cpp
+        logging.basicConfig(level=logging.WARNING)
+        return int(args.func(args) or 0)
     if getattr(args, "lib", None):
         from .stage.libpath import LibraryPathError, use_library_dir
 

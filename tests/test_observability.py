@@ -208,3 +208,28 @@ def test_dashboard_in_headless_chromium(cluster, traffic, tmp_path):
     finally:
         load.stop()
     assert load.done >= 1
+
+
+def test_status_command(cluster, traffic):
+    gw, procs, keyfile = cluster
+    cmd = [sys.executable, "-m", "molink_lite.cli", "status", gw.url + "/v1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "needs an API key" in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["--api-key-file", str(keyfile)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "status ok" in out and "pipeline p0  up" in out, out
+    for sp in procs:  # both stages, with their layers, host and backend
+        line = next(ln for ln in out.splitlines() if sp.url in ln and "link" not in ln)
+        assert f"{sp.layers.start}-{sp.layers.stop - 1} of 4" in line and "cpu" in line and socket.gethostname() in line
+    assert "link 0 -> " + procs[1].url in out and "Mbit/s" in out
+    assert "tokens/s" in out and "requests " in out
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", f"http://127.0.0.1:{_closed_port()}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach" in r.stderr
+
+
+def _closed_port() -> int:
+    from serving import free_port
+
+    return free_port()
