@@ -233,3 +233,41 @@ def _closed_port() -> int:
     from serving import free_port
 
     return free_port()
+
+
+def test_client_closing_a_stream_is_not_an_internal_error(cluster):
+    """A client that goes away mid-stream: no `ERROR internal error` and no traceback in the gateway's log."""
+    gw = cluster[0]
+    body = json.dumps({"prompt": "a long story", "max_tokens": 1500, "ignore_eos": True, "stream": True}).encode()
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data: ") < 5:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        s.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the sequences are freed (nothing keeps generating for nobody)
+        status, health = call("GET", gw.url + "/health")
+        if health["pipelines"][0]["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["pipelines"][0]["running"] == 0, health
+    status, text = call("GET", gw.url + "/metrics")
+    assert "molink_client_disconnects_total 3.0" in text
+    assert 'molink_requests_total{endpoint="completions",status="499"} 3.0' in text
+    log = gw.output()
+    assert "internal error" not in log and "Traceback" not in log, log
+
+
+def test_chat_without_template_warns_once(cluster):
+    gw = cluster[0]
+    for _ in range(2):
+        status, body = call("POST", gw.url + "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200, body
+    log = gw.output()
+    assert log.count("the model has no chat template") == 1, log

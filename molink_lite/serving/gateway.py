@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/cluster", "/")
 # relayed stage links: a random per-stage token, and the stage link's own handshake runs inside the tunnel
 _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
+_CLIENT_GONE = "molink_client_gone"  # request key: the stream's client went away
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
 WEB_DIR = Path(__file__).with_name("web")
 _WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
@@ -122,10 +123,19 @@ class Gateway:
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        """Generation requests by endpoint and status (``molink_requests_total``), errors included."""
-        resp = await handler(request)
-        endpoint = _ENDPOINTS.get(request.path)
-        if endpoint is not None and request.method == "POST":
+        """Generation requests by endpoint and status (``molink_requests_total``), errors included; a client that
+        went away before the end counts as status 499 (nginx's "client closed request")."""
+        endpoint = _ENDPOINTS.get(request.path) if request.method == "POST" else None
+        if endpoint is None:
+            return await handler(request)
+        try:
+            resp = await handler(request)
+        except asyncio.CancelledError:  # the connection closed: aiohttp cancels the handler (handler_cancellation)
+            self.metrics.client_gone(endpoint)
+            raise
+        if request.get(_CLIENT_GONE):
+            self.metrics.client_gone(endpoint)
+        else:
             self.metrics.request_done(endpoint, resp.status)
         return resp
 
@@ -396,7 +406,7 @@ class Gateway:
             await resp.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError) as e:
             # the client went away mid-stream; _run's finally frees the sequence
-            self.metrics.disconnects.inc()
+            request[_CLIENT_GONE] = True
             log.debug("client %s went away mid-stream (%s): %s", request.remote, rid, e)
         return resp
 

@@ -100,7 +100,7 @@ class Metrics:
         self.requests = Counter("molink_requests", "HTTP generation requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.disconnects = Counter("molink_client_disconnects",
-                                   "Streaming requests whose client went away before the end", registry=r)
+                                   "Generation requests whose client went away before the answer was complete", registry=r)
         self.prompt_tokens = Counter("molink_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("molink_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("molink_time_to_first_token_seconds",
@@ -130,6 +130,11 @@ class Metrics:
 
     def request_done(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
+
+    def client_gone(self, endpoint: str) -> None:
+        """The client closed the connection before the answer was complete (counted as status 499)."""
+        self.requests.labels(endpoint, "499").inc()
+        self.disconnects.inc()
 
     # ------------------------------------------------------------------ scrape
     async def refresh(self) -> None:
