@@ -100,7 +100,8 @@ class Metrics:
         self.requests = Counter("molink_requests", "HTTP generation requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.disconnects = Counter("molink_client_disconnects",
-                                   "Generation requests whose client went away before the answer was complete", registry=r)
+                                   "Generation requests whose client went away before the answer was complete",
+                                   registry=r)
         self.prompt_tokens = Counter("molink_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("molink_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("molink_time_to_first_token_seconds",
@@ -198,7 +199,8 @@ class _StateCollector:
             ev.add_metric([k], v)
         yield ev
 
-        state = GaugeMetricFamily("molink_pipeline_state", "1 for the pipeline's current state", labels=["pipeline", "state"])
+        state = GaugeMetricFamily("molink_pipeline_state", "1 for the pipeline's current state",
+                                  labels=["pipeline", "state"])
         up = GaugeMetricFamily("molink_pipeline_up", "1 while the pipeline serves", labels=["pipeline"])
         running = GaugeMetricFamily("molink_running_sequences", "Sequences holding a slot", labels=["pipeline"])
         queued = GaugeMetricFamily("molink_pipeline_queued_sequences", "Sequences queued on the pipeline",

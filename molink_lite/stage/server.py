@@ -50,25 +50,6 @@ from .sampling import SamplerPool, SamplingError
 from .validate import StepError, StepLimits, StepPlan, check_step
 
 log = logging.getLogger(__name__)
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _rss() -> int:
-    """This process's resident memory in bytes (model weights mapped in, KV cache, buffers)."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:  # noqa: BLE001 - a counter for display only
-        return 0
-
-
 PROTOCOL_VERSION = 2
 REPLY_MAX_BYTES = 64 << 20   # what a stage accepts on its own link to the next stage (replies only)
 # what each link role may send
@@ -493,6 +474,23 @@ class StageServer:
         log.warning("step %s: %s", meta.get("step"), message)
         self._send_head({"type": "step_error", "step": meta.get("step"), "message": message,
                          "stage": f"{self.info.layer_start}-{self.info.layer_stop - 1}"}, None)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (model weights mapped in, KV cache, buffers)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - a counter for display only
+        return 0
 
 
 def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:

@@ -43,8 +43,9 @@ def fetch(url: str, api_key: Optional[str] = None, timeout: float = 15.0,
             raw = r.read(MAX_BYTES + 1)
     except urllib.error.HTTPError as e:
         if e.code == 401:
-            raise StatusError(f"{target}: the gateway needs an API key ({'refused the one given' if api_key else 'none given'}"
-                              f"): pass --api-key-file FILE or set MOLINK_API_KEY") from None
+            why = "it refused the one given" if api_key else "none given"
+            raise StatusError(f"{target}: the gateway needs an API key ({why}): pass --api-key-file FILE or set "
+                              f"MOLINK_API_KEY") from None
         raise StatusError(f"{target}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise StatusError(f"cannot reach {target}: {getattr(e, 'reason', e)}") from None
