@@ -183,7 +183,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
     log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
              layers.n)
     try:
-        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls),
+        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls,
+                                            metrics=_metrics_addr(a)),
                                   a.host, a.port)
     finally:
         engine.close()
@@ -232,12 +233,17 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
 
         try:
             await run_stage(engine, a.host, a.port, a.next, str(assign["codec"]), a.ready_file, key=key, tls=tls,
-                            on_listen=ready)
+                            on_listen=ready, metrics=_metrics_addr(a))
         finally:
             engine.close()
             await m.close()
 
     return _run_until_stopped(main(), a.host, a.port, (JoinError, EngineError))
+
+
+def _metrics_addr(a: argparse.Namespace):
+    """(host, port) of the stage's own /metrics, or None (``--metrics-port`` not given)."""
+    return (a.metrics_host, a.metrics_port) if a.metrics_port is not None else None
 
 
 def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
@@ -607,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --join: the ws(s)://host:port other machines reach this stage at (default: this "
                         "host's address towards the gateway and the bound port)")
     s.add_argument("--name", default=None, help="with --join: this host's name in the plan (default: hostname)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve this stage's Prometheus /metrics on PORT, without authentication (the gateway's "
+                        "/metrics already has every stage's values; 0 = any free port)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default 127.0.0.1: this machine only)")
     _security_opts(s, "the stage's links (wss://)")
     _engine_opts(s)
     s.set_defaults(func=cmd_stage)

@@ -50,7 +50,8 @@ def cluster(tiny_models, tmp_path_factory):
     wd = tmp_path_factory.mktemp("obs")
     model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
     procs = start_stages(model, [LayerRange(0, 2), LayerRange(2, 4)],
-                         extra_args=["--threads", "1", "--ctx", "2048", "--max-seqs", "4"], workdir=str(wd))
+                         extra_args=["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--metrics-port", "0"],
+                         workdir=str(wd))
     keyfile = wd / "api.key"
     keyfile.write_text(KEY + "\n")
     keyfile.chmod(0o600)
@@ -271,3 +272,20 @@ def test_chat_without_template_warns_once(cluster):
         assert status == 200, body
     log = gw.output()
     assert log.count("the model has no chat template") == 1, log
+
+
+def test_stage_serves_its_own_metrics(cluster, traffic):
+    """`stage --metrics-port`: the stage's own Prometheus endpoint (loopback, no gateway in between)."""
+    import re
+
+    procs = cluster[1]
+    for sp in procs:
+        m = re.search(r"stage metrics on http://127\.0\.0\.1:(\d+)/metrics", sp.log_file.read_text())
+        assert m, sp.log_tail()
+        status, text = call("GET", f"http://127.0.0.1:{m.group(1)}/metrics", key=None)
+        assert status == 200
+        fams = _families(text)
+        assert _value(fams, "molink_stage_steps", "molink_stage_steps_total") > 0
+        assert _value(fams, "molink_kv_cells_capacity", "molink_kv_cells_capacity") == 2048
+        info = fams["molink_stage_info"].samples[0].labels
+        assert info["layers"] == f"{sp.layers.start}-{sp.layers.stop - 1}" and info["backend"] == "cpu"
