@@ -324,7 +324,8 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
                                  max_connections=a.max_connections, header_timeout=a.header_timeout,
                                  join_model=a.model, join_ctx=a.ctx, join_seqs=a.max_seqs, join_settle=a.join_settle,
                                  **_resilience_kw(a))
-    print(f"molink-lite gateway: {'https' if tls else 'http'}://{a.host}:{a.port}/v1", flush=True)
+    base = f"{'https' if tls else 'http'}://{a.host}:{a.port}"
+    print(f"molink-lite gateway: {base}/v1 (dashboard: {base}/, metrics: {base}/metrics)", flush=True)
     try:
         await asyncio.Future()
     finally:
