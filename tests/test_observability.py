@@ -293,3 +293,29 @@ def test_stage_serves_its_own_metrics(cluster, traffic):
         assert _value(fams, "molink_kv_cells_capacity", "molink_kv_cells_capacity") == 2048
         info = fams["molink_stage_info"].samples[0].labels
         assert info["layers"] == f"{sp.layers.start}-{sp.layers.stop - 1}" and info["backend"] == "cpu"
+
+
+def test_status_over_https_with_a_self_signed_certificate(tiny_models, tmp_path):
+    from molink_lite.wire.tls import self_signed
+
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    procs = start_stages(model, [LayerRange(0, 4)], extra_args=["--threads", "1", "--ctx", "256", "--max-seqs", "2"],
+                         workdir=str(tmp_path))
+    cert, key = self_signed(tmp_path / "tls")
+    gw = GatewayProcess([[procs[0].url]], extra=["--tls", "auto", "--tls-cert", str(cert), "--tls-key", str(key)], log_dir=tmp_path)
+    try:
+        url = f"https://localhost:{gw.port}"
+        cmd = [sys.executable, "-m", "molink_lite.cli", "status", url, "--cacert", str(cert), "--timeout", "5"]
+        deadline = time.monotonic() + 60
+        while True:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if r.returncode == 0 or time.monotonic() > deadline or gw.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert r.returncode == 0, (r.stderr, gw.output())
+        assert "pipeline p0  up" in r.stdout and "0-3 of 4" in r.stdout
+        r = subprocess.run(cmd[:-4], capture_output=True, text=True, timeout=60)  # without --cacert: not trusted
+        assert r.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in r.stderr, r.stderr
+    finally:
+        gw.stop()
+        stop_stages(procs)
