@@ -1,4 +1,4 @@
-"""molink-lite command line: serve, stage, gateway, secret, split, plan, bench, link, build-lib."""
+"""molink-lite command line: serve, stage, gateway, status, secret, split, plan, bench, link, build-lib."""
 
 from __future__ import annotations
 
@@ -195,7 +195,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
     log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
              layers.n)
     try:
-        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls),
+        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls,
+                                            metrics=_metrics_addr(a)),
                                   a.host, a.port)
     finally:
         engine.close()
@@ -244,12 +245,17 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
 
         try:
             await run_stage(engine, a.host, a.port, a.next, str(assign["codec"]), a.ready_file, key=key, tls=tls,
-                            on_listen=ready)
+                            on_listen=ready, metrics=_metrics_addr(a))
         finally:
             engine.close()
             await m.close()
 
     return _run_until_stopped(main(), a.host, a.port, (JoinError, EngineError))
+
+
+def _metrics_addr(a: argparse.Namespace):
+    """(host, port) of the stage's own /metrics, or None (``--metrics-port`` not given)."""
+    return (a.metrics_host, a.metrics_port) if a.metrics_port is not None else None
 
 
 def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
@@ -330,7 +336,8 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
                                  max_connections=a.max_connections, header_timeout=a.header_timeout,
                                  join_model=a.model, join_ctx=a.ctx, join_seqs=a.max_seqs, join_settle=a.join_settle,
                                  **_resilience_kw(a))
-    print(f"molink-lite gateway: {'https' if tls else 'http'}://{a.host}:{a.port}/v1", flush=True)
+    base = f"{'https' if tls else 'http'}://{a.host}:{a.port}"
+    print(f"molink-lite gateway: {base}/v1 (dashboard: {base}/, metrics: {base}/metrics)", flush=True)
     try:
         await asyncio.Future()
     finally:
@@ -511,6 +518,25 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     return 0 if all(r.levels for r in results) else 1
 
 
+# ---------------------------------------------------------------- status
+def cmd_status(a: argparse.Namespace) -> int:
+    """A running gateway's pipelines, stages, links and rates in the terminal (from its /v1/stats)."""
+    import ssl
+
+    from .serving.auth import load_api_keys
+    from .tools.status import StatusError, fetch, render
+
+    try:
+        keys = load_api_keys(None, a.api_key_file)
+        ctx = ssl.create_default_context(cafile=a.cacert) if a.cacert else None
+        stats = fetch(a.url, keys[0] if keys else None, timeout=a.timeout, context=ctx)
+    except (ValueError, OSError, StatusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(stats, a.url))
+    return 1 if stats.get("status") == "unavailable" else 0
+
+
 # ---------------------------------------------------------------- build-lib
 def cmd_build_lib(argv: List[str]) -> int:
     """``molink-lite build-lib ...``: kernels/build.py, shipped in the package (options pass through)."""
@@ -600,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --join: the ws(s)://host:port other machines reach this stage at (default: this "
                         "host's address towards the gateway and the bound port)")
     s.add_argument("--name", default=None, help="with --join: this host's name in the plan (default: hostname)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve this stage's Prometheus /metrics on PORT, without authentication (the gateway's "
+                        "/metrics already has every stage's values; 0 = any free port)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default 127.0.0.1: this machine only)")
     _security_opts(s, "the stage's links (wss://)")
     _engine_opts(s)
     s.set_defaults(func=cmd_stage)
@@ -626,6 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     _resilience_opts(s)
     _sched_opts(s)
     s.set_defaults(func=cmd_gateway)
+
+    s = sub.add_parser("status", help="a running gateway's pipelines, stages, links and rates (its /v1/stats)")
+    s.add_argument("url", nargs="?", default="http://127.0.0.1:8000",
+                   help="the gateway's address (default http://127.0.0.1:8000)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file with the API key (first line that is not a comment; default: $MOLINK_API_KEY)")
+    s.add_argument("--cacert", default=None, metavar="FILE",
+                   help="trust this certificate (PEM) for an https:// gateway with a self-signed certificate")
+    s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the gateway (default 15)")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("secret", help="make a new random cluster secret (for --secret-file)")
     s.add_argument("-o", "--output", default=None, help="write it to this file, mode 0600 (default: print it)")
@@ -665,6 +706,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["build-lib"]:  # its own parser (kernels/build.py); needs no llama_cpp
         return cmd_build_lib(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.cmd == "status":  # an HTTP client only: no llama.cpp
+        logging.basicConfig(level=logging.WARNING)
+        return int(args.func(args) or 0)
     if getattr(args, "lib", None):
         from .stage.libpath import LibraryPathError, use_library_dir
 

@@ -162,6 +162,20 @@ def test_sixteen_streams_survive_a_killed_stage(replicas):
     assert st["pipelines"][0]["state"] in ("down", "recovering") and st["pipelines"][1]["state"] == "up"
     status, health = http("GET", gw.url + "/health")
     assert status == 200 and health["status"] == "degraded"
+    # the failure and the replays in /metrics; every token counted once (replayed ones are prefilled, not counted)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = http("GET", gw.url + "/metrics")
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+         for s in f.samples}
+    assert m[("molink_pipeline_failures_total", (("pipeline", "p0"),))] == 1
+    assert m[("molink_pipeline_up", (("pipeline", "p0"),))] == 0
+    assert m[("molink_pipeline_up", (("pipeline", "p1"),))] == 1
+    assert m[("molink_router_events_total", (("event", "replayed"),))] == st["router"]["replayed"]
+    assert m[("molink_requests_total", (("endpoint", "completions"), ("status", "200")))] == 16
+    assert m[("molink_generation_tokens_total", ())] == 16 * 32
+    assert m[("molink_time_to_first_token_seconds_count", ())] == 16
+    assert not [k for k in m if k[0] == "molink_stage_up" and ("pipeline", "p0") in k[1]]  # not asked: it is down
 
 
 def test_a_burst_spreads_over_replicas(replicas):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401 - before numpy
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +102,29 @@ def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
                 assert body["choices"][0]["text"] == want
         finally:
             whole.close()
+        # the placement and its hosts in `molink-lite status` and /metrics
+        r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", url], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        names = [s["host"]["name"] for s in stages_plan]
+        assert "placement:" in r.stdout and f"j0: layers 4-7 on {names[1]}" in r.stdout, r.stdout
+        assert f"j0: link {names[0]} -> {names[1]} direct" in r.stdout, r.stdout
+        status, text = http("GET", url + "/metrics")
+        assert status == 200
+        assert text.count("molink_stage_info{") == 3 and 'molink_pipeline_state{pipeline="j0",state="up"} 1.0' in text
+        if shutil.which("chromium"):  # the dashboard shows the placement and the routes of the links
+            r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+                                url + "/"], capture_output=True, text=True, timeout=90)
+            dom = r.stdout
+            assert dom.count('<tr class="stage"') == 3 and 'id="placement-box" hidden' not in dom, dom[-3000:]
+            assert f"<td>{names[0]}</td><td>{names[1]}</td><td>direct</td>" in dom, dom[-3000:]
+            shots = Path(os.environ.get("MOLINK_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
+            shots.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium'}",
+                            "--virtual-time-budget=5000", f"--screenshot={shots / 'dashboard-join.png'}",
+                            "--window-size=1400,1100", url + "/"], capture_output=True, timeout=90)
     finally:
         for p, _ in stages:
             if p.poll() is None:

@@ -2,7 +2,9 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream``), ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (``?timeline=1`` adds each stage's
-recent step start/end times). Errors use OpenAI's shape
+recent step start/end times), ``GET /metrics`` (Prometheus, :mod:`molink_lite.serving.metrics`) and the
+dashboard at ``GET /`` (static files from :mod:`molink_lite.serving.web`, reading ``/v1/stats`` and
+``/metrics``). Errors use OpenAI's shape
 ``{"error": {"message", "type", "code", "param"}}``: 400 for bad input (every field is checked
 here, at the edge, before anything reaches a stage), 401 for a missing or wrong API key,
 404 for an unknown model, 413 for a body over 8 MiB, 503 when no pipeline can take the request.
@@ -20,7 +22,8 @@ import os
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import aiohttp
 import numpy as np
@@ -29,7 +32,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import ApiKeys
-from .chat import ChatPrompt, ChatTemplateError, render_chat
+from .chat import BUILTIN_BY_ARCH, ChatPrompt, ChatTemplateError, render_chat
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
                           DEFAULT_MAX_CONNECTIONS, ConnectionGuard, serve_app)
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
@@ -41,9 +45,15 @@ from .router import Overloaded, Router
 from .sequence import Event, GenRequest, SeqState
 
 log = logging.getLogger(__name__)
-_OPEN_PATHS = ("/health", "/cluster")  # /cluster: joining stages authenticate with the cluster secret
+# /cluster: joining stages authenticate with the cluster secret; "/" and /web/: the dashboard's static files
+# (no data: every request the page makes for data carries the API key)
+_OPEN_PATHS = ("/health", "/cluster", "/")
 # relayed stage links: a random per-stage token, and the stage link's own handshake runs inside the tunnel
-_OPEN_PREFIXES = ("/relay/", "/relay-back/")
+_OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
+_CLIENT_GONE = "molink_client_gone"  # request key: the stream's client went away
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
+WEB_DIR = Path(__file__).with_name("web")
+_WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
 
 class Gateway:
@@ -68,6 +78,13 @@ class Gateway:
             else:
                 self.builtin_template = chat_template
         self._bg: List[asyncio.Task] = []
+        self.metrics = Metrics(router)
+        router.observer = self.metrics
+        self._warned_no_template = False
+        # the dashboard's files, read once: only these names are served (no paths from the request)
+        self._web: Dict[str, Tuple[bytes, str]] = {
+            f.name: (f.read_bytes(), _WEB_TYPES[f.suffix]) for f in sorted(WEB_DIR.glob("*"))
+            if f.is_file() and f.suffix in _WEB_TYPES}
 
     @property
     def model_name(self) -> str:
@@ -80,12 +97,15 @@ class Gateway:
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._count, self._errors, self._auth])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/stats", self.stats)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/", self.dashboard)
+        app.router.add_get("/web/{name}", self.web_file)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -100,6 +120,24 @@ class Gateway:
             t.cancel()
         for p in self.pipelines:
             await p.close()
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """Generation requests by endpoint and status (``molink_requests_total``), errors included; a client that
+        went away before the end counts as status 499 (nginx's "client closed request")."""
+        endpoint = _ENDPOINTS.get(request.path) if request.method == "POST" else None
+        if endpoint is None:
+            return await handler(request)
+        try:
+            resp = await handler(request)
+        except asyncio.CancelledError:  # the connection closed: aiohttp cancels the handler (handler_cancellation)
+            self.metrics.client_gone(endpoint)
+            raise
+        if request.get(_CLIENT_GONE):
+            self.metrics.client_gone(endpoint)
+        else:
+            self.metrics.request_done(endpoint, resp.status)
+        return resp
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -144,21 +182,45 @@ class Gateway:
         return _json({"status": status, "pipelines": self.router.describe(), "router": self.router.stats,
                       "queued": self.router.queued}, 200 if status != "unavailable" else 503)
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return self._static("index.html")
+
+    async def web_file(self, request: web.Request) -> web.Response:
+        return self._static(request.match_info["name"])
+
+    def _static(self, name: str) -> web.Response:
+        found = self._web.get(name)
+        if found is None:
+            raise ApiError(404, "not found", "not_found")
+        body, ctype = found
+        return web.Response(body=body, content_type=ctype, charset="utf-8",
+                            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+                                     "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"})
+
     async def stats(self, request: web.Request) -> web.Response:
         out = []
         for p, d in zip(self.pipelines, self.router.describe()):
             entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
-                                     "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events)}
+                                     "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events),
+                                     "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
+                                     "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else []}
             if p.healthy:
                 try:
-                    entry["stages"] = await p.stage_stats()
+                    entry["stages"] = await asyncio.wait_for(p.stage_stats(), 10)
                     if request.query.get("timeline") not in ("1", "true"):
                         for st in entry["stages"]:
                             st.pop("timeline", None)
+                except asyncio.TimeoutError:
+                    entry["stages_error"] = "the stages did not answer within 10 s"
                 except Exception as e:  # noqa: BLE001
                     entry["stages_error"] = str(e)
             out.append(entry)
-        return _json({"status": self.router.status, "router": self.router.stats, "queued": self.router.queued,
+        return _json({"status": self.router.status, "model": self.model_name, "router": self.router.stats,
+                      "queued": self.router.queued, "metrics": self.metrics.recent(),
                       "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None,
                       "replacements": self.cluster.replacements if self.cluster is not None else None})
 
@@ -235,6 +297,12 @@ class Gateway:
 
     def _apply_template(self, pipe: Pipeline, messages: list) -> ChatPrompt:
         info = pipe.first
+        if not (self.chat_template or self.builtin_template or info.get("chat_template")) \
+                and not self._warned_no_template:
+            self._warned_no_template = True
+            log.warning("the model has no chat template (a base model?): /v1/chat/completions formats messages "
+                        "with llama.cpp's built-in '%s' template, which the model may not follow; use "
+                        "/v1/completions, or pass --chat-template", BUILTIN_BY_ARCH.get(info.get("arch"), "chatml"))
         try:
             return render_chat(messages, template=self.chat_template or info.get("chat_template"), arch=info["arch"],
                                bos=info.get("bos", ""), eos=info.get("eos", ""), builtin=self.builtin_template)
@@ -263,6 +331,7 @@ class Gateway:
         except Overloaded as e:
             raise ApiError(429, str(e), "rate_limit_exceeded", "rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        self.metrics.prompt_tokens.inc(int(req.prompt.shape[0]))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         try:
@@ -337,8 +406,16 @@ class Gateway:
             await resp.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError) as e:
             # the client went away mid-stream; _run's finally frees the sequence
+            request[_CLIENT_GONE] = True
             log.debug("client %s went away mid-stream (%s): %s", request.remote, rid, e)
         return resp
+
+
+def _stage_info(info: dict) -> dict:
+    """What the dashboard shows of a stage (its hello): address, host, layers, backend, offload, sizes."""
+    keys = ("url", "host", "layer_start", "layer_stop", "n_layer_total", "backend", "n_gpu_layers", "model_bytes",
+            "n_ctx", "max_seqs", "arch", "codec")
+    return {k: info.get(k) for k in keys}
 
 
 async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "127.0.0.1", port: int = 8000,

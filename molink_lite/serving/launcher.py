@@ -142,6 +142,7 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
               f"  curl {'-k ' if tls else ''}{scheme}://{host}:{port}/v1/completions{auth_hdr} "
               f"-H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'\n\n"
+              f"dashboard: {scheme}://{host}:{port}/   (or: molink-lite status {scheme}://{host}:{port})\n\n"
               f"Ctrl-C stops everything.", flush=True)
         try:
             while all(sp.proc.poll() is None for sp in procs):

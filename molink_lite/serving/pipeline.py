@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,6 +86,8 @@ class Pipeline:
         self._bg: List[asyncio.Task] = []
         self.on_lost: LostHandler = _fail_lost
         self.on_up: Callable[["Pipeline"], None] = lambda p: None
+        # serving.metrics.Metrics (first_token, token_gap, tokens), set by the gateway; O(1) calls per token
+        self.observer: Optional[Any] = None
         self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
         self.stats = {"steps": 0, "rows": 0, "max_inflight_seen": 0, "max_seqs_in_step": 0,
                       "completed": 0, "failed": 0, "prefill_rows": 0, "decode_rows": 0, "mixed_steps": 0,
@@ -398,6 +400,8 @@ class Pipeline:
         pieces = meta.get("pieces") or [""] * len(seqs)
         now = time.perf_counter()
         worst_itl: Optional[float] = None
+        obs = self.observer
+        taken = 0
         for slot, tok, eog, piece in zip(seqs, toks, eogs, pieces):
             s = by_slot.get(slot)
             if s is None or s.finished or s.pipeline is not self:
@@ -406,13 +410,21 @@ class Pipeline:
                 self._release(s)
                 continue
             if s.t_last is not None and s.t_first is not None:
-                worst_itl = max(worst_itl or 0.0, now - s.t_last)
+                gap = now - s.t_last
+                worst_itl = max(worst_itl or 0.0, gap)
+                if obs is not None:
+                    obs.token_gap(gap)
+            elif obs is not None:
+                obs.first_token(now - s.t_submit)
+            taken += 1
             reason = s.take_token(tok, bool(eog), piece, now)
             if reason:
                 self._finish(s, reason=reason)
         for s, _ in st.seqs:
             if s.cancelled and not s.finished:
                 self._release(s)
+        if obs is not None:
+            obs.tokens(taken)
         long_running = any(is_long(s, self.prefill_chunk) and s.prefilling and not s.finished
                            for s in self.active.values())
         self.budget.update(worst_itl, long_running)

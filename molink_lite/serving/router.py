@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Any, Deque, List, Optional, Sequence, Tuple
 
 import numpy as np
 import orjson
@@ -48,15 +48,28 @@ class Router:
         self.parked: Deque[Tuple[SeqState, float]] = deque()  # (sequence, give-up time)
         self._up = asyncio.Event()
         self.stats = {"replayed": 0, "parked": 0, "recovered": 0, "expired": 0, "overloaded": 0}
+        self._observer: Any = None
         for p in self.pipelines:
             p.on_lost = self._on_lost
             p.on_up = self._on_up
         self._refresh_up()
 
+    @property
+    def observer(self) -> Any:
+        """Token timings of every pipeline go here (:class:`~molink_lite.serving.metrics.Metrics`)."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, obs: Any) -> None:
+        self._observer = obs
+        for p in self.pipelines:
+            p.observer = obs
+
     def add(self, p: Pipeline) -> None:
         """A pipeline that came up after start (joined stages): it takes parked requests and new ones."""
         p.on_lost = self._on_lost
         p.on_up = self._on_up
+        p.observer = self._observer
         self.pipelines.append(p)
         p.start_background()
         if p.healthy:

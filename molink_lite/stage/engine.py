@@ -136,6 +136,10 @@ class StageEngine:
             32, min(self.n_batch, OUTPUT_BUFFER_BUDGET // max(1, 4 * n_vocab_out)))
         self.n_seq_max = int(n_seq_max)
         self.times = StepTimes()
+        n_layer = self.info.layer_stop - self.info.layer_start
+        # layers llama.cpp puts on a GPU (none without GPU offload support; -1 means all)
+        self.n_gpu_layers = (0 if not _llama.llama_supports_gpu_offload() else
+                             n_layer if n_gpu_layers < 0 else min(n_layer, int(n_gpu_layers)))
 
         # hidden-state capture on non-last stages
         self._target = f"l_out-{llama_cpp.llama_model_n_layer(self._model) - 1}".encode()

@@ -48,6 +48,16 @@ def devices() -> List[dict]:
     return out
 
 
+def process_rss() -> int:
+    """This process's resident memory in bytes (model weights paged in, KV cache, buffers); 0 if unknown."""
+    import psutil
+
+    try:
+        return int(psutil.Process().memory_info().rss)
+    except (psutil.Error, OSError):
+        return 0
+
+
 def free_ram() -> int:
     """Available RAM in bytes (psutil)."""
     import psutil

@@ -29,6 +29,8 @@ import llama_cpp  # noqa: F401,I001 - before numpy
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
@@ -44,6 +46,7 @@ from ..wire.channel import Channel, ChannelClosed, RemoteError
 from ..wire.codec import CODECS, encode_frame
 from ..wire.tls import fingerprint_file, server_context
 from .engine import EngineError, StageEngine, last_row_of_each_seq
+from .hostinfo import devices, process_rss
 from .sampling import SamplerPool, SamplingError
 from .validate import StepError, StepLimits, StepPlan, check_step
 
@@ -107,7 +110,9 @@ class StageServer:
              "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
              "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": self.engine.n_ctx,
              "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "max_rows": self.limits.max_rows,
-             "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec}
+             "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec,
+             "host": socket.gethostname(), "backend": self.backend(), "n_gpu_layers": self.engine.n_gpu_layers,
+             "model_bytes": _file_size(i.path)}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -230,9 +235,9 @@ class StageServer:
         elif kind == "tokenize":
             await self._tokenize(ch, meta)
         elif kind == "stats":
+            live, positions = self.kv_usage()
             ch.reply(meta, {"type": "stats", **self.stats, **self._engine_stats(), "timeline": list(self.timeline),
-                            "live_seqs": int(np.count_nonzero(self._seq_len)),
-                            "kv_positions": int(self._seq_len.sum())})
+                            "live_seqs": live, "kv_positions": positions, "rss_bytes": process_rss()})
         elif kind == "ping":
             ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})
         elif kind == "probe_next":
@@ -241,6 +246,18 @@ class StageServer:
             log.warning("peer reported: %s", meta.get("message"))
         else:
             ch.reply(meta, {"type": "error", "message": f"unknown frame type {kind!r}"})
+
+    def backend(self) -> str:
+        """Where the layers run: 'cpu', or the GPU devices llama.cpp offloads to (e.g. 'CUDA0')."""
+        if not self.engine.n_gpu_layers:
+            return "cpu"
+        gpus = [d["name"] for d in devices() if d["type"] in ("gpu", "igpu")]
+        return ",".join(gpus) or "gpu"
+
+    def kv_usage(self) -> Tuple[int, int]:
+        """(sequences holding KV here, KV positions they hold)."""
+        seq_len = self._seq_len.copy()
+        return int(np.count_nonzero(seq_len)), int(seq_len.sum())
 
     def _engine_stats(self) -> dict:
         t = self.engine.times
@@ -463,6 +480,13 @@ class StageServer:
                          "stage": f"{self.info.layer_start}-{self.info.layer_stop - 1}"}, None)
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
     """Why stage ``nxt`` cannot follow stage ``prev``, or None if it can."""
     if nxt.get("protocol") != PROTOCOL_VERSION:
@@ -482,15 +506,31 @@ def chain_mismatch(prev: dict, nxt: dict) -> Optional[str]:
 async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optional[str], codec: str,
                     ready_file: Optional[str] = None, key: Optional[LinkKey] = None,
                     tls: Optional[Tuple[str, str]] = None, drain_timeout: float = 30.0,
-                    on_listen: Optional[Callable[[int], Awaitable[None]]] = None) -> None:
+                    on_listen: Optional[Callable[[int], Awaitable[None]]] = None,
+                    metrics: Optional[Tuple[str, int]] = None) -> None:
     """Serve a stage until cancelled or drained; optionally write the bound port to ``ready_file``.
+
+    ``metrics``: (host, port) of the stage's own Prometheus endpoint (:mod:`molink_lite.stage.metrics`).
 
     SIGTERM (SIGBREAK on Windows) drains: the gateway is told to move this pipeline's sequences
     elsewhere, and the stage exits once it has let go (at most ``drain_timeout`` seconds); a second
     signal exits at once.
     """
     server = StageServer(engine, host=host, port=port, next_url=next_url, codec=codec, key=key, tls=tls)
-    await server.start()
+    stop_metrics: Optional[Callable[[], None]] = None
+    if metrics is not None:
+        from .metrics import serve_metrics
+
+        try:
+            stop_metrics = serve_metrics(server, *metrics)
+        except OSError as e:
+            raise OSError(e.errno, f"metrics port {metrics[0]}:{metrics[1]}: {e.strerror or e}") from None
+    try:
+        await server.start()
+    except BaseException:
+        if stop_metrics is not None:
+            stop_metrics()
+        raise
     loop = asyncio.get_running_loop()
     restore = _on_stop_signals(lambda: loop.call_soon_threadsafe(server.begin_drain, drain_timeout))
     if ready_file:
@@ -503,6 +543,8 @@ async def run_stage(engine: StageEngine, host: str, port: int, next_url: Optiona
         log.info("stage drained; exiting")
     finally:
         restore()
+        if stop_metrics is not None:
+            stop_metrics()
         await server.close()
 
 

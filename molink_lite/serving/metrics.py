@@ -1,0 +1,334 @@
+"""Prometheus metrics of one gateway (``GET /metrics``) and the recent rates behind ``/v1/stats``.
+
+Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (several gateways in one
+process do not share counters). Two kinds of values:
+
+* **Events**, counted as they happen, O(1) each: requests by endpoint and HTTP status, prompt and
+  generated tokens, time to first token and inter-token latency (histograms, observed by the pipelines
+  through :meth:`Metrics.first_token` / :meth:`Metrics.token_gap` / :meth:`Metrics.tokens`).
+* **State**, read at scrape time by a collector: queue length, running sequences, pipeline state,
+  KV cells reserved, the router's and pipelines' counters, measured links, and every stage's counters
+  (steps, rows, step time, KV cells used, memory). Stage values are fetched through the gateway's
+  links with a short timeout and cached for a second (:meth:`Metrics.refresh`), so a scrape never
+  waits on a slow stage for long and many scrapers cost the stages one request per second at most.
+
+Everything a stage reports is treated as untrusted: numbers are coerced (anything else is dropped) and
+label values are cut to a bounded length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "TTFT_BUCKETS", "ITL_BUCKETS"]
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PIPELINE_STATES = ("connecting", "up", "down", "recovering")
+STAGE_TIMEOUT = 2.0   # seconds a scrape waits for one pipeline's stage counters
+STAGE_MAX_AGE = 1.0   # stage counters younger than this are served from the cache
+WINDOW_S = 60         # recent rates (/v1/stats) cover at most this many seconds
+_LABEL_MAX = 200
+
+
+def _num(v: Any) -> Optional[float]:
+    """A finite number from an untrusted value, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _label(v: Any) -> str:
+    return str(v if v is not None else "")[:_LABEL_MAX]
+
+
+class _Window:
+    """Per-second sums of tokens, TTFT and inter-token gaps over the last ``WINDOW_S`` seconds (O(1) per event)."""
+
+    def __init__(self) -> None:
+        # [second, tokens, ttft sum, ttft count, gap sum, gap count]
+        self.buckets: Deque[List[float]] = deque(maxlen=WINDOW_S + 2)
+        self.started = time.monotonic()
+
+    def _now(self) -> List[float]:
+        sec = int(time.monotonic())
+        if not self.buckets or self.buckets[-1][0] != sec:
+            self.buckets.append([sec, 0, 0.0, 0, 0.0, 0])
+        return self.buckets[-1]
+
+    def add(self, i: int, value: float, count_i: int = -1) -> None:
+        b = self._now()
+        b[i] += value
+        if count_i >= 0:
+            b[count_i] += 1
+
+    def summary(self, window: int) -> dict:
+        """Tokens per second and mean TTFT / inter-token gap over the last ``window`` seconds (or since start)."""
+        now = time.monotonic()
+        since = int(now) - window
+        span = max(1.0, min(float(window), now - self.started))
+        tok = ttft_s = ttft_n = gap_s = gap_n = 0.0
+        for sec, t, fs, fn, gs, gn in self.buckets:
+            if sec > since:
+                tok += t
+                ttft_s += fs
+                ttft_n += fn
+                gap_s += gs
+                gap_n += gn
+        return {"tokens_per_s": round(tok / span, 3),
+                "ttft_s": round(ttft_s / ttft_n, 5) if ttft_n else None,
+                "inter_token_s": round(gap_s / gap_n, 5) if gap_n else None}
+
+
+class Metrics:
+    """The metrics of one gateway over ``router`` (its pipelines may be added later, by joins)."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("molink_requests", "HTTP generation requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.disconnects = Counter("molink_client_disconnects",
+                                   "Generation requests whose client went away before the answer was complete",
+                                   registry=r)
+        self.prompt_tokens = Counter("molink_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("molink_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("molink_time_to_first_token_seconds",
+                              "From a request's admission to its first generated token", buckets=TTFT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("molink_inter_token_latency_seconds",
+                             "Time between consecutive tokens of one sequence", buckets=ITL_BUCKETS, registry=r)
+        self.window = _Window()
+        self.stage_cache: Dict[str, Any] = {}   # pipeline name -> list of stage stats, or an error string
+        self._fetched_at = -math.inf
+        self._refreshing: Optional[asyncio.Future] = None
+        r.register(_StateCollector(self))
+
+    # ------------------------------------------------------------------ events (hot path: O(1) each)
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.window.add(2, seconds, 3)
+
+    def token_gap(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.window.add(4, seconds, 5)
+
+    def tokens(self, n: int) -> None:
+        if n:
+            self.generation_tokens.inc(n)
+            self.window.add(1, n)
+
+    def request_done(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def client_gone(self, endpoint: str) -> None:
+        """The client closed the connection before the answer was complete (counted as status 499)."""
+        self.requests.labels(endpoint, "499").inc()
+        self.disconnects.inc()
+
+    # ------------------------------------------------------------------ scrape
+    async def refresh(self) -> None:
+        """Fetch every up pipeline's stage counters (cached ``STAGE_MAX_AGE`` s; one fetch at a time)."""
+        if time.monotonic() - self._fetched_at < STAGE_MAX_AGE:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._fetch())
+        # shield: a scraper that goes away does not cancel the fetch the others wait for
+        await asyncio.shield(self._refreshing)
+
+    async def _fetch(self) -> None:
+        pipes = [p for p in self.router.pipelines if p.healthy]
+
+        async def one(p: Any) -> Any:
+            try:
+                return await asyncio.wait_for(p.stage_stats(), STAGE_TIMEOUT)
+            except asyncio.TimeoutError:
+                return f"stages did not answer within {STAGE_TIMEOUT:g} s"
+            except Exception as e:  # noqa: BLE001 - a broken link: reported as the stages' error
+                return str(e) or type(e).__name__
+
+        results = await asyncio.gather(*(one(p) for p in pipes))
+        self.stage_cache = {p.name: r for p, r in zip(pipes, results)}
+        self._fetched_at = time.monotonic()
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text format of everything (stage values at most ``STAGE_MAX_AGE`` s old)."""
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    def recent(self) -> dict:
+        """Totals and recent rates for ``/v1/stats`` (the dashboard and ``molink-lite status``)."""
+        by_status: Dict[str, float] = {}
+        for m in self.requests.collect():
+            for s in m.samples:
+                if s.name.endswith("_total"):
+                    by_status[s.labels["status"]] = by_status.get(s.labels["status"], 0) + s.value
+        return {"requests": {k: int(v) for k, v in sorted(by_status.items())},
+                "prompt_tokens": _total(self.prompt_tokens), "generation_tokens": _total(self.generation_tokens),
+                "last_10s": self.window.summary(10), "last_60s": self.window.summary(WINDOW_S)}
+
+
+class _StateCollector:
+    """Gateway, pipeline and stage state, read at scrape time."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def describe(self) -> List[Metric]:
+        return []  # dynamic: registering must not run a scrape
+
+    def collect(self) -> Iterator[Metric]:
+        router = self.m.router
+        pipes = list(router.pipelines)
+        yield _gauge("molink_queue_length", "Requests waiting for a slot (parked ones included)", router.queued)
+        yield _gauge("molink_parked_requests", "Requests waiting for a pipeline to come back", len(router.parked))
+        ev = CounterMetricFamily("molink_router_events", "Router events: replayed, parked, recovered, expired, "
+                                 "overloaded", labels=["event"])
+        for k, v in router.stats.items():
+            ev.add_metric([k], v)
+        yield ev
+
+        state = GaugeMetricFamily("molink_pipeline_state", "1 for the pipeline's current state",
+                                  labels=["pipeline", "state"])
+        up = GaugeMetricFamily("molink_pipeline_up", "1 while the pipeline serves", labels=["pipeline"])
+        running = GaugeMetricFamily("molink_running_sequences", "Sequences holding a slot", labels=["pipeline"])
+        queued = GaugeMetricFamily("molink_pipeline_queued_sequences", "Sequences queued on the pipeline",
+                                   labels=["pipeline"])
+        load = GaugeMetricFamily("molink_pipeline_load", "Share of slots or KV in use (0..1)", labels=["pipeline"])
+        kv_res = GaugeMetricFamily("molink_kv_cells_reserved", "KV cells reserved by admitted sequences "
+                                   "(prompt + max_tokens)", labels=["pipeline"])
+        kv_cap = GaugeMetricFamily("molink_kv_cells_capacity", "KV cells of the pipeline (smallest stage context)",
+                                   labels=["pipeline"])
+        steps = CounterMetricFamily("molink_pipeline_steps", "Steps sent", labels=["pipeline"])
+        rows = CounterMetricFamily("molink_pipeline_rows", "Rows sent, by kind", labels=["pipeline", "kind"])
+        seqs = CounterMetricFamily("molink_pipeline_sequences", "Sequences ended, by outcome",
+                                   labels=["pipeline", "outcome"])
+        fails = CounterMetricFamily("molink_pipeline_failures", "Times the pipeline went down", labels=["pipeline"])
+        recs = CounterMetricFamily("molink_pipeline_recoveries", "Times the pipeline came back", labels=["pipeline"])
+        rtt = GaugeMetricFamily("molink_link_rtt_seconds", "Measured round-trip time of a stage-to-stage link",
+                                labels=["pipeline", "stage", "to"])
+        bw = GaugeMetricFamily("molink_link_bandwidth_bytes_per_second", "Measured bandwidth of a stage-to-stage link",
+                               labels=["pipeline", "stage", "to"])
+        described = {d["name"]: d["state"] for d in router.describe()}
+        for p in pipes:
+            name = _label(p.name)
+            cur = described.get(p.name, p.state)
+            for s in PIPELINE_STATES:
+                state.add_metric([name, s], 1.0 if cur == s else 0.0)
+            up.add_metric([name], 1.0 if p.healthy else 0.0)
+            running.add_metric([name], len(p.active))
+            queued.add_metric([name], len(p.waiting))
+            load.add_metric([name], p.load)
+            kv_res.add_metric([name], p.kv_reserved)
+            kv_cap.add_metric([name], p.n_ctx)
+            st = p.stats
+            steps.add_metric([name], st["steps"])
+            rows.add_metric([name, "prefill"], st["prefill_rows"])
+            rows.add_metric([name, "decode"], st["decode_rows"])
+            seqs.add_metric([name, "completed"], st["completed"])
+            seqs.add_metric([name, "failed"], st["failed"])
+            fails.add_metric([name], st["failures"])
+            recs.add_metric([name], st["recoveries"])
+            for i, k in enumerate(p.links):
+                r, mb = _num(k.get("rtt_ms")), _num(k.get("mbit"))
+                if r is not None:
+                    rtt.add_metric([name, str(i), _label(k.get("to"))], r / 1e3)
+                if mb is not None:
+                    bw.add_metric([name, str(i), _label(k.get("to"))], mb * 1e6 / 8)
+        yield from (state, up, running, queued, load, kv_res, kv_cap, steps, rows, seqs, fails, recs, rtt, bw)
+        yield from self._stages(pipes)
+
+    def _stages(self, pipes: List[Any]) -> Iterator[Metric]:
+        labels = ["pipeline", "stage"]
+        info = GaugeMetricFamily("molink_stage_info", "A stage: address, host, layers, backend (value 1)",
+                                 labels=labels + ["url", "host", "layers", "backend"])
+        gpu = GaugeMetricFamily("molink_stage_gpu_layers", "Layers the stage offloads to a GPU", labels=labels)
+        size = GaugeMetricFamily("molink_stage_model_bytes", "Size of the stage's GGUF", labels=labels)
+        up = GaugeMetricFamily("molink_stage_up", "1 if the stage answered the last stats request", labels=labels)
+        counters = {
+            "steps": CounterMetricFamily("molink_stage_steps", "Steps the stage ran", labels=labels),
+            "rows": CounterMetricFamily("molink_stage_rows", "Rows the stage ran", labels=labels),
+            "busy_s": CounterMetricFamily("molink_stage_busy_seconds", "Time the stage spent on steps",
+                                          labels=labels),
+            "engine_decode_s": CounterMetricFamily("molink_stage_engine_seconds", "Time in llama.cpp's decode",
+                                                   labels=labels),
+            "errors": CounterMetricFamily("molink_stage_errors", "Steps that failed on the stage", labels=labels),
+        }
+        step_s = GaugeMetricFamily("molink_stage_step_seconds", "Mean time of the stage's recent steps (last 512)",
+                                   labels=labels)
+        rows_per = GaugeMetricFamily("molink_stage_rows_per_step", "Rows per step, mean since the stage started",
+                                     labels=labels)
+        live = GaugeMetricFamily("molink_stage_live_sequences", "Sequences holding KV on the stage", labels=labels)
+        kv_used = GaugeMetricFamily("molink_kv_cells_used", "KV cells (positions) in use on the stage", labels=labels)
+        rss = GaugeMetricFamily("molink_stage_memory_bytes", "Resident memory of the stage process", labels=labels)
+        for p in pipes:
+            name = _label(p.name)
+            infos = list(p.infos) if p.healthy else []
+            cached = self.m.stage_cache.get(p.name)
+            stats = cached if isinstance(cached, list) else []
+            for i, inf in enumerate(infos):
+                idx = str(i)
+                info.add_metric([name, idx, _label(inf.get("url")), _label(inf.get("host")), _layers(inf),
+                                 _label(inf.get("backend"))], 1.0)
+                for fam, key in ((gpu, "n_gpu_layers"), (size, "model_bytes")):
+                    v = _num(inf.get(key))
+                    if v is not None:
+                        fam.add_metric([name, idx], v)
+                s = stats[i] if i < len(stats) and isinstance(stats[i], dict) else None
+                up.add_metric([name, idx], 1.0 if s is not None else 0.0)
+                if s is None:
+                    continue
+                for key, fam in counters.items():
+                    v = _num(s.get(key))
+                    if v is not None:
+                        fam.add_metric([name, idx], v)
+                n_steps, n_rows = _num(s.get("steps")), _num(s.get("rows"))
+                if n_steps and n_rows is not None:
+                    rows_per.add_metric([name, idx], n_rows / n_steps)
+                mean = _mean_step(s.get("timeline"))
+                if mean is not None:
+                    step_s.add_metric([name, idx], mean)
+                for fam, key in ((live, "live_seqs"), (kv_used, "kv_positions"), (rss, "rss_bytes")):
+                    v = _num(s.get(key))
+                    if v is not None:
+                        fam.add_metric([name, idx], v)
+        yield from (info, gpu, size, up, *counters.values(), step_s, rows_per, live, kv_used, rss)
+
+
+def _layers(info: dict) -> str:
+    """'a-b' (inclusive) from a stage's layer_start / layer_stop."""
+    a, b = _num(info.get("layer_start")), _num(info.get("layer_stop"))
+    return f"{int(a)}-{int(b) - 1}" if a is not None and b is not None else "?"
+
+
+def _total(counter: Counter) -> int:
+    return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))
+
+
+def _mean_step(timeline: Any) -> Optional[float]:
+    """Mean duration of a stage's recent steps from its ``[(step, start, end), ...]`` timeline."""
+    if not isinstance(timeline, list):
+        return None
+    total, n = 0.0, 0
+    for e in timeline:
+        if isinstance(e, (list, tuple)) and len(e) == 3:
+            a, b = _num(e[1]), _num(e[2])
+            if a is not None and b is not None and b >= a:
+                total += b - a
+                n += 1
+    return total / n if n else None
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
