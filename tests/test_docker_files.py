@@ -196,7 +196,6 @@ def test_dockerfile_entrypoint_and_runtime_stage(path):
     assert users and users[-1] not in ("root", "0")
     vols = " ".join(a for k, a in final if k == "VOLUME")
     assert ".cache/molink-lite" in vols
-    text = " ".join(a for _, a in final)
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in final, "the runtime stage takes the venv the builder made"
     for tool in ("build-essential", "cmake", "nvcc"):
         assert not any(k == "RUN" and tool in a and "apt-get" in a for k, a in final), tool
