@@ -694,3 +694,29 @@ def test_speed_f16_64x4096():
         decode_frame(data)
         best = min(best, time.perf_counter() - t0)
     assert best < 0.01
+
+
+def test_ggml_f16_converters_are_bit_identical_to_numpy():
+    """The codec converts with ggml's SIMD converters when llama.cpp's CPU library is found; they must give
+    numpy's bits: every float16 value decoded, and encodes of every float16 value, every halfway point
+    between neighbours (round to nearest even) and its float32 neighbours, at lengths that end in a
+    scalar tail."""
+    import llama_cpp  # noqa: F401 - the library whose converters are used
+
+    from molink_lite.wire import codec
+
+    if codec._ggml() is None:
+        pytest.skip("no ggml CPU library with converters next to the loaded llama library")
+    allh = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got, want = codec._f16_to_f32(allh), allh.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    fin = np.unique(want[np.isfinite(want)].astype(np.float64))
+    mid = ((fin[1:] + fin[:-1]) / 2).astype(np.float32)
+    x = np.concatenate([fin.astype(np.float32), mid, np.nextafter(mid, np.float32(np.inf)),
+                        np.nextafter(mid, np.float32(-np.inf))])
+    x = x[np.abs(x) < 65520]
+    for n in (1, 7, 8, 9, 15, 17, 33, x.size):
+        y = codec._f32_to_f16(x[:n].copy())
+        assert np.array_equal(y.view(np.uint16), x[:n].astype(np.float16).view(np.uint16)), n

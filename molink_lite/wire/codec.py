@@ -263,6 +263,11 @@ def _f32_to_f16(x: np.ndarray, clamp: Optional[float] = None) -> np.ndarray:
     """
     xf = x.reshape(-1)
     n = xf.size
+    g = _ggml()
+    if g is not None and clamp != F16_MAX:  # a plain cast: overflow -> +-inf, as numpy
+        out16 = np.empty(n, dtype=_F16)
+        _run_split(lambda a, b: g.f32_to_f16(xf[a:b], out16[a:b]), n)
+        return out16.reshape(x.shape)
     if not _FAST_F16:
         out16 = np.empty(n, dtype=_F16)
 
@@ -299,12 +304,89 @@ def _f16_to_f32(h: np.ndarray) -> np.ndarray:
     """float16 array (any alignment) -> new C-contiguous float32 array."""
     hf = h.reshape(-1)
     f = np.empty(hf.size, dtype=_F32)
+    g = _ggml()
+    if g is not None:
+        hf = np.ascontiguousarray(hf)  # (unaligned is fine: the SIMD loads are unaligned ones)
+        _run_split(lambda a, b: g.f16_to_f32(hf[a:b], f[a:b]), hf.size)
+        return f.reshape(h.shape)
     if not _FAST_F16_DEC:
         _run_split(lambda a, b: np.copyto(f[a:b], hf[a:b], casting="unsafe"), hf.size)
     else:
         hb = hf.view(np.int16)
         _run_split(lambda a, b: _f16_to_f32_bits(hb[a:b], f[a:b]), hf.size)
     return f.reshape(h.shape)
+
+
+class _GgmlF16:
+    """ggml's own SIMD converters (``ggml_cpu_fp32_to_fp16`` / ``ggml_cpu_fp16_to_fp32`` in the
+    ``libggml-cpu`` next to the loaded llama library): F16C/NEON, bit-identical to numpy's casts, and
+    10-20x faster than numpy on x86-64 wheels. ctypes releases the GIL during the call."""
+
+    def __init__(self, lib: Any):
+        import ctypes
+
+        self.enc, self.dec = lib.ggml_cpu_fp32_to_fp16, lib.ggml_cpu_fp16_to_fp32
+        self.enc.restype = self.dec.restype = None
+        self.enc.argtypes = self.dec.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.ggml_cpu_init.restype, lib.ggml_cpu_init.argtypes = None, []
+        lib.ggml_cpu_init()  # its scalar tails use tables that this fills (done already where a model loaded)
+
+    def f32_to_f16(self, x: np.ndarray, out: np.ndarray) -> None:
+        self.enc(x.ctypes.data, out.ctypes.data, x.size)
+
+    def f16_to_f32(self, h: np.ndarray, out: np.ndarray) -> None:
+        self.dec(h.ctypes.data, out.ctypes.data, h.size)
+
+
+def _load_ggml_f16() -> Optional[_GgmlF16]:
+    """The converters of the ggml CPU library llama_cpp uses (or would load), else None."""
+    if os.environ.get("MOLINK_F16_CAST", "").strip().lower() in ("bits", "numpy"):
+        return None
+    try:
+        import ctypes
+        import importlib.util
+        from pathlib import Path
+
+        mod = sys.modules.get("llama_cpp.llama_cpp")
+        name = getattr(getattr(mod, "_lib", None), "_name", None)
+        if name:
+            folder = Path(name).parent
+        else:
+            spec = importlib.util.find_spec("llama_cpp")
+            if spec is None or not spec.origin:
+                return None
+            folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(spec.origin).parent / "lib")
+        names = ["ggml-cpu.dll"] if sys.platform == "win32" else ["libggml-cpu.so", "libggml-cpu.dylib"]
+        for n in names:
+            if (folder / n).is_file():
+                conv = _GgmlF16(ctypes.CDLL(str(folder / n)))
+                # trust, but check: the special values and a tail shorter than a SIMD block
+                probe = np.array([0.0, -0.0, 1.0, 65504.0, 65520.0, -np.inf, 6e-8, 1e-8, 3.14159, 2.0**-24, 7.0],
+                                 dtype=_F32)
+                h = np.empty(probe.size, dtype=_F16)
+                conv.f32_to_f16(probe, h)
+                back = np.empty(probe.size, dtype=_F32)
+                conv.f16_to_f32(h, back)
+                with np.errstate(over="ignore"):
+                    same = h.view(_U16).tolist() == probe.astype(_F16).view(_U16).tolist() and \
+                        back.view(_U32).tolist() == h.astype(_F32).view(_U32).tolist()
+                return conv if same else None
+    except Exception:  # noqa: BLE001 - no usable library: numpy or bit tricks instead
+        return None
+    return None
+
+
+_GGML: Optional[_GgmlF16] = None
+_GGML_TRIED = False
+
+
+def _ggml() -> Optional[_GgmlF16]:
+    """Loaded on first use (not at import: the stage imports llama_cpp first, so its library is found)."""
+    global _GGML, _GGML_TRIED
+    if not _GGML_TRIED:
+        _GGML_TRIED = True
+        _GGML = _load_ggml_f16()
+    return _GGML
 
 
 def _pick_f16_kernels() -> Tuple[bool, bool]:

@@ -1,0 +1,14 @@
+"""f16 codec speed at 64 x 4096: run once per converter (MOLINK_F16_CAST=bits|numpy, or neither for ggml's SIMD converters)."""
+import llama_cpp  # noqa
+import sys, time, numpy as np
+from molink_lite.wire import codec
+x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+def best(fn, k=50):
+    ts = []
+    for _ in range(k):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return min(ts) * 1e6
+data = codec.encode_frame({"type": "step"}, {"h": x}, codec="f16")
+enc = best(lambda: codec.encode_frame({"type": "step"}, {"h": x}, codec="f16"))
+dec = best(lambda: codec.decode_frame(data))
+print(f"{sys.argv[1]:>6}: encode {enc:.0f} us, decode {dec:.0f} us (64 x 4096 f16 frame)")
