@@ -47,6 +47,11 @@ class Hosts:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.net}.254/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
+            # bridged frames pass the root namespace's FORWARD chain (br_netfilter), whose policy Docker sets to
+            # DROP: let this bridge's own traffic through
+            self._fw = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+            if shutil.which("iptables"):
+                subprocess.run(["iptables", "-I", *self._fw], capture_output=True)
             for i, (n, ns) in enumerate(self.ns.items()):
                 _ip("netns", "add", ns)
                 outer = f"{self.bridge[:8]}v{i}"
@@ -64,6 +69,8 @@ class Hosts:
         return self
 
     def __exit__(self, *exc) -> None:
+        if getattr(self, "_fw", None) and shutil.which("iptables"):
+            subprocess.run(["iptables", "-D", *self._fw], capture_output=True)
         for v in self._veths:
             _ip("link", "del", v, check=False)
         for ns in self.ns.values():

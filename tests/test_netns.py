@@ -58,7 +58,7 @@ def test_stages_on_separate_hosts_one_behind_nat(tiny_models, tmp_path):
         procs.append(p)
         return p
 
-    with netns.Hosts(["gw", "a", "b", "nat"]) as hosts:
+    with netns.Hosts(["gw", "a", "b", "nat"]) as hosts:  # "nat" also serves over TLS (--tls auto)
         how = hosts.drop_inbound("nat")
         gw_url = f"http://{hosts.addr['gw']}:8000"
         gw = spawn("gw", ["gateway", "--model", model, "--host", hosts.addr["gw"], "--port", "8000", "--codec", "f32",
@@ -66,9 +66,10 @@ def test_stages_on_separate_hosts_one_behind_nat(tiny_models, tmp_path):
         try:
             for h in ("a", "b", "nat"):
                 listen = ["--host", "0.0.0.0"] if how or h != "nat" else \
-                    ["--host", "127.0.0.1", "--advertise", f"ws://{hosts.addr['nat']}:7000"]  # no iptables: loopback only
-                spawn(h, ["stage", "--join", gw_url, *listen, "--port", "7000", "--max-memory", "60MiB", "--name", h,
-                          "--threads", "1", "--flash-attn", "off"], f"stage-{h}")
+                    ["--host", "127.0.0.1", "--advertise", f"wss://{hosts.addr['nat']}:7000"]  # no iptables: loopback only
+                tls = ["--tls", "auto"] if h == "nat" else []  # TLS runs end to end inside the relay's tunnel
+                spawn(h, ["stage", "--join", gw_url, *listen, *tls, "--port", "7000", "--max-memory", "60MiB",
+                          "--name", h, "--threads", "1", "--flash-attn", "off"], f"stage-{h}")
             deadline = time.monotonic() + 180
             up = False
             while time.monotonic() < deadline and not up and gw.poll() is None:
