@@ -415,8 +415,25 @@ def _resilience_kw(a: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
     if a.max_queue < 1:
         raise SystemExit("error: --max-queue must be >= 1")
-    return {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
-            "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
+    kw = {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
+          "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
+    if getattr(a, "speculative", None) is not None:
+        from .serving.speculative import SpecConfig
+
+        try:
+            kw["spec"] = SpecConfig(a.speculative, a.spec_k, a.spec_n).validate()
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return kw
+
+
+def _spec_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto",
+                   help="speculative decoding with prompt-lookup (n-gram) drafts verified in one pass; auto "
+                        "(default): on when a step's round trip gateway -> stages -> gateway, measured at "
+                        "connect, is at least 5 ms (links slower than the compute), off on one host")
+    s.add_argument("--spec-k", type=int, default=8, help="most draft tokens per sequence per step (default 8)")
+    s.add_argument("--spec-n", type=int, default=3, help="longest n-gram looked up for drafts (default 3)")
 
 
 def _api_opts(s: argparse.ArgumentParser) -> None:
@@ -625,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     _api_opts(s)
     _resilience_opts(s)
     _sched_opts(s)
+    _spec_opts(s)
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("secret", help="make a new random cluster secret (for --secret-file)")
@@ -655,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     _security_opts(s, "the HTTP API (https://)", secret=False)
     _api_opts(s)
     _resilience_opts(s)
+    _spec_opts(s)
     _engine_opts(s)
     s.set_defaults(func=cmd_serve)
     return p

@@ -148,7 +148,8 @@ class Gateway:
         out = []
         for p, d in zip(self.pipelines, self.router.describe()):
             entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
-                                     "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events)}
+                                     "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events),
+                                     "speculative": p.spec_summary()}
             if p.healthy:
                 try:
                     entry["stages"] = await p.stage_stats()
