@@ -110,3 +110,56 @@ def test_greedy_with_speculation_equals_without(stages, gemma3_path):
         report[i] = f"prompt {i} diverges at token {j}, top-2 gap {gap[j]:.4f}"
         assert gap[j] < MARGIN, report[i]
     print(report or "all identical")
+
+
+def test_replay_after_a_failure_with_speculation_on(stages, gemma3_path, tmp_path):
+    """Kill pipeline A's last stage while a speculating request runs: it finishes on B (speculating too), and
+    its continuation equals a plain greedy run of prompt + tokens generated before the failure (up to a
+    near-tie, as above)."""
+    a = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
+                     workdir=str(tmp_path))
+    try:
+        asyncio.run(_replay(a, stages, gemma3_path))
+    finally:
+        stop_stages(a)
+
+
+async def _replay(a, b, model):
+    from molink_lite.serving.router import Router
+
+    spec = SpecConfig("ngram", k=8, n=3)
+    pa = Pipeline([sp.url for sp in a], codec="f32", name="A", spec=spec)
+    pb = Pipeline([sp.url for sp in b], codec="f32", name="B", spec=spec)
+    await pa.connect(60)
+    await pb.connect(60)
+    router = Router([pa, pb], recover_timeout=30)
+    prompt = await router.tokenize(PROMPTS[0])
+    greedy = SamplingParams(temperature=0.0)
+    pb.state = "connecting"  # the request starts on A
+    s = router.submit(GenRequest(prompt, greedy, N_TOKENS, ignore_eos=True))
+    pb.state = "up"
+    while len(s.generated) < 8:
+        await asyncio.sleep(0.005)
+    a[1].proc.kill()
+    events = []
+    while True:
+        ev = await asyncio.wait_for(s.events.get(), 120)
+        events.append(ev)
+        if ev.kind != "text":
+            break
+    assert ev.kind == "done" and ev.finish_reason == "length", ev
+    assert len(s.generated) == N_TOKENS and s.replays == 1 and s.pipeline is pb
+    assert pa.stats["accepted"] > 0 and pb.stats["accepted"] > 0  # it speculated on both pipelines
+    assert "".join(e.text for e in events if e.kind == "text") == s.text
+    k = int(s.feed.shape[0]) - int(prompt.shape[0])
+    pb.spec_on = False
+    ref = router.submit(GenRequest(s.feed.copy(), greedy, N_TOKENS - k, ignore_eos=True))
+    while not ref.finished:
+        await asyncio.sleep(0.01)
+    got, want = s.generated[k:], ref.generated
+    if got != want:
+        j = next(j for j in range(len(want)) if got[j] != want[j])
+        gap = _gaps(model, s.feed, want)
+        assert gap[j] < MARGIN, f"continuation diverges at {j} with top-2 gap {gap[j]:.3f}"
+    await pa.close()
+    await pb.close()
