@@ -501,10 +501,18 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--json", dest="json_out", default=None, help="write results as JSON here")
     b.add_argument("--chart", default=None, help="write an SVG chart (throughput vs concurrency) here")
     b.add_argument("--workdir", default=None, help="where process logs go (default: a temp folder)")
+    b.add_argument("--speculative", choices=["off", "ngram", "auto"], default=None,
+                   help="also run molink-lite with this speculative decoding mode, next to speculation off, in "
+                        "the same invocation (default: one run with the gateway's default)")
+    b.add_argument("--spec-k", type=int, default=8, help="with --speculative: most drafts per sequence per step")
+    b.add_argument("--spec-n", type=int, default=3, help="with --speculative: longest n-gram looked up")
+    b.add_argument("--prompts", default="default",
+                   help="prompt set: default (generated word prompts of --prompt-len), grounded (input-grounded: "
+                        "repeat/edit a passage, code edits; tests/bench/grounded_prompts.json), or a JSON file")
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from .tools.bench_serve import BenchConfig, run_bench
+    from .tools.bench_serve import BenchConfig, load_prompts, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
     bad = [x for x in bases if x not in ("whole", "rpc", "secure")]
@@ -523,7 +531,13 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                       max_tokens=a.max_tokens, requests=a.requests, delay_ms=a.delay_ms, rate_mbit=a.rate_mbit,
                       threads=a.threads, micro_batches=a.micro_batches, prefill_chunk=a.prefill_chunk,
                       codec=a.codec, split=a.split, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
-                      workdir=a.workdir)
+                      workdir=a.workdir, speculative=a.speculative, spec_k=a.spec_k, spec_n=a.spec_n,
+                      prompts=a.prompts)
+    try:
+        load_prompts(cfg.prompts)
+    except (OSError, ValueError) as e:
+        print(f"error: --prompts: {e}", file=sys.stderr)
+        return 2
     results = run_bench(cfg, json_out=a.json_out, chart_out=a.chart)
     return 0 if all(r.levels for r in results) else 1
 
