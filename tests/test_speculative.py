@@ -158,8 +158,9 @@ def _prompts(n: int, seed: int = 1) -> List[np.ndarray]:
 def test_rejected_drafts_leave_no_trace_in_any_stage(tiny_servers):
     """Greedy with wrong and right drafts (several sequences, one never speculating, in the same steps) gives
     the tokens of a run without drafts, and every stage's KV holds exactly the accepted positions."""
-    prompts = _prompts(4)
-    greedy = [{"temperature": 0.0}] * 4
+    prompts = _prompts(5)
+    # the last one greedy through llama.cpp's chain (a repetition penalty): verified row by row
+    greedy = [{"temperature": 0.0}] * 4 + [{"temperature": 0.0, "repetition_penalty": 1.3, "penalty_last_n": 8}]
     want, _ = _generate(tiny_servers, prompts, 40, greedy)
     rng = np.random.default_rng(7)
 
@@ -176,6 +177,8 @@ def test_rejected_drafts_leave_no_trace_in_any_stage(tiny_servers):
     got, (drafted, accepted) = _generate(tiny_servers, prompts, 40, greedy, drafts, check_kv=True)
     assert got == want
     assert drafted > 0 and 0 < accepted < drafted  # both acceptances and rejections happened
+    last = tiny_servers[-1]
+    assert last.stats["drafted"] >= drafted and 0 < last.stats["accepted"] <= last.stats["drafted"]
     for srv in tiny_servers:
         assert srv.stats["trims"] > 0
         assert int(srv._seq_len.sum()) == 0

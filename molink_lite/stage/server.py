@@ -432,8 +432,9 @@ class StageServer:
         seqs = seq[mask]
         if plan.drafts:
             seqs, tokens = self.samplers.sample_verify(seqs, res, plan.drafts, pos[mask])
-            self.stats["drafted"] += sum(int(d.shape[0]) for d in plan.drafts.values())
-            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum())
+            k = sum(int(d.shape[0]) for d in plan.drafts.values())
+            self.stats["drafted"] += k
+            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k  # each draft seq: k+1 rows, acc+1 tokens
         else:
             tokens = self.samplers.sample(seqs, res, pos[mask])
         eog = self.vocab.is_eog(tokens)
