@@ -503,7 +503,8 @@ class Pipeline:
         eogs = arrays.get("eog", np.zeros(len(seqs), np.uint8)).tolist()
         pieces = meta.get("pieces") or [""] * len(seqs)
         now = time.perf_counter()
-        self.cost.observe(st.rows, now - st.sent_at)
+        if st.n_prefill == 0:  # decode rows all output logits (the last stage's LM head): prompt rows do not,
+            self.cost.observe(st.rows, now - st.sent_at)  # so steps carrying them would skew the per-row cost
         if st.n_decode:
             got = dict(zip(*np.unique(np.asarray(seqs, np.int64), return_counts=True))) if seqs else {}
             for s, _ in st.seqs[:st.n_decode]:  # decode entries come first in a step

@@ -14,7 +14,8 @@ How many drafts each sequence sends is decided per step by a cost model (:func:`
 * per sequence, the chance that draft j is accepted is taken as ``r**j``, where ``r`` is the sequence's
   measured per-draft acceptance rate (a decayed count, :class:`SpecState`);
 * per step, the round trip is modelled as ``a + b * rows`` (:class:`StepCost`, fitted online on the
-  pipeline's own steps: ``a`` holds the links' latency, ``b`` the per-row compute);
+  pipeline's own decode steps: ``a`` holds the links' latency and fixed costs, ``b`` the per-row compute,
+  where every row outputs logits: on a CPU the last stage's LM head makes that the larger part);
 * a draft row is added while its expected tokens per unit of time beat the step's average:
   ``alpha * (a + b*R) > b * (tokens expected so far)``. With one sequence over a 20 ms link almost any
   draft pays; with many sequences per step (the stages are busy) only well-accepted drafts do, and with
