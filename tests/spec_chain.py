@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import llama_cpp  # noqa: F401
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 

@@ -96,7 +96,8 @@ class Pipeline:
         self.stats = {"steps": 0, "rows": 0, "max_inflight_seen": 0, "max_seqs_in_step": 0,
                       "completed": 0, "failed": 0, "prefill_rows": 0, "decode_rows": 0, "mixed_steps": 0,
                       "failures": 0, "recoveries": 0, "handed_back": 0,
-                      "spec_rounds": 0, "spec_mixed_steps": 0, "drafted": 0, "accepted": 0, "decode_entries": 0, "decode_tokens": 0}
+                      "spec_rounds": 0, "spec_mixed_steps": 0, "drafted": 0, "accepted": 0, "decode_entries": 0,
+                      "decode_tokens": 0}
 
     # ------------------------------------------------------------------ state
     @property

@@ -12,8 +12,10 @@ previous stage: sends steps and pings only). Nothing else is read before that.
   the previous head is disconnected and every sequence forgotten.
 * ``step``: one micro-batch. Arrays ``seq`` / ``pos`` (int32) and ``tokens`` (first stage)
   or ``hidden`` (later stages); ``out`` (u8) marks rows whose next token is wanted.
-  Meta ``free`` lists sequences to forget first, ``start`` maps new sequences to sampling
-  parameters. Every field is checked by :mod:`molink_lite.stage.validate` first. Steps are taken
+  Meta ``free`` lists sequences to forget first, ``trim`` maps sequences to the position from
+  which their KV is dropped next (rejected speculative drafts), ``start`` maps new sequences to
+  sampling parameters (``spec``: the sequence may send drafts), ``drafts`` maps sequences to the
+  draft tokens of their last rows, which the last stage verifies (1..k+1 tokens come back). Every field is checked by :mod:`molink_lite.stage.validate` first. Steps are taken
   from the head on the first stage and from the upstream stage on the others. Non-last stages forward the step with their hidden states to the next
   stage; the last stage samples and sends a ``result`` (seq, tokens, eog, text pieces)
   to the head. A failure sends an ``error`` for the step straight to the head.
@@ -434,7 +436,8 @@ class StageServer:
             seqs, tokens = self.samplers.sample_verify(seqs, res, plan.drafts, pos[mask])
             k = sum(int(d.shape[0]) for d in plan.drafts.values())
             self.stats["drafted"] += k
-            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k  # each draft seq: k+1 rows, acc+1 tokens
+            # a sequence with k drafts has k+1 output rows and gets acc+1 tokens
+            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k
         else:
             tokens = self.samplers.sample(seqs, res, pos[mask])
         eog = self.vocab.is_eog(tokens)
