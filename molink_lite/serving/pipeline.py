@@ -368,7 +368,10 @@ class Pipeline:
                 s.spec.idle()
             return [empty] * len(decode)
         a, b = self.cost.params()
-        ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a, b, budget)
+        # with m steps in flight the fixed part of a round trip (links, per-step work) is shared by m steps:
+        # a busy pipeline is bound by per-row compute, where a draft row must nearly pay for itself
+        m = len(self.inflight) + 1
+        ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a / m, b, budget)
         out = []
         for s, c, k in zip(decode, cands, ks):
             if k == 0:

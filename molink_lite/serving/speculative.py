@@ -17,7 +17,8 @@ How many drafts each sequence sends is decided per step by a cost model (:func:`
   pipeline's own decode steps: ``a`` holds the links' latency and fixed costs, ``b`` the per-row compute,
   where every row outputs logits: on a CPU the last stage's LM head makes that the larger part);
 * a draft row is added while its expected tokens per unit of time beat the step's average:
-  ``alpha * (a + b*R) > b * (tokens expected so far)``. With one sequence over a 20 ms link almost any
+  ``alpha * (a/m + b*R) > b * (tokens expected so far)``, where m is the number of steps in flight (the
+  pipeline's micro-batches share the fixed part of a round trip). With one sequence over a 20 ms link almost any
   draft pays; with many sequences per step (the stages are busy) only well-accepted drafts do, and with
   fast links and slow compute few do: speculation backs off by itself.
 """
