@@ -548,7 +548,8 @@ def run_bench(cfg: BenchConfig, json_out: Optional[str] = None, chart_out: Optio
     link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
             else "loopback, no relay")
     print(f"bench: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "
-          f"prompt ~{cfg.prompt_len} tokens, {cfg.max_tokens} output tokens, concurrency {list(cfg.concurrency)}, "
+          f"{'prompt ~%d tokens' % cfg.prompt_len if cfg.prompts == 'default' else 'prompt set ' + cfg.prompts}, "
+          f"{cfg.max_tokens} output tokens, concurrency {list(cfg.concurrency)}, "
           f"{os.cpu_count()} CPU cores", flush=True)
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
     systems = ("molink", *(("spec",) if cfg.speculative else ()), *cfg.baselines)
