@@ -109,7 +109,7 @@ class SequenceSampler:
     depends only on (seed, position). A draft token d is accepted iff the drawn token equals d: that is
     the standard rejection rule for a point-mass draft (accept with probability p(d); on rejection the
     token follows p with d removed, renormalized), so the output distribution is the chain's, and a
-    seeded sequence draws the same tokens whatever drafts it was offered.
+    seeded sequence draws the same tokens whatever drafts it was offered (given the same logits).
     """
 
     def __init__(self, params: SamplingParams, n_vocab: int, spec: bool = False):

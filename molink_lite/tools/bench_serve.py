@@ -451,15 +451,17 @@ def _spec_counters(url: str) -> Dict[str, float]:
 
     with urllib.request.urlopen(url + "/v1/stats", timeout=30) as r:
         body = json.loads(r.read())
-    out = {k: 0.0 for k in SPEC_COUNTERS}
+    out: Dict[str, object] = {k: 0.0 for k in SPEC_COUNTERS}
     for p in body.get("pipelines", []):
         for k in SPEC_COUNTERS:
             out[k] += float(p.get("scheduler", {}).get(k, 0))
+        out["step_cost_ms"] = (p.get("speculative") or {}).get("step_cost_ms")
     return out
 
 
 def _spec_delta(a: Dict[str, float], b: Dict[str, float]) -> dict:
     d = {k: int(b[k] - a[k]) for k in SPEC_COUNTERS}
+    d["step_cost_ms"] = b.get("step_cost_ms")  # the gateway's fitted round trip a + b x rows at the level's end
     d["acceptance"] = round(d["accepted"] / d["drafted"], 4) if d["drafted"] else None
     d["tokens_per_round_trip"] = round(d["decode_tokens"] / d["decode_entries"], 4) if d["decode_entries"] else None
     return d
