@@ -422,8 +422,25 @@ def _resilience_kw(a: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
     if a.max_queue < 1:
         raise SystemExit("error: --max-queue must be >= 1")
-    return {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
-            "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
+    kw = {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
+          "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
+    if getattr(a, "speculative", None) is not None:
+        from .serving.speculative import SpecConfig
+
+        try:
+            kw["spec"] = SpecConfig(a.speculative, a.spec_k, a.spec_n).validate()
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return kw
+
+
+def _spec_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto",
+                   help="speculative decoding with prompt-lookup (n-gram) drafts verified in one pass; auto "
+                        "(default): on when a step's round trip gateway -> stages -> gateway, measured at "
+                        "connect, is at least 5 ms (links slower than the compute), off on one host")
+    s.add_argument("--spec-k", type=int, default=8, help="most draft tokens per sequence per step (default 8)")
+    s.add_argument("--spec-n", type=int, default=3, help="longest n-gram looked up for drafts (default 3)")
 
 
 def _api_opts(s: argparse.ArgumentParser) -> None:
@@ -491,10 +508,18 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--json", dest="json_out", default=None, help="write results as JSON here")
     b.add_argument("--chart", default=None, help="write an SVG chart (throughput vs concurrency) here")
     b.add_argument("--workdir", default=None, help="where process logs go (default: a temp folder)")
+    b.add_argument("--speculative", choices=["off", "ngram", "auto"], default=None,
+                   help="also run molink-lite with this speculative decoding mode, next to speculation off, in "
+                        "the same invocation (default: one run with the gateway's default)")
+    b.add_argument("--spec-k", type=int, default=8, help="with --speculative: most drafts per sequence per step")
+    b.add_argument("--spec-n", type=int, default=3, help="with --speculative: longest n-gram looked up")
+    b.add_argument("--prompts", default="default",
+                   help="prompt set: default (generated word prompts of --prompt-len), grounded (input-grounded: "
+                        "repeat/edit a passage, code edits; tests/bench/grounded_prompts.json), or a JSON file")
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
-    from .tools.bench_serve import BenchConfig, run_bench
+    from .tools.bench_serve import BenchConfig, load_prompts, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
     bad = [x for x in bases if x not in ("whole", "rpc", "secure")]
@@ -513,7 +538,13 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                       max_tokens=a.max_tokens, requests=a.requests, delay_ms=a.delay_ms, rate_mbit=a.rate_mbit,
                       threads=a.threads, micro_batches=a.micro_batches, prefill_chunk=a.prefill_chunk,
                       codec=a.codec, split=a.split, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
-                      workdir=a.workdir)
+                      workdir=a.workdir, speculative=a.speculative, spec_k=a.spec_k, spec_n=a.spec_n,
+                      prompts=a.prompts)
+    try:
+        load_prompts(cfg.prompts)
+    except (OSError, ValueError) as e:
+        print(f"error: --prompts: {e}", file=sys.stderr)
+        return 2
     results = run_bench(cfg, json_out=a.json_out, chart_out=a.chart)
     return 0 if all(r.levels for r in results) else 1
 
@@ -656,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     _api_opts(s)
     _resilience_opts(s)
     _sched_opts(s)
+    _spec_opts(s)
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("status", help="a running gateway's pipelines, stages, links and rates (its /v1/stats)")
@@ -696,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     _security_opts(s, "the HTTP API (https://)", secret=False)
     _api_opts(s)
     _resilience_opts(s)
+    _spec_opts(s)
     _engine_opts(s)
     s.set_defaults(func=cmd_serve)
     return p

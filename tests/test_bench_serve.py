@@ -37,3 +37,25 @@ def test_format_table_ratios():
                          SystemResult("rpc", [lv(1, 10.0), lv(16, 10.0)])])
     assert "molink-lite / rpc throughput: c=1: 2.00x, c=16: 10.00x" in text
     assert svg_chart([SystemResult("molink", [lv(1, 20.0)])], "t").count("<circle") == 1
+
+
+def test_bench_speculative_runs_off_and_on_in_one_invocation(tiny_models, tmp_path):
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["abc abc abc abc abc abc", {"prompt": "one two one two one two one"}]))
+    out = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "bench", "--model", model, "--concurrency", "1",
+                        "--requests", "2", "--max-tokens", "16", "--delay-ms", "5", "--threads", "1", "--ctx", "512",
+                        "--speculative", "ngram", "--prompts", str(prompts), "--json", str(out),
+                        "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    off, on = data["results"]
+    assert (off["system"], on["system"]) == ("molink", "spec")
+    assert off["levels"][0]["spec"]["drafted"] == 0
+    s = on["levels"][0]["spec"]
+    assert on["levels"][0]["output_tokens"] == 2 * 16 and s["decode_entries"] > 0
+    assert "speculation on / off, c=1:" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "molink_lite.cli", "bench", "--model", model, "--prompts",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--prompts" in bad.stderr

@@ -90,3 +90,43 @@ def test_free_in_the_same_step_restarts_a_sequence():
 
 def test_frame_size_limit_follows_the_configuration():
     assert FIRST.max_frame_bytes() == 64 * (8 * 4 + 16) + (1 << 20)
+
+
+# ---------------------------------------------------------------- speculative decoding: trim, drafts, spec
+def test_trim_then_drafts_continue_where_the_trim_leaves_the_sequence():
+    held = np.zeros(16, np.int64)
+    held[4] = 12  # 9 accepted positions + 3 rejected drafts
+    plan = check_step({"type": "step", "trim": {"4": 9}, "drafts": {"4": [7, 8]}},
+                      arrays([4, 4, 4], [9, 10, 11], tokens=[6, 7, 8], out=[1, 1, 1]), FIRST, held)
+    assert plan.trim == {4: 9} and plan.drafts[4].tolist() == [7, 8]
+    with pytest.raises(StepError, match="holds 12 positions"):   # without the trim the positions do not continue
+        check_step({"type": "step"}, arrays([4], [9], tokens=[6]), FIRST, held)
+    # a later stage has no vocabulary: draft ids are only checked for range there
+    hid = np.zeros((3, 8), np.float32)
+    plan = check_step({"type": "step", "trim": {"4": 9}, "drafts": {"4": [70000, 8]}},
+                      arrays([4, 4, 4], [9, 10, 11], hidden=hid, out=[1, 1, 1]), LATER, held)
+    assert plan.drafts[4].tolist() == [70000, 8]
+
+
+@pytest.mark.parametrize("meta,arr,msg", [
+    ({"trim": {"4": 13}}, arrays([], []), "holds only 12"),
+    ({"trim": {"4": True}}, arrays([], []), "position"),
+    ({"trim": {"4": 2.5}}, arrays([], []), "position"),
+    ({"trim": {"x": 1}}, arrays([], []), "sequence id"),
+    ({"free": [4], "trim": {"4": 3}}, arrays([], []), "holds only 0"),
+    ({"drafts": {"4": [1]}}, arrays([], []), "without rows"),
+    ({"drafts": {"4": [1] * 33}}, arrays([4] * 34, list(range(12, 46)), tokens=[1] * 34, out=[1] * 34), "1..32"),
+    ({"drafts": {"4": [1, 2]}}, arrays([4, 4, 4], [12, 13, 14], tokens=[0, 1, 2]), "needs an 'out'"),
+    ({"drafts": {"4": [1, 2]}}, arrays([4, 4, 4], [12, 13, 14], tokens=[0, 1, 3], out=[1, 1, 1]), "differ"),
+    ({"drafts": {"4": [1, 2]}}, arrays([4, 4], [12, 13], tokens=[1, 2], out=[1, 1]), "at least 3"),
+    ({"drafts": {"4": [1, 200]}}, arrays([4, 4, 4], [12, 13, 14], tokens=[0, 1, 200], out=[1, 1, 1]), "token ids"),
+    ({"drafts": {"4": "12"}}, arrays([4, 4], [12, 13], tokens=[1, 2], out=[1, 1]), "token ids"),
+    ({"start": {"5": {"temperature": 0.5, "spec": 1}}}, arrays([], []), "'spec'"),
+])
+def test_hostile_speculation_fields_are_rejected(meta, arr, msg):
+    held = np.zeros(16, np.int64)
+    held[4] = 12
+    before = held.copy()
+    with pytest.raises(StepError, match=msg):
+        check_step({"type": "step", **meta}, arr, FIRST, held)
+    assert np.array_equal(held, before)

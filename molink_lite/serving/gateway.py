@@ -207,7 +207,8 @@ class Gateway:
             entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
                                      "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events),
                                      "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
-                                     "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else []}
+                                     "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
+                                     "speculative": p.spec_summary()}
             if p.healthy:
                 try:
                     entry["stages"] = await asyncio.wait_for(p.stage_stats(), 10)

@@ -28,6 +28,7 @@ from ..wire.codec import FrameError
 from .chain import Chain, PipelineError, check_chain
 from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
 from .sequence import GenRequest, SeqState
+from .speculative import SpecConfig, SpecState, StepCost, allocate, auto_enabled
 
 log = logging.getLogger(__name__)
 __all__ = ["Pipeline", "PipelineError", "RequestError", "check_chain"]
@@ -44,6 +45,7 @@ class _Step:
     sent_at: float
     n_decode: int = 0
     n_prefill: int = 0
+    rows: int = 0
 
 
 LostHandler = Callable[["Pipeline", List[SeqState], str], None]
@@ -55,7 +57,7 @@ class Pipeline:
     def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
                  prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 3.0):
+                 heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -72,6 +74,10 @@ class Pipeline:
                            name=self.name)
         self.state = "connecting"
         self.error = "not connected"
+        self.spec = (spec or SpecConfig()).validate()
+        self.spec_on = self.spec.mode == "ngram"   # "auto" is decided when the pipeline connects
+        self.path_rtt_s: Optional[float] = None    # gateway -> stages -> gateway, measured at connect
+        self.cost = StepCost(0.02, 0.001)
         self.waiting: Deque[SeqState] = deque()
         self.active: Dict[int, SeqState] = {}
         self.free_slots: List[int] = []
@@ -91,7 +97,9 @@ class Pipeline:
         self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
         self.stats = {"steps": 0, "rows": 0, "max_inflight_seen": 0, "max_seqs_in_step": 0,
                       "completed": 0, "failed": 0, "prefill_rows": 0, "decode_rows": 0, "mixed_steps": 0,
-                      "failures": 0, "recoveries": 0, "handed_back": 0}
+                      "failures": 0, "recoveries": 0, "handed_back": 0,
+                      "spec_rounds": 0, "spec_mixed_steps": 0, "drafted": 0, "accepted": 0, "decode_entries": 0,
+                      "decode_tokens": 0}
 
     # ------------------------------------------------------------------ state
     @property
@@ -126,6 +134,18 @@ class Pipeline:
                 "load": round(self.load, 4), "running": len(self.active), "queued": len(self.waiting),
                 "stages": self.urls, "recoveries": self.stats["recoveries"], "failures": self.stats["failures"]}
 
+    def spec_summary(self) -> dict:
+        """Speculative decoding: setting, state, acceptance rate and tokens per round trip (decode entries)."""
+        st = self.stats
+        a, b = self.cost.params()
+        return {"mode": self.spec.mode, "on": self.spec_on, "k": self.spec.k, "n": self.spec.n,
+                "path_rtt_ms": None if self.path_rtt_s is None else round(1e3 * self.path_rtt_s, 3),
+                "drafted": st["drafted"], "accepted": st["accepted"],
+                "acceptance": round(st["accepted"] / st["drafted"], 4) if st["drafted"] else None,
+                "tokens_per_round_trip": (round(st["decode_tokens"] / st["decode_entries"], 4)
+                                          if st["decode_entries"] else None),
+                "step_cost_ms": {"a": round(1e3 * a, 3), "b_per_row": round(1e3 * b, 4)}}
+
     # ------------------------------------------------------------------ connection
     async def connect(self, timeout: float = 60.0) -> None:
         """Open the chain (checked, linked), size steps for it, start scheduling; a rejoin ends here too."""
@@ -141,6 +161,8 @@ class Pipeline:
             self.prefill_chunk = min(chunks) if chunks else min(256, self.max_batch_tokens)
             self.budget.set_chunk(self.prefill_chunk)
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
+        if self.spec.mode != "off":
+            await self._measure_path()
         self.n_ctx = min(int(i["n_ctx"]) for i in infos)
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
@@ -158,6 +180,32 @@ class Pipeline:
             self.events.append({"at": time.time(), "event": "up", "message": "reconnected"})
         self.on_up(self)
         self._wake.set()
+
+    async def _measure_path(self) -> None:
+        """Round trip of a step's path (gateway -> first stage -> ... -> last stage -> gateway): half of the
+        gateway's pings to the first and last stages plus half of each stage-to-stage link's; decides
+        ``--speculative auto`` and seeds the step cost model."""
+        if not self.links and len(self.urls) > 1:
+            self.links = await self.chain.probe()
+        try:
+            pings = []
+            for ch in (self.channels[0], self.channels[-1]):
+                best = None
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    await ch.request({"type": "ping"}, {"pad": np.zeros(16, np.uint8)}, timeout=30)
+                    dt = time.perf_counter() - t0
+                    best = dt if best is None else min(best, dt)
+                pings.append(best)
+        except Exception as e:  # noqa: BLE001 - measuring is best effort
+            log.warning("could not measure the step path: %s", e)
+            pings = [0.0, 0.0]
+        self.path_rtt_s = (sum(pings) + sum(k["rtt_ms"] / 1e3 for k in self.links)) / 2
+        if self.spec.mode == "auto":
+            self.spec_on = auto_enabled(self.path_rtt_s)
+        self.cost = StepCost(self.path_rtt_s + 0.01, 0.001)
+        log.info("step path round trip %.1f ms: speculative decoding %s (--speculative %s, k<=%d, n<=%d)",
+                 1e3 * self.path_rtt_s, "on" if self.spec_on else "off", self.spec.mode, self.spec.k, self.spec.n)
 
     def _on_link_closed(self, ch: Channel, url: str) -> None:
         if ch in self.channels and self.state == "up":
@@ -302,18 +350,68 @@ class Pipeline:
         self._send_step(plan.decode, plan.prefill)
         return True
 
+    def _plan_drafts(self, decode: List[SeqState], prefill_rows: int) -> List[np.ndarray]:
+        """Draft tokens for each decoding sequence of a step (empty arrays where none pay)."""
+        empty = np.zeros(0, np.int32)
+        if not self.spec_on or not decode:
+            return [empty] * len(decode)
+        cands, limits, rates = [], [], []
+        for s in decode:
+            if s.spec is None:
+                s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
+            room = min(self.spec.k, s.req.max_tokens - len(s.generated) - 1)
+            c = s.spec.candidates(self.spec.n, room)
+            cands.append(c)
+            limits.append(int(c.shape[0]))
+            rates.append(s.spec.rate)
+        budget = self.max_batch_tokens - len(decode) - prefill_rows
+        if not any(limits) or budget <= 0:
+            for s in decode:
+                s.spec.idle()
+            return [empty] * len(decode)
+        a, b = self.cost.params()
+        # with m steps in flight the fixed part of a round trip (links, per-step work) is shared by m steps:
+        # a busy pipeline is bound by per-row compute, where a draft row must nearly pay for itself
+        m = len(self.inflight) + 1
+        ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a / m, b, budget)
+        out = []
+        for s, c, k in zip(decode, cands, ks):
+            if k == 0:
+                s.spec.idle()
+            out.append(c[:k])
+        return out
+
     def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]]) -> None:
         sid = next(self._sids)
         seq_parts, pos_parts, tok_parts, out_parts = [], [], [], []
         entries: List[Tuple[SeqState, bool]] = []
         start: Dict[str, dict] = {}
-        if decode:
+        trim: Dict[str, int] = {}
+        drafts_meta: Dict[str, list] = {}
+        n_prefill_rows = sum(take for _, take in prefill)
+        drafts = self._plan_drafts(decode, n_prefill_rows)
+        if decode and not any(d.shape[0] for d in drafts):
             n = len(decode)
             seq_parts.append(np.fromiter((s.slot for s in decode), dtype=np.int32, count=n))
             pos_parts.append(np.fromiter((s.decode_pos for s in decode), dtype=np.int32, count=n))
             tok_parts.append(np.fromiter((s.generated[-1] for s in decode), dtype=np.int32, count=n))
             out_parts.append(np.ones(n, dtype=np.uint8))
-            entries.extend((s, True) for s in decode)
+        else:
+            for s, d in zip(decode, drafts):  # the last token, then its drafts at the next positions
+                k = int(d.shape[0])
+                seq_parts.append(np.full(k + 1, s.slot, dtype=np.int32))
+                pos_parts.append(np.arange(s.decode_pos, s.decode_pos + k + 1, dtype=np.int32))
+                tok_parts.append(np.concatenate(([s.generated[-1]], d)).astype(np.int32))
+                out_parts.append(np.ones(k + 1, dtype=np.uint8))
+                if k:
+                    drafts_meta[str(s.slot)] = d.tolist()
+        for s, d in zip(decode, drafts):
+            if s.kv_len > s.decode_pos:  # drafts rejected last time: every stage drops them first
+                trim[str(s.slot)] = s.decode_pos
+            s.kv_len = s.decode_pos + 1 + int(d.shape[0])
+            if s.spec is not None:
+                s.spec.drafts = d
+        entries.extend((s, True) for s in decode)
         for s, take in prefill:
             a, b = s.prefilled, s.prefilled + take
             seq_parts.append(np.full(take, s.slot, dtype=np.int32))
@@ -325,10 +423,17 @@ class Pipeline:
             out_parts.append(out)
             entries.append((s, done))
             if not s.started:
+                if self.spec_on and s.spec is None:
+                    s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
                 start[str(s.slot)] = s.start_params()
                 s.started = True
             s.prefilled = b
+            s.kv_len = b
         meta = {"type": "step", "step": sid, "free": self.pending_free, "start": start}
+        if trim:
+            meta["trim"] = trim
+        if drafts_meta:
+            meta["drafts"] = drafts_meta
         cat = lambda parts, dt: np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dt)  # noqa: E731
         arrays = {"seq": cat(seq_parts, np.int32), "pos": cat(pos_parts, np.int32),
                   "tokens": cat(tok_parts, np.int32), "out": cat(out_parts, np.uint8)}
@@ -344,12 +449,17 @@ class Pipeline:
             s.in_flight = True
             s.last_sent = sid
         n = int(arrays["seq"].shape[0])
-        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n - len(decode))
+        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n_prefill_rows, n)
         st = self.stats
         st["steps"] += 1
         st["rows"] += n
-        st["decode_rows"] += len(decode)
-        st["prefill_rows"] += n - len(decode)
+        st["decode_rows"] += n - n_prefill_rows
+        st["prefill_rows"] += n_prefill_rows
+        if drafts_meta:
+            st["spec_rounds"] += len(drafts_meta)
+            st["drafted"] += sum(len(d) for d in drafts_meta.values())
+            if len(drafts_meta) < len(decode) or prefill:  # speculating and plain sequences share the step
+                st["spec_mixed_steps"] += 1
         if decode and prefill:
             st["mixed_steps"] += 1
         st["max_inflight_seen"] = max(st["max_inflight_seen"], len(self.inflight))
@@ -399,6 +509,22 @@ class Pipeline:
         eogs = arrays.get("eog", np.zeros(len(seqs), np.uint8)).tolist()
         pieces = meta.get("pieces") or [""] * len(seqs)
         now = time.perf_counter()
+        if st.n_prefill == 0:  # decode rows all output logits (the last stage's LM head): prompt rows do not,
+            self.cost.observe(st.rows, now - st.sent_at)  # so steps carrying them would skew the per-row cost
+        if st.n_decode:
+            got = dict(zip(*np.unique(np.asarray(seqs, np.int64), return_counts=True))) if seqs else {}
+            for s, _ in st.seqs[:st.n_decode]:  # decode entries come first in a step
+                n_got = int(got.get(s.slot, 0))
+                self.stats["decode_entries"] += 1
+                self.stats["decode_tokens"] += n_got
+                if s.spec is None:
+                    continue
+                k = int(s.spec.drafts.shape[0])
+                if k and n_got:
+                    acc = min(k, n_got - 1)
+                    s.spec.verified(k, acc)
+                    self.stats["accepted"] += acc
+                s.spec.drafts = s.spec.drafts[:0]
         worst_itl: Optional[float] = None
         obs = self.observer
         taken = 0

@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from ..stage.sampling import SamplingParams
+from .speculative import SpecState
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SeqState:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: Optional[float] = None
     t_last: Optional[float] = None
+    spec: Optional[SpecState] = None    # speculative decoding (set by a pipeline that speculates)
     # --- where it runs now
     pipeline: Any = None
     feed: Optional[np.ndarray] = None   # tokens to prefill (the prompt; prompt + generated after a replay)
@@ -62,6 +64,7 @@ class SeqState:
     in_flight: bool = False
     started: bool = False
     last_sent: int = 0
+    kv_len: int = 0                     # positions its KV holds on the stages (drafts included, until trimmed)
 
     def __post_init__(self) -> None:
         if self.feed is None:
@@ -91,6 +94,9 @@ class SeqState:
         self.feed = (np.concatenate([self.req.prompt, np.asarray(self.generated, dtype=np.int32)])
                      if self.generated else self.req.prompt)
         self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, False, False, 0
+        self.kv_len = 0
+        if self.spec is not None:
+            self.spec.drafts = self.spec.drafts[:0]
 
     def start_params(self) -> dict:
         """What the last stage needs to start this sequence's sampler (history after a replay).
@@ -100,6 +106,8 @@ class SeqState:
         cannot move between hosts).
         """
         d = self.req.params.to_dict()
+        if self.spec is not None:
+            d["spec"] = True
         if self.generated:
             d["history"] = list(self.generated)
             if d.get("seed") is not None:
@@ -113,6 +121,8 @@ class SeqState:
             self.t_first = now
         self.t_last = now
         self.generated.append(int(token))
+        if self.spec is not None:
+            self.spec.push(token)
         if eog and not self.req.ignore_eos:
             return "stop"
         self.text += piece

@@ -324,6 +324,13 @@ class StageEngine:
             if self._ctx is not None:
                 _llama.llama_memory_seq_rm(self._mem, int(seq_id), -1, -1)
 
+    def trim(self, seq_id: int, pos: int) -> None:
+        """Forget a sequence's KV entries at positions ``pos`` and later (rejected speculative drafts)."""
+        with self._lock:
+            if self._ctx is not None:
+                if not _llama.llama_memory_seq_rm(self._mem, int(seq_id), int(pos), -1):
+                    raise EngineError(f"could not remove positions {pos}.. of sequence {seq_id} from the KV cache")
+
     def clear(self) -> None:
         """Forget every sequence."""
         with self._lock:

@@ -102,11 +102,20 @@ class SamplingParams:
 
 
 class SequenceSampler:
-    """A llama.cpp sampler chain for one sequence."""
+    """A llama.cpp sampler chain for one sequence.
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
+    ``spec`` (speculative decoding, non-greedy only): the chain stops before llama.cpp's ``dist`` sampler
+    and the token is drawn here by inverse CDF over the chain's candidates with a uniform number that
+    depends only on (seed, position). A draft token d is accepted iff the drawn token equals d: that is
+    the standard rejection rule for a point-mass draft (accept with probability p(d); on rejection the
+    token follows p with d removed, renormalized), so the output distribution is the chain's, and a
+    seeded sequence draws the same tokens whatever drafts it was offered (given the same logits).
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int, spec: bool = False):
         self.params = params
         self.fast_greedy = params.greedy and not params.has_penalties
+        self.spec = bool(spec) and not params.greedy
         self._chain = None
         if self.fast_greedy:
             return
@@ -125,14 +134,51 @@ class SequenceSampler:
             if params.min_p > 0.0:
                 add(_llama.llama_sampler_init_min_p(params.min_p, 1))
             add(_llama.llama_sampler_init_temp(params.temperature))
-            seed = _llama.LLAMA_DEFAULT_SEED if params.seed is None else int(params.seed)
-            add(_llama.llama_sampler_init_dist(seed))
+            if self.spec:
+                self._seed = params.seed
+                self._rng = np.random.default_rng() if params.seed is None else None
+            else:
+                seed = _llama.LLAMA_DEFAULT_SEED if params.seed is None else int(params.seed)
+                add(_llama.llama_sampler_init_dist(seed))
         self._chain = chain
 
-    def sample(self, logits: np.ndarray) -> int:
-        """Pick the next token from one row of logits and record it (for penalties)."""
+    def uniform(self, position: int) -> float:
+        """The uniform number that draws the token at ``position`` (spec mode)."""
+        if self._seed is None:
+            return float(self._rng.random())
+        return float(np.random.Generator(np.random.PCG64([int(self._seed), int(position)])).random())
+
+    def _draw(self, logits: np.ndarray, position: int) -> int:
+        n = logits.shape[0]
+        data = np.empty(n, dtype=TOKEN_DATA)
+        data["id"] = np.arange(n, dtype=np.int32)
+        data["logit"] = logits
+        data["p"] = 0.0
+        arr = _llama.llama_token_data_array(
+            data=data.ctypes.data_as(_llama.llama_token_data_p), size=n, selected=-1, sorted=False)
+        _llama.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        size = int(arr.size)
+        if size < 1:
+            raise SamplingError("sampler chain left no candidate token")
+        cand = data
+        if ctypes.cast(arr.data, ctypes.c_void_p).value != data.ctypes.data:  # a sampler swapped the buffer
+            raw = ctypes.cast(arr.data, ctypes.POINTER(ctypes.c_uint8))
+            cand = np.ctypeslib.as_array(raw, shape=(size * TOKEN_DATA.itemsize,)).view(TOKEN_DATA).copy()
+        lg = cand["logit"][:size].astype(np.float64)
+        w = np.exp(lg - lg.max())
+        c = np.cumsum(w)
+        j = min(int(np.searchsorted(c, self.uniform(position) * c[-1], side="right")), size - 1)
+        token = int(cand["id"][j])
+        _llama.llama_sampler_accept(self._chain, token)
+        return token
+
+    def sample(self, logits: np.ndarray, position: int = 0) -> int:
+        """Pick the next token from one row of logits and record it (for penalties); ``position``: where the
+        picked token goes (used by spec-mode samplers only)."""
         if self.fast_greedy:
             return int(np.argmax(logits))
+        if self.spec:
+            return self._draw(logits, position)
         n = logits.shape[0]
         data = np.empty(n, dtype=TOKEN_DATA)
         data["id"] = np.arange(n, dtype=np.int32)
@@ -166,10 +212,11 @@ class SamplerPool:
         self.n_vocab = n_vocab
         self._by_seq: Dict[int, SequenceSampler] = {}
 
-    def start(self, seq_id: int, params: SamplingParams, history: Sequence[int] = ()) -> None:
-        """A sampler for a sequence; ``history`` (tokens it generated before a replay) primes the penalties."""
+    def start(self, seq_id: int, params: SamplingParams, history: Sequence[int] = (), spec: bool = False) -> None:
+        """A sampler for a sequence; ``history`` (tokens it generated before a replay) primes the penalties;
+        ``spec``: the sequence may send drafts to verify (see :class:`SequenceSampler`)."""
         self.drop(seq_id)
-        sampler = self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab)
+        sampler = self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab, spec)
         if sampler._chain is not None:
             for t in history:
                 _llama.llama_sampler_accept(sampler._chain, int(t))
@@ -182,8 +229,70 @@ class SamplerPool:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._by_seq
 
-    def sample(self, seq_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``).
+    def check_verifiable(self, drafts: Dict[int, np.ndarray], start: Dict[int, tuple], spec: set) -> None:
+        """Drafts are verified only by greedy samplers and by samplers started in spec mode."""
+        for s in drafts:
+            if s in start:
+                ok = start[s][0].greedy or s in spec
+            else:
+                sm = self._by_seq.get(s)
+                ok = sm is None or sm.params.greedy or sm.spec
+            if not ok:
+                raise SamplingError(f"sequence {s} carries drafts but its sampler was not started with 'spec'")
+
+    def sample_verify(self, seq_ids: np.ndarray, logits: np.ndarray, drafts: Dict[int, np.ndarray],
+                      positions: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+        """Tokens for output rows where some sequences verify drafts; returns (sequence per token, tokens).
+
+        A sequence with k drafts owns k+1 consecutive output rows (its last token, then each draft): row j
+        predicts the token after draft j. The longest prefix of drafts that the sampler agrees with is
+        accepted and one more token (the correction, or the bonus after all k) follows: 1..k+1 tokens.
+        Other sequences get one token per output row, as in :meth:`sample`.
+        """
+        n = int(seq_ids.shape[0])
+        seq_ids = np.asarray(seq_ids, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int64)
+        is_draft_row = np.isin(seq_ids, np.fromiter(drafts.keys(), dtype=np.int32, count=len(drafts)))
+        plain = np.flatnonzero(~is_draft_row)
+        toks_plain = self.sample(seq_ids[plain], logits[plain], positions[plain]) if plain.size else None
+        change = np.flatnonzero(np.diff(seq_ids)) + 1
+        starts = np.concatenate(([0], change)).tolist()
+        ends = change.tolist() + [n]
+        plain_at = np.full(n, -1, np.int64)
+        plain_at[plain] = np.arange(plain.size)
+        out_seq, out_tok = [], []
+        for a, b in zip(starts, ends):  # one run per sequence
+            s = int(seq_ids[a])
+            d = drafts.get(s)
+            if d is None:
+                out_seq.append(seq_ids[a:b])
+                out_tok.append(toks_plain[plain_at[a:b]])
+                continue
+            k = int(d.shape[0])
+            if b - a != k + 1:
+                raise SamplingError(f"sequence {s}: {b - a} output rows for {k} drafts")
+            sm = self._by_seq.get(s) or _GREEDY
+            if sm.fast_greedy:
+                am = np.argmax(logits[a:b], axis=-1).astype(np.int32)
+                miss = np.flatnonzero(am[:k] != d)
+                acc = int(miss[0]) if miss.size else k
+                toks = am[:acc + 1]
+            else:
+                got = []
+                for j in range(k + 1):
+                    t = sm.sample(logits[a + j], int(positions[a + j]) + 1)
+                    got.append(t)
+                    if j == k or t != int(d[j]):
+                        break
+                toks = np.asarray(got, dtype=np.int32)
+            out_seq.append(np.full(toks.shape[0], s, np.int32))
+            out_tok.append(toks)
+        return np.concatenate(out_seq), np.concatenate(out_tok).astype(np.int32)
+
+    def sample(self, seq_ids: Sequence[int], logits: np.ndarray,
+               positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``; ``positions[i]``: that row's
+        position, which seeds spec-mode samplers).
 
         Greedy rows take an argmax straight on the rows of ``logits`` (no copy; runs of
         consecutive greedy rows in one call, split over a few threads when large).
@@ -204,7 +313,7 @@ class SamplerPool:
                 argmax_rows(logits[start:i], out[start:i])
             start = i + 1
         for i in slow:
-            out[i] = samplers[i].sample(logits[i])
+            out[i] = samplers[i].sample(logits[i], 0 if positions is None else int(positions[i]) + 1)
         return out
 
 

@@ -12,8 +12,10 @@ previous stage: sends steps and pings only). Nothing else is read before that.
   the previous head is disconnected and every sequence forgotten.
 * ``step``: one micro-batch. Arrays ``seq`` / ``pos`` (int32) and ``tokens`` (first stage)
   or ``hidden`` (later stages); ``out`` (u8) marks rows whose next token is wanted.
-  Meta ``free`` lists sequences to forget first, ``start`` maps new sequences to sampling
-  parameters. Every field is checked by :mod:`molink_lite.stage.validate` first. Steps are taken
+  Meta ``free`` lists sequences to forget first, ``trim`` maps sequences to the position from
+  which their KV is dropped next (rejected speculative drafts), ``start`` maps new sequences to
+  sampling parameters (``spec``: the sequence may send drafts), ``drafts`` maps sequences to the
+  draft tokens of their last rows, which the last stage verifies (1..k+1 tokens come back). Every field is checked by :mod:`molink_lite.stage.validate` first. Steps are taken
   from the head on the first stage and from the upstream stage on the others. Non-last stages forward the step with their hidden states to the next
   stage; the last stage samples and sends a ``result`` (seq, tokens, eog, text pieces)
   to the head. A failure sends an ``error`` for the step straight to the head.
@@ -95,7 +97,8 @@ class StageServer:
         self._worker: Optional[asyncio.Task] = None
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
                                         "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0,
-                                        "refused_links": 0, "rejected_frames": 0}
+                                        "refused_links": 0, "rejected_frames": 0,
+                                        "trims": 0, "drafted": 0, "accepted": 0}
         self._in_flight = 0  # steps received and not yet finished here
         self.draining = False
         self.drained = asyncio.Event()
@@ -368,6 +371,11 @@ class StageServer:
             plan: Optional[StepPlan] = None
             try:
                 plan = check_step(meta, arrays, self.limits, self._seq_len)
+                if plan.drafts and self.samplers is not None:
+                    try:
+                        self.samplers.check_verifiable(plan.drafts, plan.start, plan.spec)
+                    except SamplingError as e:
+                        raise StepError(str(e)) from None
                 t0 = time.perf_counter()
                 out = await loop.run_in_executor(self._pool, self._run_step, meta, plan)
                 t1 = time.perf_counter()
@@ -414,9 +422,14 @@ class StageServer:
         for s in plan.free:
             self._free(s)
             self.stats["frees"] += 1
+        for s, p in plan.trim.items():  # rejected speculative drafts leave the KV before anything runs
+            if p < self._seq_len[s]:
+                self.engine.trim(s, p)
+                self._seq_len[s] = p
+                self.stats["trims"] += 1
         if self.samplers is not None:
             for s, (params, history) in plan.start.items():  # history: a replayed sequence's earlier tokens
-                self.samplers.start(s, params, history)
+                self.samplers.start(s, params, history, spec=s in plan.spec)
                 self.detok.start(s, history)
         seq, pos, n = plan.seq, plan.pos, plan.n
         fwd_meta = {k: v for k, v in meta.items() if k not in ("rid",)}
@@ -436,7 +449,14 @@ class StageServer:
         # last stage: sample one token per output row
         mask = last_row_of_each_seq(seq) if out_rows is None else out_rows
         seqs = seq[mask]
-        tokens = self.samplers.sample(seqs, res)
+        if plan.drafts:
+            seqs, tokens = self.samplers.sample_verify(seqs, res, plan.drafts, pos[mask])
+            k = sum(int(d.shape[0]) for d in plan.drafts.values())
+            self.stats["drafted"] += k
+            # a sequence with k drafts has k+1 output rows and gets acc+1 tokens
+            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k
+        else:
+            tokens = self.samplers.sample(seqs, res, pos[mask])
         eog = self.vocab.is_eog(tokens)
         pieces = self.detok.pieces(seqs, tokens, eog)
         return fwd_meta, (seqs, tokens, eog, pieces)

@@ -62,6 +62,10 @@ class BenchConfig:
     llama_bin: Optional[str] = None
     ctx: int = 8192
     workdir: Optional[str] = None
+    speculative: Optional[str] = None  # off|ngram|auto: also run molink-lite with it, next to speculation off
+    spec_k: int = 8
+    spec_n: int = 3
+    prompts: str = "default"          # default (generated words), grounded (tests/bench), or a JSON file
 
 
 @dataclass
@@ -76,6 +80,7 @@ class LevelResult:
     itl_p50_ms: float
     itl_p99_ms: float
     errors: int
+    spec: Optional[dict] = None  # speculative decoding during this level: acceptance, tokens per round trip
 
 
 @dataclass
@@ -110,6 +115,22 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+GROUNDED = Path(__file__).resolve().parents[2] / "tests" / "bench" / "grounded_prompts.json"
+
+
+def load_prompts(which: str) -> Optional[List[str]]:
+    """A fixed prompt set: ``grounded`` (input-grounded: repeat/edit a passage, code edits, extraction) or a
+    JSON file holding a list of strings; None for ``default`` (generated word prompts)."""
+    if which == "default":
+        return None
+    path = GROUNDED if which == "grounded" else Path(which)
+    data = json.loads(path.read_text())
+    prompts = [p["prompt"] if isinstance(p, dict) else p for p in data]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"{path}: expected a JSON list of prompt strings (or objects with 'prompt')")
+    return prompts
 
 
 def make_prompt(i: int, n_words: int) -> str:
@@ -161,14 +182,15 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens
 
 
 async def run_level(url: str, concurrency: int, n_requests: int, prompt_len: int, max_tokens: int,
-                    offset: int = 0) -> LevelResult:
-    """``n_requests`` streaming completions, at most ``concurrency`` at a time."""
+                    offset: int = 0, prompts: Optional[List[str]] = None) -> LevelResult:
+    """``n_requests`` streaming completions, at most ``concurrency`` at a time (``prompts``: a fixed set, in turn)."""
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with _session(timeout) as session:
         async def job(i: int) -> dict:
             async with sem:
-                return await _one(session, url, make_prompt(offset + i, prompt_len), max_tokens)
+                text = prompts[i % len(prompts)] if prompts else make_prompt(offset + i, prompt_len)
+                return await _one(session, url, text, max_tokens)
 
         t0 = time.perf_counter()
         res = await asyncio.gather(*(job(i) for i in range(n_requests)))
@@ -297,7 +319,8 @@ def _linked(cfg: BenchConfig) -> bool:
     return cfg.delay_ms > 0 or cfg.rate_mbit > 0
 
 
-def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False) -> str:
+def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False,
+                 speculative: Optional[str] = None) -> str:
     """Stages + gateway; ``secure``: every link authenticated with a cluster secret and TLS-encrypted."""
     t = _threads(cfg, len(ranges))
     max_seqs = max(list(cfg.concurrency) + [16])
@@ -317,6 +340,8 @@ def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secur
         cmd += ["--micro-batches", str(cfg.micro_batches)]
     if cfg.prefill_chunk:
         cmd += ["--prefill-chunk", str(cfg.prefill_chunk)]
+    if speculative:
+        cmd += ["--speculative", speculative, "--spec-k", str(cfg.spec_k), "--spec-n", str(cfg.spec_n)]
     gw = procs.spawn("gateway", cmd, env={SECRET_ENV: secret} if secret else None)
     _wait_http(f"http://127.0.0.1:{port}", gw, "gateway")
     return f"http://127.0.0.1:{port}"
@@ -374,19 +399,30 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     procs.workdir.mkdir(parents=True, exist_ok=True)
     res = SystemResult(system)
     try:
-        if system in ("molink", "secure"):
-            url = start_molink(cfg, procs, ranges, secure=system == "secure")
+        if system in ("molink", "secure", "spec"):
+            # with --speculative, "molink" is the same system with speculation off (same invocation)
+            mode = cfg.speculative if system == "spec" else ("off" if cfg.speculative else None)
+            url = start_molink(cfg, procs, ranges, secure=system == "secure", speculative=mode)
         elif system in ("whole", "rpc"):
             url = start_llama_server(cfg, procs, ranges, rpc=system == "rpc")
         else:
             raise ValueError(f"unknown system {system!r} (molink, secure, whole, rpc)")
         asyncio.run(run_level(url, 1, 1, 8, 4))  # warm-up
+        prompts = load_prompts(cfg.prompts)
+        molink = system in ("molink", "secure", "spec")
         for i, c in enumerate(cfg.concurrency):
             n = cfg.requests or max(4, 2 * c)
-            lv = asyncio.run(run_level(url, c, n, cfg.prompt_len, cfg.max_tokens, offset=100 * i))
+            before = _spec_counters(url) if molink else None
+            lv = asyncio.run(run_level(url, c, n, cfg.prompt_len, cfg.max_tokens, offset=100 * i, prompts=prompts))
+            if before is not None:
+                lv.spec = _spec_delta(before, _spec_counters(url))
             res.levels.append(lv)
+            sp = ""
+            if lv.spec and lv.spec["drafted"]:
+                sp = (f"  acceptance {lv.spec['acceptance']:.2f}, {lv.spec['tokens_per_round_trip']:.2f} tokens "
+                      f"per round trip")
             print(f"  {system:>6} c={c:<4} {lv.tok_s:8.1f} tok/s  TTFT p50 {lv.ttft_p50_ms:7.0f} ms  "
-                  f"ITL p50 {lv.itl_p50_ms:6.1f} p99 {lv.itl_p99_ms:7.1f} ms  errors {lv.errors}", flush=True)
+                  f"ITL p50 {lv.itl_p50_ms:6.1f} p99 {lv.itl_p99_ms:7.1f} ms  errors {lv.errors}{sp}", flush=True)
         if cfg.long_prompt:
             res.interference = asyncio.run(run_interference(url, cfg.long_prompt))
             it = res.interference
@@ -406,6 +442,31 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     return res
 
 
+SPEC_COUNTERS = ("drafted", "accepted", "decode_entries", "decode_tokens", "steps")
+
+
+def _spec_counters(url: str) -> Dict[str, float]:
+    """The gateway's speculation counters (summed over pipelines), from /v1/stats."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/stats", timeout=30) as r:
+        body = json.loads(r.read())
+    out: Dict[str, object] = {k: 0.0 for k in SPEC_COUNTERS}
+    for p in body.get("pipelines", []):
+        for k in SPEC_COUNTERS:
+            out[k] += float(p.get("scheduler", {}).get(k, 0))
+        out["step_cost_ms"] = (p.get("speculative") or {}).get("step_cost_ms")
+    return out
+
+
+def _spec_delta(a: Dict[str, float], b: Dict[str, float]) -> dict:
+    d = {k: int(b[k] - a[k]) for k in SPEC_COUNTERS}
+    d["step_cost_ms"] = b.get("step_cost_ms")  # the gateway's fitted round trip a + b x rows at the level's end
+    d["acceptance"] = round(d["accepted"] / d["drafted"], 4) if d["drafted"] else None
+    d["tokens_per_round_trip"] = round(d["decode_tokens"] / d["decode_entries"], 4) if d["decode_entries"] else None
+    return d
+
+
 def format_table(results: List[SystemResult]) -> str:
     """Side-by-side table with ratios of molink-lite to each baseline."""
     lines = [f"{'system':>8} {'conc':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
@@ -417,8 +478,22 @@ def format_table(results: List[SystemResult]) -> str:
         if r.notes:
             lines.append(f"{r.system:>8} {r.notes}")
     mol = next((r for r in results if r.system == "molink"), None)
+    spec = next((r for r in results if r.system == "spec"), None)
+    if mol and spec:
+        by_c = {lv.concurrency: lv for lv in mol.levels}
+        for lv in spec.levels:
+            off = by_c.get(lv.concurrency)
+            if off is None or not off.tok_s:
+                continue
+            extra = ""
+            if lv.spec and lv.spec.get("acceptance") is not None:
+                extra = (f"; acceptance {lv.spec['acceptance']:.2f}, {lv.spec['tokens_per_round_trip']:.2f} tokens "
+                         f"per round trip ({lv.spec['accepted']}/{lv.spec['drafted']} drafts)")
+            elif lv.spec:
+                extra = "; no drafts sent"
+            lines.append(f"speculation on / off, c={lv.concurrency}: {lv.tok_s / off.tok_s:.2f}x{extra}")
     if mol:
-        for base in (r for r in results if r.system != "molink" and r.levels):
+        for base in (r for r in results if r.system not in ("molink", "spec") and r.levels):
             by_c = {lv.concurrency: lv for lv in base.levels}
             ratios = [f"c={lv.concurrency}: {lv.tok_s / by_c[lv.concurrency].tok_s:.2f}x"
                       for lv in mol.levels if lv.concurrency in by_c and by_c[lv.concurrency].tok_s]
@@ -475,10 +550,15 @@ def run_bench(cfg: BenchConfig, json_out: Optional[str] = None, chart_out: Optio
     link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
             else "loopback, no relay")
     print(f"bench: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "
-          f"prompt ~{cfg.prompt_len} tokens, {cfg.max_tokens} output tokens, concurrency {list(cfg.concurrency)}, "
+          f"{'prompt ~%d tokens' % cfg.prompt_len if cfg.prompts == 'default' else 'prompt set ' + cfg.prompts}, "
+          f"{cfg.max_tokens} output tokens, concurrency {list(cfg.concurrency)}, "
           f"{os.cpu_count()} CPU cores", flush=True)
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
-    results = [bench_system(s, cfg, ranges, workdir) for s in ("molink", *cfg.baselines)]
+    systems = ("molink", *(("spec",) if cfg.speculative else ()), *cfg.baselines)
+    if cfg.speculative:
+        print(f"speculative decoding: {cfg.speculative} (k<={cfg.spec_k}, n<={cfg.spec_n}) vs off; prompts: "
+              f"{cfg.prompts}", flush=True)
+    results = [bench_system(s, cfg, ranges, workdir) for s in systems]
     print()
     print(format_table(results))
     if json_out:

@@ -1,0 +1,178 @@
+"""Speculative decoding at the gateway: prompt-lookup (n-gram) drafts and how many to send.
+
+Over slow links one stream gets one token per round trip. A decode step may instead carry, for a
+sequence, its last token plus k draft tokens at the next positions; the last stage verifies them in
+the same pass (see :meth:`molink_lite.stage.sampling.SamplerPool.sample_verify`) and returns 1..k+1
+tokens; the next step tells every stage to drop the rejected positions from its KV (``trim``).
+
+Drafts come from the sequence itself: the most recent earlier occurrence of its last n tokens (n from
+``n_max`` down to 1) in prompt + output, and the k tokens that followed it. That pays on what people run
+over their own text: editing, rewriting, extracting, answering from a document, code edits.
+
+How many drafts each sequence sends is decided per step by a cost model (:func:`allocate`):
+
+* per sequence, the chance that draft j is accepted is taken as ``r**j``, where ``r`` is the sequence's
+  measured per-draft acceptance rate (a decayed count, :class:`SpecState`);
+* per step, the round trip is modelled as ``a + b * rows`` (:class:`StepCost`, fitted online on the
+  pipeline's own decode steps: ``a`` holds the links' latency and fixed costs, ``b`` the per-row compute,
+  where every row outputs logits: on a CPU the last stage's LM head makes that the larger part);
+* a draft row is added while its expected tokens per unit of time beat the step's average:
+  ``alpha * (a/m + b*R) > b * (tokens expected so far)``, where m is the number of steps in flight (the
+  pipeline's micro-batches share the fixed part of a round trip). With one sequence over a 20 ms link almost any
+  draft pays; with many sequences per step (the stages are busy) only well-accepted drafts do, and with
+  fast links and slow compute few do: speculation backs off by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+MODES = ("off", "ngram", "auto")
+AUTO_RTT_S = 0.005     # "auto" turns speculation on when a step's path round trip is at least this long
+DEFAULT_K = 8          # most drafts per sequence per step
+DEFAULT_N = 3          # longest n-gram matched
+PRIOR_RATE = 0.5       # acceptance rate assumed for a new sequence
+DECAY = 0.8            # weight of the older acceptance counts per verified step
+RECOVER = 0.02         # per step without drafts, the rate drifts back towards the prior by this share
+
+
+@dataclass
+class SpecConfig:
+    mode: str = "off"      # off | ngram | auto (resolved per pipeline when it connects)
+    k: int = DEFAULT_K
+    n: int = DEFAULT_N
+
+    def validate(self) -> "SpecConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"--speculative must be one of {', '.join(MODES)}")
+        if not 1 <= self.k <= 32:
+            raise ValueError("--spec-k must be in 1..32")
+        if not 1 <= self.n <= 16:
+            raise ValueError("--spec-n must be in 1..16")
+        return self
+
+
+def propose(ctx: np.ndarray, n_max: int, k: int) -> np.ndarray:
+    """Up to ``k`` draft tokens: what followed the latest earlier occurrence of the last n tokens of ``ctx``.
+
+    Tries n = ``n_max`` .. 1 and takes the longest n that matches. Vectorized over the context (numpy).
+    """
+    L = int(ctx.shape[0])
+    for n in range(min(n_max, L - 1), 0, -1):
+        tail = ctx[L - n:]
+        win = np.lib.stride_tricks.sliding_window_view(ctx[:L - 1], n)  # win[i] = ctx[i:i+n], i+n <= L-1
+        hit = np.flatnonzero((win == tail).all(axis=1))
+        if hit.size:
+            i = int(hit[-1]) + n
+            return ctx[i:i + k].copy()
+    return ctx[:0].copy()
+
+
+@dataclass
+class SpecState:
+    """A sequence's speculation record: its tokens (for lookup), acceptance counts, the drafts in flight."""
+
+    buf: np.ndarray                      # prompt + generated tokens (int32), filled up to ``length``
+    length: int
+    succ: float = PRIOR_RATE
+    trials: float = 1.0
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # sent in the step in flight
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @classmethod
+    def for_prompt(cls, prompt: np.ndarray, max_tokens: int, generated: Sequence[int] = ()) -> "SpecState":
+        buf = np.zeros(int(prompt.shape[0]) + max_tokens + 1, np.int32)
+        buf[:prompt.shape[0]] = prompt
+        n = int(prompt.shape[0])
+        if len(generated):
+            buf[n:n + len(generated)] = np.asarray(generated, np.int32)
+        return cls(buf, n + len(generated))
+
+    def push(self, token: int) -> None:
+        if self.length < self.buf.shape[0]:
+            self.buf[self.length] = token
+            self.length += 1
+
+    @property
+    def rate(self) -> float:
+        return self.succ / self.trials
+
+    def candidates(self, n_max: int, k: int) -> np.ndarray:
+        return propose(self.buf[:self.length], n_max, k) if k > 0 else self.buf[:0]
+
+    def verified(self, k: int, accepted: int) -> None:
+        """Drafts of the last step came back: ``accepted`` of ``k`` agreed with the model."""
+        self.succ = DECAY * self.succ + accepted
+        self.trials = DECAY * self.trials + accepted + (1 if accepted < k else 0)
+        self.drafted += k
+        self.accepted += accepted
+        self.rounds += 1
+
+    def idle(self) -> None:
+        """A step without drafts: let the rate drift back to the prior (a text may turn repetitive later)."""
+        self.succ += RECOVER * (PRIOR_RATE * self.trials - self.succ)
+
+
+class StepCost:
+    """Online least-squares fit of a step's round trip: ``a + b * rows`` (exponentially weighted)."""
+
+    def __init__(self, a: float, b: float, decay: float = 0.97):
+        self.a0, self.b0, self.decay = a, b, decay
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.w = d * self.w + 1
+        self.x = d * self.x + rows
+        self.y = d * self.y + seconds
+        self.xx = d * self.xx + rows * rows
+        self.xy = d * self.xy + rows * seconds
+
+    def params(self) -> Tuple[float, float]:
+        if self.w < 3:
+            return self.a0, self.b0
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var < 0.5:  # every step had about the same rows: keep the prior slope
+            b = self.b0
+        else:
+            b = (self.xy / self.w - mx * my) / var
+        b = min(max(b, 1e-5), 1.0)
+        a = max(my - b * mx, 1e-4)
+        return a, b
+
+
+def allocate(rates: Sequence[float], limits: Sequence[int], n_tokens: int, rows: int, a: float, b: float,
+             budget: int) -> List[int]:
+    """Drafts per candidate sequence for one step (see the module docstring for the rule).
+
+    ``rates[i]``: per-draft acceptance rate of candidate i; ``limits[i]``: drafts it has available;
+    ``n_tokens``: tokens the step yields without drafts (one per decoding sequence); ``rows``: rows it
+    has; ``budget``: draft rows that still fit the step. A loop over sequences x drafts (tens), no more.
+    """
+    ks = [0] * len(rates)
+    nxt = [float(r) if lim > 0 else 0.0 for r, lim in zip(rates, limits)]  # acceptance chance of each next draft
+    expected, R = float(n_tokens), rows
+    while budget > 0:
+        i = max(range(len(nxt)), key=nxt.__getitem__, default=-1)
+        if i < 0 or nxt[i] <= 0.0:
+            break
+        alpha = nxt[i]
+        if alpha * (a + b * R) <= b * expected:
+            break
+        ks[i] += 1
+        expected += alpha
+        R += 1
+        budget -= 1
+        nxt[i] = alpha * rates[i] if ks[i] < limits[i] else 0.0
+    return ks
+
+
+def auto_enabled(path_rtt_s: Optional[float]) -> bool:
+    """``--speculative auto``: on when a step's path (gateway -> stages -> gateway) takes at least 5 ms."""
+    return path_rtt_s is not None and path_rtt_s >= AUTO_RTT_S

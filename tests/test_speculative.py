@@ -1,0 +1,306 @@
+"""Speculative decoding (issue 16): drafts, verification on the last stage, KV trims, the draft policy.
+
+In-process parts drive step frames through real :class:`StageServer` objects (validation, trims, frees,
+sampling exactly as the stage worker runs them) on a tiny f32 model split in two stages.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401
+
+import math
+from collections import Counter
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+
+from molink_lite.serving.sequence import GenRequest, SeqState
+from molink_lite.serving.speculative import SpecState, StepCost, allocate, auto_enabled, propose
+from molink_lite.stage.sampling import SamplingParams
+from molink_lite.stage.validate import StepError
+
+from spec_chain import close, kv_max_pos, run_step, servers_for
+
+
+# ------------------------------------------------------------------ drafting and policy (pure)
+def test_propose_takes_the_latest_longest_match():
+    ctx = np.array([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3], np.int32)
+    # "2 3" occurs at 1 and 6; the trigram "1 2 3" only at 0 -> its continuation 4 5 9
+    assert propose(ctx, 3, 3).tolist() == [4, 5, 9]
+    assert propose(ctx, 2, 2).tolist() == [7, 8]     # latest bigram match
+    assert propose(ctx, 3, 0).tolist() == []
+    assert propose(np.array([5, 6, 7], np.int32), 3, 4).tolist() == []  # no earlier occurrence
+    assert propose(np.array([4, 4, 4, 4], np.int32), 2, 5).tolist() == [4]
+
+
+def test_allocate_backs_off_with_batch_size_and_low_acceptance():
+    a, b = 0.030, 0.001  # 30 ms of links per step, 1 ms per row
+    assert allocate([0.8], [8], 1, 1, a, b, 100) == [8]                       # one stream: all drafts pay
+    assert allocate([0.05], [8], 1, 1, a, b, 100)[0] >= 1                     # even a weak draft is nearly free
+    many = allocate([0.3] * 16, [8] * 16, 16, 16, a, b, 500)
+    assert sum(many) < 16 and max(many) <= 1                                  # 16 busy sequences: few drafts
+    assert allocate([0.9] * 16, [8] * 16, 16, 16, a, b, 500) != [0] * 16      # unless they are very good
+    assert sum(allocate([0.8] * 4, [8] * 4, 4, 4, a, b, 5)) == 5              # row budget
+    assert allocate([0.8], [8], 1, 1, 0.0001, 0.01, 100) == [0]               # compute-bound, no link: none
+
+
+def test_step_cost_fit_and_acceptance_rate():
+    c = StepCost(0.05, 0.002)
+    assert c.params() == (0.05, 0.002)
+    for rows in [1, 5, 9, 2, 7, 3, 1, 9] * 4:
+        c.observe(rows, 0.020 + 0.0005 * rows)
+    a, b = c.params()
+    assert abs(a - 0.020) < 1e-6 and abs(b - 0.0005) < 1e-7
+    s = SpecState.for_prompt(np.arange(5, dtype=np.int32), 10)
+    r0 = s.rate
+    s.verified(4, 0)
+    assert s.rate < r0
+    for _ in range(5):
+        s.verified(4, 4)
+    assert s.rate > 0.8
+    assert auto_enabled(0.020) and not auto_enabled(0.0004) and not auto_enabled(None)
+
+
+def test_replay_resets_pipeline_state_and_keeps_tokens():
+    import asyncio
+
+    req = GenRequest(np.array([1, 2, 3], np.int32), SamplingParams(temperature=0.0), 8)
+    s = SeqState(req, asyncio.Queue())
+    s.spec = SpecState.for_prompt(req.prompt, 8)
+    for t in (4, 5, 6):
+        s.take_token(t, False, "", 0.0)
+    s.kv_len, s.spec.drafts = 9, np.array([7, 8], np.int32)
+    s.prepare_replay()
+    assert s.kv_len == 0 and s.spec.drafts.size == 0
+    assert s.spec.buf[:s.spec.length].tolist() == [1, 2, 3, 4, 5, 6]
+    assert s.feed.tolist() == [1, 2, 3, 4, 5, 6]
+    assert s.start_params()["spec"] is True
+
+
+# ------------------------------------------------------------------ in-process stages
+@pytest.fixture(scope="module")
+def tiny_servers(tiny_models):
+    path = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=256)
+    srv = servers_for(path, [2], n_seq_max=8)
+    yield srv
+    close(srv)
+
+
+def _prefill(servers, slots: List[int], prompts: List[np.ndarray], params: List[dict]) -> Dict[int, int]:
+    meta = {"type": "step", "step": 0, "start": {str(s): p for s, p in zip(slots, params)}}
+    arrays = {"seq": np.concatenate([np.full(len(p), s, np.int32) for s, p in zip(slots, prompts)]),
+              "pos": np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts]),
+              "tokens": np.concatenate(prompts).astype(np.int32),
+              "out": np.concatenate([np.r_[np.zeros(len(p) - 1), 1] for p in prompts]).astype(np.uint8)}
+    seq, tok = run_step(servers, meta, arrays)
+    return dict(zip(seq.tolist(), tok.tolist()))
+
+
+def _generate(servers, prompts: List[np.ndarray], n_tokens: int, params: List[dict], drafts_for=None,
+              slots: Optional[List[int]] = None, check_kv: bool = False):
+    """Batched generation; ``drafts_for(i, ctx) -> drafts`` per sequence and step (None: plain decoding).
+
+    Returns tokens per sequence and (drafted, accepted). With ``check_kv`` every stage's KV must hold exactly
+    the positions the gateway thinks after every step (rejected drafts removed by the next step's trim).
+    """
+    slots = slots or list(range(len(prompts)))
+    first = _prefill(servers, slots, prompts, params)
+    out = [[first[s]] for s in slots]
+    kv = [len(p) for p in prompts]
+    drafted = accepted = 0
+    while min(len(o) for o in out) < n_tokens:
+        meta = {"type": "step", "step": 1}
+        trim, dmeta, parts = {}, {}, []
+        for i, s in enumerate(slots):
+            ctx = np.concatenate([prompts[i], np.asarray(out[i], np.int32)])
+            pos0 = len(ctx) - 1
+            d = np.zeros(0, np.int32) if drafts_for is None else drafts_for(i, ctx)
+            d = d[:max(0, n_tokens - len(out[i]) - 1)]
+            if kv[i] > pos0:
+                trim[str(s)] = pos0
+            if len(d):
+                dmeta[str(s)] = [int(x) for x in d]
+            parts.append((np.full(len(d) + 1, s, np.int32), np.arange(pos0, pos0 + len(d) + 1, dtype=np.int32),
+                          np.r_[out[i][-1], d].astype(np.int32)))
+            kv[i] = pos0 + len(d) + 1
+            drafted += len(d)
+        if trim:
+            meta["trim"] = trim
+        if dmeta:
+            meta["drafts"] = dmeta
+        arrays = {"seq": np.concatenate([p[0] for p in parts]), "pos": np.concatenate([p[1] for p in parts]),
+                  "tokens": np.concatenate([p[2] for p in parts])}
+        arrays["out"] = np.ones(arrays["seq"].shape[0], np.uint8)
+        seq, tok = run_step(servers, meta, arrays)
+        for i, s in enumerate(slots):
+            got = tok[seq == s].tolist()
+            accepted += len(got) - 1
+            out[i].extend(got)
+            if check_kv:
+                for srv in servers:
+                    assert kv_max_pos(srv, s) == kv[i] - 1
+                    assert int(srv._seq_len[s]) == kv[i]
+    for srv in servers:
+        for s in slots:
+            srv._free(s)
+    return [o[:n_tokens] for o in out], (drafted, accepted)
+
+
+PATTERN = np.array([5, 9, 12, 40, 77, 5, 9, 12, 40, 77, 5, 9], np.int32)
+
+
+def _prompts(n: int, seed: int = 1) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [PATTERN] + [rng.integers(1, 256, size=int(rng.integers(4, 14))).astype(np.int32) for _ in range(n - 1)]
+
+
+def test_rejected_drafts_leave_no_trace_in_any_stage(tiny_servers):
+    """Greedy with wrong and right drafts (several sequences, one never speculating, in the same steps) gives
+    the tokens of a run without drafts, and every stage's KV holds exactly the accepted positions."""
+    prompts = _prompts(5)
+    # the last one greedy through llama.cpp's chain (a repetition penalty): verified row by row
+    greedy = [{"temperature": 0.0}] * 4 + [{"temperature": 0.0, "repetition_penalty": 1.3, "penalty_last_n": 8}]
+    want, _ = _generate(tiny_servers, prompts, 40, greedy)
+    rng = np.random.default_rng(7)
+
+    def drafts(i, ctx):
+        if i == 3:
+            return np.zeros(0, np.int32)           # a plain sequence in the same steps
+        d = propose(ctx, 3, 6)
+        if rng.random() < 0.5:                   # corrupt some drafts: forced rejections mid-way
+            d = np.r_[d, rng.integers(0, 256, size=3)].astype(np.int32)
+            if len(d) > 1:
+                d[rng.integers(0, len(d))] = rng.integers(0, 256)
+        return d.astype(np.int32)
+
+    got, (drafted, accepted) = _generate(tiny_servers, prompts, 40, greedy, drafts, check_kv=True)
+    assert got == want
+    assert drafted > 0 and 0 < accepted < drafted  # both acceptances and rejections happened
+    last = tiny_servers[-1]
+    assert last.stats["drafted"] >= drafted and 0 < last.stats["accepted"] <= last.stats["drafted"]
+    for srv in tiny_servers:
+        assert srv.stats["trims"] > 0
+        assert int(srv._seq_len.sum()) == 0
+
+
+def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
+    first, last = tiny_servers
+    p = PATTERN
+    _prefill(tiny_servers, [0], [p], [{"temperature": 0.0}])
+    n = len(p)
+    before = [int(s._seq_len[0]) for s in tiny_servers]
+
+    def step(meta_extra, seq=None, pos=None, tokens=None, out=None):
+        meta = {"type": "step", "step": 5, **meta_extra}
+        k = 2
+        arrays = {"seq": np.zeros(k + 1, np.int32) if seq is None else seq,
+                  "pos": np.arange(n, n + k + 1, dtype=np.int32) if pos is None else pos,
+                  "tokens": np.array([3, 4, 5], np.int32) if tokens is None else tokens,
+                  "out": np.ones(k + 1, np.uint8) if out is None else out}
+        return run_step(tiny_servers, meta, arrays)
+
+    bad = [({"trim": {"0": n + 1}}, "holds only"),                    # trim beyond what it holds
+           ({"trim": {"0": -1}}, "position"),
+           ({"trim": {"9999999": 1}}, "sequence id"),
+           ({"trim": [1, 2]}, "must map"),
+           ({"drafts": {"0": [4, 5, 6]}}, "drafts in"),               # more drafts than rows allow
+           ({"drafts": {"0": [4, 6]}}, "differ from the tokens"),     # not the rows' tokens
+           ({"drafts": {"0": [4, 999]}}, "token ids"),
+           ({"drafts": {"0": []}}, "token ids"),
+           ({"drafts": {"1": [4, 5]}}, "no rows"),
+           ({"drafts": {"0": [4, 5]}, "start": {"0": {"temperature": 0.0, "spec": "yes"}}}, "'spec'")]
+    for extra, msg in bad:
+        with pytest.raises(StepError, match=msg):
+            step(extra)
+    with pytest.raises(StepError, match="must be outputs"):
+        step({"drafts": {"0": [4, 5]}}, out=np.array([0, 1, 1], np.uint8))
+    assert [int(s._seq_len[0]) for s in tiny_servers] == before
+    assert all(kv_max_pos(s, 0) == n - 1 for s in tiny_servers)
+    # a sampling sequence started without 'spec' cannot be sent drafts (its RNG would not allow verification)
+    _prefill(tiny_servers, [1], [p], [{"temperature": 0.8, "seed": 3}])
+    with pytest.raises(StepError, match="not started with 'spec'"):
+        step({"drafts": {"1": [4, 5]}}, seq=np.ones(3, np.int32))
+    # the valid form of the same step runs
+    seq, tok = step({"drafts": {"0": [4, 5]}})
+    assert seq.tolist() == [0] * len(tok) and 1 <= len(tok) <= 3
+    for srv in tiny_servers:
+        srv._free(0)
+        srv._free(1)
+
+
+def _chi2_critical(df: int, z: float = 3.719) -> float:
+    """Chi-square quantile (Wilson-Hilferty); z = 3.719 is the 0.9999 normal quantile."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2_two_sample(a: Counter, b: Counter, min_count: int = 5) -> "tuple[float, int]":
+    na, nb = sum(a.values()), sum(b.values())
+    keys = sorted(set(a) | set(b), key=lambda k: -(a[k] + b[k]))
+    big = [k for k in keys if a[k] + b[k] >= 2 * min_count]
+    rest = (sum(a[k] for k in keys if k not in big), sum(b[k] for k in keys if k not in big))
+    cells = [(a[k], b[k]) for k in big] + ([rest] if sum(rest) else [])
+    stat = 0.0
+    for x, y in cells:
+        ex, ey = (x + y) * na / (na + nb), (x + y) * nb / (na + nb)
+        stat += (x - ex) ** 2 / ex + (y - ey) ** 2 / ey
+    return stat, max(1, len(cells) - 1)
+
+
+def test_seeded_sampling_distribution_is_unchanged(tiny_servers):
+    """Rejection rule: tokens sampled with drafts follow the distribution of llama.cpp's own sampler chain.
+
+    Fixed seeds (not flaky): 480 sequences per arm, 8 per step, first 3 generated tokens; drafts are the
+    n-gram proposal, alternated with a corrupted one so both acceptance and rejection paths run. Two-sample
+    chi-square per position at the 0.9999 level, plus the joint distribution of the first two tokens.
+    """
+    n_seqs, batch, n_tok = 480, 8, 3
+    prompt = PATTERN
+    base = {"temperature": 0.03, "top_k": 40}  # the random model's logits are flat: a low temperature peaks them
+    seeds = [[1000 * g + j + 1 for j in range(batch)] for g in range(n_seqs // batch)]
+    plain: List[tuple] = []
+    for group in seeds:
+        toks, _ = _generate(tiny_servers, [prompt] * batch, n_tok, [{**base, "seed": s} for s in group])
+        plain.extend(tuple(t) for t in toks)
+    # drafts: the most frequent continuation seen in the plain arm (likely, not certain), sometimes corrupted
+    follow: Dict[tuple, Counter] = {}
+    for t in plain:
+        for j in range(n_tok):
+            follow.setdefault(t[:j], Counter())[t[j]] += 1
+    rng = np.random.default_rng(11)
+
+    def drafts(i, ctx):
+        gen, d = tuple(ctx[len(prompt):].tolist()), []
+        while len(d) < 3 and gen in follow:
+            nxt = follow[gen].most_common(1)[0][0]
+            d.append(nxt)
+            gen = gen + (nxt,)
+        if d and rng.random() < 0.3:
+            d[-1] = int(rng.integers(0, 256))
+        return np.asarray(d, np.int32)
+
+    spec: List[tuple] = []
+    drafted = accepted = 0
+    for group in seeds:
+        toks, (d, a) = _generate(tiny_servers, [prompt] * batch, n_tok,
+                                 [{**base, "seed": s, "spec": True} for s in group], drafts)
+        spec.extend(tuple(t) for t in toks)
+        drafted, accepted = drafted + d, accepted + a
+    assert drafted > 200 and 0.1 * drafted < accepted < 0.9 * drafted, (drafted, accepted)
+    for j in range(n_tok):
+        stat, df = _chi2_two_sample(Counter(t[j] for t in plain), Counter(t[j] for t in spec))
+        assert df >= 3, "the distribution should not be (nearly) deterministic"
+        assert stat < _chi2_critical(df), f"token {j}: chi2 {stat:.1f} with {df} dof"
+    stat, df = _chi2_two_sample(Counter(t[:2] for t in plain), Counter(t[:2] for t in spec))
+    assert stat < _chi2_critical(df), f"pairs: chi2 {stat:.1f} with {df} dof"
+
+
+def test_seeded_spec_sampling_does_not_depend_on_drafts(tiny_servers):
+    """A seeded spec-mode sequence draws the same tokens whatever drafts it is offered (the uniform number
+    of each position depends only on seed and position): replies are reproducible with adaptive k."""
+    params = [{"temperature": 1.0, "seed": 42, "spec": True}]
+    none, _ = _generate(tiny_servers, [PATTERN], 24, params)
+    some, (d, _) = _generate(tiny_servers, [PATTERN], 24, params, lambda i, ctx: propose(ctx, 3, 5))
+    wrong, _ = _generate(tiny_servers, [PATTERN], 24, params, lambda i, ctx: (propose(ctx, 1, 4) + 1) % 256)
+    assert d > 0
+    assert none == some == wrong
