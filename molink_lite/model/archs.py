@@ -4,9 +4,16 @@ llama.cpp runs whole models. Cutting one into layer ranges breaks wherever an
 architecture depends on the absolute layer index, on per-layer metadata arrays,
 on how embedding input is scaled, on the layer count itself (model-size guesses),
 or on tensors a stage drops. Each supported architecture gets an :class:`ArchRule`
-here, and each is proven split-exact by ``tests/test_archs_exact.py`` (logits of
-a 2- and 3-stage chain bit-identical to the whole model). Architectures that
-cannot be made exact are listed in :data:`UNSUPPORTED` with the reason; anything
+here with its exactness level, each proven by ``tests/test_archs_exact.py``:
+
+- ``exact``: the logits of a 2- and 3-stage chain are bit-identical to the whole model's
+  (f32 wire);
+- ``ulp``: the hidden state a later stage's graph starts from is within 1 float32 ulp of
+  the whole model's at that layer (llama.cpp rescales any input there), with the measured
+  max logit difference and greedy agreement stated in :attr:`ArchRule.measured`.
+
+Architectures that cannot be split at either level are listed in
+:data:`UNSUPPORTED` with the reason; anything
 not in :data:`RULES` is refused by :func:`rule_for` with a message naming the
 supported ones. References like ``gemma2.cpp`` are files under ``src/models/`` of
 the llama.cpp vendored by llama-cpp-python 0.3.36.
@@ -104,6 +111,10 @@ class SwaRule:
 
 Check = Callable[[SplitContext], Optional[str]]
 
+EXACT = "exact"
+ULP = "ulp"
+LEVELS = (EXACT, ULP)
+
 
 @dataclass(frozen=True)
 class ArchRule:
@@ -111,16 +122,31 @@ class ArchRule:
 
     name: str
     swa: Optional[SwaRule] = None
-    # Divide hidden states entering a non-first stage by this (llama.cpp scales embedding
-    # input for some archs even when the input is already a hidden state). Only exact
-    # when the factor is a power of two; no rule in RULES uses it now (see UNSUPPORTED).
+    # EXACT or ULP (see the module docstring); ULP rules state what was measured in ``measured``.
+    level: str = EXACT
+    measured: str = ""
+    # ULP rules: the largest logit difference to the whole model measured by tests/test_archs_exact.py
+    # (which fails above it); None for EXACT rules (difference 0).
+    max_logit_diff: Optional[float] = None
+    # llama.cpp multiplies hidden states entering a non-first stage by this (it scales embedding
+    # input even when the input is already a hidden state): the stage hands on the float32 x
+    # whose product fl(x * scale) is nearest the hidden state (:func:`prescale`). Exact for
+    # powers of two, else within 1 ulp (level ULP).
     hidden_input_scale: Callable[[SplitContext], float] = lambda ctx: 1.0
+    # Write the stage under another llama.cpp architecture (None: keep it), for a graph that is the
+    # same minus an input-only step (bloom's input LayerNorm) or whose choice depends on the layer
+    # count (baichuan). Keys "<arch>.*" are renamed, ``stage_arch_kv`` added under the new name.
+    stage_arch: Callable[[SplitContext], Optional[str]] = lambda ctx: None
+    stage_arch_kv: Dict[str, object] = field(default_factory=dict)
+    # Global tensors only the first stage's graph uses, dropped on later stages (with stage_arch).
+    first_stage_only: Tuple[str, ...] = ()
     # Metadata overrides for non-first stages (e.g. granite's embedding_scale = 1).
     later_stage_kv: Dict[str, object] = field(default_factory=dict)
     # Metadata values computed per stage ("<arch>." is prepended); the source key's type is
     # kept when the key exists, else bool -> BOOL, float -> FLOAT32, int -> UINT32.
     stage_kv: Callable[[SplitContext], Dict[str, object]] = lambda ctx: {}
-    # Tensor rewrites: name suffix -> fix(ctx, name, float32 array) returning a new array or None.
+    # Tensor rewrites: name suffix -> fix(ctx, name, float32 array) returning a new array or None (no
+    # change); called with None for a tensor that is not F32, it returns None or True (would change).
     tensor_fixes: Dict[str, TensorFix] = field(default_factory=dict)
     # Global tensors the graph adds to any input (e.g. gpt2's position_embd): written as
     # zeros (same type and size; all-zero bytes decode to 0) on non-first stages.
@@ -188,11 +214,86 @@ def _gemma3_fix_q_norm(ctx: SplitContext, name: str, data: "object") -> Optional
     stage = _gemma3_attention_scale(n_embd, n_head, head_dim, ctx.n_stage)
     if whole == stage:
         return None
+    if data is None:  # asked whether the tensor changes (it is not F32)
+        return True
     return data * (whole / stage)  # type: ignore[operator]
 
 
 def _sqrt_embd(ctx: SplitContext) -> float:
-    return math.sqrt(float(ctx.get("embedding_length")))  # type: ignore[arg-type]
+    """sqrtf(n_embd) as llama.cpp computes it (a float32), as a Python float."""
+    import numpy as np
+
+    return float(np.sqrt(np.float32(int(ctx.get("embedding_length")))))  # type: ignore[arg-type]
+
+
+def prescale(hidden: "object", scale: float) -> "object":
+    """The float32 array x whose products fl(x * scale) (llama.cpp's ``ggml_scale``) are nearest ``hidden``.
+
+    x = fl(h / s) or one of its float32 neighbours, per value: fl(x * s) == h where any x gives h,
+    otherwise 1 ulp from it (h values that no float32 times s rounds to). For a power-of-two
+    ``scale`` this is the plain (exact) division.
+    """
+    import numpy as np
+
+    s = np.float32(scale)
+    h = np.asarray(hidden, dtype=np.float32)
+    x = h / s
+    if float(s) == 2.0 ** round(math.log2(float(s))):
+        return x
+    best = x
+    err = np.abs(x * s - h)
+    for toward in (-np.inf, np.inf):
+        cand = np.nextafter(x, np.float32(toward))
+        e = np.abs(cand * s - h)
+        better = e < err
+        best = np.where(better, cand, best)
+        err = np.where(better, e, err)
+    return best
+
+
+# ------------------------------------------------------------------ gemma2
+
+def _gemma2_attention_scale(n_embd: int, n_head: int, head_dim: int, n_layer: int) -> float:
+    # src/models/gemma2.cpp: the 27B (46 layers) uses 1/sqrt(n_embd/n_head), others 1/sqrt(head_dim)
+    if n_layer == 46:
+        return 1.0 / math.sqrt(float(n_embd // n_head))
+    return 1.0 / math.sqrt(float(head_dim))
+
+
+def _gemma2_fix_q(ctx: SplitContext, name: str, data: "object") -> Optional["object"]:
+    """Fold the whole model's attention scale into attn_q when the stage's layer count picks another.
+
+    RoPE is linear, so scaling Q's projection by whole/stage gives the same attention in exact
+    arithmetic (not bit for bit): measured by ``test_gemma2_27b_attention_scale``.
+    """
+    n_embd = int(ctx.get("embedding_length"))  # type: ignore[arg-type]
+    n_head_v = ctx.get("attention.head_count")
+    n_head = int(n_head_v[0] if isinstance(n_head_v, list) else n_head_v)  # type: ignore[index,arg-type]
+    head_dim = int(ctx.get("attention.key_length", n_embd // n_head))  # type: ignore[arg-type]
+    whole = _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_layer)
+    stage = _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_stage)
+    if whole == stage:
+        return None
+    if data is None:  # asked whether the tensor changes (it is not F32)
+        return True
+    import numpy as np
+
+    return (data * np.float32(whole / stage)).astype(np.float32)  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------ baichuan
+
+def _baichuan_arch(ctx: SplitContext) -> Optional[str]:
+    # baichuan.cpp: 32 layers (7B) -> RoPE, 40 (13B) -> ALiBi (max bias 8), else neither. A stage has
+    # another layer count, so it is written under the architecture with the whole model's graph.
+    return {32: "llama", 40: "refact"}.get(ctx.n_layer)
+
+
+def _baichuan_check(ctx: SplitContext) -> Optional[str]:
+    if ctx.n_layer not in (32, 40):
+        return (f"baichuan.cpp picks RoPE (32 layers) or ALiBi (40 layers) from the layer count; this "
+                f"{ctx.n_layer}-layer model uses neither, and no other llama.cpp graph matches that")
+    return None
 
 
 # ------------------------------------------------------------------ deepseek / deepseek2
@@ -260,6 +361,16 @@ def _granite_check(ctx: SplitContext) -> Optional[str]:
     if ctx.has("deepstack_mapping"):
         return "granite vision models (deepstack_mapping: per-layer injection of the input embeddings) cannot be split"
     return None
+
+
+def _measured(diff: float, steps: str) -> str:
+    return (f"measured on tiny random-weight models (n_embd 96), 2- and 3-stage chains, f32 wire: max "
+            f"logit difference <= {diff:g}, greedy tokens {steps}")
+
+
+MAXDIFF_GEMMA = 2e-5
+MAXDIFF_GEMMA2 = 2e-4
+MAXDIFF_GEMMA2_27B = 2e-3  # the 27B (46 layers): attention scale folded into attn_q
 
 
 RULES: Dict[str, ArchRule] = {
@@ -332,32 +443,43 @@ RULES: Dict[str, ArchRule] = {
     "starcoder": ArchRule("starcoder", zero_on_later_stages=("position_embd.weight",),
                           notes="learned position embeddings: later stages get a zero `position_embd`"),
     "codeshell": ArchRule("codeshell", output_required=True, notes="`output.weight` required on every stage"),
+    "gemma": ArchRule(
+        "gemma", level=ULP, hidden_input_scale=_sqrt_embd,
+        max_logit_diff=MAXDIFF_GEMMA, measured=_measured(MAXDIFF_GEMMA, "identical"),
+        notes="gemma.cpp multiplies any input by sqrtf(n_embd): a later stage is handed the float32 x with "
+              "fl(x*sqrtf(n_embd)) nearest the hidden state (equal, or 1 ulp off where no x gives it)",
+    ),
+    "gemma2": ArchRule(
+        "gemma2", level=ULP, hidden_input_scale=_sqrt_embd,
+        swa=SwaRule(period=2, requires_key=None, off_by_zero_window=False),
+        tensor_fixes={"attn_q.weight": _gemma2_fix_q},
+        max_logit_diff=MAXDIFF_GEMMA2, measured=_measured(MAXDIFF_GEMMA2, "identical"),
+        notes="input scaled by sqrtf(n_embd) as for `gemma`; sliding-window pattern (period 2) written as an "
+              "absolute array, a stage must hold a sliding-window layer; the 27B's attention scale (chosen "
+              "from n_layer == 46) folded into an F32 `attn_q` (measured: max logit difference <= 2e-3 on a 46-layer tiny model)",
+    ),
+    "bloom": ArchRule(
+        "bloom", stage_arch=lambda ctx: None if ctx.is_first else "mpt",
+        stage_arch_kv={"attention.max_alibi_bias": 8.0},
+        first_stage_only=("token_embd_norm.weight", "token_embd_norm.bias"),
+        notes="later stages are written as `mpt` (the same LayerNorm/fused-QKV/ALiBi/GELU graph without "
+              "bloom's input LayerNorm, which would also normalize hidden states); ALiBi max bias 8 written",
+    ),
+    "baichuan": ArchRule(
+        "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
+        notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "
+              "(32 layers, RoPE) are written as `llama`, of Baichuan-13B (40 layers, ALiBi) as `refact`",
+    ),
 }
 
 #: Architectures (llama.cpp spelling) that cannot be split exactly, with the reason.
 UNSUPPORTED: Dict[str, str] = {
-    "gemma": (
-        "gemma.cpp multiplies every input, hidden states included, by sqrt(n_embd), which is not a power "
-        "of two in released Gemma (n_embd 2048/3072): for 15%/9% of float32 values h no input x gives "
-        "fl(x*sqrt(n_embd)) == h (measured), so a later stage cannot be handed the exact hidden state"
-    ),
-    "gemma2": (
-        "gemma2.cpp multiplies every input, hidden states included, by sqrt(n_embd), not a power of two "
-        "in released models (n_embd 2304/3584/4608): for 14%/5% of float32 values h (2304/3584, measured) "
-        "no input x gives fl(x*sqrt(n_embd)) == h; the 27B also picks its attention scale from n_layer == 46"
-    ),
-    "bloom": (
-        "bloom.cpp applies token_embd_norm (a LayerNorm with weight and bias) to every input, hidden "
-        "states included; a LayerNorm is not invertible (it removes each row's mean and scale), so no "
-        "stage input or tensor rewrite can hand a later stage the exact hidden state"
-    ),
     "glm4": (
         "glm4.cpp aborts on embedding input unless the model uses M-RoPE (\"This GGUF does not support "
-        "multimodal\"), so no stage after the first can be fed hidden states"
-    ),
-    "baichuan": (
-        "baichuan.cpp picks RoPE (7B, 32 layers) or ALiBi (13B, 40 layers) from the layer count, and a "
-        "stage has another layer count: every split of a released model loses its position encoding"
+        "multimodal\"), so no stage after the first can be fed hidden states; M-RoPE (what would accept "
+        "them) rotates pairs (i, i+n_rot/2) where GLM-4's RoPE rotates (2i, 2i+1), and permuting q/k to "
+        "match changes the order of the q.k sums, so neither level holds; no other llama.cpp graph has "
+        "GLM-4's sandwich norms with that RoPE"
     ),
 }
 

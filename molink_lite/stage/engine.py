@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..model.archs import RULES, SplitContext, rule_for
+from ..model.archs import RULES, SplitContext, prescale, rule_for
 
 _lib = _llama._lib
 _lib.ggml_get_name.restype = ctypes.c_char_p
@@ -253,8 +253,8 @@ class StageEngine:
             if hidden.ndim != 2 or hidden.shape != (n, self.info.n_embd_inp):
                 raise EngineError(f"hidden states have shape {tuple(hidden.shape)}, expected ({n}, {self.info.n_embd_inp})")
             hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-            if self.input_scale != 1.0:
-                hidden = hidden * np.float32(1.0 / self.input_scale)
+            if self.input_scale != 1.0:  # llama.cpp multiplies this input by input_scale (archs.prescale)
+                hidden = prescale(hidden, self.input_scale)
         if output_rows is None:
             output_rows = last_row_of_each_seq(seq_ids)
         output_rows = np.ascontiguousarray(output_rows, dtype=np.int8)

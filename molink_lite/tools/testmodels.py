@@ -64,10 +64,11 @@ class _Params:
     n_expert_used: int
     variant: Optional[str]
     sliding_window: int = 0
+    head_dim_: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim_ or self.n_embd // self.n_head
 
 
 @dataclass
@@ -1032,6 +1033,9 @@ _DEFAULT_N_HEAD_KV: Dict[str, Callable[[int], int]] = {
 # archs whose sliding window is optional (write_random_gguf's sliding_window)
 _OPTIONAL_SWA = {"olmo2"}
 
+# archs whose head size may differ from n_embd // n_head (write_random_gguf's head_dim)
+_FREE_HEAD_DIM = {"gemma2"}
+
 # archs that can take experts
 _MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
@@ -1054,7 +1058,7 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
                       n_head: int = 4, n_head_kv: int | None = None, n_ff: int | None = None,
                       n_vocab: int = 256, n_ctx_train: int = 2048, n_expert: int = 0, n_expert_used: int = 0,
                       qtype: str = "f32", seed: int = 0, variant: str | None = None,
-                      sliding_window: int = 0) -> pathlib.Path:
+                      sliding_window: int = 0, head_dim: int = 0) -> pathlib.Path:
     """Write a random-weight GGUF model of llama.cpp architecture ``arch`` to ``path``.
 
     Same arguments and seed give a byte-identical file. Head size is ``n_embd // n_head``;
@@ -1075,6 +1079,8 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
 
     ``sliding_window`` (olmo2 only, as in OLMo 3): a window of that many tokens on 3 of
     every 4 layers.
+
+    ``head_dim`` (gemma2 only, as in Gemma 2 27B): a head size other than ``n_embd // n_head``.
 
     ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices (norms,
     biases and other 1-D tensors stay f32; matrices whose rows are not a multiple of
@@ -1112,9 +1118,11 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
 
     if sliding_window and arch not in _OPTIONAL_SWA:
         raise ValueError(f"sliding_window is only an option for {sorted(_OPTIONAL_SWA)}")
+    if head_dim and arch not in _FREE_HEAD_DIM:
+        raise ValueError(f"head_dim is only an option for {sorted(_FREE_HEAD_DIM)}")
     p = _Params(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
-                variant=variant, sliding_window=int(sliding_window))
+                variant=variant, sliding_window=int(sliding_window), head_dim_=int(head_dim))
     m = _Model(arch)
     _ARCHS[arch](m, p)
 
