@@ -66,6 +66,15 @@ _case("gemma", "gemma", n_embd=96)
 _case("gemma2", "gemma2", cuts=((2,), (4,), (2, 4), (2, 3)), n_embd=96)
 # baichuan picks RoPE (32 layers, stages written as llama) or ALiBi (40 layers, as refact) by layer count
 _case("baichuan", "baichuan", cuts=((1,), (16,), (31,), (10, 20)), n_layer=32)
+# gpt-oss: sliding window on even layers (period 2): every stage must hold one
+_case("gpt-oss", "gpt-oss", cuts=((2,), (4,), (2, 4)))
+# llama4: no RoPE every 4th layer and MoE every 2nd, counted per stage: stages start at multiples of 4
+_case("llama4", "llama4", cuts=((4,), (8,), (4, 8)), n_layer=12)
+# glm4moe: 6 blocks, the last a NextN block (not run): a 5-layer trunk, dense layer 0 then MoE
+_case("glm4moe", "glm4moe", cuts=((1,), (3,), (4,), (1, 2), (2, 4)))
+# hybrids: attention on layers 2, 5, 8, recurrent elsewhere; every stage needs both kinds
+_case("lfm2", "lfm2", cuts=((3,), (6,), (3, 6)), n_layer=9)
+_case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
 _case("baichuan-13b", "baichuan", cuts=((20,), (39,), (1, 2)), n_layer=40)
 
 
@@ -139,7 +148,7 @@ def test_split_is_exact(model_for, cid, cuts):
 def test_every_rule_is_covered():
     covered = {arch for arch, _, _ in CASES.values()}
     assert set(archs.RULES) <= covered
-    assert len(archs.RULES) >= 40
+    assert len(archs.RULES) >= 45
     assert not set(archs.RULES) & set(archs.UNSUPPORTED)
     for rule in archs.RULES.values():
         assert rule.level in archs.LEVELS
@@ -261,6 +270,33 @@ def test_baichuan_without_position_encoding_is_refused(tiny_models, tmp_path):
     path = tiny_models("baichuan", **BASE_KW)  # 6 layers: baichuan.cpp uses neither RoPE nor ALiBi
     with pytest.raises(SplitError, match="neither"):
         stage_gguf(path, LayerRange(0, 3), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "granitehybrid"])
+@pytest.mark.parametrize("start,stop", [(0, 2), (2, 3)])
+def test_hybrid_stage_needs_both_layer_kinds(tiny_models, tmp_path, arch, start, stop):
+    path = tiny_models(arch, **{**BASE_KW, **CASES[arch][1]})
+    with pytest.raises(SplitError, match="at least one attention and one recurrent layer"):
+        stage_gguf(path, LayerRange(start, stop), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("start", [1, 2, 6])
+def test_llama4_stage_off_the_period_is_refused(tiny_models, tmp_path, start):
+    path = tiny_models("llama4", **{**BASE_KW, **CASES["llama4"][1]})
+    with pytest.raises(SplitError, match="multiple of 4"):
+        stage_gguf(path, LayerRange(start, 12), cache_dir=tmp_path)
+
+
+def test_llama4_stage_of_under_4_layers_is_refused(tiny_models, tmp_path):
+    path = tiny_models("llama4", **{**BASE_KW, **CASES["llama4"][1]})
+    with pytest.raises(SplitError, match="at least 4 layers"):
+        stage_gguf(path, LayerRange(4, 6), cache_dir=tmp_path)
+
+
+def test_gpt_oss_stage_without_swa_layer_is_refused(tiny_models, tmp_path):
+    path = tiny_models("gpt-oss", **BASE_KW)
+    with pytest.raises(SplitError, match="no sliding-window layer"):
+        stage_gguf(path, LayerRange(3, 4), cache_dir=tmp_path)
 
 
 def test_command_r_plus_layer_count_is_refused(tmp_path):

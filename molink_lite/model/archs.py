@@ -164,11 +164,17 @@ class ArchRule:
     # split_equal, the rows of sequences of different lengths come back interleaved.
     # The batch must also hold each sequence's rows contiguously.
     embeddings_on_inner_stages: bool = False
+    # Hybrid recurrent/attention memory (lfm2, granitehybrid): llama.cpp splits a batch into ubatches with
+    # split_equal (equal token counts per sequence, sequence-major) for the whole model. Non-last stages keep
+    # ``embeddings = false`` so they get the very same ubatches (split_seq would run single-row ubatches
+    # through other kernels: logits off by ~1e-8), and the engine puts the captured rows, which come back in
+    # ubatch order, back into batch order (:func:`split_equal_order`).
+    equal_split_on_inner_stages: bool = False
     notes: str = ""
 
     def refusal(self, ctx: SplitContext) -> Optional[str]:
         """Why the stage ``ctx`` cannot be written exactly, or None when it can."""
-        for check in (_check_nextn, self._check_swa, *self.checks):
+        for check in (self._check_swa, *self.checks):
             reason = check(ctx)
             if reason:
                 return reason
@@ -187,12 +193,8 @@ class ArchRule:
 
 # ------------------------------------------------------------------ checks shared by rules
 
-def _check_nextn(ctx: SplitContext) -> Optional[str]:
-    n = int(ctx.get("nextn_predict_layers", 0) or 0)  # type: ignore[arg-type]
-    if n > 0:
-        return (f"this {ctx.arch} model has {n} multi-token-prediction (NextN) block(s) counted in "
-                f"block_count; splitting such models is not supported")
-    return None
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
 
 
 # ------------------------------------------------------------------ gemma3
@@ -357,6 +359,50 @@ def _minicpm_kv(ctx: SplitContext) -> Dict[str, object]:
     return {"residual_scale": float(np.float32(1.4) / np.sqrt(np.float32(ctx.n_layer)))}
 
 
+def _llama4_check(ctx: SplitContext) -> Optional[str]:
+    if ctx.has("attention.sliding_window") and int(ctx.get("attention.sliding_window") or 0) == 0:  # type: ignore[arg-type]
+        if not ctx.is_last:
+            return ("this llama4 model has no chunked attention (sliding_window = 0), for which llama4.cpp "
+                    "skips RoPE on each stage's own last layer (n_no_rope_layer_step = n_layer of the stage): "
+                    "only a stage holding the model's last layer matches")
+        return None
+    if ctx.n_stage < 4:
+        return (f"a {ctx.n_stage}-layer llama4 stage has no no-RoPE layer (every 4th): llama4.cpp then leaves "
+                f"its temperature-tuning input unallocated and aborts (and a stage of only chunked-attention "
+                f"layers has an empty full-attention cache): give each stage at least 4 layers")
+    step = _lcm(4, int(ctx.get("interleave_moe_layer_step", 1) or 1))  # type: ignore[arg-type]
+    if ctx.start % step != 0:
+        return (f"llama4.cpp counts its no-RoPE layers (every 4th) and MoE layers (every "
+                f"{ctx.get('interleave_moe_layer_step')}th) from the stage's first layer, so a stage must start "
+                f"at a multiple of {step}, not at layer {ctx.start}")
+    return None
+
+
+def _glm4moe_kv(ctx: SplitContext) -> Dict[str, object]:
+    """Later stages: M-RoPE with every section at the same position, the only way glm4moe.cpp takes
+    hidden-state input; its rotation and angles equal the NEOX RoPE of the whole model (ggml rope:
+    mrope sections advance theta identically and rotate NEOX pairs)."""
+    kv = _dense_lead(ctx)
+    if not ctx.is_first:
+        half = int(ctx.get("rope.dimension_count")) // 2  # type: ignore[arg-type]
+        kv["rope.dimension_sections"] = [half - 1, 1, 0, 0]
+    return kv
+
+
+def _hybrid_check(ctx: SplitContext) -> Optional[str]:
+    """Hybrid recurrent/attention models mark recurrent layers with head_count_kv 0 (lfm2, granitehybrid)."""
+    kv = ctx.get("attention.head_count_kv")
+    if not isinstance(kv, list):
+        return None
+    mine = kv[ctx.start:ctx.stop]
+    if all(int(x) == 0 for x in mine) or all(int(x) > 0 for x in mine):
+        return (f"layers {ctx.layers} of this {ctx.arch} model are all "
+                f"{'recurrent' if all(int(x) == 0 for x in mine) else 'attention'} layers; llama.cpp's hybrid "
+                f"memory aborts without both kinds (GGML_ASSERT(buffer) on an empty cache): each stage must hold "
+                f"at least one attention and one recurrent layer")
+    return None
+
+
 def _granite_check(ctx: SplitContext) -> Optional[str]:
     if ctx.has("deepstack_mapping"):
         return "granite vision models (deepstack_mapping: per-layer injection of the input embeddings) cannot be split"
@@ -465,6 +511,37 @@ RULES: Dict[str, ArchRule] = {
         notes="later stages are written as `mpt` (the same LayerNorm/fused-QKV/ALiBi/GELU graph without "
               "bloom's input LayerNorm, which would also normalize hidden states); ALiBi max bias 8 written",
     ),
+    "gpt-oss": ArchRule(
+        "gpt-oss", swa=SwaRule(period=2, requires_key=None, off_by_zero_window=False), output_required=True,
+        notes="OpenAI gpt-oss: attention sinks, MoE; `output.weight` required on every stage; sliding-window pattern (period 2) written as an absolute "
+              "array, a stage must hold a sliding-window layer",
+    ),
+    "llama4": ArchRule(
+        "llama4", swa=SwaRule(period=4, requires_key=None, off_by_zero_window=False), checks=(_llama4_check,),
+        notes="chunked-attention pattern (period 4) written as an absolute array; no-RoPE and MoE layers are "
+              "counted per stage (hard-coded step 4, `interleave_moe_layer_step`), so a stage starts at a "
+              "multiple of their least common multiple and holds at least 4 layers; a model without chunked attention splits only at the "
+              "last stage (refused otherwise)",
+    ),
+    "glm4moe": ArchRule(
+        "glm4moe", stage_kv=_glm4moe_kv,
+        notes="GLM-4.5: later stages get `rope.dimension_sections` (M-RoPE, every section at the token "
+              "position: the same angles and NEOX rotation as the whole model) since glm4moe.cpp takes "
+              "hidden states only with M-RoPE; `leading_dense_block_count` re-based; NextN blocks dropped",
+    ),
+    "lfm2": ArchRule(
+        "lfm2", equal_split_on_inner_stages=True, checks=(_hybrid_check,),
+        notes="LFM2 hybrid: short-convolution state kept per stage; non-last stages run llama.cpp's "
+              "equal-split ubatches like the whole model and restore the batch order of the rows; per-layer `head_count_kv` "
+              "(0 marks a convolution layer) sliced; each stage must hold an attention and a convolution layer",
+    ),
+    "granitehybrid": ArchRule(
+        "granitehybrid", equal_split_on_inner_stages=True, later_stage_kv={"embedding_scale": 1.0},
+        checks=(_granite_check, _hybrid_check),
+        notes="Granite 4 hybrid: Mamba-2 state kept per stage, equal-split ubatches as for `lfm2`; per-layer `head_count_kv` (0 marks "
+              "a Mamba layer) sliced; each stage must hold an attention and a Mamba layer; `embedding_scale` set to 1 "
+              "on later stages",
+    ),
     "baichuan": ArchRule(
         "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
         notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "
@@ -482,6 +559,52 @@ UNSUPPORTED: Dict[str, str] = {
         "GLM-4's sandwich norms with that RoPE"
     ),
 }
+
+
+def split_equal_order(seq_ids: Sequence[int], n_ubatch: int, sequential: bool = False) -> List[int]:
+    """Batch indices in the order llama.cpp's ``llama_batch_allocr::split_equal`` (src/llama-batch.cpp,
+    no kept tail) puts them into ubatches: per ubatch, the sequences in order of first unused row, each
+    contributing its next rows (as many as the shortest of them has left, within n_ubatch), sequence-major."""
+    n = len(seq_ids)
+    by_seq: Dict[int, List[int]] = {}
+    for i, s in enumerate(seq_ids):
+        by_seq.setdefault(int(s), []).append(i)
+    used = [False] * n
+    order: List[int] = []
+    while True:
+        cur: List[int] = []
+        last = -1
+        for i in range(n):
+            if used[i]:
+                continue
+            s = int(seq_ids[i])
+            add = s not in cur
+            if sequential:
+                add = add and (not cur or s == last + 1)
+            if add:
+                cur.append(s)
+                last = s
+                if len(cur) > n_ubatch:
+                    break
+        if not cur:
+            return order
+        pos = {}
+        for s in cur:
+            k = 0
+            while used[by_seq[s][k]]:
+                k += 1
+            pos[s] = k
+        per: Dict[int, List[int]] = {s: [] for s in cur}
+        while all(pos[s] < len(by_seq[s]) for s in cur):
+            for s in cur:
+                idx = by_seq[s][pos[s]]
+                per[s].append(idx)
+                used[idx] = True
+                pos[s] += 1
+            if (len(per[cur[0]]) + 1) * len(cur) > n_ubatch:
+                break
+        for s in cur:
+            order.extend(per[s])
 
 
 def supported_archs() -> List[str]:

@@ -245,11 +245,13 @@ def read_model_info(path: str | os.PathLike, reader: Optional[GGUFFile] = None) 
     meta = _metadata(r, arch)
     if f"{arch}.block_count" not in meta:
         raise SplitError(f"{path}: no {arch}.block_count key")
+    # NextN (multi-token prediction) blocks are counted in block_count but not run: stages drop them
+    n_layer = int(meta[f"{arch}.block_count"]) - int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)
     n_vocab = meta.get(f"{arch}.vocab_size")
     if n_vocab is None and "tokenizer.ggml.tokens" in r.fields:
         n_vocab = r.fields["tokenizer.ggml.tokens"].count
     return ModelInfo(
-        path=str(path), arch=arch, n_layer=int(meta[f"{arch}.block_count"]),
+        path=str(path), arch=arch, n_layer=n_layer,
         n_embd=int(meta.get(f"{arch}.embedding_length", 0)), n_vocab=int(n_vocab or 0),
         fingerprint=str(meta.get("molink.source_fingerprint") or fingerprint(path)),
         name=str(meta.get("general.name", Path(path).stem)),
@@ -320,12 +322,15 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     # --- metadata
     overrides: Dict[str, Tuple[int, object, Optional[int]]] = {}
     overrides[f"{arch}.block_count"] = (T_UINT32, ctx.n_stage, None)
+    n_block = int(r.value(f"{arch}.block_count"))
+    if n_block != info.n_layer:  # NextN blocks (after the trunk's): not run, not kept
+        overrides[f"{arch}.nextn_predict_layers"] = (T_UINT32, 0, None)
     for k in PER_LAYER_KEYS:
         key = f"{arch}.{k}"
         f = r.fields.get(key)
         if f is not None and f.vtype == T_ARRAY:
             vals = r.value(key)
-            if len(vals) != info.n_layer:
+            if len(vals) not in (info.n_layer, n_block):
                 raise SplitError(f"{key} has {len(vals)} entries for {info.n_layer} layers")
             overrides[key] = (T_ARRAY, vals[layers.start:layers.stop], f.sub_type)
     if rule.swa is not None:
@@ -342,6 +347,9 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     for key, value in rule.stage_kv(ctx).items():
         k = f"{arch}.{key}"
         f = r.fields.get(k)
+        if isinstance(value, list):  # an int array (e.g. rope.dimension_sections)
+            overrides[k] = (T_ARRAY, value, T_INT32)
+            continue
         vtype = (f.vtype if f is not None and f.vtype != T_ARRAY else T_BOOL if isinstance(value, bool)
                  else T_FLOAT32 if isinstance(value, float) else T_UINT32)
         overrides[k] = (vtype, value, None)

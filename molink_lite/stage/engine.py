@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..model.archs import RULES, SplitContext, prescale, rule_for
+from ..model.archs import RULES, SplitContext, prescale, rule_for, split_equal_order
 
 _lib = _llama._lib
 _lib.ggml_get_name.restype = ctypes.c_char_p
@@ -152,6 +152,8 @@ class StageEngine:
         if not self.info.is_last and rule is not None and rule.embeddings_on_inner_stages:
             # llama.cpp then splits recurrent batches by sequence, in batch order (see archs.py: mamba)
             cparams.embeddings = True
+        # hybrid memory: captured rows come back in split_equal ubatch order (archs.equal_split_on_inner_stages)
+        self._equal_split = not self.info.is_last and rule is not None and rule.equal_split_on_inner_stages
         threads = int(n_threads or os.cpu_count() or 1)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -172,6 +174,8 @@ class StageEngine:
         self.n_ctx = _llama.llama_n_ctx(self._ctx)
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
+        # M-RoPE models take 4 positions per embedding row (section-major); all equal here
+        self._n_pos = 4 if not self.info.is_first and _llama.llama_model_rope_type(self._model) in (8, 40) else 1
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
         # reusable batch buffers
         self._seq_storage = np.zeros(self.n_chunk, dtype=np.int32)
@@ -287,6 +291,8 @@ class StageEngine:
             batch.token = tokens.ctypes.data_as(ctypes.POINTER(_llama.llama_token))
         if hidden is not None:
             batch.embd = hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if hidden is not None and self._n_pos > 1:
+            positions = np.ascontiguousarray(np.tile(positions, self._n_pos))
         batch.pos = positions.ctypes.data_as(ctypes.POINTER(_llama.llama_pos))
         batch.n_seq_id = self._ones.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         batch.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))
@@ -309,7 +315,11 @@ class StageEngine:
             return np.ctypeslib.as_array(ptr, shape=(k, self.info.n_vocab))
         if self._cap_rows != n:
             raise EngineError(f"captured {self._cap_rows} hidden rows for a batch of {n}")
-        out = self._cap_buf[:n].copy()
+        if self._equal_split:
+            out = np.empty((n, self.info.n_embd), dtype=np.float32)
+            out[np.asarray(split_equal_order(seq_ids.tolist(), self.n_chunk), dtype=np.int64)] = self._cap_buf[:n]
+        else:
+            out = self._cap_buf[:n].copy()
         self.times.capture += time.perf_counter() - t1
         return out
 

@@ -31,7 +31,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-__all__ = ["SUPPORTED_TEST_ARCHS", "write_random_gguf"]
+__all__ = ["MIN_LAYERS", "SUPPORTED_TEST_ARCHS", "write_random_gguf"]
 
 _QTYPES: Dict[str, GGMLQuantizationType] = {
     "f32": GGMLQuantizationType.F32,
@@ -968,6 +968,198 @@ def _arch_codeshell(m: _Model, p: _Params) -> None:
         _gelu_block(m, p, i)
 
 
+# --------------------------------------------------------------------------- #
+# data-driven architectures: a table of metadata and tensor shapes per architecture
+# --------------------------------------------------------------------------- #
+#
+# Each _Spec lists metadata rows (key, type, expression) and tensor rows (name, shape, kind,
+# condition). Expressions are Python evaluated over the dimensions of the model being written:
+#   L layers, E n_embd, H heads, K kv heads, D head size, F n_ff, V n_vocab, C n_ctx_train,
+#   X experts, XU experts used, FX expert FFN size, i the layer index (tensor rows and "[...]"
+#   per-layer arrays), plus the spec's own ``dims`` (name -> expression over the above).
+# Tensor names starting with "blk." are per layer ("blk.attn_q.weight" -> "blk.{i}.attn_q.weight").
+# A shape is a comma-separated list of expressions in ggml order (ne[0] first).
+
+#: llama.cpp architectures that need more than one layer to run (see the _SPECS comments)
+MIN_LAYERS: Dict[str, int] = {"llama4": 4}
+
+_KV_TYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGUFValueType.FLOAT32,
+             "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kv: Tuple[Tuple[str, str, str], ...]                 # (key, type or "type[]", expression)
+    tensors: Tuple[Tuple[str, ...], ...]                  # (name, shape[, kind[, condition]])
+    dims: Tuple[Tuple[str, str], ...] = ()                # extra dimensions, evaluated in order
+    moe: Tuple[int, int] = (0, 0)                         # default (experts, used) when none are asked for
+    base_kv: bool = True                                  # write the usual context/embedding/block/ff/head keys
+
+
+def _dims(p: _Params, spec: _Spec) -> Dict[str, object]:
+    d: Dict[str, object] = dict(L=p.n_layer, E=p.n_embd, H=p.n_head, K=p.n_head_kv, D=p.head_dim, F=p.n_ff,
+                                V=p.n_vocab, C=p.n_ctx_train, X=p.n_expert, XU=p.n_expert_used,
+                                FX=_n_ff_exp(p), SW=p.sliding_window or 8, max=max, min=min)
+    for name, expr in spec.dims:
+        d[name] = eval(expr, {}, d)  # noqa: S307 - expressions of this module's own table
+    return d
+
+
+def _kind_args(kind: str) -> Tuple[str, dict]:
+    """'w' | 'w0.3' (std) | 'f32w' / 'f32w0.3' (matrix kept F32) | 'norm' | 'bias' | 'zeros' | 'ones' | custom."""
+    if kind.startswith("f32w"):
+        return "w", {"quant": False, **({"std": float(kind[4:])} if kind[4:] else {})}
+    if kind.startswith("w") and kind[1:]:
+        return "w", {"std": float(kind[1:])}
+    if kind in _CUSTOM:
+        return "custom", {"fn": _CUSTOM[kind]}
+    return kind, {}
+
+
+def _from_spec(m: _Model, p: _Params, spec: _Spec) -> None:
+    d = _dims(p, spec)
+    if spec.base_kv:
+        _common_hp(m, p)
+    for key, typ, expr in spec.kv:
+        if typ.endswith("[]"):
+            vals = [eval(expr, {}, {**d, "i": i}) for i in range(p.n_layer)]  # noqa: S307
+            m.kv = [row for row in m.kv if row[0] != m._key(key)]
+            m.arr(key, vals, _KV_TYPES[typ[:-2]])
+            continue
+        v = eval(expr, {}, d)  # noqa: S307
+        m.kv = [row for row in m.kv if row[0] != m._key(key)]
+        m.kv.append((m._key(key), v, _KV_TYPES[typ], None))
+    for row in spec.tensors:
+        name, shape = row[0], row[1]
+        kind = row[2] if len(row) > 2 else "w"
+        cond = row[3] if len(row) > 3 else None
+        kind_name, kw = _kind_args(kind)
+        layers = range(p.n_layer) if name.startswith("blk.") else (None,)
+        for i in layers:
+            env = {**d, "i": i}
+            if cond is not None and not eval(cond, {}, env):  # noqa: S307
+                continue
+            ne = tuple(int(eval(x, {}, env)) for x in shape.split(","))  # noqa: S307
+            full = f"blk.{i}.{name[4:]}" if i is not None else name
+            m.t(full, ne, kind_name, **kw)
+
+
+def _ssm_a_neg(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    return -np.exp(rng.uniform(0.0, 1.5, size=shape)).astype(np.float32)
+
+
+def _dt_bias(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    return _ssm_dt_bias(rng, shape)
+
+
+_CUSTOM: Dict[str, Callable[[np.random.Generator, Tuple[int, ...]], np.ndarray]] = {
+    "ssm_a": _ssm_a_neg,
+    "dt_bias": _dt_bias,
+    "rope_freqs": _rope_freqs,
+}
+
+_ATTN = (("blk.attn_q.weight", "E, H*D"), ("blk.attn_k.weight", "E, K*D"), ("blk.attn_v.weight", "E, K*D"),
+         ("blk.attn_output.weight", "H*D, E"))
+_GLU = (("blk.ffn_gate.weight", "E, F"), ("blk.ffn_up.weight", "E, F"), ("blk.ffn_down.weight", "F, E"))
+_EMB = (("token_embd.weight", "E, V"), ("output_norm.weight", "E", "norm"))
+_OUT = (("output.weight", "E, V"),)
+
+
+def _when(cond: str, rows) -> Tuple[Tuple[str, ...], ...]:
+    """Rows that only exist where ``cond`` holds (per-layer rows)."""
+    return tuple((r[0], r[1], r[2] if len(r) > 2 else "w", cond) for r in rows)
+
+
+_MOE = (("blk.ffn_gate_inp.weight", "E, X", "f32w"), ("blk.ffn_gate_exps.weight", "E, FX, X"),
+        ("blk.ffn_up_exps.weight", "E, FX, X"), ("blk.ffn_down_exps.weight", "FX, E, X"))
+_SHEXP = (("blk.ffn_gate_shexp.weight", "E, FX"), ("blk.ffn_up_shexp.weight", "E, FX"),
+          ("blk.ffn_down_shexp.weight", "FX, E"))
+
+_SPECS: Dict[str, _Spec] = {
+    # gpt-oss: attention sinks, biased o-proj and experts, sliding window on even layers (period 2)
+    "gpt-oss": _Spec(
+        moe=(4, 2),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "150000.0"), ("attention.key_length", "u32", "D"),
+            ("attention.value_length", "u32", "D"), ("attention.sliding_window", "u32", "SW"),
+            ("expert_count", "u32", "X"), ("expert_used_count", "u32", "XU"),
+            ("expert_feed_forward_length", "u32", "FX")),
+        tensors=_EMB + _OUT + (
+            ("blk.attn_norm.weight", "E", "norm"), ("blk.post_attention_norm.weight", "E", "norm"),
+            *_ATTN, ("blk.attn_q.bias", "H*D", "bias"), ("blk.attn_k.bias", "K*D", "bias"),
+            ("blk.attn_v.bias", "K*D", "bias"), ("blk.attn_output.bias", "E", "bias"),
+            ("blk.attn_sinks.weight", "H", "bias"),
+            *_MOE, ("blk.ffn_gate_inp.bias", "X", "bias"), ("blk.ffn_gate_exps.bias", "FX, X", "bias"),
+            ("blk.ffn_up_exps.bias", "FX, X", "bias"), ("blk.ffn_down_exps.bias", "E, X", "bias"))),
+    # Llama 4: MoE every 2nd layer (interleave step 2) with a shared expert, chunked attention on 3 of
+    # every 4 layers, no RoPE (and no q/k norm) on every 4th layer; llama.cpp needs >= 4 layers (a
+    # no-RoPE layer uses its temperature-tuning input, which is otherwise left unallocated)
+    "llama4": _Spec(
+        moe=(4, 1),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "500000.0"), ("expert_count", "u32", "X"), ("expert_used_count", "u32", "XU"),
+            ("expert_feed_forward_length", "u32", "FX"), ("interleave_moe_layer_step", "u32", "2")),
+        tensors=_EMB + _OUT + (
+            ("rope_freqs.weight", "D//2", "rope_freqs"),
+            ("blk.attn_norm.weight", "E", "norm"), *_ATTN, ("blk.ffn_norm.weight", "E", "norm"),
+            *_when("(i + 1) % 2 != 0", _GLU), *_when("(i + 1) % 2 == 0", _MOE + _SHEXP))),
+    # GLM-4.5: dense first layer, then sigmoid-gated MoE with a shared expert; q/k/v biases, q/k norms;
+    # one NextN (multi-token prediction) block counted in block_count, as in the released GGUFs
+    "glm4moe": _Spec(
+        moe=(4, 2),
+        dims=(("N", "1"), ("T", "L - N")),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D//2"),
+            ("rope.freq_base", "f32", "1000000.0"), ("attention.key_length", "u32", "D"),
+            ("attention.value_length", "u32", "D"), ("expert_count", "u32", "X"),
+            ("expert_used_count", "u32", "XU"), ("expert_feed_forward_length", "u32", "FX"),
+            ("expert_shared_count", "u32", "1"), ("leading_dense_block_count", "u32", "1"),
+            ("expert_weights_scale", "f32", "2.5"), ("expert_weights_norm", "bool", "True"),
+            ("expert_gating_func", "u32", "2"), ("nextn_predict_layers", "u32", "N")),
+        tensors=_EMB + _OUT + (
+            ("blk.attn_norm.weight", "E", "norm"), *_ATTN, ("blk.attn_q.bias", "H*D", "bias"),
+            ("blk.attn_k.bias", "K*D", "bias"), ("blk.attn_v.bias", "K*D", "bias"),
+            ("blk.attn_q_norm.weight", "D", "norm"), ("blk.attn_k_norm.weight", "D", "norm"),
+            ("blk.post_attention_norm.weight", "E", "norm"),
+            *_when("i < 1", _GLU),
+            *_when("i >= 1", _MOE + _SHEXP + (("blk.exp_probs_b.bias", "X", "bias"),)),
+            *_when("i >= T", (("blk.nextn.eh_proj.weight", "2*E, E"), ("blk.nextn.enorm.weight", "E", "norm"),
+                              ("blk.nextn.hnorm.weight", "E", "norm"),
+                              ("blk.nextn.shared_head_norm.weight", "E", "norm"))))),
+    # LFM2: short-convolution layers (head_count_kv 0) and attention layers (q/k norms); the final
+    # norm is stored as token_embd_norm
+    "lfm2": _Spec(
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "1000000.0"), ("shortconv.l_cache", "u32", "3"),
+            ("attention.head_count_kv", "u32[]", "K if i % 3 == 2 or i == L - 1 else 0")),
+        tensors=(("token_embd.weight", "E, V"), ("token_embd_norm.weight", "E", "norm"),
+                 ("blk.attn_norm.weight", "E", "norm"), ("blk.ffn_norm.weight", "E", "norm"), *_GLU,
+                 *_when("i % 3 == 2 or i == L - 1", _ATTN + (("blk.attn_q_norm.weight", "D", "norm"),
+                                               ("blk.attn_k_norm.weight", "D", "norm"))),
+                 *_when("not (i % 3 == 2 or i == L - 1)", (("blk.shortconv.conv.weight", "3, E", "f32w0.3"),
+                                       ("blk.shortconv.in_proj.weight", "E, 3*E"),
+                                       ("blk.shortconv.out_proj.weight", "E, E"))))),
+    # Granite 4 hybrid: Mamba-2 layers (head_count_kv 0) and attention layers, Granite's scales
+    "granitehybrid": _Spec(
+        dims=(("DI", "2*E"), ("DS", "16"), ("NG", "1"), ("NH", "DI // 16")),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "10000.0"), ("logit_scale", "f32", "8.0"),
+            ("residual_scale", "f32", "0.22"), ("embedding_scale", "f32", "12.0"),
+            ("attention.scale", "f32", "1.0 / D"), ("ssm.conv_kernel", "u32", "4"),
+            ("ssm.inner_size", "u32", "DI"), ("ssm.state_size", "u32", "DS"),
+            ("ssm.time_step_rank", "u32", "NH"), ("ssm.group_count", "u32", "NG"),
+            ("attention.head_count_kv", "u32[]", "K if i % 3 == 2 or i == L - 1 else 0")),
+        tensors=_EMB + (
+            ("blk.attn_norm.weight", "E", "norm"), ("blk.ffn_norm.weight", "E", "norm"), *_GLU,
+            *_when("i % 3 == 2 or i == L - 1", _ATTN),
+            *_when("not (i % 3 == 2 or i == L - 1)", (("blk.ssm_in.weight", "E, 2*DI + 2*NG*DS + NH"),
+                                  ("blk.ssm_conv1d.weight", "4, DI + 2*NG*DS", "f32w0.3"),
+                                  ("blk.ssm_conv1d.bias", "DI + 2*NG*DS", "bias"),
+                                  ("blk.ssm_dt.bias", "NH", "dt_bias"), ("blk.ssm_a", "1, NH", "ssm_a"),
+                                  ("blk.ssm_d", "1, NH", "ones"), ("blk.ssm_norm.weight", "DI // NG, NG", "norm"),
+                                  ("blk.ssm_out.weight", "DI, E"))))),
+}
+
+
 _ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
     "llama": _arch_llama,
     "gemma3": _arch_gemma3,
@@ -1037,6 +1229,7 @@ _OPTIONAL_SWA = {"olmo2"}
 _FREE_HEAD_DIM = {"gemma2"}
 
 # archs that can take experts
+_MOE_ARCHS.update({a: spec.moe for a, spec in _SPECS.items() if spec.moe[0]})
 _MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
 #: llama.cpp architecture names verified to load and produce finite logits in llama_cpp 0.3.36
@@ -1046,8 +1239,9 @@ SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
     "falcon", "gpt2", "mamba", "phi2", "qwen", "qwen2moe", "qwen3moe", "starcoder2", "olmo2", "granite",
     "internlm2", "xverse", "orion", "stablelm", "olmo", "exaone", "arcee", "smollm3", "mistral3", "ernie4_5",
     "minicpm", "refact", "mpt", "gptneox", "starcoder", "codeshell",
+    *_SPECS,
 )
-assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS)
+assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS) | set(_SPECS)
 
 
 # --------------------------------------------------------------------------- #
@@ -1086,8 +1280,10 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
     biases and other 1-D tensors stay f32; matrices whose rows are not a multiple of
     32 fall back to f16 for q8_0/q4_0). Returns the path written.
     """
-    if arch not in _ARCHS:
-        raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted(_ARCHS))}")
+    if n_layer < MIN_LAYERS.get(arch, 1):
+        raise ValueError(f"{arch} needs n_layer >= {MIN_LAYERS[arch]} in llama.cpp")
+    if arch not in _ARCHS and arch not in _SPECS:
+        raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted({*_ARCHS, *_SPECS}))}")
     if qtype not in _QTYPES:
         raise ValueError(f"unsupported qtype {qtype!r}; use one of {', '.join(_QTYPES)}")
     allowed = _VARIANTS.get(arch, (None,))
@@ -1124,7 +1320,10 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
                 variant=variant, sliding_window=int(sliding_window), head_dim_=int(head_dim))
     m = _Model(arch)
-    _ARCHS[arch](m, p)
+    if arch in _SPECS:
+        _from_spec(m, p, _SPECS[arch])
+    else:
+        _ARCHS[arch](m, p)
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
