@@ -75,6 +75,10 @@ _case("glm4moe", "glm4moe", cuts=((1,), (3,), (4,), (1, 2), (2, 4)))
 # hybrids: attention on layers 2, 5, 8, recurrent elsewhere; every stage needs both kinds
 _case("lfm2", "lfm2", cuts=((3,), (6,), (3, 6)), n_layer=9)
 _case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
+# Phi-4-mini: phi3 with GQA, partial rotary and LongRoPE factors (global tensors on every stage)
+_case("phi4-mini", "phi3", variant="phi4-mini", n_head_kv=2)
+# Qwen3.5: full attention on layers 3, 7, 11 (interval 4), gated delta-net elsewhere
+_case("qwen35", "qwen35", cuts=((4,), (6,), (4, 8), (5, 8)), n_layer=12, n_head_kv=2)
 _case("baichuan-13b", "baichuan", cuts=((20,), (39,), (1, 2)), n_layer=40)
 
 
@@ -272,7 +276,7 @@ def test_baichuan_without_position_encoding_is_refused(tiny_models, tmp_path):
         stage_gguf(path, LayerRange(0, 3), cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["lfm2", "granitehybrid"])
+@pytest.mark.parametrize("arch", ["lfm2", "granitehybrid", "qwen35"])
 @pytest.mark.parametrize("start,stop", [(0, 2), (2, 3)])
 def test_hybrid_stage_needs_both_layer_kinds(tiny_models, tmp_path, arch, start, stop):
     path = tiny_models(arch, **{**BASE_KW, **CASES[arch][1]})

@@ -107,3 +107,8 @@ def test_large_vocab_and_merges(tmp_path):
     assert len(toks) < len(b"the quick brown fox")  # merges are used
     assert llm.detokenize(toks) == b"the quick brown fox"
     _check(path)
+
+
+def test_phi4_mini_variant(tmp_path):
+    path = write_random_gguf(tmp_path / "m.gguf", "phi3", n_layer=2, n_head_kv=2, variant="phi4-mini")
+    _check(path)

@@ -389,15 +389,38 @@ def _glm4moe_kv(ctx: SplitContext) -> Dict[str, object]:
     return kv
 
 
-def _hybrid_check(ctx: SplitContext) -> Optional[str]:
-    """Hybrid recurrent/attention models mark recurrent layers with head_count_kv 0 (lfm2, granitehybrid)."""
+def _recurrent_layers(ctx: SplitContext) -> Optional[List[bool]]:
+    """Absolute per-layer recurrent flags of a hybrid model, or None if unknown.
+
+    lfm2/granitehybrid mark recurrent layers with head_count_kv 0; qwen35/qwen3next store
+    attention.recurrent_layers or derive it from full_attention_interval on the layer index."""
+    stored = ctx.get("attention.recurrent_layers")
+    if isinstance(stored, list):
+        return [bool(x) for x in stored[:ctx.n_layer]]
+    if ctx.arch in ("qwen35", "qwen35moe", "qwen3next"):
+        interval = int(ctx.get("full_attention_interval", 4) or 4)  # type: ignore[arg-type]
+        return [(il + 1) % interval != 0 for il in range(ctx.n_layer)]
     kv = ctx.get("attention.head_count_kv")
-    if not isinstance(kv, list):
+    if isinstance(kv, list):
+        return [int(x) == 0 for x in kv[:ctx.n_layer]]
+    return None
+
+
+def _recurrent_kv(ctx: SplitContext) -> Dict[str, object]:
+    """attention.recurrent_layers as the stage's slice of the absolute pattern (llama.cpp would count the
+    full-attention interval from the stage's first layer)."""
+    flags = _recurrent_layers(ctx)
+    return {} if flags is None else {"attention.recurrent_layers": flags[ctx.start:ctx.stop]}
+
+
+def _hybrid_check(ctx: SplitContext) -> Optional[str]:
+    flags = _recurrent_layers(ctx)
+    if flags is None:
         return None
-    mine = kv[ctx.start:ctx.stop]
-    if all(int(x) == 0 for x in mine) or all(int(x) > 0 for x in mine):
+    mine = flags[ctx.start:ctx.stop]
+    if all(mine) or not any(mine):
         return (f"layers {ctx.layers} of this {ctx.arch} model are all "
-                f"{'recurrent' if all(int(x) == 0 for x in mine) else 'attention'} layers; llama.cpp's hybrid "
+                f"{'recurrent' if all(mine) else 'attention'} layers; llama.cpp's hybrid "
                 f"memory aborts without both kinds (GGML_ASSERT(buffer) on an empty cache): each stage must hold "
                 f"at least one attention and one recurrent layer")
     return None
@@ -430,7 +453,8 @@ RULES: Dict[str, ArchRule] = {
         notes="sliding-window pattern (period 6) written as an absolute per-layer array; input scaling "
               "applies to tokens only; 27B attention scale folded into `attn_q_norm`",
     ),
-    "phi3": ArchRule("phi3"),
+    "phi3": ArchRule("phi3", notes="Phi-3, Phi-4-mini (GQA through the fused QKV, partial rotary; LongRoPE "
+                                   "`rope_factors_long`/`_short` kept on every stage)"),
     "phi2": ArchRule("phi2", output_required=True,
                      notes="`output.weight`/`output.bias` are required: middle stages get a one-row stand-in"),
     "qwen": ArchRule("qwen", output_required=True, notes="`output.weight` required on every stage"),
@@ -541,6 +565,14 @@ RULES: Dict[str, ArchRule] = {
         notes="Granite 4 hybrid: Mamba-2 state kept per stage, equal-split ubatches as for `lfm2`; per-layer `head_count_kv` (0 marks "
               "a Mamba layer) sliced; each stage must hold an attention and a Mamba layer; `embedding_scale` set to 1 "
               "on later stages",
+    ),
+    "qwen35": ArchRule(
+        "qwen35", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3.5: gated delta-net state kept per stage, equal-split ubatches as for `lfm2`; the "
+              "full-attention layers (every `full_attention_interval`-th, counted by llama.cpp from the stage's "
+              "first layer) written as an absolute `attention.recurrent_layers` slice; M-RoPE positions of text "
+              "handed on as llama.cpp expands them (sections 0-2 at the position, 3 at 0); each stage must hold "
+              "an attention and a delta-net layer; NextN blocks dropped",
     ),
     "baichuan": ArchRule(
         "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),

@@ -347,8 +347,8 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     for key, value in rule.stage_kv(ctx).items():
         k = f"{arch}.{key}"
         f = r.fields.get(k)
-        if isinstance(value, list):  # an int array (e.g. rope.dimension_sections)
-            overrides[k] = (T_ARRAY, value, T_INT32)
+        if isinstance(value, list):  # a bool or int array (attention.recurrent_layers, rope.dimension_sections)
+            overrides[k] = (T_ARRAY, value, T_BOOL if all(isinstance(v, bool) for v in value) else T_INT32)
             continue
         vtype = (f.vtype if f is not None and f.vtype != T_ARRAY else T_BOOL if isinstance(value, bool)
                  else T_FLOAT32 if isinstance(value, float) else T_UINT32)

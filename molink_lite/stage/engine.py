@@ -174,7 +174,7 @@ class StageEngine:
         self.n_ctx = _llama.llama_n_ctx(self._ctx)
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
-        # M-RoPE models take 4 positions per embedding row (section-major); all equal here
+        # M-RoPE models take 4 positions per embedding row (section-major)
         self._n_pos = 4 if not self.info.is_first and _llama.llama_model_rope_type(self._model) in (8, 40) else 1
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
         # reusable batch buffers
@@ -292,7 +292,9 @@ class StageEngine:
         if hidden is not None:
             batch.embd = hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         if hidden is not None and self._n_pos > 1:
-            positions = np.ascontiguousarray(np.tile(positions, self._n_pos))
+            # as llama.cpp expands the positions of text tokens (llm_graph_input_pos::set_input):
+            # sections 0-2 at the position, section 3 at 0, section-major
+            positions = np.concatenate([positions, positions, positions, np.zeros_like(positions)])
         batch.pos = positions.ctypes.data_as(ctypes.POINTER(_llama.llama_pos))
         batch.n_seq_id = self._ones.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         batch.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))

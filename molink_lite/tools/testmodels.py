@@ -981,7 +981,7 @@ def _arch_codeshell(m: _Model, p: _Params) -> None:
 # A shape is a comma-separated list of expressions in ggml order (ne[0] first).
 
 #: llama.cpp architectures that need more than one layer to run (see the _SPECS comments)
-MIN_LAYERS: Dict[str, int] = {"llama4": 4}
+MIN_LAYERS: Dict[str, int] = {"llama4": 4, "qwen35": 4}
 
 _KV_TYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGUFValueType.FLOAT32,
              "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
@@ -1021,6 +1021,9 @@ def _from_spec(m: _Model, p: _Params, spec: _Spec) -> None:
     if spec.base_kv:
         _common_hp(m, p)
     for key, typ, expr in spec.kv:
+        if typ.endswith("*"):  # a fixed array
+            m.arr(key, eval(expr, {}, d), _KV_TYPES[typ[:-1]])  # noqa: S307
+            continue
         if typ.endswith("[]"):
             vals = [eval(expr, {}, {**d, "i": i}) for i in range(p.n_layer)]  # noqa: S307
             m.kv = [row for row in m.kv if row[0] != m._key(key)]
@@ -1076,6 +1079,39 @@ _SHEXP = (("blk.ffn_gate_shexp.weight", "E, FX"), ("blk.ffn_up_shexp.weight", "E
           ("blk.ffn_down_shexp.weight", "FX, E"))
 
 _SPECS: Dict[str, _Spec] = {
+    # Phi-4-mini (phi3 arch): GQA through the fused QKV, partial rotary (3/4 of the head), LongRoPE factors
+    # (global rope_factors_long/short; long ones used since tests run past the 128-token original context)
+    "phi3:phi4-mini": _Spec(
+        dims=(("R", "3 * D // 4"),),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "R"),
+            ("rope.freq_base", "f32", "10000.0"), ("rope.scaling.original_context_length", "u32", "128"),
+            ("rope.scaling.attn_factor", "f32", "1.19")),
+        tensors=_EMB + (
+            ("rope_factors_long.weight", "R // 2", "rope_freqs"), ("rope_factors_short.weight", "R // 2", "norm"),
+            ("blk.attn_norm.weight", "E", "norm"), ("blk.attn_qkv.weight", "E, E + 2*K*D"),
+            ("blk.attn_output.weight", "E, E"), ("blk.ffn_norm.weight", "E", "norm"),
+            ("blk.ffn_up.weight", "E, 2*F"), ("blk.ffn_down.weight", "F, E"))),
+    # Qwen3.5: gated delta-net (linear attention) layers and gated full-attention layers (every 4th,
+    # full_attention_interval, counted by llama.cpp from the layer index), M-RoPE (text: sections at one position)
+    "qwen35": _Spec(
+        dims=(("DS", "16"), ("NG", "2"), ("NV", "4"), ("KD", "DS*NG"), ("VD", "DS*NV")),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-6"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "10000000.0"), ("attention.key_length", "u32", "D"),
+            ("attention.value_length", "u32", "D"), ("full_attention_interval", "u32", "4"),
+            ("ssm.conv_kernel", "u32", "4"), ("ssm.inner_size", "u32", "VD"), ("ssm.state_size", "u32", "DS"),
+            ("ssm.time_step_rank", "u32", "NV"), ("ssm.group_count", "u32", "NG"),
+            ("rope.dimension_sections", "i32*", "[D // 8, D // 8 + D // 16, D // 16, 0]")),
+        tensors=_EMB + _OUT + (
+            ("blk.attn_norm.weight", "E", "norm"), ("blk.post_attention_norm.weight", "E", "norm"), *_GLU,
+            *_when("(i + 1) % 4 == 0", (("blk.attn_q.weight", "E, 2*H*D"), ("blk.attn_k.weight", "E, K*D"),
+                                        ("blk.attn_v.weight", "E, K*D"), ("blk.attn_output.weight", "H*D, E"),
+                                        ("blk.attn_q_norm.weight", "D", "norm"),
+                                        ("blk.attn_k_norm.weight", "D", "norm"))),
+            *_when("(i + 1) % 4 != 0", (("blk.attn_qkv.weight", "E, 2*KD + VD"), ("blk.attn_gate.weight", "E, VD"),
+                                        ("blk.ssm_conv1d.weight", "4, 2*KD + VD", "f32w0.3"),
+                                        ("blk.ssm_dt.bias", "NV", "dt_bias"), ("blk.ssm_a", "NV", "ssm_a"),
+                                        ("blk.ssm_beta.weight", "E, NV"), ("blk.ssm_alpha.weight", "E, NV"),
+                                        ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))))),
     # gpt-oss: attention sinks, biased o-proj and experts, sliding window on even layers (period 2)
     "gpt-oss": _Spec(
         moe=(4, 2),
@@ -1206,6 +1242,7 @@ _ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
 
 _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
     "llama": (None, "llama3", "mistral", "mixtral"),
+    "phi3": (None, "phi4-mini"),
 }
 
 # MoE-only archs: default (n_expert, n_expert_used) when n_expert == 0
@@ -1229,7 +1266,7 @@ _OPTIONAL_SWA = {"olmo2"}
 _FREE_HEAD_DIM = {"gemma2"}
 
 # archs that can take experts
-_MOE_ARCHS.update({a: spec.moe for a, spec in _SPECS.items() if spec.moe[0]})
+_MOE_ARCHS.update({a: spec.moe for a, spec in _SPECS.items() if spec.moe[0] and ":" not in a})
 _MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
 #: llama.cpp architecture names verified to load and produce finite logits in llama_cpp 0.3.36
@@ -1239,7 +1276,7 @@ SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
     "falcon", "gpt2", "mamba", "phi2", "qwen", "qwen2moe", "qwen3moe", "starcoder2", "olmo2", "granite",
     "internlm2", "xverse", "orion", "stablelm", "olmo", "exaone", "arcee", "smollm3", "mistral3", "ernie4_5",
     "minicpm", "refact", "mpt", "gptneox", "starcoder", "codeshell",
-    *_SPECS,
+    *(a for a in _SPECS if ":" not in a),
 )
 assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS) | set(_SPECS)
 
@@ -1320,8 +1357,9 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
                 variant=variant, sliding_window=int(sliding_window), head_dim_=int(head_dim))
     m = _Model(arch)
-    if arch in _SPECS:
-        _from_spec(m, p, _SPECS[arch])
+    spec_key = f"{arch}:{variant}" if variant else arch
+    if spec_key in _SPECS:
+        _from_spec(m, p, _SPECS[spec_key])
     else:
         _ARCHS[arch](m, p)
 
