@@ -79,6 +79,8 @@ _case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
 _case("phi4-mini", "phi3", variant="phi4-mini", n_head_kv=2)
 # Qwen3.5: full attention on layers 3, 7, 11 (interval 4), gated delta-net elsewhere
 _case("qwen35", "qwen35", cuts=((4,), (6,), (4, 8), (5, 8)), n_layer=12, n_head_kv=2)
+_case("qwen35moe", "qwen35moe", cuts=((4,), (6,), (4, 8)), n_layer=12, n_head_kv=2)
+_case("qwen3next", "qwen3next", cuts=((4,), (6,), (5, 8)), n_layer=12, n_head_kv=2)
 _case("baichuan-13b", "baichuan", cuts=((20,), (39,), (1, 2)), n_layer=40)
 
 

@@ -574,6 +574,15 @@ RULES: Dict[str, ArchRule] = {
               "handed on as llama.cpp expands them (sections 0-2 at the position, 3 at 0); each stage must hold "
               "an attention and a delta-net layer; NextN blocks dropped",
     ),
+    "qwen35moe": ArchRule(
+        "qwen35moe", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3.5 MoE: as `qwen35`, with experts and a gated shared expert",
+    ),
+    "qwen3next": ArchRule(
+        "qwen3next", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3-Next: gated delta-net/attention hybrid as `qwen35` (plain RoPE), experts with a gated "
+              "shared expert",
+    ),
     "baichuan": ArchRule(
         "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
         notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "

@@ -981,7 +981,7 @@ def _arch_codeshell(m: _Model, p: _Params) -> None:
 # A shape is a comma-separated list of expressions in ggml order (ne[0] first).
 
 #: llama.cpp architectures that need more than one layer to run (see the _SPECS comments)
-MIN_LAYERS: Dict[str, int] = {"llama4": 4, "qwen35": 4}
+MIN_LAYERS: Dict[str, int] = {"llama4": 4, "qwen35": 4, "qwen35moe": 4, "qwen3next": 4}
 
 _KV_TYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGUFValueType.FLOAT32,
              "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
@@ -1078,6 +1078,25 @@ _MOE = (("blk.ffn_gate_inp.weight", "E, X", "f32w"), ("blk.ffn_gate_exps.weight"
 _SHEXP = (("blk.ffn_gate_shexp.weight", "E, FX"), ("blk.ffn_up_shexp.weight", "E, FX"),
           ("blk.ffn_down_shexp.weight", "FX, E"))
 
+# Qwen3.5 (dense and MoE): keys and the attention / gated delta-net mixers of its layers
+_QWEN35_KV = (("attention.layer_norm_rms_epsilon", "f32", "1e-6"), ("rope.dimension_count", "u32", "D"),
+              ("rope.freq_base", "f32", "10000000.0"), ("attention.key_length", "u32", "D"),
+              ("attention.value_length", "u32", "D"), ("full_attention_interval", "u32", "4"),
+              ("ssm.conv_kernel", "u32", "4"), ("ssm.inner_size", "u32", "VD"), ("ssm.state_size", "u32", "DS"),
+              ("ssm.time_step_rank", "u32", "NV"), ("ssm.group_count", "u32", "NG"),
+              ("rope.dimension_sections", "i32*", "[D // 8, D // 8 + D // 16, D // 16, 0]"))
+_QWEN35_ATTN = (("blk.attn_q.weight", "E, 2*H*D"), ("blk.attn_k.weight", "E, K*D"), ("blk.attn_v.weight", "E, K*D"),
+                ("blk.attn_output.weight", "H*D, E"), ("blk.attn_q_norm.weight", "D", "norm"),
+                ("blk.attn_k_norm.weight", "D", "norm"))
+_QWEN35_MIXERS = (
+    ("blk.attn_norm.weight", "E", "norm"), ("blk.post_attention_norm.weight", "E", "norm"),
+    *_when("(i + 1) % 4 == 0", _QWEN35_ATTN),
+    *_when("(i + 1) % 4 != 0", (("blk.attn_qkv.weight", "E, 2*KD + VD"), ("blk.attn_gate.weight", "E, VD"),
+                                ("blk.ssm_conv1d.weight", "4, 2*KD + VD", "f32w0.3"),
+                                ("blk.ssm_dt.bias", "NV", "dt_bias"), ("blk.ssm_a", "NV", "ssm_a"),
+                                ("blk.ssm_beta.weight", "E, NV"), ("blk.ssm_alpha.weight", "E, NV"),
+                                ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))))
+
 _SPECS: Dict[str, _Spec] = {
     # Phi-4-mini (phi3 arch): GQA through the fused QKV, partial rotary (3/4 of the head), LongRoPE factors
     # (global rope_factors_long/short; long ones used since tests run past the 128-token original context)
@@ -1095,23 +1114,36 @@ _SPECS: Dict[str, _Spec] = {
     # full_attention_interval, counted by llama.cpp from the layer index), M-RoPE (text: sections at one position)
     "qwen35": _Spec(
         dims=(("DS", "16"), ("NG", "2"), ("NV", "4"), ("KD", "DS*NG"), ("VD", "DS*NV")),
-        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-6"), ("rope.dimension_count", "u32", "D"),
+        kv=_QWEN35_KV,
+        tensors=_EMB + _OUT + _QWEN35_MIXERS + _GLU),
+    # Qwen3.5 MoE: Qwen3.5's layers with a MoE FFN (experts + gated shared expert) everywhere
+    "qwen35moe": _Spec(
+        moe=(4, 2),
+        dims=(("DS", "16"), ("NG", "2"), ("NV", "4"), ("KD", "DS*NG"), ("VD", "DS*NV")),
+        kv=(*_QWEN35_KV, ("expert_count", "u32", "X"), ("expert_used_count", "u32", "XU"),
+            ("expert_feed_forward_length", "u32", "FX"), ("expert_shared_feed_forward_length", "u32", "FX")),
+        tensors=_EMB + _OUT + _QWEN35_MIXERS + _MOE + _SHEXP + (("blk.ffn_gate_inp_shexp.weight", "E", "bias"),)),
+    # Qwen3-Next: gated delta-net layers with fused qkvz/ba projections, gated attention every 4th layer
+    # (partial rotary, plain NEOX RoPE), MoE with a gated shared expert
+    "qwen3next": _Spec(
+        moe=(4, 2),
+        dims=(("DS", "16"), ("NG", "2"), ("NV", "4"), ("KD", "DS*NG"), ("VD", "DS*NV")),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-6"), ("rope.dimension_count", "u32", "D // 4"),
             ("rope.freq_base", "f32", "10000000.0"), ("attention.key_length", "u32", "D"),
             ("attention.value_length", "u32", "D"), ("full_attention_interval", "u32", "4"),
             ("ssm.conv_kernel", "u32", "4"), ("ssm.inner_size", "u32", "VD"), ("ssm.state_size", "u32", "DS"),
             ("ssm.time_step_rank", "u32", "NV"), ("ssm.group_count", "u32", "NG"),
-            ("rope.dimension_sections", "i32*", "[D // 8, D // 8 + D // 16, D // 16, 0]")),
+            ("expert_count", "u32", "X"), ("expert_used_count", "u32", "XU"),
+            ("expert_feed_forward_length", "u32", "FX"), ("expert_shared_feed_forward_length", "u32", "FX")),
         tensors=_EMB + _OUT + (
-            ("blk.attn_norm.weight", "E", "norm"), ("blk.post_attention_norm.weight", "E", "norm"), *_GLU,
-            *_when("(i + 1) % 4 == 0", (("blk.attn_q.weight", "E, 2*H*D"), ("blk.attn_k.weight", "E, K*D"),
-                                        ("blk.attn_v.weight", "E, K*D"), ("blk.attn_output.weight", "H*D, E"),
-                                        ("blk.attn_q_norm.weight", "D", "norm"),
-                                        ("blk.attn_k_norm.weight", "D", "norm"))),
-            *_when("(i + 1) % 4 != 0", (("blk.attn_qkv.weight", "E, 2*KD + VD"), ("blk.attn_gate.weight", "E, VD"),
+            ("blk.attn_norm.weight", "E", "norm"), ("blk.post_attention_norm.weight", "E", "norm"),
+            *_when("(i + 1) % 4 == 0", _QWEN35_ATTN),
+            *_when("(i + 1) % 4 != 0", (("blk.ssm_in.weight", "E, 2*KD + 2*VD"),
                                         ("blk.ssm_conv1d.weight", "4, 2*KD + VD", "f32w0.3"),
                                         ("blk.ssm_dt.bias", "NV", "dt_bias"), ("blk.ssm_a", "NV", "ssm_a"),
-                                        ("blk.ssm_beta.weight", "E, NV"), ("blk.ssm_alpha.weight", "E, NV"),
-                                        ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))))),
+                                        ("blk.ssm_ba.weight", "E, 2*NV"),
+                                        ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))),
+            *_MOE, *_SHEXP, ("blk.ffn_gate_inp_shexp.weight", "E", "bias"))),
     # gpt-oss: attention sinks, biased o-proj and experts, sliding window on even layers (period 2)
     "gpt-oss": _Spec(
         moe=(4, 2),
