@@ -583,6 +583,11 @@ RULES: Dict[str, ArchRule] = {
         notes="Qwen3-Next: gated delta-net/attention hybrid as `qwen35` (plain RoPE), experts with a gated "
               "shared expert",
     ),
+    "falcon-h1": ArchRule(
+        "falcon-h1", equal_split_on_inner_stages=True,
+        notes="Falcon-H1: Mamba-2 and attention in every layer; state kept per stage, equal-split ubatches as "
+              "for `lfm2`",
+    ),
     "baichuan": ArchRule(
         "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
         notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "

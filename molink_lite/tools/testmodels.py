@@ -1144,6 +1144,21 @@ _SPECS: Dict[str, _Spec] = {
                                         ("blk.ssm_ba.weight", "E, 2*NV"),
                                         ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))),
             *_MOE, *_SHEXP, ("blk.ffn_gate_inp_shexp.weight", "E", "bias"))),
+    # Falcon-H1: every layer runs a Mamba-2 mixer and attention in parallel (hybrid memory), then a SwiGLU FFN
+    # (its norm is stored without the ".weight" suffix)
+    "falcon-h1": _Spec(
+        dims=(("DI", "E"), ("DS", "16"), ("NG", "1"), ("NH", "DI // 16"), ("CD", "DI + 2*NG*DS")),
+        kv=(("attention.layer_norm_rms_epsilon", "f32", "1e-5"), ("rope.dimension_count", "u32", "D"),
+            ("rope.freq_base", "f32", "100000.0"), ("attention.key_length", "u32", "D"),
+            ("attention.value_length", "u32", "D"), ("ssm.conv_kernel", "u32", "4"),
+            ("ssm.inner_size", "u32", "DI"), ("ssm.state_size", "u32", "DS"),
+            ("ssm.time_step_rank", "u32", "NH"), ("ssm.group_count", "u32", "NG")),
+        tensors=_EMB + _OUT + (
+            ("blk.attn_norm.weight", "E", "norm"), *_ATTN, ("blk.ffn_norm", "E", "norm"), *_GLU,
+            ("blk.ssm_in.weight", "E, DI + CD + NH"), ("blk.ssm_conv1d.weight", "4, CD", "f32w0.3"),
+            ("blk.ssm_conv1d.bias", "CD", "bias"), ("blk.ssm_dt.bias", "NH", "dt_bias"),
+            ("blk.ssm_a", "1, NH", "ssm_a"), ("blk.ssm_d", "1, NH", "ones"),
+            ("blk.ssm_norm.weight", "DI // NG, NG", "norm"), ("blk.ssm_out.weight", "DI, E"))),
     # gpt-oss: attention sinks, biased o-proj and experts, sliding window on even layers (period 2)
     "gpt-oss": _Spec(
         moe=(4, 2),
