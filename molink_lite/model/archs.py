@@ -599,10 +599,17 @@ RULES: Dict[str, ArchRule] = {
 UNSUPPORTED: Dict[str, str] = {
     "glm4": (
         "glm4.cpp aborts on embedding input unless the model uses M-RoPE (\"This GGUF does not support "
-        "multimodal\"), so no stage after the first can be fed hidden states; M-RoPE (what would accept "
-        "them) rotates pairs (i, i+n_rot/2) where GLM-4's RoPE rotates (2i, 2i+1), and permuting q/k to "
-        "match changes the order of the q.k sums, so neither level holds; no other llama.cpp graph has "
-        "GLM-4's sandwich norms with that RoPE"
+        "multimodal\"), so a later stage must be written with rope.dimension_sections; M-RoPE rotates pairs "
+        "(i, i+n_rot/2) where GLM-4's RoPE rotates (2i, 2i+1), and permuting the q/k rows to match reorders the "
+        "q.k sums: measured on tiny random models (2- and 3-stage chains, f32 wire), logits off by up to 2.8e-5 "
+        "(head size 128) and 9.3e-5 with flash attention, so neither `exact` nor `ulp` (which bounds the handed-on "
+        "state, not the graph) holds; no other llama.cpp graph has GLM-4's sandwich norms with that RoPE"
+    ),
+    "gemma3n": (
+        "gemma3n.cpp adds per-layer inputs to every layer, computed from the token ids and the first layer's "
+        "input (per_layer_token_embd, per_layer_model_proj): a later stage given hidden states uses the padding "
+        "token's instead; its hidden state is 4 AltUp streams (4 x n_embd) while a stage takes n_embd per row; "
+        "and layers from 20 on reuse earlier layers' KV cache (n_layer_kv_from_start = 20, hard-coded)"
     ),
 }
 
