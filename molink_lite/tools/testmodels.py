@@ -11,8 +11,12 @@ one at a time, so memory use stays around the size of the largest tensor. For
 ``q8_0``/``q4_0`` the quantized blocks are produced directly as random bytes
 (with a fixed fp16 scale per block), which is fast enough for 8B-sized models.
 
-Architectures are named as llama.cpp names them (``general.architecture``);
-:data:`SUPPORTED_TEST_ARCHS` lists those verified to load and run.
+Architectures are named as llama.cpp names them (``general.architecture``) and
+described by data, not code: :data:`_SPECS` holds per architecture its metadata
+rows and a table of tensor shapes (expressions over the model's dimensions, read
+from the loaders in llama.cpp's ``src/models/<arch>.cpp``); a variant is a spec
+named ``"<arch>:<variant>"``. :data:`SUPPORTED_TEST_ARCHS` lists those verified to
+load and run.
 
 Note: ``import llama_cpp`` before ``numpy`` in processes that also load models
 (a known segfault otherwise on some builds); this module only needs numpy/gguf.
@@ -292,70 +296,20 @@ def _tensor_nbytes(t: _Tensor, st: GGMLQuantizationType) -> Tuple[Tuple[int, ...
 
 
 # --------------------------------------------------------------------------- #
-# architectures
+# helpers for the architecture table
 # --------------------------------------------------------------------------- #
 
-def _blk(i: int, name: str) -> str:
-    return f"blk.{i}.{name}"
-
-
-def _common_hp(m: _Model, p: _Params, *, ff: bool = True, heads: bool = True) -> None:
+def _common_hp(m: _Model, p: _Params) -> None:
     m.u32("context_length", p.n_ctx_train)
     m.u32("embedding_length", p.n_embd)
     m.u32("block_count", p.n_layer)
-    if ff:
-        m.u32("feed_forward_length", p.n_ff)
-    if heads:
-        m.u32("attention.head_count", p.n_head)
-        m.u32("attention.head_count_kv", p.n_head_kv)
+    m.u32("feed_forward_length", p.n_ff)
+    m.u32("attention.head_count", p.n_head)
+    m.u32("attention.head_count_kv", p.n_head_kv)
 
 
-def _emb_out(m: _Model, p: _Params, *, tied: bool = False, out_norm_bias: bool = False) -> None:
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    m.t("output_norm.weight", (p.n_embd,), "norm")
-    if out_norm_bias:
-        m.t("output_norm.bias", (p.n_embd,), "bias")
-    if not tied:
-        m.t("output.weight", (p.n_embd, p.n_vocab))
-
-
-def _attn(m: _Model, p: _Params, i: int, *, bias_qkv: bool = False, bias_o: bool = False,
-          qk_norm: bool = False, head_dim: Optional[int] = None) -> None:
-    hd = head_dim or p.head_dim
-    m.t(_blk(i, "attn_q.weight"), (p.n_embd, p.n_head * hd))
-    m.t(_blk(i, "attn_k.weight"), (p.n_embd, p.n_head_kv * hd))
-    m.t(_blk(i, "attn_v.weight"), (p.n_embd, p.n_head_kv * hd))
-    if bias_qkv:
-        m.t(_blk(i, "attn_q.bias"), (p.n_head * hd,), "bias")
-        m.t(_blk(i, "attn_k.bias"), (p.n_head_kv * hd,), "bias")
-        m.t(_blk(i, "attn_v.bias"), (p.n_head_kv * hd,), "bias")
-    m.t(_blk(i, "attn_output.weight"), (p.n_head * hd, p.n_embd))
-    if bias_o:
-        m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
-    if qk_norm:
-        m.t(_blk(i, "attn_q_norm.weight"), (hd,), "norm")
-        m.t(_blk(i, "attn_k_norm.weight"), (hd,), "norm")
-
-
-def _ffn_glu(m: _Model, p: _Params, i: int, n_ff: Optional[int] = None) -> None:
-    n_ff = n_ff or p.n_ff
-    m.t(_blk(i, "ffn_gate.weight"), (p.n_embd, n_ff))
-    m.t(_blk(i, "ffn_down.weight"), (n_ff, p.n_embd))
-    m.t(_blk(i, "ffn_up.weight"), (p.n_embd, n_ff))
-
-
-def _ffn_moe(m: _Model, p: _Params, i: int, n_ff_exp: Optional[int] = None) -> None:
-    n_ff_exp = n_ff_exp or p.n_ff
-    m.t(_blk(i, "ffn_gate_inp.weight"), (p.n_embd, p.n_expert), quant=False)
-    m.t(_blk(i, "ffn_gate_exps.weight"), (p.n_embd, n_ff_exp, p.n_expert))
-    m.t(_blk(i, "ffn_down_exps.weight"), (n_ff_exp, p.n_embd, p.n_expert))
-    m.t(_blk(i, "ffn_up_exps.weight"), (p.n_embd, n_ff_exp, p.n_expert))
-
-
-def _moe_hp(m: _Model, p: _Params) -> None:
-    if p.n_expert > 0:
-        m.u32("expert_count", p.n_expert)
-        m.u32("expert_used_count", p.n_expert_used)
+def _n_ff_exp(p: _Params) -> int:
+    return max(32, _round_up(p.n_ff // 2, 32))
 
 
 def _rope_freqs(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
@@ -368,402 +322,7 @@ def _rope_freqs(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
     return f
 
 
-def _arch_llama(m: _Model, p: _Params) -> None:
-    _common_hp(m, p)
-    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
-    m.u32("rope.dimension_count", p.head_dim)
-    m.f32("rope.freq_base", {"llama3": 500000.0, "mistral": 1000000.0}.get(p.variant or "", 10000.0))
-    _moe_hp(m, p)
-    _emb_out(m, p)
-    if p.variant == "llama3":
-        m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
-    for i in range(p.n_layer):
-        m.t(_blk(i, "attn_norm.weight"), (p.n_embd,), "norm")
-        _attn(m, p, i)
-        m.t(_blk(i, "ffn_norm.weight"), (p.n_embd,), "norm")
-        if p.n_expert > 0:
-            _ffn_moe(m, p, i)
-        else:
-            _ffn_glu(m, p, i)
-
-
-def _arch_gemma3(m: _Model, p: _Params) -> None:
-    _common_hp(m, p)
-    m.u32("attention.key_length", p.head_dim)
-    m.u32("attention.value_length", p.head_dim)
-    m.f32("attention.layer_norm_rms_epsilon", 1e-6)
-    m.u32("attention.sliding_window", 8)
-    m.f32("rope.freq_base", 1000000.0)
-    m.f32("rope.freq_base_swa", 10000.0)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        m.t(_blk(i, "attn_norm.weight"), (p.n_embd,), "norm")
-        _attn(m, p, i, qk_norm=True)
-        m.t(_blk(i, "post_attention_norm.weight"), (p.n_embd,), "norm")
-        m.t(_blk(i, "ffn_norm.weight"), (p.n_embd,), "norm")
-        _ffn_glu(m, p, i)
-        m.t(_blk(i, "post_ffw_norm.weight"), (p.n_embd,), "norm")
-
-
-def _norm(m: _Model, name: str, n: int, bias: bool = False) -> None:
-    m.t(name + ".weight", (n,), "norm")
-    if bias:
-        m.t(name + ".bias", (n,), "bias")
-
-
-def _rope_hp(m: _Model, p: _Params, n_rot: Optional[int] = None, base: float = 10000.0) -> None:
-    m.u32("rope.dimension_count", n_rot if n_rot is not None else p.head_dim)
-    m.f32("rope.freq_base", base)
-
-
-def _rms(m: _Model, eps: float = 1e-5) -> None:
-    m.f32("attention.layer_norm_rms_epsilon", eps)
-
-
-def _ln(m: _Model, eps: float = 1e-5) -> None:
-    m.f32("attention.layer_norm_epsilon", eps)
-
-
-def _kv_lengths(m: _Model, hd: int) -> None:
-    m.u32("attention.key_length", hd)
-    m.u32("attention.value_length", hd)
-
-
-def _n_ff_exp(p: _Params) -> int:
-    return max(32, _round_up(p.n_ff // 2, 32))
-
-
-def _qkv_fused(m: _Model, p: _Params, i: int, bias: bool) -> None:
-    n = p.n_embd + 2 * p.n_head_kv * p.head_dim
-    m.t(_blk(i, "attn_qkv.weight"), (p.n_embd, n))
-    if bias:
-        m.t(_blk(i, "attn_qkv.bias"), (n,), "bias")
-
-
-def _arch_qwen2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i, bias_qkv=True)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-
-
-def _arch_qwen3(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0); _kv_lengths(m, p.head_dim)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i, qk_norm=True)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-
-
-def _arch_qwen3moe(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0); _kv_lengths(m, p.head_dim)
-    _moe_hp(m, p)
-    m.u32("expert_feed_forward_length", _n_ff_exp(p))
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i, qk_norm=True)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_moe(m, p, i, _n_ff_exp(p))
-
-
-def _arch_qwen2moe(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=1000000.0)
-    _moe_hp(m, p)
-    n_ff_exp = _n_ff_exp(p)
-    m.u32("expert_feed_forward_length", n_ff_exp)
-    m.u32("expert_shared_feed_forward_length", p.n_ff)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i, bias_qkv=True)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_moe(m, p, i, n_ff_exp)
-        m.t(_blk(i, "ffn_gate_inp_shexp.weight"), (p.n_embd,), "bias", std=0.1)
-        m.t(_blk(i, "ffn_gate_shexp.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_down_shexp.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_up_shexp.weight"), (p.n_embd, p.n_ff))
-
-
-def _arch_qwen(m: _Model, p: _Params) -> None:
-    p.n_head_kv = p.n_head  # fused qkv of 3*n_embd: no GQA
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        m.t(_blk(i, "attn_qkv.weight"), (p.n_embd, 3 * p.n_embd))
-        m.t(_blk(i, "attn_qkv.bias"), (3 * p.n_embd,), "bias")
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i, p.n_ff // 2)
-
-
-def _arch_gemma(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p); _kv_lengths(m, p.head_dim)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-
-
-def _arch_gemma2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p); _kv_lengths(m, p.head_dim)
-    m.u32("attention.sliding_window", 8)
-    m.f32("attn_logit_softcapping", 50.0)
-    m.f32("final_logit_softcapping", 30.0)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
-
-
-def _arch_phi3(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _qkv_fused(m, p, i, bias=False)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-
-
-def _arch_phi2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 2)
-    _emb_out(m, p, out_norm_bias=True)
-    m.t("output.bias", (p.n_vocab,), "bias")
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-        _attn(m, p, i, bias_qkv=True, bias_o=True)
-        _ffn_biased(m, p, i)
-
-
-def _arch_baichuan(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-
-
-def _arch_bloom(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m)
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    _norm(m, "token_embd_norm", p.n_embd, bias=True)
-    _norm(m, "output_norm", p.n_embd, bias=True)
-    for i in range(p.n_layer):
-        _gelu_block(m, p, i)
-
-
-def _arch_gpt2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m)
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    m.t("position_embd.weight", (p.n_embd, p.n_ctx_train), quant=False)
-    _norm(m, "output_norm", p.n_embd, bias=True)
-    m.t("output.weight", (p.n_embd, p.n_vocab))
-    for i in range(p.n_layer):
-        _gelu_block(m, p, i)
-
-
-def _arch_starcoder2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p, base=100000.0)
-    _emb_out(m, p, out_norm_bias=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-        _attn(m, p, i, bias_qkv=True, bias_o=True)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
-        _ffn_biased(m, p, i)
-
-
-def _arch_falcon(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p)
-    _emb_out(m, p, out_norm_bias=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-        _qkv_fused(m, p, i, bias=False)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-
-
-def _arch_chatglm(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, n_rot=p.head_dim // 2)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _qkv_fused(m, p, i, bias=True)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-
-
-def _arch_glm4(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, n_rot=p.head_dim // 2)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i, bias_qkv=True)
-        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, 2 * p.n_ff))
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
-
-
-def _arch_command_r(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p)
-    m.f32("logit_scale", 0.0625)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _ffn_glu(m, p, i)
-
-
-def _arch_cohere2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p, base=50000.0)
-    m.f32("logit_scale", 0.25)
-    m.u32("attention.sliding_window", 8)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _ffn_glu(m, p, i)
-
-
-def _arch_olmo2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=500000.0)
-    if p.sliding_window > 0:  # OLMo 3: sliding window on 3 of every 4 layers (llama.cpp's default pattern)
-        m.u32("attention.sliding_window", p.sliding_window)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _attn(m, p, i)
-        _norm(m, _blk(i, "attn_q_norm"), p.n_embd)
-        _norm(m, _blk(i, "attn_k_norm"), p.n_head_kv * p.head_dim)
-        _norm(m, _blk(i, "post_attention_norm"), p.n_embd)
-        _ffn_glu(m, p, i)
-        _norm(m, _blk(i, "post_ffw_norm"), p.n_embd)
-
-
-def _arch_granite(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
-    m.f32("logit_scale", 8.0)
-    m.f32("residual_scale", 0.22)
-    m.f32("embedding_scale", 12.0)
-    m.f32("attention.scale", 1.0 / p.head_dim)
-    _moe_hp(m, p)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        if p.n_expert > 0:
-            _ffn_moe(m, p, i)
-        else:
-            _ffn_glu(m, p, i)
-
-
-def _n_dense_lead(p: _Params) -> int:
-    return 1 if p.n_layer > 1 else 0
-
-
-def _shexp(m: _Model, p: _Params, i: int, n: int) -> None:
-    m.t(_blk(i, "ffn_gate_shexp.weight"), (p.n_embd, n))
-    m.t(_blk(i, "ffn_down_shexp.weight"), (n, p.n_embd))
-    m.t(_blk(i, "ffn_up_shexp.weight"), (p.n_embd, n))
-
-
-def _arch_deepseek(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
-    _moe_hp(m, p)
-    n_ff_exp = _n_ff_exp(p)
-    m.u32("leading_dense_block_count", _n_dense_lead(p))
-    m.u32("expert_feed_forward_length", n_ff_exp)
-    m.u32("expert_shared_count", 1)
-    m.f32("expert_weights_scale", 1.0)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _attn(m, p, i)
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        if i < _n_dense_lead(p):
-            _ffn_glu(m, p, i)
-        else:
-            _ffn_moe(m, p, i, n_ff_exp)
-            _shexp(m, p, i, n_ff_exp)
-
-
-def _mla_dims(p: _Params) -> Dict[str, int]:
-    hd = p.head_dim
-    return dict(qk_nope=hd, qk_rope=max(2, hd // 2), v_head=hd,
-                kv_lora=max(32, _round_up(p.n_embd // 2, 32)), q_lora=max(32, _round_up(p.n_embd // 2, 32)))
-
-
-def _arch_deepseek2(m: _Model, p: _Params) -> None:
-    # DeepSeek-V3 style: MLA (absorbed, as written by current convert_hf_to_gguf) + sigmoid-gated MoE
-    d = _mla_dims(p)
-    m.u32("context_length", p.n_ctx_train)
-    m.u32("embedding_length", p.n_embd)
-    m.u32("block_count", p.n_layer)
-    m.u32("feed_forward_length", p.n_ff)
-    m.u32("attention.head_count", p.n_head)
-    m.u32("attention.head_count_kv", 1)
-    m.u32("attention.key_length", d["kv_lora"] + d["qk_rope"])
-    m.u32("attention.value_length", d["kv_lora"])
-    m.u32("attention.key_length_mla", d["qk_nope"] + d["qk_rope"])
-    m.u32("attention.value_length_mla", d["v_head"])
-    m.u32("attention.q_lora_rank", d["q_lora"])
-    m.u32("attention.kv_lora_rank", d["kv_lora"])
-    _rms(m, 1e-6)
-    _rope_hp(m, p, n_rot=d["qk_rope"])
-    _moe_hp(m, p)
-    n_ff_exp = _n_ff_exp(p)
-    m.u32("leading_dense_block_count", _n_dense_lead(p))
-    m.u32("expert_feed_forward_length", n_ff_exp)
-    m.u32("expert_shared_count", 1)
-    m.f32("expert_weights_scale", 2.5)
-    m.flag("expert_weights_norm", True)
-    m.u32("expert_gating_func", 2)  # sigmoid
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        m.t(_blk(i, "attn_q_a.weight"), (p.n_embd, d["q_lora"]))
-        _norm(m, _blk(i, "attn_q_a_norm"), d["q_lora"])
-        m.t(_blk(i, "attn_q_b.weight"), (d["q_lora"], p.n_head * (d["qk_nope"] + d["qk_rope"])))
-        m.t(_blk(i, "attn_kv_a_mqa.weight"), (p.n_embd, d["kv_lora"] + d["qk_rope"]))
-        _norm(m, _blk(i, "attn_kv_a_norm"), d["kv_lora"])
-        m.t(_blk(i, "attn_k_b.weight"), (d["qk_nope"], d["kv_lora"], p.n_head))
-        m.t(_blk(i, "attn_v_b.weight"), (d["kv_lora"], d["v_head"], p.n_head))
-        m.t(_blk(i, "attn_output.weight"), (p.n_head * d["v_head"], p.n_embd))
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        if i < _n_dense_lead(p):
-            _ffn_glu(m, p, i)
-        else:
-            _ffn_moe(m, p, i, n_ff_exp)
-            m.t(_blk(i, "exp_probs_b.bias"), (p.n_expert,), "bias", std=0.01)
-            _shexp(m, p, i, n_ff_exp)
-
-
-def _mamba_dims(p: _Params) -> Dict[str, int]:
-    return dict(d_conv=4, d_inner=2 * p.n_embd, d_state=16, dt_rank=max(1, -(-p.n_embd // 16)))
-
-
-def _ssm_a(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+def _ssm_a_range(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
     d_inner, d_state = shape
     return -np.broadcast_to(np.arange(1, d_state + 1, dtype=np.float32), shape).copy()
 
@@ -771,201 +330,6 @@ def _ssm_a(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
 def _ssm_dt_bias(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
     dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), size=shape)).astype(np.float32)
     return (dt + np.log(-np.expm1(-dt))).astype(np.float32)  # inverse softplus
-
-
-def _arch_mamba(m: _Model, p: _Params) -> None:
-    d = _mamba_dims(p)
-    _common_hp(m, p, ff=False, heads=False)
-    m.u32("feed_forward_length", 0)
-    m.u32("attention.head_count", 0)
-    _rms(m, 1e-5)
-    m.u32("ssm.conv_kernel", d["d_conv"])
-    m.u32("ssm.inner_size", d["d_inner"])
-    m.u32("ssm.state_size", d["d_state"])
-    m.u32("ssm.time_step_rank", d["dt_rank"])
-    _emb_out(m, p)
-    di, ds, dr = d["d_inner"], d["d_state"], d["dt_rank"]
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        m.t(_blk(i, "ssm_in.weight"), (p.n_embd, 2 * di))
-        m.t(_blk(i, "ssm_conv1d.weight"), (d["d_conv"], di), quant=False, std=0.3)
-        m.t(_blk(i, "ssm_conv1d.bias"), (di,), "bias")
-        m.t(_blk(i, "ssm_x.weight"), (di, dr + 2 * ds))
-        m.t(_blk(i, "ssm_dt.weight"), (dr, di), std=0.3)
-        m.t(_blk(i, "ssm_dt.bias"), (di,), "custom", fn=_ssm_dt_bias)
-        m.t(_blk(i, "ssm_a"), (ds, di), "custom", fn=_ssm_a)
-        m.t(_blk(i, "ssm_d"), (di,), "ones")
-        m.t(_blk(i, "ssm_out.weight"), (di, p.n_embd))
-
-
-# ---- more llama.cpp architectures (tensor names / hparams as in src/models/<arch>.cpp)
-
-def _llama_like_layer(m: _Model, p: _Params, i: int, *, norm_bias: bool = False, gate: bool = True,
-                      bias_qkv: bool = False, bias_o: bool = False) -> None:
-    _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=norm_bias)
-    _attn(m, p, i, bias_qkv=bias_qkv, bias_o=bias_o)
-    _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=norm_bias)
-    if gate:
-        _ffn_glu(m, p, i)
-    else:
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-
-
-def _arch_internlm2(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=1000000.0)
-    _emb_out(m, p)  # output.weight is required
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_xverse(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p)
-    _emb_out(m, p)  # output.weight is required
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_orion(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p)
-    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i, norm_bias=True)
-
-
-def _arch_stablelm(m: _Model, p: _Params) -> None:
-    # StableLM 2: LayerNorm with bias, partial rotary (25%), q/k/v biases
-    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 4)
-    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i, norm_bias=True, bias_qkv=True)
-
-
-def _arch_olmo(m: _Model, p: _Params) -> None:
-    # OLMo 1: non-parametric LayerNorm (no norm tensors at all), optional QKV clamp
-    _common_hp(m, p); _ln(m); _rope_hp(m, p)
-    m.f32("attention.clamp_kqv", 8.0)
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    m.t("output.weight", (p.n_embd, p.n_vocab))
-    for i in range(p.n_layer):
-        _attn(m, p, i)
-        _ffn_glu(m, p, i)
-
-
-def _arch_exaone(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=500000.0)
-    _emb_out(m, p)
-    m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_arcee(m: _Model, p: _Params) -> None:
-    # AFM: llama with a squared-ReLU MLP (no gate)
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
-    _emb_out(m, p, tied=True)
-    m.t("rope_freqs.weight", (p.head_dim // 2,), "custom", fn=_rope_freqs)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i, gate=False)
-
-
-def _arch_smollm3(m: _Model, p: _Params) -> None:
-    # no RoPE on every 4th layer (hard-coded n_no_rope_layer_step = 4 in smollm3.cpp)
-    _common_hp(m, p); _rms(m, 1e-6); _rope_hp(m, p, base=2000000.0)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_mistral3(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=1000000.0)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_ernie4_5(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p, base=500000.0)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_minicpm(m: _Model, p: _Params) -> None:
-    # no embedding_scale / residual_scale / logit_scale keys: llama.cpp's defaults apply
-    # (12, 1.4/sqrt(n_layer), 256/n_embd), as in older MiniCPM GGUFs
-    _common_hp(m, p); _rms(m, 1e-5); _rope_hp(m, p)
-    _emb_out(m, p, tied=True)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_refact(m: _Model, p: _Params) -> None:
-    # ALiBi (max bias 8, hard-coded), no RoPE
-    _common_hp(m, p); _rms(m, 1e-5)
-    _emb_out(m, p)
-    for i in range(p.n_layer):
-        _llama_like_layer(m, p, i)
-
-
-def _arch_mpt(m: _Model, p: _Params) -> None:
-    # ALiBi, LayerNorm without bias, GELU MLP, tied embeddings, QKV clamp
-    _common_hp(m, p); _ln(m)
-    m.f32("attention.max_alibi_bias", 8.0)
-    m.f32("attention.clamp_kqv", 6.0)
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    _norm(m, "output_norm", p.n_embd)
-    for i in range(p.n_layer):
-        _norm(m, _blk(i, "attn_norm"), p.n_embd)
-        _qkv_fused(m, p, i, bias=False)
-        m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-        _norm(m, _blk(i, "ffn_norm"), p.n_embd)
-        m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-        m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-
-
-def _gelu_block(m: _Model, p: _Params, i: int) -> None:
-    """LayerNorm(+bias) blocks with fused biased QKV and a biased GELU MLP (GPT-NeoX/StarCoder/CodeShell)."""
-    _norm(m, _blk(i, "attn_norm"), p.n_embd, bias=True)
-    _qkv_fused(m, p, i, bias=True)
-    m.t(_blk(i, "attn_output.weight"), (p.n_embd, p.n_embd))
-    m.t(_blk(i, "attn_output.bias"), (p.n_embd,), "bias")
-    _norm(m, _blk(i, "ffn_norm"), p.n_embd, bias=True)
-    _ffn_biased(m, p, i)
-
-
-def _ffn_biased(m: _Model, p: _Params, i: int) -> None:
-    """Ungated MLP with biases: ffn_up (+bias), ffn_down (+bias)."""
-    m.t(_blk(i, "ffn_up.weight"), (p.n_embd, p.n_ff))
-    m.t(_blk(i, "ffn_up.bias"), (p.n_ff,), "bias")
-    m.t(_blk(i, "ffn_down.weight"), (p.n_ff, p.n_embd))
-    m.t(_blk(i, "ffn_down.bias"), (p.n_embd,), "bias")
-
-
-def _arch_gptneox(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p, n_rot=p.head_dim // 4)
-    m.flag("use_parallel_residual", True)
-    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
-    for i in range(p.n_layer):
-        _gelu_block(m, p, i)
-
-
-def _arch_starcoder(m: _Model, p: _Params) -> None:
-    # learned absolute position embeddings (position_embd.weight, required)
-    _common_hp(m, p); _ln(m)
-    m.t("token_embd.weight", (p.n_embd, p.n_vocab))
-    m.t("position_embd.weight", (p.n_embd, p.n_ctx_train), quant=False)
-    _norm(m, "output_norm", p.n_embd, bias=True)
-    m.t("output.weight", (p.n_embd, p.n_vocab))
-    for i in range(p.n_layer):
-        _gelu_block(m, p, i)
-
-
-def _arch_codeshell(m: _Model, p: _Params) -> None:
-    _common_hp(m, p); _ln(m); _rope_hp(m, p)
-    _emb_out(m, p, out_norm_bias=True)  # output.weight is required
-    for i in range(p.n_layer):
-        _gelu_block(m, p, i)
 
 
 # --------------------------------------------------------------------------- #
@@ -977,6 +341,9 @@ def _arch_codeshell(m: _Model, p: _Params) -> None:
 #   L layers, E n_embd, H heads, K kv heads, D head size, F n_ff, V n_vocab, C n_ctx_train,
 #   X experts, XU experts used, FX expert FFN size, i the layer index (tensor rows and "[...]"
 #   per-layer arrays), plus the spec's own ``dims`` (name -> expression over the above).
+#   VAR the variant ("" for none), SWOPT the optional sliding window (0: none), LEAD the dense lead layers.
+# Metadata types: u32 | i32 | f32 | bool | str; "u32[]" a per-layer array (expression over i), "i32*" a
+# fixed array (expression giving the list). A row's optional last element is a condition.
 # Tensor names starting with "blk." are per layer ("blk.attn_q.weight" -> "blk.{i}.attn_q.weight").
 # A shape is a comma-separated list of expressions in ggml order (ne[0] first).
 
@@ -989,7 +356,7 @@ _KV_TYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGU
 
 @dataclass(frozen=True)
 class _Spec:
-    kv: Tuple[Tuple[str, str, str], ...]                 # (key, type or "type[]", expression)
+    kv: Tuple[Tuple[str, ...], ...]                       # (key, type, expression[, condition])
     tensors: Tuple[Tuple[str, ...], ...]                  # (name, shape[, kind[, condition]])
     dims: Tuple[Tuple[str, str], ...] = ()                # extra dimensions, evaluated in order
     moe: Tuple[int, int] = (0, 0)                         # default (experts, used) when none are asked for
@@ -999,14 +366,18 @@ class _Spec:
 def _dims(p: _Params, spec: _Spec) -> Dict[str, object]:
     d: Dict[str, object] = dict(L=p.n_layer, E=p.n_embd, H=p.n_head, K=p.n_head_kv, D=p.head_dim, F=p.n_ff,
                                 V=p.n_vocab, C=p.n_ctx_train, X=p.n_expert, XU=p.n_expert_used,
-                                FX=_n_ff_exp(p), SW=p.sliding_window or 8, max=max, min=min)
+                                FX=_n_ff_exp(p), SW=p.sliding_window or 8, SWOPT=p.sliding_window,
+                                VAR=p.variant or "", LEAD=1 if p.n_layer > 1 else 0, max=max, min=min)
     for name, expr in spec.dims:
         d[name] = eval(expr, {}, d)  # noqa: S307 - expressions of this module's own table
     return d
 
 
 def _kind_args(kind: str) -> Tuple[str, dict]:
-    """'w' | 'w0.3' (std) | 'f32w' / 'f32w0.3' (matrix kept F32) | 'norm' | 'bias' | 'zeros' | 'ones' | custom."""
+    """'w' | 'w0.3' (std) | 'f32w' / 'f32w0.3' (matrix kept F32) | 'norm' | 'bias' / 'bias0.1' (std) | 'zeros' |
+    'ones' | a name in _CUSTOM."""
+    if kind.startswith("bias") and kind[4:]:
+        return "bias", {"std": float(kind[4:])}
     if kind.startswith("f32w"):
         return "w", {"quant": False, **({"std": float(kind[4:])} if kind[4:] else {})}
     if kind.startswith("w") and kind[1:]:
@@ -1020,7 +391,9 @@ def _from_spec(m: _Model, p: _Params, spec: _Spec) -> None:
     d = _dims(p, spec)
     if spec.base_kv:
         _common_hp(m, p)
-    for key, typ, expr in spec.kv:
+    for key, typ, expr, *cond in spec.kv:
+        if cond and not eval(cond[0], {}, d):  # noqa: S307
+            continue
         if typ.endswith("*"):  # a fixed array
             m.arr(key, eval(expr, {}, d), _KV_TYPES[typ[:-1]])  # noqa: S307
             continue
@@ -1032,38 +405,32 @@ def _from_spec(m: _Model, p: _Params, spec: _Spec) -> None:
         v = eval(expr, {}, d)  # noqa: S307
         m.kv = [row for row in m.kv if row[0] != m._key(key)]
         m.kv.append((m._key(key), v, _KV_TYPES[typ], None))
-    for row in spec.tensors:
-        name, shape = row[0], row[1]
-        kind = row[2] if len(row) > 2 else "w"
-        cond = row[3] if len(row) > 3 else None
-        kind_name, kw = _kind_args(kind)
-        layers = range(p.n_layer) if name.startswith("blk.") else (None,)
-        for i in layers:
-            env = {**d, "i": i}
-            if cond is not None and not eval(cond, {}, env):  # noqa: S307
+    # global tensors first, then layer by layer (each layer's tensors in table order)
+    glob = [r for r in spec.tensors if not r[0].startswith("blk.")]
+    per_layer = [r for r in spec.tensors if r[0].startswith("blk.")]
+    for i, rows in [(None, glob)] + [(il, per_layer) for il in range(p.n_layer)]:
+        env = {**d, "i": i}
+        for row in rows:
+            name, shape = row[0], row[1]
+            kind = row[2] if len(row) > 2 else "w"
+            if len(row) > 3 and not eval(row[3], {}, env):  # noqa: S307
                 continue
+            kind_name, kw = _kind_args(kind)
             ne = tuple(int(eval(x, {}, env)) for x in shape.split(","))  # noqa: S307
-            full = f"blk.{i}.{name[4:]}" if i is not None else name
-            m.t(full, ne, kind_name, **kw)
+            m.t(name if i is None else f"blk.{i}.{name[4:]}", ne, kind_name, **kw)
 
 
 def _ssm_a_neg(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
     return -np.exp(rng.uniform(0.0, 1.5, size=shape)).astype(np.float32)
 
 
-def _dt_bias(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
-    return _ssm_dt_bias(rng, shape)
-
-
 _CUSTOM: Dict[str, Callable[[np.random.Generator, Tuple[int, ...]], np.ndarray]] = {
     "ssm_a": _ssm_a_neg,
-    "dt_bias": _dt_bias,
+    "dt_bias": _ssm_dt_bias,
+    "ssm_a_range": _ssm_a_range,
     "rope_freqs": _rope_freqs,
 }
 
-_ATTN = (("blk.attn_q.weight", "E, H*D"), ("blk.attn_k.weight", "E, K*D"), ("blk.attn_v.weight", "E, K*D"),
-         ("blk.attn_output.weight", "H*D, E"))
-_GLU = (("blk.ffn_gate.weight", "E, F"), ("blk.ffn_up.weight", "E, F"), ("blk.ffn_down.weight", "F, E"))
 _EMB = (("token_embd.weight", "E, V"), ("output_norm.weight", "E", "norm"))
 _OUT = (("output.weight", "E, V"),)
 
@@ -1073,10 +440,232 @@ def _when(cond: str, rows) -> Tuple[Tuple[str, ...], ...]:
     return tuple((r[0], r[1], r[2] if len(r) > 2 else "w", cond) for r in rows)
 
 
-_MOE = (("blk.ffn_gate_inp.weight", "E, X", "f32w"), ("blk.ffn_gate_exps.weight", "E, FX, X"),
-        ("blk.ffn_up_exps.weight", "E, FX, X"), ("blk.ffn_down_exps.weight", "FX, E, X"))
-_SHEXP = (("blk.ffn_gate_shexp.weight", "E, FX"), ("blk.ffn_up_shexp.weight", "E, FX"),
-          ("blk.ffn_down_shexp.weight", "FX, E"))
+
+# ---- building blocks (row tuples) for the spec table
+def _n(name: str, dim: str = "E", bias: bool = False) -> Tuple[Tuple[str, ...], ...]:
+    """A norm's weight (and bias)."""
+    return ((f"{name}.weight", dim, "norm"),) + (((f"{name}.bias", dim, "bias"),) if bias else ())
+
+
+def _attn_rows(bias_qkv: bool = False, bias_o: bool = False, qk_norm: bool = False) -> Tuple[Tuple[str, ...], ...]:
+    rows = [("blk.attn_q.weight", "E, H*D"), ("blk.attn_k.weight", "E, K*D"), ("blk.attn_v.weight", "E, K*D")]
+    if bias_qkv:
+        rows += [("blk.attn_q.bias", "H*D", "bias"), ("blk.attn_k.bias", "K*D", "bias"), ("blk.attn_v.bias", "K*D", "bias")]
+    rows.append(("blk.attn_output.weight", "H*D, E"))
+    if bias_o:
+        rows.append(("blk.attn_output.bias", "E", "bias"))
+    if qk_norm:
+        rows += [("blk.attn_q_norm.weight", "D", "norm"), ("blk.attn_k_norm.weight", "D", "norm")]
+    return tuple(rows)
+
+
+def _glu(ff: str = "F") -> Tuple[Tuple[str, ...], ...]:
+    return (("blk.ffn_gate.weight", f"E, {ff}"), ("blk.ffn_down.weight", f"{ff}, E"), ("blk.ffn_up.weight", f"E, {ff}"))
+
+
+def _moe(ff: str = "FX") -> Tuple[Tuple[str, ...], ...]:
+    return (("blk.ffn_gate_inp.weight", "E, X", "f32w"), ("blk.ffn_gate_exps.weight", f"E, {ff}, X"),
+            ("blk.ffn_down_exps.weight", f"{ff}, E, X"), ("blk.ffn_up_exps.weight", f"E, {ff}, X"))
+
+
+def _shexp_rows(ff: str = "FX") -> Tuple[Tuple[str, ...], ...]:
+    return (("blk.ffn_gate_shexp.weight", f"E, {ff}"), ("blk.ffn_down_shexp.weight", f"{ff}, E"),
+            ("blk.ffn_up_shexp.weight", f"E, {ff}"))
+
+
+# ungated MLP with biases (GPT-2 style)
+_FFN_B = (("blk.ffn_up.weight", "E, F"), ("blk.ffn_up.bias", "F", "bias"), ("blk.ffn_down.weight", "F, E"),
+          ("blk.ffn_down.bias", "E", "bias"))
+_UP_DOWN = (("blk.ffn_down.weight", "F, E"), ("blk.ffn_up.weight", "E, F"))
+_QKV = (("blk.attn_qkv.weight", "E, E + 2*K*D"),)
+_QKV_B = _QKV + (("blk.attn_qkv.bias", "E + 2*K*D", "bias"),)
+
+
+def _emb(tied: bool = False, out_norm_bias: bool = False) -> Tuple[Tuple[str, ...], ...]:
+    return (("token_embd.weight", "E, V"),) + _n("output_norm", bias=out_norm_bias) + (() if tied else _OUT)
+
+
+def _rms(eps: str = "1e-5") -> Tuple[Tuple[str, str, str], ...]:
+    return (("attention.layer_norm_rms_epsilon", "f32", eps),)
+
+
+def _ln(eps: str = "1e-5") -> Tuple[Tuple[str, str, str], ...]:
+    return (("attention.layer_norm_epsilon", "f32", eps),)
+
+
+def _rope(n_rot: str = "D", base: str = "10000.0") -> Tuple[Tuple[str, str, str], ...]:
+    return (("rope.dimension_count", "u32", n_rot), ("rope.freq_base", "f32", base))
+
+
+_KVLEN = (("attention.key_length", "u32", "D"), ("attention.value_length", "u32", "D"))
+_MOE_KV = (("expert_count", "u32", "X", "X > 0"), ("expert_used_count", "u32", "XU", "X > 0"))
+# GPT-NeoX/StarCoder/CodeShell blocks: LayerNorm(+bias), fused biased QKV, biased GELU MLP
+_GELU_BLOCK = (*_n("blk.attn_norm", bias=True), *_QKV_B, ("blk.attn_output.weight", "E, E"),
+               ("blk.attn_output.bias", "E", "bias"), *_n("blk.ffn_norm", bias=True), *_FFN_B)
+_LLAMA_LAYER = (*_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_glu())
+_SANDWICH = (*_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_n("blk.ffn_norm"),
+             *_glu(), *_n("blk.post_ffw_norm"))
+
+_ATTN = _attn_rows()
+_GLU = _glu()
+_MOE = _moe()
+_SHEXP = _shexp_rows()
+
+_BASE_SPECS: Dict[str, _Spec] = {
+    "llama": _Spec(
+        kv=(*_rms(), *_rope("D", "{'llama3': 500000.0, 'mistral': 1000000.0}.get(VAR, 10000.0)"), *_MOE_KV),
+        tensors=(*_emb(), ("rope_freqs.weight", "D // 2", "rope_freqs", "VAR == 'llama3'"),
+                 *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"),
+                 *_when("X > 0", _moe("F")), *_when("X == 0", _glu()))),
+    "gemma3": _Spec(
+        kv=(*_KVLEN, *_rms("1e-6"), ("attention.sliding_window", "u32", "8"), ("rope.freq_base", "f32", "1000000.0"),
+            ("rope.freq_base_swa", "f32", "10000.0")),
+        tensors=(*_emb(tied=True), *_SANDWICH)),
+    "qwen2": _Spec(kv=(*_rms("1e-6"), *_rope("D", "1000000.0")),
+                   tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(bias_qkv=True), *_n("blk.ffn_norm"), *_glu())),
+    "qwen3": _Spec(kv=(*_rms("1e-6"), *_rope("D", "1000000.0"), *_KVLEN),
+                   tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"), *_glu())),
+    "qwen3moe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms("1e-6"), *_rope("D", "1000000.0"), *_KVLEN, *_MOE_KV, ("expert_feed_forward_length", "u32", "FX")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"), *_moe())),
+    "qwen2moe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms("1e-6"), *_rope("D", "1000000.0"), *_MOE_KV, ("expert_feed_forward_length", "u32", "FX"),
+            ("expert_shared_feed_forward_length", "u32", "F")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(bias_qkv=True), *_n("blk.ffn_norm"), *_moe(),
+                 ("blk.ffn_gate_inp_shexp.weight", "E", "bias0.1"), ("blk.ffn_gate_shexp.weight", "E, F"),
+                 ("blk.ffn_down_shexp.weight", "F, E"), ("blk.ffn_up_shexp.weight", "E, F"))),
+    # fused qkv of 3*n_embd: no GQA (n_head_kv is n_head)
+    "qwen": _Spec(kv=(*_rms("1e-6"), *_rope()),
+                  tensors=(*_emb(), *_n("blk.attn_norm"), ("blk.attn_qkv.weight", "E, 3*E"),
+                           ("blk.attn_qkv.bias", "3*E", "bias"), ("blk.attn_output.weight", "E, E"),
+                           *_n("blk.ffn_norm"), *_glu("F // 2"))),
+    "gemma": _Spec(kv=(*_rms("1e-6"), *_rope(), *_KVLEN), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
+    "gemma2": _Spec(
+        kv=(*_rms("1e-6"), *_rope(), *_KVLEN, ("attention.sliding_window", "u32", "8"),
+            ("attn_logit_softcapping", "f32", "50.0"), ("final_logit_softcapping", "f32", "30.0")),
+        tensors=(*_emb(tied=True), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.post_attention_norm"),
+                 *_n("blk.ffn_norm"), *_glu(), *_n("blk.post_ffw_norm"))),
+    "phi3": _Spec(kv=(*_rms(), *_rope()),
+                  tensors=(*_emb(), *_n("blk.attn_norm"), *_QKV, ("blk.attn_output.weight", "E, E"),
+                           *_n("blk.ffn_norm"), ("blk.ffn_up.weight", "E, 2*F"), ("blk.ffn_down.weight", "F, E"))),
+    "phi2": _Spec(kv=(*_ln(), *_rope("D // 2")),
+                  tensors=(*_emb(out_norm_bias=True), ("output.bias", "V", "bias"), *_n("blk.attn_norm", bias=True),
+                           *_attn_rows(bias_qkv=True, bias_o=True), *_FFN_B)),
+    "baichuan": _Spec(kv=(*_rms("1e-6"), *_rope()), tensors=(*_emb(), *_LLAMA_LAYER)),
+    "bloom": _Spec(kv=_ln(), tensors=(("token_embd.weight", "E, V"), *_n("token_embd_norm", bias=True),
+                                      *_n("output_norm", bias=True), *_GELU_BLOCK)),
+    "gpt2": _Spec(kv=_ln(), tensors=(("token_embd.weight", "E, V"), ("position_embd.weight", "E, C", "f32w"),
+                                     *_n("output_norm", bias=True), *_OUT, *_GELU_BLOCK)),
+    "starcoder2": _Spec(kv=(*_ln(), *_rope("D", "100000.0")),
+                        tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True),
+                                 *_attn_rows(bias_qkv=True, bias_o=True), *_n("blk.ffn_norm", bias=True), *_FFN_B)),
+    "falcon": _Spec(kv=(*_ln(), *_rope()),
+                    tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True), *_QKV,
+                             ("blk.attn_output.weight", "E, E"), ("blk.ffn_up.weight", "E, F"),
+                             ("blk.ffn_down.weight", "F, E"))),
+    "chatglm": _Spec(kv=(*_rms(), *_rope("D // 2")),
+                     tensors=(*_emb(), *_n("blk.attn_norm"), *_QKV_B, ("blk.attn_output.weight", "E, E"),
+                              *_n("blk.ffn_norm"), ("blk.ffn_up.weight", "E, 2*F"), ("blk.ffn_down.weight", "F, E"))),
+    "glm4": _Spec(kv=(*_rms(), *_rope("D // 2")),
+                  tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(bias_qkv=True), *_n("blk.post_attention_norm"),
+                           *_n("blk.ffn_norm"), ("blk.ffn_up.weight", "E, 2*F"), ("blk.ffn_down.weight", "F, E"),
+                           *_n("blk.post_ffw_norm"))),
+    "command-r": _Spec(kv=(*_ln(), *_rope(), ("logit_scale", "f32", "0.0625")),
+                       tensors=(*_emb(tied=True), *_n("blk.attn_norm"), *_attn_rows(), *_glu())),
+    "cohere2": _Spec(kv=(*_ln(), *_rope("D", "50000.0"), ("logit_scale", "f32", "0.25"),
+                         ("attention.sliding_window", "u32", "8")),
+                     tensors=(*_emb(tied=True), *_n("blk.attn_norm"), *_attn_rows(), *_glu())),
+    # OLMo 3: sliding window (write_random_gguf's sliding_window) on 3 of every 4 layers
+    "olmo2": _Spec(kv=(*_rms("1e-6"), *_rope("D", "500000.0"),
+                       ("attention.sliding_window", "u32", "SWOPT", "SWOPT > 0")),
+                   tensors=(*_emb(), *_attn_rows(), *_n("blk.attn_q_norm"), *_n("blk.attn_k_norm", "K*D"),
+                            *_n("blk.post_attention_norm"), *_glu(), *_n("blk.post_ffw_norm"))),
+    "granite": _Spec(
+        kv=(*_rms(), *_rope(), ("logit_scale", "f32", "8.0"), ("residual_scale", "f32", "0.22"),
+            ("embedding_scale", "f32", "12.0"), ("attention.scale", "f32", "1.0 / D"), *_MOE_KV),
+        tensors=(*_emb(tied=True), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"),
+                 *_when("X > 0", _moe("F")), *_when("X == 0", _glu()))),
+    # dense first layer (leading_dense_block_count 1), then MoE with a shared expert
+    "deepseek": _Spec(
+        moe=(4, 2),
+        kv=(*_rms("1e-6"), *_rope(), *_MOE_KV, ("leading_dense_block_count", "u32", "LEAD"),
+            ("expert_feed_forward_length", "u32", "FX"), ("expert_shared_count", "u32", "1"),
+            ("expert_weights_scale", "f32", "1.0")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_when("i < LEAD", _glu()),
+                 *_when("i >= LEAD", _moe() + _shexp_rows()))),
+    # DeepSeek-V3 style: MLA (absorbed, as written by current convert_hf_to_gguf) + sigmoid-gated MoE
+    "deepseek2": _Spec(
+        moe=(4, 2), base_kv=False,
+        dims=(("NOPE", "D"), ("ROPE", "max(2, D // 2)"), ("VH", "D"), ("KVL", "max(32, -(-(E // 2) // 32) * 32)"),
+              ("QL", "max(32, -(-(E // 2) // 32) * 32)")),
+        kv=(("context_length", "u32", "C"), ("embedding_length", "u32", "E"), ("block_count", "u32", "L"),
+            ("feed_forward_length", "u32", "F"), ("attention.head_count", "u32", "H"),
+            ("attention.head_count_kv", "u32", "1"), ("attention.key_length", "u32", "KVL + ROPE"),
+            ("attention.value_length", "u32", "KVL"), ("attention.key_length_mla", "u32", "NOPE + ROPE"),
+            ("attention.value_length_mla", "u32", "VH"), ("attention.q_lora_rank", "u32", "QL"),
+            ("attention.kv_lora_rank", "u32", "KVL"), *_rms("1e-6"), *_rope("ROPE"), *_MOE_KV,
+            ("leading_dense_block_count", "u32", "LEAD"), ("expert_feed_forward_length", "u32", "FX"),
+            ("expert_shared_count", "u32", "1"), ("expert_weights_scale", "f32", "2.5"),
+            ("expert_weights_norm", "bool", "True"), ("expert_gating_func", "u32", "2")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), ("blk.attn_q_a.weight", "E, QL"), *_n("blk.attn_q_a_norm", "QL"),
+                 ("blk.attn_q_b.weight", "QL, H * (NOPE + ROPE)"), ("blk.attn_kv_a_mqa.weight", "E, KVL + ROPE"),
+                 *_n("blk.attn_kv_a_norm", "KVL"), ("blk.attn_k_b.weight", "NOPE, KVL, H"),
+                 ("blk.attn_v_b.weight", "KVL, VH, H"), ("blk.attn_output.weight", "H * VH, E"), *_n("blk.ffn_norm"),
+                 *_when("i < LEAD", _glu()),
+                 *_when("i >= LEAD", _moe() + (("blk.exp_probs_b.bias", "X", "bias0.01"),) + _shexp_rows()))),
+    "mamba": _Spec(
+        base_kv=False,
+        dims=(("DI", "2*E"), ("DS", "16"), ("DR", "max(1, -(-E // 16))")),
+        kv=(("context_length", "u32", "C"), ("embedding_length", "u32", "E"), ("block_count", "u32", "L"),
+            ("feed_forward_length", "u32", "0"), ("attention.head_count", "u32", "0"), *_rms(),
+            ("ssm.conv_kernel", "u32", "4"), ("ssm.inner_size", "u32", "DI"), ("ssm.state_size", "u32", "DS"),
+            ("ssm.time_step_rank", "u32", "DR")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), ("blk.ssm_in.weight", "E, 2*DI"),
+                 ("blk.ssm_conv1d.weight", "4, DI", "f32w0.3"), ("blk.ssm_conv1d.bias", "DI", "bias"),
+                 ("blk.ssm_x.weight", "DI, DR + 2*DS"), ("blk.ssm_dt.weight", "DR, DI", "w0.3"),
+                 ("blk.ssm_dt.bias", "DI", "dt_bias"), ("blk.ssm_a", "DS, DI", "ssm_a_range"),
+                 ("blk.ssm_d", "DI", "ones"), ("blk.ssm_out.weight", "DI, E"))),
+    "internlm2": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")), tensors=(*_emb(), *_LLAMA_LAYER)),
+    "xverse": _Spec(kv=(*_rms("1e-6"), *_rope()), tensors=(*_emb(), *_LLAMA_LAYER)),
+    "orion": _Spec(kv=(*_ln(), *_rope()),
+                   tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True), *_attn_rows(),
+                            *_n("blk.ffn_norm", bias=True), *_glu())),
+    # StableLM 2: LayerNorm with bias, partial rotary (25%), q/k/v biases
+    "stablelm": _Spec(kv=(*_ln(), *_rope("D // 4")),
+                      tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True),
+                               *_attn_rows(bias_qkv=True), *_n("blk.ffn_norm", bias=True), *_glu())),
+    # OLMo 1: non-parametric LayerNorm (no norm tensors at all), optional QKV clamp
+    "olmo": _Spec(kv=(*_ln(), *_rope(), ("attention.clamp_kqv", "f32", "8.0")),
+                  tensors=(("token_embd.weight", "E, V"), *_OUT, *_attn_rows(), *_glu())),
+    "exaone": _Spec(kv=(*_rms(), *_rope("D", "500000.0")),
+                    tensors=(*_emb(), ("rope_freqs.weight", "D // 2", "rope_freqs"), *_LLAMA_LAYER)),
+    # AFM: llama with a squared-ReLU MLP (no gate)
+    "arcee": _Spec(kv=(*_rms(), *_rope()),
+                   tensors=(*_emb(tied=True), ("rope_freqs.weight", "D // 2", "rope_freqs"), *_n("blk.attn_norm"),
+                            *_attn_rows(), *_n("blk.ffn_norm"), *_UP_DOWN)),
+    # no RoPE on every 4th layer (hard-coded n_no_rope_layer_step = 4 in smollm3.cpp)
+    "smollm3": _Spec(kv=(*_rms("1e-6"), *_rope("D", "2000000.0")), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
+    "mistral3": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")), tensors=(*_emb(), *_LLAMA_LAYER)),
+    "ernie4_5": _Spec(kv=(*_rms(), *_rope("D", "500000.0")), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
+    # no embedding_scale / residual_scale / logit_scale keys: llama.cpp's defaults apply
+    # (12, 1.4/sqrt(n_layer), 256/n_embd), as in older MiniCPM GGUFs
+    "minicpm": _Spec(kv=(*_rms(), *_rope()), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
+    # ALiBi (max bias 8, hard-coded), no RoPE
+    "refact": _Spec(kv=_rms(), tensors=(*_emb(), *_LLAMA_LAYER)),
+    # ALiBi, LayerNorm without bias, GELU MLP, tied embeddings, QKV clamp
+    "mpt": _Spec(kv=(*_ln(), ("attention.max_alibi_bias", "f32", "8.0"), ("attention.clamp_kqv", "f32", "6.0")),
+                 tensors=(("token_embd.weight", "E, V"), *_n("output_norm"), *_n("blk.attn_norm"), *_QKV,
+                          ("blk.attn_output.weight", "E, E"), *_n("blk.ffn_norm"), *_UP_DOWN)),
+    "gptneox": _Spec(kv=(*_ln(), *_rope("D // 4"), ("use_parallel_residual", "bool", "True")),
+                     tensors=(*_emb(out_norm_bias=True), *_GELU_BLOCK)),
+    # learned absolute position embeddings (position_embd.weight, required)
+    "starcoder": _Spec(kv=_ln(), tensors=(("token_embd.weight", "E, V"), ("position_embd.weight", "E, C", "f32w"),
+                                          *_n("output_norm", bias=True), *_OUT, *_GELU_BLOCK)),
+    "codeshell": _Spec(kv=(*_ln(), *_rope()), tensors=(*_emb(out_norm_bias=True), *_GELU_BLOCK)),
+}
+
 
 # Qwen3.5 (dense and MoE): keys and the attention / gated delta-net mixers of its layers
 _QWEN35_KV = (("attention.layer_norm_rms_epsilon", "f32", "1e-6"), ("rope.dimension_count", "u32", "D"),
@@ -1098,6 +687,7 @@ _QWEN35_MIXERS = (
                                 ("blk.ssm_norm.weight", "DS", "norm"), ("blk.ssm_out.weight", "VD, E"))))
 
 _SPECS: Dict[str, _Spec] = {
+    **_BASE_SPECS,
     # Phi-4-mini (phi3 arch): GQA through the fused QKV, partial rotary (3/4 of the head), LongRoPE factors
     # (global rope_factors_long/short; long ones used since tests run past the 128-token original context)
     "phi3:phi4-mini": _Spec(
@@ -1243,49 +833,6 @@ _SPECS: Dict[str, _Spec] = {
 }
 
 
-_ARCHS: Dict[str, Callable[[_Model, _Params], None]] = {
-    "llama": _arch_llama,
-    "gemma3": _arch_gemma3,
-    "gemma2": _arch_gemma2,
-    "gemma": _arch_gemma,
-    "qwen2": _arch_qwen2,
-    "qwen3": _arch_qwen3,
-    "phi3": _arch_phi3,
-    "baichuan": _arch_baichuan,
-    "bloom": _arch_bloom,
-    "chatglm": _arch_chatglm,
-    "glm4": _arch_glm4,
-    "command-r": _arch_command_r,
-    "cohere2": _arch_cohere2,
-    "deepseek": _arch_deepseek,
-    "deepseek2": _arch_deepseek2,
-    "falcon": _arch_falcon,
-    "gpt2": _arch_gpt2,
-    "mamba": _arch_mamba,
-    "phi2": _arch_phi2,
-    "qwen": _arch_qwen,
-    "qwen2moe": _arch_qwen2moe,
-    "qwen3moe": _arch_qwen3moe,
-    "starcoder2": _arch_starcoder2,
-    "olmo2": _arch_olmo2,
-    "granite": _arch_granite,
-    "internlm2": _arch_internlm2,
-    "xverse": _arch_xverse,
-    "orion": _arch_orion,
-    "stablelm": _arch_stablelm,
-    "olmo": _arch_olmo,
-    "exaone": _arch_exaone,
-    "arcee": _arch_arcee,
-    "smollm3": _arch_smollm3,
-    "mistral3": _arch_mistral3,
-    "ernie4_5": _arch_ernie4_5,
-    "minicpm": _arch_minicpm,
-    "refact": _arch_refact,
-    "mpt": _arch_mpt,
-    "gptneox": _arch_gptneox,
-    "starcoder": _arch_starcoder,
-    "codeshell": _arch_codeshell,
-}
 
 _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
     "llama": (None, "llama3", "mistral", "mixtral"),
@@ -1293,18 +840,16 @@ _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
 }
 
 # MoE-only archs: default (n_expert, n_expert_used) when n_expert == 0
-_MOE_ARCHS: Dict[str, Tuple[int, int]] = {
-    "deepseek": (4, 2),
-    "deepseek2": (4, 2),
-    "qwen2moe": (4, 2),
-    "qwen3moe": (4, 2),
-}
+_MOE_ARCHS: Dict[str, Tuple[int, int]] = {a: spec.moe for a, spec in _SPECS.items() if spec.moe[0] and ":" not in a}
 
 # default n_head_kv (by variant or arch) when not given
 _DEFAULT_N_HEAD_KV: Dict[str, Callable[[int], int]] = {
     "mistral": lambda h: max(1, h // 4),
     "falcon": lambda h: 1,
 }
+
+# archs without GQA in llama.cpp's tensor shapes (qwen: fused qkv of 3*n_embd): n_head_kv is n_head
+_NO_GQA = {"qwen"}
 
 # archs whose sliding window is optional (write_random_gguf's sliding_window)
 _OPTIONAL_SWA = {"olmo2"}
@@ -1313,7 +858,6 @@ _OPTIONAL_SWA = {"olmo2"}
 _FREE_HEAD_DIM = {"gemma2"}
 
 # archs that can take experts
-_MOE_ARCHS.update({a: spec.moe for a, spec in _SPECS.items() if spec.moe[0] and ":" not in a})
 _MOE_CAPABLE = {"llama", "granite"} | set(_MOE_ARCHS)
 
 #: llama.cpp architecture names verified to load and produce finite logits in llama_cpp 0.3.36
@@ -1325,7 +869,7 @@ SUPPORTED_TEST_ARCHS: Tuple[str, ...] = (
     "minicpm", "refact", "mpt", "gptneox", "starcoder", "codeshell",
     *(a for a in _SPECS if ":" not in a),
 )
-assert set(SUPPORTED_TEST_ARCHS) <= set(_ARCHS) | set(_SPECS)
+assert set(SUPPORTED_TEST_ARCHS) <= set(_SPECS)
 
 
 # --------------------------------------------------------------------------- #
@@ -1366,8 +910,8 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
     """
     if n_layer < MIN_LAYERS.get(arch, 1):
         raise ValueError(f"{arch} needs n_layer >= {MIN_LAYERS[arch]} in llama.cpp")
-    if arch not in _ARCHS and arch not in _SPECS:
-        raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted({*_ARCHS, *_SPECS}))}")
+    if arch not in _SPECS:
+        raise ValueError(f"unsupported test arch {arch!r}; supported: {', '.join(sorted(a for a in _SPECS if ':' not in a))}")
     if qtype not in _QTYPES:
         raise ValueError(f"unsupported qtype {qtype!r}; use one of {', '.join(_QTYPES)}")
     allowed = _VARIANTS.get(arch, (None,))
@@ -1381,6 +925,8 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
         raise ValueError("n_embd must be a multiple of n_head")
     if n_head_kv is None:
         n_head_kv = _DEFAULT_N_HEAD_KV.get(variant or arch, lambda h: h)(n_head)
+    if arch in _NO_GQA:
+        n_head_kv = n_head
     if n_head % n_head_kv != 0:
         raise ValueError("n_head must be a multiple of n_head_kv")
     if n_ff is None:
@@ -1404,11 +950,8 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
                 n_vocab=n_vocab, n_ctx_train=n_ctx_train, n_expert=n_expert, n_expert_used=n_expert_used,
                 variant=variant, sliding_window=int(sliding_window), head_dim_=int(head_dim))
     m = _Model(arch)
-    spec_key = f"{arch}:{variant}" if variant else arch
-    if spec_key in _SPECS:
-        _from_spec(m, p, _SPECS[spec_key])
-    else:
-        _ARCHS[arch](m, p)
+    spec_key = f"{arch}:{variant}" if f"{arch}:{variant}" in _SPECS else arch
+    _from_spec(m, p, _SPECS[spec_key])
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
