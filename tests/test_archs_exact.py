@@ -4,7 +4,7 @@ within the rule's stated ``max_logit_diff`` with identical greedy tokens, each h
 value reaching the next stage's graph within 1 float32 ulp (level ``ulp``), over a batched prefill
 of 3 sequences of different lengths and 16 greedy decode steps.
 
-Tiny random-weight models (6 layers, 64 wide) from :mod:`molink_lite.tools.testmodels`; the whole
+Tiny random-weight models (6 layers, 64 wide) from :mod:`testmodels` (tests/testmodels.py); the whole
 model's reference run is computed once per model and shared by all its splits.
 """
 
@@ -227,7 +227,7 @@ def test_gemma2_27b_attention_scale(tiny_models):
 
 @pytest.mark.parametrize("arch", sorted(archs.UNSUPPORTED))
 def test_unsupported_arch_is_refused(tiny_models, arch, tmp_path):
-    from molink_lite.tools.testmodels import SUPPORTED_TEST_ARCHS
+    from testmodels import SUPPORTED_TEST_ARCHS
 
     if arch not in SUPPORTED_TEST_ARCHS:
         pytest.skip(f"no test model generator for {arch}")
@@ -306,7 +306,7 @@ def test_gpt_oss_stage_without_swa_layer_is_refused(tiny_models, tmp_path):
 
 
 def test_command_r_plus_layer_count_is_refused(tmp_path):
-    from molink_lite.tools.testmodels import write_random_gguf
+    from testmodels import write_random_gguf
 
     path = write_random_gguf(tmp_path / "cr.gguf", "command-r", n_layer=64, n_embd=32, n_head=2, n_vocab=128)
     with pytest.raises(SplitError, match="64\\+ layers"):

@@ -5,7 +5,7 @@ import llama_cpp  # noqa: F401  # must be imported before numpy (segfault otherw
 import numpy as np
 import pytest
 
-from molink_lite.tools.testmodels import MIN_LAYERS, SUPPORTED_TEST_ARCHS, write_random_gguf
+from testmodels import MIN_LAYERS, SUPPORTED_TEST_ARCHS, write_random_gguf
 
 
 def _last_logits(llm, tokens):
@@ -112,3 +112,9 @@ def test_large_vocab_and_merges(tmp_path):
 def test_phi4_mini_variant(tmp_path):
     path = write_random_gguf(tmp_path / "m.gguf", "phi3", n_layer=2, n_head_kv=2, variant="phi4-mini")
     _check(path)
+
+
+def test_generator_is_not_in_the_runtime_package():
+    import importlib.util
+
+    assert importlib.util.find_spec("molink_lite.tools.testmodels") is None
