@@ -5,7 +5,6 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401 - import before numpy
 
 import os
-from pathlib import Path
 
 import pytest
 

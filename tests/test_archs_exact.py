@@ -201,9 +201,10 @@ def test_handed_on_hidden_within_one_ulp(tiny_models, cid):
 
 def test_gemma2_27b_attention_scale(tiny_models):
     """A 46-layer gemma2 (llama.cpp takes it for the 27B: attention scale 1/sqrt(n_embd/n_head), here
-    1/sqrt(24), where its stages would use 1/sqrt(head_dim) = 1/sqrt(32)): the scale is folded into
-    attn_q; logits stay within the stated difference with identical greedy tokens."""
-    kw = {**BASE_KW, "n_layer": 46, "n_embd": 96, "head_dim": 32}
+    1/sqrt(24), where its stages would use 1/sqrt(head_dim) = 1/sqrt(32)): the ratio is carried by RoPE's
+    attn_factor on q and k; logits stay within the stated difference with identical greedy tokens (F16
+    weights: the rule must not need F32 tensors)."""
+    kw = {**BASE_KW, "n_layer": 46, "n_embd": 96, "head_dim": 32, "qtype": "f16"}
     path = tiny_models("gemma2", **kw)
     info = read_model_info(path)
     prompts = _prompts(info.n_vocab)

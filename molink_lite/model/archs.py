@@ -262,25 +262,37 @@ def _gemma2_attention_scale(n_embd: int, n_head: int, head_dim: int, n_layer: in
     return 1.0 / math.sqrt(float(head_dim))
 
 
-def _gemma2_fix_q(ctx: SplitContext, name: str, data: "object") -> Optional["object"]:
-    """Fold the whole model's attention scale into attn_q when the stage's layer count picks another.
-
-    RoPE is linear, so scaling Q's projection by whole/stage gives the same attention in exact
-    arithmetic (not bit for bit): measured by ``test_gemma2_27b_attention_scale``.
-    """
+def _gemma2_scales(ctx: SplitContext) -> Tuple[float, float]:
     n_embd = int(ctx.get("embedding_length"))  # type: ignore[arg-type]
     n_head_v = ctx.get("attention.head_count")
     n_head = int(n_head_v[0] if isinstance(n_head_v, list) else n_head_v)  # type: ignore[index,arg-type]
     head_dim = int(ctx.get("attention.key_length", n_embd // n_head))  # type: ignore[arg-type]
-    whole = _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_layer)
-    stage = _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_stage)
-    if whole == stage:
-        return None
-    if data is None:  # asked whether the tensor changes (it is not F32)
-        return True
-    import numpy as np
+    return (_gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_layer),
+            _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_stage))
 
-    return (data * np.float32(whole / stage)).astype(np.float32)  # type: ignore[operator]
+
+def _gemma2_kv(ctx: SplitContext) -> Dict[str, object]:
+    """The 27B's attention scale where a stage's layer count would pick another: RoPE multiplies q and k by
+    its attn_factor (``rope.scaling.attn_factor``, mscale of the rotation), so sqrt(whole/stage) there scales
+    q.k by whole/stage. Works for quantized weights; same attention in exact arithmetic, not bit for bit
+    (measured by ``test_gemma2_27b_attention_scale``)."""
+    whole, stage = _gemma2_scales(ctx)
+    if whole == stage:
+        return {}
+    base = float(ctx.get("rope.scaling.attn_factor", 1.0) or 1.0)  # type: ignore[arg-type]
+    return {"rope.scaling.attn_factor": base * math.sqrt(whole / stage)}
+
+
+def _gemma2_check(ctx: SplitContext) -> Optional[str]:
+    whole, stage = _gemma2_scales(ctx)
+    n_embd = int(ctx.get("embedding_length"))  # type: ignore[arg-type]
+    n_head_v = ctx.get("attention.head_count")
+    n_head = int(n_head_v[0] if isinstance(n_head_v, list) else n_head_v)  # type: ignore[index,arg-type]
+    head_dim = int(ctx.get("attention.key_length", n_embd // n_head))  # type: ignore[arg-type]
+    if whole != stage and int(ctx.get("rope.dimension_count", head_dim) or head_dim) != head_dim:  # type: ignore[arg-type]
+        return ("this gemma2 model's attention scale depends on its layer count (46: the 27B) and RoPE covers "
+                "only part of each head, so the scale cannot be carried by RoPE's attn_factor on a stage")
+    return None
 
 
 # ------------------------------------------------------------------ baichuan
@@ -439,7 +451,7 @@ def _measured(diff: float, steps: str) -> str:
 
 MAXDIFF_GEMMA = 2e-5
 MAXDIFF_GEMMA2 = 2e-4
-MAXDIFF_GEMMA2_27B = 2e-3  # the 27B (46 layers): attention scale folded into attn_q
+MAXDIFF_GEMMA2_27B = 2e-3  # the 27B (46 layers): attention scale carried by RoPE's attn_factor
 
 
 RULES: Dict[str, ArchRule] = {
@@ -522,11 +534,12 @@ RULES: Dict[str, ArchRule] = {
     "gemma2": ArchRule(
         "gemma2", level=ULP, hidden_input_scale=_sqrt_embd,
         swa=SwaRule(period=2, requires_key=None, off_by_zero_window=False),
-        tensor_fixes={"attn_q.weight": _gemma2_fix_q},
+        stage_kv=_gemma2_kv, checks=(_gemma2_check,),
         max_logit_diff=MAXDIFF_GEMMA2, measured=_measured(MAXDIFF_GEMMA2, "identical"),
         notes="input scaled by sqrtf(n_embd) as for `gemma`; sliding-window pattern (period 2) written as an "
               "absolute array, a stage must hold a sliding-window layer; the 27B's attention scale (chosen "
-              "from n_layer == 46) folded into an F32 `attn_q` (measured: max logit difference <= 2e-3 on a 46-layer tiny model)",
+              "from n_layer == 46) carried by `rope.scaling.attn_factor` (sqrt of the ratio on q and k; measured "
+              "max logit difference <= 2e-3 on a 46-layer tiny model)",
     ),
     "bloom": ArchRule(
         "bloom", stage_arch=lambda ctx: None if ctx.is_first else "mpt",
