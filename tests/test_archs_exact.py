@@ -273,6 +273,14 @@ def test_smollm3_stage_off_the_rope_period_is_refused(tiny_models, tmp_path, sta
         stage_gguf(path, LayerRange(start, kw["n_layer"]), cache_dir=tmp_path)
 
 
+def test_stage_written_under_another_arch_reports_the_models(tiny_models, tmp_path):
+    path = tiny_models("bloom", **BASE_KW)
+    first, later = (stage_gguf(path, LayerRange(a, b), cache_dir=tmp_path) for a, b in ((0, 3), (3, 6)))
+    with _engine(first) as e0, _engine(later) as e1:
+        assert (e0.info.arch, e0.info.model_arch) == ("bloom", "bloom")
+        assert (e1.info.arch, e1.info.model_arch) == ("mpt", "bloom")
+
+
 def test_baichuan_without_position_encoding_is_refused(tiny_models, tmp_path):
     path = tiny_models("baichuan", **BASE_KW)  # 6 layers: baichuan.cpp uses neither RoPE nor ALiBi
     with pytest.raises(SplitError, match="neither"):

@@ -86,6 +86,8 @@ class StageInfo:
     n_vocab: int
     fingerprint: str
     name: str = ""
+    # the whole model's architecture where the stage is written under another (archs.ArchRule.stage_arch)
+    model_arch: str = ""
 
     @property
     def is_first(self) -> bool:
@@ -200,7 +202,8 @@ class StageEngine:
             fp = fingerprint(self.path)
         name = _meta(m, "molink.source_name") or Path(self.path).stem
         return StageInfo(self.path, arch, start, stop, total, _llama.llama_model_n_embd(m),
-                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp, name)
+                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp, name,
+                         _meta(m, "molink.source_arch") or arch)
 
     # ------------------------------------------------------------------ capture
     def _eval_cb(self, t: int, ask: bool, _user: int) -> bool:
