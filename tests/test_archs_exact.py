@@ -77,6 +77,8 @@ _case("lfm2", "lfm2", cuts=((3,), (6,), (3, 6)), n_layer=9)
 _case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
 # Phi-4-mini: phi3 with GQA, partial rotary and LongRoPE factors (global tensors on every stage)
 _case("phi4-mini", "phi3", variant="phi4-mini", n_head_kv=2)
+# Ministral 3: attention temperature tuning by absolute position
+_case("ministral3", "mistral3", variant="ministral3", n_head_kv=2)
 # Qwen3.5: full attention on layers 3, 7, 11 (interval 4), gated delta-net elsewhere
 _case("qwen35", "qwen35", cuts=((4,), (6,), (4, 8), (5, 8)), n_layer=12, n_head_kv=2)
 _case("qwen35moe", "qwen35moe", cuts=((4,), (6,), (4, 8)), n_layer=12, n_head_kv=2)

@@ -648,6 +648,12 @@ _BASE_SPECS: Dict[str, _Spec] = {
     # no RoPE on every 4th layer (hard-coded n_no_rope_layer_step = 4 in smollm3.cpp)
     "smollm3": _Spec(kv=(*_rms("1e-6"), *_rope("D", "2000000.0")), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
     "mistral3": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")), tensors=(*_emb(), *_LLAMA_LAYER)),
+    # Ministral 3 / Mistral Small 3.x style: llama 4's attention temperature tuning by position (floor scale
+    # from the original context, 8 here so the tests' positions cross it)
+    "mistral3:ministral3": _Spec(
+        kv=(*_rms(), *_rope("D", "1000000.0"), ("attention.temperature_scale", "f32", "0.1"),
+            ("rope.scaling.original_context_length", "u32", "8")),
+        tensors=(*_emb(), *_LLAMA_LAYER)),
     "ernie4_5": _Spec(kv=(*_rms(), *_rope("D", "500000.0")), tensors=(*_emb(tied=True), *_LLAMA_LAYER)),
     # no embedding_scale / residual_scale / logit_scale keys: llama.cpp's defaults apply
     # (12, 1.4/sqrt(n_layer), 256/n_embd), as in older MiniCPM GGUFs
@@ -837,6 +843,7 @@ _SPECS: Dict[str, _Spec] = {
 _VARIANTS: Dict[str, Tuple[Optional[str], ...]] = {
     "llama": (None, "llama3", "mistral", "mixtral"),
     "phi3": (None, "phi4-mini"),
+    "mistral3": (None, "ministral3"),
 }
 
 # MoE-only archs: default (n_expert, n_expert_used) when n_expert == 0

@@ -512,7 +512,8 @@ RULES: Dict[str, ArchRule] = {
     "smollm3": ArchRule("smollm3", checks=(_smollm3_check,),
                         notes="no RoPE on every 4th layer, counted per stage (hard-coded step): "
                               "each stage must start at a multiple of 4"),
-    "mistral3": ArchRule("mistral3"),
+    "mistral3": ArchRule("mistral3", notes="Ministral 3 / Mistral Small 3.x (older Mistral GGUFs are `llama`): "
+                                           "attention temperature tuning depends on the absolute position only"),
     "ernie4_5": ArchRule("ernie4_5", notes="dense ERNIE 4.5"),
     "minicpm": ArchRule("minicpm", later_stage_kv={"embedding_scale": 1.0}, stage_kv=_minicpm_kv,
                         notes="`embedding_scale` set to 1 on later stages (llama.cpp scales any input, "
@@ -639,16 +640,18 @@ def split_equal_order(seq_ids: Sequence[int], n_ubatch: int, sequential: bool = 
     order: List[int] = []
     while True:
         cur: List[int] = []
+        seen = set()
         last = -1
         for i in range(n):
             if used[i]:
                 continue
             s = int(seq_ids[i])
-            add = s not in cur
+            add = s not in seen
             if sequential:
                 add = add and (not cur or s == last + 1)
             if add:
                 cur.append(s)
+                seen.add(s)
                 last = s
                 if len(cur) > n_ubatch:
                     break
