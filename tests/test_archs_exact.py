@@ -75,6 +75,7 @@ _case("glm4moe", "glm4moe", cuts=((1,), (3,), (4,), (1, 2), (2, 4)))
 # hybrids: attention on layers 2, 5, 8, recurrent elsewhere; every stage needs both kinds
 _case("lfm2", "lfm2", cuts=((3,), (6,), (3, 6)), n_layer=9)
 _case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
+_case("lfm2moe", "lfm2moe", cuts=((3,), (6,), (3, 6)), n_layer=9)
 # Phi-4-mini: phi3 with GQA, partial rotary and LongRoPE factors (global tensors on every stage)
 _case("phi4-mini", "phi3", variant="phi4-mini", n_head_kv=2)
 # Ministral 3: attention temperature tuning by absolute position
@@ -289,7 +290,7 @@ def test_baichuan_without_position_encoding_is_refused(tiny_models, tmp_path):
         stage_gguf(path, LayerRange(0, 3), cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("arch", ["lfm2", "granitehybrid", "qwen35"])
+@pytest.mark.parametrize("arch", ["lfm2", "lfm2moe", "granitehybrid", "qwen35"])
 @pytest.mark.parametrize("start,stop", [(0, 2), (2, 3)])
 def test_hybrid_stage_needs_both_layer_kinds(tiny_models, tmp_path, arch, start, stop):
     path = tiny_models(arch, **{**BASE_KW, **CASES[arch][1]})

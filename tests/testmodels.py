@@ -755,6 +755,42 @@ _SPECS: Dict[str, _Spec] = {
             ("blk.ssm_conv1d.bias", "CD", "bias"), ("blk.ssm_dt.bias", "NH", "dt_bias"),
             ("blk.ssm_a", "1, NH", "ssm_a"), ("blk.ssm_d", "1, NH", "ones"),
             ("blk.ssm_norm.weight", "DI // NG, NG", "norm"), ("blk.ssm_out.weight", "DI, E"))),
+    # OLMoE: every layer MoE (no expert FFN size key: n_ff), q/k norms over the whole projection
+    "olmoe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms(), *_rope(), *_MOE_KV),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.attn_q_norm"), *_n("blk.attn_k_norm"),
+                 *_n("blk.ffn_norm"), *_moe("F"))),
+    # Seed-OSS: q/k/v biases, post-attention norm before the FFN
+    "seed_oss": _Spec(
+        kv=(*_rms("1e-6"), *_rope("D", "10000000.0"), *_KVLEN),
+        tensors=(*_emb(), *_attn_rows(bias_qkv=True), *_n("blk.attn_norm"), *_n("blk.post_attention_norm"),
+                 *_glu())),
+    # Granite MoE (3.x MoE, 4.0 shared-expert MoE): Granite's scales, experts with a shared expert
+    "granitemoe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms(), *_rope(), ("logit_scale", "f32", "8.0"), ("residual_scale", "f32", "0.22"),
+            ("embedding_scale", "f32", "12.0"), ("attention.scale", "f32", "1.0 / D"), *_MOE_KV,
+            ("expert_shared_feed_forward_length", "u32", "FX")),
+        tensors=(*_emb(tied=True), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_moe("F"),
+                 ("blk.ffn_gate_shexp.weight", "E, FX"), ("blk.ffn_up_shexp.weight", "E, FX"),
+                 ("blk.ffn_down_shexp.weight", "FX, E"))),
+    # LFM2 MoE: LFM2's layers, dense first layer then sigmoid-gated experts
+    "lfm2moe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms(), *_rope("D", "1000000.0"), ("shortconv.l_cache", "u32", "3"),
+            ("attention.head_count_kv", "u32[]", "K if i % 3 == 2 or i == L - 1 else 0"),
+            ("leading_dense_block_count", "u32", "1"), *_MOE_KV, ("expert_feed_forward_length", "u32", "FX"),
+            ("expert_gating_func", "u32", "2")),
+        tensors=(("token_embd.weight", "E, V"), ("token_embd_norm.weight", "E", "norm"),
+                 ("blk.ffn_norm.weight", "E", "norm"), *_when("i < 1", _glu()),
+                 *_when("i >= 1", _moe() + (("blk.exp_probs_b.bias", "X", "bias"),)),
+                 ("blk.attn_norm.weight", "E", "norm"),
+                 *_when("i % 3 == 2 or i == L - 1", _attn_rows() + (("blk.attn_q_norm.weight", "D", "norm"),
+                                                                     ("blk.attn_k_norm.weight", "D", "norm"))),
+                 *_when("not (i % 3 == 2 or i == L - 1)", (("blk.shortconv.conv.weight", "3, E", "f32w0.3"),
+                                                           ("blk.shortconv.in_proj.weight", "E, 3*E"),
+                                                           ("blk.shortconv.out_proj.weight", "E, E"))))),
     # gpt-oss: attention sinks, biased o-proj and experts, sliding window on even layers (period 2)
     "gpt-oss": _Spec(
         moe=(4, 2),

@@ -602,6 +602,16 @@ RULES: Dict[str, ArchRule] = {
         notes="Falcon-H1: Mamba-2 and attention in every layer; state kept per stage, equal-split ubatches as "
               "for `lfm2`",
     ),
+    "olmoe": ArchRule("olmoe", output_required=True,
+                      notes="OLMoE: experts in every layer, q/k norms; `output.weight` required on every stage"),
+    "seed_oss": ArchRule("seed_oss", notes="Seed-OSS: q/k/v biases"),
+    "granitemoe": ArchRule("granitemoe", later_stage_kv={"embedding_scale": 1.0}, checks=(_granite_check,),
+                           notes="Granite MoE (with or without a shared expert): `embedding_scale` set to 1 on "
+                                 "later stages"),
+    "lfm2moe": ArchRule(
+        "lfm2moe", equal_split_on_inner_stages=True, stage_kv=_dense_lead, checks=(_hybrid_check,),
+        notes="LFM2 MoE: as `lfm2`; `leading_dense_block_count` re-based per stage",
+    ),
     "baichuan": ArchRule(
         "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
         notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "
