@@ -159,8 +159,8 @@ def test_not_enough_memory_names_the_shortfall(tiny_models):
 
 
 def test_unsupported_architecture_is_refused(tiny_models):
-    path = tiny_models("gemma2", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
-    with pytest.raises(PlacementError, match="architecture 'gemma2' is not supported"):
+    path = tiny_models("glm4", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    with pytest.raises(PlacementError, match="architecture 'glm4' is not supported"):
         plan(path, [_cpu("a", 1 << 30)])
 
 
