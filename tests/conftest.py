@@ -5,7 +5,6 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401 - import before numpy
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,7 @@ def gemma3_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Factory: write (once per session) a tiny random-weight GGUF of an architecture."""
-    from molink_lite.tools.testmodels import write_random_gguf
+    from testmodels import write_random_gguf
 
     root = tmp_path_factory.mktemp("tiny")
     cache = {}

@@ -24,8 +24,8 @@ def test_table_lists_every_rule_and_refusal():
     from molink_lite.model.archs import RULES, UNSUPPORTED
 
     block = _tool().render()
-    for name in RULES:
-        assert f"| `{name}` |" in block
+    for name, rule in RULES.items():
+        assert f"| `{name}` | {rule.level} |" in block
     for name in UNSUPPORTED:
         assert f"- `{name}`: " in block
 

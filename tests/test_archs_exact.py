@@ -1,8 +1,10 @@
-"""Every architecture in ``archs.RULES`` is split-exact: the last stage of a 2- or 3-stage chain
-gives bit-identical logits to the whole model (f32 wire), over a batched prefill of 3 sequences
-of different lengths and 16 greedy decode steps.
+"""Every architecture in ``archs.RULES`` splits at its stated level: the last stage of a 2- or
+3-stage chain gives bit-identical logits to the whole model (level ``exact``, f32 wire), or logits
+within the rule's stated ``max_logit_diff`` with identical greedy tokens, each handed-on hidden
+value reaching the next stage's graph within 1 float32 ulp (level ``ulp``), over a batched prefill
+of 3 sequences of different lengths and 16 greedy decode steps.
 
-Tiny random-weight models (6 layers, 64 wide) from :mod:`molink_lite.tools.testmodels`; the whole
+Tiny random-weight models (6 layers, 64 wide) from :mod:`testmodels` (tests/testmodels.py); the whole
 model's reference run is computed once per model and shared by all its splits.
 """
 
@@ -58,6 +60,32 @@ _case("olmo2-swa", "olmo2", cuts=((3,), (4,), (2, 4), (3, 4), (1, 3)), sliding_w
 # no RoPE on every 4th layer, counted per stage: only stages starting at a multiple of 4
 _case("smollm3", "smollm3", cuts=((4,), (8,), (4, 8)), n_layer=12)
 
+# gemma/gemma2 multiply any input by sqrtf(n_embd): a width whose root is no power of two (96)
+_case("gemma", "gemma", n_embd=96)
+# gemma2: sliding window on even layers: every stage must hold one (cuts at even layers)
+_case("gemma2", "gemma2", cuts=((2,), (4,), (2, 4), (2, 3)), n_embd=96)
+# baichuan picks RoPE (32 layers, stages written as llama) or ALiBi (40 layers, as refact) by layer count
+_case("baichuan", "baichuan", cuts=((1,), (16,), (31,), (10, 20)), n_layer=32)
+# gpt-oss: sliding window on even layers (period 2): every stage must hold one
+_case("gpt-oss", "gpt-oss", cuts=((2,), (4,), (2, 4)))
+# llama4: no RoPE every 4th layer and MoE every 2nd, counted per stage: stages start at multiples of 4
+_case("llama4", "llama4", cuts=((4,), (8,), (4, 8)), n_layer=12)
+# glm4moe: 6 blocks, the last a NextN block (not run): a 5-layer trunk, dense layer 0 then MoE
+_case("glm4moe", "glm4moe", cuts=((1,), (3,), (4,), (1, 2), (2, 4)))
+# hybrids: attention on layers 2, 5, 8, recurrent elsewhere; every stage needs both kinds
+_case("lfm2", "lfm2", cuts=((3,), (6,), (3, 6)), n_layer=9)
+_case("granitehybrid", "granitehybrid", cuts=((3,), (6,), (3, 6)), n_layer=9)
+_case("lfm2moe", "lfm2moe", cuts=((3,), (6,), (3, 6)), n_layer=9)
+# Phi-4-mini: phi3 with GQA, partial rotary and LongRoPE factors (global tensors on every stage)
+_case("phi4-mini", "phi3", variant="phi4-mini", n_head_kv=2)
+# Ministral 3: attention temperature tuning by absolute position
+_case("ministral3", "mistral3", variant="ministral3", n_head_kv=2)
+# Qwen3.5: full attention on layers 3, 7, 11 (interval 4), gated delta-net elsewhere
+_case("qwen35", "qwen35", cuts=((4,), (6,), (4, 8), (5, 8)), n_layer=12, n_head_kv=2)
+_case("qwen35moe", "qwen35moe", cuts=((4,), (6,), (4, 8)), n_layer=12, n_head_kv=2)
+_case("qwen3next", "qwen3next", cuts=((4,), (6,), (5, 8)), n_layer=12, n_head_kv=2)
+_case("baichuan-13b", "baichuan", cuts=((20,), (39,), (1, 2)), n_layer=40)
+
 
 def _params():
     out = []
@@ -110,10 +138,17 @@ def test_split_is_exact(model_for, cid, cuts):
         for e in engines:
             e.close()
     assert len(got) == N_STEPS + 1
+    rule = archs.RULES[info.arch]
+    worst = 0.0
     for step, (a, b) in enumerate(zip(want, got)):
         assert a.shape == b.shape == (len(PROMPT_LENS), info.n_vocab)
         assert np.isfinite(a).all()
-        assert np.array_equal(a, b), f"step {step}: max |diff| {np.abs(a - b).max()}"
+        if rule.level == archs.EXACT:
+            assert np.array_equal(a, b), f"step {step}: max |diff| {np.abs(a - b).max()}"
+        worst = max(worst, float(np.abs(a - b).max()))
+    if rule.level == archs.ULP:
+        print(f"{cid} {cuts}: max logit difference {worst:.3g}")
+        assert worst <= rule.max_logit_diff, f"max |diff| {worst} above the stated {rule.max_logit_diff}"
     assert np.array_equal(want_tok, got_tok)
     # the reference is not degenerate: sequences and steps differ
     assert len({tuple(r) for r in want_tok.tolist()}) > 1
@@ -122,15 +157,81 @@ def test_split_is_exact(model_for, cid, cuts):
 def test_every_rule_is_covered():
     covered = {arch for arch, _, _ in CASES.values()}
     assert set(archs.RULES) <= covered
-    assert len(archs.RULES) >= 26
+    assert len(archs.RULES) >= 45
     assert not set(archs.RULES) & set(archs.UNSUPPORTED)
+    for rule in archs.RULES.values():
+        assert rule.level in archs.LEVELS
+        assert (rule.level == archs.ULP) == (rule.max_logit_diff is not None) == bool(rule.measured)
+
+
+# ------------------------------------------------------------------ level ulp: what a later stage starts from
+
+def _capture(engine: StageEngine, name: str) -> None:
+    """Make a non-last stage capture tensor ``name`` instead of its last layer's output."""
+    engine._target = name.encode()
+
+
+@pytest.mark.parametrize("cid", sorted(c for c, (a, _, _) in CASES.items() if archs.RULES[a].hidden_input_scale(
+    archs.SplitContext(a, 2, 1, 2, {f"{a}.embedding_length": 96})) != 1.0))
+def test_handed_on_hidden_within_one_ulp(tiny_models, cid):
+    """llama.cpp's own scaled input of a later stage (``inp_scaled``) is the first stage's output within 1 ulp."""
+    arch, kw, cuts = CASES[cid]
+    path = tiny_models(arch, **{**BASE_KW, **kw})
+    info = read_model_info(path)
+    cut = (cuts or DEFAULT_CUTS)[0][0]
+    first = _engine(stage_gguf(path, LayerRange(0, cut)))
+    second = _engine(stage_gguf(path, LayerRange(cut, info.n_layer - 1)))  # non-last: it has the callback
+    try:
+        from chain import batch_for
+
+        seq, pos, tok = batch_for(_prompts(info.n_vocab))
+        h = first.forward(seq, pos, tokens=tok)
+        assert second.input_scale != 1.0
+        _capture(second, "inp_scaled")
+        seen = second.forward(seq, pos, hidden=h)
+    finally:
+        first.close()
+        second.close()
+    assert seen.shape == h.shape and np.isfinite(h).all()
+    ulps = np.abs(seen.astype(np.float64) - h) / np.spacing(np.abs(h)).astype(np.float64)
+    exact = float((ulps == 0).mean())
+    print(f"{cid}: {exact:.1%} of handed-on values exact, max {ulps.max():.0f} ulp")
+    assert ulps.max() <= 1.0
+    assert exact > 0.5
 
 
 # ------------------------------------------------------------------ refusals
 
+def test_gemma2_27b_attention_scale(tiny_models):
+    """A 46-layer gemma2 (llama.cpp takes it for the 27B: attention scale 1/sqrt(n_embd/n_head), here
+    1/sqrt(24), where its stages would use 1/sqrt(head_dim) = 1/sqrt(32)): the ratio is carried by RoPE's
+    attn_factor on q and k; logits stay within the stated difference with identical greedy tokens (F16
+    weights: the rule must not need F32 tensors)."""
+    kw = {**BASE_KW, "n_layer": 46, "n_embd": 96, "head_dim": 32, "qtype": "f16"}
+    path = tiny_models("gemma2", **kw)
+    info = read_model_info(path)
+    prompts = _prompts(info.n_vocab)
+    whole = [_engine(path)]
+    try:
+        want, want_tok = greedy_run(whole, prompts, N_STEPS)
+        want = [np.array(a, copy=True) for a in want]
+    finally:
+        whole[0].close()
+    engines = [_engine(stage_gguf(path, LayerRange(a, b))) for a, b in ((0, 20), (20, 46))]
+    try:
+        got, got_tok = greedy_run(engines, prompts, N_STEPS)
+    finally:
+        for e in engines:
+            e.close()
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(want, got))
+    print(f"gemma2 46 layers: max logit difference {worst:.3g}")
+    assert worst <= archs.MAXDIFF_GEMMA2_27B
+    assert np.array_equal(want_tok, got_tok)
+
+
 @pytest.mark.parametrize("arch", sorted(archs.UNSUPPORTED))
 def test_unsupported_arch_is_refused(tiny_models, arch, tmp_path):
-    from molink_lite.tools.testmodels import SUPPORTED_TEST_ARCHS
+    from testmodels import SUPPORTED_TEST_ARCHS
 
     if arch not in SUPPORTED_TEST_ARCHS:
         pytest.skip(f"no test model generator for {arch}")
@@ -175,9 +276,81 @@ def test_smollm3_stage_off_the_rope_period_is_refused(tiny_models, tmp_path, sta
         stage_gguf(path, LayerRange(start, kw["n_layer"]), cache_dir=tmp_path)
 
 
+def test_stage_written_under_another_arch_reports_the_models(tiny_models, tmp_path):
+    path = tiny_models("bloom", **BASE_KW)
+    first, later = (stage_gguf(path, LayerRange(a, b), cache_dir=tmp_path) for a, b in ((0, 3), (3, 6)))
+    with _engine(first) as e0, _engine(later) as e1:
+        assert (e0.info.arch, e0.info.model_arch) == ("bloom", "bloom")
+        assert (e1.info.arch, e1.info.model_arch) == ("mpt", "bloom")
+
+
+def test_baichuan_without_position_encoding_is_refused(tiny_models, tmp_path):
+    path = tiny_models("baichuan", **BASE_KW)  # 6 layers: baichuan.cpp uses neither RoPE nor ALiBi
+    with pytest.raises(SplitError, match="neither"):
+        stage_gguf(path, LayerRange(0, 3), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "lfm2moe", "granitehybrid", "qwen35"])
+@pytest.mark.parametrize("start,stop", [(0, 2), (2, 3)])
+def test_hybrid_stage_needs_both_layer_kinds(tiny_models, tmp_path, arch, start, stop):
+    path = tiny_models(arch, **{**BASE_KW, **CASES[arch][1]})
+    with pytest.raises(SplitError, match="at least one attention and one recurrent layer"):
+        stage_gguf(path, LayerRange(start, stop), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("start", [1, 2, 6])
+def test_llama4_stage_off_the_period_is_refused(tiny_models, tmp_path, start):
+    path = tiny_models("llama4", **{**BASE_KW, **CASES["llama4"][1]})
+    with pytest.raises(SplitError, match="multiple of 4"):
+        stage_gguf(path, LayerRange(start, 12), cache_dir=tmp_path)
+
+
+def test_llama4_stage_of_under_4_layers_is_refused(tiny_models, tmp_path):
+    path = tiny_models("llama4", **{**BASE_KW, **CASES["llama4"][1]})
+    with pytest.raises(SplitError, match="at least 4 layers"):
+        stage_gguf(path, LayerRange(4, 6), cache_dir=tmp_path)
+
+
+def test_gpt_oss_stage_without_swa_layer_is_refused(tiny_models, tmp_path):
+    path = tiny_models("gpt-oss", **BASE_KW)
+    with pytest.raises(SplitError, match="no sliding-window layer"):
+        stage_gguf(path, LayerRange(3, 4), cache_dir=tmp_path)
+
+
 def test_command_r_plus_layer_count_is_refused(tmp_path):
-    from molink_lite.tools.testmodels import write_random_gguf
+    from testmodels import write_random_gguf
 
     path = write_random_gguf(tmp_path / "cr.gguf", "command-r", n_layer=64, n_embd=32, n_head=2, n_vocab=128)
     with pytest.raises(SplitError, match="64\\+ layers"):
         stage_gguf(path, LayerRange(0, 32), cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ helpers behind the levels
+
+@pytest.mark.parametrize("n_embd", [96, 2048, 2304, 3072, 3584, 4608])  # tiny, Gemma 2B/7B, Gemma 2 2B/9B/27B
+def test_prescale_hands_on_within_one_ulp(n_embd):
+    """fl(prescale(h) * sqrtf(n_embd)) (what ggml_scale computes) is h or 1 ulp off, over 1M values of every
+    magnitude; the plain division is not better anywhere."""
+    s = float(np.sqrt(np.float32(n_embd)))
+    rng = np.random.default_rng(n_embd)
+    h = (rng.standard_normal(1 << 20) * np.exp(rng.uniform(-8, 12, 1 << 20))).astype(np.float32)
+    got = archs.prescale(h, s) * np.float32(s)
+    ulps = np.abs(got.astype(np.float64) - h) / np.spacing(np.abs(h)).astype(np.float64)
+    naive = np.abs((h / np.float32(s) * np.float32(s)).astype(np.float64) - h)
+    assert ulps.max() <= 1.0
+    assert (np.abs(got.astype(np.float64) - h) <= naive).all()
+    assert 0.8 < float((ulps == 0).mean()) < 1.0  # most exact; the rest are values no x reaches
+
+
+def test_prescale_power_of_two_is_exact():
+    h = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    assert np.array_equal(archs.prescale(h, 8.0) * np.float32(8.0), h)
+
+
+def test_split_equal_order():
+    # sequences of lengths 2, 3, 1 interleaved: a ubatch of 1 row of each sequence, then 1 row of seqs 1 and 0
+    # (in the order of their first unused row), then the last row of seq 1 (llama.cpp's split_equal)
+    seq = [0, 1, 1, 2, 0, 1]
+    assert archs.split_equal_order(seq, 512) == [0, 1, 3, 2, 4, 5]
+    assert archs.split_equal_order([3, 3, 3], 512) == [0, 1, 2]
+    assert sorted(archs.split_equal_order([5, 1, 5, 2, 1, 9, 9, 9], 4)) == list(range(8))

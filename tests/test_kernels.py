@@ -46,7 +46,8 @@ if os.path.exists("/proc/self/maps"):
     out["loaded"] = sorted({p for p in maps if "libggml" in p or "libllama" in p})
 import numpy as np
 from molink_lite.stage.engine import StageEngine
-from molink_lite.tools.testmodels import write_random_gguf
+sys.path.insert(0, "tests")  # tests/testmodels.py (cwd is the repository root)
+from testmodels import write_random_gguf
 if not os.path.exists(model_path):
     write_random_gguf(model_path, "llama", n_layer=2, n_embd=64, n_head=4, n_vocab=256)
 with StageEngine(model_path, n_ctx=64, n_seq_max=2, n_batch=16, n_threads=2) as eng:

@@ -159,8 +159,8 @@ def test_not_enough_memory_names_the_shortfall(tiny_models):
 
 
 def test_unsupported_architecture_is_refused(tiny_models):
-    path = tiny_models("gemma2", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
-    with pytest.raises(PlacementError, match="architecture 'gemma2' is not supported"):
+    path = tiny_models("glm4", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    with pytest.raises(PlacementError, match="architecture 'glm4' is not supported"):
         plan(path, [_cpu("a", 1 << 30)])
 
 
@@ -190,3 +190,26 @@ def test_cli_plan_json(tiny_models):
 def test_cli_plan_errors_exit_2(spec, match):
     r = _cli("--host", spec)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and match in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("arch", ["glm4moe", "lfm2", "qwen35", "gpt-oss", "llama4"])
+def test_new_architectures_are_placed(tiny_models, arch):
+    """Placement reads the split rules of the newer architectures: NextN blocks are not layers (glm4moe),
+    per-layer arrays and stage refusals (hybrids, llama4's 4-layer stages) are honoured."""
+    from molink_lite.model.archs import SplitContext, rule_for
+    from molink_lite.model.split import read_model_info
+
+    path = tiny_models(arch, n_layer=12, n_embd=64, n_head=4, n_vocab=512)
+    info = read_model_info(path)
+    assert info.n_layer == (11 if arch == "glm4moe" else 12)
+    cost = ModelCost(path)
+    big = cost.min_total_bytes(1) - 1  # no host holds the model alone
+    p = plan(path, [_cpu(n, big) for n in "abc"])
+    _check_tiles(p, info.n_layer)
+    meta = cost.meta
+    assert p.pipelines
+    for pipe in p.pipelines:
+        assert len(pipe) > 1
+        for s in pipe:
+            ctx = SplitContext(arch, info.n_layer, s.layers.start, s.layers.stop, meta, info.n_vocab)
+            assert rule_for(arch).refusal(ctx) is None, str(s.layers)

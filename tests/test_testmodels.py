@@ -5,7 +5,7 @@ import llama_cpp  # noqa: F401  # must be imported before numpy (segfault otherw
 import numpy as np
 import pytest
 
-from molink_lite.tools.testmodels import SUPPORTED_TEST_ARCHS, write_random_gguf
+from testmodels import MIN_LAYERS, SUPPORTED_TEST_ARCHS, write_random_gguf
 
 
 def _last_logits(llm, tokens):
@@ -34,7 +34,7 @@ def _check(path, text=b"hello world"):
 
 @pytest.mark.parametrize("arch", SUPPORTED_TEST_ARCHS)
 def test_arch_loads_and_runs(tmp_path, arch):
-    path = write_random_gguf(tmp_path / f"{arch}.gguf", arch, n_layer=2, n_embd=64, n_head=4)
+    path = write_random_gguf(tmp_path / f"{arch}.gguf", arch, n_layer=max(2, MIN_LAYERS.get(arch, 2)), n_embd=64, n_head=4)
     assert path.exists()
     _check(path)
 
@@ -44,7 +44,7 @@ _QTYPE_CASES = [(arch, qtype) for arch in SUPPORTED_TEST_ARCHS for qtype in ("f1
 
 @pytest.mark.parametrize("arch,qtype", _QTYPE_CASES)
 def test_qtypes(tmp_path, arch, qtype):
-    path = write_random_gguf(tmp_path / f"{arch}-{qtype}.gguf", arch, n_layer=2, qtype=qtype)
+    path = write_random_gguf(tmp_path / f"{arch}-{qtype}.gguf", arch, n_layer=max(2, MIN_LAYERS.get(arch, 2)), qtype=qtype)
     _check(path)
 
 
@@ -107,3 +107,14 @@ def test_large_vocab_and_merges(tmp_path):
     assert len(toks) < len(b"the quick brown fox")  # merges are used
     assert llm.detokenize(toks) == b"the quick brown fox"
     _check(path)
+
+
+def test_phi4_mini_variant(tmp_path):
+    path = write_random_gguf(tmp_path / "m.gguf", "phi3", n_layer=2, n_head_kv=2, variant="phi4-mini")
+    _check(path)
+
+
+def test_generator_is_not_in_the_runtime_package():
+    import importlib.util
+
+    assert importlib.util.find_spec("molink_lite.tools.testmodels") is None

@@ -4,9 +4,16 @@ llama.cpp runs whole models. Cutting one into layer ranges breaks wherever an
 architecture depends on the absolute layer index, on per-layer metadata arrays,
 on how embedding input is scaled, on the layer count itself (model-size guesses),
 or on tensors a stage drops. Each supported architecture gets an :class:`ArchRule`
-here, and each is proven split-exact by ``tests/test_archs_exact.py`` (logits of
-a 2- and 3-stage chain bit-identical to the whole model). Architectures that
-cannot be made exact are listed in :data:`UNSUPPORTED` with the reason; anything
+here with its exactness level, each proven by ``tests/test_archs_exact.py``:
+
+- ``exact``: the logits of a 2- and 3-stage chain are bit-identical to the whole model's
+  (f32 wire);
+- ``ulp``: the hidden state a later stage's graph starts from is within 1 float32 ulp of
+  the whole model's at that layer (llama.cpp rescales any input there), with the measured
+  max logit difference and greedy agreement stated in :attr:`ArchRule.measured`.
+
+Architectures that cannot be split at either level are listed in
+:data:`UNSUPPORTED` with the reason; anything
 not in :data:`RULES` is refused by :func:`rule_for` with a message naming the
 supported ones. References like ``gemma2.cpp`` are files under ``src/models/`` of
 the llama.cpp vendored by llama-cpp-python 0.3.36.
@@ -104,6 +111,10 @@ class SwaRule:
 
 Check = Callable[[SplitContext], Optional[str]]
 
+EXACT = "exact"
+ULP = "ulp"
+LEVELS = (EXACT, ULP)
+
 
 @dataclass(frozen=True)
 class ArchRule:
@@ -111,16 +122,31 @@ class ArchRule:
 
     name: str
     swa: Optional[SwaRule] = None
-    # Divide hidden states entering a non-first stage by this (llama.cpp scales embedding
-    # input for some archs even when the input is already a hidden state). Only exact
-    # when the factor is a power of two; no rule in RULES uses it now (see UNSUPPORTED).
+    # EXACT or ULP (see the module docstring); ULP rules state what was measured in ``measured``.
+    level: str = EXACT
+    measured: str = ""
+    # ULP rules: the largest logit difference to the whole model measured by tests/test_archs_exact.py
+    # (which fails above it); None for EXACT rules (difference 0).
+    max_logit_diff: Optional[float] = None
+    # llama.cpp multiplies hidden states entering a non-first stage by this (it scales embedding
+    # input even when the input is already a hidden state): the stage hands on the float32 x
+    # whose product fl(x * scale) is nearest the hidden state (:func:`prescale`). Exact for
+    # powers of two, else within 1 ulp (level ULP).
     hidden_input_scale: Callable[[SplitContext], float] = lambda ctx: 1.0
+    # Write the stage under another llama.cpp architecture (None: keep it), for a graph that is the
+    # same minus an input-only step (bloom's input LayerNorm) or whose choice depends on the layer
+    # count (baichuan). Keys "<arch>.*" are renamed, ``stage_arch_kv`` added under the new name.
+    stage_arch: Callable[[SplitContext], Optional[str]] = lambda ctx: None
+    stage_arch_kv: Dict[str, object] = field(default_factory=dict)
+    # Global tensors only the first stage's graph uses, dropped on later stages (with stage_arch).
+    first_stage_only: Tuple[str, ...] = ()
     # Metadata overrides for non-first stages (e.g. granite's embedding_scale = 1).
     later_stage_kv: Dict[str, object] = field(default_factory=dict)
     # Metadata values computed per stage ("<arch>." is prepended); the source key's type is
     # kept when the key exists, else bool -> BOOL, float -> FLOAT32, int -> UINT32.
     stage_kv: Callable[[SplitContext], Dict[str, object]] = lambda ctx: {}
-    # Tensor rewrites: name suffix -> fix(ctx, name, float32 array) returning a new array or None.
+    # Tensor rewrites: name suffix -> fix(ctx, name, float32 array) returning a new array or None (no
+    # change); called with None for a tensor that is not F32, it returns None or True (would change).
     tensor_fixes: Dict[str, TensorFix] = field(default_factory=dict)
     # Global tensors the graph adds to any input (e.g. gpt2's position_embd): written as
     # zeros (same type and size; all-zero bytes decode to 0) on non-first stages.
@@ -138,11 +164,17 @@ class ArchRule:
     # split_equal, the rows of sequences of different lengths come back interleaved.
     # The batch must also hold each sequence's rows contiguously.
     embeddings_on_inner_stages: bool = False
+    # Hybrid recurrent/attention memory (lfm2, granitehybrid): llama.cpp splits a batch into ubatches with
+    # split_equal (equal token counts per sequence, sequence-major) for the whole model. Non-last stages keep
+    # ``embeddings = false`` so they get the very same ubatches (split_seq would run single-row ubatches
+    # through other kernels: logits off by ~1e-8), and the engine puts the captured rows, which come back in
+    # ubatch order, back into batch order (:func:`split_equal_order`).
+    equal_split_on_inner_stages: bool = False
     notes: str = ""
 
     def refusal(self, ctx: SplitContext) -> Optional[str]:
         """Why the stage ``ctx`` cannot be written exactly, or None when it can."""
-        for check in (_check_nextn, self._check_swa, *self.checks):
+        for check in (self._check_swa, *self.checks):
             reason = check(ctx)
             if reason:
                 return reason
@@ -161,12 +193,8 @@ class ArchRule:
 
 # ------------------------------------------------------------------ checks shared by rules
 
-def _check_nextn(ctx: SplitContext) -> Optional[str]:
-    n = int(ctx.get("nextn_predict_layers", 0) or 0)  # type: ignore[arg-type]
-    if n > 0:
-        return (f"this {ctx.arch} model has {n} multi-token-prediction (NextN) block(s) counted in "
-                f"block_count; splitting such models is not supported")
-    return None
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
 
 
 # ------------------------------------------------------------------ gemma3
@@ -188,11 +216,98 @@ def _gemma3_fix_q_norm(ctx: SplitContext, name: str, data: "object") -> Optional
     stage = _gemma3_attention_scale(n_embd, n_head, head_dim, ctx.n_stage)
     if whole == stage:
         return None
+    if data is None:  # asked whether the tensor changes (it is not F32)
+        return True
     return data * (whole / stage)  # type: ignore[operator]
 
 
 def _sqrt_embd(ctx: SplitContext) -> float:
-    return math.sqrt(float(ctx.get("embedding_length")))  # type: ignore[arg-type]
+    """sqrtf(n_embd) as llama.cpp computes it (a float32), as a Python float."""
+    import numpy as np
+
+    return float(np.sqrt(np.float32(int(ctx.get("embedding_length")))))  # type: ignore[arg-type]
+
+
+def prescale(hidden: "object", scale: float) -> "object":
+    """The float32 array x whose products fl(x * scale) (llama.cpp's ``ggml_scale``) are nearest ``hidden``.
+
+    x = fl(h / s) or one of its float32 neighbours, per value: fl(x * s) == h where any x gives h,
+    otherwise 1 ulp from it (h values that no float32 times s rounds to). For a power-of-two
+    ``scale`` this is the plain (exact) division.
+    """
+    import numpy as np
+
+    s = np.float32(scale)
+    h = np.asarray(hidden, dtype=np.float32)
+    x = h / s
+    if float(s) == 2.0 ** round(math.log2(float(s))):
+        return x
+    best = x
+    err = np.abs(x * s - h)
+    for toward in (-np.inf, np.inf):
+        cand = np.nextafter(x, np.float32(toward))
+        e = np.abs(cand * s - h)
+        better = e < err
+        best = np.where(better, cand, best)
+        err = np.where(better, e, err)
+    return best
+
+
+# ------------------------------------------------------------------ gemma2
+
+def _gemma2_attention_scale(n_embd: int, n_head: int, head_dim: int, n_layer: int) -> float:
+    # src/models/gemma2.cpp: the 27B (46 layers) uses 1/sqrt(n_embd/n_head), others 1/sqrt(head_dim)
+    if n_layer == 46:
+        return 1.0 / math.sqrt(float(n_embd // n_head))
+    return 1.0 / math.sqrt(float(head_dim))
+
+
+def _gemma2_scales(ctx: SplitContext) -> Tuple[float, float]:
+    n_embd = int(ctx.get("embedding_length"))  # type: ignore[arg-type]
+    n_head_v = ctx.get("attention.head_count")
+    n_head = int(n_head_v[0] if isinstance(n_head_v, list) else n_head_v)  # type: ignore[index,arg-type]
+    head_dim = int(ctx.get("attention.key_length", n_embd // n_head))  # type: ignore[arg-type]
+    return (_gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_layer),
+            _gemma2_attention_scale(n_embd, n_head, head_dim, ctx.n_stage))
+
+
+def _gemma2_kv(ctx: SplitContext) -> Dict[str, object]:
+    """The 27B's attention scale where a stage's layer count would pick another: RoPE multiplies q and k by
+    its attn_factor (``rope.scaling.attn_factor``, mscale of the rotation), so sqrt(whole/stage) there scales
+    q.k by whole/stage. Works for quantized weights; same attention in exact arithmetic, not bit for bit
+    (measured by ``test_gemma2_27b_attention_scale``)."""
+    whole, stage = _gemma2_scales(ctx)
+    if whole == stage:
+        return {}
+    base = float(ctx.get("rope.scaling.attn_factor", 1.0) or 1.0)  # type: ignore[arg-type]
+    return {"rope.scaling.attn_factor": base * math.sqrt(whole / stage)}
+
+
+def _gemma2_check(ctx: SplitContext) -> Optional[str]:
+    whole, stage = _gemma2_scales(ctx)
+    n_embd = int(ctx.get("embedding_length"))  # type: ignore[arg-type]
+    n_head_v = ctx.get("attention.head_count")
+    n_head = int(n_head_v[0] if isinstance(n_head_v, list) else n_head_v)  # type: ignore[index,arg-type]
+    head_dim = int(ctx.get("attention.key_length", n_embd // n_head))  # type: ignore[arg-type]
+    if whole != stage and int(ctx.get("rope.dimension_count", head_dim) or head_dim) != head_dim:  # type: ignore[arg-type]
+        return ("this gemma2 model's attention scale depends on its layer count (46: the 27B) and RoPE covers "
+                "only part of each head, so the scale cannot be carried by RoPE's attn_factor on a stage")
+    return None
+
+
+# ------------------------------------------------------------------ baichuan
+
+def _baichuan_arch(ctx: SplitContext) -> Optional[str]:
+    # baichuan.cpp: 32 layers (7B) -> RoPE, 40 (13B) -> ALiBi (max bias 8), else neither. A stage has
+    # another layer count, so it is written under the architecture with the whole model's graph.
+    return {32: "llama", 40: "refact"}.get(ctx.n_layer)
+
+
+def _baichuan_check(ctx: SplitContext) -> Optional[str]:
+    if ctx.n_layer not in (32, 40):
+        return (f"baichuan.cpp picks RoPE (32 layers) or ALiBi (40 layers) from the layer count; this "
+                f"{ctx.n_layer}-layer model uses neither, and no other llama.cpp graph matches that")
+    return None
 
 
 # ------------------------------------------------------------------ deepseek / deepseek2
@@ -256,10 +371,87 @@ def _minicpm_kv(ctx: SplitContext) -> Dict[str, object]:
     return {"residual_scale": float(np.float32(1.4) / np.sqrt(np.float32(ctx.n_layer)))}
 
 
+def _llama4_check(ctx: SplitContext) -> Optional[str]:
+    if ctx.has("attention.sliding_window") and int(ctx.get("attention.sliding_window") or 0) == 0:  # type: ignore[arg-type]
+        if not ctx.is_last:
+            return ("this llama4 model has no chunked attention (sliding_window = 0), for which llama4.cpp "
+                    "skips RoPE on each stage's own last layer (n_no_rope_layer_step = n_layer of the stage): "
+                    "only a stage holding the model's last layer matches")
+        return None
+    if ctx.n_stage < 4:
+        return (f"a {ctx.n_stage}-layer llama4 stage has no no-RoPE layer (every 4th): llama4.cpp then leaves "
+                f"its temperature-tuning input unallocated and aborts (and a stage of only chunked-attention "
+                f"layers has an empty full-attention cache): give each stage at least 4 layers")
+    step = _lcm(4, int(ctx.get("interleave_moe_layer_step", 1) or 1))  # type: ignore[arg-type]
+    if ctx.start % step != 0:
+        return (f"llama4.cpp counts its no-RoPE layers (every 4th) and MoE layers (every "
+                f"{ctx.get('interleave_moe_layer_step')}th) from the stage's first layer, so a stage must start "
+                f"at a multiple of {step}, not at layer {ctx.start}")
+    return None
+
+
+def _glm4moe_kv(ctx: SplitContext) -> Dict[str, object]:
+    """Later stages: M-RoPE with every section at the same position, the only way glm4moe.cpp takes
+    hidden-state input; its rotation and angles equal the NEOX RoPE of the whole model (ggml rope:
+    mrope sections advance theta identically and rotate NEOX pairs)."""
+    kv = _dense_lead(ctx)
+    if not ctx.is_first:
+        half = int(ctx.get("rope.dimension_count")) // 2  # type: ignore[arg-type]
+        kv["rope.dimension_sections"] = [half - 1, 1, 0, 0]
+    return kv
+
+
+def _recurrent_layers(ctx: SplitContext) -> Optional[List[bool]]:
+    """Absolute per-layer recurrent flags of a hybrid model, or None if unknown.
+
+    lfm2/granitehybrid mark recurrent layers with head_count_kv 0; qwen35/qwen3next store
+    attention.recurrent_layers or derive it from full_attention_interval on the layer index."""
+    stored = ctx.get("attention.recurrent_layers")
+    if isinstance(stored, list):
+        return [bool(x) for x in stored[:ctx.n_layer]]
+    if ctx.arch in ("qwen35", "qwen35moe", "qwen3next"):
+        interval = int(ctx.get("full_attention_interval", 4) or 4)  # type: ignore[arg-type]
+        return [(il + 1) % interval != 0 for il in range(ctx.n_layer)]
+    kv = ctx.get("attention.head_count_kv")
+    if isinstance(kv, list):
+        return [int(x) == 0 for x in kv[:ctx.n_layer]]
+    return None
+
+
+def _recurrent_kv(ctx: SplitContext) -> Dict[str, object]:
+    """attention.recurrent_layers as the stage's slice of the absolute pattern (llama.cpp would count the
+    full-attention interval from the stage's first layer)."""
+    flags = _recurrent_layers(ctx)
+    return {} if flags is None else {"attention.recurrent_layers": flags[ctx.start:ctx.stop]}
+
+
+def _hybrid_check(ctx: SplitContext) -> Optional[str]:
+    flags = _recurrent_layers(ctx)
+    if flags is None:
+        return None
+    mine = flags[ctx.start:ctx.stop]
+    if all(mine) or not any(mine):
+        return (f"layers {ctx.layers} of this {ctx.arch} model are all "
+                f"{'recurrent' if all(mine) else 'attention'} layers; llama.cpp's hybrid "
+                f"memory aborts without both kinds (GGML_ASSERT(buffer) on an empty cache): each stage must hold "
+                f"at least one attention and one recurrent layer")
+    return None
+
+
 def _granite_check(ctx: SplitContext) -> Optional[str]:
     if ctx.has("deepstack_mapping"):
         return "granite vision models (deepstack_mapping: per-layer injection of the input embeddings) cannot be split"
     return None
+
+
+def _measured(diff: float, steps: str) -> str:
+    return (f"measured on tiny random-weight models (n_embd 96), 2- and 3-stage chains, f32 wire: max "
+            f"logit difference <= {diff:g}, greedy tokens {steps}")
+
+
+MAXDIFF_GEMMA = 2e-5
+MAXDIFF_GEMMA2 = 2e-4
+MAXDIFF_GEMMA2_27B = 2e-3  # the 27B (46 layers): attention scale carried by RoPE's attn_factor
 
 
 RULES: Dict[str, ArchRule] = {
@@ -273,7 +465,8 @@ RULES: Dict[str, ArchRule] = {
         notes="sliding-window pattern (period 6) written as an absolute per-layer array; input scaling "
               "applies to tokens only; 27B attention scale folded into `attn_q_norm`",
     ),
-    "phi3": ArchRule("phi3"),
+    "phi3": ArchRule("phi3", notes="Phi-3, Phi-4-mini (GQA through the fused QKV, partial rotary; LongRoPE "
+                                   "`rope_factors_long`/`_short` kept on every stage)"),
     "phi2": ArchRule("phi2", output_required=True,
                      notes="`output.weight`/`output.bias` are required: middle stages get a one-row stand-in"),
     "qwen": ArchRule("qwen", output_required=True, notes="`output.weight` required on every stage"),
@@ -319,7 +512,8 @@ RULES: Dict[str, ArchRule] = {
     "smollm3": ArchRule("smollm3", checks=(_smollm3_check,),
                         notes="no RoPE on every 4th layer, counted per stage (hard-coded step): "
                               "each stage must start at a multiple of 4"),
-    "mistral3": ArchRule("mistral3"),
+    "mistral3": ArchRule("mistral3", notes="Ministral 3 / Mistral Small 3.x (older Mistral GGUFs are `llama`): "
+                                           "attention temperature tuning depends on the absolute position only"),
     "ernie4_5": ArchRule("ernie4_5", notes="dense ERNIE 4.5"),
     "minicpm": ArchRule("minicpm", later_stage_kv={"embedding_scale": 1.0}, stage_kv=_minicpm_kv,
                         notes="`embedding_scale` set to 1 on later stages (llama.cpp scales any input, "
@@ -332,34 +526,164 @@ RULES: Dict[str, ArchRule] = {
     "starcoder": ArchRule("starcoder", zero_on_later_stages=("position_embd.weight",),
                           notes="learned position embeddings: later stages get a zero `position_embd`"),
     "codeshell": ArchRule("codeshell", output_required=True, notes="`output.weight` required on every stage"),
+    "gemma": ArchRule(
+        "gemma", level=ULP, hidden_input_scale=_sqrt_embd,
+        max_logit_diff=MAXDIFF_GEMMA, measured=_measured(MAXDIFF_GEMMA, "identical"),
+        notes="gemma.cpp multiplies any input by sqrtf(n_embd): a later stage is handed the float32 x with "
+              "fl(x*sqrtf(n_embd)) nearest the hidden state (equal, or 1 ulp off where no x gives it)",
+    ),
+    "gemma2": ArchRule(
+        "gemma2", level=ULP, hidden_input_scale=_sqrt_embd,
+        swa=SwaRule(period=2, requires_key=None, off_by_zero_window=False),
+        stage_kv=_gemma2_kv, checks=(_gemma2_check,),
+        max_logit_diff=MAXDIFF_GEMMA2, measured=_measured(MAXDIFF_GEMMA2, "identical"),
+        notes="input scaled by sqrtf(n_embd) as for `gemma`; sliding-window pattern (period 2) written as an "
+              "absolute array, a stage must hold a sliding-window layer; the 27B's attention scale (chosen "
+              "from n_layer == 46) carried by `rope.scaling.attn_factor` (sqrt of the ratio on q and k; measured "
+              "max logit difference <= 2e-3 on a 46-layer tiny model)",
+    ),
+    "bloom": ArchRule(
+        "bloom", stage_arch=lambda ctx: None if ctx.is_first else "mpt",
+        stage_arch_kv={"attention.max_alibi_bias": 8.0},
+        first_stage_only=("token_embd_norm.weight", "token_embd_norm.bias"),
+        notes="later stages are written as `mpt` (the same LayerNorm/fused-QKV/ALiBi/GELU graph without "
+              "bloom's input LayerNorm, which would also normalize hidden states); ALiBi max bias 8 written",
+    ),
+    "gpt-oss": ArchRule(
+        "gpt-oss", swa=SwaRule(period=2, requires_key=None, off_by_zero_window=False), output_required=True,
+        notes="OpenAI gpt-oss: attention sinks, MoE; `output.weight` required on every stage; sliding-window pattern (period 2) written as an absolute "
+              "array, a stage must hold a sliding-window layer",
+    ),
+    "llama4": ArchRule(
+        "llama4", swa=SwaRule(period=4, requires_key=None, off_by_zero_window=False), checks=(_llama4_check,),
+        notes="chunked-attention pattern (period 4) written as an absolute array; no-RoPE and MoE layers are "
+              "counted per stage (hard-coded step 4, `interleave_moe_layer_step`), so a stage starts at a "
+              "multiple of their least common multiple and holds at least 4 layers; a model without chunked attention splits only at the "
+              "last stage (refused otherwise)",
+    ),
+    "glm4moe": ArchRule(
+        "glm4moe", stage_kv=_glm4moe_kv,
+        notes="GLM-4.5: later stages get `rope.dimension_sections` (M-RoPE, every section at the token "
+              "position: the same angles and NEOX rotation as the whole model) since glm4moe.cpp takes "
+              "hidden states only with M-RoPE; `leading_dense_block_count` re-based; NextN blocks dropped",
+    ),
+    "lfm2": ArchRule(
+        "lfm2", equal_split_on_inner_stages=True, checks=(_hybrid_check,),
+        notes="LFM2 hybrid: short-convolution state kept per stage; non-last stages run llama.cpp's "
+              "equal-split ubatches like the whole model and restore the batch order of the rows; per-layer `head_count_kv` "
+              "(0 marks a convolution layer) sliced; each stage must hold an attention and a convolution layer",
+    ),
+    "granitehybrid": ArchRule(
+        "granitehybrid", equal_split_on_inner_stages=True, later_stage_kv={"embedding_scale": 1.0},
+        checks=(_granite_check, _hybrid_check),
+        notes="Granite 4 hybrid: Mamba-2 state kept per stage, equal-split ubatches as for `lfm2`; per-layer `head_count_kv` (0 marks "
+              "a Mamba layer) sliced; each stage must hold an attention and a Mamba layer; `embedding_scale` set to 1 "
+              "on later stages",
+    ),
+    "qwen35": ArchRule(
+        "qwen35", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3.5: gated delta-net state kept per stage, equal-split ubatches as for `lfm2`; the "
+              "full-attention layers (every `full_attention_interval`-th, counted by llama.cpp from the stage's "
+              "first layer) written as an absolute `attention.recurrent_layers` slice; M-RoPE positions of text "
+              "handed on as llama.cpp expands them (sections 0-2 at the position, 3 at 0); each stage must hold "
+              "an attention and a delta-net layer; NextN blocks dropped",
+    ),
+    "qwen35moe": ArchRule(
+        "qwen35moe", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3.5 MoE: as `qwen35`, with experts and a gated shared expert",
+    ),
+    "qwen3next": ArchRule(
+        "qwen3next", equal_split_on_inner_stages=True, stage_kv=_recurrent_kv, checks=(_hybrid_check,),
+        notes="Qwen3-Next: gated delta-net/attention hybrid as `qwen35` (plain RoPE), experts with a gated "
+              "shared expert",
+    ),
+    "falcon-h1": ArchRule(
+        "falcon-h1", equal_split_on_inner_stages=True,
+        notes="Falcon-H1: Mamba-2 and attention in every layer; state kept per stage, equal-split ubatches as "
+              "for `lfm2`",
+    ),
+    "olmoe": ArchRule("olmoe", output_required=True,
+                      notes="OLMoE: experts in every layer, q/k norms; `output.weight` required on every stage"),
+    "seed_oss": ArchRule("seed_oss", notes="Seed-OSS: q/k/v biases"),
+    "granitemoe": ArchRule("granitemoe", later_stage_kv={"embedding_scale": 1.0}, checks=(_granite_check,),
+                           notes="Granite MoE (with or without a shared expert): `embedding_scale` set to 1 on "
+                                 "later stages"),
+    "lfm2moe": ArchRule(
+        "lfm2moe", equal_split_on_inner_stages=True, stage_kv=_dense_lead, checks=(_hybrid_check,),
+        notes="LFM2 MoE: as `lfm2`; `leading_dense_block_count` re-based per stage",
+    ),
+    "baichuan": ArchRule(
+        "baichuan", stage_arch=_baichuan_arch, checks=(_baichuan_check,),
+        notes="baichuan.cpp picks the position encoding from the layer count: stages of Baichuan-7B "
+              "(32 layers, RoPE) are written as `llama`, of Baichuan-13B (40 layers, ALiBi) as `refact`",
+    ),
 }
 
 #: Architectures (llama.cpp spelling) that cannot be split exactly, with the reason.
 UNSUPPORTED: Dict[str, str] = {
-    "gemma": (
-        "gemma.cpp multiplies every input, hidden states included, by sqrt(n_embd), which is not a power "
-        "of two in released Gemma (n_embd 2048/3072): for 15%/9% of float32 values h no input x gives "
-        "fl(x*sqrt(n_embd)) == h (measured), so a later stage cannot be handed the exact hidden state"
-    ),
-    "gemma2": (
-        "gemma2.cpp multiplies every input, hidden states included, by sqrt(n_embd), not a power of two "
-        "in released models (n_embd 2304/3584/4608): for 14%/5% of float32 values h (2304/3584, measured) "
-        "no input x gives fl(x*sqrt(n_embd)) == h; the 27B also picks its attention scale from n_layer == 46"
-    ),
-    "bloom": (
-        "bloom.cpp applies token_embd_norm (a LayerNorm with weight and bias) to every input, hidden "
-        "states included; a LayerNorm is not invertible (it removes each row's mean and scale), so no "
-        "stage input or tensor rewrite can hand a later stage the exact hidden state"
-    ),
     "glm4": (
         "glm4.cpp aborts on embedding input unless the model uses M-RoPE (\"This GGUF does not support "
-        "multimodal\"), so no stage after the first can be fed hidden states"
+        "multimodal\"), so a later stage must be written with rope.dimension_sections; M-RoPE rotates pairs "
+        "(i, i+n_rot/2) where GLM-4's RoPE rotates (2i, 2i+1), and permuting the q/k rows to match reorders the "
+        "q.k sums: measured on tiny random models (2- and 3-stage chains, f32 wire), logits off by up to 2.8e-5 "
+        "(head size 128) and 9.3e-5 with flash attention, so neither `exact` nor `ulp` (which bounds the handed-on "
+        "state, not the graph) holds; no other llama.cpp graph has GLM-4's sandwich norms with that RoPE"
     ),
-    "baichuan": (
-        "baichuan.cpp picks RoPE (7B, 32 layers) or ALiBi (13B, 40 layers) from the layer count, and a "
-        "stage has another layer count: every split of a released model loses its position encoding"
+    "gemma3n": (
+        "gemma3n.cpp adds per-layer inputs to every layer, computed from the token ids and the first layer's "
+        "input (per_layer_token_embd, per_layer_model_proj): a later stage given hidden states uses the padding "
+        "token's instead; its hidden state is 4 AltUp streams (4 x n_embd) while a stage takes n_embd per row; "
+        "and layers from 20 on reuse earlier layers' KV cache (n_layer_kv_from_start = 20, hard-coded)"
     ),
 }
+
+
+def split_equal_order(seq_ids: Sequence[int], n_ubatch: int, sequential: bool = False) -> List[int]:
+    """Batch indices in the order llama.cpp's ``llama_batch_allocr::split_equal`` (src/llama-batch.cpp,
+    no kept tail) puts them into ubatches: per ubatch, the sequences in order of first unused row, each
+    contributing its next rows (as many as the shortest of them has left, within n_ubatch), sequence-major."""
+    n = len(seq_ids)
+    by_seq: Dict[int, List[int]] = {}
+    for i, s in enumerate(seq_ids):
+        by_seq.setdefault(int(s), []).append(i)
+    used = [False] * n
+    order: List[int] = []
+    while True:
+        cur: List[int] = []
+        seen = set()
+        last = -1
+        for i in range(n):
+            if used[i]:
+                continue
+            s = int(seq_ids[i])
+            add = s not in seen
+            if sequential:
+                add = add and (not cur or s == last + 1)
+            if add:
+                cur.append(s)
+                seen.add(s)
+                last = s
+                if len(cur) > n_ubatch:
+                    break
+        if not cur:
+            return order
+        pos = {}
+        for s in cur:
+            k = 0
+            while used[by_seq[s][k]]:
+                k += 1
+            pos[s] = k
+        per: Dict[int, List[int]] = {s: [] for s in cur}
+        while all(pos[s] < len(by_seq[s]) for s in cur):
+            for s in cur:
+                idx = by_seq[s][pos[s]]
+                per[s].append(idx)
+                used[idx] = True
+                pos[s] += 1
+            if (len(per[cur[0]]) + 1) * len(cur) > n_ubatch:
+                break
+        for s in cur:
+            order.extend(per[s])
 
 
 def supported_archs() -> List[str]:

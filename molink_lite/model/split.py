@@ -27,7 +27,7 @@ from .gguf_meta import GGUFFile, GGUFFormatError
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
-SPLIT_FORMAT = 2  # bump when the stage GGUF content changes: old cache entries are then ignored
+SPLIT_FORMAT = 3  # bump when the stage GGUF content changes: old cache entries are then ignored
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 _COPY_CHUNK = 16 * 1024 * 1024
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -245,11 +245,13 @@ def read_model_info(path: str | os.PathLike, reader: Optional[GGUFFile] = None) 
     meta = _metadata(r, arch)
     if f"{arch}.block_count" not in meta:
         raise SplitError(f"{path}: no {arch}.block_count key")
+    # NextN (multi-token prediction) blocks are counted in block_count but not run: stages drop them
+    n_layer = int(meta[f"{arch}.block_count"]) - int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)
     n_vocab = meta.get(f"{arch}.vocab_size")
     if n_vocab is None and "tokenizer.ggml.tokens" in r.fields:
         n_vocab = r.fields["tokenizer.ggml.tokens"].count
     return ModelInfo(
-        path=str(path), arch=arch, n_layer=int(meta[f"{arch}.block_count"]),
+        path=str(path), arch=arch, n_layer=n_layer,
         n_embd=int(meta.get(f"{arch}.embedding_length", 0)), n_vocab=int(n_vocab or 0),
         fingerprint=str(meta.get("molink.source_fingerprint") or fingerprint(path)),
         name=str(meta.get("general.name", Path(path).stem)),
@@ -320,12 +322,15 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     # --- metadata
     overrides: Dict[str, Tuple[int, object, Optional[int]]] = {}
     overrides[f"{arch}.block_count"] = (T_UINT32, ctx.n_stage, None)
+    n_block = int(r.value(f"{arch}.block_count"))
+    if n_block != info.n_layer:  # NextN blocks (after the trunk's): not run, not kept
+        overrides[f"{arch}.nextn_predict_layers"] = (T_UINT32, 0, None)
     for k in PER_LAYER_KEYS:
         key = f"{arch}.{k}"
         f = r.fields.get(key)
         if f is not None and f.vtype == T_ARRAY:
             vals = r.value(key)
-            if len(vals) != info.n_layer:
+            if len(vals) not in (info.n_layer, n_block):
                 raise SplitError(f"{key} has {len(vals)} entries for {info.n_layer} layers")
             overrides[key] = (T_ARRAY, vals[layers.start:layers.stop], f.sub_type)
     if rule.swa is not None:
@@ -342,9 +347,18 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     for key, value in rule.stage_kv(ctx).items():
         k = f"{arch}.{key}"
         f = r.fields.get(k)
+        if isinstance(value, list):  # a bool or int array (attention.recurrent_layers, rope.dimension_sections)
+            overrides[k] = (T_ARRAY, value, T_BOOL if all(isinstance(v, bool) for v in value) else T_INT32)
+            continue
         vtype = (f.vtype if f is not None and f.vtype != T_ARRAY else T_BOOL if isinstance(value, bool)
                  else T_FLOAT32 if isinstance(value, float) else T_UINT32)
         overrides[k] = (vtype, value, None)
+    out_arch = rule.stage_arch(ctx) or arch
+    if out_arch != arch:
+        overrides["general.architecture"] = (T_STRING, out_arch, None)
+        overrides["molink.source_arch"] = (T_STRING, arch, None)
+        for key, value in rule.stage_arch_kv.items():
+            overrides[f"{arch}.{key}"] = (T_FLOAT32 if isinstance(value, float) else T_UINT32, value, None)
     if middle_vocab:
         overrides[f"{arch}.vocab_size"] = (T_UINT32, 1, None)
         overrides["tokenizer.ggml.model"] = (T_STRING, "none", None)
@@ -354,17 +368,23 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     overrides["molink.layer_stop"] = (T_UINT32, layers.stop, None)
     overrides["molink.n_layer_total"] = (T_UINT32, info.n_layer, None)
 
+    def renamed(key: str) -> str:  # "<arch>.x" -> "<out_arch>.x" for a stage written under another arch
+        return out_arch + key[len(arch):] if out_arch != arch and key.startswith(arch + ".") else key
+
     kv: List[bytes] = []
     for key in r.fields:
         if middle_vocab and key.startswith("tokenizer."):
             continue
         if key in overrides:
             vtype, value, sub = overrides.pop(key)
-            kv.append(_pack_kv(key, vtype, value, sub))
+            kv.append(_pack_kv(renamed(key), vtype, value, sub))
+        elif renamed(key) != key:
+            f = r.fields[key]
+            kv.append(_pack_kv(renamed(key), f.vtype, r.value(key), f.sub_type))
         else:
             kv.append(r.raw(key))
     for key, (vtype, value, sub) in overrides.items():
-        kv.append(_pack_kv(key, vtype, value, sub))
+        kv.append(_pack_kv(renamed(key), vtype, value, sub))
 
     # --- tensors
     tensors: List[_OutTensor] = []
@@ -388,6 +408,8 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
             if name == "token_embd.weight" and middle_vocab:
                 tensors.append(_OutTensor(name, (ne[0], 1), GGML_TYPE_F32, 4 * ne[0], data=bytes(4 * ne[0])))
                 continue
+            if name in rule.first_stage_only and not ctx.is_first:
+                continue
             if name in rule.zero_on_later_stages and not ctx.is_first:
                 tensors.append(_OutTensor(name, ne, t.ggml_type, t.nbytes, data=bytes(t.nbytes)))
                 continue
@@ -395,7 +417,11 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
         fix = next((fn for suffix, fn in rule.tensor_fixes.items() if name.endswith(suffix)), None)
         if fix is not None:
             if t.ggml_type != GGML_TYPE_F32:
-                raise SplitError(f"{t.name}: the {arch} split rule needs it as F32, got ggml type {t.ggml_type}")
+                if fix(ctx, name, None) is None:
+                    tensors.append(out)
+                    continue
+                raise SplitError(f"cannot split layers {layers}: the {arch} split rule rewrites {t.name} for "
+                                 f"this layer range and needs it as F32, got ggml type {t.ggml_type}")
             fixed = fix(ctx, name, r.read_tensor_f32(t))
             if fixed is not None:
                 out.data = np.ascontiguousarray(fixed, dtype=np.float32).tobytes()

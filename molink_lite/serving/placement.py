@@ -213,9 +213,9 @@ class ModelCost:
     def _int_per_layer(self, key: str, default: int) -> List[int]:
         v = self.meta.get(f"{self.info.arch}.{key}")
         if isinstance(v, list):
-            if len(v) != self.n_layer:
+            if len(v) < self.n_layer:  # NextN blocks after the trunk may have entries too (not run)
                 raise PlacementError(f"{self.info.arch}.{key} has {len(v)} entries for {self.n_layer} layers")
-            return [int(x) for x in v]
+            return [int(x) for x in v[:self.n_layer]]
         return [int(v) if v is not None else default] * self.n_layer
 
     def _kv_per_layer(self) -> List[int]:

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..model.archs import RULES, SplitContext, rule_for
+from ..model.archs import RULES, SplitContext, prescale, rule_for, split_equal_order
 
 _lib = _llama._lib
 _lib.ggml_get_name.restype = ctypes.c_char_p
@@ -86,6 +86,8 @@ class StageInfo:
     n_vocab: int
     fingerprint: str
     name: str = ""
+    # the whole model's architecture where the stage is written under another (archs.ArchRule.stage_arch)
+    model_arch: str = ""
 
     @property
     def is_first(self) -> bool:
@@ -156,6 +158,8 @@ class StageEngine:
         if not self.info.is_last and rule is not None and rule.embeddings_on_inner_stages:
             # llama.cpp then splits recurrent batches by sequence, in batch order (see archs.py: mamba)
             cparams.embeddings = True
+        # hybrid memory: captured rows come back in split_equal ubatch order (archs.equal_split_on_inner_stages)
+        self._equal_split = not self.info.is_last and rule is not None and rule.equal_split_on_inner_stages
         threads = int(n_threads or os.cpu_count() or 1)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -176,6 +180,8 @@ class StageEngine:
         self.n_ctx = _llama.llama_n_ctx(self._ctx)
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
+        # M-RoPE models take 4 positions per embedding row (section-major)
+        self._n_pos = 4 if not self.info.is_first and _llama.llama_model_rope_type(self._model) in (8, 40) else 1
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
         # reusable batch buffers
         self._seq_storage = np.zeros(self.n_chunk, dtype=np.int32)
@@ -200,7 +206,8 @@ class StageEngine:
             fp = fingerprint(self.path)
         name = _meta(m, "molink.source_name") or Path(self.path).stem
         return StageInfo(self.path, arch, start, stop, total, _llama.llama_model_n_embd(m),
-                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp, name)
+                         _llama.llama_model_n_embd_inp(m), _llama.llama_vocab_n_tokens(vocab), fp, name,
+                         _meta(m, "molink.source_arch") or arch)
 
     # ------------------------------------------------------------------ capture
     def _eval_cb(self, t: int, ask: bool, _user: int) -> bool:
@@ -257,8 +264,8 @@ class StageEngine:
             if hidden.ndim != 2 or hidden.shape != (n, self.info.n_embd_inp):
                 raise EngineError(f"hidden states have shape {tuple(hidden.shape)}, expected ({n}, {self.info.n_embd_inp})")
             hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-            if self.input_scale != 1.0:
-                hidden = hidden * np.float32(1.0 / self.input_scale)
+            if self.input_scale != 1.0:  # llama.cpp multiplies this input by input_scale (archs.prescale)
+                hidden = prescale(hidden, self.input_scale)
         if output_rows is None:
             output_rows = last_row_of_each_seq(seq_ids)
         output_rows = np.ascontiguousarray(output_rows, dtype=np.int8)
@@ -291,6 +298,10 @@ class StageEngine:
             batch.token = tokens.ctypes.data_as(ctypes.POINTER(_llama.llama_token))
         if hidden is not None:
             batch.embd = hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if hidden is not None and self._n_pos > 1:
+            # as llama.cpp expands the positions of text tokens (llm_graph_input_pos::set_input):
+            # sections 0-2 at the position, section 3 at 0, section-major
+            positions = np.concatenate([positions, positions, positions, np.zeros_like(positions)])
         batch.pos = positions.ctypes.data_as(ctypes.POINTER(_llama.llama_pos))
         batch.n_seq_id = self._ones.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         batch.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))
@@ -313,7 +324,11 @@ class StageEngine:
             return np.ctypeslib.as_array(ptr, shape=(k, self.info.n_vocab))
         if self._cap_rows != n:
             raise EngineError(f"captured {self._cap_rows} hidden rows for a batch of {n}")
-        out = self._cap_buf[:n].copy()
+        if self._equal_split:
+            out = np.empty((n, self.info.n_embd), dtype=np.float32)
+            out[np.asarray(split_equal_order(seq_ids.tolist(), self.n_chunk), dtype=np.int64)] = self._cap_buf[:n]
+        else:
+            out = self._cap_buf[:n].copy()
         self.times.capture += time.perf_counter() - t1
         return out
 

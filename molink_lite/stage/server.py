@@ -109,7 +109,7 @@ class StageServer:
     # ------------------------------------------------------------------ identity
     def describe(self) -> dict:
         i = self.info
-        d = {"type": "info", "protocol": PROTOCOL_VERSION, "arch": i.arch, "fingerprint": i.fingerprint,
+        d = {"type": "info", "protocol": PROTOCOL_VERSION, "arch": i.model_arch or i.arch, "fingerprint": i.fingerprint,
              "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
              "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": self.engine.n_ctx,
              "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "max_rows": self.limits.max_rows,

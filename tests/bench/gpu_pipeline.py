@@ -18,7 +18,7 @@ with aiohttp at several concurrencies and micro-batch settings, against the whol
 on one GPU behind the same gateway.
 
 By default the model is a random-weight Llama-3-8B-shaped GGUF (32 layers, 4096 wide,
-GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``molink_lite.tools.testmodels``;
+GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``tests/testmodels.py``;
 ``--tiny`` uses a small one (CPU dry runs). Results: a table on stdout and ``--json``.
 
     python tests/bench/gpu_pipeline.py --part pipeline --lib kernels/build/cuda/lib --model /tmp/l8b.gguf
@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "tests"):  # the package, and tests/testmodels.py (test-only, not installed)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,7 +87,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
+from typing import Dict, List  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -97,7 +98,7 @@ from molink_lite.serving.pipeline import Pipeline  # noqa: E402
 from molink_lite.serving.router import Router  # noqa: E402
 from molink_lite.serving.sequence import GenRequest  # noqa: E402
 from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
-from molink_lite.tools.testmodels import write_random_gguf  # noqa: E402
+from testmodels import write_random_gguf  # noqa: E402
 from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
 
 T_START = time.perf_counter()
