@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import llama_cpp  # noqa: F401
 
-import numpy as np
 import pytest
 
 from molink_lite.stage.engine import StageEngine
