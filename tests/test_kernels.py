@@ -125,7 +125,10 @@ def test_cpu_build_loads_and_runs(cpu_lib_dir: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- libpath errors
 @pytest.fixture
 def no_env(monkeypatch):
-    monkeypatch.delenv(libpath.ENV, raising=False)  # restored after the test
+    # setenv first so that monkeypatch records the variable's prior state (absent, usually) and restores it;
+    # delenv of an absent variable records nothing, and a value set by the test would leak to later tests
+    monkeypatch.setenv(libpath.ENV, "")
+    monkeypatch.delenv(libpath.ENV)
 
 
 def test_use_library_dir_missing(tmp_path, no_env):

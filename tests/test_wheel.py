@@ -46,7 +46,8 @@ def test_cpu_wheel_installs_without_a_compiler_and_splits_exactly(tmp_path):
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "CMAKE_ARGS", "VIRTUAL_ENV", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CC", "CXX", "CMAKE_ARGS", "VIRTUAL_ENV", "PYTHONPATH", "LLAMA_CPP_LIB_PATH")}
     env["PATH"] = _bare_path(tmp_path / "bin", venv)
     for c in COMPILERS:
         assert shutil.which(c, path=env["PATH"]) is None, c
