@@ -14,7 +14,7 @@ Variants:
 - ``cpu``: ``GGML_NATIVE=OFF`` with the x86-64-v3 baseline (AVX2, FMA, F16C, BMI2; no AVX-512, no AMX),
   so one wheel runs on any x86-64 CPU from 2013 on, and never enters ggml's AMX kernels (which crash on
   Q4_K weights in this llama.cpp version). On arm64 the compiler's baseline is used.
-- ``cu12``: the same CPU code plus ``GGML_CUDA=ON`` for compute capabilities 6.1 (Pascal, GTX 10xx)
+- ``cu12`` (and ``cu13``, the same for CUDA 13 toolkits and drivers): the same CPU code plus ``GGML_CUDA=ON`` for compute capabilities 6.1 (Pascal, GTX 10xx)
   through 9.0 (H100) by default. The CUDA runtime and cuBLAS are *not* bundled: the wheel depends on
   NVIDIA's registry wheels ``nvidia-cuda-runtime-cu12`` and ``nvidia-cublas-cu12``, which
   :func:`molink_lite.stage.libpath.preload_cuda_runtime` loads before llama.cpp, so a user needs only the
@@ -47,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build as libbuild  # noqa: E402 - kernels/build.py: sdist download, struct-size probe
 
 VERSION = libbuild.LLAMA_CPP_PYTHON_VERSION
-VARIANTS = ("cpu", "cu12")
+VARIANTS = ("cpu", "cu12", "cu13")
 DEFAULT_CUDA_ARCHS = "61;70;75;80;86;89;90"
-CUDA_REQUIRES = ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12")
+# the CUDA runtime and cuBLAS come from NVIDIA's registry wheels (CUDA 13 dropped the -cuXX suffix)
+CUDA_REQUIRES = {"cu12": ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"),
+                 "cu13": ("nvidia-cuda-runtime==13.*", "nvidia-cublas==13.*")}
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -59,7 +61,7 @@ def cmake_args(variant: str, cuda_arch: str) -> List[str]:
     if X86:
         args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
                  "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
-    if variant == "cu12":
+    if variant.startswith("cu"):
         args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
     return args
 
@@ -94,7 +96,8 @@ def build(args: argparse.Namespace) -> Path:
     out = Path(args.out).expanduser().resolve() / args.variant
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "build.json"
-    key = {"version": VERSION, "variant": args.variant, "cmake_args": cmake_args(args.variant, args.cuda_arch),
+    key = {"version": VERSION, "variant": args.variant,
+           "cmake_args": cmake_args(args.variant, args.cuda_arch) + list(args.cmake_arg or []),
            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "platform": sys.platform,
            "machine": platform.machine()}
     if stamp.is_file() and not args.force:
@@ -114,8 +117,9 @@ def build(args: argparse.Namespace) -> Path:
     libbuild.log(f"building the {args.variant} wheel of llama-cpp-python {VERSION} (CMAKE_ARGS={env['CMAKE_ARGS']})")
     wdir = work / "wheel"
     shutil.rmtree(wdir, ignore_errors=True)
-    libbuild.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(wdir), str(sdist)],
-                 env=env, what="pip wheel of llama-cpp-python")
+    isolation = ["--no-build-isolation"] if args.no_build_isolation else []
+    libbuild.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", *isolation, "-w", str(wdir),
+                  str(sdist)], env=env, what="pip wheel of llama-cpp-python")
     wheels = sorted(wdir.glob("llama_cpp_python-*.whl"))
     if not wheels:
         raise libbuild.BuildError(f"pip wheel finished but left no wheel in {wdir}")
@@ -124,8 +128,8 @@ def build(args: argparse.Namespace) -> Path:
         libbuild.llama_cpp_root(sdist)
     probe_ns = argparse.Namespace(ninja=libbuild.find_ninja())
     sizes = libbuild.probe_struct_sizes(libbuild.find_cmake(), src, work / "probe", probe_ns)
-    info = {**key, "cuda_archs": args.cuda_arch if args.variant == "cu12" else None,
-            "requires": list(CUDA_REQUIRES) if args.variant == "cu12" else [],
+    info = {**key, "cuda_archs": args.cuda_arch if args.variant.startswith("cu") else None,
+            "requires": list(CUDA_REQUIRES.get(args.variant, ())),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(built, 1)}
     wheel = out / wheels[0].name
     shutil.copy2(wheels[0], wheel)
@@ -140,7 +144,9 @@ def build(args: argparse.Namespace) -> Path:
 
 
 def index(args: argparse.Namespace) -> None:
-    """``<out>/<variant>/index.html`` and ``<out>/<variant>/llama-cpp-python/index.html`` + the wheels."""
+    """``<out>/<variant>/index.html`` and ``<out>/<variant>/llama-cpp-python/index.html``. The wheels are copied
+    next to the index, or, with ``--base-url`` (``{variant}`` is replaced), linked where they are hosted:
+    CUDA wheels are hundreds of MB, past what a static site holds, so releases host them."""
     src, out = Path(args.wheels).resolve(), Path(args.out).resolve()
     for variant in VARIANTS:
         wheels = sorted((src / variant).glob("*.whl")) if (src / variant).is_dir() else []
@@ -150,9 +156,13 @@ def index(args: argparse.Namespace) -> None:
         proj.mkdir(parents=True, exist_ok=True)
         links = []
         for w in wheels:
-            shutil.copy2(w, proj / w.name)
+            if args.base_url:
+                href = args.base_url.replace("{variant}", variant).rstrip("/") + "/" + w.name
+            else:
+                shutil.copy2(w, proj / w.name)
+                href = w.name
             digest = hashlib.sha256(w.read_bytes()).hexdigest()
-            links.append(f'<a href="{html.escape(w.name)}#sha256={digest}">{html.escape(w.name)}</a><br>')
+            links.append(f'<a href="{html.escape(href)}#sha256={digest}">{html.escape(w.name)}</a><br>')
         (proj / "index.html").write_text("<!DOCTYPE html>\n<html><body>\n" + "\n".join(links) + "\n</body></html>\n")
         (out / variant / "index.html").write_text(
             '<!DOCTYPE html>\n<html><body>\n<a href="llama-cpp-python/">llama-cpp-python</a>\n</body></html>\n')
@@ -170,9 +180,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--work", default=None, help="work folder (kept); default: a temporary one")
     b.add_argument("--jobs", "-j", type=int, default=os.cpu_count(), help="parallel compile jobs")
     b.add_argument("--force", action="store_true", help="rebuild even when OUT/<variant> is up to date")
+    b.add_argument("--no-build-isolation", action="store_true",
+                   help="build with the packages already installed (scikit-build-core): for machines without a "
+                        "package registry")
+    b.add_argument("--cmake-arg", action="append", metavar="ARG", help="extra CMake argument (repeatable)")
     i = sub.add_parser("index", help="lay built wheels out as PEP 503 indexes, one per variant")
     i.add_argument("--wheels", default="dist/wheels")
     i.add_argument("--out", default="dist/index")
+    i.add_argument("--base-url", default=None,
+                   help="link the wheels at this URL instead of copying them ({variant} is replaced), e.g. "
+                        "https://github.com/OWNER/REPO/releases/download/engine-{variant}")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":

@@ -51,10 +51,15 @@ def test_cpu_wheel_installs_without_a_compiler_and_splits_exactly(tmp_path):
     env["PATH"] = _bare_path(tmp_path / "bin", venv)
     for c in COMPILERS:
         assert shutil.which(c, path=env["PATH"]) is None, c
+    # the README's command, against a PEP 503 index laid out by kernels/wheel.py (as the release workflow does)
+    idx = subprocess.run([sys.executable, str(ROOT / "kernels" / "wheel.py"), "index", "--wheels", str(WHEELS),
+                          "--out", str(tmp_path / "index")], capture_output=True, text=True, timeout=300)
+    assert idx.returncode == 0, idx.stderr
+    assert (tmp_path / "index" / "cpu" / "llama-cpp-python" / wheel.name).is_file()
     py = str(venv / "bin" / "python")
-    inst = subprocess.run([py, "-m", "pip", "install", "--only-binary", "llama-cpp-python", "--find-links",
-                           str(wheel.parent), f"{ROOT}[test]"], capture_output=True, text=True, env=env,
-                          timeout=1800, cwd=tmp_path)
+    inst = subprocess.run([py, "-m", "pip", "install", "--only-binary", "llama-cpp-python", "--extra-index-url",
+                           (tmp_path / "index" / "cpu").as_uri(), f"{ROOT}[test]"], capture_output=True, text=True,
+                          env=env, timeout=1800, cwd=tmp_path)
     assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
 
     doc = subprocess.run([str(venv / "bin" / "molink-lite"), "doctor"], capture_output=True, text=True, env=env,

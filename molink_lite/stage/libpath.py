@@ -206,19 +206,22 @@ def preload_cuda_runtime() -> List[str]:
     roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
     done: List[str] = []
     for root in roots:
-        for pkg, names in (("cuda_runtime", ("cudart",)), ("cublas", ("cublasLt", "cublas"))):
-            if sys.platform == "win32":
-                d = root / pkg / "bin"
-                if d.is_dir():
-                    os.add_dll_directory(str(d))
-                    done.append(str(d))
-                continue
-            for name in names:
-                for lib in sorted((root / pkg / "lib").glob(f"lib{name}.so.*")):
-                    try:
-                        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-                        done.append(str(lib))
-                    except OSError:
-                        pass
-                    break
+        # CUDA 12 wheels: nvidia/cuda_runtime/lib, nvidia/cublas/lib; CUDA 13 wheels: nvidia/cu13/lib
+        if sys.platform == "win32":
+            for d in sorted({p.parent for p in root.glob("*/bin/*.dll") if p.name.startswith(("cudart", "cublas"))}):
+                os.add_dll_directory(str(d))
+                done.append(str(d))
+            continue
+        for name in ("cudart", "cublasLt", "cublas"):
+            for lib in sorted(root.glob(f"*/lib/lib{name}.so.*")):
+                try:
+                    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                    done.append(str(lib))
+                except OSError:
+                    pass
+                break
+    PRELOADED[:] = done
     return done
+
+
+PRELOADED: List[str] = []  # what preload_cuda_runtime() loaded (doctor reports it)

@@ -54,6 +54,11 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
     for d in hostinfo.devices():
         lines.append(f"  device {d['name']} ({d['type']}): {d['description']}, "
                      f"{d['free'] / 2**30:.1f} of {d['total'] / 2**30:.1f} GiB free")
+    from ..stage.libpath import PRELOADED
+
+    if PRELOADED:
+        lines.append("CUDA runtime from NVIDIA's wheels: " + ", ".join(Path(p).name for p in PRELOADED)
+                     + f" ({Path(PRELOADED[0]).parent})")
     lines.append(f"RAM: {hostinfo.free_ram() / 2**30:.1f} GiB available")
     if model:
         from ..model.split import read_model_info
