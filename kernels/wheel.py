@@ -48,7 +48,9 @@ import build as libbuild  # noqa: E402 - kernels/build.py: sdist download, struc
 
 VERSION = libbuild.LLAMA_CPP_PYTHON_VERSION
 VARIANTS = ("cpu", "cu12", "cu13")
-DEFAULT_CUDA_ARCHS = "61;70;75;80;86;89;90"
+# compute capabilities: CUDA 12 reaches back to Pascal (6.1, GTX 10xx); CUDA 13 starts at Turing (7.5) and adds
+# Blackwell (10.0 B200, 12.0 RTX 50xx)
+DEFAULT_CUDA_ARCHS = {"cu12": "61;70;75;80;86;89;90", "cu13": "75;80;86;89;90;100;120"}
 # the CUDA runtime and cuBLAS come from NVIDIA's registry wheels (CUDA 13 dropped the -cuXX suffix)
 CUDA_REQUIRES = {"cu12": ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"),
                  "cu13": ("nvidia-cuda-runtime==13.*", "nvidia-cublas==13.*")}
@@ -174,7 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build one wheel variant")
     b.add_argument("--variant", choices=VARIANTS, required=True)
-    b.add_argument("--cuda-arch", default=DEFAULT_CUDA_ARCHS, help="CUDA compute capabilities (default %(default)s)")
+    b.add_argument("--cuda-arch", default=None,
+                   help="CUDA compute capabilities (default: cu12 %s; cu13 %s)" % (DEFAULT_CUDA_ARCHS["cu12"],
+                                                                              DEFAULT_CUDA_ARCHS["cu13"]))
     b.add_argument("--out", default="dist/wheels", help="wheels go to OUT/<variant>/ (default %(default)s)")
     b.add_argument("--sdist", default=None, help="llama-cpp-python sdist (.tar.gz); default: pip download")
     b.add_argument("--work", default=None, help="work folder (kept); default: a temporary one")
@@ -191,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="link the wheels at this URL instead of copying them ({variant} is replaced), e.g. "
                         "https://github.com/OWNER/REPO/releases/download/engine-{variant}")
     args = ap.parse_args(argv)
+    if args.cmd == "build" and args.cuda_arch is None:
+        args.cuda_arch = DEFAULT_CUDA_ARCHS.get(args.variant, "")
     try:
         if args.cmd == "build":
             print(build(args))
