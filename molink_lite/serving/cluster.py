@@ -470,13 +470,9 @@ async def _splice(a: web.WebSocketResponse, b: web.WebSocketResponse) -> None:
                 return
             await dst.send_bytes(msg.data)
 
-    tasks = [asyncio.ensure_future(copy(a, b)), asyncio.ensure_future(copy(b, a))]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await relay.until_first_ends(copy(a, b), copy(b, a))
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await a.close()
         await b.close()
 

@@ -89,15 +89,22 @@ async def _pump(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWri
             writer.write(msg)
             await writer.drain()
 
-    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        await until_first_ends(up(), down())
+    finally:
+        writer.close()
+        await ws.close()
+
+
+async def until_first_ends(*coros: Any) -> None:
+    """Run the two directions of a copy until one of them ends (the peer closed); cancel the other."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        writer.close()
-        await ws.close()
 
 
 async def open_tunnel(relay: str) -> socket.socket:
