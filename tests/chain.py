@@ -51,3 +51,24 @@ def greedy_run(stages: List[StageEngine], prompts, n_steps: int, codec: str = "f
         for s in ids:
             st.free(int(s))
     return logits, np.stack(tokens, axis=1)
+
+
+def whole_model_greedy_texts(model: str, prompts, n_tokens: int) -> list:
+    """What the whole model says greedily after each prompt (``n_tokens`` tokens, no stop at EOS), decoded by
+    the same incremental detokenizer the last stage uses: the reference a served split must equal."""
+    import numpy as np
+
+    from molink_lite.model.vocab import Detokenizer, Vocab
+    from molink_lite.stage.engine import StageEngine
+
+    whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
+    try:
+        detok = Detokenizer(Vocab(whole.model_ptr))
+        out = []
+        for i, prompt in enumerate(prompts):
+            _, toks = greedy_run([whole], [list(prompt)], n_tokens - 1)
+            detok.start(i)
+            out.append("".join(detok.pieces(np.full(n_tokens, i), toks[0], np.arange(n_tokens) == n_tokens - 1)))
+        return out
+    finally:
+        whole.close()

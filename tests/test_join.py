@@ -15,14 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from molink_lite.model.vocab import Detokenizer, Vocab
-from molink_lite.stage.engine import StageEngine
 from molink_lite.wire.auth import new_secret
 
-from chain import greedy_run
+from chain import whole_model_greedy_texts
 from serving import free_port, http
 
 pytestmark = pytest.mark.slow
@@ -88,20 +85,13 @@ def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
             assert h <= 1.05 * size * 4 / 12 + (1 << 20)
         # greedy output over the f32 wire equals the whole model's, token for token (ignore_eos: full length;
         # the reference text is decoded by the same incremental detokenizer the last stage uses)
-        whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
-        try:
-            detok = Detokenizer(Vocab(whole.model_ptr))
-            for i, prompt in enumerate(([1, 5, 9, 200, 31], [7, 7, 300])):
-                _, toks = greedy_run([whole], [prompt], 11)
-                detok.start(i)
-                want = "".join(detok.pieces(np.full(12, i), toks[0], np.arange(12) == 11))
-                status, body = http("POST", url + "/v1/completions",
-                                    {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
-                assert status == 200, body
-                assert body["usage"]["completion_tokens"] == 12
-                assert body["choices"][0]["text"] == want
-        finally:
-            whole.close()
+        prompts = ([1, 5, 9, 200, 31], [7, 7, 300])
+        for prompt, want in zip(prompts, whole_model_greedy_texts(model, prompts, 12)):
+            status, body = http("POST", url + "/v1/completions",
+                                {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+            assert status == 200, body
+            assert body["usage"]["completion_tokens"] == 12
+            assert body["choices"][0]["text"] == want
         # the placement and its hosts in `molink-lite status` and /metrics
         r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", url], capture_output=True, text=True,
                            timeout=60)

@@ -15,15 +15,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from molink_lite.model.vocab import Detokenizer, Vocab
-from molink_lite.stage.engine import StageEngine
 from molink_lite.wire.auth import new_secret
 
 import netns
-from chain import greedy_run
+from chain import whole_model_greedy_texts
 
 pytestmark = pytest.mark.slow
 WHY = netns.unavailable()
@@ -93,19 +90,12 @@ def test_stages_on_separate_hosts_one_behind_nat(tiny_models, tmp_path):
                 assert k.get("rtt_ms") is not None, links
             assert sum(k["to"] == "nat" for k in links) == (1 if order[0] == "nat" else 2)
 
-            whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
-            try:
-                detok = Detokenizer(Vocab(whole.model_ptr))
-                for i, prompt in enumerate(([1, 5, 9, 200, 31], [7, 7, 300])):
-                    _, toks = greedy_run([whole], [prompt], 11)
-                    detok.start(i)
-                    want = "".join(detok.pieces(np.full(12, i), toks[0], np.arange(12) == 11))
-                    status, body = http("POST", gw_url + "/v1/completions",
-                                        {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
-                    assert status == 200, body
-                    assert body["choices"][0]["text"] == want
-            finally:
-                whole.close()
+            prompts = ([1, 5, 9, 200, 31], [7, 7, 300])
+            for prompt, want in zip(prompts, whole_model_greedy_texts(model, prompts, 12)):
+                status, body = http("POST", gw_url + "/v1/completions",
+                                    {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+                assert status == 200, body
+                assert body["choices"][0]["text"] == want
         finally:
             for p in procs:
                 if p.poll() is None:

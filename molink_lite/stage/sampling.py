@@ -148,7 +148,8 @@ class SequenceSampler:
             return float(self._rng.random())
         return float(np.random.Generator(np.random.PCG64([int(self._seed), int(position)])).random())
 
-    def _draw(self, logits: np.ndarray, position: int) -> int:
+    def _apply(self, logits: np.ndarray) -> tuple:
+        """Run the sampler chain over one row of logits: (the candidate buffer it was given, the result array)."""
         n = logits.shape[0]
         data = np.empty(n, dtype=TOKEN_DATA)
         data["id"] = np.arange(n, dtype=np.int32)
@@ -157,6 +158,10 @@ class SequenceSampler:
         arr = _llama.llama_token_data_array(
             data=data.ctypes.data_as(_llama.llama_token_data_p), size=n, selected=-1, sorted=False)
         _llama.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        return data, arr
+
+    def _draw(self, logits: np.ndarray, position: int) -> int:
+        data, arr = self._apply(logits)
         size = int(arr.size)
         if size < 1:
             raise SamplingError("sampler chain left no candidate token")
@@ -179,14 +184,7 @@ class SequenceSampler:
             return int(np.argmax(logits))
         if self.spec:
             return self._draw(logits, position)
-        n = logits.shape[0]
-        data = np.empty(n, dtype=TOKEN_DATA)
-        data["id"] = np.arange(n, dtype=np.int32)
-        data["logit"] = logits
-        data["p"] = 0.0
-        arr = _llama.llama_token_data_array(
-            data=data.ctypes.data_as(_llama.llama_token_data_p), size=n, selected=-1, sorted=False)
-        _llama.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        data, arr = self._apply(logits)
         if not 0 <= arr.selected < arr.size:
             raise SamplingError("sampler chain selected no token")
         token = int(data["id"][arr.selected])
