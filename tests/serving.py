@@ -19,10 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: Optional[object] = None, raw: Optional[bytes] = None, timeout: float = 120):
-    """(status, parsed JSON or text) of an HTTP request."""
+def http(method: str, url: str, body: Optional[object] = None, raw: Optional[bytes] = None, timeout: float = 120,
+         key: Optional[str] = None):
+    """(status, parsed JSON or text) of an HTTP request; ``key``: sent as the API key (Bearer)."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, text = r.status, r.read().decode()

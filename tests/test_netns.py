@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import llama_cpp  # noqa: F401 - before numpy
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from molink_lite.wire.auth import new_secret
 
 import netns
+import serving
 from chain import whole_model_greedy_texts
 
 pytestmark = pytest.mark.slow
@@ -28,16 +28,8 @@ API_KEY = new_secret()
 
 
 def http(method: str, url: str, body=None, timeout: float = 120):
-    """(status, JSON) with the API key (the gateway listens on a non-loopback address, so keys are required)."""
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    """With the API key: the gateway listens on a non-loopback address, so keys are required."""
+    return serving.http(method, url, body, timeout=timeout, key=API_KEY)
 
 
 @pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")

@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,7 +19,7 @@ import pytest
 from molink_lite.model.split import LayerRange
 from molink_lite.serving.launcher import start_stages, stop_stages
 
-from serving import GatewayProcess
+from serving import GatewayProcess, http
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789abcdef"
@@ -29,20 +27,7 @@ ARTIFACTS = Path(os.environ.get("MOLINK_TEST_ARTIFACTS", Path(__file__).parent /
 
 
 def call(method: str, url: str, body: Any = None, key: Optional[str] = KEY, timeout: float = 60) -> Tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
+    return http(method, url, body, timeout=timeout, key=key)
 
 
 @pytest.fixture(scope="module")
