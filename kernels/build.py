@@ -335,6 +335,11 @@ def configure_args(args: argparse.Namespace) -> List[str]:
               f"-DCMAKE_INSTALL_RPATH={'@loader_path' if is_macos() else '$ORIGIN'}"]
     if args.no_openmp:
         a.append("-DGGML_OPENMP=OFF")
+    if args.with_tools:
+        # llama.cpp's own llama-server and ggml-rpc-server against the same libraries (benchmark baselines);
+        # later -D values override the OFFs above
+        a += ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_COMMON=ON", "-DGGML_RPC=ON",
+              "-DLLAMA_CURL=OFF"]
     if args.backend == "cuda":
         a += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}",
               f"-DCMAKE_CUDA_COMPILER={args.nvcc}"]
@@ -383,9 +388,26 @@ def configure(cmake: str, src: Path, build: Path, args: argparse.Namespace) -> N
             log("  " + line.strip())
 
 
-def build_llama(cmake: str, build: Path, jobs: int) -> None:
-    run([cmake, "--build", str(build), "--target", "llama", "--config", "Release", "-j", str(jobs)],
-        what="cmake --build (target llama)")
+TOOLS = ("llama-server", "ggml-rpc-server")
+
+
+def build_llama(cmake: str, build: Path, jobs: int, tools: bool = False) -> None:
+    targets = ["llama", *(TOOLS if tools else ())]
+    run([cmake, "--build", str(build), "--target", *targets, "--config", "Release", "-j", str(jobs)],
+        what=f"cmake --build (targets {' '.join(targets)})")
+
+
+def collect_tools(build: Path, out: Path) -> List[str]:
+    """Copy llama-server and ggml-rpc-server next to the libraries (their RPATH is their own folder)."""
+    got = []
+    for t in TOOLS:
+        name = t + (".exe" if is_windows() else "")
+        found = [f for f in sorted(build.rglob(name)) if f.is_file()]
+        if not found:
+            raise BuildError(f"{name} was not produced under {build}")
+        shutil.copy2(found[0], out / name)
+        got.append(name)
+    return got
 
 
 # --------------------------------------------------------------------------- collect / probe
@@ -476,7 +498,7 @@ def config_key(args: argparse.Namespace, version: str) -> str:
     """Hash of everything that decides the build's output (build.py itself included)."""
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
-    cfg = [version, args.backend, args.cuda_arch or "", str(args.portable), str(args.no_openmp),
+    cfg = [version, args.backend, args.cuda_arch or "", str(args.portable), str(args.no_openmp), str(args.with_tools),
            sys.platform, platform.machine(), *(args.cmake_arg or [])]
     h.update("\0".join(cfg).encode())
     return h.hexdigest()[:20]
@@ -505,6 +527,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                     help="GGML_NATIVE=OFF: do not tune the CPU code for this machine's CPU (x86-64: AVX2/FMA/F16C "
                          "baseline), so the libraries run on other machines too")
     ap.add_argument("--no-openmp", action="store_true", help="GGML_OPENMP=OFF (ggml's own thread pool)")
+    ap.add_argument("--with-tools", action="store_true",
+                    help="also build llama.cpp's llama-server and ggml-rpc-server (RPC on) into --out, against the "
+                         "same libraries: the baselines of tests/bench/gpu_pipeline.py --baseline (needs the "
+                         "source's tools/ folder)")
     ap.add_argument("--out", type=Path, default=None, help="where the libraries go (default kernels/build/<backend>/lib in a checkout, "
                          "else ~/.cache/molink-lite/kernels-build/<backend>/lib)")
     ap.add_argument("--src", type=Path, default=None,
@@ -585,9 +611,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         t0 = time.perf_counter()
         configure(cmake, llama_src, build, args)
         t1 = time.perf_counter()
-        build_llama(cmake, build, args.jobs)
+        build_llama(cmake, build, args.jobs, args.with_tools)
         t2 = time.perf_counter()
         libs = collect(build, out)
+        if args.with_tools:
+            libs += collect_tools(build, out)
         if args.backend == "cuda":
             libs += copy_cuda_runtime(args.nvcc, out)
         sizes = probe_struct_sizes(cmake, llama_src, build.parent / (build.name + "-probe"), args)

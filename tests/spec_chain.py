@@ -19,11 +19,12 @@ import llama_cpp.llama_cpp as _llama
 
 
 def servers_for(path: str, cuts: Sequence[int], n_ctx: int = 1024, n_seq_max: int = 8,
-                threads: int = 1) -> List[StageServer]:
+                threads: int = 1, device_sampling: bool = False) -> List[StageServer]:
     info = read_model_info(path)
     bounds = [0, *cuts, info.n_layer]
     return [StageServer(StageEngine(stage_gguf(path, LayerRange(a, b)), n_ctx=n_ctx, n_seq_max=n_seq_max,
-                                    n_threads=threads, flash_attn=False), codec="f32")
+                                    n_threads=threads, flash_attn=False, device_sampling=device_sampling),
+                        codec="f32")
             for a, b in zip(bounds, bounds[1:])]
 
 

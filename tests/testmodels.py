@@ -42,10 +42,11 @@ _QTYPES: Dict[str, GGMLQuantizationType] = {
     "f16": GGMLQuantizationType.F16,
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_k": GGMLQuantizationType.Q4_K,
 }
 
 # llama_ftype values for general.file_type (informational)
-_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 15}
 
 _W_STD = 0.02  # std of random matrix entries
 
@@ -238,12 +239,19 @@ def _float_data(rng: np.random.Generator, t: _Tensor) -> np.ndarray:
 
 
 def _quant_blocks(rng: np.random.Generator, t: _Tensor, qt: GGMLQuantizationType) -> np.ndarray:
-    """Random Q8_0 / Q4_0 blocks as uint8, numpy shape (..., bytes per row)."""
+    """Random Q8_0 / Q4_0 / Q4_K blocks as uint8, numpy shape (..., bytes per row)."""
     block, tsize = gguf.GGML_QUANT_SIZES[qt]
     ne = t.ne
     n_blocks = math.prod(ne) // block
     data = _rand_bytes(rng, n_blocks * tsize)
     blocks = data.reshape(n_blocks, tsize)
+    if qt == GGMLQuantizationType.Q4_K:
+        # value = d * scale * q - dmin * min with random 6-bit scales/mins and 4-bit q (benchmark shapes only):
+        # dmin = 7.5 d centres the values (E[scale q] = 7.5 E[min]); their spread is then about 257 d
+        d = t.std / 257.0
+        blocks[:, 0:2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * d).tobytes(), dtype=np.uint8)
+        return data.reshape(*_np_shape(ne)[:-1], ne[0] // block * tsize)
     if qt == GGMLQuantizationType.Q8_0:
         q_std = math.sqrt((256.0 ** 2 - 1) / 12.0)   # uniform int8
     else:
@@ -272,6 +280,8 @@ def _storage(t: _Tensor, qtype: str) -> GGMLQuantizationType:
     qt = _QTYPES[qtype]
     if qt in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0) and t.ne[0] % 32 != 0:
         return GGMLQuantizationType.F16
+    if qt == GGMLQuantizationType.Q4_K and t.ne[0] % 256 != 0:
+        return GGMLQuantizationType.Q8_0 if t.ne[0] % 32 == 0 else GGMLQuantizationType.F16
     return qt
 
 
@@ -947,7 +957,7 @@ def write_random_gguf(path: str | os.PathLike, arch: str = "llama", *, n_layer: 
 
     ``head_dim`` (gemma2 only, as in Gemma 2 27B): a head size other than ``n_embd // n_head``.
 
-    ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` for the weight matrices (norms,
+    ``qtype``: ``f32`` | ``f16`` | ``q8_0`` | ``q4_0`` | ``q4_k`` for the weight matrices (norms,
     biases and other 1-D tensors stay f32; matrices whose rows are not a multiple of
     32 fall back to f16 for q8_0/q4_0). Returns the path written.
     """

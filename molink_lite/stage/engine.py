@@ -7,6 +7,13 @@ through one ``llama_decode``. Non-last stages capture the output of their last
 layer (``l_out-{n-1}``) with the scheduler's eval callback and skip the LM head;
 the last stage returns next-token logits for the rows asked for.
 
+Device sampling (last stage, on by default when the LM head runs on a GPU): every
+sequence slot whose sampler is plain greedy gets a llama.cpp backend sampler chain
+(``llama_set_sampler``), so the argmax runs in the same graph on the device and only
+the token ids come back (``last_sampled``); llama.cpp then skips copying the logits
+of a batch whose output rows all belong to such slots (33 MB per 64 rows at a 128k
+vocabulary). Other slots (temperature, penalties) keep the raw logits path.
+
 Batches are filled from numpy arrays by pointer: no per-token Python loop.
 """
 
@@ -16,6 +23,8 @@ import llama_cpp  # noqa: I001 - must be imported before numpy (segfault on some
 import llama_cpp.llama_cpp as _llama
 
 import ctypes
+import itertools
+import logging
 import os
 import threading
 import time
@@ -34,6 +43,16 @@ _lib.ggml_nbytes.restype = ctypes.c_size_t
 _lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _lib.ggml_backend_tensor_get.restype = None
 _lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+log = logging.getLogger("molink.engine")
+_logged: set = set()
+
+
+def log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
+
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -115,7 +134,7 @@ class StageEngine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_seq_max: int = 16,
                  n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-                 flash_attn: Optional[bool] = None):
+                 flash_attn: Optional[bool] = None, device_sampling: Optional[bool] = None):
         _init_backend()
         self.path = str(model_path)
         if not Path(self.path).is_file():
@@ -154,6 +173,13 @@ class StageEngine:
         cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
+        # device sampling: auto = on where llama.cpp puts the LM head on a GPU (all layers offloaded and then some)
+        if device_sampling is None:
+            device_sampling = bool(_llama.llama_supports_gpu_offload()) and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+        self.device_sampling = bool(device_sampling) and self.info.is_last
+        if self.device_sampling:
+            # a sequence may own several output rows (speculative drafts, or rows the head asks for)
+            cparams.n_outputs_max_per_seq = self.n_chunk
         rule = RULES.get(self.info.arch)
         if not self.info.is_last and rule is not None and rule.embeddings_on_inner_stages:
             # llama.cpp then splits recurrent batches by sequence, in batch order (see archs.py: mamba)
@@ -188,6 +214,15 @@ class StageEngine:
         self._seq_ptrs = (self._seq_storage.ctypes.data + 4 * np.arange(self.n_chunk, dtype=np.uint64)).astype(np.uint64)
         self._ones = np.ones(self.n_chunk, dtype=np.int32)
         self._lock = threading.Lock()
+        # device sampling: one greedy chain per sequence slot, attached while that slot samples greedily
+        self.last_sampled: Optional[np.ndarray] = None
+        self._sampled_parts: list = []
+        self._chains: list = []
+        self._on_device = np.zeros(self.n_seq_max, dtype=bool)
+        if self.device_sampling:
+            self._chains = [None] * self.n_seq_max
+            for s in range(self.n_seq_max):
+                self._attach(s, True)
 
     # ------------------------------------------------------------------ info
     def _read_info(self) -> StageInfo:
@@ -229,6 +264,34 @@ class StageEngine:
         except Exception as e:  # noqa: BLE001 - never let an exception cross into C
             self._cap_error = f"capture failed: {e}"
         return False  # skip the rest of the graph (the LM head)
+
+    # ------------------------------------------------------------------ device sampling
+    def _attach(self, seq_id: int, on: bool) -> None:
+        # llama.cpp initialises a chain for the device once (a second init aborts): a slot that comes back gets a
+        # fresh chain, and a detached one is freed (llama.cpp forgot it and rebuilds its graph before the next step)
+        if bool(self._on_device[seq_id]) == on:
+            return
+        if on:
+            chain = _llama.llama_sampler_chain_init(_llama.llama_sampler_chain_default_params())
+            _llama.llama_sampler_chain_add(chain, _llama.llama_sampler_init_greedy())
+            if not _llama.llama_set_sampler(self._ctx, seq_id, chain):
+                _llama.llama_sampler_free(chain)
+                log_once("llama.cpp could not put a greedy sampler on the device; those slots sample on the CPU")
+                return
+            self._chains[seq_id] = chain
+        else:
+            _llama.llama_set_sampler(self._ctx, seq_id, None)
+            _llama.llama_sampler_free(self._chains[seq_id])
+            self._chains[seq_id] = None
+        self._on_device[seq_id] = on
+
+    def set_device_greedy(self, seq_id: int, on: bool) -> None:
+        """Sequence ``seq_id`` samples greedily (``on``: its token comes from the device) or with a chain that
+        needs the raw logits. A change takes effect at the next step (llama.cpp then re-reserves its graph)."""
+        if self.device_sampling and 0 <= seq_id < self.n_seq_max:
+            with self._lock:
+                if self._ctx is not None:
+                    self._attach(int(seq_id), bool(on))
 
     # ------------------------------------------------------------------ stepping
     def forward(self, seq_ids: np.ndarray, positions: np.ndarray, *, tokens: Optional[np.ndarray] = None,
@@ -276,6 +339,7 @@ class StageEngine:
             if self._ctx is None:
                 raise EngineError("engine is closed")
             outs = []
+            self._sampled_parts = []
             for a in range(0, n, self.n_chunk):
                 b = min(n, a + self.n_chunk)
                 outs.append(self._decode_chunk(seq_ids[a:b], positions[a:b],
@@ -284,6 +348,11 @@ class StageEngine:
             self.times.steps += 1
             self.times.rows += n
             self.times.seqs_max = max(self.times.seqs_max, len(np.unique(seq_ids)))
+            if self._sampled_parts:
+                self.last_sampled = (self._sampled_parts[0] if len(self._sampled_parts) == 1
+                                     else np.concatenate(self._sampled_parts))
+            else:
+                self.last_sampled = None
             return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def _decode_chunk(self, seq_ids: np.ndarray, positions: np.ndarray, tokens: Optional[np.ndarray],
@@ -320,6 +389,8 @@ class StageEngine:
             raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
         if last:
             k = int(np.count_nonzero(output_rows))
+            if self.device_sampling:
+                self._sampled_parts.append(self._read_sampled(seq_ids, output_rows, k))
             ptr = _llama.llama_get_logits(self._ctx)
             return np.ctypeslib.as_array(ptr, shape=(k, self.info.n_vocab))
         if self._cap_rows != n:
@@ -330,6 +401,21 @@ class StageEngine:
         else:
             out = self._cap_buf[:n].copy()
         self.times.capture += time.perf_counter() - t1
+        return out
+
+    def _read_sampled(self, seq_ids: np.ndarray, output_rows: np.ndarray, k: int) -> np.ndarray:
+        """Device-sampled token per output row of the chunk just decoded; -1 where the row's slot samples on the
+        CPU (llama.cpp's buffer holds stale ids there, so those rows are never read)."""
+        out = np.full(k, -1, dtype=np.int32)
+        rows = np.flatnonzero(output_rows)  # batch index of each output row
+        dev = np.flatnonzero(self._on_device[seq_ids[rows]])
+        if dev.size:
+            ctx = self._ctx
+            # one C call per output row: llama.cpp exports no bulk accessor (64 rows: about 30 us)
+            out[dev] = np.fromiter(map(_llama.llama_get_sampled_token_ith, itertools.repeat(ctx, dev.size),
+                                       rows[dev].tolist()), dtype=np.int32, count=dev.size)
+            if (out[dev] < 0).any() or (out[dev] >= self.info.n_vocab).any():
+                raise EngineError("the device sampler returned no token for an output row")
         return out
 
     # ------------------------------------------------------------------ memory
@@ -369,6 +455,10 @@ class StageEngine:
             if self._model is not None:
                 _llama.llama_model_free(self._model)
                 self._model = None
+            for chain in self._chains:  # the context never owned them
+                if chain is not None:
+                    _llama.llama_sampler_free(chain)
+            self._chains = []
 
     def __enter__(self) -> "StageEngine":
         return self

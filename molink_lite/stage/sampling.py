@@ -4,7 +4,9 @@ Each sequence owns a ``llama_sampler`` chain (penalties -> top-k -> top-p -> min
 temperature -> dist, or penalties -> greedy). Chains are applied to logit rows held
 in numpy, so sampling does not depend on which ``llama_decode`` produced them.
 Greedy sequences without penalties take a vectorized argmax path (identical choice:
-both pick the first maximal id).
+both pick the first maximal id), or take the token the engine already picked on the
+device (``device``: see ``StageEngine.last_sampled``); the pool tells the engine which
+slots sample greedily (``on_greedy``), since only those can be sampled there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -206,15 +208,19 @@ class SequenceSampler:
 class SamplerPool:
     """Samplers of the live sequences on a last stage, keyed by sequence id."""
 
-    def __init__(self, n_vocab: int) -> None:
+    def __init__(self, n_vocab: int, on_greedy: Optional[Callable[[int, bool], None]] = None) -> None:
         self.n_vocab = n_vocab
         self._by_seq: Dict[int, SequenceSampler] = {}
+        # told (sequence id, plain greedy?) whenever a slot's sampler changes: the engine samples those on the device
+        self._on_greedy = on_greedy or (lambda _s, _g: None)
 
     def start(self, seq_id: int, params: SamplingParams, history: Sequence[int] = (), spec: bool = False) -> None:
         """A sampler for a sequence; ``history`` (tokens it generated before a replay) primes the penalties;
         ``spec``: the sequence may send drafts to verify (see :class:`SequenceSampler`)."""
         self.drop(seq_id)
         sampler = self._by_seq[seq_id] = SequenceSampler(params, self.n_vocab, spec)
+        if not sampler.fast_greedy:
+            self._on_greedy(seq_id, False)
         if sampler._chain is not None:
             for t in history:
                 _llama.llama_sampler_accept(sampler._chain, int(t))
@@ -222,6 +228,8 @@ class SamplerPool:
     def drop(self, seq_id: int) -> None:
         s = self._by_seq.pop(seq_id, None)
         if s is not None:
+            if not s.fast_greedy:
+                self._on_greedy(seq_id, True)  # a free slot samples greedily (the default sampler)
             s.close()
 
     def __contains__(self, seq_id: int) -> bool:
@@ -239,20 +247,21 @@ class SamplerPool:
                 raise SamplingError(f"sequence {s} carries drafts but its sampler was not started with 'spec'")
 
     def sample_verify(self, seq_ids: np.ndarray, logits: np.ndarray, drafts: Dict[int, np.ndarray],
-                      positions: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+                      positions: np.ndarray, device: Optional[np.ndarray] = None) -> "tuple[np.ndarray, np.ndarray]":
         """Tokens for output rows where some sequences verify drafts; returns (sequence per token, tokens).
 
         A sequence with k drafts owns k+1 consecutive output rows (its last token, then each draft): row j
         predicts the token after draft j. The longest prefix of drafts that the sampler agrees with is
         accepted and one more token (the correction, or the bonus after all k) follows: 1..k+1 tokens.
-        Other sequences get one token per output row, as in :meth:`sample`.
+        Other sequences get one token per output row, as in :meth:`sample`. ``device``: as in :meth:`sample`.
         """
         n = int(seq_ids.shape[0])
         seq_ids = np.asarray(seq_ids, dtype=np.int32)
         positions = np.asarray(positions, dtype=np.int64)
         is_draft_row = np.isin(seq_ids, np.fromiter(drafts.keys(), dtype=np.int32, count=len(drafts)))
         plain = np.flatnonzero(~is_draft_row)
-        toks_plain = self.sample(seq_ids[plain], logits[plain], positions[plain]) if plain.size else None
+        toks_plain = (self.sample(seq_ids[plain], logits[plain], positions[plain],
+                                  None if device is None else device[plain]) if plain.size else None)
         change = np.flatnonzero(np.diff(seq_ids)) + 1
         starts = np.concatenate(([0], change)).tolist()
         ends = change.tolist() + [n]
@@ -271,7 +280,10 @@ class SamplerPool:
                 raise SamplingError(f"sequence {s}: {b - a} output rows for {k} drafts")
             sm = self._by_seq.get(s) or _GREEDY
             if sm.fast_greedy:
-                am = np.argmax(logits[a:b], axis=-1).astype(np.int32)
+                if device is not None and (device[a:b] >= 0).all():
+                    am = device[a:b]
+                else:
+                    am = np.argmax(logits[a:b], axis=-1).astype(np.int32)
                 miss = np.flatnonzero(am[:k] != d)
                 acc = int(miss[0]) if miss.size else k
                 toks = am[:acc + 1]
@@ -288,25 +300,34 @@ class SamplerPool:
         return np.concatenate(out_seq), np.concatenate(out_tok).astype(np.int32)
 
     def sample(self, seq_ids: Sequence[int], logits: np.ndarray,
-               positions: Optional[np.ndarray] = None) -> np.ndarray:
+               positions: Optional[np.ndarray] = None, device: Optional[np.ndarray] = None) -> np.ndarray:
         """One token per row of ``logits`` (row i belongs to ``seq_ids[i]``; ``positions[i]``: that row's
         position, which seeds spec-mode samplers).
 
-        Greedy rows take an argmax straight on the rows of ``logits`` (no copy; runs of
-        consecutive greedy rows in one call, split over a few threads when large).
+        ``device[i]`` >= 0: the token the engine's device sampler picked for row i (greedy rows only; the
+        logits of such rows may not have been copied back, so they are not read). Other greedy rows take an
+        argmax straight on the rows of ``logits`` (no copy; runs of consecutive greedy rows in one call, split
+        over a few threads when large).
         """
         n = len(seq_ids)
         out = np.empty(n, dtype=np.int32)
         get = self._by_seq.get
         samplers: List[SequenceSampler] = [get(int(s)) or _GREEDY for s in seq_ids]
         slow = [i for i, s in enumerate(samplers) if not s.fast_greedy]
-        if not slow:
+        if device is not None and not slow and (device >= 0).all():
+            out[:] = device  # every row greedy and sampled on the device: nothing to do here
+            return out
+        done = np.zeros(n, dtype=bool) if device is None else (device >= 0)
+        if done.any():
+            out[done] = device[done]
+            done[slow] = False  # a device token on a row with a sampler chain would be stale: never use it
+        if not slow and not done.any():
             if n:
                 argmax_rows(logits, out)
             return out
-        # greedy runs between the rows that need a sampler chain
+        # greedy runs between the rows that need a sampler chain or were sampled on the device
         start = 0
-        for i in slow + [n]:
+        for i in sorted(set(slow) | set(np.flatnonzero(done).tolist())) + [n]:
             if i > start:
                 argmax_rows(logits[start:i], out[start:i])
             start = i + 1

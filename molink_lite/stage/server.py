@@ -85,7 +85,8 @@ class StageServer:
                                  is_last=self.info.is_last)
         self._seq_len = np.zeros(engine.n_seq_max, dtype=np.int64)  # positions each sequence holds here
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
-        self.samplers = SamplerPool(self.info.n_vocab) if self.info.is_last else None
+        self.samplers = (SamplerPool(self.info.n_vocab, on_greedy=engine.set_device_greedy)
+                         if self.info.is_last else None)
         self.detok = Detokenizer(self.vocab) if self.info.is_last and self.vocab else None
         self.head: Optional[Channel] = None
         self.upstream: Optional[Channel] = None
@@ -450,13 +451,13 @@ class StageServer:
         mask = last_row_of_each_seq(seq) if out_rows is None else out_rows
         seqs = seq[mask]
         if plan.drafts:
-            seqs, tokens = self.samplers.sample_verify(seqs, res, plan.drafts, pos[mask])
+            seqs, tokens = self.samplers.sample_verify(seqs, res, plan.drafts, pos[mask], self.engine.last_sampled)
             k = sum(int(d.shape[0]) for d in plan.drafts.values())
             self.stats["drafted"] += k
             # a sequence with k drafts has k+1 output rows and gets acc+1 tokens
             self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k
         else:
-            tokens = self.samplers.sample(seqs, res, pos[mask])
+            tokens = self.samplers.sample(seqs, res, pos[mask], self.engine.last_sampled)
         eog = self.vocab.is_eog(tokens)
         pieces = self.detok.pieces(seqs, tokens, eog)
         return fwd_meta, (seqs, tokens, eog, pieces)

@@ -58,7 +58,8 @@ def _time_decode(engines: List[StageEngine], n_seqs: int, prompt_len: int, steps
     times = []
     codec_time.clear()
     for _ in range(steps):
-        nxt = np.argmax(logits, axis=1).astype(np.int32)
+        dev = engines[-1].last_sampled  # greedy tokens picked on the device, where it samples there
+        nxt = dev.copy() if dev is not None and (dev >= 0).all() else np.argmax(logits, axis=1).astype(np.int32)
         t0 = time.perf_counter()
         logits = _step(engines, ids, cur, nxt, codec, codec_time)
         times.append(time.perf_counter() - t0)

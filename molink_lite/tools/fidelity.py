@@ -96,7 +96,7 @@ def measure_fidelity(model: str, cuts: Sequence[int], prompts: Sequence[str] = D
     """Compare a split chain (cut before each layer in ``cuts``) with the whole model, per codec."""
     info = read_model_info(model)
     bounds = [0, *cuts, info.n_layer]
-    kw = dict(n_ctx=512, n_seq_max=1, n_threads=n_threads, flash_attn=False)
+    kw = dict(n_ctx=512, n_seq_max=1, n_threads=n_threads, flash_attn=False, device_sampling=False)  # reads logits
     whole = [StageEngine(model, **kw)]
     chain = [StageEngine(stage_gguf(model, LayerRange(a, b)), **kw) for a, b in zip(bounds, bounds[1:])]
     try:

@@ -18,8 +18,16 @@ with aiohttp at several concurrencies and micro-batch settings, against the whol
 on one GPU behind the same gateway.
 
 By default the model is a random-weight Llama-3-8B-shaped GGUF (32 layers, 4096 wide,
-GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``tests/testmodels.py``;
+GQA 32/8, FFN 14336, vocab 128256, Q8_0) written by ``tests/testmodels.py``; ``--shape 32b``
+writes a 32B shape (64 layers, 5120 wide, GQA 40/8, FFN 27648, vocab 152064; e.g. ``--qtype q4_k``);
 ``--tiny`` uses a small one (CPU dry runs). Results: a table on stdout and ``--json``.
+
+``--baseline layer-split,layer-split-bs,rpc`` (gateway part) adds llama.cpp itself, driven by the
+same HTTP load driver: ``llama-server`` with the whole model split by layer over the same GPUs
+(``--split-mode layer``, one process; ``-bs``: its backend sampling), and llama.cpp RPC (one
+``ggml-rpc-server`` per GPU, ``llama-server --rpc``). The binaries come from ``--tools`` (default
+``--lib``): ``python kernels/build.py --backend cuda --with-tools --out DIR`` builds them from the
+same source as the libraries, so every system runs the same kernels.
 
     python tests/bench/gpu_pipeline.py --part pipeline --lib kernels/build/cuda/lib --model /tmp/l8b.gguf
     python tests/bench/gpu_pipeline.py --part gateway --gpus 0,1 --lib ... --model /tmp/l8b.gguf
@@ -42,7 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["pipeline", "gateway", "both"], default="pipeline")
     ap.add_argument("--model", default=None, help="GGUF to use; written (random weights) if missing")
-    ap.add_argument("--qtype", default="q8_0", choices=["q8_0", "q4_0", "f16"])
+    ap.add_argument("--qtype", default="q8_0", choices=["q8_0", "q4_0", "q4_k", "f16"])
+    ap.add_argument("--shape", default="8b", choices=["8b", "32b"], help="random model shape (default Llama-3-8B)")
+    ap.add_argument("--device-sampling", default="auto", choices=["auto", "on", "off"],
+                    help="greedy tokens picked on the device (StageEngine device_sampling) in every engine")
+    ap.add_argument("--baseline", default="", help="gateway part: llama.cpp baselines, any of "
+                                                   "layer-split,layer-split-bs,rpc")
+    ap.add_argument("--tools", default=None, help="folder with llama-server and ggml-rpc-server (default: --lib)")
     ap.add_argument("--tiny", action="store_true", help="small random model (CPU dry run)")
     ap.add_argument("--lib", default=None, help="llama.cpp library folder (kernels/build.py --out)")
     ap.add_argument("--gpus", default="0", help="GPU ids; stage i runs on gpus[i %% len] (CUDA_VISIBLE_DEVICES)")
@@ -102,6 +116,7 @@ from testmodels import write_random_gguf  # noqa: E402
 from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
 
 T_START = time.perf_counter()
+DEVICE_SAMPLING = {"auto": None, "on": True, "off": False}[ARGS.device_sampling]
 RESULTS: Dict[str, object] = {"args": vars(ARGS)}
 
 
@@ -122,9 +137,12 @@ def save() -> None:
 def ensure_model() -> str:
     if ARGS.tiny:
         shape = dict(n_layer=6, n_embd=256, n_head=8, n_head_kv=2, n_ff=512, n_vocab=4096)
+    elif ARGS.shape == "32b":  # Qwen2.5-32B's sizes in a llama-3 graph
+        shape = dict(n_layer=64, n_embd=5120, n_head=40, n_head_kv=8, n_ff=27648, n_vocab=152064)
     else:  # Llama-3-8B
         shape = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256)
-    path = ARGS.model or str(Path(tempfile.gettempdir()) / f"molink-bench-{'tiny' if ARGS.tiny else 'l8b'}-{ARGS.qtype}.gguf")
+    tag = "tiny" if ARGS.tiny else {"8b": "l8b", "32b": "l32b"}[ARGS.shape]
+    path = ARGS.model or str(Path(tempfile.gettempdir()) / f"molink-bench-{tag}-{ARGS.qtype}.gguf")
     if not Path(path).is_file():
         say(f"writing random-weight model {path} ({shape}, {ARGS.qtype})")
         t0 = time.perf_counter()
@@ -158,9 +176,10 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
     say(f"whole model in process: n_ctx {n_ctx}, n_batch {ARGS.batch}")
     t0 = time.perf_counter()
     eng = StageEngine(model, n_ctx=n_ctx, n_seq_max=max(seqs), n_batch=ARGS.batch,
-                      n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads)
+                      n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads, device_sampling=DEVICE_SAMPLING)
     load_s = time.perf_counter() - t0
-    pool = SamplerPool(eng.info.n_vocab)
+    say(f"  device sampling: {eng.device_sampling}")
+    pool = SamplerPool(eng.info.n_vocab, on_greedy=eng.set_device_greedy)
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     rows = []
@@ -175,7 +194,7 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
             pos = np.tile(np.arange(ARGS.prompt_len, dtype=np.int32), n)
             tok = rng.integers(3, eng.info.n_vocab, size=seq.shape[0]).astype(np.int32)
             logits = eng.forward(seq, pos, tokens=tok)
-            nxt = pool.sample(ids, logits)
+            nxt = pool.sample(ids, logits, None, eng.last_sampled)
             cur = np.full(n, ARGS.prompt_len, dtype=np.int32)
             steps, decode, sample, fwd = [], [], [], []
             for k in range(ARGS.steps):
@@ -183,7 +202,7 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
                 t1 = time.perf_counter()
                 logits = eng.forward(ids, cur, tokens=nxt)
                 t2 = time.perf_counter()
-                nxt = pool.sample(ids, logits)
+                nxt = pool.sample(ids, logits, None, eng.last_sampled)
                 t3 = time.perf_counter()
                 cur += 1
                 if k >= 3:  # warm-up steps (CUDA graphs, allocations)
@@ -213,7 +232,7 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
             for a in range(0, ARGS.ttft_prompt, ARGS.prefill_chunk):
                 b = min(ARGS.ttft_prompt, a + ARGS.prefill_chunk)
                 logits = eng.forward(np.zeros(b - a, np.int32), np.arange(a, b, dtype=np.int32), tokens=prompt[a:b])
-            int(np.argmax(logits[-1]))
+            pool.sample(np.zeros(1, np.int32), logits[-1:], None, eng.last_sampled)
             ttft.append(time.perf_counter() - t0)
             eng.clear()
         res = {"load_s": load_s, "rows": rows, "ttft_ms": [x * 1e3 for x in ttft],
@@ -234,7 +253,7 @@ def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str]
     for r in ranges:
         stage_gguf(model, r)
     extra = ["--ctx", str(n_ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(ARGS.n_gpu_layers),
-             "--batch", str(ARGS.batch), "--codec", ARGS.codec]
+             "--batch", str(ARGS.batch), "--codec", ARGS.codec, "--device-sampling", ARGS.device_sampling]
     if ARGS.threads:
         extra += ["--threads", str(ARGS.threads)]
     if ARGS.lib:
@@ -360,8 +379,9 @@ def chain_engine(model: str, n_stages: int, seqs: List[int]) -> dict:
     ranges = even_ranges(info.n_layer, n_stages)
     n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8), 256)
     engines = [StageEngine(stage_gguf(model, r), n_ctx=n_ctx, n_seq_max=max(seqs), n_batch=ARGS.batch,
-                           n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads) for r in ranges]
-    pool = SamplerPool(info.n_vocab)
+                           n_gpu_layers=ARGS.n_gpu_layers, n_threads=ARGS.threads, device_sampling=DEVICE_SAMPLING)
+               for r in ranges]
+    pool = SamplerPool(info.n_vocab, on_greedy=engines[-1].set_device_greedy)
     greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     rows = []
@@ -394,7 +414,7 @@ def chain_engine(model: str, n_stages: int, seqs: List[int]) -> dict:
             seq = np.repeat(ids, ARGS.prompt_len)
             pos = np.tile(np.arange(ARGS.prompt_len, dtype=np.int32), n)
             tok = rng.integers(3, info.n_vocab, size=seq.shape[0]).astype(np.int32)
-            nxt = pool.sample(ids, step(seq, pos, tok, None))
+            nxt = pool.sample(ids, step(seq, pos, tok, None), None, engines[-1].last_sampled)
             cur = np.full(n, ARGS.prompt_len, dtype=np.int32)
             rec = {"fwd": [[] for _ in engines], "dec": [[] for _ in engines], "cap": [[] for _ in engines],
                    "codec": [], "argmax": [], "step": []}
@@ -403,7 +423,7 @@ def chain_engine(model: str, n_stages: int, seqs: List[int]) -> dict:
                 t0 = time.perf_counter()
                 logits = step(ids, cur, nxt, r)
                 t1 = time.perf_counter()
-                nxt = pool.sample(ids, logits)
+                nxt = pool.sample(ids, logits, None, engines[-1].last_sampled)
                 t2 = time.perf_counter()
                 cur += 1
                 if r is not None:
@@ -592,22 +612,27 @@ def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path) -> subpr
     return p
 
 
-async def http_runs(port: int, concs: List[int], n_vocab: int) -> dict:
+async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats: bool = True) -> dict:
+    """The one load driver for every system: N concurrent /v1/completions (token-id prompts, greedy), then the
+    TTFT of a long streamed prompt. ``alive``: returns False once the server process died."""
     import aiohttp
 
     base = f"http://127.0.0.1:{port}"
     rng = np.random.default_rng(2)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-        for _ in range(300):
+    # limit=0: no cap on connections (aiohttp's default 100 held the 128-concurrent rows back)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        t_up = time.perf_counter() + 900  # llama-server loads the whole model before /health answers 200
+        while True:
             try:
                 async with http.get(base + "/health") as r:
                     if r.status == 200:
                         break
             except aiohttp.ClientError:
                 pass
+            if time.perf_counter() > t_up or (alive is not None and not alive()):
+                raise RuntimeError("the server did not come up")
             await asyncio.sleep(0.2)
-        else:
-            raise RuntimeError("gateway did not come up")
 
         async def one(max_tokens: int, prompt_len: int) -> dict:
             body = {"prompt": rng.integers(3, n_vocab, prompt_len).tolist(), "max_tokens": max_tokens,
@@ -649,10 +674,12 @@ async def http_runs(port: int, concs: List[int], n_vocab: int) -> dict:
             tt.append(await ttft(ARGS.ttft_prompt))
         if tt:
             say(f"    TTFT {ARGS.ttft_prompt} tokens: {min(tt) * 1e3:.1f} ms")
-        async with http.get(base + "/v1/stats") as r:
-            stats = await r.json()
+        st = None
+        if stats:
+            async with http.get(base + "/v1/stats") as r:
+                st = await r.json()
         return {"rows": rows, "ttft_ms": [x * 1e3 for x in tt], "ttft_ms_best": min(tt) * 1e3 if tt else None,
-                "stats": stats}
+                "stats": st}
 
 
 def part_gateway(model: str) -> None:
@@ -678,7 +705,7 @@ def part_gateway(model: str) -> None:
                 say(f"  gateway --micro-batches {mb} on :{port}")
                 gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{ns}-{mb}.log")
                 try:
-                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab))
+                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None))
                 except Exception as e:  # noqa: BLE001
                     say(f"  FAILED: {e}\n{(wd / f'gateway-{ns}-{mb}.log').read_text()[-3000:]}")
                     res[f"{ns}x_mb{mb}"] = {"error": str(e)}
@@ -691,7 +718,81 @@ def part_gateway(model: str) -> None:
                 save()
         finally:
             stop_stages(procs)
+    for name in [b for b in ARGS.baseline.split(",") if b]:
+        if out_of_time():
+            break
+        port += 1
+        res[name] = run_baseline(name, model, gpus, n_ctx, max(concs), concs, info.n_vocab, port, wd)
+        save()
     print_gateway_table(concs, gpus)
+
+
+# ----------------------------------------------------------------------------- llama.cpp baselines
+def _tool(name: str) -> str:
+    d = ARGS.tools or ARGS.lib
+    exe = Path(d) / name if d else None
+    if exe is None or not exe.is_file():
+        raise RuntimeError(f"{name} not found in --tools/--lib {d!r}: build it with kernels/build.py --with-tools")
+    return str(exe)
+
+
+def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int, concs: List[int], n_vocab: int,
+                 port: int, wd: Path) -> dict:
+    """llama.cpp over the same GPUs, behind its own OpenAI server: ``layer-split`` (one llama-server process,
+    ``--split-mode layer``), ``layer-split-bs`` (the same with its backend sampling), ``rpc`` (one
+    ggml-rpc-server per GPU, llama-server --rpc). Same unified KV cache size as the stages (``-kvu -c``)."""
+    if name not in ("layer-split", "layer-split-bs", "rpc"):
+        raise SystemExit(f"unknown baseline {name!r}")
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    procs: List[subprocess.Popen] = []
+    logs: List[Path] = []
+
+    def start(cmd: List[str], env: dict, tag: str) -> subprocess.Popen:
+        logf = wd / f"{name}-{tag}.log"
+        logs.append(logf)
+        with open(logf, "wb") as f:
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        procs.append(p)
+        return p
+
+    cmd = [_tool("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-ngl", "999",
+           "-sm", "layer", "-c", str(n_ctx), "-kvu", "-np", str(n_par), "-b", str(ARGS.batch),
+           "-ub", str(ARGS.batch), "-fa", "auto", "--no-warmup"]
+    if ARGS.threads:
+        cmd += ["-t", str(ARGS.threads)]
+    if name == "layer-split-bs":
+        cmd.append("-bs")
+    say(f"baseline {name}: llama.cpp on GPU(s) {','.join(gpus)}")
+    try:
+        if name == "rpc":
+            eps = []
+            for i, g in enumerate(gpus):
+                rport = port + 100 + i
+                start([_tool("ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rport)],
+                      {**env, "CUDA_VISIBLE_DEVICES": g}, f"rpc{i}")
+                eps.append(f"127.0.0.1:{rport}")
+            time.sleep(3)
+            cmd += ["--rpc", ",".join(eps)]
+            srv = start(cmd, {**env, "CUDA_VISIBLE_DEVICES": ""}, "server")  # layers only on the RPC devices
+        else:
+            srv = start(cmd, {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}, "server")
+        say("  " + " ".join(cmd[1:]))
+        out = asyncio.run(http_runs(port, concs, n_vocab, alive=lambda: srv.poll() is None, stats=False))
+        out["cmd"] = cmd
+        return out
+    except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, the rest of the run goes on
+        tail = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.is_file())
+        say(f"  {name} FAILED: {e}\n{tail}")
+        return {"error": str(e)}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def print_gateway_table(concs: List[int], gpus: List[str]) -> None:
