@@ -338,8 +338,9 @@ def configure_args(args: argparse.Namespace) -> List[str]:
     if args.with_tools:
         # llama.cpp's own llama-server and ggml-rpc-server against the same libraries (benchmark baselines);
         # later -D values override the OFFs above
+        # (no web UI: building it needs npm, fetching it needs the network; the API works without it)
         a += ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_COMMON=ON", "-DGGML_RPC=ON",
-              "-DLLAMA_CURL=OFF"]
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     if args.backend == "cuda":
         a += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}",
               f"-DCMAKE_CUDA_COMPILER={args.nvcc}"]
@@ -398,8 +399,17 @@ def build_llama(cmake: str, build: Path, jobs: int, tools: bool = False) -> None
 
 
 def collect_tools(build: Path, out: Path) -> List[str]:
-    """Copy llama-server and ggml-rpc-server next to the libraries (their RPATH is their own folder)."""
+    """Copy llama-server and ggml-rpc-server next to the libraries (their RPATH is their own folder), with the
+    shared libraries only they use (llama-server's own, llama.cpp's common library)."""
     got = []
+    for d in (build / "bin" / "Release", build / "bin"):
+        for f in sorted(d.glob("*.dll" if is_windows() else "*.dylib" if is_macos() else "*.so*")) if d.is_dir() else []:
+            if not (out / f.name).exists():
+                if f.is_symlink():
+                    os.symlink(os.readlink(f), out / f.name)
+                else:
+                    shutil.copy2(f, out / f.name)
+                got.append(f.name)
     for t in TOOLS:
         name = t + (".exe" if is_windows() else "")
         found = [f for f in sorted(build.rglob(name)) if f.is_file()]

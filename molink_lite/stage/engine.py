@@ -173,9 +173,12 @@ class StageEngine:
         cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
-        # device sampling: auto = on where llama.cpp puts the LM head on a GPU (all layers offloaded and then some)
+        # device sampling: auto = on where llama.cpp puts the LM head on a GPU (all layers offloaded and then some,
+        # and a GPU device present: a CPU build with the RPC backend also "supports GPU offload")
         if device_sampling is None:
-            device_sampling = bool(_llama.llama_supports_gpu_offload()) and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+            from .hostinfo import devices
+            device_sampling = (bool(_llama.llama_supports_gpu_offload()) and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+                               and any(d["type"] in ("gpu", "igpu") for d in devices()))
         self.device_sampling = bool(device_sampling) and self.info.is_last
         if self.device_sampling:
             # a sequence may own several output rows (speculative drafts, or rows the head asks for)

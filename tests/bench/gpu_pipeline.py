@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baseline", default="", help="gateway part: llama.cpp baselines, any of "
                                                    "layer-split,layer-split-bs,rpc")
     ap.add_argument("--tools", default=None, help="folder with llama-server and ggml-rpc-server (default: --lib)")
+    ap.add_argument("--profile", default=None, help="gateway part: py-spy (if on PATH) samples every server process "
+                                                    "during the largest concurrency run; collapsed stacks go here")
+    ap.add_argument("--gpu-util", default=None, help="file: nvidia-smi samples GPU utilisation every 100 ms for the "
+                                                     "whole run; each HTTP row records its wall-clock window")
     ap.add_argument("--tiny", action="store_true", help="small random model (CPU dry run)")
     ap.add_argument("--lib", default=None, help="llama.cpp library folder (kernels/build.py --out)")
     ap.add_argument("--gpus", default="0", help="GPU ids; stage i runs on gpus[i %% len] (CUDA_VISIBLE_DEVICES)")
@@ -97,11 +101,12 @@ import llama_cpp.llama_cpp as _ll  # noqa: E402
 import asyncio  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -528,7 +533,7 @@ def part_pipeline(model: str) -> None:
     n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8) + 64, ARGS.ttft_prompt + 64)
     served = RESULTS.setdefault("served", {})
     wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
-    for ns in [int(x) for x in ARGS.stages.split(",")]:
+    for ns in [int(x) for x in ARGS.stages.split(",") if x]:
         if out_of_time():
             break
         say(f"starting {ns} stage process(es) on GPU {gpus[0]}")
@@ -612,7 +617,8 @@ def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path) -> subpr
     return p
 
 
-async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats: bool = True) -> dict:
+async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats: bool = True,
+                    profile: Optional[Dict[str, int]] = None, tag: str = "") -> dict:
     """The one load driver for every system: N concurrent /v1/completions (token-id prompts, greedy), then the
     TTFT of a long streamed prompt. ``alive``: returns False once the server process died."""
     import aiohttp
@@ -661,11 +667,14 @@ async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats
         for c in concs:
             if out_of_time():
                 break
+            spies = start_profilers(profile, f"{tag}-c{c}") if c == max(concs) else []
+            w0 = time.time()
             t0 = time.perf_counter()
             usage = await asyncio.gather(*(one(ARGS.http_tokens, ARGS.prompt_len) for _ in range(c)))
             dt = time.perf_counter() - t0
+            stop_profilers(spies)
             toks = sum(u["completion_tokens"] for u in usage)
-            rows.append({"conc": c, "tok_s": toks / dt, "wall_s": dt, "tokens": toks})
+            rows.append({"conc": c, "tok_s": toks / dt, "wall_s": dt, "tokens": toks, "window": [w0, w0 + dt]})
             say(f"    {c:>3} concurrent: {toks / dt:7.0f} tok/s ({toks} tokens in {dt:.2f} s)")
         tt = []
         for _ in range(3):
@@ -691,7 +700,7 @@ def part_gateway(model: str) -> None:
     wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-")) / "gw"
     wd.mkdir(parents=True, exist_ok=True)
     port = 8400
-    for ns in [int(x) for x in ARGS.stages.split(",")]:
+    for ns in [int(x) for x in ARGS.stages.split(",") if x]:
         if out_of_time():
             break
         say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, ctx {n_ctx}")
@@ -705,7 +714,9 @@ def part_gateway(model: str) -> None:
                 say(f"  gateway --micro-batches {mb} on :{port}")
                 gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{ns}-{mb}.log")
                 try:
-                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None))
+                    pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
+                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
+                                                                 profile=pids, tag=f"{ns}x_mb{mb}"))
                 except Exception as e:  # noqa: BLE001
                     say(f"  FAILED: {e}\n{(wd / f'gateway-{ns}-{mb}.log').read_text()[-3000:]}")
                     res[f"{ns}x_mb{mb}"] = {"error": str(e)}
@@ -725,6 +736,34 @@ def part_gateway(model: str) -> None:
         res[name] = run_baseline(name, model, gpus, n_ctx, max(concs), concs, info.n_vocab, port, wd)
         save()
     print_gateway_table(concs, gpus)
+
+
+def start_profilers(pids: Optional[Dict[str, int]], tag: str) -> List[subprocess.Popen]:
+    """py-spy on each named process (collapsed stacks, native frames), while one run lasts."""
+    spy = shutil.which("py-spy")
+    if not pids or not ARGS.profile or not spy:
+        return []
+    Path(ARGS.profile).mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, pid in pids.items():
+        f = Path(ARGS.profile) / f"{tag}-{name}.txt"
+        out.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads",
+                                     "--nonblocking", "-o", str(f)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+    time.sleep(0.5)  # py-spy attaches
+    return out
+
+
+def stop_profilers(spies: List[subprocess.Popen]) -> None:
+    import signal
+
+    for p in spies:
+        p.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+    for p in spies:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 # ----------------------------------------------------------------------------- llama.cpp baselines
@@ -778,7 +817,8 @@ def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int,
         else:
             srv = start(cmd, {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}, "server")
         say("  " + " ".join(cmd[1:]))
-        out = asyncio.run(http_runs(port, concs, n_vocab, alive=lambda: srv.poll() is None, stats=False))
+        out = asyncio.run(http_runs(port, concs, n_vocab, alive=lambda: srv.poll() is None, stats=False,
+                                    profile={"server": srv.pid}, tag=name))
         out["cmd"] = cmd
         return out
     except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, the rest of the run goes on
@@ -803,29 +843,35 @@ def print_gateway_table(concs: List[int], gpus: List[str]) -> None:
           f"{ARGS.http_tokens} tokens per request after a {ARGS.prompt_len}-token prompt; stage i on GPU "
           f"gpus[i % {len(gpus)}] of {gpus}")
     keys = list(res)
-    print(f"{'concurrent':>10}" + "".join(f"{k:>14}" for k in keys) + "   (tok/s, end to end)")
-    base = next((k for k in keys if k.startswith("1x")), None)
+    print(f"{'concurrent':>10}" + "".join(f"{k:>15}" for k in keys) + "   (tok/s, end to end)")
     for c in concs:
         vals = []
         for k in keys:
             r = next((r for r in res[k].get("rows", []) if r["conc"] == c), None)
-            vals.append(f"{r['tok_s']:>14.0f}" if r else f"{'-':>14}")
+            vals.append(f"{r['tok_s']:>15.0f}" if r else f"{'-':>15}")
         print(f"{c:>10}" + "".join(vals))
-    if base:
+    for base in [next((k for k in keys if k.startswith("1x")), None), "layer-split", "layer-split-bs"]:
+        if base not in res:
+            continue
         for c in concs:
             b = next((r for r in res[base].get("rows", []) if r["conc"] == c), None)
             if not b:
                 continue
             print(f"{c:>10}" + "".join(
-                f"{(r['tok_s'] / b['tok_s']):>13.2f}x" if r else f"{'-':>14}"
+                f"{(r['tok_s'] / b['tok_s']):>14.2f}x" if r else f"{'-':>15}"
                 for r in (next((r for r in res[k].get("rows", []) if r["conc"] == c), None) for k in keys))
                 + f"   (vs {base})")
-    print(f"{'TTFT ms':>10}" + "".join(f"{(res[k].get('ttft_ms_best') or float('nan')):>14.1f}" for k in keys)
+    print(f"{'TTFT ms':>10}" + "".join(f"{(res[k].get('ttft_ms_best') or float('nan')):>15.1f}" for k in keys)
           + f"   ({ARGS.ttft_prompt}-token prompt, streamed, best of 3)")
 
 
 def main() -> int:
     model = ensure_model()
+    util = None
+    if ARGS.gpu_util and shutil.which("nvidia-smi"):
+        util = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used",
+                                 "--format=csv,noheader,nounits", "-lms", "100"], stdout=open(ARGS.gpu_util, "w"),
+                                stderr=subprocess.DEVNULL)
     RESULTS["backend"] = backend_desc()
     say(f"library {RESULTS['backend']['lib']}; devices {RESULTS['backend']['devices']}")
     try:
@@ -836,6 +882,8 @@ def main() -> int:
     finally:
         RESULTS["total_s"] = time.perf_counter() - T_START
         save()
+        if util is not None:
+            util.terminate()
     return 0
 
 
