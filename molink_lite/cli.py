@@ -188,7 +188,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
         log.info("stage GGUF for layers %s: %s", layers, path)
         engine = StageEngine(path, n_ctx=a.ctx, n_seq_max=a.max_seqs, n_batch=a.batch,
                              n_gpu_layers=a.n_gpu_layers, n_threads=a.threads,
-                             flash_attn=_flash_attn(a.flash_attn), device_sampling=_flash_attn(a.device_sampling))
+                             flash_attn=_flash_attn(a.flash_attn), device_sampling=a.device_sampling == "on")
     except (SplitError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -237,7 +237,7 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
         path = await m.fetch(assign)
         engine = StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
                              n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn),
-                             device_sampling=_flash_attn(a.device_sampling))
+                             device_sampling=a.device_sampling == "on")
         host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
 
         async def ready(port: int) -> None:
@@ -275,7 +275,7 @@ def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
 
 
 def _flash_attn(value: str):
-    """CLI auto/on/off choice (--flash-attn, --device-sampling) -> StageEngine's argument (None = auto)."""
+    """CLI flash-attention choice -> StageEngine's flash_attn (None = auto)."""
     return {"auto": None, "on": True, "off": False}[value]
 
 
@@ -389,9 +389,10 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: all cores)")
     s.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp flash attention (default auto: on where the backend supports it)")
-    s.add_argument("--device-sampling", choices=["auto", "on", "off"], default="auto",
-                   help="last stage: pick greedy tokens on the device inside llama.cpp's graph, so only token ids "
-                        "come back instead of the logits (default auto: on where the LM head runs on a GPU)")
+    s.add_argument("--device-sampling", choices=["on", "off"], default="off",
+                   help="last stage: pick greedy tokens on the device inside llama.cpp's graph (its backend sampler), "
+                        "so only token ids come back instead of the logits (default off: slower on an H100 at 64 "
+                        "sequences, see BENCHMARKS_GPU.md)")
     s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"],
                    help="hidden-state wire codec (default f16; f32 is lossless)")
     s.add_argument("--lib", metavar="DIR", default=None,

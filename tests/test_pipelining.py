@@ -73,6 +73,27 @@ def test_micro_batches_overlap_across_stages(stages, tmp_path):
     assert inflight == 2 and overlaps > 0, seen
 
 
+def test_long_prompt_chunks_travel_the_chain_together(stages, tmp_path):
+    """A lone long prompt with 2 micro-batches: stage 0 computes chunk k+1 while stage 1 computes chunk k (the
+    next chunk does not wait for the previous one to come back), and the reply is the one of 1 micro-batch."""
+    urls = [s.url for s in stages]
+    seen = {}
+    for mb in (1, 2):
+        gw = GatewayProcess([urls], extra=["--micro-batches", str(mb), "--prefill-chunk", "64"], log_dir=tmp_path)
+        try:
+            gw.wait_ready()
+            t_start = time.perf_counter()
+            body = _complete(gw, "word " * 300, 6)
+            st = _stats(gw, timeline=True)
+        finally:
+            gw.stop()
+        s0, s1 = ([e for e in s["timeline"] if e[1] >= t_start] for s in st["stages"])
+        seen[mb] = (body["choices"][0]["text"], _overlaps(s0, s1), st["scheduler"]["max_inflight_seen"])
+    assert seen[1][1:] == (0, 1), seen
+    assert seen[2][0] == seen[1][0]
+    assert seen[2][2] == 2 and seen[2][1] > 0, seen
+
+
 def test_chunked_prefill_interleaves_with_decode(stages, tmp_path):
     """A long prompt goes in chunks; decoding requests keep getting tokens while it is prefilled."""
     gw = GatewayProcess([[s.url for s in stages]], extra=["--prefill-chunk", "64"], log_dir=tmp_path)

@@ -83,9 +83,33 @@ def test_plan_step_shares_decoders_and_throttles_long_prompts():
 def test_replay_prefills_prompt_and_generated_tokens():
     s = _seq(5, 5)
     s.generated = [7, 8, 9]
-    s.slot, s.started, s.in_flight = 3, True, True
+    s.slot, s.started, s.in_flight = 3, True, 2
     s.prepare_replay()
     assert s.feed.tolist() == [0, 1, 2, 3, 4, 7, 8, 9] and s.prefilled == 0 and s.prefilling
-    assert s.slot == -1 and not s.started and not s.in_flight and s.replays == 1
+    assert s.slot == -1 and not s.started and not s.in_flight and s.replays == 1 and s.epoch == 1
     assert s.decode_pos == 7                                        # the next decode feeds token 9's successor
     assert s.start_params()["history"] == [7, 8, 9]
+
+
+def test_next_prompt_chunk_goes_while_the_previous_is_in_flight():
+    """Chunks of one prompt travel the chain together (stages take steps in order); nothing else is sent twice."""
+    p = _seq(300, 64)
+    p.in_flight = 1                                   # chunk 0 still in flight, 236 rows to go
+    last = _seq(300, 300)
+    last.in_flight = 1                                # its final chunk is in flight: it waits for the token
+    dec = _seq(4, 4)
+    dec.generated, dec.in_flight = [1], 1             # a decoder in flight gets no second row
+    plan = plan_step([p, last, dec], micro_batches=2, max_batch_tokens=512, prefill_chunk=64, prefill_budget=64)
+    assert plan.decode == [] and plan.prefill == [(p, 64)]
+
+
+def test_a_step_speaks_only_for_sequences_not_replayed_since():
+    from molink_lite.serving.pipeline import _Step
+
+    a, b = _seq(300, 128), _seq(10, 10)
+    a.slot, b.slot, a.in_flight, b.in_flight = 1, 2, 2, 1
+    st = _Step(7, [(a, False), (b, True)], 0.0, sent=[(1, 0), (2, 0)])
+    a.prepare_replay()                                # an earlier step of a failed: a went back to be replayed
+    a.slot = 5                                        # ... and runs elsewhere now
+    assert [(s, slot) for s, slot in st.landed()] == [(b, 2)]
+    assert b.in_flight == 0 and a.in_flight == 0 and a.slot == 5

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,6 +46,19 @@ class _Step:
     n_decode: int = 0
     n_prefill: int = 0
     rows: int = 0
+    sent: List[Tuple[int, int]] = field(default_factory=list)  # (slot, epoch) of each sequence when sent
+
+    def live(self) -> List[Tuple[SeqState, int]]:
+        """(sequence, slot it was sent in) for the sequences this step still speaks for: a sequence handed back
+        (replayed) since it was sent has moved on, and this step's outcome is not its own any more."""
+        return [(s, slot) for (s, _), (slot, ep) in zip(self.seqs, self.sent) if s.epoch == ep]
+
+    def landed(self) -> List[Tuple[SeqState, int]]:
+        """The step is back (result or error): its live sequences have one step fewer in flight."""
+        out = self.live()
+        for s, _ in out:
+            s.in_flight = max(0, s.in_flight - 1)
+        return out
 
 
 LostHandler = Callable[["Pipeline", List[SeqState], str], None]
@@ -221,7 +234,7 @@ class Pipeline:
         self.events.append({"at": time.time(), "event": "down", "message": message})
         seqs: List[SeqState] = []
         for st in self.inflight.values():
-            seqs.extend(s for s, _ in st.seqs)
+            seqs.extend(s for s, _ in st.live())  # not one already handed back by an earlier step's error
         seqs.extend(self.active.values())
         seqs.extend(self.waiting)
         self.inflight.clear()
@@ -446,10 +459,11 @@ class Pipeline:
             return
         self.pending_free = []
         for s, _ in entries:
-            s.in_flight = True
+            s.in_flight += 1
             s.last_sent = sid
         n = int(arrays["seq"].shape[0])
-        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n_prefill_rows, n)
+        self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n_prefill_rows, n,
+                                   [(s.slot, s.epoch) for s, _ in entries])
         st = self.stats
         st["steps"] += 1
         st["rows"] += n
@@ -485,8 +499,7 @@ class Pipeline:
         if st is None:
             return
         lost = []
-        for s, _ in st.seqs:
-            s.in_flight = False
+        for s, _ in st.landed():
             if s.finished:
                 continue
             if s.cancelled:
@@ -501,9 +514,8 @@ class Pipeline:
         st = self.inflight.pop(meta.get("step"), None)
         if st is None:
             return  # a step whose sequences were moved away (drain) or a stale one
-        by_slot = {s.slot: s for s, _ in st.seqs}
-        for s, _ in st.seqs:
-            s.in_flight = False
+        live = st.landed()
+        by_slot = {slot: s for s, slot in live}
         seqs = arrays.get("seq", np.zeros(0, np.int32)).tolist()
         toks = arrays.get("tokens", np.zeros(0, np.int32)).tolist()
         eogs = arrays.get("eog", np.zeros(len(seqs), np.uint8)).tolist()
@@ -513,8 +525,10 @@ class Pipeline:
             self.cost.observe(st.rows, now - st.sent_at)  # so steps carrying them would skew the per-row cost
         if st.n_decode:
             got = dict(zip(*np.unique(np.asarray(seqs, np.int64), return_counts=True))) if seqs else {}
-            for s, _ in st.seqs[:st.n_decode]:  # decode entries come first in a step
-                n_got = int(got.get(s.slot, 0))
+            for (s, _), (slot, ep) in zip(st.seqs[:st.n_decode], st.sent):  # decode entries come first in a step
+                if s.epoch != ep:
+                    continue
+                n_got = int(got.get(slot, 0))
                 self.stats["decode_entries"] += 1
                 self.stats["decode_tokens"] += n_got
                 if s.spec is None:
@@ -546,8 +560,8 @@ class Pipeline:
             reason = s.take_token(tok, bool(eog), piece, now)
             if reason:
                 self._finish(s, reason=reason)
-        for s, _ in st.seqs:
-            if s.cancelled and not s.finished:
+        for s, _ in live:
+            if s.cancelled and not s.finished and not s.in_flight:
                 self._release(s)
         if obs is not None:
             obs.tokens(taken)

@@ -69,10 +69,12 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     Decoding sequences not in flight, least recently sent first, an even share of them per micro-batch;
     then prompt chunks (oldest request first) in the rows left. While others decode, a long prompt gets at
     most ``prefill_budget`` rows per step in all; short prompts go in one piece (they delay decoders by one
-    step at most).
+    step at most). A prompt's next chunk may go while its previous chunk is still in flight: stages take
+    steps in order, and no chunk but the last waits for a token, so with several micro-batches the chunks
+    of one long prompt travel the chain together (stage 0 computes chunk k+1 while stage 1 computes k).
     """
     live = [s for s in active if not s.finished]
-    ready = [s for s in live if not s.in_flight]
+    ready = [s for s in live if not s.in_flight or s.prefilling]
     n_decoding = sum(1 for s in live if not s.prefilling)
     per_step = max(1, math.ceil(n_decoding / micro_batches))
     decoding = sorted((s for s in ready if not s.prefilling), key=lambda s: s.last_sent)

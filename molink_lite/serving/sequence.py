@@ -61,7 +61,8 @@ class SeqState:
     feed: Optional[np.ndarray] = None   # tokens to prefill (the prompt; prompt + generated after a replay)
     slot: int = -1
     prefilled: int = 0
-    in_flight: bool = False
+    in_flight: int = 0                  # steps carrying its rows now (a long prompt's chunks can travel together)
+    epoch: int = 0                      # bumped by a replay: results of steps sent before it are stale
     started: bool = False
     last_sent: int = 0
     kv_len: int = 0                     # positions its KV holds on the stages (drafts included, until trimmed)
@@ -93,8 +94,9 @@ class SeqState:
         self.pipeline = None
         self.feed = (np.concatenate([self.req.prompt, np.asarray(self.generated, dtype=np.int32)])
                      if self.generated else self.req.prompt)
-        self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, False, False, 0
+        self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, 0, False, 0
         self.kv_len = 0
+        self.epoch += 1
         if self.spec is not None:
             self.spec.drafts = self.spec.drafts[:0]
 

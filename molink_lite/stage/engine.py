@@ -7,12 +7,13 @@ through one ``llama_decode``. Non-last stages capture the output of their last
 layer (``l_out-{n-1}``) with the scheduler's eval callback and skip the LM head;
 the last stage returns next-token logits for the rows asked for.
 
-Device sampling (last stage, on by default when the LM head runs on a GPU): every
-sequence slot whose sampler is plain greedy gets a llama.cpp backend sampler chain
-(``llama_set_sampler``), so the argmax runs in the same graph on the device and only
-the token ids come back (``last_sampled``); llama.cpp then skips copying the logits
-of a batch whose output rows all belong to such slots (33 MB per 64 rows at a 128k
-vocabulary). Other slots (temperature, penalties) keep the raw logits path.
+Device sampling (last stage, opt-in): every sequence slot whose sampler is plain
+greedy gets a llama.cpp backend sampler chain (``llama_set_sampler``), so the argmax
+runs in the same graph on the device and only the token ids come back
+(``last_sampled``); llama.cpp then skips copying the logits of a batch whose output
+rows all belong to such slots (33 MB per 64 rows at a 128k vocabulary). Other slots
+(temperature, penalties) keep the raw logits path. Off by default: measured slower on
+an H100 (BENCHMARKS_GPU.md), since llama.cpp builds one sampler subgraph per sequence.
 
 Batches are filled from numpy arrays by pointer: no per-token Python loop.
 """
@@ -134,7 +135,7 @@ class StageEngine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_seq_max: int = 16,
                  n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-                 flash_attn: Optional[bool] = None, device_sampling: Optional[bool] = None):
+                 flash_attn: Optional[bool] = None, device_sampling: bool = False):
         _init_backend()
         self.path = str(model_path)
         if not Path(self.path).is_file():
@@ -173,12 +174,8 @@ class StageEngine:
         cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
-        # device sampling: auto = on where llama.cpp puts the LM head on a GPU (all layers offloaded and then some,
-        # and a GPU device present: a CPU build with the RPC backend also "supports GPU offload")
-        if device_sampling is None:
-            from .hostinfo import devices
-            device_sampling = (bool(_llama.llama_supports_gpu_offload()) and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
-                               and any(d["type"] in ("gpu", "igpu") for d in devices()))
+        # device sampling is opt-in: on an H100 (Llama-3-8B shape, 64 sequences) llama.cpp's backend sampler made a
+        # step 3.3 ms slower (it builds one sampler subgraph per sequence), more than the logits copy it saves
         self.device_sampling = bool(device_sampling) and self.info.is_last
         if self.device_sampling:
             # a sequence may own several output rows (speculative drafts, or rows the head asks for)

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="GGUF to use; written (random weights) if missing")
     ap.add_argument("--qtype", default="q8_0", choices=["q8_0", "q4_0", "q4_k", "f16"])
     ap.add_argument("--shape", default="8b", choices=["8b", "32b"], help="random model shape (default Llama-3-8B)")
-    ap.add_argument("--device-sampling", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--device-sampling", default="off", choices=["on", "off"],
                     help="greedy tokens picked on the device (StageEngine device_sampling) in every engine")
     ap.add_argument("--baseline", default="", help="gateway part: llama.cpp baselines, any of "
                                                    "layer-split,layer-split-bs,rpc")
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stages", default="1,2,3", help="stage counts to serve (1 = the whole model served)")
     ap.add_argument("--seqs", default="1,16,64", help="concurrent sequences (pipeline part)")
     ap.add_argument("--conc", default="1,16,64,128", help="concurrent HTTP requests (gateway part)")
-    ap.add_argument("--micro-batches", default="1,S", help="micro-batch settings; S = number of stages")
+    ap.add_argument("--micro-batches", default="1,S", help="micro-batch settings; S = number of stages, S+1 ...")
     ap.add_argument("--steps", type=int, default=48, help="decode tokens per sequence (pipeline part)")
     ap.add_argument("--http-tokens", type=int, default=64, help="max_tokens per HTTP request (gateway part)")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens of the throughput runs")
@@ -121,7 +121,7 @@ from testmodels import write_random_gguf  # noqa: E402
 from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
 
 T_START = time.perf_counter()
-DEVICE_SAMPLING = {"auto": None, "on": True, "off": False}[ARGS.device_sampling]
+DEVICE_SAMPLING = ARGS.device_sampling == "on"
 RESULTS: Dict[str, object] = {"args": vars(ARGS)}
 
 
@@ -136,6 +136,15 @@ def out_of_time() -> bool:
 def save() -> None:
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def micro_batch_list(n_stages: int) -> List[int]:
+    """--micro-batches for a stage count: numbers, S (= stages) or S+k."""
+    out = set()
+    for m in ARGS.micro_batches.split(","):
+        m = m.strip()
+        out.add(n_stages if m == "S" else n_stages + int(m[2:]) if m.startswith("S+") else int(m))
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------- model
@@ -541,7 +550,7 @@ def part_pipeline(model: str) -> None:
         ranges, procs = launch(model, ns, n_ctx, max(seqs), gpus, wd)
         say(f"  up in {time.perf_counter() - t0:.1f} s: {', '.join(str(r) for r in ranges)}")
         try:
-            mbs = sorted({ns if m == "S" else int(m) for m in ARGS.micro_batches.split(",")})
+            mbs = micro_batch_list(ns)
             for mb in mbs:
                 if out_of_time():
                     break
@@ -657,7 +666,10 @@ async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats
                 async for line in r.content:
                     if line.startswith(b"data:") and b"[DONE]" not in line:
                         t = time.perf_counter() - t0
-                        async for _ in r.content:
+                        try:
+                            async for _ in r.content:
+                                pass
+                        except aiohttp.ClientError:  # llama-server may close the stream without its last chunk
                             pass
                         return t
             return float("nan")
@@ -680,7 +692,10 @@ async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats
         for _ in range(3):
             if out_of_time():
                 break
-            tt.append(await ttft(ARGS.ttft_prompt))
+            try:
+                tt.append(await ttft(ARGS.ttft_prompt))
+            except aiohttp.ClientError as e:  # keep the throughput rows measured above
+                say(f"    TTFT run failed: {e!r}")
         if tt:
             say(f"    TTFT {ARGS.ttft_prompt} tokens: {min(tt) * 1e3:.1f} ms")
         st = None
@@ -706,7 +721,7 @@ def part_gateway(model: str) -> None:
         say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, ctx {n_ctx}")
         ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd)
         try:
-            mbs = sorted({ns if m == "S" else int(m) for m in ARGS.micro_batches.split(",")})
+            mbs = micro_batch_list(ns)
             for mb in mbs:
                 if out_of_time():
                     break
