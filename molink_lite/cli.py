@@ -188,7 +188,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
         log.info("stage GGUF for layers %s: %s", layers, path)
         engine = StageEngine(path, n_ctx=a.ctx, n_seq_max=a.max_seqs, n_batch=a.batch,
                              n_gpu_layers=a.n_gpu_layers, n_threads=a.threads,
-                             flash_attn=_flash_attn(a.flash_attn), device_sampling=a.device_sampling == "on")
+                             flash_attn=_flash_attn(a.flash_attn), device_sampling=a.device_sampling == "on",
+                             lanes=a.lanes)
     except (SplitError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -237,7 +238,7 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
         path = await m.fetch(assign)
         engine = StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
                              n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn),
-                             device_sampling=a.device_sampling == "on")
+                             device_sampling=a.device_sampling == "on", lanes=a.lanes)
         host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
 
         async def ready(port: int) -> None:
@@ -389,6 +390,11 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: all cores)")
     s.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp flash attention (default auto: on where the backend supports it)")
+    s.add_argument("--lanes", type=int, default=1,
+                   help="llama.cpp contexts on the same weights (default 1): sequence s lives in lane s %% N, and "
+                        "the lanes' steps run side by side, so one lane builds and launches its graph while another "
+                        "waits for the GPU; the KV cache (--ctx) is split between them. Every stage of a pipeline "
+                        "needs the same count; use --micro-batches >= N on the gateway")
     s.add_argument("--device-sampling", choices=["on", "off"], default="off",
                    help="last stage: pick greedy tokens on the device inside llama.cpp's graph (its backend sampler), "
                         "so only token ids come back instead of the logits (default off: slower on an H100 at 64 "

@@ -26,7 +26,7 @@ from ..wire.auth import LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.codec import FrameError
 from .chain import Chain, PipelineError, check_chain
-from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
+from .scheduler import PrefillBudget, admit, admit_lanes, chunk_for_link, is_long, plan_step
 from .sequence import GenRequest, SeqState
 from .speculative import SpecConfig, SpecState, StepCost, allocate, auto_enabled
 
@@ -47,6 +47,7 @@ class _Step:
     n_prefill: int = 0
     rows: int = 0
     sent: List[Tuple[int, int]] = field(default_factory=list)  # (slot, epoch) of each sequence when sent
+    lane: int = 0
 
     def live(self) -> List[Tuple[SeqState, int]]:
         """(sequence, slot it was sent in) for the sequences this step still speaks for: a sequence handed back
@@ -98,6 +99,11 @@ class Pipeline:
         self.kv_reserved = 0
         self.n_ctx = 0
         self.max_seqs = 0
+        # stages run with --lanes L: sequence slot s lives in lane s % L (its own llama.cpp context on every stage);
+        # a step carries one lane's sequences, and lanes run side by side on each stage
+        self.lanes = 1
+        self.n_ctx_lane = 0
+        self.kv_lane: List[int] = [0]
         self.inflight: Dict[int, _Step] = {}
         self._sids = itertools.count(1)
         self._wake = asyncio.Event()
@@ -176,11 +182,19 @@ class Pipeline:
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         if self.spec.mode != "off":
             await self._measure_path()
-        self.n_ctx = min(int(i["n_ctx"]) for i in infos)
+        lanes = {int(i.get("lanes") or 1) for i in infos}
+        if len(lanes) > 1:
+            await self.chain.close()
+            raise PipelineError(f"the stages of pipeline {self.name} run different --lanes ({sorted(lanes)}); "
+                                "give every stage of a pipeline the same count")
+        self.lanes = lanes.pop()
+        self.n_ctx_lane = min(int(i.get("n_ctx_lane") or i["n_ctx"]) for i in infos)
+        self.n_ctx = self.n_ctx_lane * self.lanes if self.lanes > 1 else min(int(i["n_ctx"]) for i in infos)
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
         self.pending_free.clear()
         self.kv_reserved = 0
+        self.kv_lane = [0] * self.lanes
         was = self.state
         self.state, self.error = "up", ""
         if self._task is None or self._task.done():
@@ -241,6 +255,7 @@ class Pipeline:
         self.active.clear()
         self.waiting.clear()
         self.kv_reserved = 0
+        self.kv_lane = [0] * self.lanes
         self.pending_free.clear()
         lost = list({id(s): s for s in seqs if not s.finished}.values())
         self.chain.close_soon()
@@ -304,9 +319,10 @@ class Pipeline:
             raise RequestError("the prompt is empty")
         if req.max_tokens < 1:
             raise RequestError("max_tokens must be at least 1")
-        if self.n_ctx and n + req.max_tokens > self.n_ctx:
+        room = self.n_ctx_lane if self.lanes > 1 else self.n_ctx
+        if room and n + req.max_tokens > room:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
-                               f"window ({self.n_ctx} tokens)")
+                               f"window ({room} tokens{' per lane' if self.lanes > 1 else ''})")
         if self.infos:
             vocab = int(self.first["n_vocab"])
             if int(req.prompt.min()) < 0 or int(req.prompt.max()) >= vocab:
@@ -342,8 +358,12 @@ class Pipeline:
             if self.state != "up":
                 continue
             try:
-                self.kv_reserved = admit(self.waiting, self.free_slots, self.kv_reserved, self.n_ctx, self.active)
-                while len(self.inflight) < self.max_inflight:
+                if self.lanes == 1:
+                    self.kv_reserved = admit(self.waiting, self.free_slots, self.kv_reserved, self.n_ctx, self.active)
+                else:
+                    admit_lanes(self.waiting, self.free_slots, self.kv_lane, self.n_ctx_lane, self.active)
+                    self.kv_reserved = sum(self.kv_lane)
+                while len(self.inflight) < max(self.max_inflight, self.lanes):
                     if not self._build_and_send():
                         break
             except ChannelClosed as e:
@@ -353,6 +373,8 @@ class Pipeline:
                 self.fail(f"scheduler error: {e}")
 
     def _build_and_send(self) -> bool:
+        if self.lanes > 1:
+            return self._build_and_send_lanes()
         plan = plan_step(self.active.values(), self.max_inflight, self.max_batch_tokens, self.prefill_chunk,
                          self.budget.rows)
         if not plan.decode and not plan.prefill:
@@ -362,6 +384,25 @@ class Pipeline:
             return False
         self._send_step(plan.decode, plan.prefill)
         return True
+
+    def _build_and_send_lanes(self) -> bool:
+        """The next step for the lane with the fewest steps in flight that has work (each lane's micro-batches
+        share its sequences as :func:`plan_step` shares a pipeline's)."""
+        L = self.lanes
+        busy = [0] * L
+        for st in self.inflight.values():
+            busy[st.lane] += 1
+        per_lane = max(1, max(self.max_inflight, L) // L)
+        for lane in sorted(range(L), key=lambda i: busy[i]):
+            mine = [s for s in self.active.values() if s.slot % L == lane]
+            plan = plan_step(mine, per_lane, self.max_batch_tokens, self.prefill_chunk, self.budget.rows)
+            if plan.decode or plan.prefill:
+                self._send_step(plan.decode, plan.prefill, lane)
+                return True
+            if not busy[lane] and any(x % L == lane for x in self.pending_free):
+                self._send_step([], [], lane)
+                return True
+        return False
 
     def _plan_drafts(self, decode: List[SeqState], prefill_rows: int) -> List[np.ndarray]:
         """Draft tokens for each decoding sequence of a step (empty arrays where none pay)."""
@@ -394,7 +435,7 @@ class Pipeline:
             out.append(c[:k])
         return out
 
-    def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]]) -> None:
+    def _send_step(self, decode: List[SeqState], prefill: List[Tuple[SeqState, int]], lane: int = 0) -> None:
         sid = next(self._sids)
         seq_parts, pos_parts, tok_parts, out_parts = [], [], [], []
         entries: List[Tuple[SeqState, bool]] = []
@@ -442,7 +483,10 @@ class Pipeline:
                 s.started = True
             s.prefilled = b
             s.kv_len = b
-        meta = {"type": "step", "step": sid, "free": self.pending_free, "start": start}
+        frees = self.pending_free if self.lanes == 1 else [x for x in self.pending_free if x % self.lanes == lane]
+        meta = {"type": "step", "step": sid, "free": frees, "start": start}
+        if self.lanes > 1:
+            meta["lane"] = lane
         if trim:
             meta["trim"] = trim
         if drafts_meta:
@@ -457,13 +501,13 @@ class Pipeline:
             for s, _ in entries:
                 self._finish(s, error=f"internal error building a step: {e}")
             return
-        self.pending_free = []
+        self.pending_free = [] if self.lanes == 1 else [x for x in self.pending_free if x % self.lanes != lane]
         for s, _ in entries:
             s.in_flight += 1
             s.last_sent = sid
         n = int(arrays["seq"].shape[0])
         self.inflight[sid] = _Step(sid, entries, time.perf_counter(), len(decode), n_prefill_rows, n,
-                                   [(s.slot, s.epoch) for s, _ in entries])
+                                   [(s.slot, s.epoch) for s, _ in entries], lane)
         st = self.stats
         st["steps"] += 1
         st["rows"] += n
@@ -583,6 +627,7 @@ class Pipeline:
         if s.slot >= 0 and self.active.get(s.slot) is s:
             del self.active[s.slot]
             self.kv_reserved -= s.need
+            self.kv_lane[s.slot % self.lanes] -= s.need
             if s.started:
                 self.pending_free.append(s.slot)
             self.free_slots.append(s.slot)

@@ -57,6 +57,30 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_reserved: int, n_c
     return kv_reserved
 
 
+def admit_lanes(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n_ctx_lane: int,
+                active: Dict[int, SeqState]) -> None:
+    """:func:`admit` for stages with lanes (slot s lives in lane s % len(kv_lane), each lane with its own KV of
+    ``n_ctx_lane`` cells): each waiting sequence (in order) goes to the lane with the fewest sequences among
+    those with a free slot and room for its reservation, so the lanes' micro-batches stay even."""
+    lanes = len(kv_lane)
+    while waiting and free_slots:
+        s = waiting[0]
+        count = [0] * lanes
+        for slot in active:
+            count[slot % lanes] += 1
+        open_lanes = {x % lanes for x in free_slots}
+        fits = [i for i in range(lanes) if i in open_lanes and kv_lane[i] + s.need <= n_ctx_lane]
+        if not fits:
+            break
+        lane = min(fits, key=lambda i: (count[i], kv_lane[i]))
+        slot = min(x for x in free_slots if x % lanes == lane)
+        free_slots.remove(slot)
+        waiting.popleft()
+        s.slot = slot
+        kv_lane[lane] += s.need
+        active[slot] = s
+
+
 def is_long(s: SeqState, prefill_chunk: int) -> bool:
     """A feed that takes more than one chunk: the kind whose prefill is throttled while others decode."""
     return int(s.feed.shape[0]) > prefill_chunk

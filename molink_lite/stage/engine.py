@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -135,13 +135,16 @@ class StageEngine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_seq_max: int = 16,
                  n_batch: int = 512, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-                 flash_attn: Optional[bool] = None, device_sampling: bool = False):
+                 flash_attn: Optional[bool] = None, device_sampling: bool = False, lanes: int = 1):
         _init_backend()
         self.path = str(model_path)
         if not Path(self.path).is_file():
             raise EngineError(f"stage model not found: {self.path}")
         if not 1 <= n_seq_max <= 256:
             raise EngineError(f"n_seq_max must be in 1..256, got {n_seq_max}")
+        if not 1 <= int(lanes) <= min(8, n_seq_max):
+            raise EngineError(f"lanes must be in 1..{min(8, n_seq_max)}, got {lanes}")
+        self.lanes = int(lanes)
         mparams = _llama.llama_model_default_params()
         mparams.n_gpu_layers = int(n_gpu_layers)
         mparams.load_mode = _llama.LLAMA_LOAD_MODE_MMAP
@@ -165,11 +168,8 @@ class StageEngine:
 
         # hidden-state capture on non-last stages
         self._target = f"l_out-{llama_cpp.llama_model_n_layer(self._model) - 1}".encode()
-        self._cap_buf = np.empty((self.n_chunk, self.info.n_embd), dtype=np.float32)
-        self._cap_rows = 0
-        self._cap_error: Optional[str] = None
         cparams = _llama.llama_context_default_params()
-        cparams.n_ctx = int(n_ctx)
+        cparams.n_ctx = max(1, int(n_ctx) // self.lanes)  # each lane holds its own sequences' KV
         cparams.n_batch = self.n_chunk
         cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
@@ -196,27 +196,31 @@ class StageEngine:
         if not self.info.is_last:
             self._cb = _llama.ggml_backend_sched_eval_callback(self._eval_cb)
             cparams.cb_eval = self._cb
-            cparams.cb_eval_user_data = None
-        self._ctx = _llama.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            _llama.llama_model_free(self._model)
-            self._model = None
-            raise EngineError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx})")
-        self._mem = _llama.llama_get_memory(self._ctx)
-        self.n_ctx = _llama.llama_n_ctx(self._ctx)
+        self._lanes: List[_Lane] = []
+        for i in range(self.lanes):  # one llama.cpp context per lane, all on the same model weights
+            if not self.info.is_last:
+                cparams.cb_eval_user_data = ctypes.c_void_p(i + 1)  # which lane's capture buffer the callback fills
+            c = _llama.llama_init_from_model(self._model, cparams)
+            if not c:
+                for lane in self._lanes:
+                    _llama.llama_free(lane.ctx)
+                _llama.llama_model_free(self._model)
+                self._model = None
+                raise EngineError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}, "
+                                  f"lane {i + 1} of {self.lanes})")
+            self._lanes.append(_Lane(c, _llama.llama_get_memory(c), self.n_chunk, self.info.n_embd))
+        self._ctx, self._mem = self._lanes[0].ctx, self._lanes[0].mem  # lane 0 (the only one by default)
+        self.n_ctx_lane = _llama.llama_n_ctx(self._ctx)
+        self.n_ctx = self.n_ctx_lane * self.lanes
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
         # M-RoPE models take 4 positions per embedding row (section-major)
         self._n_pos = 4 if not self.info.is_first and _llama.llama_model_rope_type(self._model) in (8, 40) else 1
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
-        # reusable batch buffers
-        self._seq_storage = np.zeros(self.n_chunk, dtype=np.int32)
-        self._seq_ptrs = (self._seq_storage.ctypes.data + 4 * np.arange(self.n_chunk, dtype=np.uint64)).astype(np.uint64)
         self._ones = np.ones(self.n_chunk, dtype=np.int32)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the engine's own state (open/closed, device-sampler chains)
+        self._local = threading.local()  # last_sampled of the step this thread ran
         # device sampling: one greedy chain per sequence slot, attached while that slot samples greedily
-        self.last_sampled: Optional[np.ndarray] = None
-        self._sampled_parts: list = []
         self._chains: list = []
         self._on_device = np.zeros(self.n_seq_max, dtype=bool)
         if self.device_sampling:
@@ -245,25 +249,35 @@ class StageEngine:
                          _meta(m, "molink.source_arch") or arch)
 
     # ------------------------------------------------------------------ capture
-    def _eval_cb(self, t: int, ask: bool, _user: int) -> bool:
+    def _eval_cb(self, t: int, ask: bool, user: int) -> bool:
         if ask:
             return _lib.ggml_get_name(t) == self._target
         try:
+            lane = self._lanes[(user or 1) - 1]
             nbytes = _lib.ggml_nbytes(t)
             ttype = ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
             rows = nbytes // (4 * self.info.n_embd)
             if ttype != GGML_TYPE_F32 or rows * 4 * self.info.n_embd != nbytes:
-                self._cap_error = f"captured {self._target.decode()} has type {ttype} and {nbytes} bytes"
+                lane.cap_error = f"captured {self._target.decode()} has type {ttype} and {nbytes} bytes"
                 return False
-            end = self._cap_rows + rows
-            if end > self._cap_buf.shape[0]:
-                self._cap_error = f"captured {end} rows, buffer holds {self._cap_buf.shape[0]}"
+            end = lane.cap_rows + rows
+            if end > lane.cap_buf.shape[0]:
+                lane.cap_error = f"captured {end} rows, buffer holds {lane.cap_buf.shape[0]}"
                 return False
-            _lib.ggml_backend_tensor_get(t, self._cap_buf[self._cap_rows:end].ctypes.data, 0, nbytes)
-            self._cap_rows = end
+            _lib.ggml_backend_tensor_get(t, lane.cap_buf[lane.cap_rows:end].ctypes.data, 0, nbytes)
+            lane.cap_rows = end
         except Exception as e:  # noqa: BLE001 - never let an exception cross into C
-            self._cap_error = f"capture failed: {e}"
+            self._lanes[0].cap_error = f"capture failed: {e}"
         return False  # skip the rest of the graph (the LM head)
+
+    def lane_of(self, seq_id: int) -> int:
+        """The lane (llama.cpp context) holding a sequence: sequence id modulo the lane count."""
+        return int(seq_id) % self.lanes
+
+    @property
+    def last_sampled(self) -> Optional[np.ndarray]:
+        """Device-sampled token per output row of the last step this thread ran (see :meth:`_read_sampled`)."""
+        return getattr(self._local, "sampled", None)
 
     # ------------------------------------------------------------------ device sampling
     def _attach(self, seq_id: int, on: bool) -> None:
@@ -274,13 +288,13 @@ class StageEngine:
         if on:
             chain = _llama.llama_sampler_chain_init(_llama.llama_sampler_chain_default_params())
             _llama.llama_sampler_chain_add(chain, _llama.llama_sampler_init_greedy())
-            if not _llama.llama_set_sampler(self._ctx, seq_id, chain):
+            if not _llama.llama_set_sampler(self._lanes[self.lane_of(seq_id)].ctx, seq_id, chain):
                 _llama.llama_sampler_free(chain)
                 log_once("llama.cpp could not put a greedy sampler on the device; those slots sample on the CPU")
                 return
             self._chains[seq_id] = chain
         else:
-            _llama.llama_set_sampler(self._ctx, seq_id, None)
+            _llama.llama_set_sampler(self._lanes[self.lane_of(seq_id)].ctx, seq_id, None)
             _llama.llama_sampler_free(self._chains[seq_id])
             self._chains[seq_id] = None
         self._on_device[seq_id] = on
@@ -289,7 +303,8 @@ class StageEngine:
         """Sequence ``seq_id`` samples greedily (``on``: its token comes from the device) or with a chain that
         needs the raw logits. A change takes effect at the next step (llama.cpp then re-reserves its graph)."""
         if self.device_sampling and 0 <= seq_id < self.n_seq_max:
-            with self._lock:
+            lane = self._lanes[self.lane_of(seq_id)]
+            with lane.lock:  # not while that lane decodes
                 if self._ctx is not None:
                     self._attach(int(seq_id), bool(on))
 
@@ -335,32 +350,33 @@ class StageEngine:
         if output_rows.shape != (n,):
             raise EngineError(f"output_rows has shape {output_rows.shape}, expected ({n},)")
 
-        with self._lock:
+        li = int(seq_ids[0]) % self.lanes
+        if self.lanes > 1 and (seq_ids % self.lanes != li).any():
+            raise EngineError(f"a step's sequences must share a lane (sequence id modulo {self.lanes})")
+        lane = self._lanes[li]
+        with lane.lock:  # other lanes decode at the same time, from their own threads
             if self._ctx is None:
                 raise EngineError("engine is closed")
             outs = []
-            self._sampled_parts = []
+            lane.sampled_parts = []
             for a in range(0, n, self.n_chunk):
                 b = min(n, a + self.n_chunk)
-                outs.append(self._decode_chunk(seq_ids[a:b], positions[a:b],
+                outs.append(self._decode_chunk(lane, seq_ids[a:b], positions[a:b],
                                                None if tokens is None else tokens[a:b],
                                                None if hidden is None else hidden[a:b], output_rows[a:b]))
             self.times.steps += 1
             self.times.rows += n
             self.times.seqs_max = max(self.times.seqs_max, len(np.unique(seq_ids)))
-            if self._sampled_parts:
-                self.last_sampled = (self._sampled_parts[0] if len(self._sampled_parts) == 1
-                                     else np.concatenate(self._sampled_parts))
-            else:
-                self.last_sampled = None
+            parts = lane.sampled_parts
+            self._local.sampled = (None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts))
             return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
-    def _decode_chunk(self, seq_ids: np.ndarray, positions: np.ndarray, tokens: Optional[np.ndarray],
+    def _decode_chunk(self, lane: "_Lane", seq_ids: np.ndarray, positions: np.ndarray, tokens: Optional[np.ndarray],
                       hidden: Optional[np.ndarray], output_rows: np.ndarray) -> np.ndarray:
         n = int(seq_ids.shape[0])
         last = self.info.is_last
         logits_flags = output_rows if last else self._ones[:n].astype(np.int8)
-        self._seq_storage[:n] = seq_ids
+        lane.seq_storage[:n] = seq_ids
         batch = _llama.llama_batch()
         batch.n_tokens = n
         if tokens is not None:
@@ -373,44 +389,44 @@ class StageEngine:
             positions = np.concatenate([positions, positions, positions, np.zeros_like(positions)])
         batch.pos = positions.ctypes.data_as(ctypes.POINTER(_llama.llama_pos))
         batch.n_seq_id = self._ones.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        batch.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))
+        batch.seq_id = ctypes.cast(lane.seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(_llama.llama_seq_id)))
         batch.logits = logits_flags.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._cap_rows = 0
-        self._cap_error = None
+        lane.cap_rows = 0
+        lane.cap_error = None
         t0 = time.perf_counter()
-        rc = _llama.llama_decode(self._ctx, batch)
+        rc = _llama.llama_decode(lane.ctx, batch)
         t1 = time.perf_counter()
         self.times.decode += t1 - t0
-        if self._cap_error:
-            raise EngineError(self._cap_error)
+        if lane.cap_error:
+            raise EngineError(lane.cap_error)
         if rc == 1:
-            raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx}); free sequences or raise --ctx")
-        if rc != 0 and (last or self._cap_rows != n):
+            raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx_lane}"
+                              f"{' per lane' if self.lanes > 1 else ''}); free sequences or raise --ctx")
+        if rc != 0 and (last or lane.cap_rows != n):
             raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
         if last:
             k = int(np.count_nonzero(output_rows))
             if self.device_sampling:
-                self._sampled_parts.append(self._read_sampled(seq_ids, output_rows, k))
-            ptr = _llama.llama_get_logits(self._ctx)
+                lane.sampled_parts.append(self._read_sampled(lane.ctx, seq_ids, output_rows, k))
+            ptr = _llama.llama_get_logits(lane.ctx)
             return np.ctypeslib.as_array(ptr, shape=(k, self.info.n_vocab))
-        if self._cap_rows != n:
-            raise EngineError(f"captured {self._cap_rows} hidden rows for a batch of {n}")
+        if lane.cap_rows != n:
+            raise EngineError(f"captured {lane.cap_rows} hidden rows for a batch of {n}")
         if self._equal_split:
             out = np.empty((n, self.info.n_embd), dtype=np.float32)
-            out[np.asarray(split_equal_order(seq_ids.tolist(), self.n_chunk), dtype=np.int64)] = self._cap_buf[:n]
+            out[np.asarray(split_equal_order(seq_ids.tolist(), self.n_chunk), dtype=np.int64)] = lane.cap_buf[:n]
         else:
-            out = self._cap_buf[:n].copy()
+            out = lane.cap_buf[:n].copy()
         self.times.capture += time.perf_counter() - t1
         return out
 
-    def _read_sampled(self, seq_ids: np.ndarray, output_rows: np.ndarray, k: int) -> np.ndarray:
+    def _read_sampled(self, ctx: ctypes.c_void_p, seq_ids: np.ndarray, output_rows: np.ndarray, k: int) -> np.ndarray:
         """Device-sampled token per output row of the chunk just decoded; -1 where the row's slot samples on the
         CPU (llama.cpp's buffer holds stale ids there, so those rows are never read)."""
         out = np.full(k, -1, dtype=np.int32)
         rows = np.flatnonzero(output_rows)  # batch index of each output row
         dev = np.flatnonzero(self._on_device[seq_ids[rows]])
         if dev.size:
-            ctx = self._ctx
             # one C call per output row: llama.cpp exports no bulk accessor (64 rows: about 30 us)
             out[dev] = np.fromiter(map(_llama.llama_get_sampled_token_ith, itertools.repeat(ctx, dev.size),
                                        rows[dev].tolist()), dtype=np.int32, count=dev.size)
@@ -421,22 +437,26 @@ class StageEngine:
     # ------------------------------------------------------------------ memory
     def free(self, seq_id: int) -> None:
         """Forget a sequence's KV entries."""
-        with self._lock:
+        lane = self._lanes[self.lane_of(seq_id)]
+        with lane.lock:
             if self._ctx is not None:
-                _llama.llama_memory_seq_rm(self._mem, int(seq_id), -1, -1)
+                _llama.llama_memory_seq_rm(lane.mem, int(seq_id), -1, -1)
 
     def trim(self, seq_id: int, pos: int) -> None:
         """Forget a sequence's KV entries at positions ``pos`` and later (rejected speculative drafts)."""
-        with self._lock:
+        lane = self._lanes[self.lane_of(seq_id)]
+        with lane.lock:
             if self._ctx is not None:
-                if not _llama.llama_memory_seq_rm(self._mem, int(seq_id), int(pos), -1):
+                if not _llama.llama_memory_seq_rm(lane.mem, int(seq_id), int(pos), -1):
                     raise EngineError(f"could not remove positions {pos}.. of sequence {seq_id} from the KV cache")
 
-    def clear(self) -> None:
-        """Forget every sequence."""
-        with self._lock:
-            if self._ctx is not None:
-                _llama.llama_memory_clear(self._mem, True)
+    def clear(self, lane: Optional[int] = None) -> None:
+        """Forget every sequence (of one lane)."""
+        for i, ln in enumerate(self._lanes):
+            if lane is None or i == lane:
+                with ln.lock:
+                    if self._ctx is not None:
+                        _llama.llama_memory_clear(ln.mem, True)
 
     @property
     def ctx_ptr(self) -> ctypes.c_void_p:
@@ -449,9 +469,12 @@ class StageEngine:
     def close(self) -> None:
         """Free the llama.cpp context and model."""
         with self._lock:
-            if self._ctx is not None:
-                _llama.llama_free(self._ctx)
-                self._ctx = None
+            for lane in getattr(self, "_lanes", []):
+                with lane.lock:
+                    if lane.ctx is not None:
+                        _llama.llama_free(lane.ctx)
+                        lane.ctx = None
+            self._ctx = None
             if self._model is not None:
                 _llama.llama_model_free(self._model)
                 self._model = None
@@ -471,6 +494,22 @@ class StageEngine:
             self.close()
         except Exception:
             pass
+
+
+class _Lane:
+    """One llama.cpp context of a stage: its KV cache, batch buffers and capture buffer, used by one thread at a
+    time (its lock). Several lanes share the model's weights; while one waits for the GPU another builds and
+    launches its graph."""
+
+    def __init__(self, ctx: ctypes.c_void_p, mem: ctypes.c_void_p, n_chunk: int, n_embd: int):
+        self.ctx, self.mem = ctx, mem
+        self.lock = threading.Lock()
+        self.cap_buf = np.empty((n_chunk, n_embd), dtype=np.float32)
+        self.cap_rows = 0
+        self.cap_error: Optional[str] = None
+        self.seq_storage = np.zeros(n_chunk, dtype=np.int32)
+        self.seq_ptrs = (self.seq_storage.ctypes.data + 4 * np.arange(n_chunk, dtype=np.uint64)).astype(np.uint64)
+        self.sampled_parts: list = []
 
 
 def last_row_of_each_seq(seq_ids: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
-from typing import Awaitable, Callable, Deque, Dict, Optional, Tuple
+from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import websockets
@@ -92,10 +92,13 @@ class StageServer:
         self.upstream: Optional[Channel] = None
         self.next: Optional[Channel] = None
         self.next_url: Optional[str] = None
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        # one worker (queue + llama thread) per engine lane: a lane's steps run in order, lanes run side by side
+        self.lanes = engine.lanes
+        self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
+        self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama{i}") for i in range(self.lanes)]
+        self._queue, self._pool = self._queues[0], self._pools[0]
         self._server = None
-        self._worker: Optional[asyncio.Task] = None
+        self._workers: List[asyncio.Task] = []
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
                                         "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0,
                                         "refused_links": 0, "rejected_frames": 0,
@@ -116,7 +119,7 @@ class StageServer:
              "max_seqs": self.engine.n_seq_max, "n_batch": self.engine.n_batch, "max_rows": self.limits.max_rows,
              "model": i.path, "name": i.name, "next": self.next_url, "codec": self.codec,
              "host": socket.gethostname(), "backend": self.backend(), "n_gpu_layers": self.engine.n_gpu_layers,
-             "model_bytes": _file_size(i.path)}
+             "model_bytes": _file_size(i.path), "lanes": self.lanes, "n_ctx_lane": self.engine.n_ctx_lane}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -124,7 +127,7 @@ class StageServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._worker = asyncio.ensure_future(self._work_loop())
+        self._workers = [asyncio.ensure_future(self._work_loop(i)) for i in range(self.lanes)]
         ssl_ctx = server_context(*self.tls) if self.tls else None
         self._server = await websockets.serve(self._on_connect, self.host, self.port,
                                               max_size=self.limits.max_frame_bytes(), compression=None,
@@ -140,12 +143,13 @@ class StageServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        if self._worker is not None:
-            self._worker.cancel()
+        for w in self._workers:
+            w.cancel()
         for ch in (self.next, self.head, self.upstream):
             if ch is not None:
                 await ch.close()
-        self._pool.shutdown(wait=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -185,7 +189,7 @@ class StageServer:
             if ch is self.head:
                 log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
                 self.head = None
-                self._queue.put_nowait(("reset", None, None))
+                self._reset_all()
                 if self.draining:
                     self.drained.set()
             if ch is self.upstream:
@@ -228,10 +232,16 @@ class StageServer:
                 ch.reply(meta, {"type": "error", "message": "steps are taken only from the pipeline head (first stage) "
                                                             "or the upstream stage"})
                 return
+            lane = meta.get("lane", 0)
+            if isinstance(lane, bool) or not isinstance(lane, int) or not 0 <= lane < self.lanes:
+                self.stats["rejected_frames"] += 1
+                self._report(meta, f"rejected step: 'lane' must be an integer in 0..{self.lanes - 1}")
+                return
             self._in_flight += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
-            self._queue.put_nowait(("step", meta, arrays))
-            self.stats["max_queued"] = max(self.stats["max_queued"], self._queue.qsize())
+            q = self._queues[lane]
+            q.put_nowait(("step", meta, arrays))
+            self.stats["max_queued"] = max(self.stats["max_queued"], q.qsize())
         elif kind == "hello":
             ch.reply(meta, self.describe())
         elif kind == "configure":
@@ -277,7 +287,7 @@ class StageServer:
             return
         if self.head is not None and self.head is not ch:
             log.info("a new pipeline head replaces the previous one; forgetting all sequences")
-            self._queue.put_nowait(("reset", None, None))
+            self._reset_all()
         await self._take_role("gateway", ch)
         self.codec = codec
         if self.info.is_last:
@@ -362,23 +372,40 @@ class StageServer:
         ch.reply(meta, {"type": "tokens"}, {"tokens": toks})
 
     # ------------------------------------------------------------------ the step worker
-    async def _work_loop(self) -> None:
+    def _reset_all(self) -> None:
+        for q in self._queues:  # each lane forgets its sequences after the steps queued before
+            q.put_nowait(("reset", None, None))
+
+    def _check_lane(self, plan: StepPlan, lane: int) -> None:
+        """Every sequence a step names must live in the step's lane (its KV is in that lane's context)."""
+        if self.lanes == 1:
+            return
+        named = set(plan.free) | set(plan.start) | set(plan.trim) | set(plan.drafts)
+        if plan.n:
+            named.update(np.unique(plan.seq).tolist())
+        wrong = sorted(x for x in named if int(x) % self.lanes != lane)
+        if wrong:
+            raise StepError(f"sequence {wrong[0]} is not in lane {lane} (lanes hold sequence ids modulo {self.lanes})")
+
+    async def _work_loop(self, lane: int = 0) -> None:
         loop = asyncio.get_running_loop()
+        queue, pool = self._queues[lane], self._pools[lane]
         while True:
-            kind, meta, arrays = await self._queue.get()
+            kind, meta, arrays = await queue.get()
             if kind == "reset":
-                await loop.run_in_executor(self._pool, self._reset)
+                await loop.run_in_executor(pool, self._reset, lane)
                 continue
             plan: Optional[StepPlan] = None
             try:
                 plan = check_step(meta, arrays, self.limits, self._seq_len)
+                self._check_lane(plan, lane)
                 if plan.drafts and self.samplers is not None:
                     try:
                         self.samplers.check_verifiable(plan.drafts, plan.start, plan.spec)
                     except SamplingError as e:
                         raise StepError(str(e)) from None
                 t0 = time.perf_counter()
-                out = await loop.run_in_executor(self._pool, self._run_step, meta, plan)
+                out = await loop.run_in_executor(pool, self._run_step, meta, plan)
                 t1 = time.perf_counter()
                 self.stats["busy_s"] += t1 - t0
                 self.timeline.append((meta.get("step"), t0, t1))
@@ -388,22 +415,25 @@ class StageServer:
                 self._report(meta, f"rejected step: {e}")
             except (EngineError, SamplingError) as e:
                 self.stats["errors"] += 1
-                await loop.run_in_executor(self._pool, self._forget, plan)
+                await loop.run_in_executor(pool, self._forget, plan)
                 self._report(meta, str(e))
             except Exception as e:  # noqa: BLE001 - never lose a step silently
                 self.stats["errors"] += 1
                 log.exception("step %s failed", meta.get("step"))
-                await loop.run_in_executor(self._pool, self._forget, plan)
+                await loop.run_in_executor(pool, self._forget, plan)
                 self._report(meta, f"internal error in stage {self.info.layer_start}-{self.info.layer_stop - 1}: {e}")
             finally:
                 self._in_flight -= 1
 
-    def _reset(self) -> None:
-        self.engine.clear()
-        self._seq_len[:] = 0
+    def _reset(self, lane: int = 0) -> None:
+        """Forget every sequence of a lane (the pipeline head went away)."""
+        self.engine.clear(lane if self.lanes > 1 else None)
+        mine = np.arange(self._seq_len.shape[0]) % self.lanes == lane
+        self._seq_len[mine] = 0
         if self.samplers is not None:
             for s in list(self.samplers._by_seq):
-                self.samplers.drop(s)
+                if s % self.lanes == lane:
+                    self.samplers.drop(s)
 
     def _free(self, s: int) -> None:
         self.engine.free(s)

@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stages", default="1,2,3", help="stage counts to serve (1 = the whole model served)")
     ap.add_argument("--seqs", default="1,16,64", help="concurrent sequences (pipeline part)")
     ap.add_argument("--conc", default="1,16,64,128", help="concurrent HTTP requests (gateway part)")
+    ap.add_argument("--lanes", default="1", help="gateway part: --lanes settings of the stages, e.g. 1,2")
     ap.add_argument("--micro-batches", default="1,S", help="micro-batch settings; S = number of stages, S+1 ...")
     ap.add_argument("--steps", type=int, default=48, help="decode tokens per sequence (pipeline part)")
     ap.add_argument("--http-tokens", type=int, default=64, help="max_tokens per HTTP request (gateway part)")
@@ -139,11 +140,16 @@ def save() -> None:
 
 
 def micro_batch_list(n_stages: int) -> List[int]:
-    """--micro-batches for a stage count: numbers, S (= stages) or S+k."""
+    """--micro-batches for a stage count: numbers, S (= stages), kS or S+k."""
     out = set()
     for m in ARGS.micro_batches.split(","):
         m = m.strip()
-        out.add(n_stages if m == "S" else n_stages + int(m[2:]) if m.startswith("S+") else int(m))
+        if m.startswith("S+"):
+            out.add(n_stages + int(m[2:]))
+        elif m.endswith("S"):  # S, 2S ...
+            out.add(n_stages * int(m[:-1] or 1))
+        else:
+            out.add(int(m))
     return sorted(out)
 
 
@@ -260,14 +266,15 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- served stages
-def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str], workdir: Path):
+def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str], workdir: Path, lanes: int = 1):
     """Start one ``molink-lite stage`` process per range, stage i on GPU gpus[i % len(gpus)]."""
     info = read_model_info(model)
     ranges = even_ranges(info.n_layer, n_stages)
     for r in ranges:
         stage_gguf(model, r)
     extra = ["--ctx", str(n_ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(ARGS.n_gpu_layers),
-             "--batch", str(ARGS.batch), "--codec", ARGS.codec, "--device-sampling", ARGS.device_sampling]
+             "--batch", str(ARGS.batch), "--codec", ARGS.codec, "--device-sampling", ARGS.device_sampling,
+             "--lanes", str(lanes)]
     if ARGS.threads:
         extra += ["--threads", str(ARGS.threads)]
     if ARGS.lib:
@@ -275,7 +282,7 @@ def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str]
     procs = []
     try:
         for i, r in enumerate(ranges):
-            wd = workdir / f"s{n_stages}-{i}"
+            wd = workdir / f"s{n_stages}-l{lanes}-{i}"
             wd.mkdir(parents=True, exist_ok=True)
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)], "NCCL_NVLS_ENABLE": "0"}
             procs += start_stages(model, [r], extra_args=extra, env=env, workdir=str(wd), timeout=600)
@@ -716,34 +723,39 @@ def part_gateway(model: str) -> None:
     wd.mkdir(parents=True, exist_ok=True)
     port = 8400
     for ns in [int(x) for x in ARGS.stages.split(",") if x]:
-        if out_of_time():
-            break
-        say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, ctx {n_ctx}")
-        ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd)
-        try:
-            mbs = micro_batch_list(ns)
-            for mb in mbs:
-                if out_of_time():
-                    break
-                port += 1
-                say(f"  gateway --micro-batches {mb} on :{port}")
-                gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{ns}-{mb}.log")
-                try:
-                    pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
-                    res[f"{ns}x_mb{mb}"] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
-                                                                 profile=pids, tag=f"{ns}x_mb{mb}"))
-                except Exception as e:  # noqa: BLE001
-                    say(f"  FAILED: {e}\n{(wd / f'gateway-{ns}-{mb}.log').read_text()[-3000:]}")
-                    res[f"{ns}x_mb{mb}"] = {"error": str(e)}
-                finally:
-                    gw.terminate()
+        for lanes in [int(x) for x in ARGS.lanes.split(",") if x]:
+            if out_of_time():
+                break
+            tag = f"{ns}x" + (f"_l{lanes}" if lanes > 1 else "")
+            say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, "
+                f"{lanes} lane(s), ctx {n_ctx}")
+            ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd, lanes)
+            try:
+                for mb in micro_batch_list(ns):
+                    if out_of_time():
+                        break
+                    if mb < lanes:
+                        continue
+                    port += 1
+                    key = f"{tag}_mb{mb}"
+                    say(f"  gateway --micro-batches {mb} on :{port}")
+                    gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{key}.log")
                     try:
-                        gw.wait(10)
-                    except subprocess.TimeoutExpired:
-                        gw.kill()
-                save()
-        finally:
-            stop_stages(procs)
+                        pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
+                        res[key] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
+                                                         profile=pids, tag=key))
+                    except Exception as e:  # noqa: BLE001
+                        say(f"  FAILED: {e}\n{(wd / f'gateway-{key}.log').read_text()[-3000:]}")
+                        res[key] = {"error": str(e)}
+                    finally:
+                        gw.terminate()
+                        try:
+                            gw.wait(10)
+                        except subprocess.TimeoutExpired:
+                            gw.kill()
+                    save()
+            finally:
+                stop_stages(procs)
     for name in [b for b in ARGS.baseline.split(",") if b]:
         if out_of_time():
             break

@@ -1,0 +1,142 @@
+"""Lanes (issue 15): several llama.cpp contexts on one stage's weights, run side by side.
+
+Sequence s lives in lane s % N on every stage; a step carries one lane's sequences; each lane has its own
+worker thread, so one lane builds and launches its graph (or samples) while another waits for the device.
+Exactness: a lane computes exactly what a one-lane engine computes for the same sequences.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401
+
+import concurrent.futures as cf
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from molink_lite.model.split import LayerRange, stage_gguf
+from molink_lite.serving.launcher import start_stages, stop_stages
+from molink_lite.serving.scheduler import admit_lanes
+from molink_lite.serving.sequence import GenRequest, SeqState
+from molink_lite.stage.engine import EngineError, StageEngine
+from molink_lite.stage.sampling import SamplingParams
+from molink_lite.stage.server import StageServer
+from molink_lite.stage.validate import StepError, check_step
+
+from chain import whole_model_greedy_texts
+from serving import GatewayProcess, http
+
+SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models("llama", **SHAPE)
+
+
+def _chain_logits(stages, seq: int, prompt: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy decode of one sequence through the stages (f32 hand-over); the last stage's logits per step."""
+    out = []
+    pos = np.arange(prompt.shape[0], dtype=np.int32)
+    toks = prompt
+    for _ in range(steps):
+        ids = np.full(toks.shape[0], seq, np.int32)
+        h = stages[0].forward(ids, pos, tokens=toks)
+        for st in stages[1:]:
+            h = st.forward(ids, pos, hidden=h)
+        out.append(np.array(h[-1], copy=True))
+        toks = np.array([int(np.argmax(h[-1]))], np.int32)
+        pos = np.array([pos[-1] + 1], np.int32)
+    return np.stack(out)
+
+
+def test_lanes_run_side_by_side_and_reproduce_the_whole_model(tiny, tmp_path):
+    kw = dict(n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
+    prompts = {0: np.array([1, 5, 9, 200, 31], np.int32), 1: np.array([7, 7, 300 % 256, 2], np.int32),
+               2: np.array([3, 4], np.int32), 3: np.array([11, 12, 13], np.int32)}
+    with StageEngine(tiny, **kw) as whole:
+        want = {s: _chain_logits([whole], s, p, 10) for s, p in prompts.items()}
+    stages = [StageEngine(stage_gguf(tiny, r, str(tmp_path)), **kw, lanes=2) for r in (LayerRange(0, 2), LayerRange(2, 4))]
+    try:
+        assert [e.lanes for e in stages] == [2, 2] and stages[0].n_ctx == 2 * stages[0].n_ctx_lane
+        with cf.ThreadPoolExecutor(2) as ex:  # lane 0 (sequences 0, 2) and lane 1 (1, 3) at the same time
+            def lane(seqs):
+                return {s: _chain_logits(stages, s, prompts[s], 10) for s in seqs}
+            got = {**ex.submit(lane, [0, 2]).result(), **ex.submit(lane, [1, 3]).result()}
+        for s in prompts:
+            np.testing.assert_array_equal(got[s], want[s])  # bit-identical (f32 hand-over)
+        with pytest.raises(EngineError, match="share a lane"):
+            stages[0].forward(np.array([0, 1], np.int32), np.array([20, 20], np.int32), tokens=np.array([1, 2], np.int32))
+        stages[0].free(1)
+        stages[0].clear(0)
+    finally:
+        for e in stages:
+            e.close()
+
+
+def test_a_step_naming_another_lanes_sequence_is_rejected(tiny, tmp_path):
+    srv = StageServer(StageEngine(stage_gguf(tiny, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4,
+                                  n_threads=1, lanes=2), codec="f32")
+    try:
+        assert srv.describe()["lanes"] == 2
+        meta = {"type": "step", "step": 1, "lane": 0, "free": [3], "start": {}}
+        arrays = {"seq": np.array([0, 2], np.int32), "pos": np.zeros(2, np.int32), "tokens": np.array([1, 2], np.int32),
+                  "out": np.ones(2, np.uint8)}
+        plan = check_step(meta, arrays, srv.limits, srv._seq_len)
+        with pytest.raises(StepError, match="sequence 3 is not in lane 0"):
+            srv._check_lane(plan, 0)
+        meta["free"] = [2]
+        srv._check_lane(check_step(meta, arrays, srv.limits, srv._seq_len), 0)
+        with pytest.raises(StepError, match="not in lane 1"):
+            srv._check_lane(check_step(meta, arrays, srv.limits, srv._seq_len), 1)
+    finally:
+        for p in srv._pools:
+            p.shutdown(wait=True)
+        srv.engine.close()
+
+
+def test_admission_balances_lanes_within_their_kv():
+    def seq(need):
+        return SeqState(GenRequest(np.zeros(need - 4, np.int32), SamplingParams(), 4), events=None)
+
+    waiting = deque([seq(100), seq(100), seq(100), seq(301)])
+    free, kv, active = [5, 4, 3, 2, 1, 0], [0, 0], {}
+    admit_lanes(waiting, free, kv, 400, active)
+    # lanes alternate while they hold as many sequences; the 301-cell one fits no lane (100 + 301 > 400 in lane
+    # 1, 200 + 301 in lane 0) and waits, keeping the order
+    assert {s: a.slot % 2 for s, a in active.items()} == {0: 0, 1: 1, 2: 0}
+    assert kv == [200, 100] and len(waiting) == 1 and sorted(free) == [3, 4, 5]
+
+
+@pytest.mark.timeout(600)
+def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_path):
+    """Two stage processes with --lanes 2, a gateway with 2 micro-batches, two concurrent greedy requests (one
+    per lane, so every step holds one sequence, as the reference does): the texts equal the whole model's, and
+    a stage ran steps of both lanes at the same time."""
+    procs = start_stages(tiny, [LayerRange(0, 2), LayerRange(2, 4)], workdir=str(tmp_path),
+                         extra_args=["--threads", "1", "--ctx", "1024", "--max-seqs", "4", "--lanes", "2",
+                                     "--codec", "f32"])
+    gw = GatewayProcess([[p.url for p in procs]], extra=["--micro-batches", "2", "--codec", "f32"], log_dir=tmp_path)
+    try:
+        gw.wait_ready()
+        prompts = ([1, 5, 9, 200, 31], [7, 7, 30])
+        want = whole_model_greedy_texts(tiny, prompts, 40)
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(2) as ex:
+            got = list(ex.map(lambda p: http("POST", gw.url + "/v1/completions",
+                                             {"prompt": p, "max_tokens": 40, "temperature": 0, "ignore_eos": True},
+                                             timeout=300), prompts))
+        for (status, body), w in zip(got, want):
+            assert status == 200, body
+            assert body["choices"][0]["text"] == w
+        st = http("GET", gw.url + "/v1/stats?timeline=1")[1]["pipelines"][0]
+        overlap = 0
+        for stage in st["stages"]:
+            tl = [e for e in stage["timeline"] if e[1] >= t0]
+            overlap += sum(1 for i, a in enumerate(tl) for b in tl[i + 1:] if a[1] < b[2] and b[1] < a[2])
+        assert overlap > 0, "no two steps ran at the same time on a stage"
+    finally:
+        gw.stop()
+        stop_stages(procs)
