@@ -191,3 +191,21 @@ def test_compare_struct_sizes():
         libpath.compare_struct_sizes(recorded)
     msg = str(e.value)
     assert "llama_batch: C sizeof" in msg and "llama_token_data: not recorded" in msg
+
+
+def test_with_tools_builds_llama_cpp_servers_from_the_same_configuration():
+    """kernels/build.py --with-tools: llama-server and ggml-rpc-server against the same libraries (the GPU
+    benchmark's llama.cpp baselines), with no web UI (it needs npm or the network); without it, libraries only."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+    try:
+        import build as kb
+    finally:
+        sys.path.pop(0)
+    plain = kb.configure_args(kb.parse_args(["--backend", "cpu"]))
+    tools = kb.configure_args(kb.parse_args(["--backend", "cpu", "--with-tools"]))
+    assert "-DLLAMA_BUILD_SERVER=OFF" in plain and not any(a.endswith("=ON") and "SERVER" in a for a in plain)
+    assert tools[:len(plain)] == plain  # the same libraries; the later -D values switch the tools on
+    for flag in ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON", "-DGGML_RPC=ON",
+                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"):
+        assert flag in tools
+    assert kb.TOOLS == ("llama-server", "ggml-rpc-server")

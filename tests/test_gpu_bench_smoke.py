@@ -1,0 +1,31 @@
+"""tests/bench/gpu_pipeline.py keeps working between GPU sessions: a --tiny dry run on the CPU (both parts, lanes,
+pipelined prefill through the gateway), with the JSON the GPU runs are read from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_dry_run(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "gpu_pipeline.py"), "--tiny", "--part", "both",
+                        "--model", str(tmp_path / "tiny.gguf"), "--stages", "1,2", "--lanes", "1,2",
+                        "--micro-batches", "S", "--seqs", "2", "--conc", "4", "--steps", "6", "--http-tokens", "8",
+                        "--ttft-prompt", "96", "--prefill-chunk", "32", "--threads", "1", "--json", str(out),
+                        "--workdir", str(tmp_path / "wd")],
+                       capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["seqs"] for r in res["whole_engine"]["rows"]] == [2]
+    assert set(res["served"]) == {"1x_mb1", "2x_mb2"}
+    gw = res["gateway"]
+    assert set(gw) == {"1x_mb1", "2x_mb2", "2x_l2_mb2"}, gw.keys()
+    for key, r in gw.items():
+        assert "error" not in r, (key, r)
+        assert r["rows"][0]["tokens"] == 4 * 8 and r["ttft_ms_best"] > 0
+    assert "issue 7" in p.stdout and "2x_l2_mb2" in p.stdout
