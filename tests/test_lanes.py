@@ -18,7 +18,7 @@ import pytest
 
 from molink_lite.model.split import LayerRange, stage_gguf
 from molink_lite.serving.launcher import start_stages, stop_stages
-from molink_lite.serving.scheduler import admit_lanes
+from molink_lite.serving.scheduler import admit
 from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.stage.engine import EngineError, StageEngine
 from molink_lite.stage.sampling import SamplingParams
@@ -103,7 +103,7 @@ def test_admission_balances_lanes_within_their_kv():
 
     waiting = deque([seq(100), seq(100), seq(100), seq(301)])
     free, kv, active = [5, 4, 3, 2, 1, 0], [0, 0], {}
-    admit_lanes(waiting, free, kv, 400, active)
+    admit(waiting, free, kv, 400, active)
     # lanes alternate while they hold as many sequences; the 301-cell one fits no lane (100 + 301 > 400 in lane
     # 1, 200 + 301 in lane 0) and waits, keeping the order
     assert {s: a.slot % 2 for s, a in active.items()} == {0: 0, 1: 1, 2: 0}

@@ -26,7 +26,7 @@ from ..wire.auth import LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.codec import FrameError
 from .chain import Chain, PipelineError, check_chain
-from .scheduler import PrefillBudget, admit, admit_lanes, chunk_for_link, is_long, plan_step
+from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
 from .sequence import GenRequest, SeqState
 from .speculative import SpecConfig, SpecState, StepCost, allocate, auto_enabled
 
@@ -96,14 +96,13 @@ class Pipeline:
         self.active: Dict[int, SeqState] = {}
         self.free_slots: List[int] = []
         self.pending_free: List[int] = []
-        self.kv_reserved = 0
         self.n_ctx = 0
         self.max_seqs = 0
         # stages run with --lanes L: sequence slot s lives in lane s % L (its own llama.cpp context on every stage);
         # a step carries one lane's sequences, and lanes run side by side on each stage
         self.lanes = 1
         self.n_ctx_lane = 0
-        self.kv_lane: List[int] = [0]
+        self.kv_lane: List[int] = [0]  # KV cells reserved by the admitted sequences, per lane
         self.inflight: Dict[int, _Step] = {}
         self._sids = itertools.count(1)
         self._wake = asyncio.Event()
@@ -166,6 +165,11 @@ class Pipeline:
                 "step_cost_ms": {"a": round(1e3 * a, 3), "b_per_row": round(1e3 * b, 4)}}
 
     # ------------------------------------------------------------------ connection
+    @property
+    def kv_reserved(self) -> int:
+        """KV cells reserved by the admitted sequences."""
+        return sum(self.kv_lane)
+
     async def connect(self, timeout: float = 60.0) -> None:
         """Open the chain (checked, linked), size steps for it, start scheduling; a rejoin ends here too."""
         await self.chain.open(timeout, self._on_frame, self._on_link_closed)
@@ -189,11 +193,10 @@ class Pipeline:
                                 "give every stage of a pipeline the same count")
         self.lanes = lanes.pop()
         self.n_ctx_lane = min(int(i.get("n_ctx_lane") or i["n_ctx"]) for i in infos)
-        self.n_ctx = self.n_ctx_lane * self.lanes if self.lanes > 1 else min(int(i["n_ctx"]) for i in infos)
+        self.n_ctx = self.n_ctx_lane * self.lanes
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
         self.pending_free.clear()
-        self.kv_reserved = 0
         self.kv_lane = [0] * self.lanes
         was = self.state
         self.state, self.error = "up", ""
@@ -254,7 +257,6 @@ class Pipeline:
         self.inflight.clear()
         self.active.clear()
         self.waiting.clear()
-        self.kv_reserved = 0
         self.kv_lane = [0] * self.lanes
         self.pending_free.clear()
         lost = list({id(s): s for s in seqs if not s.finished}.values())
@@ -319,10 +321,9 @@ class Pipeline:
             raise RequestError("the prompt is empty")
         if req.max_tokens < 1:
             raise RequestError("max_tokens must be at least 1")
-        room = self.n_ctx_lane if self.lanes > 1 else self.n_ctx
-        if room and n + req.max_tokens > room:
+        if self.n_ctx_lane and n + req.max_tokens > self.n_ctx_lane:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
-                               f"window ({room} tokens{' per lane' if self.lanes > 1 else ''})")
+                               f"window ({self.n_ctx_lane} tokens{' per lane' if self.lanes > 1 else ''})")
         if self.infos:
             vocab = int(self.first["n_vocab"])
             if int(req.prompt.min()) < 0 or int(req.prompt.max()) >= vocab:
@@ -358,11 +359,7 @@ class Pipeline:
             if self.state != "up":
                 continue
             try:
-                if self.lanes == 1:
-                    self.kv_reserved = admit(self.waiting, self.free_slots, self.kv_reserved, self.n_ctx, self.active)
-                else:
-                    admit_lanes(self.waiting, self.free_slots, self.kv_lane, self.n_ctx_lane, self.active)
-                    self.kv_reserved = sum(self.kv_lane)
+                admit(self.waiting, self.free_slots, self.kv_lane, self.n_ctx_lane, self.active)
                 while len(self.inflight) < max(self.max_inflight, self.lanes):
                     if not self._build_and_send():
                         break
@@ -373,21 +370,9 @@ class Pipeline:
                 self.fail(f"scheduler error: {e}")
 
     def _build_and_send(self) -> bool:
-        if self.lanes > 1:
-            return self._build_and_send_lanes()
-        plan = plan_step(self.active.values(), self.max_inflight, self.max_batch_tokens, self.prefill_chunk,
-                         self.budget.rows)
-        if not plan.decode and not plan.prefill:
-            if self.pending_free and not self.inflight:
-                self._send_step([], [])
-                return True
-            return False
-        self._send_step(plan.decode, plan.prefill)
-        return True
-
-    def _build_and_send_lanes(self) -> bool:
-        """The next step for the lane with the fewest steps in flight that has work (each lane's micro-batches
-        share its sequences as :func:`plan_step` shares a pipeline's)."""
+        """The next step, for the lane with the fewest steps in flight that has work (each lane's micro-batches
+        share its sequences as :func:`plan_step` shares them; one lane: the whole pipeline); a step carrying only
+        frees goes when its lane has nothing in flight."""
         L = self.lanes
         busy = [0] * L
         for st in self.inflight.values():
@@ -483,7 +468,7 @@ class Pipeline:
                 s.started = True
             s.prefilled = b
             s.kv_len = b
-        frees = self.pending_free if self.lanes == 1 else [x for x in self.pending_free if x % self.lanes == lane]
+        frees = [x for x in self.pending_free if x % self.lanes == lane]
         meta = {"type": "step", "step": sid, "free": frees, "start": start}
         if self.lanes > 1:
             meta["lane"] = lane
@@ -501,7 +486,7 @@ class Pipeline:
             for s, _ in entries:
                 self._finish(s, error=f"internal error building a step: {e}")
             return
-        self.pending_free = [] if self.lanes == 1 else [x for x in self.pending_free if x % self.lanes != lane]
+        self.pending_free = [x for x in self.pending_free if x % self.lanes != lane]
         for s, _ in entries:
             s.in_flight += 1
             s.last_sent = sid
@@ -626,7 +611,6 @@ class Pipeline:
             s.finished = True
         if s.slot >= 0 and self.active.get(s.slot) is s:
             del self.active[s.slot]
-            self.kv_reserved -= s.need
             self.kv_lane[s.slot % self.lanes] -= s.need
             if s.started:
                 self.pending_free.append(s.slot)

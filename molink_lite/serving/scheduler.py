@@ -43,25 +43,15 @@ class StepPlan:
     prefill: List[Tuple[SeqState, int]]    # (sequence, rows of its feed to send now)
 
 
-def admit(waiting: Deque[SeqState], free_slots: List[int], kv_reserved: int, n_ctx: int,
-          active: Dict[int, SeqState]) -> int:
-    """Move waiting sequences (in order) into free slots while their KV reservation fits; returns the new total."""
-    while waiting and free_slots:
-        s = waiting[0]
-        if kv_reserved + s.need > n_ctx:
-            break
-        waiting.popleft()
-        s.slot = free_slots.pop()
-        kv_reserved += s.need
-        active[s.slot] = s
-    return kv_reserved
+def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n_ctx_lane: int,
+          active: Dict[int, SeqState]) -> None:
+    """Move waiting sequences (in order) into free slots while their KV reservation fits.
 
-
-def admit_lanes(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n_ctx_lane: int,
-                active: Dict[int, SeqState]) -> None:
-    """:func:`admit` for stages with lanes (slot s lives in lane s % len(kv_lane), each lane with its own KV of
-    ``n_ctx_lane`` cells): each waiting sequence (in order) goes to the lane with the fewest sequences among
-    those with a free slot and room for its reservation, so the lanes' micro-batches stay even."""
+    Stages with lanes hold slot s in lane s % len(kv_lane), each lane with its own KV of ``n_ctx_lane`` cells
+    (one lane: the whole cache): each sequence goes to the lane with the fewest sequences among those with a
+    free slot and room for its reservation, so the lanes' micro-batches stay even; the first that fits no lane
+    waits, and so do the ones behind it.
+    """
     lanes = len(kv_lane)
     while waiting and free_slots:
         s = waiting[0]

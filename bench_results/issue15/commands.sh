@@ -1,3 +1,5 @@
+# The daemon script of run 3 (setup, build, model writing are the same in runs 1 and 2); the benchmark lines of
+# runs 1 and 2 follow it as comments.
 #!/bin/bash
 set -o pipefail
 R=/tmp/r15; T0=$(date +%s)
@@ -25,3 +27,20 @@ LIM=150 run g8b   $B --part gateway --model /tmp/l8b.gguf --gpus 0,1 --stages 1,
 LIM=150 run g32b  $B --part gateway --model /tmp/l32b.gguf --shape 32b --qtype q4_k --gpus 0,1 --stages 2 --lanes 1,2 \
    --micro-batches S --conc 64,128 --ttft-prompt 512 --gpu-util $R/util32b.csv --deadline 110
 step "all done"; touch $R/DONE
+
+# ---- run 1 (device sampling on in the stages: the default then)
+# LIM=240 run p8b   $B --part pipeline --model /tmp/l8b.gguf --gpus 0 --stages 1,2 --micro-batches 1 --seqs 1,64 --chain 2
+# LIM=150 run p8b_off $B --part pipeline --model /tmp/l8b.gguf --gpus 0 --stages 2 --micro-batches 1 --seqs 1,64 --device-sampling off
+# # 8B: two GPUs behind the gateway vs llama.cpp (layer split, its backend sampling, RPC)
+# LIM=420 run g8b   $B --part gateway --model /tmp/l8b.gguf --gpus 0,1 --stages 1,2 --micro-batches S --conc 64,128 \
+#    --baseline layer-split,layer-split-bs,rpc --profile $R/prof8b --gpu-util $R/util8b.csv
+# LIM=150 run p32b  $B --part pipeline --model /tmp/l32b.gguf --shape 32b --qtype q4_k --gpus 0 --stages "" --seqs 1,64
+# LIM=480 run g32b  $B --part gateway --model /tmp/l32b.gguf --shape 32b --qtype q4_k --gpus 0,1 --stages 1,2 \
+#    --micro-batches S --conc 64,128 --baseline layer-split,layer-split-bs,rpc --gpu-util $R/util32b.csv
+# ---- run 2 (device sampling off, pipelined prefill)
+# LIM=200 run p8b   $B --part pipeline --model /tmp/l8b.gguf --gpus 0 --stages 1,2 --micro-batches 1 --seqs 1,64 --chain 2
+# LIM=420 run g8b   $B --part gateway --model /tmp/l8b.gguf --gpus 0,1 --stages 1,2 --micro-batches S,S+1,S+2 --conc 64,128 \
+#    --baseline layer-split,layer-split-bs --profile $R/prof8b --gpu-util $R/util8b.csv
+# LIM=120 run p32b  $B --part pipeline --model /tmp/l32b.gguf --shape 32b --qtype q4_k --gpus 0 --stages "" --seqs 1,64
+# LIM=480 run g32b  $B --part gateway --model /tmp/l32b.gguf --shape 32b --qtype q4_k --gpus 0,1 --stages 1,2 \
+#    --micro-batches S,S+1 --conc 64,128 --baseline layer-split,layer-split-bs --gpu-util $R/util32b.csv
