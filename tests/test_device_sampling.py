@@ -27,10 +27,10 @@ def tiny_path(tiny_models):
     return tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 
 
-def _greedy_run(eng: StageEngine, n_seqs: int, steps: int, off: List[int] = ()) -> np.ndarray:
+def _greedy_run(eng: StageEngine, n_seqs: int, steps: int, off: List[int] = (), ids=None) -> np.ndarray:
     pool = SamplerPool(eng.info.n_vocab, on_greedy=eng.set_device_greedy)
     rng = np.random.default_rng(3)
-    ids = np.arange(n_seqs, dtype=np.int32)
+    ids = np.arange(n_seqs, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     for s in off:  # these slots sample through llama.cpp's chain (a penalty): never on the device
         pool.start(s, SamplingParams(temperature=0.0, repetition_penalty=1.2))
     seq = np.repeat(ids, 5)
@@ -66,6 +66,21 @@ def test_engine_device_greedy_equals_cpu_argmax(tiny_path):
         # two slots leave the device (llama.cpp's chain needs their logits) and come back after
         np.testing.assert_array_equal(_greedy_run(dev, 6, 12, off=[1, 4]), want_mixed)
         np.testing.assert_array_equal(_greedy_run(dev, 6, 12), want)
+
+
+def test_device_sampling_per_lane(tiny_path):
+    """With lanes each sequence's sampler sits in its own lane's context."""
+    kw = dict(n_ctx=512, n_seq_max=6, n_threads=1, flash_attn=False)
+    with StageEngine(tiny_path, **kw) as cpu:
+        want = [_greedy_run(cpu, 3, 8, ids=ids) for ids in ([0, 2, 4], [1, 3, 5])]
+    with StageEngine(tiny_path, **kw, device_sampling=True, lanes=2) as dev:
+        got = [_greedy_run(dev, 3, 8, ids=ids) for ids in ([0, 2, 4], [1, 3, 5])]
+        got_off = _greedy_run(dev, 3, 8, off=[3], ids=[1, 3, 5])  # a chain slot in lane 1, the rest on the device
+    with StageEngine(tiny_path, **kw) as cpu:
+        want_off = _greedy_run(cpu, 3, 8, off=[3], ids=[1, 3, 5])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(got_off, want_off)
 
 
 def test_off_by_default_and_only_on_the_last_stage(tiny_path, tmp_path):

@@ -140,3 +140,39 @@ def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_pat
     finally:
         gw.stop()
         stop_stages(procs)
+
+
+def test_a_pipeline_whose_stages_disagree_on_lanes_is_refused(tiny, tmp_path):
+    """Sequence s must live in lane s % N on every stage: a gateway given a chain of stages with different --lanes
+    says so and does not start."""
+    common = ["--threads", "1", "--ctx", "512", "--max-seqs", "4"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = start_stages(tiny, [LayerRange(0, 2)], workdir=str(tmp_path / "a"), extra_args=common + ["--lanes", "2"])
+    b = start_stages(tiny, [LayerRange(2, 4)], workdir=str(tmp_path / "b"), extra_args=common)
+    gw = GatewayProcess([[a[0].url, b[0].url]], extra=["--connect-timeout", "5"], log_dir=tmp_path)
+    try:
+        rc = gw.proc.wait(90)  # the gateway names the mismatch and does not start
+        assert rc != 0
+        assert "different --lanes ([1, 2])" in gw.output()
+    finally:
+        gw.stop()
+        stop_stages(a + b)
+
+
+def test_token_pieces_are_right_when_lanes_detokenize_at_once(tiny):
+    """The last stage's lanes turn tokens into text in two threads at once; a piece buffer shared between them
+    once gave one lane the other's bytes (a wrong character in served text)."""
+    from molink_lite.model.vocab import Vocab
+
+    with StageEngine(tiny, n_ctx=256, n_seq_max=2, n_threads=1) as e:
+        vocab = Vocab(e.model_ptr)
+        toks = list(range(vocab.n_vocab))
+        want = [vocab.piece(t) for t in toks]
+
+        def run(order):
+            return all(vocab.piece(t) == want[t] for _ in range(30) for t in order)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            oks = list(ex.map(run, [toks, toks[::-1], toks[1::2], toks[::3]]))
+        assert all(oks)

@@ -6,6 +6,7 @@ import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
 
 import codecs
 import ctypes
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ class Vocab:
         self._eog = np.zeros(max(self.n_vocab, 1), dtype=bool)
         if self.n_vocab > 1:
             self._eog[:] = [bool(_llama.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._local = threading.local()  # one piece buffer per thread: stage lanes detokenize side by side
 
     def token_text(self, token: int) -> str:
         """The vocabulary entry of ``token`` (special tokens included), or '' if none."""
@@ -49,12 +50,15 @@ class Vocab:
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for (special tokens render as nothing)."""
-        n = _llama.llama_token_to_piece(self._vocab, int(token), self._piece_buf, 256, 0, False)
+        pbuf = getattr(self._local, "buf", None)
+        if pbuf is None:
+            pbuf = self._local.buf = ctypes.create_string_buffer(256)
+        n = _llama.llama_token_to_piece(self._vocab, int(token), pbuf, 256, 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = _llama.llama_token_to_piece(self._vocab, int(token), buf, -n, 0, False)
             return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+        return pbuf.raw[:n]
 
     def is_eog(self, tokens: np.ndarray) -> np.ndarray:
         """End-of-generation flags for an array of token ids."""
