@@ -378,7 +378,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
                        base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
                        n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
-                       flash_attn=a.flash_attn, split=a.split, api_keys=api_keys, tls=tls,
+                       flash_attn=a.flash_attn, lanes=a.lanes, device_sampling=a.device_sampling,
+                       split=a.split, api_keys=api_keys, tls=tls,
                        max_connections=a.max_connections, header_timeout=a.header_timeout,
                        gateway_kw=_resilience_kw(a))
 
@@ -408,7 +409,7 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
 
 def _sched_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--micro-batches", type=int, default=None,
-                   help="steps in flight per pipeline (default: number of stages)")
+                   help="steps in flight per pipeline (default: one per stage and lane)")
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per sequence per step (default: chosen from the measured stage-to-stage links: "
                         "bandwidth x max(one-way latency, 5 ms), 32..max-batch-tokens)")
@@ -735,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")
-    s.add_argument("--micro-batches", type=int, default=None, help="steps in flight (default: number of stages)")
+    s.add_argument("--micro-batches", type=int, default=None,
+                   help="steps in flight (default: one per stage and lane)")
     _security_opts(s, "the HTTP API (https://)", secret=False)
     _api_opts(s)
     _resilience_opts(s)

@@ -132,6 +132,7 @@ def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_pat
             assert status == 200, body
             assert body["choices"][0]["text"] == w
         st = http("GET", gw.url + "/v1/stats?timeline=1")[1]["pipelines"][0]
+        assert (st["lanes"], st["micro_batches"]) == (2, 2)
         overlap = 0
         for stage in st["stages"]:
             tl = [e for e in stage["timeline"] if e[1] >= t0]
@@ -176,3 +177,41 @@ def test_token_pieces_are_right_when_lanes_detokenize_at_once(tiny):
         with cf.ThreadPoolExecutor(4) as ex:
             oks = list(ex.map(run, [toks, toks[::-1], toks[1::2], toks[::3]]))
         assert all(oks)
+
+
+def test_serve_passes_lanes_to_its_stages_and_sizes_micro_batches(tiny, tmp_path):
+    """`molink-lite serve --lanes 2`: the local stages get the lanes, and the gateway keeps one micro-batch per
+    stage and lane in flight by default (2 stages x 2 lanes)."""
+    import subprocess
+    import sys
+
+    from serving import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", "serve", "--model", tiny, "--stages", "2",
+                          "--lanes", "2", "--threads", "1", "--ctx", "512", "--max-seqs", "4", "--port", str(port)],
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert p.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.3)
+        st = http("GET", url + "/v1/stats")[1]["pipelines"][0]
+        assert (st["lanes"], st["micro_batches"]) == (2, 4)
+        status, body = http("POST", url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4,
+                                                              "temperature": 0, "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+    finally:
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        log.close()

@@ -205,7 +205,8 @@ class Gateway:
         out = []
         for p, d in zip(self.pipelines, self.router.describe()):
             entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
-                                     "micro_batches": p.max_inflight, "links": p.links, "events": list(p.events),
+                                     "micro_batches": p.max_inflight, "lanes": p.lanes, "links": p.links,
+                                     "events": list(p.events),
                                      "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
                                      "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
                                      "speculative": p.spec_summary()}

@@ -111,7 +111,8 @@ def _exit_on_sigterm() -> None:
 
 def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
                 ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
-                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto",
+                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto", lanes: int = 1,
+                device_sampling: str = "off",
                 split: str = "balanced", api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None,
                 max_connections: int = 512, header_timeout: float = 15.0, gateway_kw: Optional[dict] = None) -> int:
     """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret)."""
@@ -120,7 +121,7 @@ def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: i
     info = read_model_info(model)
     ranges = plan_ranges(model, stages, split)
     extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec,
-             "--flash-attn", flash_attn]
+             "--flash-attn", flash_attn, "--lanes", str(lanes), "--device-sampling", device_sampling]
     if threads:
         extra += ["--threads", str(threads)]
     ports = [base_port + i for i in range(stages)] if base_port else None

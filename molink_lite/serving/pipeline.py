@@ -78,6 +78,7 @@ class Pipeline:
         self.name = name or ",".join(self.urls)
         self.codec = codec
         self.max_inflight = max_inflight or len(self.urls)
+        self._auto_inflight = not max_inflight  # then one micro-batch per stage and lane (set at connect)
         self.auto_chunk = not prefill_chunk
         self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
         self.budget = PrefillBudget(self.prefill_chunk)
@@ -192,6 +193,8 @@ class Pipeline:
             raise PipelineError(f"the stages of pipeline {self.name} run different --lanes ({sorted(lanes)}); "
                                 "give every stage of a pipeline the same count")
         self.lanes = lanes.pop()
+        if self._auto_inflight:  # measured best on H100s: 1 stage x 2 lanes -> 2, 2 stages x 2 lanes -> 4
+            self.max_inflight = len(self.urls) * self.lanes
         self.n_ctx_lane = min(int(i.get("n_ctx_lane") or i["n_ctx"]) for i in infos)
         self.n_ctx = self.n_ctx_lane * self.lanes
         self.max_seqs = min(int(i["max_seqs"]) for i in infos)

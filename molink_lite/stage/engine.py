@@ -45,7 +45,7 @@ _lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _lib.ggml_backend_tensor_get.restype = None
 _lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 
-log = logging.getLogger("molink.engine")
+log = logging.getLogger(__name__)
 _logged: set = set()
 
 
