@@ -38,6 +38,19 @@ def http(method: str, url: str, body: Optional[object] = None, raw: Optional[byt
         return status, text
 
 
+def stop_processes(procs, timeout: float = 20) -> None:
+    """Terminate child processes (all at once), wait for them, kill those that do not end in ``timeout`` s."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 class GatewayProcess:
     """``molink-lite gateway`` as a child process."""
 
@@ -74,12 +87,7 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_processes([self.proc], 10)
         self._out.close()
 
 

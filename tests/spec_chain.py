@@ -30,7 +30,8 @@ def servers_for(path: str, cuts: Sequence[int], n_ctx: int = 1024, n_seq_max: in
 
 def close(servers: List[StageServer]) -> None:
     for s in servers:
-        s._pool.shutdown(wait=True)
+        for pool in s._pools:
+            pool.shutdown(wait=True)
         s.engine.close()
 
 

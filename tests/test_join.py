@@ -20,7 +20,7 @@ import pytest
 from molink_lite.wire.auth import new_secret
 
 from chain import whole_model_greedy_texts
-from serving import free_port, http
+from serving import free_port, http, stop_processes
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -116,16 +116,7 @@ def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
                             "--virtual-time-budget=5000", f"--screenshot={shots / 'dashboard-join.png'}",
                             "--window-size=1400,1100", url + "/"], capture_output=True, timeout=90)
     finally:
-        for p, _ in stages:
-            if p.poll() is None:
-                p.terminate()
-        gw.terminate()
-        for p, _ in stages:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        gw.wait(20)
+        stop_processes([p for p, _ in stages] + [gw])
 
 
 def test_join_with_a_wrong_secret_is_refused(tiny_models, tmp_path):
@@ -245,12 +236,4 @@ def test_a_download_killed_midway_resumes_and_a_later_host_becomes_a_replica(tin
         print(f"re-placement: {st['replacements'][0]} (test saw it after {time.monotonic() - t0:.2f} s)")
         assert http("POST", f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2], "max_tokens": 4})[0] == 200
     finally:
-        for p in procs + [relay]:
-            if p.poll() is None:
-                p.terminate()
-        gw.terminate()
-        for p in procs + [relay, gw]:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs + [relay, gw])

@@ -26,7 +26,7 @@ from molink_lite.stage.server import StageServer
 from molink_lite.stage.validate import StepError, check_step
 
 from chain import whole_model_greedy_texts
-from serving import GatewayProcess, http
+from serving import GatewayProcess, http, stop_processes
 
 SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 
@@ -209,9 +209,5 @@ def test_serve_passes_lanes_to_its_stages_and_sizes_micro_batches(tiny, tmp_path
                                                               "temperature": 0, "ignore_eos": True})
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
     finally:
-        p.terminate()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_processes([p], 30)
         log.close()

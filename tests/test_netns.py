@@ -89,11 +89,4 @@ def test_stages_on_separate_hosts_one_behind_nat(tiny_models, tmp_path):
                 assert status == 200, body
                 assert body["choices"][0]["text"] == want
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            serving.stop_processes(procs)

@@ -198,7 +198,7 @@ class Driver:
 def hostile_frames(rng: np.random.Generator, first: bool, n: int):
     """Random and hostile step frames (bytes) for a first (token) or later (hidden) stage."""
     for i in range(n):
-        kind = i % 12
+        kind = i % 13
         sid = 1 + i
         m = int(rng.integers(1, 6))
         seq = np.full(m, int(rng.integers(1, 4)), np.int32)
@@ -240,6 +240,8 @@ def hostile_frames(rng: np.random.Generator, first: bool, n: int):
             meta = {"type": rng.choice(["configure", "hello", "stats", "zzz", "step"]), "next": 5, "step": "x"}
         elif kind == 11 and not first:
             arrays["hidden"] = arrays["hidden"][:, :100].copy()
+        elif kind == 12:  # a lane this one-lane stage does not have, or not an integer
+            meta["lane"] = [1, -1, True, "0", 2 ** 40, None, 0.0][i % 7]
         yield encode_frame(meta, arrays, codec="f32")
 
 

@@ -96,7 +96,6 @@ class StageServer:
         self.lanes = engine.lanes
         self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
         self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama{i}") for i in range(self.lanes)]
-        self._queue, self._pool = self._queues[0], self._pools[0]
         self._server = None
         self._workers: List[asyncio.Task] = []
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
@@ -427,7 +426,7 @@ class StageServer:
 
     def _reset(self, lane: int = 0) -> None:
         """Forget every sequence of a lane (the pipeline head went away)."""
-        self.engine.clear(lane if self.lanes > 1 else None)
+        self.engine.clear(lane)
         mine = np.arange(self._seq_len.shape[0]) % self.lanes == lane
         self._seq_len[mine] = 0
         if self.samplers is not None:

@@ -118,6 +118,7 @@ from molink_lite.serving.pipeline import Pipeline  # noqa: E402
 from molink_lite.serving.router import Router  # noqa: E402
 from molink_lite.serving.sequence import GenRequest  # noqa: E402
 from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
+from serving import stop_processes  # noqa: E402
 from testmodels import write_random_gguf  # noqa: E402
 from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
 
@@ -748,11 +749,7 @@ def part_gateway(model: str) -> None:
                         say(f"  FAILED: {e}\n{(wd / f'gateway-{key}.log').read_text()[-3000:]}")
                         res[key] = {"error": str(e)}
                     finally:
-                        gw.terminate()
-                        try:
-                            gw.wait(10)
-                        except subprocess.TimeoutExpired:
-                            gw.kill()
+                        stop_processes([gw], 10)
                     save()
             finally:
                 stop_stages(procs)
@@ -853,13 +850,7 @@ def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int,
         say(f"  {name} FAILED: {e}\n{tail}")
         return {"error": str(e)}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 def print_gateway_table(concs: List[int], gpus: List[str]) -> None:
