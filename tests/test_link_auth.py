@@ -22,8 +22,9 @@ async def _server(key, cert_fp="", ssl_ctx=None):
 
     async def handler(ws):
         try:
-            results.append(("ok", await auth.server_handshake(ws, key, cert_fp, timeout=5)))
-            await ws.send("welcome")
+            role, link = await auth.server_handshake(ws, key, cert_fp, timeout=5)
+            results.append(("ok", role))
+            await link.send("welcome")
         except AuthError as e:
             results.append(("refused", str(e)))
             await ws.close(auth.CLOSE_AUTH, f"authentication failed: {e}"[:120])

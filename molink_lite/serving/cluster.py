@@ -66,6 +66,9 @@ class _WS:
             return msg.data
         raise ConnectionError("the stage closed the cluster link")
 
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code=code, message=reason.encode()[:120])
+
 
 @dataclass
 class Member:
@@ -101,8 +104,9 @@ class Cluster:
 
     def __init__(self, model: str, router: Router, key: Optional[LinkKey], *, n_ctx: int = 8192, n_seqs: int = 16,
                  codec: str = "f16", settle: float = 3.0, cache_dir: Optional[str] = None,
-                 pipeline_kw: Optional[dict] = None):
+                 pipeline_kw: Optional[dict] = None, cert_fp: str = ""):
         self.model = model
+        self.cert_fp = cert_fp  # the gateway's own TLS certificate (bound into /cluster handshakes over https)
         self.info = read_model_info(model)
         self.router = router
         self.key = key
@@ -134,7 +138,7 @@ class Cluster:
         link = _WS(ws)
         peer = request.remote
         try:
-            role = await auth.server_handshake(link, self.key, "")
+            role, link = await auth.server_handshake(link, self.key, self.cert_fp)
             if role != "member":
                 raise auth.AuthError(f"role {role!r} cannot join")
         except (auth.AuthError, ConnectionError) as e:
@@ -146,9 +150,11 @@ class Cluster:
             member = await self._register(link, peer)
             member.base = f"{'wss' if request.secure else 'ws'}://{request.host}"
             await self._serve(member)
-        except (ConnectionError, ValueError, asyncio.CancelledError) as e:
-            if not isinstance(e, asyncio.CancelledError):
-                log.warning("stage %s left the cluster link: %s", member.spec.name if member else peer, e)
+        except asyncio.CancelledError:
+            pass
+        except (ConnectionError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            # a stage that left, or one that sent something malformed (only a secret holder gets this far)
+            log.warning("stage %s left the cluster link: %s", member.spec.name if member else peer, e)
         finally:
             if member is not None:
                 self._left(member)
@@ -249,7 +255,13 @@ class Cluster:
             msg = orjson.loads(await nxt)
             nxt = asyncio.ensure_future(m.ws.recv())
             if msg.get("t") == "fetch":
-                offset = int(msg.get("offset", 0))
+                offset, size = msg.get("offset", 0), int(assign["size"])
+                if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= size:
+                    log.warning("stage %s asked for its layer file from offset %r; refused (the file has %d bytes)",
+                                m.spec.name, offset, size)
+                    await m.ws.send(orjson.dumps({"t": "error", "message": f"bad download offset {str(offset)[:40]}: "
+                                                  f"must be an integer in 0..{size}"}).decode())
+                    continue
                 with open(path, "rb") as f:
                     f.seek(offset)
                     for block in iter(lambda: f.read(CHUNK), b""):

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -28,6 +29,9 @@ from ..wire.auth import LinkKey
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+MAX_LAYER_FILE = 1 << 42        # 4 TiB: a larger announced size is a lie
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class JoinError(RuntimeError):
@@ -151,10 +155,30 @@ class Membership:
                 path.unlink(missing_ok=True)
         await self._send(reply)
 
+    def layer_path(self, assign: dict) -> Path:
+        """Where the assigned file goes: ``<cache>/joined/<fingerprint>/<file>``, both plain names (no separators,
+        no ``..``, nothing absolute) and the result checked to lie inside the cache folder. Raises JoinError."""
+        parts = []
+        for key in ("fingerprint", "file"):
+            v = assign.get(key)
+            if not isinstance(v, str) or not _SAFE_NAME.fullmatch(v) or ".." in v:
+                raise JoinError(f"the gateway sent a bad {key!r} ({str(v)[:80]!r}): a plain file name is required; "
+                                f"nothing was written")
+            parts.append(v)
+        root = (self.cache_dir / "joined").resolve()
+        dst = (root / parts[0] / parts[1]).resolve()
+        if root not in dst.parents:
+            raise JoinError(f"the gateway's file name leads outside the cache folder ({dst}); nothing was written")
+        return dst
+
     async def fetch(self, assign: dict) -> Path:
         """Download the assigned partial GGUF (resuming a .part file), verify its SHA-256, return its path."""
-        dst = self.cache_dir / "joined" / str(assign["fingerprint"]) / str(assign["file"])
-        size, sha = int(assign["size"]), str(assign["sha256"])
+        dst = self.layer_path(assign)
+        size, sha = assign.get("size"), assign.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_LAYER_FILE:
+            raise JoinError(f"the gateway sent a bad file size {str(size)[:40]!r}; nothing was written")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise JoinError("the gateway sent a bad sha256; nothing was written")
         if dst.exists() and dst.stat().st_size == size:
             log.info("layer file already here: %s", dst)
             return dst
@@ -185,6 +209,8 @@ class Membership:
                     chunk = await self._recv()
                     if isinstance(chunk, str):
                         raise JoinError(f"download interrupted: {chunk[:200]}")
+                    if done + len(chunk) > size:
+                        raise JoinError(f"the gateway sent more than the announced {size} bytes")
                     f.write(chunk)
                     h.update(chunk)
                     if bar is not None:

@@ -129,7 +129,8 @@ class StageServer:
         self._workers = [asyncio.ensure_future(self._work_loop(i)) for i in range(self.lanes)]
         ssl_ctx = server_context(*self.tls) if self.tls else None
         self._server = await websockets.serve(self._on_connect, self.host, self.port,
-                                              max_size=self.limits.max_frame_bytes(), compression=None,
+                                              max_size=self.limits.max_frame_bytes() + auth.SEAL_OVERHEAD,
+                                              compression=None,
                                               ping_interval=20, ping_timeout=60, ssl=ssl_ctx)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -169,7 +170,7 @@ class StageServer:
         try:
             self._n_handshakes += 1
             try:
-                role = await auth.server_handshake(ws, self.key, self.cert_fp, self.handshake_timeout)
+                role, link = await auth.server_handshake(ws, self.key, self.cert_fp, self.handshake_timeout)
             except (AuthError, websockets.exceptions.WebSocketException, OSError) as e:
                 self.stats["refused_links"] += 1
                 log.warning("refused a connection from %s: authentication failed: %s", peer, e)
@@ -180,7 +181,7 @@ class StageServer:
             if role not in ROLE_FRAMES:
                 await ws.close(auth.CLOSE_AUTH, f"a {role} link cannot talk to a stage")
                 return
-            ch = Channel(ws, name=f"{role} {peer}")
+            ch = Channel(link, name=f"{role} {peer}")
             ch.role = role
             if role == "upstream":
                 await self._take_role("upstream", ch)
