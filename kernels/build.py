@@ -503,6 +503,31 @@ def probe_struct_sizes(cmake: str, src: Path, work: Path, args: argparse.Namespa
     return json.loads(p.stdout)
 
 
+def probe_struct_sizes_asm(cc: Sequence[str], src: Path, work: Path) -> Dict[str, object]:
+    """``sizeof`` of the same structs as :func:`probe_struct_sizes`, for a target this machine cannot run
+    (a cross-compiler: ``x86_64-w64-mingw32-gcc``): the target compiler lays the sizes out as a constant
+    array, and they are read back from its assembly output (``.quad N``), so no target code has to run."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    names = ["pointer", *STRUCTS]
+    sizes = ["sizeof(void *)"] + [f"sizeof(struct {n})" for n in STRUCTS]
+    (work / "struct_sizes.c").write_text(
+        '#include "llama.h"\n'
+        "const unsigned long long molink_struct_sizes[] = {\n    " + ",\n    ".join(sizes) + "\n};\n",
+        encoding="utf-8")
+    asm = work / "struct_sizes.s"
+    run([*cc, "-S", "-O0", "-o", str(asm), "-I", str(src / "include"), "-I", str(src / "ggml" / "include"),
+         str(work / "struct_sizes.c")], capture=True, what="cross-compile of the struct-size probe")
+    text = asm.read_text(encoding="utf-8", errors="replace")
+    m = re.search(r"molink_struct_sizes:\s*\n((?:\s*\.quad\s+\d+\s*\n)+)", text)
+    values = [int(v) for v in re.findall(r"\.quad\s+(\d+)", m.group(1))] if m else []
+    if len(values) != len(names):
+        raise BuildError(f"struct-size probe: expected {len(names)} sizes in {asm}, found {len(values)}")
+    return {"pointer": values[0], "structs": dict(zip(STRUCTS, values[1:])),
+            "method": "sizeof() read from the target compiler's assembly output (" + os.path.basename(cc[0]) + ")"}
+
+
 # --------------------------------------------------------------------------- main
 def config_key(args: argparse.Namespace, version: str) -> str:
     """Hash of everything that decides the build's output (build.py itself included)."""

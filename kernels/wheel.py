@@ -6,6 +6,7 @@ llama.cpp (minutes, and CMake plus a C++ toolchain; on Windows, Visual Studio). 
 wheels the project publishes instead: the same version and the same Python bindings, compiled once::
 
     python kernels/wheel.py build --variant cpu  [--out dist/wheels]      # portable x86-64 CPU
+    python kernels/wheel.py build --variant cpu --platform win_amd64      # Windows, cross-built with MinGW-w64
     python kernels/wheel.py build --variant cu12 [--cuda-arch "61;70;75;80;86;89;90"]
     python kernels/wheel.py index --wheels dist/wheels --out site          # site/cpu/, site/cu12/ (PEP 503)
 
@@ -19,6 +20,16 @@ Variants:
   NVIDIA's registry wheels ``nvidia-cuda-runtime-cu12`` and ``nvidia-cublas-cu12``, which
   :func:`molink_lite.stage.libpath.preload_cuda_runtime` loads before llama.cpp, so a user needs only the
   NVIDIA driver.
+
+``--platform win_amd64`` on Linux cross-compiles the same sources with MinGW-w64 (Debian/Ubuntu:
+``apt-get install mingw-w64``; the posix-thread ``x86_64-w64-mingw32-g++-posix``) into
+``llama_cpp_python-<version>-py3-none-win_amd64.whl``: the same x86-64-v3 CPU code, ggml's own thread pool
+(no OpenMP), libgcc/libstdc++/winpthread linked in statically, so the DLLs import only KERNEL32, ADVAPI32
+and msvcrt. It is the wheel the Wine job (tests/test_windows.py) tests; the release workflow keeps building
+the Windows wheels with MSVC on Windows. Its struct sizes are the target compiler's own ``sizeof``, read
+from its assembly output (nothing has to run on Windows to record them). Rebuilds are keyed by the
+sdist's hash, this script's and build.py's content and the flags (``--work`` keeps the CMake tree, so a
+changed key rebuilds incrementally).
 
 Every wheel also carries ``llama_cpp/lib/struct_sizes.json`` (the C ``sizeof`` of the structs the
 bindings pass by value, probed against the same headers) and ``llama_cpp/lib/molink_build.json`` (the
@@ -35,7 +46,9 @@ import html
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,12 +68,14 @@ DEFAULT_CUDA_ARCHS = {"cu12": "61;70;75;80;86;89;90", "cu13": "75;80;86;89;90;10
 CUDA_REQUIRES = {"cu12": ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"),
                  "cu13": ("nvidia-cuda-runtime==13.*", "nvidia-cublas==13.*")}
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+PLATFORMS = ("native", "win_amd64")
+MINGW = "x86_64-w64-mingw32"
 
 
-def cmake_args(variant: str, cuda_arch: str) -> List[str]:
+def cmake_args(variant: str, cuda_arch: str, x86: bool = X86) -> List[str]:
     """CMake arguments of a variant (what ``CMAKE_ARGS`` gets for llama-cpp-python's build)."""
     args = ["-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF"]
-    if X86:
+    if x86:
         args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
                  "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
     if variant.startswith("cu"):
@@ -95,6 +110,8 @@ def add_to_wheel(wheel: Path, files: Dict[str, bytes], requires: Sequence[str]) 
 
 
 def build(args: argparse.Namespace) -> Path:
+    if getattr(args, "platform", "native") == "win_amd64" and not libbuild.is_windows():
+        return build_mingw(args)
     out = Path(args.out).expanduser().resolve() / args.variant
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "build.json"
@@ -145,6 +162,179 @@ def build(args: argparse.Namespace) -> Path:
     return wheel
 
 
+# ----------------------------------------------------------------------------- Windows, cross-built with MinGW-w64
+MINGW_TOOLCHAIN = f"""# CMake toolchain: Windows x86_64 with MinGW-w64, posix thread model (std::thread needs it with gcc 12)
+set(CMAKE_SYSTEM_NAME Windows)
+set(CMAKE_SYSTEM_PROCESSOR AMD64)
+set(CMAKE_C_COMPILER   {MINGW}-gcc-posix)
+set(CMAKE_CXX_COMPILER {MINGW}-g++-posix)
+set(CMAKE_RC_COMPILER  {MINGW}-windres)
+set(CMAKE_FIND_ROOT_PATH /usr/{MINGW})
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
+"""
+# force-included into C sources: mingw-w64 v10 (Debian 12) lacks THREAD_POWER_THROTTLING_STATE (v11+ has it),
+# which ggml-cpu.c uses; layout per the Windows SDK
+MINGW_COMPAT_H = """#if defined(_WIN32) && !defined(THREAD_POWER_THROTTLING_CURRENT_VERSION)
+#define THREAD_POWER_THROTTLING_CURRENT_VERSION 1
+#define THREAD_POWER_THROTTLING_EXECUTION_SPEED 0x1
+#define THREAD_POWER_THROTTLING_VALID_FLAGS (THREAD_POWER_THROTTLING_EXECUTION_SPEED)
+typedef struct _THREAD_POWER_THROTTLING_STATE {
+    unsigned long Version;
+    unsigned long ControlMask;
+    unsigned long StateMask;
+} THREAD_POWER_THROTTLING_STATE, *PTHREAD_POWER_THROTTLING_STATE;
+#endif
+"""
+MINGW_DLLS = ("ggml-base.dll", "ggml-cpu.dll", "ggml.dll", "libllama.dll")
+
+
+def mingw_cmake_args(variant: str) -> List[str]:
+    return [*cmake_args(variant, "", x86=True), "-DGGML_OPENMP=OFF", "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DGGML_CCACHE=OFF",
+            # libgcc, libstdc++ and winpthread linked in, and not re-exported by ggml-base.dll
+            "-DCMAKE_SHARED_LINKER_FLAGS=-static -static-libgcc -static-libstdc++ -Wl,--exclude-libs,ALL"]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mingw_tools() -> Dict[str, str]:
+    tools = {}
+    for tool in (f"{MINGW}-gcc-posix", f"{MINGW}-g++-posix", f"{MINGW}-objdump"):
+        exe = shutil.which(tool)
+        if not exe:
+            raise libbuild.BuildError(f"{tool} not found: the win_amd64 wheel is cross-built with MinGW-w64 "
+                                      "(Debian/Ubuntu: apt-get install mingw-w64)")
+        tools[tool] = exe
+    return tools
+
+
+def _dll_imports(objdump: str, dll: Path) -> List[str]:
+    out = subprocess.run([objdump, "-p", str(dll)], text=True, capture_output=True).stdout
+    return sorted({m.strip() for m in re.findall(r"DLL Name:\s*(\S+)", out)})
+
+
+def pack_windows_wheel(sdist_root: Path, dlls: Sequence[Path], out: Path, tag: str = "py3-none-win_amd64") -> Path:
+    """llama-cpp-python's Python package from the sdist plus the DLLs (in ``llama_cpp/lib/``), as the wheel
+    pip installs like the official ones. File dates are fixed: the same inputs give the same bytes."""
+    from email.parser import Parser
+
+    meta = (sdist_root / "PKG-INFO").read_text(encoding="utf-8")
+    info = Parser().parsestr(meta)
+    name, version = info["Name"].replace("-", "_"), info["Version"]
+    dist_info = f"{name}-{version}.dist-info"
+    entries: Dict[str, bytes] = {}
+    pkg = sdist_root / "llama_cpp"
+    for root, dirs, files in os.walk(pkg):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "lib"))
+        for f in sorted(files):
+            if not f.endswith((".pyc", ".pyo")):
+                p = Path(root) / f
+                entries[p.relative_to(sdist_root).as_posix()] = p.read_bytes()
+    for d in dlls:
+        entries[f"llama_cpp/lib/{d.name}"] = d.read_bytes()
+    if (sdist_root / "LICENSE.md").is_file():
+        entries[f"{dist_info}/licenses/LICENSE.md"] = (sdist_root / "LICENSE.md").read_bytes()
+    entries[f"{dist_info}/METADATA"] = meta.encode()
+    entries[f"{dist_info}/WHEEL"] = (f"Wheel-Version: 1.0\nGenerator: molink-lite kernels/wheel.py\n"
+                                     f"Root-Is-Purelib: false\nTag: {tag}\n").encode()
+    entries[f"{dist_info}/top_level.txt"] = b"llama_cpp\n"
+    record = f"{dist_info}/RECORD"
+    entries[record] = ("\n".join([f"{n},{_record_hash(d)},{len(d)}" for n, d in entries.items()] + [f"{record},,"])
+                       + "\n").encode()
+    out.mkdir(parents=True, exist_ok=True)
+    wheel = out / f"{name}-{version}-{tag}.whl"
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, d in entries.items():
+            z.writestr(zipfile.ZipInfo(n, date_time=(2020, 1, 1, 0, 0, 0)), d, compress_type=zipfile.ZIP_DEFLATED)
+    os.replace(tmp, wheel)
+    return wheel
+
+
+def build_mingw(args: argparse.Namespace) -> Path:
+    """The win_amd64 wheel, cross-compiled with MinGW-w64 (on Linux)."""
+    if args.variant != "cpu":
+        raise libbuild.BuildError(f"--platform win_amd64 cross-builds only the cpu variant (not {args.variant}): "
+                                  "CUDA wheels for Windows are built on Windows (the release workflow)")
+    tools = _mingw_tools()
+    cxx = tools[f"{MINGW}-g++-posix"]
+    gcc_version = subprocess.run([cxx, "-dumpfullversion"], text=True, capture_output=True).stdout.strip()
+    out = Path(args.out).expanduser().resolve() / args.variant
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="molink-wheel-win-")).resolve()
+    sdist = Path(args.sdist).resolve() if args.sdist else libbuild.fetch_sdist(work / "sdist", VERSION)
+    here = Path(__file__).resolve().parent
+    sources = hashlib.sha256()
+    sources.update(_sha256_file(sdist).encode() if sdist.is_file() else str(sdist).encode())
+    for f in (here / "wheel.py", here / "build.py"):
+        sources.update(f.read_bytes())
+    key = {"version": VERSION, "variant": args.variant, "platform": "win_amd64",
+           "cmake_args": mingw_cmake_args(args.variant) + list(args.cmake_arg or []),
+           "compiler": f"{MINGW}-g++-posix {gcc_version}", "sources": sources.hexdigest()[:24]}
+    stamp = out / "build-win_amd64.json"
+    if stamp.is_file() and not args.force:
+        try:
+            done = json.loads(stamp.read_text())
+        except ValueError:
+            done = {}
+        if {k: done.get(k) for k in key} == key and Path(done.get("wheel", "")).is_file():
+            libbuild.log(f"up to date: {done['wheel']}")
+            return Path(done["wheel"])
+    t0 = time.perf_counter()
+    root = libbuild.extract(sdist, work / "src") if sdist.is_file() else sdist
+    src = libbuild.llama_cpp_root(root)
+    tc = work / "mingw"
+    tc.mkdir(parents=True, exist_ok=True)
+    (tc / "toolchain.cmake").write_text(MINGW_TOOLCHAIN, encoding="utf-8")
+    (tc / "mingw-compat.h").write_text(MINGW_COMPAT_H, encoding="utf-8")
+    bdir = work / "build-win_amd64"
+    cmake = libbuild.find_cmake()
+    ninja = libbuild.find_ninja()
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    libbuild.log(f"cross-building the win_amd64 {args.variant} wheel of llama-cpp-python {VERSION} with "
+                 f"{MINGW}-g++-posix {gcc_version}")
+    libbuild.run([cmake, "-S", str(src), "-B", str(bdir), *gen, f"-DCMAKE_TOOLCHAIN_FILE={tc / 'toolchain.cmake'}",
+                  "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_FLAGS=-include {tc / 'mingw-compat.h'}", *key["cmake_args"]],
+                 capture=True, what="cmake configure (MinGW-w64)")
+    libbuild.run([cmake, "--build", str(bdir), "--target", "llama", "ggml", "ggml-base", "ggml-cpu",
+                  "-j", str(args.jobs or 2)], what="cmake --build (MinGW-w64)")
+    built = time.perf_counter() - t0
+    dlls = []
+    for name in MINGW_DLLS:
+        found = sorted(bdir.rglob(name))
+        if not found:
+            raise libbuild.BuildError(f"the MinGW build produced no {name} under {bdir}")
+        dlls.append(found[0])
+    allowed = {"kernel32.dll", "advapi32.dll", "msvcrt.dll", *(d.name.lower() for d in dlls)}
+    for d in dlls:  # nothing a Windows machine would miss: no libgcc/libstdc++/winpthread DLLs
+        extra = [i for i in _dll_imports(tools[f"{MINGW}-objdump"], d) if i.lower() not in allowed]
+        if extra:
+            raise libbuild.BuildError(f"{d.name} imports {', '.join(extra)}, which a Windows machine may not have")
+    sizes = libbuild.probe_struct_sizes_asm([tools[f"{MINGW}-gcc-posix"]], src, work / "probe-win_amd64")
+    sizes["llama_cpp_python"] = libbuild.sdist_version(root) or VERSION
+    info = {**key, "cuda_archs": None, "requires": [], "python": "py3", "machine": "AMD64",
+            "threads": "ggml thread pool (GGML_OPENMP=OFF)",
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(built, 1)}
+    wheel = pack_windows_wheel(root, dlls, out)
+    add_to_wheel(wheel, {"llama_cpp/lib/struct_sizes.json": json.dumps(sizes, indent=1).encode(),
+                         "llama_cpp/lib/molink_build.json": json.dumps(info, indent=1).encode()}, ())
+    stamp.write_text(json.dumps({**info, "wheel": str(wheel), "size": wheel.stat().st_size}, indent=1))
+    libbuild.log(f"wrote {wheel} ({wheel.stat().st_size / 2**20:.1f} MiB) in {built:.0f} s")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return wheel
+
+
 def index(args: argparse.Namespace) -> None:
     """``<out>/<variant>/index.html`` and ``<out>/<variant>/llama-cpp-python/index.html``. The wheels are copied
     next to the index, or, with ``--base-url`` (``{variant}`` is replaced), linked where they are hosted:
@@ -179,6 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--cuda-arch", default=None,
                    help="CUDA compute capabilities (default: cu12 %s; cu13 %s)" % (DEFAULT_CUDA_ARCHS["cu12"],
                                                                               DEFAULT_CUDA_ARCHS["cu13"]))
+    b.add_argument("--platform", choices=PLATFORMS, default="native",
+                   help="native (this machine's OS; default) or win_amd64: on Linux, cross-compile the cpu "
+                        "variant for Windows x64 with MinGW-w64")
     b.add_argument("--out", default="dist/wheels", help="wheels go to OUT/<variant>/ (default %(default)s)")
     b.add_argument("--sdist", default=None, help="llama-cpp-python sdist (.tar.gz); default: pip download")
     b.add_argument("--work", default=None, help="work folder (kept); default: a temporary one")

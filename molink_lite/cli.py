@@ -166,6 +166,9 @@ def cmd_secret(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- stage
 def cmd_stage(a: argparse.Namespace) -> int:
+    from .serving.launcher import watch_parent
+
+    watch_parent()  # a stage of `serve` exits when serve is gone, however it ended (Windows: TerminateProcess)
     from .stage.engine import EngineError, StageEngine
     from .model.split import SplitError, parse_range, read_model_info, stage_gguf
     from .stage.server import run_stage
@@ -213,7 +216,7 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
     from .serving.placement import parse_size
     from .stage.engine import EngineError, StageEngine
     from .stage import hostinfo
-    from .stage.join import JoinError, Membership
+    from .stage.join import JoinError, Membership, run_joined
     from .stage.server import run_stage
 
     if a.model or a.layers:
@@ -227,32 +230,41 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
 
     async def main() -> None:
         m = Membership(a.join, key, Path(a.cache_dir) if a.cache_dir else default_cache_dir())
-        local_ip = await m.open()
-        offer = hostinfo.offer(cap, gpu=bool(a.n_gpu_layers) and ll.llama_supports_gpu_offload())
+        gpu = bool(a.n_gpu_layers) and ll.llama_supports_gpu_offload()
 
         def calibrate(path: str, rows: int) -> float:
             return hostinfo.calibrate(path, n_rows=rows, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
 
-        assign = await m.join(name=a.name or socket.gethostname(), offer=offer, advertise=a.advertise or "",
-                              calibrate=calibrate)
-        path = await m.fetch(assign)
-        engine = StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
-                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn),
-                             device_sampling=a.device_sampling == "on", lanes=a.lanes)
-        host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
+        def load(path, assign: dict):
+            return StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
+                               n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn),
+                               device_sampling=a.device_sampling == "on", lanes=a.lanes)
 
-        async def ready(port: int) -> None:
+        def address(port: int, local_ip: str):
+            host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
             local = "127.0.0.1" if a.host in ("0.0.0.0", "") else "::1" if a.host == "::" else a.host
-            await m.ready(a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port))
+            return a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port)
 
-        try:
-            await run_stage(engine, a.host, a.port, a.next, str(assign["codec"]), a.ready_file, key=key, tls=tls,
-                            on_listen=ready, metrics=_metrics_addr(a))
-        finally:
-            engine.close()
-            await m.close()
+        def serve(engine, codec: str, on_listen):
+            return run_stage(engine, a.host, a.port, a.next, codec, a.ready_file, key=key, tls=tls,
+                             on_listen=on_listen, metrics=_metrics_addr(a))
+
+        # joins, fetches, serves; when the link to the gateway drops it keeps serving and joins again
+        await run_joined(m, name=a.name or socket.gethostname(), offer=lambda: hostinfo.offer(cap, gpu=gpu),
+                         advertise=a.advertise or "", calibrate=calibrate, load=load, serve=serve, address=address)
 
     return _run_until_stopped(main(), a.host, a.port, (JoinError, EngineError))
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a duration in seconds, > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return v
 
 
 def _metrics_addr(a: argparse.Namespace):
@@ -328,16 +340,19 @@ def _api_keys(a: argparse.Namespace) -> Optional[List[str]]:
 
 async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, tls, api_keys: List[str]) -> None:
     from .serving.gateway import start_gateway
-    from .wire.tls import server_context
+    from .wire.tls import fingerprint_file, server_context
 
     runner = await start_gateway(pipelines, host=a.host, port=a.port, codec=a.codec, max_inflight=a.micro_batches,
                                  prefill_chunk=a.prefill_chunk, max_batch_tokens=a.max_batch_tokens,
                                  connect_timeout=a.connect_timeout, model_name=a.model_name,
                                  chat_template=a.chat_template, key=key,
                                  ssl_context=server_context(*tls) if tls else None, api_keys=api_keys,
+                                 tls_fingerprint=fingerprint_file(tls[0]) if tls else "",
                                  max_connections=a.max_connections, header_timeout=a.header_timeout,
                                  join_model=a.model, join_ctx=a.ctx, join_seqs=a.max_seqs, join_settle=a.join_settle,
-                                 **_resilience_kw(a))
+                                 join_ready_timeout=a.join_ready_timeout, join_rejoin_grace=a.join_rejoin_grace,
+                                 takeover=a.takeover,
+                                 **_resilience_kw(a), **_http_limit_kw(a))
     base = f"{'https' if tls else 'http'}://{a.host}:{a.port}"
     print(f"molink-lite gateway: {base}/v1 (dashboard: {base}/, metrics: {base}/metrics)", flush=True)
     try:
@@ -381,7 +396,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                        flash_attn=a.flash_attn, lanes=a.lanes, device_sampling=a.device_sampling,
                        split=a.split, api_keys=api_keys, tls=tls,
                        max_connections=a.max_connections, header_timeout=a.header_timeout,
-                       gateway_kw=_resilience_kw(a))
+                       gateway_kw={**_resilience_kw(a), **_http_limit_kw(a)})
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -467,6 +482,34 @@ def _api_opts(s: argparse.ArgumentParser) -> None:
                    help="open HTTP connections at most; more get a 503 and are closed (default 512)")
     s.add_argument("--header-timeout", type=float, default=15.0,
                    help="seconds for a request's headers to arrive before the connection is closed (default 15)")
+    s.add_argument("--max-connections-per-address", type=int, default=64,
+                   help="open HTTP connections from one remote address at most (IPv6: per /64), so one address "
+                        "cannot lock others out; at the cap its longest-idle keep-alive connection is closed, else "
+                        "the new one gets a 429 (default 64; 0 = no cap, e.g. behind a reverse proxy that holds "
+                        "its own limits)")
+    s.add_argument("--keepalive-timeout", type=float, default=15.0,
+                   help="seconds an idle keep-alive HTTP connection stays open (default 15); when --max-connections "
+                        "is reached, the longest-idle one is closed to make room for a new connection")
+    s.add_argument("--write-timeout", type=float, default=30.0,
+                   help="a client that stops reading its response (a stream): once the send buffer is full and "
+                        "nothing drains for this many seconds, the connection is cut and its sequence freed "
+                        "(default 30; 0 = never)")
+    s.add_argument("--max-requests-per-key", type=int, default=32,
+                   help="concurrent generation requests of one API key at most; more get 429 with Retry-After "
+                        "(default 32; 0 = no cap; applies only with API keys)")
+
+
+def _http_limit_kw(a: argparse.Namespace) -> dict:
+    """The HTTP limits of _api_opts for start_gateway, checked."""
+    if a.max_connections < 1:
+        raise SystemExit("error: --max-connections must be >= 1")
+    for name in ("max_connections_per_address", "max_requests_per_key", "write_timeout"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0 (0 = no limit)")
+    if a.keepalive_timeout <= 0:
+        raise SystemExit("error: --keepalive-timeout must be > 0")
+    return {"max_connections_per_address": a.max_connections_per_address, "keepalive_timeout": a.keepalive_timeout,
+            "write_timeout": a.write_timeout, "max_requests_per_key": a.max_requests_per_key}
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
@@ -688,10 +731,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seqs", type=int, default=16, help="join mode: sequences each placed stage serves at once")
     s.add_argument("--join-settle", type=float, default=3.0,
                    help="join mode: place layers once no other stage has joined for this many seconds (default 3)")
+    s.add_argument("--join-ready-timeout", type=_seconds, default=120.0, metavar="SEC",
+                   help="join mode: a stage that took its layers and reports neither ready nor progress (download, "
+                        "loading: at most 4x this in all) for this many seconds loses them to a spare or the next host "
+                        "that joins (default 120)")
+    s.add_argument("--join-rejoin-grace", type=_seconds, default=15.0, metavar="SEC",
+                   help="join mode: stages that rejoin with layers (e.g. after a gateway restart) wait this long for the "
+                        "rest of their pipeline before everything is placed anew (default 15)")
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
     s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="hidden-state wire codec")
     s.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for stages at start")
+    s.add_argument("--takeover", action="store_true",
+                   help="take the stages over from another gateway that controls them (it is fenced off and stays "
+                        "down until this one goes away); applies to this gateway's first connect only. Without it, "
+                        "stages controlled by another connected gateway refuse this one")
     s.add_argument("--model-name", default=None, help="model id reported by the API (default: GGUF file name)")
     s.add_argument("--chat-template", default=None,
                    help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")
@@ -763,6 +817,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except LibraryPathError as e:
             print(f"error: --lib: {e}", file=sys.stderr)
             return 2
+    if args.cmd == "doctor":  # which engine wheel fits this machine: said before llama.cpp loads (it may not)
+        from .tools.doctor import host_report
+
+        print("\n".join(host_report()), flush=True)
     from .stage.libpath import preload_cuda_runtime
 
     preload_cuda_runtime()  # a CUDA wheel's runtime comes from NVIDIA's pip wheels (kernels/wheel.py)

@@ -148,8 +148,12 @@ def test_openai_sdk_with_keys(gateway, baseline):
 @pytest.mark.slow
 def test_only_health_is_open(gateway):
     port = gateway.port
-    assert request(port, "GET", "/health", key=None)[0] == 200
-    for path in ("/v1/models", "/v1/stats", "/v1/nothing-here"):
+    # open, but without the key it says only up/down: stage addresses, relay tokens and errors need the key
+    status, _, body = request(port, "GET", "/health", key=None)
+    assert status == 200 and json.loads(body) == {"status": "ok"}, body
+    status, _, body = request(port, "GET", "/health")
+    assert status == 200 and json.loads(body)["pipelines"][0]["stages"], body
+    for path in ("/v1/models", "/v1/stats", "/metrics", "/v1/nothing-here"):
         status, headers, body = request(port, "GET", path, key=None)
         assert status == 401, (path, body)
         err = json.loads(body)["error"]

@@ -209,3 +209,134 @@ def test_with_tools_builds_llama_cpp_servers_from_the_same_configuration():
                  "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"):
         assert flag in tools
     assert kb.TOOLS == ("llama-server", "ggml-rpc-server")
+
+
+# ----------------------------------------------------------------------------- symbols from the library that exports them
+def test_ggml_functions_come_from_the_library_that_exports_them():
+    """engine.py and hostinfo.py take ggml's functions from ggml-base / ggml next to llama_cpp's library, not
+    from libllama: Windows' GetProcAddress does not search a DLL's dependencies (the stage crashed at import)."""
+    import molink_lite.stage.engine  # noqa: F401 - looks its ggml-base functions up at import
+    from molink_lite.stage import hostinfo
+
+    assert hostinfo.devices(strict=True)  # at least the CPU
+    folder = libpath.library_dir()
+    loaded = {Path(p).name for p in libpath._CDLLS}
+    assert libpath.sibling_names("ggml-base")[0] in loaded and libpath.sibling_names("ggml")[0] in loaded, loaded
+    assert all(os.path.samefile(Path(p).parent, folder) for p in libpath._CDLLS)
+    # ggml_backend_dev_count is in ggml (the registry), ggml_backend_dev_name in ggml-base (as in ggml.dll and
+    # ggml-base.dll): each found where it is exported
+    base = libpath._cdll(libpath.find_sibling("ggml-base"))
+    assert hasattr(base, "ggml_backend_dev_name")
+    if sys.platform.startswith("linux"):  # dlsym on a handle searches that library and its dependencies only
+        with pytest.raises(AttributeError):
+            base.ggml_backend_dev_count
+
+
+def test_sibling_names_per_os():
+    assert libpath.sibling_names("ggml-base", "win32") == ["ggml-base.dll", "libggml-base.dll"]
+    assert libpath.sibling_names("ggml", "darwin") == ["libggml.dylib", "libggml.so"]
+    assert libpath.sibling_names("ggml-cpu", "linux") == ["libggml-cpu.so"]
+
+
+def test_missing_symbol_is_a_clear_error():
+    with pytest.raises(libpath.MissingSymbolError, match="ggml_no_such_function not found.*not exported by"):
+        libpath.ggml_function("ggml_no_such_function", None, [])
+
+
+def test_missing_sibling_library_falls_back_to_llama_and_says_where_it_looked(monkeypatch):
+    monkeypatch.setattr(libpath, "find_sibling", lambda stem, folder=None: None)
+    # libllama.so itself resolves ggml_nbytes through its dependencies on Linux (a monolithic build exports it)
+    if sys.platform.startswith("linux"):
+        assert libpath.ggml_function("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]) is not None
+    with pytest.raises(libpath.MissingSymbolError, match=r"no .*ggml-nope.* in "):
+        libpath.ggml_function("ggml_no_such_function", None, [], libraries=("ggml-nope",))
+
+
+# ----------------------------------------------------------------------------- doctor: which wheel fits
+def _kernels_module(name: str):
+    sys.path.insert(0, str(ROOT / "kernels"))
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_doctor_knows_every_wheel_variant():
+    from molink_lite.tools.doctor import WHEEL_VARIANTS
+
+    assert set(WHEEL_VARIANTS) == set(_kernels_module("wheel").VARIANTS)
+
+
+X86 = {"avx2": True, "fma": True, "f16c": True, "bmi2": True, "source": "test"}
+
+
+@pytest.mark.parametrize("os_name,arch,cpu,cuda,vk,variant,why", [
+    ("linux", "x86_64", X86, None, None, "cpu", "AVX2 present"),
+    ("windows", "x86_64", X86, None, None, "cpu", "AVX2 present"),
+    ("linux", "x86_64", {**X86, "avx2": False}, None, None, None, "no AVX2"),
+    ("linux", "x86_64", X86, {"cuda": (12, 4), "gpus": [{"name": "RTX 3090", "cc": (8, 6)}]}, None, "cu12", "CUDA 12.4"),
+    ("linux", "x86_64", X86, {"cuda": (13, 0), "gpus": [{"name": "RTX 5090", "cc": (12, 0)}]}, None, "cu13", "13.0"),
+    ("windows", "x86_64", X86, {"cuda": (13, 0), "gpus": [{"name": "RTX 5090", "cc": (12, 0)}]}, None, "cu12", "13.0"),
+    ("linux", "x86_64", X86, {"cuda": (13, 0), "gpus": [{"name": "V100", "cc": (7, 0)}]}, None, "cu12", "13.0"),
+    ("linux", "x86_64", X86, {"cuda": (11, 4), "gpus": [{"name": "T4", "cc": (7, 5)}]}, None, "cpu", "too old"),
+    ("linux", "x86_64", X86, {"cuda": (12, 2), "gpus": [{"name": "K80", "cc": (3, 7)}]}, None, "cpu", "older than"),
+    ("windows", "x86_64", X86, None, {"devices": [{"name": "AMD Radeon RX 7600", "type": "discrete GPU"}]}, "cpu",
+     "no Vulkan engine wheel"),
+    ("linux", "x86_64", X86, None, {"devices": [{"name": "llvmpipe", "type": "CPU"}]}, "cpu", "AVX2 present"),
+    ("macos", "arm64", {}, None, None, "cpu", "Metal"),
+    ("linux", "arm64", {}, None, None, None, "no prebuilt engine wheel for linux arm64"),
+])
+def test_doctor_recommends_the_wheel_that_fits(os_name, arch, cpu, cuda, vk, variant, why):
+    from molink_lite.tools.doctor import recommend
+
+    got, reasons = recommend(os_name, arch, cpu, cuda, vk)
+    assert got == variant and why in " ".join(reasons), reasons
+
+
+def test_doctor_prints_the_wheel_and_pip_command_for_this_machine():
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "doctor"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "wheel for this machine: " in r.stdout and "CPU features: AVX2 " in r.stdout
+    assert "install: pip install molink-lite --only-binary llama-cpp-python --extra-index-url <pages>/whl/" in r.stdout
+    assert "  device CPU (cpu): " in r.stdout
+
+
+# ----------------------------------------------------------------------------- the win_amd64 wheel, without building it
+def test_windows_wheel_layout_and_struct_size_probe(tmp_path):
+    """pack_windows_wheel's layout (what pip needs) and, where MinGW-w64 is installed, the cross struct-size
+    probe: the target compiler's sizeof of llama.h's structs, read from its assembly (nothing runs on Windows)."""
+    import shutil
+    import zipfile
+
+    wheel_mod = _kernels_module("wheel")
+    sdist = tmp_path / "sdist"
+    (sdist / "llama_cpp" / "lib").mkdir(parents=True)
+    (sdist / "llama_cpp" / "__init__.py").write_text('__version__ = "0.3.36"\n')
+    (sdist / "llama_cpp" / "lib" / "stale.so").write_bytes(b"x")
+    (sdist / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36\n\n")
+    dll = tmp_path / "ggml-base.dll"
+    dll.write_bytes(b"MZ")
+    whl = wheel_mod.pack_windows_wheel(sdist, [dll], tmp_path / "out")
+    assert whl.name == "llama_cpp_python-0.3.36-py3-none-win_amd64.whl"
+    with zipfile.ZipFile(whl) as z:
+        names = set(z.namelist())
+        assert "llama_cpp/lib/ggml-base.dll" in names and "llama_cpp/lib/stale.so" not in names
+        assert "Tag: py3-none-win_amd64" in z.read("llama_cpp_python-0.3.36.dist-info/WHEEL").decode()
+        assert "llama_cpp/__init__.py" in z.read("llama_cpp_python-0.3.36.dist-info/RECORD").decode()
+    assert whl.read_bytes() == wheel_mod.pack_windows_wheel(sdist, [dll], tmp_path / "again").read_bytes()
+
+    gcc = shutil.which("x86_64-w64-mingw32-gcc-posix") or shutil.which("x86_64-w64-mingw32-gcc")
+    heads = sorted(Path.home().glob(".cache/molink-lite/wine/wheel-build/src/*/vendor/llama.cpp"))
+    if gcc is None or not heads:
+        pytest.skip("the cross probe needs MinGW-w64 and an unpacked llama-cpp-python sdist (the Wine job's cache)")
+    build = _kernels_module("build")
+    win = build.probe_struct_sizes_asm([gcc], heads[0], tmp_path / "probe")
+    assert win["pointer"] == 8 and set(win["structs"]) == set(build.STRUCTS)
+    import llama_cpp.llama_cpp as L
+
+    # the same x86-64 layouts as this Linux build, except where C `long`/`bool` would differ (none do here)
+    for name in libpath.REQUIRED_STRUCTS:
+        assert win["structs"][name] == ctypes.sizeof(getattr(L, name)), name

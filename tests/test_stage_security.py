@@ -28,7 +28,7 @@ from molink_lite.model.split import LayerRange
 from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.wire import auth
 from molink_lite.wire.auth import AuthError, LinkKey, new_secret
-from molink_lite.wire.channel import Channel
+from molink_lite.wire.channel import Channel, RemoteError
 from molink_lite.wire.codec import encode_frame
 
 from serving import GatewayProcess, free_port, http
@@ -141,6 +141,40 @@ def test_outsiders_get_nothing_and_change_nothing(cluster):
     assert greedy(gw) == before
     status, body = http("GET", gw.url + "/v1/stats")
     assert all(st["refused_links"] >= 2 * len(ALL_TYPES) for st in body["pipelines"][0]["stages"])
+
+
+def test_a_second_controller_is_fenced_off_and_changes_nothing(cluster):
+    """A peer with the secret sends `configure` (with another gateway id, or none) to stages a connected gateway
+    controls: refused with the fencing epoch and the way to take over (--takeover); the gateway keeps its stages
+    (no failure, no reconnect) and the served text is unchanged."""
+    procs, gw, _ = cluster
+    before = greedy(gw)
+    _, stats0 = http("GET", gw.url + "/v1/stats")
+
+    async def main():
+        refusals = []
+        for sp in procs:
+            for who in ({"gateway": "someone-else"}, {}):
+                ch = Channel(await auth.connect(sp.url, KEY, "gateway", max_size=1 << 20), name=sp.url)
+                serving = asyncio.ensure_future(ch.serve(lambda *a: asyncio.sleep(0)))
+                try:
+                    await ch.request({"type": "configure", "next": "ws://127.0.0.1:1", "codec": "f32", **who})
+                    refusals.append("accepted")
+                except RemoteError as e:
+                    refusals.append(e.meta)
+                finally:
+                    await ch.close()
+                    serving.cancel()
+        return refusals
+    refusals = asyncio.run(main())
+    assert all(isinstance(r, dict) and r.get("code") == "fenced" and r.get("epoch", 0) >= 1 for r in refusals), \
+        refusals
+    assert all("--takeover" in r["message"] for r in refusals)
+    assert greedy(gw) == before
+    _, stats1 = http("GET", gw.url + "/v1/stats")
+    p0, p1 = stats0["pipelines"][0], stats1["pipelines"][0]
+    assert p1["state"] == "up" and p1["failures"] == p0["failures"], p1
+    assert all(st["refused_configures"] >= 2 and st["takeovers"] == 0 for st in p1["stages"]), p1["stages"]
 
 
 # ---------------------------------------------------------------- an authenticated but hostile peer

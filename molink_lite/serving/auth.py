@@ -90,13 +90,20 @@ class ApiKeys:
 
     def check(self, presented: Optional[str]) -> bool:
         """True when ``presented`` equals one of the keys (every key is compared: no early exit)."""
+        return self.identify(presented) is not None
+
+    def identify(self, presented: Optional[str]) -> Optional[int]:
+        """Which configured key ``presented`` is (its index), else None; every key is compared, in constant time.
+
+        The index names a key holder for per-key limits without keeping the key itself."""
         if not self._digests or presented is None:
-            return False
+            return None
         d = _digest(presented)
-        ok = False
-        for ref in self._digests:
-            ok |= hmac.compare_digest(d, ref)
-        return ok
+        found = -1
+        for i, ref in enumerate(self._digests):
+            if hmac.compare_digest(d, ref):
+                found = i
+        return found if found >= 0 else None
 
     @staticmethod
     def bearer(authorization: Optional[str]) -> Optional[str]:

@@ -29,6 +29,23 @@ class PipelineError(RuntimeError):
     """A pipeline that cannot be used (unreachable, mis-tiled, mixed models), with the reason."""
 
 
+class FencedError(PipelineError):
+    """A stage of the pipeline is controlled by another gateway (it refused ``configure``); ``epoch`` is its
+    fencing epoch. Not retried at start: the message tells the user about ``--takeover``."""
+
+    def __init__(self, message: str, epoch: Optional[int] = None):
+        super().__init__(message)
+        self.epoch = epoch
+
+
+BUSY_TEXT = "too many connections"  # what a stage out of connection or handshake slots says (close code 1013)
+
+
+def is_busy(e: BaseException) -> bool:
+    """A refusal to try again later: a stage (or the stage behind it) had no free connection or handshake slot."""
+    return getattr(e, "code", None) == auth.CLOSE_BUSY or BUSY_TEXT in str(e)
+
+
 class Chain:
     """Open links to the stages at ``urls`` (in layer order)."""
 
@@ -41,6 +58,8 @@ class Chain:
         self.name = name
         self.channels: List[Channel] = []
         self.infos: List[dict] = []
+        self.epochs: List[Optional[int]] = []  # each stage's fencing epoch, from its configure reply
+        self.opening: List[Channel] = []  # the links of the attempt to open in progress (or the last one)
         # where each stage sends to, when not simply the next URL (a relayed link: wire/relay.py)
         self.next_urls: Optional[List[Optional[str]]] = None
 
@@ -49,13 +68,30 @@ class Chain:
         return self.infos[0]
 
     async def open(self, timeout: float, on_frame: FrameHandler,
-                   on_closed: Callable[[Channel, str], None]) -> None:
+                   on_closed: Callable[[Channel, str], None], *, gateway_id: str = "", takeover: bool = False) -> None:
         """Connect to every stage, check the chain tiles one model, and link the stages to each other.
 
         ``on_frame`` gets every frame that is not a reply; ``on_closed(channel, url)`` runs when a link ends.
+        ``gateway_id`` names this controller to the stages (fencing: a stage controlled by another, connected,
+        gateway refuses ``configure`` with :class:`FencedError`, unless ``takeover``). A stage out of connection
+        slots (busy) is retried with backoff until ``timeout``.
         """
         deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            try:
+                return await self._open_once(deadline, on_frame, on_closed, gateway_id, takeover)
+            except PipelineError as e:
+                if not is_busy(e) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s; retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _open_once(self, deadline: float, on_frame: FrameHandler, on_closed: Callable[[Channel, str], None],
+                         gateway_id: str, takeover: bool) -> None:
         chans: List[Channel] = []
+        self.opening = chans  # the links of this attempt (frames from them count for it)
         try:
             for url in self.urls:
                 ch = await _connect(url, deadline, self.key, self.heartbeat)
@@ -69,11 +105,22 @@ class Chain:
             problem = check_chain(infos)
             if problem:
                 raise PipelineError(problem)
+            epochs: List[Optional[int]] = []
             for i, ch in enumerate(chans):
                 nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
                 if self.next_urls is not None and nxt is not None:
                     nxt = self.next_urls[i] or nxt
-                await ch.request({"type": "configure", "next": nxt, "codec": self.codec}, timeout=60)
+                meta = {"type": "configure", "next": nxt, "codec": self.codec}
+                if gateway_id:
+                    meta.update(gateway=gateway_id, takeover=bool(takeover))
+                try:
+                    reply, _ = await ch.request(meta, timeout=60)
+                except RemoteError as e:
+                    if e.meta.get("code") == "fenced":
+                        raise FencedError(f"pipeline {self.name}: stage {self.urls[i]}: {e}", e.meta.get("epoch")) \
+                            from None
+                    raise
+                epochs.append(reply.get("epoch"))
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             for ch in chans:
                 await ch.close()
@@ -82,7 +129,7 @@ class Chain:
             for ch in chans:
                 await ch.close()
             raise
-        self.channels, self.infos = chans, infos
+        self.channels, self.infos, self.epochs = chans, infos, epochs
 
     @staticmethod
     async def _watch(ch: Channel, url: str, on_frame: FrameHandler, on_closed: Callable[[Channel, str], None]) -> None:
@@ -143,6 +190,8 @@ def check_chain(infos: Sequence[dict]) -> Optional[str]:
 
 
 async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat: Tuple[float, float]) -> Channel:
+    """An authenticated link to the stage at ``url``, retried with backoff (0.2 s doubling to 2 s) until ``deadline``
+    while it cannot be reached or is busy (no free connection or handshake slot: close code 1013)."""
     delay = 0.2
     while True:
         try:
@@ -150,9 +199,13 @@ async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat:
                                     ping_timeout=heartbeat[1])
             return Channel(ws, name=f"stage {url}")
         except AuthError as e:
-            raise PipelineError(f"stage {url}: authentication failed: {e}") from None
+            if not is_busy(e):
+                raise PipelineError(f"stage {url}: authentication failed: {e}") from None
+            if time.monotonic() + delay > deadline:
+                raise PipelineError(f"stage {url} stayed busy ({e}) until the connect deadline") from None
+            log.info("stage %s is busy (%s); retrying in %.1f s", url, e, delay)
         except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as e:
             if time.monotonic() + delay > deadline:
                 raise PipelineError(f"cannot reach stage {url}: {e}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)

@@ -6,12 +6,17 @@ recent step start/end times), ``GET /metrics`` (Prometheus, :mod:`molink_lite.se
 dashboard at ``GET /`` (static files from :mod:`molink_lite.serving.web`, reading ``/v1/stats`` and
 ``/metrics``). Errors use OpenAI's shape
 ``{"error": {"message", "type", "code", "param"}}``: 400 for bad input (every field is checked
-here, at the edge, before anything reaches a stage), 401 for a missing or wrong API key,
-404 for an unknown model, 413 for a body over 8 MiB, 503 when no pipeline can take the request.
+here, at the edge, before anything reaches a stage; a prompt longer than the context is
+``context_length_exceeded``), 401 for a missing or wrong API key, 404 for an unknown model, 413 for
+a body over 8 MiB, 429 when a key has too many requests running or the queue is full, 503 when no
+pipeline can take the request.
 
 Open-internet limits (see :func:`start_gateway`): API keys (``Authorization: Bearer``), TLS,
-a cap on concurrent connections, and a timeout for request headers (slow-header clients are
-closed) and for request bodies.
+caps on concurrent connections (in all and per remote address; idle keep-alive connections make
+room), concurrent generation requests per API key, timeouts for request headers (slow-header
+clients are closed), request bodies, idle keep-alive connections and writes (a client that stops
+reading its stream is cut and its sequence freed). Without the API key, ``GET /health`` says only
+``{"status": ...}``: pipelines, stage addresses (relay tokens included) and errors need the key.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..wire.channel import RemoteError
 from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatPrompt, ChatTemplateError, render_chat
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
-                          DEFAULT_MAX_CONNECTIONS, ConnectionGuard, serve_app)
+                          DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_WRITE_TIMEOUT,
+                          ConnectionGuard, bound_send_buffer, serve_app)
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
                             MAX_BYTES_PER_TOKEN, ApiError, StreamOptions, _boolean, _invalid, _json, _short,
                             check_chat_only, check_common, check_completion_only, parse_max_tokens, parse_messages,
@@ -50,7 +57,13 @@ log = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/cluster", "/")
 # relayed stage links: a random per-stage token, and the stage link's own handshake runs inside the tunnel
 _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
-_CLIENT_GONE = "molink_client_gone"  # request key: the stream's client went away
+# request keys (aiohttp >= 3.13 wants typed ones): the stream's client went away; which API key (its index)
+_RequestKey: Any = getattr(web, "RequestKey", None)
+_CLIENT_GONE: Any = _RequestKey("molink_client_gone", bool) if _RequestKey else "molink_client_gone"
+_KEY_ID: Any = _RequestKey("molink_key_id", int) if _RequestKey else "molink_key_id"
+DEFAULT_MAX_REQUESTS_PER_KEY = 32    # concurrent generation requests of one API key
+# the first stage tokenizes at most this many characters per context token (stage/server.py)
+STAGE_TOKENIZE_CHARS_PER_TOKEN = 32
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
 WEB_DIR = Path(__file__).with_name("web")
 _WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
@@ -61,13 +74,19 @@ class Gateway:
 
     def __init__(self, router: Router, model_name: Optional[str] = None,
                  chat_template: Optional[str] = None, api_keys: Sequence[str] = (),
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY):
+        if max_requests_per_key < 0:
+            raise ValueError("max_requests_per_key must be >= 0 (0: no cap)")
         self.router = router
         self.cluster: Any = None  # serving.cluster.Cluster when stages join this gateway
         self.pipelines = router.pipelines
         self._model_name = model_name
         self.api_keys = ApiKeys(api_keys)
         self.body_timeout = body_timeout
+        self.max_requests_per_key = max_requests_per_key
+        self.per_key: Dict[int, int] = {}   # API key index -> its generation requests being answered now
+        self.per_key_refused = 0
         # --chat-template: a llama.cpp built-in name, or a Jinja2 file
         self.chat_template: Optional[str] = None
         self.builtin_template: Optional[str] = None
@@ -78,6 +97,7 @@ class Gateway:
             else:
                 self.builtin_template = chat_template
         self._bg: List[asyncio.Task] = []
+        self.guard: Optional[ConnectionGuard] = None   # the listener's connection counters, once it listens
         self.metrics = Metrics(router)
         router.observer = self.metrics
         self._warned_no_template = False
@@ -114,6 +134,7 @@ class Gateway:
         for p in self.pipelines:
             p.start_background()
         self._bg.append(asyncio.ensure_future(self.router.expire_parked()))
+        self._bg.append(asyncio.ensure_future(self.router.dispatch_forever()))
 
     async def _cleanup(self, app: web.Application) -> None:
         for t in self._bg:
@@ -166,10 +187,40 @@ class Gateway:
             if token is None:
                 raise ApiError(401, "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
                                "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            if not self.api_keys.check(token):
+            key_id = self.api_keys.identify(token)
+            if key_id is None:
                 raise ApiError(401, "Incorrect API key provided.", "invalid_api_key",
                                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            request[_KEY_ID] = key_id
+            if self.max_requests_per_key and request.method == "POST" and request.path in _ENDPOINTS:
+                return await self._per_key_limited(key_id, request, handler)
         return await handler(request)
+
+    async def _per_key_limited(self, key_id: int, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """At most ``max_requests_per_key`` generation requests of one key at a time (body, queue, generation and
+        stream included); more get 429, so one key holder cannot fill the queue in front of everyone else."""
+        n = self.per_key.get(key_id, 0)
+        if n >= self.max_requests_per_key:
+            self.per_key_refused += 1
+            raise ApiError(429, f"too many concurrent requests with this API key (at most "
+                                f"{self.max_requests_per_key}); retry when one has finished",
+                           "rate_limit_exceeded", "rate_limit_error", headers={"Retry-After": "1"})
+        self.per_key[key_id] = n + 1
+        try:
+            return await handler(request)
+        finally:
+            left = self.per_key.get(key_id, 1) - 1
+            if left > 0:
+                self.per_key[key_id] = left
+            else:
+                self.per_key.pop(key_id, None)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """The request may see internals (stage addresses, errors): it carries a valid key, or no keys are
+        configured (then the whole API is open; the gateway only starts so on loopback or with --insecure)."""
+        if not self.api_keys:
+            return True
+        return self.api_keys.check(ApiKeys.bearer(request.headers.get("Authorization")))
 
     # ------------------------------------------------------------------ simple endpoints
     async def models(self, request: web.Request) -> web.Response:
@@ -177,10 +228,17 @@ class Gateway:
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "molink-lite"}]})
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while some pipeline is up ("ok" when all are, else "degraded"), 503 otherwise."""
+        """200 while some pipeline is up ("ok" when all are, else "degraded"), 503 otherwise.
+
+        Open, so without the API key it says only that (``{"status": ...}``): each pipeline's stage addresses
+        (a relayed stage's includes its relay token, a tunnel to a stage behind NAT) and errors go only to
+        a request with the key (or to anyone when no keys are configured: then the whole API is open)."""
         status = self.router.status
+        code = 200 if status != "unavailable" else 503
+        if not self._authorized(request):
+            return _json({"status": status}, code)
         return _json({"status": status, "pipelines": self.router.describe(), "router": self.router.stats,
-                      "queued": self.router.queued}, 200 if status != "unavailable" else 503)
+                      "queued": self.router.queued}, code)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=await self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -222,9 +280,20 @@ class Gateway:
                     entry["stages_error"] = str(e)
             out.append(entry)
         return _json({"status": self.router.status, "model": self.model_name, "router": self.router.stats,
-                      "queued": self.router.queued, "metrics": self.metrics.recent(),
+                      "queued": self.router.queued, "metrics": self.metrics.recent(), "http": self._http_stats(),
                       "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None,
                       "replacements": self.cluster.replacements if self.cluster is not None else None})
+
+    def _http_stats(self) -> dict:
+        """Connections and what the limits turned away (/v1/stats)."""
+        out: Dict[str, Any] = {"requests_refused_per_key": self.per_key_refused,
+                               "keys_with_requests": len(self.per_key)}
+        g = self.guard
+        if g is not None:
+            out.update(connections=g.active, addresses=len(g.per_address), refused=g.refused,
+                       refused_per_address=g.refused_address, idle_closed_for_room=g.evicted,
+                       header_timeouts=g.timed_out, write_timeouts=g.write_timed_out)
+        return out
 
     # ------------------------------------------------------------------ parsing
     async def _body(self, request: web.Request) -> dict:
@@ -270,7 +339,7 @@ class Gateway:
             if min(prompt) < 0 or max(prompt) >= n_vocab:
                 raise _invalid(f"prompt token ids must be in 0..{n_vocab - 1}", "prompt")
             tokens = np.asarray(prompt, dtype=np.int32)
-        req = GenRequest(tokens, params, max_tokens, stop, ignore_eos=ignore_eos)
+        req = GenRequest(tokens, params, max_tokens, stop, ignore_eos=ignore_eos, owner=request.get(_KEY_ID))
         return await self._run(request, req, opts, chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -287,7 +356,7 @@ class Gateway:
         tokens = await self._tokenize(chat_prompt.text, add_special=chat_prompt.add_special)
         max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
         req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in chat_prompt.stop if s],
-                         ignore_eos=ignore_eos)
+                         ignore_eos=ignore_eos, owner=request.get(_KEY_ID))
         return await self._run(request, req, opts, chat=True)
 
     async def _facts(self) -> Pipeline:
@@ -312,13 +381,26 @@ class Gateway:
             raise _invalid(_short(str(e), 500), "messages") from None
 
     async def _tokenize(self, text: str, add_special: bool) -> np.ndarray:
-        n_ctx = (await self._facts()).n_ctx
+        pipe = await self._facts()
+        n_ctx = pipe.n_ctx
         n_bytes = len(text.encode("utf-8", "surrogatepass"))
         if n_bytes > MAX_BYTES_PER_TOKEN * n_ctx:
             raise ApiError(400, f"the prompt ({n_bytes} bytes) cannot fit the context window ({n_ctx} tokens)",
                            "context_length_exceeded")
+        # the first stage refuses to tokenize more characters than this (a 503 if asked): such a prompt cannot
+        # fit the context anyway, which is the client's error
+        stage_ctx = int(pipe.first.get("n_ctx") or n_ctx) if pipe.infos else n_ctx
+        if len(text) > STAGE_TOKENIZE_CHARS_PER_TOKEN * stage_ctx:
+            raise ApiError(400, f"the prompt ({len(text)} characters) cannot fit the context window "
+                                f"({n_ctx} tokens)", "context_length_exceeded")
         try:
             return await self.router.tokenize(text, add_special=add_special)
+        except RemoteError as e:
+            if "at most" in str(e) and "n_ctx" in str(e):   # the stage's own length check (a smaller stage context)
+                raise ApiError(400, f"the prompt cannot fit the context window ({n_ctx} tokens)",
+                               "context_length_exceeded") from None
+            raise ApiError(503, f"tokenization failed: {_short(str(e), 300)}", "no_pipeline",
+                           "service_unavailable") from None
         except (PipelineError, RuntimeError, ConnectionError, asyncio.TimeoutError) as e:
             # the first stage is gone, answered an error, or did not answer in time
             raise ApiError(503, f"tokenization failed: {_short(str(e), 300)}", "no_pipeline",
@@ -333,6 +415,8 @@ class Gateway:
         except Overloaded as e:
             raise ApiError(429, str(e), "rate_limit_exceeded", "rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except PipelineError as e:   # no pipeline at all (stages still joining)
+            raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
         self.metrics.prompt_tokens.inc(int(req.prompt.shape[0]))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -343,6 +427,7 @@ class Gateway:
         finally:
             if not seq.finished:
                 self.router.cancel(seq)
+            self.router.release(seq)
 
     def _usage(self, seq: SeqState) -> dict:
         p, c = int(seq.req.prompt.shape[0]), len(seq.generated)
@@ -385,6 +470,9 @@ class Gateway:
             return b"data: " + orjson.dumps({"id": rid, "object": obj, "created": created, "model": self.model_name,
                                              "choices": [choice]}) + b"\n\n"
 
+        # a client that stops reading: its unread chunks fill a bounded buffer, then the write timeout cuts the
+        # stream (http_limits) and _run frees its sequence; meanwhile only this handler waits, never the loop
+        bound_send_buffer(request.transport)
         try:
             await resp.prepare(request)
             if chat:
@@ -426,23 +514,39 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
                         model_name: Optional[str] = None, chat_template: Optional[str] = None,
                         api_keys: Sequence[str] = (), ssl_context: Optional[ssl.SSLContext] = None,
                         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                        max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+                        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+                        max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY,
                         body_timeout: float = DEFAULT_BODY_TIMEOUT, recover_timeout: float = 60.0,
                         max_queue: int = 1024, join_model: Optional[str] = None, join_ctx: int = 8192,
-                        join_seqs: int = 16, join_settle: float = 3.0, **pipeline_kw: Any) -> web.AppRunner:
+                        join_seqs: int = 16, join_settle: float = 3.0, join_ready_timeout: float = 120.0,
+                        join_rejoin_grace: float = 15.0, tls_fingerprint: str = "",
+                        **pipeline_kw: Any) -> web.AppRunner:
     """Connect every pipeline (failing fast on a bad chain) and start serving HTTP (HTTPS with ``ssl_context``).
 
-    ``api_keys``: when given, every endpoint but ``GET /health`` needs ``Authorization: Bearer <key>``.
-    ``max_connections``: open HTTP connections at most (more get a 503 and are closed).
+    ``api_keys``: when given, every endpoint but ``GET /health`` needs ``Authorization: Bearer <key>`` (and
+    ``/health`` says only ``{"status": ...}`` without it). ``max_connections``: open HTTP connections at most;
+    ``max_connections_per_address``: the same per remote address (IPv6: per /64; 0: no cap). At a cap the
+    longest-idle keep-alive connection is closed to make room, else the new one gets 503 (429 per address).
     ``header_timeout``: seconds for a request's line and headers (also the TLS handshake) to arrive;
-    ``keepalive_timeout``: an idle keep-alive connection is closed after it; ``body_timeout``: seconds
-    for a request's body. ``recover_timeout``: how long a request waits for a pipeline to come back when none
-    is up; ``max_queue``: requests waiting for a slot at most (more get 429). ``pipeline_kw`` goes to each
-    :class:`Pipeline`. ``join_model``: the gateway holds this GGUF and stages join at ``/cluster``
-    (:mod:`molink_lite.serving.cluster`), placed for ``join_ctx`` tokens and ``join_seqs`` sequences.
+    ``keepalive_timeout``: an idle keep-alive connection is closed after it; ``write_timeout``: a client that
+    reads nothing of its response for this long is cut (a stream's sequence is freed; 0: never);
+    ``max_requests_per_key``: concurrent generation requests of one API key (more get 429; 0: no cap; only
+    with ``api_keys``; with several keys, one running on a pipeline leaves room there for the others);
+    ``body_timeout``: seconds for a request's body. ``recover_timeout``: how long a request waits for a pipeline
+    to come back when none is up; ``max_queue``: requests waiting for a slot at most (more get 429).
+    ``pipeline_kw`` goes to each :class:`Pipeline`. ``join_model``: the gateway holds this GGUF and stages join
+    at ``/cluster`` (:mod:`molink_lite.serving.cluster`), placed for ``join_ctx`` tokens and ``join_seqs``
+    sequences.
     """
-    ConnectionGuard(max_connections, header_timeout)  # bad limits fail before connecting anything
+    # bad limits fail before connecting anything
+    ConnectionGuard(max_connections, header_timeout, max_connections_per_address, write_timeout)
+    if keepalive_timeout <= 0:
+        raise ValueError("keepalive_timeout must be > 0")
+    if max_requests_per_key < 0:
+        raise ValueError("max_requests_per_key must be >= 0 (0: no cap)")
     pipes = [Pipeline(urls, codec=codec, max_inflight=max_inflight, prefill_chunk=prefill_chunk,
                       max_batch_tokens=max_batch_tokens, name=f"p{i}", **pipeline_kw)
              for i, urls in enumerate(pipeline_urls)]
@@ -454,24 +558,33 @@ async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "
         from .cluster import Cluster
 
         cluster = Cluster(join_model, router, pipeline_kw.get("key"), n_ctx=join_ctx, n_seqs=join_seqs, codec=codec,
-                          settle=join_settle, pipeline_kw={k: v for k, v in pipeline_kw.items() if k != "key"})
+                          settle=join_settle, pipeline_kw={k: v for k, v in pipeline_kw.items() if k != "key"},
+                          cert_fp=tls_fingerprint, ready_timeout=join_ready_timeout, rejoin_grace=join_rejoin_grace)
         app_model_name = model_name or cluster.info.name
-    gw = Gateway(router, app_model_name, chat_template, api_keys=api_keys, body_timeout=body_timeout)
+    gw = Gateway(router, app_model_name, chat_template, api_keys=api_keys, body_timeout=body_timeout,
+                 max_requests_per_key=max_requests_per_key)
+    # several key holders share the pipelines: one running there always leaves room for a request of another
+    router.reserve_for_others = len(gw.api_keys) > 1
     app = gw.app()
     if cluster is not None:
         cluster.routes(app)
         gw.cluster = cluster
     runner, site = await serve_app(app, host, port, ssl_context=ssl_context, max_connections=max_connections,
-                                   header_timeout=header_timeout, keepalive_timeout=keepalive_timeout)
+                                   header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
+                                   max_connections_per_address=max_connections_per_address,
+                                   write_timeout=write_timeout)
+    gw.guard = site.guard
+    gw.metrics.http_stats = gw._http_stats
     if cluster is not None:
         own = "127.0.0.1" if host in ("0.0.0.0", "", None) else "[::1]" if host == "::" else host
         own = f"[{own}]" if ":" in own and not own.startswith("[") else own
         bound = runner.addresses[0][1] if runner.addresses else port
         cluster.local_base = f"{'wss' if ssl_context else 'ws'}://{own}:{bound}"
-    log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections, header timeout %g s",
-             site.name, gw.model_name, len(pipes),
-             f"{len(gw.api_keys)} API key(s) required" if gw.api_keys else "no API key required",
-             max_connections, header_timeout)
+    log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections (%s per address), "
+             "timeouts: header %g s, keep-alive %g s, write %g s", site.name, gw.model_name, len(pipes),
+             f"{len(gw.api_keys)} API key(s) required, at most {max_requests_per_key or 'unlimited'} requests "
+             f"per key" if gw.api_keys else "no API key required",
+             max_connections, max_connections_per_address or "any", header_timeout, keepalive_timeout, write_timeout)
     if not gw.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the gateway listens on %s without API keys: anyone who can reach it can use it "
                     "(--api-key-file FILE or $MOLINK_API_KEY)", host)

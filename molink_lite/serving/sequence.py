@@ -20,15 +20,19 @@ from ..stage.sampling import SamplingParams
 from .speculative import SpecState
 
 
-@dataclass
+@dataclass(eq=False)
 class GenRequest:
-    """Tokens in, sampling settings, and when to stop."""
+    """Tokens in, sampling settings, and when to stop.
+
+    Compared by identity (``eq=False``): a field-by-field ``==`` would compare the prompt arrays, which
+    numpy answers with an array whose truth value raises ``ValueError``."""
 
     prompt: np.ndarray
     params: SamplingParams
     max_tokens: int
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    owner: Any = None      # who asked (the API key's index): the router shares capacity fairly between owners
 
 
 @dataclass
@@ -39,10 +43,14 @@ class Event:
     message: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class SeqState:
     """One request's progress. Fields above ``pipeline`` belong to the request; the rest to the pipeline
-    currently running it (reset by :meth:`prepare_replay`)."""
+    currently running it (reset by :meth:`prepare_replay`).
+
+    Compared and hashed by identity (``eq=False``): a sequence is one request, and ``s in queue`` /
+    ``queue.remove(s)`` (cancelling a queued request) must find that request, not compare every field of
+    the others (numpy prompt arrays: ``ValueError``)."""
 
     req: GenRequest
     events: "asyncio.Queue[Event]"

@@ -37,13 +37,14 @@ import numpy as np
 
 from ..model.archs import RULES, SplitContext, prescale, rule_for, split_equal_order
 
-_lib = _llama._lib
-_lib.ggml_get_name.restype = ctypes.c_char_p
-_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-_lib.ggml_nbytes.restype = ctypes.c_size_t
-_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-_lib.ggml_backend_tensor_get.restype = None
-_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+from .libpath import ggml_function
+
+# ggml's tensor functions, from ggml-base (ggml-base.dll, libggml-base.so, libggml-base.dylib), which exports them:
+# Windows does not search a DLL's dependencies for a symbol (llama.dll exports no ggml_*)
+_ggml_get_name = ggml_function("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p])
+_ggml_nbytes = ggml_function("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p])
+_ggml_backend_tensor_get = ggml_function("ggml_backend_tensor_get", None,
+                                         [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t])
 
 log = logging.getLogger(__name__)
 _logged: set = set()
@@ -251,10 +252,10 @@ class StageEngine:
     # ------------------------------------------------------------------ capture
     def _eval_cb(self, t: int, ask: bool, user: int) -> bool:
         if ask:
-            return _lib.ggml_get_name(t) == self._target
+            return _ggml_get_name(t) == self._target
         try:
             lane = self._lanes[(user or 1) - 1]
-            nbytes = _lib.ggml_nbytes(t)
+            nbytes = _ggml_nbytes(t)
             ttype = ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
             rows = nbytes // (4 * self.info.n_embd)
             if ttype != GGML_TYPE_F32 or rows * 4 * self.info.n_embd != nbytes:
@@ -264,7 +265,7 @@ class StageEngine:
             if end > lane.cap_buf.shape[0]:
                 lane.cap_error = f"captured {end} rows, buffer holds {lane.cap_buf.shape[0]}"
                 return False
-            _lib.ggml_backend_tensor_get(t, lane.cap_buf[lane.cap_rows:end].ctypes.data, 0, nbytes)
+            _ggml_backend_tensor_get(t, lane.cap_buf[lane.cap_rows:end].ctypes.data, 0, nbytes)
             lane.cap_rows = end
         except Exception as e:  # noqa: BLE001 - never let an exception cross into C
             self._lanes[0].cap_error = f"capture failed: {e}"

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 ENV = "LLAMA_CPP_LIB_PATH"
 STRUCT_SIZES_FILE = "struct_sizes.json"
@@ -185,6 +185,106 @@ def check_struct_sizes(lib_dir: Optional[Union[str, os.PathLike]] = None) -> Dic
     except ValueError as e:
         raise LibraryPathError(f"{f} is not valid JSON: {e}") from e
     return compare_struct_sizes(recorded)
+
+
+class MissingSymbolError(LibraryPathError):
+    """A C function molink-lite needs is exported by none of the libraries where it should be."""
+
+
+def sibling_names(stem: str, platform: Optional[str] = None) -> List[str]:
+    """File names of llama.cpp's library ``stem`` ("ggml-base", "ggml", "ggml-cpu") on this OS, the
+    usual one first: ``ggml-base.dll`` (MSVC) or ``libggml-base.dll`` (MinGW) on Windows,
+    ``libggml-base.dylib`` on macOS, ``libggml-base.so`` elsewhere."""
+    plat = platform or sys.platform
+    if plat == "win32":
+        return [f"{stem}.dll", f"lib{stem}.dll"]
+    if plat == "darwin":
+        return [f"lib{stem}.dylib", f"lib{stem}.so"]
+    return [f"lib{stem}.so"]
+
+
+def library_dir() -> Optional[Path]:
+    """The folder of the llama library llama_cpp loaded, or (not imported yet) the one it would load:
+    ``$LLAMA_CPP_LIB_PATH``, else the package's own ``lib/``. Imports nothing."""
+    loaded = loaded_library()
+    if loaded is not None:
+        return loaded.parent
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
+
+
+def find_sibling(stem: str, folder: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
+    """The library ``stem`` in ``folder`` (default :func:`library_dir`), by this OS's file names, or None.
+    On Linux a versioned name (``libggml-base.so.0``) counts where the plain one is missing."""
+    d = Path(folder) if folder is not None else library_dir()
+    if d is None or not d.is_dir():
+        return None
+    for name in sibling_names(stem):
+        if (d / name).is_file():
+            return d / name
+    if sys.platform not in ("win32", "darwin"):
+        versioned = sorted(d.glob(f"lib{stem}.so.*"), key=lambda p: len(p.name))
+        if versioned:
+            return versioned[0]
+    return None
+
+
+_CDLLS: Dict[str, object] = {}
+
+
+def _cdll(path: Path):
+    import ctypes
+
+    key = os.path.normcase(str(path))
+    if key not in _CDLLS:
+        # the library is (or will be) loaded by llama_cpp's own libllama already: this only gets a handle to it
+        _CDLLS[key] = ctypes.CDLL(str(path))
+    return _CDLLS[key]
+
+
+GGML_LIBRARIES = ("ggml-base", "ggml", "ggml-cpu")
+
+
+def ggml_function(name: str, restype, argtypes: Sequence[object], libraries: Sequence[str] = GGML_LIBRARIES):
+    """The C function ``name`` from the llama.cpp library that exports it, loaded from the folder of llama_cpp's
+    library: ``libraries`` are tried in order (``"ggml-base"``: tensors, backends and devices; ``"ggml"``: the
+    backend registry; ``"ggml-cpu"``), by this OS's file names, then the llama library itself.
+
+    Each symbol has to be looked up in the library that exports it: Windows' ``GetProcAddress`` searches only
+    the DLL given (``llama.dll`` exports no ``ggml_*``, ``ggml.dll`` has ``ggml_backend_dev_count`` but not
+    ``ggml_backend_dev_name``), whereas Linux's ``dlsym`` on ``libllama.so`` also finds its dependencies'.
+    Raises :class:`MissingSymbolError` saying where it looked."""
+    import llama_cpp.llama_cpp as ll  # the llama library (and with it the ggml ones) is loaded first
+
+    looked = []
+
+    def holders():
+        for stem in libraries:
+            path = find_sibling(stem)
+            if path is None:
+                looked.append(f"no {' or '.join(sibling_names(stem))} in {library_dir()}")
+                continue
+            yield path.name, _cdll(path)
+        yield Path(getattr(ll._lib, "_name", "llama")).name, ll._lib
+
+    for label, lib in holders():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            looked.append(f"not exported by {label}")
+            continue
+        fn.restype, fn.argtypes = restype, list(argtypes)
+        return fn
+    raise MissingSymbolError(f"llama.cpp function {name} not found ({'; '.join(looked)}); this llama.cpp "
+                             f"build does not fit molink-lite: install the pinned llama-cpp-python "
+                             f"(molink-lite doctor says which wheel fits this machine)")
 
 
 def preload_cuda_runtime() -> List[str]:

@@ -7,9 +7,18 @@ declares its role: ``gateway`` (may configure the stage and drive it) or ``upstr
 previous stage: sends steps and pings only). Nothing else is read before that.
 
 * ``hello`` -> ``info``: model identity (fingerprint, arch, layer range, widths, limits).
-* ``configure`` (gateway role): becomes the pipeline head, connects to the next stage. A later
-  ``configure`` from another gateway connection takes over (a restarted gateway, a reconnect):
-  the previous head is disconnected and every sequence forgotten.
+* ``configure`` (gateway role): becomes the pipeline head, connects to the next stage. Meta ``gateway``
+  names the controlling gateway (a random id per pipeline), ``takeover`` asks to take the stage from another
+  one. Fencing: while the controlling gateway's link is connected (it answers a ping), a ``configure`` from
+  another gateway is refused (``error`` with ``code: "fenced"`` and the fencing ``epoch``) unless it asks to
+  take over; a takeover, or a new gateway after the previous one went away (a restart), bumps the epoch and
+  disconnects the previous head (close code ``CLOSE_REPLACED``, reason ``fenced off: ... epoch N``). The same
+  gateway reconnecting replaces its own older link. Either way every sequence is forgotten. The reply
+  (``configured``) carries the epoch.
+* ``link_down`` / ``link_up`` (stage -> head): this stage lost its link to the next stage (taken over by
+  another ``upstream`` link, reset, the next stage gone): steps sent since may be lost, so the head fails the
+  pipeline over; the stage reconnects to the same next URL with backoff (0.1 s doubling to 2 s) and says
+  ``link_up`` when the link is back (meta: ``stage`` "a-b", ``to`` the next URL, ``reason``).
 * ``step``: one micro-batch. Arrays ``seq`` / ``pos`` (int32) and ``tokens`` (first stage)
   or ``hidden`` (later stages); ``out`` (u8) marks rows whose next token is wanted.
   Meta ``free`` lists sequences to forget first, ``trim`` maps sequences to the position from
@@ -23,6 +32,15 @@ previous stage: sends steps and pings only). Nothing else is read before that.
 
 Steps are processed strictly in arrival order by one worker; llama.cpp runs in a
 worker thread so sockets keep flowing while a stage computes.
+
+Connection slots: a stage holds at most ``max_connections`` connections (``max_connections_per_address`` from
+one address; IPv6: one /64) and ``max_handshakes`` unauthenticated ones (``max_handshakes_per_address``), which
+get ``handshake_timeout`` seconds to answer the challenge. A newcomer that finds a table full takes the slot of
+the oldest pending (unauthenticated) connection from its own address (or, for the global tables, from the
+address holding the most): an honest peer answers within one round trip, so silent squatters, even from the
+address relayed tunnels come from (this host), cannot lock a gateway out. Authenticated connections are never
+evicted; when only they fill a table the newcomer is refused with close code 1013 ("too many connections"),
+which gateways and stages retry with backoff.
 """
 
 from __future__ import annotations
@@ -30,12 +48,14 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401,I001 - before numpy
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections import deque
+from collections import Counter, deque
+from datetime import datetime, timezone
 from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -58,6 +78,26 @@ REPLY_MAX_BYTES = 64 << 20   # what a stage accepts on its own link to the next 
 # what each link role may send
 ROLE_FRAMES = {"gateway": {"hello", "configure", "step", "tokenize", "stats", "ping", "probe_next", "error"},
                "upstream": {"hello", "step", "ping", "error"}}
+# connection slots (see the module docstring)
+MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS = 128, 48
+MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS = 64, 16
+HANDSHAKE_TIMEOUT = 5.0      # an unauthenticated peer's time to answer the challenge (honest ones: one round trip)
+BUSY = "too many connections"  # the close reason of a refusal for lack of slots (gateways retry on it)
+NEXT_RETRY = (0.1, 2.0)      # reconnecting to the next stage: first delay, longest delay (doubling)
+NEXT_DIAL_PATIENCE = 5.0     # configure: how long a busy next stage is retried before configure fails
+HEAD_PING_TIMEOUT = 3.0      # a controlling gateway that does not answer a ping within this is taken as gone
+
+
+class _Pending:
+    """An admitted connection that has not passed the handshake yet (evictable)."""
+
+    __slots__ = ("addr", "t0", "evicted", "released")
+
+    def __init__(self, addr: str):
+        self.addr = addr
+        self.t0 = time.monotonic()
+        self.evicted = asyncio.Event()
+        self.released = False
 
 
 class StageServer:
@@ -65,8 +105,10 @@ class StageServer:
 
     def __init__(self, engine: StageEngine, *, host: str = "127.0.0.1", port: int = 9001,
                  next_url: Optional[str] = None, codec: str = "f16", key: Optional[LinkKey] = None,
-                 tls: Optional[Tuple[str, str]] = None, max_connections: int = 32, max_handshakes: int = 8,
-                 handshake_timeout: float = auth.HANDSHAKE_TIMEOUT):
+                 tls: Optional[Tuple[str, str]] = None, max_connections: int = MAX_CONNECTIONS,
+                 max_handshakes: int = MAX_HANDSHAKES, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+                 max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS):
         self.engine = engine
         self.info = engine.info
         self.host, self.port = host, port
@@ -76,9 +118,14 @@ class StageServer:
         self.tls = tls
         self.cert_fp = fingerprint_file(tls[0]) if tls else ""
         self.max_connections, self.max_handshakes = max_connections, max_handshakes
+        self.max_connections_per_address = max_connections_per_address
+        self.max_handshakes_per_address = max_handshakes_per_address
         self.handshake_timeout = handshake_timeout
         self._n_conn = 0
-        self._n_handshakes = 0
+        self._conns_by_addr: Counter = Counter()
+        self._pending: Dict[str, List[_Pending]] = {}  # per address, oldest first
+        self._busy_logged = 0.0
+        self._busy_quiet = 0
         self.limits = StepLimits(n_seq_max=engine.n_seq_max, n_ctx=engine.n_ctx,
                                  max_rows=max(engine.n_batch, engine.n_seq_max), n_vocab=self.info.n_vocab,
                                  n_embd_inp=self.info.n_embd_inp, is_first=self.info.is_first,
@@ -92,6 +139,20 @@ class StageServer:
         self.upstream: Optional[Channel] = None
         self.next: Optional[Channel] = None
         self.next_url: Optional[str] = None
+        # the link to the next stage: one dial at a time; each link (generation) has a keeper that rebuilds it
+        self._next_lock = asyncio.Lock()
+        self._next_gen = 0
+        self._notified_gen = -1  # the link generation whose loss the head was told about
+        self._next_since = 0.0
+        self._next_delay = NEXT_RETRY[0]
+        self._keepers: set = set()
+        self._closing = False
+        # fencing: the controlling gateway (its id), since when, and the epoch (bumped when the controller changes)
+        self.controller: Optional[str] = None
+        self.controller_since = 0.0
+        self.epoch = 0
+        self._configure_lock = asyncio.Lock()
+        self._refusals_logged: Dict[str, float] = {}
         # one worker (queue + llama thread) per engine lane: a lane's steps run in order, lanes run side by side
         self.lanes = engine.lanes
         self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
@@ -101,7 +162,10 @@ class StageServer:
         self.stats: Dict[str, float] = {"steps": 0, "rows": 0, "max_seqs_in_step": 0, "max_queued": 0,
                                         "max_in_flight": 0, "errors": 0, "frees": 0, "busy_s": 0.0,
                                         "refused_links": 0, "rejected_frames": 0,
-                                        "trims": 0, "drafted": 0, "accepted": 0}
+                                        "trims": 0, "drafted": 0, "accepted": 0,
+                                        "busy_refusals": 0, "evicted_handshakes": 0, "next_link_losses": 0,
+                                        "next_link_reconnects": 0, "epoch": 0, "takeovers": 0,
+                                        "refused_configures": 0}
         self._in_flight = 0  # steps received and not yet finished here
         self.draining = False
         self.drained = asyncio.Event()
@@ -140,6 +204,9 @@ class StageServer:
                  f", TLS certificate sha256 {self.cert_fp}" if ssl_ctx else "")
 
     async def close(self) -> None:
+        self._closing = True
+        for k in list(self._keepers):
+            k.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -161,23 +228,36 @@ class StageServer:
     # ------------------------------------------------------------------ connections
     async def _on_connect(self, ws) -> None:
         peer = ws.remote_address
-        if self._n_conn >= self.max_connections or self._n_handshakes >= self.max_handshakes:
+        rec, refused = self._enter(_address_key(peer))
+        if rec is None:
             self.stats["refused_links"] += 1
-            log.warning("refused a connection from %s: too many connections or pending handshakes", peer)
-            await ws.close(auth.CLOSE_BUSY, "too many connections")
+            self.stats["busy_refusals"] += 1
+            self._log_busy("refused a connection from %s: %s (%s)", peer, BUSY, refused)
+            await _close_quickly(ws, auth.CLOSE_BUSY, f"{BUSY} ({refused}); retry later")
             return
-        self._n_conn += 1
+        hs = asyncio.ensure_future(auth.server_handshake(ws, self.key, self.cert_fp, self.handshake_timeout))
         try:
-            self._n_handshakes += 1
+            evicted = asyncio.ensure_future(rec.evicted.wait())
             try:
-                role, link = await auth.server_handshake(ws, self.key, self.cert_fp, self.handshake_timeout)
+                await asyncio.wait({hs, evicted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                evicted.cancel()
+            if not hs.done():  # a newer connection took this one's slot: it never answered the challenge
+                hs.cancel()
+                await asyncio.gather(hs, return_exceptions=True)
+                self._log_busy("dropped the pending connection from %s (%.1f s without answering the challenge) to "
+                               "make room for a newer one", peer, time.monotonic() - rec.t0)
+                await _close_quickly(ws, auth.CLOSE_BUSY, f"{BUSY}: this unanswered handshake's slot went to a newer "
+                                                          f"connection; retry")
+                return
+            self._unpend(rec)
+            try:
+                role, link = hs.result()
             except (AuthError, websockets.exceptions.WebSocketException, OSError) as e:
                 self.stats["refused_links"] += 1
                 log.warning("refused a connection from %s: authentication failed: %s", peer, e)
-                await ws.close(auth.CLOSE_AUTH, f"authentication failed: {e}"[:120])
+                await _close_quickly(ws, auth.CLOSE_AUTH, f"authentication failed: {e}"[:120])
                 return
-            finally:
-                self._n_handshakes -= 1
             if role not in ROLE_FRAMES:
                 await ws.close(auth.CLOSE_AUTH, f"a {role} link cannot talk to a stage")
                 return
@@ -195,7 +275,71 @@ class StageServer:
             if ch is self.upstream:
                 self.upstream = None
         finally:
-            self._n_conn -= 1
+            if not hs.done():
+                hs.cancel()
+            self._release(rec)
+
+    # ------------------------------------------------------------------ connection slots
+    def _enter(self, addr: str) -> Tuple[Optional[_Pending], str]:
+        """A slot for a new connection from ``addr`` (pending until ``_unpend``, held until ``_release``), or
+        (None, why not)."""
+        refused = self._admit(addr)
+        if refused:
+            return None, refused
+        rec = _Pending(addr)
+        self._pending.setdefault(addr, []).append(rec)
+        self._n_conn += 1
+        self._conns_by_addr[addr] += 1
+        return rec, ""
+
+    def _admit(self, addr: str) -> str:
+        """Make room for a new connection from ``addr``: "" when it may come in (the oldest pending handshake
+        evicted if a table was full), else why not (only authenticated connections fill the table)."""
+        mine = self._pending.get(addr, [])
+        if len(mine) >= self.max_handshakes_per_address \
+                or self._conns_by_addr[addr] >= self.max_connections_per_address:
+            pool, why = mine, f"{self._conns_by_addr[addr]} authenticated connections from this address"
+        elif sum(map(len, self._pending.values())) >= self.max_handshakes or self._n_conn >= self.max_connections:
+            pool = max(self._pending.values(), key=lambda v: (len(v), -v[0].t0), default=[])
+            why = f"{self._n_conn} authenticated connections"
+        else:
+            return ""
+        if not pool:
+            return why
+        self._evict(pool[0])
+        return ""
+
+    def _evict(self, rec: _Pending) -> None:
+        self._release(rec)
+        self.stats["evicted_handshakes"] += 1
+        rec.evicted.set()
+
+    def _unpend(self, rec: _Pending) -> None:
+        mine = self._pending.get(rec.addr)
+        if mine is not None and rec in mine:
+            mine.remove(rec)
+            if not mine:
+                del self._pending[rec.addr]
+
+    def _release(self, rec: _Pending) -> None:
+        """The connection no longer holds a slot (it ended, or was evicted)."""
+        if rec.released:
+            return
+        rec.released = True
+        self._unpend(rec)
+        self._n_conn -= 1
+        self._conns_by_addr[rec.addr] -= 1
+        if self._conns_by_addr[rec.addr] <= 0:
+            del self._conns_by_addr[rec.addr]
+
+    def _log_busy(self, msg: str, *args: object) -> None:
+        """Warn about refused or evicted connections at most once a second (a flood must not flood the log)."""
+        now = time.monotonic()
+        if now - self._busy_logged < 1.0:
+            self._busy_quiet += 1
+            return
+        quiet, self._busy_quiet, self._busy_logged = self._busy_quiet, 0, now
+        log.warning(msg + (f" (and {quiet} more refused or evicted in the last second)" if quiet else ""), *args)
 
     def begin_drain(self, timeout: float = 30.0) -> None:
         """Ask the gateway to move this pipeline's sequences away; ``drained`` is set once it let go."""
@@ -208,7 +352,7 @@ class StageServer:
         self._send_head({"type": "drain"}, None)
         asyncio.get_running_loop().call_later(timeout, self.drained.set)
 
-    async def _take_role(self, role: str, ch: Channel) -> None:
+    async def _take_role(self, role: str, ch: Channel, reason: str = "") -> None:
         """``ch`` becomes the head (gateway) or the upstream stage; a previous holder is disconnected."""
         old = self.head if role == "gateway" else self.upstream
         if role == "gateway":
@@ -217,7 +361,7 @@ class StageServer:
             self.upstream = ch
         if old is not None and old is not ch:
             log.info("a new %s connection (%s) replaces %s", role, ch.name, old.name)
-            asyncio.ensure_future(old.close(auth.CLOSE_REPLACED, f"another {role} took over this stage"))
+            asyncio.ensure_future(old.close(auth.CLOSE_REPLACED, reason or f"another {role} took over this stage"))
 
     async def _handle(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         kind = meta.get("type")
@@ -278,6 +422,10 @@ class StageServer:
         return {"engine_decode_s": t.decode, "engine_capture_s": t.capture, "engine_steps": t.steps}
 
     async def _configure(self, ch: Channel, meta: dict) -> None:
+        async with self._configure_lock:  # one at a time: a fencing decision must not interleave with another
+            await self._configure_locked(ch, meta)
+
+    async def _configure_locked(self, ch: Channel, meta: dict) -> None:
         if self.draining:
             ch.reply(meta, {"type": "error", "message": "this stage is shutting down"})
             return
@@ -285,49 +433,181 @@ class StageServer:
         if codec not in CODECS:
             ch.reply(meta, {"type": "error", "message": f"unknown codec {codec!r}; choose from {', '.join(CODECS)}"})
             return
+        gid = meta.get("gateway")
+        if gid is not None and (not isinstance(gid, str) or not 0 < len(gid) <= 64):
+            ch.reply(meta, {"type": "error", "message": "'gateway' must be a string of 1..64 characters"})
+            return
+        gid = gid or f"anonymous link {id(ch):x}"  # a gateway that does not name itself: each link is its own
+        takeover = meta.get("takeover") is True
+        old = self.head if self.head is not None and self.head is not ch and not self.head.closed.is_set() else None
+        forced = False
+        if old is not None and gid != self.controller:
+            if await self._head_alive(old):
+                if not takeover:
+                    self.stats["refused_configures"] += 1
+                    since = datetime.fromtimestamp(self.controller_since, timezone.utc).isoformat(timespec="seconds")
+                    if time.monotonic() - self._refusals_logged.get(gid, -1e9) > 60:  # a fenced gateway retries often
+                        self._refusals_logged = {gid: time.monotonic()} if len(self._refusals_logged) > 64 \
+                            else {**self._refusals_logged, gid: time.monotonic()}
+                        log.warning("refused configure from gateway %s (%s): controlled by gateway %s since %s (epoch "
+                                    "%d); it retries (logged once a minute)", gid[:16], ch.name,
+                                    (self.controller or "?")[:16], since, self.epoch)
+                    ch.reply(meta, {"type": "error", "code": "fenced", "epoch": self.epoch, "since": since,
+                                    "message": f"stage {self._range()} is controlled by another gateway since {since} "
+                                               f"(fencing epoch {self.epoch}); start this gateway with --takeover to "
+                                               f"take it over"})
+                    return
+                forced = True
+            if self.draining or ch.closed.is_set():  # changed while the old head was asked
+                ch.reply(meta, {"type": "error", "message": "this stage is shutting down"})
+                return
+        reason = ""
+        if gid != self.controller:
+            self.epoch += 1
+            self.stats["epoch"] = self.epoch
+            prev, self.controller, self.controller_since = self.controller, gid, time.time()
+            if forced:
+                self.stats["takeovers"] += 1
+                log.warning("gateway %s (%s) took this stage over from gateway %s (--takeover); fencing epoch %d",
+                            gid[:16], ch.name, (prev or "?")[:16], self.epoch)
+            elif prev is not None:
+                log.info("now controlled by gateway %s (%s); fencing epoch %d", gid[:16], ch.name, self.epoch)
+            reason = f"fenced off: another gateway took over this stage (fencing epoch {self.epoch})"
+        elif old is not None:
+            reason = "replaced by a newer link of the same gateway"
         if self.head is not None and self.head is not ch:
             log.info("a new pipeline head replaces the previous one; forgetting all sequences")
             self._reset_all()
-        await self._take_role("gateway", ch)
+        await self._take_role("gateway", ch, reason)
         self.codec = codec
         if self.info.is_last:
-            ch.reply(meta, {"type": "configured", "next": None})
+            ch.reply(meta, {"type": "configured", "next": None, "epoch": self.epoch})
             return
         url = self.fixed_next or meta.get("next")
         if url is not None and (not isinstance(url, str) or not url.startswith(("ws://", "wss://"))):
             ch.reply(meta, {"type": "error", "message": "'next' must be a ws:// or wss:// URL"})
             return
         if not url:
-            ch.reply(meta, {"type": "error", "message": f"stage {self.info.layer_start}-{self.info.layer_stop - 1} is not "
-                            f"the last stage and has no next stage (start it with --next or list it in --pipeline)"})
+            ch.reply(meta, {"type": "error", "message": f"stage {self._range()} is not the last stage and has no next "
+                            f"stage (start it with --next or list it in --pipeline)"})
             return
         try:
             await self._connect_next(url)
         except Exception as e:  # noqa: BLE001
             ch.reply(meta, {"type": "error", "message": str(e)})
             return
-        ch.reply(meta, {"type": "configured", "next": url})
+        ch.reply(meta, {"type": "configured", "next": url, "epoch": self.epoch})
 
-    async def _connect_next(self, url: str) -> None:
-        if self.next is not None and not self.next.closed.is_set() and self.next_url == url:
-            return
-        if self.next is not None:
-            await self.next.close()
+    def _range(self) -> str:
+        return f"{self.info.layer_start}-{self.info.layer_stop - 1}"
+
+    async def _head_alive(self, head: Channel) -> bool:
+        """Does the connected pipeline head still answer (a WebSocket ping, within HEAD_PING_TIMEOUT)? A gateway
+        that crashed or lost its network may still look connected here for a while."""
         try:
-            ws = await auth.connect(url, self.key, "upstream", max_size=REPLY_MAX_BYTES)
-        except AuthError as e:
-            raise ConnectionError(f"next stage {url}: authentication failed: {e}") from None
-        except Exception as e:  # noqa: BLE001
-            raise ConnectionError(f"cannot reach next stage {url}: {e}") from None
+            waiter = await head.ws.ping()
+            await asyncio.wait_for(waiter, HEAD_PING_TIMEOUT)
+            return not head.closed.is_set()
+        except Exception:  # noqa: BLE001 - closed, timed out: gone
+            return False
+
+    # ------------------------------------------------------------------ the link to the next stage
+    async def _connect_next(self, url: str) -> None:
+        """Link to the next stage at ``url`` (kept: a lost link is rebuilt by its keeper)."""
+        async with self._next_lock:
+            if self.next is not None and not self.next.closed.is_set() and self.next_url == url:
+                return
+            if url != self.next_url:  # another next stage: the keeper of the previous link stops
+                self._next_gen += 1
+                if self.next is not None:
+                    await self.next.close()
+            # (the same URL with the link down: its keeper goes on retrying if this dial fails too)
+            ch = await self._dial_next(url, NEXT_DIAL_PATIENCE)
+            self._set_next(ch, url)
+
+    async def _dial_next(self, url: str, patience: float = 0.0) -> Channel:
+        """An authenticated, checked link to the next stage; a busy one (no free slot) is retried for ``patience`` s."""
+        deadline = time.monotonic() + patience
+        delay = 0.1
+        while True:
+            try:
+                ws = await auth.connect(url, self.key, "upstream", max_size=REPLY_MAX_BYTES)
+                break
+            except AuthError as e:
+                if BUSY in str(e) and time.monotonic() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise ConnectionError(f"next stage {url}: authentication failed: {e}") from None
+            except Exception as e:  # noqa: BLE001
+                raise ConnectionError(f"cannot reach next stage {url}: {e}") from None
         ch = Channel(ws, name=f"next stage {url}")
         asyncio.ensure_future(ch.serve(self._handle_from_next))
-        info, _ = await ch.request({"type": "hello"}, timeout=30)
+        try:
+            info, _ = await ch.request({"type": "hello"}, timeout=30)
+        except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
+            await ch.close()
+            raise ConnectionError(f"next stage {url} did not answer hello: {e or type(e).__name__}") from None
         problem = chain_mismatch(self.describe(), info)
         if problem:
             await ch.close()
             raise ConnectionError(f"next stage {url}: {problem}")
-        self.next, self.next_url = ch, url
         log.info("forwarding to next stage %s (layers %d-%d)", url, info["layer_start"], info["layer_stop"] - 1)
+        return ch
+
+    def _set_next(self, ch: Channel, url: str) -> None:
+        """``ch`` is the link to the next stage now; its keeper rebuilds it when it is lost."""
+        self._next_gen += 1
+        self.next, self.next_url = ch, url
+        self._next_since = time.monotonic()
+        k = asyncio.ensure_future(self._keep_next(ch, url, self._next_gen))
+        self._keepers.add(k)
+        k.add_done_callback(self._keepers.discard)
+
+    def _notify_link_down(self, reason: str) -> None:
+        """Tell the head (once per lost link) that steps sent to the next stage may be lost."""
+        if self._notified_gen == self._next_gen:
+            return
+        self._notified_gen = self._next_gen
+        self._send_head({"type": "link_down", "stage": self._range(), "to": self.next_url, "reason": reason[:300]},
+                        None)
+
+    async def _keep_next(self, ch: Channel, url: str, gen: int) -> None:
+        """When the link ``ch`` (generation ``gen``) is lost for any reason, tell the head and reconnect to the same
+        URL with backoff until it is back, or a configure has linked this stage anew."""
+        await ch.closed.wait()
+        if self._closing or gen != self._next_gen:
+            return
+        reason = (f"closed by the next stage ({ch.peer_close_code}: {ch.peer_close_reason})" if ch.peer_close_reason
+                  else ch.close_reason or "connection lost")
+        self.stats["next_link_losses"] += 1
+        log.warning("lost the link to the next stage %s (%s); reconnecting", url, reason)
+        self._notify_link_down(reason)
+        # a link that broke soon after it was made (two upstreams fighting over the next stage) backs off further
+        lived = time.monotonic() - self._next_since
+        delay = NEXT_RETRY[0] if lived > 10.0 else min(self._next_delay * 2, NEXT_RETRY[1])
+        self._next_delay = delay
+        last_err, t_lost, tries = "", time.monotonic(), 0
+        while not self._closing:
+            await asyncio.sleep(delay)
+            async with self._next_lock:
+                if gen != self._next_gen or self._closing:
+                    return  # a configure linked this stage meanwhile
+                tries += 1
+                try:
+                    new = await self._dial_next(url)
+                except ConnectionError as e:
+                    if str(e) != last_err or tries % 10 == 0:
+                        log.warning("reconnecting to the next stage %s failed (%s); retrying every %.1f s at most",
+                                    url, e, NEXT_RETRY[1])
+                    last_err = str(e)
+                else:
+                    self.stats["next_link_reconnects"] += 1
+                    log.info("link to the next stage %s is back after %.1f s", url, time.monotonic() - t_lost)
+                    self._set_next(new, url)
+                    self._send_head({"type": "link_up", "stage": self._range(), "to": url}, None)
+                    return
+            delay = min(delay * 2, NEXT_RETRY[1])
 
     async def _probe_next(self, ch: Channel, meta: dict) -> None:
         """Measure the link to the next stage: round-trip time and bandwidth (a small and a large ping)."""
@@ -509,12 +789,15 @@ class StageServer:
         if data is None:  # an empty step (only frees): forward as is
             data = encode_frame(meta, {"seq": np.zeros(0, np.int32), "pos": np.zeros(0, np.int32)})
         if self.next is None or self.next.closed.is_set():
-            raise_msg = f"stage {self.info.layer_start}-{self.info.layer_stop - 1} has no connection to the next stage"
+            raise_msg = f"stage {self._range()} has no connection to the next stage"
+            if self.next is not None:  # lost: the head hears of it before this step's error
+                self._notify_link_down(self.next.close_reason or "connection lost")
             self._report(meta, raise_msg)
             return
         try:
             self.next.send_bytes(data)
         except ChannelClosed as e:
+            self._notify_link_down(str(e))
             self._report(meta, str(e))
 
     def _send_head(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
@@ -529,6 +812,31 @@ class StageServer:
         log.warning("step %s: %s", meta.get("step"), message)
         self._send_head({"type": "step_error", "step": meta.get("step"), "message": message,
                          "stage": f"{self.info.layer_start}-{self.info.layer_stop - 1}"}, None)
+
+
+def _address_key(peer: object) -> str:
+    """The address a connection counts against: its IP (IPv6: its /64, what one host usually holds)."""
+    host = peer[0] if isinstance(peer, (tuple, list)) and peer else peer
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return str(host)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+async def _close_quickly(ws, code: int, reason: str) -> None:
+    """Close with ``code``/``reason`` but do not wait long for a silent peer's answer (then drop the socket)."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), 1.0)
+    except Exception:  # noqa: BLE001 - closing is best effort
+        pass
+    transport = getattr(ws, "transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.abort()
 
 
 def _file_size(path: str) -> int:

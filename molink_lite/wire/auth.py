@@ -58,7 +58,12 @@ MIN_SECRET_CHARS = 16
 
 
 class AuthError(ConnectionError):
-    """The link could not be authenticated; the message says why and what to do."""
+    """The link could not be authenticated; the message says why and what to do. ``code``: the close code
+    the peer sent, if it closed the connection (e.g. :data:`CLOSE_BUSY`: try again later)."""
+
+    def __init__(self, message: str, code: Optional[int] = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,8 @@ async def _recv_json(ws: Any, timeout: float, what: str) -> dict:
     except websockets.exceptions.ConnectionClosed as e:
         rcvd = getattr(e, "rcvd", None)
         reason = getattr(rcvd, "reason", "") if rcvd is not None else ""
-        raise AuthError(f"the peer closed the connection ({reason or 'no reason given'})") from None
+        raise AuthError(f"the peer closed the connection ({reason or 'no reason given'})",
+                        getattr(rcvd, "code", None)) from None
     if not isinstance(msg, str) or len(msg) > 4096:
         raise AuthError(f"expected a short {what} text message")
     try:

@@ -25,7 +25,11 @@ class ChannelClosed(ConnectionError):
 
 
 class RemoteError(RuntimeError):
-    """The peer answered a request with an error."""
+    """The peer answered a request with an error; ``meta`` is the whole error reply (e.g. ``code``, ``epoch``)."""
+
+    def __init__(self, message: str, meta: Optional[dict] = None):
+        super().__init__(message)
+        self.meta = meta or {}
 
 
 class Channel:
@@ -40,6 +44,9 @@ class Channel:
         self._sender = asyncio.ensure_future(self._send_loop())
         self.closed = asyncio.Event()
         self.close_reason = ""
+        # what the peer said when it closed the connection (WebSocket close code and reason), if it did
+        self.peer_close_code: Optional[int] = None
+        self.peer_close_reason = ""
         self.role = ""  # what the peer is on this link ("gateway", "upstream"), set after authentication
 
     async def _send_loop(self) -> None:
@@ -76,7 +83,7 @@ class Channel:
         finally:
             self._pending.pop(rid, None)
         if meta_r.get("type") == "error":
-            raise RemoteError(meta_r.get("message", "unknown error"))
+            raise RemoteError(meta_r.get("message", "unknown error"), meta_r)
         return meta_r, arrays_r
 
     def reply(self, req: dict, meta: dict, arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
@@ -103,9 +110,26 @@ class Channel:
                     continue
                 await handler(self, meta, arrays)
         except Exception as e:  # noqa: BLE001
+            self._note_peer_close(e)
             self._mark_closed(f"receive failed: {e}")
             return
-        self._mark_closed("connection closed")
+        self._note_peer_close(None)
+        why = f" by the peer ({self.peer_close_code}: {self.peer_close_reason})" if self.peer_close_reason else ""
+        self._mark_closed(f"connection closed{why}")
+
+    def _note_peer_close(self, exc: Optional[BaseException]) -> None:
+        """Remember the close code and reason the peer sent (from the exception, else from the connection)."""
+        rcvd = getattr(exc, "rcvd", None) if exc is not None else None
+        if rcvd is None:
+            try:
+                code, reason = self.ws.close_code, self.ws.close_reason
+            except Exception:  # noqa: BLE001 - a connection object without them
+                return
+            rcvd_code = code
+        else:
+            rcvd_code, reason = getattr(rcvd, "code", None), getattr(rcvd, "reason", "")
+        if self.peer_close_code is None and isinstance(rcvd_code, int):
+            self.peer_close_code, self.peer_close_reason = rcvd_code, str(reason or "")
 
     def _protocol_error(self, message: str) -> None:
         log.warning("%s: %s", self.name, message)

@@ -344,36 +344,27 @@ def _load_ggml_f16() -> Optional[_GgmlF16]:
         return None
     try:
         import ctypes
-        import importlib.util
-        from pathlib import Path
 
-        mod = sys.modules.get("llama_cpp.llama_cpp")
-        name = getattr(getattr(mod, "_lib", None), "_name", None)
-        if name:
-            folder = Path(name).parent
-        else:
-            spec = importlib.util.find_spec("llama_cpp")
-            if spec is None or not spec.origin:
-                return None
-            folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(spec.origin).parent / "lib")
-        names = ["ggml-cpu.dll"] if sys.platform == "win32" else ["libggml-cpu.so", "libggml-cpu.dylib"]
-        for n in names:
-            if (folder / n).is_file():
-                conv = _GgmlF16(ctypes.CDLL(str(folder / n)))
-                # trust, but check: the special values and a tail shorter than a SIMD block
-                probe = np.array([0.0, -0.0, 1.0, 65504.0, 65520.0, -np.inf, 6e-8, 1e-8, 3.14159, 2.0**-24, 7.0],
-                                 dtype=_F32)
-                h = np.empty(probe.size, dtype=_F16)
-                conv.f32_to_f16(probe, h)
-                back = np.empty(probe.size, dtype=_F32)
-                conv.f16_to_f32(h, back)
-                with np.errstate(over="ignore"):
-                    same = h.view(_U16).tolist() == probe.astype(_F16).view(_U16).tolist() and \
-                        back.view(_U32).tolist() == h.astype(_F32).view(_U32).tolist()
-                return conv if same else None
+        from ..stage.libpath import find_sibling
+
+        # next to the llama library llama_cpp loaded (or would load), by this OS's file names
+        path = find_sibling("ggml-cpu")
+        if path is None:
+            return None
+        conv = _GgmlF16(ctypes.CDLL(str(path)))
+        # trust, but check: the special values and a tail shorter than a SIMD block
+        probe = np.array([0.0, -0.0, 1.0, 65504.0, 65520.0, -np.inf, 6e-8, 1e-8, 3.14159, 2.0**-24, 7.0],
+                         dtype=_F32)
+        h = np.empty(probe.size, dtype=_F16)
+        conv.f32_to_f16(probe, h)
+        back = np.empty(probe.size, dtype=_F32)
+        conv.f16_to_f32(h, back)
+        with np.errstate(over="ignore"):
+            same = h.view(_U16).tolist() == probe.astype(_F16).view(_U16).tolist() and \
+                back.view(_U32).tolist() == h.astype(_F32).view(_U32).tolist()
+        return conv if same else None
     except Exception:  # noqa: BLE001 - no usable library: numpy or bit tricks instead
         return None
-    return None
 
 
 _GGML: Optional[_GgmlF16] = None
