@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build llama.cpp's shared libraries (CPU or CUDA) for the pinned llama-cpp-python.
+"""Build llama.cpp's shared libraries (CPU, CUDA or Vulkan) for the pinned llama-cpp-python.
 
 Only the ``llama`` target and the ggml libraries it links are built from the
 llama.cpp source vendored in the llama-cpp-python sdist, so a CUDA build takes
@@ -11,10 +11,13 @@ Usage::
 
     python kernels/build.py --backend cpu [--portable] [--out DIR] [--src SDIST] [--jobs N]
     python kernels/build.py --backend cuda [--cuda-arch 90|native|"86;89"] [--out DIR]
+    python kernels/build.py --backend vulkan [--portable] [--out DIR]     # AMD, Intel, NVIDIA GPUs
 
 Pure Python standard library; runs on Linux, macOS and Windows.  Needs cmake
 (>= 3.18; ``pip install cmake`` works), a C/C++ compiler (gcc/clang, or MSVC on
-Windows) and, for ``--backend cuda``, the CUDA toolkit (nvcc).  Ninja is used
+Windows) and, for ``--backend cuda``, the CUDA toolkit (nvcc); for ``--backend vulkan``,
+the Vulkan headers and loader, ``glslc`` and SPIRV-Headers (Debian/Ubuntu: ``apt-get install
+libvulkan-dev glslc spirv-headers``; Windows: the LunarG Vulkan SDK, ``$VULKAN_SDK``).  Ninja is used
 when found (``pip install ninja``); otherwise CMake's default generator.
 
 Next to the libraries it writes ``struct_sizes.json`` (``sizeof`` of the main
@@ -198,6 +201,71 @@ def find_nvcc() -> str:
                        "PATH. Without a compiler, see kernels/README.md for prebuilt CUDA wheels.")
 
 
+VULKAN_SDK_HINT = ("the Vulkan backend is built with the Vulkan headers and loader, glslc (shader compiler) and "
+                   "SPIRV-Headers: apt-get install libvulkan-dev glslc spirv-headers (Debian 12+/Ubuntu 24.04+), "
+                   "dnf install vulkan-loader-devel glslc spirv-headers-devel (Fedora), or the LunarG Vulkan SDK "
+                   "(https://vulkan.lunarg.com; Windows, macOS, older Linux) with $VULKAN_SDK set")
+
+
+# Force-included (gcc/clang) into the C++ sources of a Vulkan build: ggml-vulkan uses VK_EXT_layer_settings
+# without a version guard, which the Vulkan headers of Debian 12 (1.3.239) and Ubuntu 22.04 lack.
+VULKAN_COMPAT_H = """/* molink-lite (kernels/build.py): force-included into C++ sources of Vulkan builds. ggml-vulkan uses
+   VK_EXT_layer_settings (Vulkan headers 1.3.261+) without a version guard; older headers (Debian 12:
+   1.3.239, Ubuntu 22.04: 1.3.204) lack it. This declares the types with the layout of the Vulkan spec,
+   only in ggml-vulkan's own sources and only where the headers lack them. */
+#if defined(__cplusplus) && defined(ggml_vulkan_EXPORTS)
+#include <vulkan/vulkan_core.h> /* C header: ggml's later vulkan.hpp setup (dynamic dispatcher) stays first */
+#if !defined(VK_EXT_layer_settings)
+#include <cstdint>
+#include <vector>
+namespace vk {
+enum class LayerSettingTypeEXT : int32_t {
+    eBool32 = 0, eInt32 = 1, eInt64 = 2, eUint32 = 3, eUint64 = 4, eFloat32 = 5, eFloat64 = 6, eString = 7
+};
+struct LayerSettingEXT {
+    const char *pLayerName;
+    const char *pSettingName;
+    LayerSettingTypeEXT type;
+    uint32_t valueCount;
+    const void *pValues;
+};
+struct LayerSettingsCreateInfoEXT {
+    int32_t sType = 1000496000; /* VK_STRUCTURE_TYPE_LAYER_SETTINGS_CREATE_INFO_EXT */
+    const void *pNext = nullptr;
+    uint32_t settingCount = 0;
+    const LayerSettingEXT *pSettings = nullptr;
+    explicit LayerSettingsCreateInfoEXT(const std::vector<LayerSettingEXT> &s)
+        : settingCount(static_cast<uint32_t>(s.size())), pSettings(s.data()) {}
+};
+}  /* namespace vk */
+#endif
+#endif
+"""
+
+
+def write_vulkan_compat(build: Path) -> Path:
+    """VULKAN_COMPAT_H in the CMake build folder (rewritten only when it changed: every C++ object depends on it)."""
+    build.mkdir(parents=True, exist_ok=True)
+    f = build / "molink-vulkan-compat.h"
+    if not f.is_file() or f.read_text(encoding="utf-8") != VULKAN_COMPAT_H:
+        f.write_text(VULKAN_COMPAT_H, encoding="utf-8")
+    return f
+
+
+def find_glslc() -> str:
+    """The glslc shader compiler ggml-vulkan compiles its shaders with (PATH, then $VULKAN_SDK/bin)."""
+    exe = shutil.which("glslc")
+    if exe:
+        return exe
+    sdk = os.environ.get("VULKAN_SDK")
+    if sdk:
+        for sub in ("bin", "Bin"):
+            cand = Path(sdk) / sub / ("glslc.exe" if is_windows() else "glslc")
+            if cand.is_file():
+                return str(cand)
+    raise BuildError("glslc not found (PATH, $VULKAN_SDK/bin): " + VULKAN_SDK_HINT)
+
+
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
     m = re.search(r"release (\d+\.\d+)", out)
@@ -344,6 +412,10 @@ def configure_args(args: argparse.Namespace) -> List[str]:
     if args.backend == "cuda":
         a += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={args.cuda_arch}",
               f"-DCMAKE_CUDA_COMPILER={args.nvcc}"]
+    elif args.backend == "vulkan":
+        a.append("-DGGML_VULKAN=ON")  # one build for AMD, Intel and NVIDIA GPUs (and Mesa's lavapipe)
+        if getattr(args, "vulkan_compat", None):  # older Vulkan headers (see VULKAN_COMPAT_H)
+            a.append(f"-DCMAKE_CXX_FLAGS=-include {args.vulkan_compat}")
     elif is_macos():
         a.append("-DGGML_METAL=OFF")  # llama.cpp turns Metal on by default on macOS; "cpu" means CPU only
     a += list(args.cmake_arg or [])
@@ -364,6 +436,11 @@ def configure_hint(text: str, backend: str) -> Optional[str]:
                 "--cmake-arg=-DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++-12 (for example).")
     if backend == "cuda" and "native" in low and "architectures" in low:
         return "CUDA arch 'native' needs a visible GPU (and CMake >= 3.24): pass --cuda-arch explicitly, e.g. 90."
+    if backend == "vulkan" and "spirv-headers" in low:
+        return ("ggml-vulkan needs SPIRV-Headers' CMake package: apt-get install spirv-headers (Debian/Ubuntu), "
+                "or the LunarG Vulkan SDK with $VULKAN_SDK set.")
+    if backend == "vulkan" and ("could not find vulkan" in low or "glslc" in low):
+        return VULKAN_SDK_HINT
     return None
 
 
@@ -385,6 +462,7 @@ def configure(cmake: str, src: Path, build: Path, args: argparse.Namespace) -> N
     for line in (p.stdout or "").splitlines():
         if any(k in line for k in ("CUDA Toolkit found", "Using CUDA architectures", "CMAKE_BUILD_TYPE", "llama.cpp version",
                                    "Including CPU backend", "Including CUDA backend", "Including METAL backend",
+                                   "Including Vulkan backend", "Found Vulkan", "not supported by glslc",
                                    "OpenMP found", "Adding CPU backend variant")):
             log("  " + line.strip())
 
@@ -554,7 +632,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Then: export LLAMA_CPP_LIB_PATH=<out> (before llama_cpp is imported).")
-    ap.add_argument("--backend", choices=["cpu", "cuda"], required=True)
+    ap.add_argument("--backend", choices=["cpu", "cuda", "vulkan"], required=True)
     ap.add_argument("--cuda-arch", default=None,
                     help="CMAKE_CUDA_ARCHITECTURES: '90' (H100), '86;89', 'native', 'all-major' ... "
                          "(default: the local GPUs' compute capabilities from nvidia-smi)")
@@ -626,6 +704,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         if args.backend == "cuda":
             args.nvcc = find_nvcc()
             log(f"nvcc: {args.nvcc} (CUDA {nvcc_version(args.nvcc)})")
+        if args.backend == "vulkan":
+            log(f"glslc: {find_glslc()}")
         args.ninja = find_ninja()
         log(f"generator: {'Ninja (' + args.ninja + ')' if generator_args(cmake, args.ninja) else 'CMake default'}")
 
@@ -644,6 +724,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         log(f"llama.cpp source: {llama_src}")
 
         t0 = time.perf_counter()
+        if args.backend == "vulkan" and not is_windows():
+            args.vulkan_compat = write_vulkan_compat(build)
         configure(cmake, llama_src, build, args)
         t1 = time.perf_counter()
         build_llama(cmake, build, args.jobs, args.with_tools)

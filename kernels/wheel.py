@@ -8,6 +8,7 @@ wheels the project publishes instead: the same version and the same Python bindi
     python kernels/wheel.py build --variant cpu  [--out dist/wheels]      # portable x86-64 CPU
     python kernels/wheel.py build --variant cpu --platform win_amd64      # Windows, cross-built with MinGW-w64
     python kernels/wheel.py build --variant cu12 [--cuda-arch "61;70;75;80;86;89;90"]
+    python kernels/wheel.py build --variant vulkan                         # AMD, Intel, NVIDIA GPUs (Vulkan)
     python kernels/wheel.py index --wheels dist/wheels --out site          # site/cpu/, site/cu12/ (PEP 503)
 
 Variants:
@@ -20,6 +21,12 @@ Variants:
   NVIDIA's registry wheels ``nvidia-cuda-runtime-cu12`` and ``nvidia-cublas-cu12``, which
   :func:`molink_lite.stage.libpath.preload_cuda_runtime` loads before llama.cpp, so a user needs only the
   NVIDIA driver.
+- ``vulkan``: the same CPU code plus ``GGML_VULKAN=ON``: one wheel for AMD, Intel and NVIDIA GPUs through the
+  GPU driver's Vulkan (1.2+) support; nothing is bundled but the shaders (the Vulkan loader, ``libvulkan.so.1`` /
+  ``vulkan-1.dll``, comes with the GPU driver). Building it needs the Vulkan headers, ``glslc`` and
+  SPIRV-Headers (Debian/Ubuntu: ``apt-get install libvulkan-dev glslc spirv-headers``; Windows: the LunarG
+  Vulkan SDK); older Vulkan headers (Debian 12's 1.3.239) get build.py's ``VULKAN_COMPAT_H`` shim. Mesa's
+  lavapipe (a CPU Vulkan device) runs it without a GPU: tests/test_vulkan.py.
 
 ``--platform win_amd64`` on Linux cross-compiles the same sources with MinGW-w64 (Debian/Ubuntu:
 ``apt-get install mingw-w64``; the posix-thread ``x86_64-w64-mingw32-g++-posix``) into
@@ -60,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build as libbuild  # noqa: E402 - kernels/build.py: sdist download, struct-size probe
 
 VERSION = libbuild.LLAMA_CPP_PYTHON_VERSION
-VARIANTS = ("cpu", "cu12", "cu13")
+VARIANTS = ("cpu", "cu12", "cu13", "vulkan")
 # compute capabilities: CUDA 12 reaches back to Pascal (6.1, GTX 10xx); CUDA 13 starts at Turing (7.5) and adds
 # Blackwell (10.0 B200, 12.0 RTX 50xx)
 DEFAULT_CUDA_ARCHS = {"cu12": "61;70;75;80;86;89;90", "cu13": "75;80;86;89;90;100;120"}
@@ -80,6 +87,8 @@ def cmake_args(variant: str, cuda_arch: str, x86: bool = X86) -> List[str]:
                  "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
     if variant.startswith("cu"):
         args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+    if variant == "vulkan":
+        args.append("-DGGML_VULKAN=ON")
     return args
 
 
@@ -119,6 +128,9 @@ def build(args: argparse.Namespace) -> Path:
            "cmake_args": cmake_args(args.variant, args.cuda_arch) + list(args.cmake_arg or []),
            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "platform": sys.platform,
            "machine": platform.machine()}
+    compat = args.variant == "vulkan" and not libbuild.is_windows()  # older Vulkan headers: build.py's shim
+    if compat:
+        key["vulkan_compat"] = hashlib.sha256(libbuild.VULKAN_COMPAT_H.encode()).hexdigest()[:16]
     if stamp.is_file() and not args.force:
         done = json.loads(stamp.read_text())
         if {k: done.get(k) for k in key} == key and Path(done.get("wheel", "")).is_file():
@@ -132,6 +144,10 @@ def build(args: argparse.Namespace) -> Path:
     # this script's own flags decide the CPU code: drop -march/-mno-amx style flags of the caller's shell
     for v in ("CFLAGS", "CXXFLAGS"):
         env.pop(v, None)
+    if args.variant == "vulkan":
+        libbuild.log(f"glslc: {libbuild.find_glslc()}")
+    if compat:
+        env["CXXFLAGS"] = f"-include {libbuild.write_vulkan_compat(work / 'vulkan-compat')}"
     t0 = time.perf_counter()
     libbuild.log(f"building the {args.variant} wheel of llama-cpp-python {VERSION} (CMAKE_ARGS={env['CMAKE_ARGS']})")
     wdir = work / "wheel"

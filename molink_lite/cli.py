@@ -545,8 +545,9 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap of that relay (default 0: none)")
     b.add_argument("--baseline", default="",
                    help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
-                        "+ ggml-rpc-server, same split and relay), 'secure' (molink-lite with a cluster secret and "
-                        "TLS on every link, to see what security costs)")
+                        "+ ggml-rpc-server, same split and relay), 'sealed' (molink-lite with a cluster secret: every "
+                        "link authenticated and every message sealed, the default off loopback), 'secure' (sealed "
+                        "and TLS on every link), to see what security costs")
     b.add_argument("--long-prompt", type=int, default=0,
                    help="also measure inter-token p99 of 8 decoding requests while a prompt of this many words "
                         "arrives (e.g. 4096; default 0: skip)")
@@ -577,9 +578,9 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     from .tools.bench_serve import BenchConfig, load_prompts, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
-    bad = [x for x in bases if x not in ("whole", "rpc", "secure")]
+    bad = [x for x in bases if x not in ("whole", "rpc", "sealed", "secure")]
     if bad:
-        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, secure", file=sys.stderr)
+        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, sealed, secure", file=sys.stderr)
         return 2
     try:
         conc = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -778,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("build-lib", add_help=False,
-                       help="build llama.cpp's shared libraries (CPU or CUDA) for --lib; "
+                       help="build llama.cpp's shared libraries (CPU, CUDA or Vulkan) for --lib; "
                             "'molink-lite build-lib --help' lists the options")
     s.add_argument("args", nargs=argparse.REMAINDER)
     s.set_defaults(func=lambda a: cmd_build_lib(a.args))

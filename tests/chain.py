@@ -53,15 +53,16 @@ def greedy_run(stages: List[StageEngine], prompts, n_steps: int, codec: str = "f
     return logits, np.stack(tokens, axis=1)
 
 
-def whole_model_greedy_texts(model: str, prompts, n_tokens: int) -> list:
+def whole_model_greedy_texts(model: str, prompts, n_tokens: int, n_gpu_layers: int = 0) -> list:
     """What the whole model says greedily after each prompt (``n_tokens`` tokens, no stop at EOS), decoded by
-    the same incremental detokenizer the last stage uses: the reference a served split must equal."""
+    the same incremental detokenizer the last stage uses: the reference a served split must equal.
+    ``n_gpu_layers``: as llama.cpp counts them (the last layers first; n_layer + 1 puts the output on the GPU too)."""
     import numpy as np
 
     from molink_lite.model.vocab import Detokenizer, Vocab
     from molink_lite.stage.engine import StageEngine
 
-    whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False)
+    whole = StageEngine(model, n_ctx=512, n_seq_max=4, n_threads=1, flash_attn=False, n_gpu_layers=n_gpu_layers)
     try:
         detok = Detokenizer(Vocab(whole.model_ptr))
         out = []

@@ -3,7 +3,7 @@
 The wheel is built once per machine (cached in ~/.cache/molink-lite/wheels; a build takes about 5
 minutes on 2 cores). A fresh virtualenv gets it on a PATH holding no C compiler and no CMake (CC/CXX
 unset), so pip cannot fall back to compiling; then `molink-lite doctor` must report the project wheel
-with matching struct sizes, and the split-exact and serving tests run against it.
+with matching struct sizes, and the split-exact, serving and codec-fidelity tests run against it.
 """
 
 from __future__ import annotations
@@ -69,13 +69,15 @@ def test_cpu_wheel_installs_without_a_compiler_and_splits_exactly(tmp_path):
     assert str(venv) in doc.stdout  # the library comes from the fresh venv's wheel
     assert "molink-lite cpu wheel of llama-cpp-python 0.3.36" in doc.stdout
     assert "struct sizes: match" in doc.stdout
+    assert "wheel for this machine: " in doc.stdout and "install: pip install molink-lite" in doc.stdout
 
     # the split-exact and serving tests, run by the fresh venv against the wheel's engine
     tests = tmp_path / "t"
     shutil.copytree(ROOT / "tests", tests / "tests")
     shutil.copy2(ROOT / "pyproject.toml", tests / "pyproject.toml")
+    # (and the codec fidelity bounds, which must hold on this x86-64-v3 build as on a native one)
     run = subprocess.run([py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_split_exact.py",
-                          "tests/test_serving_e2e.py"], capture_output=True, text=True, env=env, timeout=1800,
-                         cwd=tests)
+                          "tests/test_serving_e2e.py", "tests/test_codec_fidelity.py"], capture_output=True, text=True,
+                         env=env, timeout=2400, cwd=tests)
     print(run.stdout[-1500:])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

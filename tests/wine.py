@@ -287,21 +287,24 @@ class WinePython:
         return Path(out.strip().splitlines()[-1])
 
     def _molink_wheel(self) -> Path:
-        """A wheel of this checkout's working tree (built from a copy: the tree gets no build/ or egg-info)."""
+        """A wheel of this checkout's working tree (built from a copy: the tree gets no build/ or egg-info).
+        ``$MOLINK_WINE_SOURCE``: another source tree instead (e.g. ``git archive`` of an older commit, to see the
+        job fail on it)."""
         src = self.cache / "molink-src"
         if src.exists():
             shutil.rmtree(src)
+        root = Path(os.environ.get("MOLINK_WINE_SOURCE") or ROOT)
         try:
-            files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+            files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True,
                                    check=True).stdout.decode().split("\0")
         except (OSError, subprocess.CalledProcessError):
-            files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts]
+            files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
         for f in files:
-            if f and (ROOT / f).is_file() and f.startswith(("molink_lite/", "kernels/", "pyproject.toml", "README",
+            if f and (root / f).is_file() and f.startswith(("molink_lite/", "kernels/", "pyproject.toml", "README",
                                                              "LICENSE")):
                 dest = src / f
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / f, dest)
+                shutil.copy2(root / f, dest)
         dist = self.cache / "molink-dist"
         shutil.rmtree(dist, ignore_errors=True)
         try:  # with this interpreter's setuptools when it is new enough (no download), else an isolated build

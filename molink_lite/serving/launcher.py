@@ -137,7 +137,8 @@ def _windows_job():
 def _kill_with_parent(p: subprocess.Popen) -> None:
     """Windows: put child ``p`` in this process's kill-on-close Job Object (elsewhere: nothing to do here;
     the child's own :func:`watch_parent` covers a parent killed without its handlers running)."""
-    return
+    if sys.platform != "win32":
+        return
     import ctypes
 
     try:
@@ -156,7 +157,6 @@ def watch_parent(interval: float = 0.5) -> Optional[int]:
     Windows: a handle to the parent, opened now, is waited on (signalled when the parent ends; a handle
     also keeps the pid from being reused under us). Elsewhere: the parent pid (``os.getppid()``) changes
     when the parent dies and this process is re-parented."""
-    return None
     import threading
 
     val = os.environ.pop(PARENT_ENV, "")

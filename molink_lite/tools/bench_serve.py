@@ -320,12 +320,13 @@ def _linked(cfg: BenchConfig) -> bool:
 
 
 def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False,
-                 speculative: Optional[str] = None) -> str:
-    """Stages + gateway; ``secure``: every link authenticated with a cluster secret and TLS-encrypted."""
+                 speculative: Optional[str] = None, sealed: bool = False) -> str:
+    """Stages + gateway; ``sealed``: every link authenticated with a cluster secret, every message sealed
+    (AES-256-GCM); ``secure``: that and TLS on every link too."""
     t = _threads(cfg, len(ranges))
     max_seqs = max(list(cfg.concurrency) + [16])
     extra = ["--threads", str(t), "--ctx", str(cfg.ctx), "--max-seqs", str(min(256, max_seqs))]
-    secret = new_secret() if secure else None
+    secret = new_secret() if secure or sealed else None
     procs.stages = start_stages(cfg.model, ranges, extra_args=extra + (["--tls", "auto"] if secure else []),
                                 workdir=str(procs.workdir), secret=secret)
     scheme = "wss" if secure else "ws"
@@ -399,17 +400,18 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     procs.workdir.mkdir(parents=True, exist_ok=True)
     res = SystemResult(system)
     try:
-        if system in ("molink", "secure", "spec"):
+        if system in ("molink", "sealed", "secure", "spec"):
             # with --speculative, "molink" is the same system with speculation off (same invocation)
             mode = cfg.speculative if system == "spec" else ("off" if cfg.speculative else None)
-            url = start_molink(cfg, procs, ranges, secure=system == "secure", speculative=mode)
+            url = start_molink(cfg, procs, ranges, secure=system == "secure", speculative=mode,
+                               sealed=system == "sealed")
         elif system in ("whole", "rpc"):
             url = start_llama_server(cfg, procs, ranges, rpc=system == "rpc")
         else:
-            raise ValueError(f"unknown system {system!r} (molink, secure, whole, rpc)")
+            raise ValueError(f"unknown system {system!r} (molink, sealed, secure, whole, rpc)")
         asyncio.run(run_level(url, 1, 1, 8, 4))  # warm-up
         prompts = load_prompts(cfg.prompts)
-        molink = system in ("molink", "secure", "spec")
+        molink = system in ("molink", "sealed", "secure", "spec")
         for i, c in enumerate(cfg.concurrency):
             n = cfg.requests or max(4, 2 * c)
             before = _spec_counters(url) if molink else None

@@ -21,6 +21,8 @@ WHEEL_VARIANTS = {
     "cu12": ("linux windows", "NVIDIA GPU, compute capability 6.1-9.0 (later ones through PTX), driver 525.60.13+ "
                               "(Windows 527.41+)"),
     "cu13": ("linux", "NVIDIA GPU, compute capability 7.5-12.0, driver 580+"),
+    "vulkan": ("linux windows", "a GPU whose driver supports Vulkan 1.2+ (AMD, Intel, NVIDIA), x86-64 with AVX2 "
+                                "(Linux: glibc 2.35+)"),
 }
 INDEX = "<pages>/whl"  # <pages>: the repository's GitHub Pages address (README, Install)
 
@@ -63,8 +65,8 @@ def recommend(os_name: str, arch: str, cpu: dict, cuda: Optional[dict], vk: Opti
         why.append(f"NVIDIA driver found but no usable GPU ({cuda['error']})")
     vk_gpus = [d for d in (vk or {}).get("devices") or [] if d["type"] != "CPU"]
     if vk_gpus and not gpus:
-        if "vulkan" in WHEEL_VARIANTS:
-            return "vulkan", [f"Vulkan GPU: {vk_gpus[0]['name']}"]
+        if "vulkan" in WHEEL_VARIANTS and cpu.get("avx2") is not False:  # its CPU code is x86-64-v3 too
+            return "vulkan", why + [f"Vulkan GPU: {vk_gpus[0]['name']} ({vk_gpus[0]['type']})"]
         why.append(f"Vulkan GPU {vk_gpus[0]['name']}: this version has no Vulkan engine wheel; the CPU wheel runs")
     if cpu.get("avx2") is False:
         return None, why + ["this CPU has no AVX2: the cpu wheel would stop with an illegal instruction. "
@@ -137,6 +139,31 @@ def build_info(lib_dir: Path) -> str:
     return "built elsewhere (e.g. compiled by pip from the source distribution)"
 
 
+def vulkan_hint(lib: Optional[Path], devs: List[dict]) -> Optional[str]:
+    """A Vulkan build (ggml-vulkan next to the llama library) with no Vulkan device in llama.cpp's list: why."""
+    from ..stage import hostinfo
+    from ..stage.libpath import find_sibling
+
+    if lib is None or find_sibling("ggml-vulkan", lib.parent) is None or \
+            any(d["name"].startswith("Vulkan") for d in devs):
+        return None
+    try:
+        vk = hostinfo.vulkan() or {}
+    except Exception:  # noqa: BLE001 - a hint only
+        vk = {}
+    kinds = [d["type"] for d in vk.get("devices") or []]
+    if not kinds:
+        why = ("no Vulkan driver answers (install the GPU driver's Vulkan support: Linux mesa-vulkan-drivers for "
+               "AMD/Intel, the NVIDIA driver for NVIDIA GPUs), so layers run on the CPU")
+    elif all(k == "CPU" for k in kinds):
+        why = ("the only Vulkan device is a CPU one (e.g. Mesa's lavapipe, 'llvmpipe'), which llama.cpp skips; "
+               "GGML_VK_VISIBLE_DEVICES=0 selects it (for testing: slower than the CPU backend)")
+    else:
+        why = ("llama.cpp found the Vulkan GPU unsuitable (it needs 16-bit storage buffer access); update the "
+               "GPU driver, or pick a device with GGML_VK_VISIBLE_DEVICES")
+    return f"Vulkan: this is a Vulkan build but llama.cpp uses no Vulkan device: {why}"
+
+
 def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[str], bool]:
     """Lines to print, and whether everything is usable."""
     import llama_cpp
@@ -169,6 +196,9 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
     for d in devs:
         lines.append(f"  device {d['name']} ({d['type']}): {d['description']}, "
                      f"{d['free'] / 2**30:.1f} of {d['total'] / 2**30:.1f} GiB free")
+    hint = vulkan_hint(lib, devs)
+    if hint:
+        lines.append(hint)
     from ..stage.libpath import PRELOADED
 
     if PRELOADED:
