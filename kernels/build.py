@@ -415,7 +415,9 @@ def configure_args(args: argparse.Namespace) -> List[str]:
     elif args.backend == "vulkan":
         a.append("-DGGML_VULKAN=ON")  # one build for AMD, Intel and NVIDIA GPUs (and Mesa's lavapipe)
         if getattr(args, "vulkan_compat", None):  # older Vulkan headers (see VULKAN_COMPAT_H)
-            a.append(f"-DCMAKE_CXX_FLAGS=-include {args.vulkan_compat}")
+            # given here, CMAKE_CXX_FLAGS replaces what CMake would take from $CXXFLAGS: keep those too
+            flags = [os.environ.get("CXXFLAGS", "").strip(), f"-include {args.vulkan_compat}"]
+            a.append("-DCMAKE_CXX_FLAGS=" + " ".join(f for f in flags if f))
     elif is_macos():
         a.append("-DGGML_METAL=OFF")  # llama.cpp turns Metal on by default on macOS; "cpu" means CPU only
     a += list(args.cmake_arg or [])

@@ -825,7 +825,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .stage.libpath import preload_cuda_runtime
 
     preload_cuda_runtime()  # a CUDA wheel's runtime comes from NVIDIA's pip wheels (kernels/wheel.py)
-    import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
+    try:
+        import llama_cpp  # noqa: F401 - loads libllama now; must come before numpy (segfault on some CUDA builds)
+    except (RuntimeError, OSError) as e:  # a library that cannot load: say why instead of a traceback
+        vk = "vulkan" in str(e).lower()
+        print(f"error: llama.cpp could not be loaded: {e}" + (
+            "\n(the Vulkan engine needs the Vulkan loader, libvulkan.so.1 / vulkan-1.dll, which comes with the GPU "
+            "driver: install the driver, or the cpu wheel)" if vk else "")
+            + "\n`molink-lite doctor` says which engine wheel fits this machine", file=sys.stderr)
+        return 2
 
     if getattr(args, "lib", None):
         from .stage.libpath import LibraryPathError, StructSizeMismatch, check_struct_sizes

@@ -1,12 +1,12 @@
 """Fidelity of the lossy wire codecs (f16 by default) against the whole model.
 
-The bounds come from f16's own precision, not from one build's numbers: the unit roundoff u = 2**-11 (rounding
-to f16 moves a value by at most half an f16 ulp, u relative), and a pseudo-codec that moves every value by a
-random amount of that same size. They hold on a native build (AVX-512 on this host) and on the project's
-x86-64-v3 CPU wheels (Linux gcc and Windows MinGW builds): the earlier reference, one f32 ulp, is not a
-property of the codec but of the kernels (its logit error measured 1.5-2.5 % on the native build and 0.5 % on
-the x86-64-v3 one, where f16 stayed at 3.6 %), and a greedy text over 64 tokens of a random-weight model is
-only as stable as that model's closest top-2 margin.
+The bounds come from f16's own precision, not from one build's numbers: the unit roundoff u = 2**-11
+(rounding to f16 moves a value by at most half an f16 ulp, u relative), and a pseudo-codec that moves every
+value by a random amount of that same size. They hold on a native build (AVX-512 on this host) and on the
+x86-64-v3 build of the project's CPU wheel (tests/test_wheel.py runs this file on it). The earlier reference,
+one f32 ulp, is not a property of the codec but of the kernels (its logit error measured 1.5-2.5 % on the
+native build and 0.5 % on the x86-64-v3 one, where f16 stayed at 3.6 %), and a greedy text over 64 tokens of a
+random-weight model is only as stable as that model's closest top-2 margin.
 """
 
 from __future__ import annotations

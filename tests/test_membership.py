@@ -385,7 +385,8 @@ def test_a_restarted_gateway_readopts_its_stages_without_a_download(tiny_models,
         for i in range(2):
             text = (tmp_path / f"stage{i}.log").read_text()
             assert len(re.findall(r"fetched [\d.]+ MiB in", text)) == 1, text[-3000:]
-            assert "nothing downloaded" in text and "attempt" in text, text[-3000:]
+            # it kept rejoining (one try when the new gateway was already up, more while it was starting)
+            assert "nothing downloaded" in text and ("attempt" in text or "joining again" in text), text[-3000:]
         assert "re-adopted" in (tmp_path / "gateway-2.log").read_text()
 
         # a gateway restarted with another wire codec cannot keep the stages as they are: placed anew (the same

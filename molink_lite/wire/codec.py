@@ -345,10 +345,9 @@ def _load_ggml_f16() -> Optional[_GgmlF16]:
     try:
         import ctypes
 
-        from ..stage.libpath import find_sibling
-
-        # next to the llama library llama_cpp loaded (or would load), by this OS's file names
-        path = find_sibling("ggml-cpu")
+        # next to the llama library llama_cpp loaded (or would load), by this OS's file names (the wire layer
+        # does not import stage/: stage.libpath does the same search for the other ggml libraries)
+        path = _ggml_cpu_path()
         if path is None:
             return None
         conv = _GgmlF16(ctypes.CDLL(str(path)))
@@ -365,6 +364,32 @@ def _load_ggml_f16() -> Optional[_GgmlF16]:
         return conv if same else None
     except Exception:  # noqa: BLE001 - no usable library: numpy or bit tricks instead
         return None
+
+
+def _ggml_cpu_path() -> "Optional[object]":
+    """ggml-cpu's shared library beside llama_cpp's llama library, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    mod = sys.modules.get("llama_cpp.llama_cpp")
+    name = getattr(getattr(mod, "_lib", None), "_name", None)
+    if name:
+        folder = Path(name).parent
+    else:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.origin:
+            return None
+        folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(spec.origin).parent / "lib")
+    names = (["ggml-cpu.dll", "libggml-cpu.dll"] if sys.platform == "win32" else
+             ["libggml-cpu.dylib"] if sys.platform == "darwin" else ["libggml-cpu.so"])
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    if sys.platform not in ("win32", "darwin") and folder.is_dir():
+        versioned = sorted(folder.glob("libggml-cpu.so.*"), key=lambda p: len(p.name))
+        if versioned:
+            return versioned[0]
+    return None
 
 
 _GGML: Optional[_GgmlF16] = None
