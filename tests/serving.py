@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -39,6 +40,16 @@ def http(method: str, url: str, body: Optional[object] = None, raw: Optional[byt
         return status, json.loads(text)
     except json.JSONDecodeError:
         return status, text
+
+
+def spawn_cli(args: Sequence[str], log: Path, env: dict, append: bool = False) -> subprocess.Popen:
+    """``python -m molink_lite.cli ARGS`` as a child process, output to ``log``, ``env`` added to ours."""
+    out = open(log, "ab" if append else "wb")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "molink_lite.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+    finally:
+        out.close()
 
 
 def stop_processes(procs, timeout: float = 20) -> None:

@@ -20,7 +20,7 @@ import pytest
 from molink_lite.wire.auth import new_secret
 
 from chain import whole_model_greedy_texts
-from serving import free_port, http, stop_processes
+from serving import free_port, http, spawn_cli, stop_processes
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -31,12 +31,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 def _spawn(args, log: Path, cache: Path):
-    env = {**os.environ, "MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache)}
-    out = open(log, "wb")
-    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                         env=env)
-    out.close()
-    return p
+    return spawn_cli(args, log, {"MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache)})
 
 
 def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):

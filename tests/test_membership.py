@@ -32,7 +32,7 @@ import websockets
 from molink_lite.wire import auth
 from molink_lite.wire.auth import LinkKey, new_secret
 
-from serving import free_port, http, stop_processes
+from serving import free_port, http, spawn_cli, stop_processes
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -42,12 +42,7 @@ HALF = "70MiB"  # holds half of it, not all of it: two such hosts make one pipel
 
 
 def _spawn(args, log: Path, cache: Path, env: Optional[dict] = None) -> subprocess.Popen:
-    env = {**os.environ, "MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache), **(env or {})}
-    out = open(log, "ab")
-    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                         env=env)
-    out.close()
-    return p
+    return spawn_cli(args, log, {"MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache), **(env or {})}, append=True)
 
 
 def _gateway(model: str, port: int, tmp_path: Path, *extra: str, log: str = "gateway.log") -> subprocess.Popen:

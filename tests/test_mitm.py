@@ -28,7 +28,7 @@ from molink_lite.wire.tls import self_signed
 
 from chain import whole_model_greedy_texts
 from mitm import MITMThread, closed_by
-from serving import free_port, http, stop_processes
+from serving import free_port, http, spawn_cli, stop_processes
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -36,12 +36,7 @@ KEY = LinkKey.from_secret(SECRET)
 
 
 def _spawn(args, log: Path, cache: Path):
-    env = {**os.environ, "MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache)}
-    out = open(log, "wb")
-    p = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                         env=env)
-    out.close()
-    return p
+    return spawn_cli(args, log, {"MOLINK_SECRET": SECRET, "MOLINK_CACHE": str(cache)})
 
 
 def _wait_for(pred, timeout: float, what: str, logs: Path = None) -> None:
