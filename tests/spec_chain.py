@@ -10,10 +10,8 @@ import numpy as np
 
 from molink_lite.model.split import LayerRange, read_model_info, stage_gguf
 from molink_lite.stage.engine import StageEngine
-from molink_lite.stage.sampling import SamplingError
 from molink_lite.stage.server import StageServer
-from molink_lite.stage.validate import StepError, check_step
-from molink_lite.wire.codec import decode_frame, encode_frame
+from molink_lite.wire.codec import decode_frame
 
 import llama_cpp.llama_cpp as _llama
 
@@ -30,29 +28,18 @@ def servers_for(path: str, cuts: Sequence[int], n_ctx: int = 1024, n_seq_max: in
 
 def close(servers: List[StageServer]) -> None:
     for s in servers:
-        for pool in s._pools:
-            pool.shutdown(wait=True)
+        s.runner.close()
         s.engine.close()
 
 
 def run_step(servers: List[StageServer], meta: dict, arrays: Dict[str, np.ndarray]):
     """One step through every stage as the workers run it; returns (seq, tokens) or raises StepError."""
     for i, srv in enumerate(servers):
-        plan = check_step(meta, arrays, srv.limits, srv._seq_len)
-        if plan.drafts and srv.samplers is not None:
-            try:
-                srv.samplers.check_verifiable(plan.drafts, plan.start, plan.spec)
-            except SamplingError as e:
-                raise StepError(str(e)) from None
-        fwd, out = srv._run_step(meta, plan)
+        out = srv.runner.run(srv.runner.check(meta, arrays))
         if i < len(servers) - 1:
-            if out is None:
-                out = encode_frame(fwd, {"seq": np.zeros(0, np.int32), "pos": np.zeros(0, np.int32)})
-            meta, arrays = decode_frame(out)
+            meta, arrays = decode_frame(out)  # the forwarded step, as the next stage receives it
         else:
-            if out is None:
-                return np.zeros(0, np.int32), np.zeros(0, np.int32)
-            return out[0], out[1]
+            return out.seq, out.tokens
 
 
 def kv_max_pos(srv: StageServer, seq: int) -> int:

@@ -21,15 +21,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from molink_lite.model.split import LayerRange
 from molink_lite.serving.auth import ApiKeys, load_api_keys
-from molink_lite.serving.launcher import start_stages, stop_stages
 
 from serving import GatewayProcess
 
 KEY1 = "test-key-0123456789abcdef"
 KEY2 = "second-key-from-a-file-42"
 MODEL = "gemma-3-270m-q4_k_m"
+# the options of the gemma_stages fixture (conftest.py)
 STAGE_ARGS = ["--threads", "1", "--ctx", "2048", "--max-seqs", "8", "--flash-attn", "off"]
 GREEDY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 HEADER_TIMEOUT = 2.0
@@ -70,19 +69,11 @@ def greedy_text(port: int) -> str:
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def stages(gemma3_path, tmp_path_factory):
-    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
-                         workdir=str(tmp_path_factory.mktemp("stages")))
-    yield procs
-    stop_stages(procs)
-
-
-@pytest.fixture(scope="module")
-def gateway(stages, tmp_path_factory):
+def gateway(gemma_stages, tmp_path_factory):
     d = tmp_path_factory.mktemp("gw")
     key_file = d / "keys.txt"
     key_file.write_text(f"# API keys of the test\n\n{KEY2}\n")
-    gw = GatewayProcess([[s.url for s in stages]], log_dir=d,
+    gw = GatewayProcess([[s.url for s in gemma_stages]], log_dir=d,
                         extra=["--api-key", KEY1, "--api-key-file", str(key_file),
                                "--header-timeout", str(HEADER_TIMEOUT), "--max-connections", "64"])
     gw.wait_ready()

@@ -9,9 +9,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from molink_lite.tools.bench_serve import LevelResult, SystemResult, format_table, svg_chart
 
 
+@pytest.mark.slow
 def test_bench_runs_with_relay_and_writes_json_and_chart(tiny_models, tmp_path):
     model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
     out, chart = tmp_path / "b.json", tmp_path / "b.svg"
@@ -39,6 +42,7 @@ def test_format_table_ratios():
     assert svg_chart([SystemResult("molink", [lv(1, 20.0)])], "t").count("<circle") == 1
 
 
+@pytest.mark.slow
 def test_bench_speculative_runs_off_and_on_in_one_invocation(tiny_models, tmp_path):
     model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
     prompts = tmp_path / "p.json"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "molink_lite.cli", *args], capture_output=True, text=True,
@@ -80,6 +82,7 @@ def _wait_gone(text: str, timeout: float = 15) -> list:
     return _procs_with(text)
 
 
+@pytest.mark.slow
 def test_serve_sigterm_stops_stage_processes(tiny_models, tmp_path):
     """`kill` / `docker stop` on `serve` must not leave stage processes behind. On Windows ``send_signal(SIGTERM)``
     is ``TerminateProcess``: no handler runs there, and the stages go with serve's Job Object (the Wine job runs
@@ -97,6 +100,7 @@ def test_serve_sigterm_stops_stage_processes(tiny_models, tmp_path):
             p.kill()
 
 
+@pytest.mark.slow
 def test_serve_killed_outright_takes_its_stages_along(tiny_models, tmp_path):
     """`kill -9` (Linux) / ``TerminateProcess`` (Windows) runs no cleanup in serve: each stage notices its
     parent gone (and on Windows the Job Object kills it) and exits."""

@@ -93,6 +93,7 @@ def _with_f16_noise(transfer):
     return wrapped
 
 
+@pytest.mark.slow
 def test_f16_on_gemma3_270m_is_at_the_noise_floor_of_its_own_precision(gemma3_path, monkeypatch):
     """gemma3-270m (Q4_K): the f16 wire's logit error is that of moving every value by a random amount of f16's own
     rounding size: the codec adds nothing of its own (no clamping, no bias, no lost scale).

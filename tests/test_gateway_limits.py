@@ -31,9 +31,8 @@ import numpy as np
 import pytest
 
 from molink_lite.model.split import LayerRange
-from molink_lite.serving.launcher import start_stages, stop_stages
 
-from serving import GatewayProcess
+from serving import served_pipeline
 
 KEY1 = "test-key-0123456789abcdef"
 KEY2 = "second-key-from-a-file-42"
@@ -402,18 +401,13 @@ def tiny_gateway(tiny_models, tmp_path_factory):
     two API keys and the default limits but a 3 s write timeout."""
     wd = tmp_path_factory.mktemp("limits")
     model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
-    procs = start_stages(model, [LayerRange(0, 2), LayerRange(2, 4)],
-                         extra_args=["--threads", "1", "--ctx", str(N_CTX), "--max-seqs", "8"], workdir=str(wd))
     key_file = wd / "keys.txt"
     key_file.write_text(f"{KEY2}\n")
-    gw = GatewayProcess([[s.url for s in procs]], log_dir=wd, extra=["--api-key", KEY1, "--api-key-file", str(key_file),
-                                                                 "--write-timeout", str(WRITE_TIMEOUT)])
-    try:
-        gw.wait_ready()
-        yield gw, procs
-    finally:
-        gw.stop()
-        stop_stages(procs)
+    with served_pipeline(model, [LayerRange(0, 2), LayerRange(2, 4)],
+                         ["--threads", "1", "--ctx", str(N_CTX), "--max-seqs", "8"], wd,
+                         gateway_extra=["--api-key", KEY1, "--api-key-file", str(key_file),
+                                        "--write-timeout", str(WRITE_TIMEOUT)]) as served:
+        yield served
 
 
 def _health(port: int) -> dict:

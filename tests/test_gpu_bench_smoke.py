@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the bench script starts stage and gateway processes
 ROOT = Path(__file__).resolve().parents[1]
 
 

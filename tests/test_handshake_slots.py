@@ -20,7 +20,8 @@ import websockets
 from molink_lite.model.split import LayerRange, stage_gguf
 from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.stage.engine import StageEngine
-from molink_lite.stage.server import StageServer, _address_key
+from molink_lite.stage.conn_slots import address_key
+from molink_lite.stage.server import StageServer
 from molink_lite.wire.auth import new_secret
 
 from serving import GatewayProcess, http
@@ -165,33 +166,34 @@ def test_slot_table_evicts_only_unanswered_handshakes_and_the_crowded_address_fi
     with StageEngine(stage_gguf(model, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1) as e:
         srv = StageServer(e, max_connections=8, max_connections_per_address=6, max_handshakes=6,
                           max_handshakes_per_address=3)
-        honest, _ = srv._enter("10.0.0.2")
-        flood = [srv._enter("10.0.0.1")[0] for _ in range(10)]  # one address floods: it evicts its own oldest
+        slots = srv.slots
+        honest, _ = slots.enter("10.0.0.2")
+        flood = [slots.enter("10.0.0.1")[0] for _ in range(10)]  # one address floods: it evicts its own oldest
         assert all(r is not None for r in flood)
         assert [r.evicted.is_set() for r in flood] == [True] * 7 + [False] * 3
         assert not honest.evicted.is_set() and srv.stats["evicted_handshakes"] == 7
-        more = [srv._enter("10.0.0.3")[0] for _ in range(2)]  # 6 pending in all: the next one takes from the crowd
-        newcomer, _ = srv._enter("10.0.0.4")
+        more = [slots.enter("10.0.0.3")[0] for _ in range(2)]  # 6 pending in all: the next one takes from the crowd
+        newcomer, _ = slots.enter("10.0.0.4")
         assert newcomer is not None and flood[7].evicted.is_set() and not honest.evicted.is_set()
         assert not any(r.evicted.is_set() for r in more)
         # authenticated connections are never evicted: six from one address fill its table, a seventh is refused
         for r in [honest, *flood, *more, newcomer]:
-            srv._release(r)
-        assert srv._n_conn == 0 and not srv._pending and not srv._conns_by_addr
+            slots.release(r)
+        assert slots.n_conn == 0 and not slots.pending and not slots.by_addr
         authed = []
         for _ in range(6):
-            authed.append(srv._enter("10.0.0.5")[0])
-            srv._unpend(authed[-1])  # it answered the challenge
-        rec, why = srv._enter("10.0.0.5")
+            authed.append(slots.enter("10.0.0.5")[0])
+            slots.unpend(authed[-1])  # it answered the challenge
+        rec, why = slots.enter("10.0.0.5")
         assert rec is None and "authenticated" in why
         assert not any(r.evicted.is_set() for r in authed)
         # and the global table: 8 connections, all authenticated -> refused; a pending one among them -> evicted
-        two = [srv._enter("10.0.0.6")[0] for _ in range(2)]
-        srv._unpend(two[0])
-        rec, _ = srv._enter("10.0.0.7")
+        two = [slots.enter("10.0.0.6")[0] for _ in range(2)]
+        slots.unpend(two[0])
+        rec, _ = slots.enter("10.0.0.7")
         assert rec is not None and two[1].evicted.is_set() and not two[0].evicted.is_set()
-        srv._unpend(rec)
-        rec2, why = srv._enter("10.0.0.8")
+        slots.unpend(rec)
+        rec2, why = slots.enter("10.0.0.8")
         assert rec2 is None and why, why
-    assert _address_key(("2001:db8::1", 5, 0, 0)) == _address_key(("2001:db8::2", 6, 0, 0)) == "2001:db8::/64"
-    assert _address_key(("::ffff:10.1.2.3", 7, 0, 0)) == "10.1.2.3"
+    assert address_key(("2001:db8::1", 5, 0, 0)) == address_key(("2001:db8::2", 6, 0, 0)) == "2001:db8::/64"
+    assert address_key(("::ffff:10.1.2.3", 7, 0, 0)) == "10.1.2.3"

@@ -94,6 +94,7 @@ def cpu_lib_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # builds llama.cpp (minutes) unless kernels/build.py's output is cached
 @pytest.mark.timeout(2400)
 def test_cpu_build_loads_and_runs(cpu_lib_dir: Path, tmp_path: Path) -> None:
     info = json.loads((cpu_lib_dir / "build_info.json").read_text())

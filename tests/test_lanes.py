@@ -23,7 +23,7 @@ from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.stage.engine import EngineError, StageEngine
 from molink_lite.stage.sampling import SamplingParams
 from molink_lite.stage.server import StageServer
-from molink_lite.stage.validate import StepError, check_step
+from molink_lite.stage.validate import StepError
 
 from chain import whole_model_greedy_texts
 from serving import GatewayProcess, http, stop_processes
@@ -84,16 +84,18 @@ def test_a_step_naming_another_lanes_sequence_is_rejected(tiny, tmp_path):
         meta = {"type": "step", "step": 1, "lane": 0, "free": [3], "start": {}}
         arrays = {"seq": np.array([0, 2], np.int32), "pos": np.zeros(2, np.int32), "tokens": np.array([1, 2], np.int32),
                   "out": np.ones(2, np.uint8)}
-        plan = check_step(meta, arrays, srv.limits, srv._seq_len)
+        assert srv.runner.limits.lanes == 2
         with pytest.raises(StepError, match="sequence 3 is not in lane 0"):
-            srv._check_lane(plan, 0)
+            srv.runner.check(meta, arrays)
         meta["free"] = [2]
-        srv._check_lane(check_step(meta, arrays, srv.limits, srv._seq_len), 0)
+        assert srv.runner.check(meta, arrays).lane == 0
         with pytest.raises(StepError, match="not in lane 1"):
-            srv._check_lane(check_step(meta, arrays, srv.limits, srv._seq_len), 1)
+            srv.runner.check({**meta, "lane": 1}, arrays)
+        with pytest.raises(StepError, match="'lane' must be"):
+            srv.runner.check({**meta, "lane": 2}, arrays)
+        assert not srv.runner.seq_len.any()  # nothing applied
     finally:
-        for p in srv._pools:
-            p.shutdown(wait=True)
+        srv.runner.close()
         srv.engine.close()
 
 
@@ -110,6 +112,7 @@ def test_admission_balances_lanes_within_their_kv():
     assert kv == [200, 100] and len(waiting) == 1 and sorted(free) == [3, 4, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_path):
     """Two stage processes with --lanes 2, a gateway with 2 micro-batches, two concurrent greedy requests (one
@@ -143,6 +146,7 @@ def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_pat
         stop_stages(procs)
 
 
+@pytest.mark.slow
 def test_a_pipeline_whose_stages_disagree_on_lanes_is_refused(tiny, tmp_path):
     """Sequence s must live in lane s % N on every stage: a gateway given a chain of stages with different --lanes
     says so and does not start."""
@@ -179,6 +183,7 @@ def test_token_pieces_are_right_when_lanes_detokenize_at_once(tiny):
         assert all(oks)
 
 
+@pytest.mark.slow
 def test_serve_passes_lanes_to_its_stages_and_sizes_micro_batches(tiny, tmp_path):
     """`molink-lite serve --lanes 2`: the local stages get the lanes, and the gateway keeps one micro-batch per
     stage and lane in flight by default (2 stages x 2 lanes)."""

@@ -1,4 +1,7 @@
-"""The package layout keeps its import direction: cli -> tools -> serving -> stage -> model, wire.
+"""The package layout keeps its import direction: cli -> tools -> {serving, stage} -> model, wire.
+
+The gateway (serving/) and the stage (stage/) meet only in wire/ (``wire/protocol.py``): neither imports the
+other, and importing the gateway never loads the native llama library.
 
 Read from the import statements (``ast``), so a new upward import fails here before review.
 """
@@ -6,8 +9,12 @@ Read from the import statements (``ast``), so a new upward import fails here bef
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "molink_lite"
@@ -16,7 +23,7 @@ PKG = ROOT / "molink_lite"
 ALLOWED: Dict[str, Set[str]] = {
     "cli": {"tools", "serving", "stage", "model", "wire", "kernels", ""},
     "tools": {"serving", "stage", "model", "wire", ""},
-    "serving": {"stage", "model", "wire", ""},
+    "serving": {"model", "wire", ""},  # never stage/: the two sides meet in wire/protocol.py
     "stage": {"model", "wire", ""},
     "model": {""},
     "wire": {""},
@@ -79,7 +86,7 @@ def violations(pkg_dir: Path, mapped: Optional[Dict[str, Path]] = None) -> List[
 
 def test_imports_flow_one_way():
     bad = violations(PKG, {"kernels": ROOT / "kernels"})
-    assert not bad, "imports against the layering (cli -> tools -> serving -> stage -> model, wire):\n" + "\n".join(bad)
+    assert not bad, "imports against the layering (cli -> tools -> {serving, stage} -> model, wire):\n" + "\n".join(bad)
 
 
 def test_runtime_never_imports_tools():
@@ -98,7 +105,8 @@ def test_checker_catches_an_upward_import(tmp_path):
     (pkg / "serving" / "gateway.py").write_text("from ..stage.server import x\nfrom .scheduler import y\n")
     (pkg / "tools" / "bench.py").write_text("from ..serving import gateway\n")
     bad = violations(pkg)
-    assert len(bad) == 2, bad
+    assert len(bad) == 3, bad
+    assert any("serving imports molink_lite.stage.server" in b for b in bad)
     assert any("stage imports molink_lite.serving.gateway" in b for b in bad)
     assert any("wire imports molink_lite.tools.bench_serve" in b for b in bad)
 
@@ -111,3 +119,21 @@ def test_every_package_folder_has_one_job_documented():
     for sub in ("serving", "stage", "model", "wire", "tools"):
         init = PKG / sub / "__init__.py"
         assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{init} needs a docstring"
+
+
+def test_serving_and_stage_meet_only_in_the_protocol():
+    assert "stage" not in ALLOWED["serving"] and "serving" not in ALLOWED["stage"]
+
+
+@pytest.mark.parametrize("module", ["molink_lite.serving.gateway", "molink_lite.serving.cluster",
+                                    "molink_lite.serving.launcher", "molink_lite.wire.protocol"])
+def test_importing_the_gateway_does_not_load_the_llama_library(module):
+    """A fresh interpreter imports the gateway side: no llama_cpp module, no libllama/ggml mapped in memory."""
+    code = ("import sys, importlib; importlib.import_module(%r); "
+            "mods = [m for m in sys.modules if m.split('.')[0] in ('llama_cpp',)]; "
+            "maps = open('/proc/self/maps').read() if sys.platform.startswith('linux') else ''; "
+            "libs = sorted({l.split('/')[-1] for l in maps.splitlines() if 'llama' in l.split('/')[-1] "
+            "or 'ggml' in l.split('/')[-1]}); "
+            "print(mods, libs); sys.exit(1 if mods or libs else 0)") % module
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert r.returncode == 0, f"importing {module} loaded the llama library: {r.stdout} {r.stderr[-2000:]}"

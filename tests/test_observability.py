@@ -19,7 +19,7 @@ import pytest
 from molink_lite.model.split import LayerRange
 from molink_lite.serving.launcher import start_stages, stop_stages
 
-from serving import GatewayProcess, http
+from serving import GatewayProcess, http, served_pipeline
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789abcdef"
@@ -34,19 +34,13 @@ def call(method: str, url: str, body: Any = None, key: Optional[str] = KEY, time
 def cluster(tiny_models, tmp_path_factory):
     wd = tmp_path_factory.mktemp("obs")
     model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
-    procs = start_stages(model, [LayerRange(0, 2), LayerRange(2, 4)],
-                         extra_args=["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--metrics-port", "0"],
-                         workdir=str(wd))
     keyfile = wd / "api.key"
     keyfile.write_text(KEY + "\n")
     keyfile.chmod(0o600)
-    gw = GatewayProcess([[s.url for s in procs]], extra=["--api-key-file", str(keyfile)], log_dir=wd)
-    try:
-        gw.wait_ready()
+    with served_pipeline(model, [LayerRange(0, 2), LayerRange(2, 4)],
+                         ["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--metrics-port", "0"], wd,
+                         gateway_extra=["--api-key-file", str(keyfile)]) as (gw, procs):
         yield gw, procs, keyfile
-    finally:
-        gw.stop()
-        stop_stages(procs)
 
 
 @pytest.fixture(scope="module")

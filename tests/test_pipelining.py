@@ -13,21 +13,11 @@ import time
 
 import pytest
 
-from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.scheduler import chunk_for_link
-from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, free_port, http
 
-STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8"]
-
-
-@pytest.fixture(scope="module")
-def stages(gemma3_path, tmp_path_factory):
-    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
-                         workdir=str(tmp_path_factory.mktemp("stages")))
-    yield procs
-    stop_stages(procs)
+STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8"]  # of the gemma_stages fixture (conftest.py)
 
 
 def _stats(gw, timeline: bool = False) -> dict:
@@ -52,9 +42,10 @@ def _run_load(gw, n: int = 8, tokens: int = 12) -> None:
     assert all(d["usage"]["completion_tokens"] == tokens for d in done)
 
 
-def test_micro_batches_overlap_across_stages(stages, tmp_path):
+@pytest.mark.slow
+def test_micro_batches_overlap_across_stages(gemma_stages, tmp_path):
     """With 2 micro-batches, stage 0 computes one step while stage 1 computes another; with 1, never."""
-    urls = [s.url for s in stages]
+    urls = [s.url for s in gemma_stages]
     seen = {}
     for mb in (1, 2):
         gw = GatewayProcess([urls], extra=["--micro-batches", str(mb)], log_dir=tmp_path)
@@ -73,10 +64,11 @@ def test_micro_batches_overlap_across_stages(stages, tmp_path):
     assert inflight == 2 and overlaps > 0, seen
 
 
-def test_long_prompt_chunks_travel_the_chain_together(stages, tmp_path):
+@pytest.mark.slow
+def test_long_prompt_chunks_travel_the_chain_together(gemma_stages, tmp_path):
     """A lone long prompt with 2 micro-batches: stage 0 computes chunk k+1 while stage 1 computes chunk k (the
     next chunk does not wait for the previous one to come back), and the reply is the one of 1 micro-batch."""
-    urls = [s.url for s in stages]
+    urls = [s.url for s in gemma_stages]
     seen = {}
     for mb in (1, 2):
         gw = GatewayProcess([urls], extra=["--micro-batches", str(mb), "--prefill-chunk", "64"], log_dir=tmp_path)
@@ -94,9 +86,10 @@ def test_long_prompt_chunks_travel_the_chain_together(stages, tmp_path):
     assert seen[2][2] == 2 and seen[2][1] > 0, seen
 
 
-def test_chunked_prefill_interleaves_with_decode(stages, tmp_path):
+@pytest.mark.slow
+def test_chunked_prefill_interleaves_with_decode(gemma_stages, tmp_path):
     """A long prompt goes in chunks; decoding requests keep getting tokens while it is prefilled."""
-    gw = GatewayProcess([[s.url for s in stages]], extra=["--prefill-chunk", "64"], log_dir=tmp_path)
+    gw = GatewayProcess([[s.url for s in gemma_stages]], extra=["--prefill-chunk", "64"], log_dir=tmp_path)
     try:
         gw.wait_ready()
         before = _stats(gw)["scheduler"]
@@ -142,15 +135,16 @@ def test_chunk_for_link():
     assert chunk_for_link(0.001, 1, 4096, "f16") == 32  # very slow link: floor
 
 
-def test_prefill_chunk_chosen_from_link_through_relay(stages, tmp_path):
+@pytest.mark.slow
+def test_prefill_chunk_chosen_from_link_through_relay(gemma_stages, tmp_path):
     """The gateway measures stage 0 -> stage 1 through a 10 ms / 100 Mbit relay and sizes chunks from it."""
     port = free_port()
     relay = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", "link", "--listen", f"127.0.0.1:{port}",
-                              "--to", f"127.0.0.1:{stages[1].port}", "--delay-ms", "10", "--rate-mbit", "100"])
+                              "--to", f"127.0.0.1:{gemma_stages[1].port}", "--delay-ms", "10", "--rate-mbit", "100"])
     gw = None
     try:
         time.sleep(1.0)
-        gw = GatewayProcess([[stages[0].url, f"ws://127.0.0.1:{port}"]], log_dir=tmp_path)
+        gw = GatewayProcess([[gemma_stages[0].url, f"ws://127.0.0.1:{port}"]], log_dir=tmp_path)
         gw.wait_ready()
         st = _stats(gw)
         (link,) = st["links"]

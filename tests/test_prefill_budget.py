@@ -88,7 +88,7 @@ def test_replay_prefills_prompt_and_generated_tokens():
     assert s.feed.tolist() == [0, 1, 2, 3, 4, 7, 8, 9] and s.prefilled == 0 and s.prefilling
     assert s.slot == -1 and not s.started and not s.in_flight and s.replays == 1 and s.epoch == 1
     assert s.decode_pos == 7                                        # the next decode feeds token 9's successor
-    assert s.start_params()["history"] == [7, 8, 9]
+    assert s.start_params().history == (7, 8, 9)
 
 
 def test_next_prompt_chunk_goes_while_the_previous_is_in_flight():

@@ -16,25 +16,20 @@ from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, http, run_gateway_expect_failure
 
+pytestmark = pytest.mark.slow  # real stage and gateway processes
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three primary colors are"]
-# llama-cpp-python's Llama (the reference) runs without flash attention: the stages must match it
+# the options of the gemma_stages fixture (conftest.py); llama-cpp-python's Llama (the reference) runs without
+# flash attention: the stages must match it
 STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8", "--flash-attn", "off"]
 
 
 @pytest.fixture(scope="module")
-def stages(gemma3_path, tmp_path_factory):
-    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
-                         workdir=str(tmp_path_factory.mktemp("stages")))
-    yield procs
-    stop_stages(procs)
-
-
-@pytest.fixture(scope="module")
-def gateway(stages, tmp_path_factory):
+def gateway(gemma_stages, tmp_path_factory):
     # f32 hidden states on the wire: the split model reproduces the whole model exactly (the f16
     # default is tested against the whole model in test_serving_f16.py)
-    gw = GatewayProcess([[s.url for s in stages]], extra=["--codec", "f32"], log_dir=tmp_path_factory.mktemp("gw"))
+    gw = GatewayProcess([[s.url for s in gemma_stages]], extra=["--codec", "f32"],
+                        log_dir=tmp_path_factory.mktemp("gw"))
     gw.wait_ready()
     yield gw
     gw.stop()
@@ -178,18 +173,18 @@ def test_client_disconnect_frees_sequence_everywhere(gateway):
     assert health["pipelines"][0]["load"] == 0
 
 
-def test_gateway_refuses_chain_with_gap(stages):
-    r = run_gateway_expect_failure([[stages[0].url]])
+def test_gateway_refuses_chain_with_gap(gemma_stages):
+    r = run_gateway_expect_failure([[gemma_stages[0].url]])
     assert r.returncode == 2
     assert "layers 9-17 are served by no stage" in r.stderr
 
 
-def test_gateway_refuses_mixed_models(stages, tiny_models, tmp_path):
+def test_gateway_refuses_mixed_models(gemma_stages, tiny_models, tmp_path):
     tiny = tiny_models("llama", n_layer=4)
     other = start_stages(tiny, [LayerRange(2, 4)], extra_args=["--threads", "1", "--ctx", "256"],
                          workdir=str(tmp_path))
     try:
-        r = run_gateway_expect_failure([[stages[0].url, other[0].url]])
+        r = run_gateway_expect_failure([[gemma_stages[0].url, other[0].url]])
     finally:
         stop_stages(other)
     assert r.returncode == 2

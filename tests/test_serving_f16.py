@@ -14,12 +14,12 @@ import llama_cpp  # noqa: F401
 import pytest
 
 from molink_lite.stage.engine import StageEngine
-from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.model.split import LayerRange, stage_gguf
 
 from chain import greedy_run
-from serving import GatewayProcess
+from serving import served_pipeline
 
+pytestmark = pytest.mark.slow  # real stage and gateway processes
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "The three primary colors are"]
 RANGES = [LayerRange(0, 6), LayerRange(6, 12), LayerRange(12, 18)]
@@ -28,16 +28,10 @@ N = 24
 
 @pytest.fixture(scope="module")
 def gateway(gemma3_path, tmp_path_factory):
-    procs = start_stages(gemma3_path, RANGES,
-                         extra_args=["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--flash-attn", "off"],
-                         workdir=str(tmp_path_factory.mktemp("stages")))
-    gw = GatewayProcess([[s.url for s in procs]], log_dir=tmp_path_factory.mktemp("gw"))  # default codec: f16
-    try:
-        gw.wait_ready()
-        yield gw
-    finally:
-        gw.stop()
-        stop_stages(procs)
+    with served_pipeline(gemma3_path, RANGES,
+                         ["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--flash-attn", "off"],
+                         tmp_path_factory.mktemp("stages"), log_dir=tmp_path_factory.mktemp("gw")) as (gw, _):
+        yield gw  # default codec: f16
 
 
 def test_f16_wire_against_in_process_chain_and_whole_model(gateway, gemma3_path):

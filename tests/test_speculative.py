@@ -75,7 +75,7 @@ def test_replay_resets_pipeline_state_and_keeps_tokens():
     assert s.kv_len == 0 and s.spec.drafts.size == 0
     assert s.spec.buf[:s.spec.length].tolist() == [1, 2, 3, 4, 5, 6]
     assert s.feed.tolist() == [1, 2, 3, 4, 5, 6]
-    assert s.start_params()["spec"] is True
+    assert s.start_params().spec is True
 
 
 # ------------------------------------------------------------------ in-process stages
@@ -140,10 +140,10 @@ def _generate(servers, prompts: List[np.ndarray], n_tokens: int, params: List[di
             if check_kv:
                 for srv in servers:
                     assert kv_max_pos(srv, s) == kv[i] - 1
-                    assert int(srv._seq_len[s]) == kv[i]
+                    assert int(srv.runner.seq_len[s]) == kv[i]
     for srv in servers:
         for s in slots:
-            srv._free(s)
+            srv.runner.free(s)
     return [o[:n_tokens] for o in out], (drafted, accepted)
 
 
@@ -181,7 +181,7 @@ def test_rejected_drafts_leave_no_trace_in_any_stage(tiny_servers):
     assert last.stats["drafted"] >= drafted and 0 < last.stats["accepted"] <= last.stats["drafted"]
     for srv in tiny_servers:
         assert srv.stats["trims"] > 0
-        assert int(srv._seq_len.sum()) == 0
+        assert int(srv.runner.seq_len.sum()) == 0
 
 
 def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
@@ -189,7 +189,7 @@ def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
     p = PATTERN
     _prefill(tiny_servers, [0], [p], [{"temperature": 0.0}])
     n = len(p)
-    before = [int(s._seq_len[0]) for s in tiny_servers]
+    before = [int(s.runner.seq_len[0]) for s in tiny_servers]
 
     def step(meta_extra, seq=None, pos=None, tokens=None, out=None):
         meta = {"type": "step", "step": 5, **meta_extra}
@@ -215,7 +215,7 @@ def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
             step(extra)
     with pytest.raises(StepError, match="must be outputs"):
         step({"drafts": {"0": [4, 5]}}, out=np.array([0, 1, 1], np.uint8))
-    assert [int(s._seq_len[0]) for s in tiny_servers] == before
+    assert [int(s.runner.seq_len[0]) for s in tiny_servers] == before
     assert all(kv_max_pos(s, 0) == n - 1 for s in tiny_servers)
     # a sampling sequence started without 'spec' cannot be sent drafts (its RNG would not allow verification)
     _prefill(tiny_servers, [1], [p], [{"temperature": 0.8, "seed": 3}])
@@ -225,8 +225,8 @@ def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
     seq, tok = step({"drafts": {"0": [4, 5]}})
     assert seq.tolist() == [0] * len(tok) and 1 <= len(tok) <= 3
     for srv in tiny_servers:
-        srv._free(0)
-        srv._free(1)
+        srv.runner.free(0)
+        srv.runner.free(1)
 
 
 def _chi2_critical(df: int, z: float = 3.719) -> float:

@@ -26,12 +26,14 @@ from molink_lite.serving.speculative import SpecConfig
 from molink_lite.stage.engine import StageEngine
 from molink_lite.stage.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow  # real stage processes of the demo model
+
 # logits: a divergence is accepted only where the top-2 gap is below this. Measured on this model (whole model,
 # CPU, 1 thread): the logits of 9 positions decoded one row at a time and as one 9-row batch differ by a
 # median max |diff| of about 1 over the vocabulary (random-token contexts), so a smaller margin would be noise.
 MARGIN = 1.0
 N_TOKENS = 48
-STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8", "--flash-attn", "off"]
+STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8", "--flash-attn", "off"]  # also gemma_stages'
 PASSAGE = ("The river rose slowly through the night, and by morning the old stone bridge stood in water up to "
            "its arches. The villagers gathered on the hill to watch the current carry branches and fence posts "
            "past the mill.")
@@ -43,14 +45,6 @@ PROMPTS = [  # input-grounded ones (drafts get accepted) and chat-style ones (fe
     "Once upon a time, in a small village,",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
 ]
-
-
-@pytest.fixture(scope="module")
-def stages(gemma3_path, tmp_path_factory):
-    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
-                         workdir=str(tmp_path_factory.mktemp("stages")))
-    yield procs
-    stop_stages(procs)
 
 
 async def _run(urls: List[str], mode: str, texts: List[str]):
@@ -91,8 +85,8 @@ def _gaps(model: str, prompt: np.ndarray, gen: List[int]) -> np.ndarray:
         eng.close()
 
 
-def test_greedy_with_speculation_equals_without(stages, gemma3_path):
-    urls = [s.url for s in stages]
+def test_greedy_with_speculation_equals_without(gemma_stages, gemma3_path):
+    urls = [s.url for s in gemma_stages]
     prompts, spec_out, st, summary = asyncio.run(_run(urls, "ngram", PROMPTS))
     _, plain_out, st_off, _ = asyncio.run(_run(urls, "off", PROMPTS))
     print("speculation:", summary)
@@ -112,14 +106,14 @@ def test_greedy_with_speculation_equals_without(stages, gemma3_path):
     print(report or "all identical")
 
 
-def test_replay_after_a_failure_with_speculation_on(stages, gemma3_path, tmp_path):
+def test_replay_after_a_failure_with_speculation_on(gemma_stages, gemma3_path, tmp_path):
     """Kill pipeline A's last stage while a speculating request runs: it finishes on B (speculating too), and
     its continuation equals a plain greedy run of prompt + tokens generated before the failure (up to a
     near-tie, as above)."""
     a = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
                      workdir=str(tmp_path))
     try:
-        asyncio.run(_replay(a, stages, gemma3_path))
+        asyncio.run(_replay(a, gemma_stages, gemma3_path))
     finally:
         stop_stages(a)
 
@@ -165,7 +159,7 @@ async def _replay(a, b, model):
     await pb.close()
 
 
-def test_seeded_sampling_with_speculation_runs(stages):
+def test_seeded_sampling_with_speculation_runs(gemma_stages):
     """Seeded sampling through the pipeline with speculation: drafts are verified by the rejection rule.
 
     (The same request twice is not asserted to give the same tokens here: the drafts offered depend on
@@ -173,7 +167,7 @@ def test_seeded_sampling_with_speculation_runs(stages):
     position's uniform number falls near a boundary. With batch-invariant logits it does: see
     test_seeded_spec_sampling_does_not_depend_on_drafts.)"""
     async def run():
-        p = Pipeline([s.url for s in stages], codec="f32", spec=SpecConfig("ngram"), step_timeout=120)
+        p = Pipeline([s.url for s in gemma_stages], codec="f32", spec=SpecConfig("ngram"), step_timeout=120)
         await p.connect(timeout=120)
         try:
             prompt = await p.tokenize(PROMPTS[0])

@@ -46,7 +46,8 @@ def _assert_exact(path: str, cuts, n_steps: int) -> None:
     assert np.array_equal(want_tok, got_tok)
 
 
-# gemma3-270m: 18 layers, sliding-window period 6 (full attention at 5, 11, 17)
+# gemma3-270m: 18 layers, sliding-window period 6 (full attention at 5, 11, 17); ~5 s a split on one core
+@pytest.mark.slow
 @pytest.mark.parametrize("cuts", [(9,), (4,), (13,), (5, 11), (3, 7), (1, 17)], ids=str)
 def test_gemma3_270m_split_is_exact(gemma3_path, cuts):
     _assert_exact(gemma3_path, cuts, n_steps=32)
@@ -59,6 +60,7 @@ def test_tiny_split_is_exact(tiny_models, arch, cuts):
     _assert_exact(path, cuts, n_steps=32)
 
 
+@pytest.mark.slow
 def test_stage_without_sliding_window_pattern_differs(gemma3_path, tmp_path):
     """Guard for the SWA rule: a gemma3 stage written without the absolute pattern is not exact."""
     from molink_lite.model import archs

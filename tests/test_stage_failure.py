@@ -8,10 +8,14 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.model.split import LayerRange
 
 from serving import GatewayProcess, http
+
+pytestmark = pytest.mark.slow  # real stage and gateway processes
 
 
 def test_stage_death_mid_stream_ends_requests_with_errors(tiny_models, tmp_path):

@@ -31,7 +31,7 @@ from molink_lite.wire.auth import AuthError, LinkKey, new_secret
 from molink_lite.wire.channel import Channel, RemoteError
 from molink_lite.wire.codec import encode_frame
 
-from serving import GatewayProcess, free_port, http
+from serving import GatewayProcess, free_port, http, served_pipeline
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -45,16 +45,9 @@ def cluster(gemma3_path, tmp_path_factory):
     wd = tmp_path_factory.mktemp("sec")
     secret_file = wd / "cluster.key"
     secret_file.write_text(SECRET + "\n")
-    procs = start_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], extra_args=STAGE_ARGS,
-                         workdir=str(wd), secret=SECRET)
-    gw = GatewayProcess([[sp.url for sp in procs]], extra=["--codec", "f32", "--secret-file", str(secret_file)],
-                        log_dir=wd)
-    try:
-        gw.wait_ready()
+    with served_pipeline(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], STAGE_ARGS, wd, secret=SECRET,
+                         gateway_extra=["--codec", "f32", "--secret-file", str(secret_file)]) as (gw, procs):
         yield procs, gw, secret_file
-    finally:
-        gw.stop()
-        stop_stages(procs)
 
 
 def greedy(gw: GatewayProcess, n: int = 12) -> str:

@@ -27,8 +27,9 @@ def test_a_normal_step_passes_and_reports_runs():
     held[3] = 5
     plan = check_step({"type": "step", "step": 1, "free": [2], "start": {"0": {"temperature": 0.0}}},
                       arrays([3, 0, 0, 0], [5, 0, 1, 2], tokens=[1, 2, 3, 4], out=[1, 0, 0, 1]), FIRST, held)
-    assert plan.free == [2] and list(plan.start) == [0]
-    assert plan.run_starts.tolist() == [0, 1] and plan.run_ends.tolist() == [0, 3]
+    assert plan.free == [2] and list(plan.start) == [0] and plan.start[0].params.temperature == 0.0
+    starts, ends = plan.runs()
+    assert starts.tolist() == [0, 1] and ends.tolist() == [0, 3]
     assert plan.out.dtype == bool
 
 

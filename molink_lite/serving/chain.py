@@ -15,10 +15,10 @@ from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import websockets
 
-from ..stage.server import PROTOCOL_VERSION, chain_mismatch
 from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed, RemoteError
+from ..wire.protocol import HELLO, PROBE_NEXT, STATS, TOKENIZE, Configure, check_chain
 
 log = logging.getLogger(__name__)
 RESULT_MAX_BYTES = 64 << 20  # what the gateway accepts from a stage (results, stats, replies)
@@ -99,7 +99,7 @@ class Chain:
                 asyncio.ensure_future(self._watch(ch, url, on_frame, on_closed))
             infos = []
             for url, ch in zip(self.urls, chans):
-                info, _ = await ch.request({"type": "hello"}, timeout=30)
+                info, _ = await ch.request({"type": HELLO}, timeout=30)
                 info["url"] = url
                 infos.append(info)
             problem = check_chain(infos)
@@ -110,9 +110,7 @@ class Chain:
                 nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
                 if self.next_urls is not None and nxt is not None:
                     nxt = self.next_urls[i] or nxt
-                meta = {"type": "configure", "next": nxt, "codec": self.codec}
-                if gateway_id:
-                    meta.update(gateway=gateway_id, takeover=bool(takeover))
+                meta = Configure(nxt, self.codec, gateway_id, bool(takeover)).to_meta()
                 try:
                     reply, _ = await ch.request(meta, timeout=60)
                 except RemoteError as e:
@@ -141,7 +139,7 @@ class Chain:
         links = []
         for ch, url in zip(self.channels[:-1], self.urls[1:]):
             try:
-                meta, _ = await ch.request({"type": "probe_next", "bytes": 1 << 20}, timeout=120)
+                meta, _ = await ch.request({"type": PROBE_NEXT, "bytes": 1 << 20}, timeout=120)
             except (RemoteError, asyncio.TimeoutError) as e:
                 log.warning("could not measure the link to %s (%s)", url, e)
                 return []
@@ -159,34 +157,19 @@ class Chain:
         for ch in self.channels:
             await ch.close()
 
+    async def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        """Token ids from the first stage's tokenizer."""
+        meta, arrays = await self.channels[0].request(
+            {"type": TOKENIZE, "text": text, "add_special": add_special, "parse_special": True})
+        return arrays["tokens"]
+
     async def stage_stats(self) -> List[dict]:
         """Counters of every stage (steps, rows, most sequences in one step, ...)."""
         out = []
         for ch in self.channels:
-            meta, _ = await ch.request({"type": "stats"}, timeout=10)
+            meta, _ = await ch.request({"type": STATS}, timeout=10)
             out.append(meta)
         return out
-
-
-def check_chain(infos: Sequence[dict]) -> Optional[str]:
-    """Why these stages (in order) do not form one whole model, or None."""
-    if not infos:
-        return "no stages"
-    for i in infos:
-        if i.get("protocol") != PROTOCOL_VERSION:
-            return f"stage {i.get('url')} speaks protocol {i.get('protocol')}, expected {PROTOCOL_VERSION}"
-    if infos[0]["layer_start"] != 0:
-        return (f"the first stage ({infos[0]['url']}) starts at layer {infos[0]['layer_start']}: "
-                f"layers 0-{infos[0]['layer_start'] - 1} are served by no stage")
-    for a, b in zip(infos, infos[1:]):
-        problem = chain_mismatch(a, b)
-        if problem:
-            return f"stage {b['url']} cannot follow {a['url']}: {problem}"
-    last = infos[-1]
-    if last["layer_stop"] != last["n_layer_total"]:
-        return (f"the last stage ({last['url']}) ends at layer {last['layer_stop'] - 1}: layers "
-                f"{last['layer_stop']}-{last['n_layer_total'] - 1} are served by no stage")
-    return None
 
 
 async def _connect(url: str, deadline: float, key: Optional[LinkKey], heartbeat: Tuple[float, float]) -> Channel:

@@ -1,8 +1,10 @@
-"""Chat prompts: the GGUF's Jinja2 template (llama-cpp-python's formatter) or a llama.cpp built-in one."""
+"""Chat prompts: the GGUF's Jinja2 template (llama-cpp-python's formatter) or a llama.cpp built-in one.
+
+llama-cpp-python is imported on the first chat request, not with this module: a gateway loads the native llama
+library only to render a chat template, never to start.
+"""
 
 from __future__ import annotations
-
-import llama_cpp.llama_cpp as _llama  # noqa: I001
 
 import ctypes
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ def render_chat(messages: List[dict], *, template: Optional[str], arch: str, bos
             raise ChatTemplateError(f"chat template failed: {e}") from None
         stop = res.stop if isinstance(res.stop, list) else [res.stop] if res.stop else []
         return ChatPrompt(res.prompt, not res.added_special, [s for s in stop if s])
+    import llama_cpp.llama_cpp as _llama
+
     name = builtin or BUILTIN_BY_ARCH.get(arch, "chatml")
     keep = [(str(m.get("role", "")).encode(), str(m.get("content") or "").encode()) for m in messages]
     arr = (_llama.llama_chat_message * len(keep))(*[_llama.llama_chat_message(r, c) for r, c in keep])

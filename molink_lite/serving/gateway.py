@@ -36,13 +36,14 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..wire.auth import LinkKey
 from ..wire.channel import RemoteError
 from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatPrompt, ChatTemplateError, render_chat
+from .config import GatewayConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
-                          DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_WRITE_TIMEOUT,
-                          ConnectionGuard, bound_send_buffer, serve_app)
+from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, bound_send_buffer,
+                          serve_app)
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
                             MAX_BYTES_PER_TOKEN, ApiError, StreamOptions, _boolean, _invalid, _json, _short,
                             check_chat_only, check_common, check_completion_only, parse_max_tokens, parse_messages,
@@ -61,7 +62,6 @@ _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
 _RequestKey: Any = getattr(web, "RequestKey", None)
 _CLIENT_GONE: Any = _RequestKey("molink_client_gone", bool) if _RequestKey else "molink_client_gone"
 _KEY_ID: Any = _RequestKey("molink_key_id", int) if _RequestKey else "molink_key_id"
-DEFAULT_MAX_REQUESTS_PER_KEY = 32    # concurrent generation requests of one API key
 # the first stage tokenizes at most this many characters per context token (stage/server.py)
 STAGE_TOKENIZE_CHARS_PER_TOKEN = 32
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
@@ -508,83 +508,75 @@ def _stage_info(info: dict) -> dict:
     return {k: info.get(k) for k in keys}
 
 
-async def start_gateway(pipeline_urls: Sequence[Sequence[str]], *, host: str = "127.0.0.1", port: int = 8000,
-                        codec: str = "f16", max_inflight: Optional[int] = None, prefill_chunk: Optional[int] = None,
-                        max_batch_tokens: int = 512, connect_timeout: float = 120.0,
-                        model_name: Optional[str] = None, chat_template: Optional[str] = None,
-                        api_keys: Sequence[str] = (), ssl_context: Optional[ssl.SSLContext] = None,
-                        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                        max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-                        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
-                        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-                        max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY,
-                        body_timeout: float = DEFAULT_BODY_TIMEOUT, recover_timeout: float = 60.0,
-                        max_queue: int = 1024, join_model: Optional[str] = None, join_ctx: int = 8192,
-                        join_seqs: int = 16, join_settle: float = 3.0, join_ready_timeout: float = 120.0,
-                        join_rejoin_grace: float = 15.0, tls_fingerprint: str = "",
-                        **pipeline_kw: Any) -> web.AppRunner:
-    """Connect every pipeline (failing fast on a bad chain) and start serving HTTP (HTTPS with ``ssl_context``).
+async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, api_keys: Sequence[str] = (),
+                        ssl_context: Optional[ssl.SSLContext] = None, tls_fingerprint: str = "") -> web.AppRunner:
+    """Connect every pipeline of ``cfg`` (failing fast on a bad chain) and start serving HTTP (HTTPS with
+    ``ssl_context``).
 
-    ``api_keys``: when given, every endpoint but ``GET /health`` needs ``Authorization: Bearer <key>`` (and
-    ``/health`` says only ``{"status": ...}`` without it). ``max_connections``: open HTTP connections at most;
-    ``max_connections_per_address``: the same per remote address (IPv6: per /64; 0: no cap). At a cap the
-    longest-idle keep-alive connection is closed to make room, else the new one gets 503 (429 per address).
+    ``cfg`` holds the settings (:class:`~molink_lite.serving.config.GatewayConfig`); the keywords hold what was
+    loaded from them: ``key``, the cluster key of the stage links; ``api_keys``: when given, every endpoint but
+    ``GET /health`` needs ``Authorization: Bearer <key>`` (and ``/health`` says only ``{"status": ...}`` without
+    it); ``ssl_context`` and ``tls_fingerprint``: the listener's TLS and its certificate's fingerprint (bound
+    into join handshakes).
+
+    ``cfg.http`` (:class:`~molink_lite.serving.config.HttpLimits`): ``max_connections``: open HTTP connections
+    at most; ``max_connections_per_address``: the same per remote address (IPv6: per /64; 0: no cap). At a cap
+    the longest-idle keep-alive connection is closed to make room, else the new one gets 503 (429 per address).
     ``header_timeout``: seconds for a request's line and headers (also the TLS handshake) to arrive;
     ``keepalive_timeout``: an idle keep-alive connection is closed after it; ``write_timeout``: a client that
     reads nothing of its response for this long is cut (a stream's sequence is freed; 0: never);
     ``max_requests_per_key``: concurrent generation requests of one API key (more get 429; 0: no cap; only
     with ``api_keys``; with several keys, one running on a pipeline leaves room there for the others);
-    ``body_timeout``: seconds for a request's body. ``recover_timeout``: how long a request waits for a pipeline
-    to come back when none is up; ``max_queue``: requests waiting for a slot at most (more get 429).
-    ``pipeline_kw`` goes to each :class:`Pipeline`. ``join_model``: the gateway holds this GGUF and stages join
-    at ``/cluster`` (:mod:`molink_lite.serving.cluster`), placed for ``join_ctx`` tokens and ``join_seqs``
-    sequences.
+    ``body_timeout``: seconds for a request's body. ``cfg.recover_timeout``: how long a request waits for a
+    pipeline to come back when none is up; ``cfg.max_queue``: requests waiting for a slot at most (more get 429).
+    ``cfg.pipeline`` goes to each :class:`Pipeline`, joined ones included. ``cfg.join.model``: the gateway holds
+    this GGUF and stages join at ``/cluster`` (:mod:`molink_lite.serving.cluster`), placed for
+    ``cfg.join.n_ctx`` tokens and ``cfg.join.n_seqs`` sequences.
     """
-    # bad limits fail before connecting anything
-    ConnectionGuard(max_connections, header_timeout, max_connections_per_address, write_timeout)
-    if keepalive_timeout <= 0:
-        raise ValueError("keepalive_timeout must be > 0")
-    if max_requests_per_key < 0:
-        raise ValueError("max_requests_per_key must be >= 0 (0: no cap)")
-    pipes = [Pipeline(urls, codec=codec, max_inflight=max_inflight, prefill_chunk=prefill_chunk,
-                      max_batch_tokens=max_batch_tokens, name=f"p{i}", **pipeline_kw)
-             for i, urls in enumerate(pipeline_urls)]
-    await asyncio.gather(*(p.connect(timeout=connect_timeout) for p in pipes))
-    router = Router(pipes, recover_timeout=recover_timeout, max_queue=max_queue)
-    app_model_name = model_name
+    lim = cfg.http
+    # bad limits fail before connecting anything (the config checked them too)
+    ConnectionGuard(lim.max_connections, lim.header_timeout, lim.max_connections_per_address, lim.write_timeout)
+    pipes = [Pipeline(urls, **cfg.pipeline.pipeline_kwargs(name=f"p{i}", key=key))
+             for i, urls in enumerate(cfg.pipelines)]
+    await asyncio.gather(*(p.connect(timeout=cfg.connect_timeout) for p in pipes))
+    router = Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
+    app_model_name = cfg.model_name
     cluster = None
-    if join_model:
+    if cfg.join.model:
         from .cluster import Cluster
 
-        cluster = Cluster(join_model, router, pipeline_kw.get("key"), n_ctx=join_ctx, n_seqs=join_seqs, codec=codec,
-                          settle=join_settle, pipeline_kw={k: v for k, v in pipeline_kw.items() if k != "key"},
-                          cert_fp=tls_fingerprint, ready_timeout=join_ready_timeout, rejoin_grace=join_rejoin_grace)
-        app_model_name = model_name or cluster.info.name
-    gw = Gateway(router, app_model_name, chat_template, api_keys=api_keys, body_timeout=body_timeout,
-                 max_requests_per_key=max_requests_per_key)
+        j = cfg.join
+        joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs().items() if k != "codec"}
+        cluster = Cluster(j.model, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
+                          settle=j.settle, pipeline_kw=joined_kw, cert_fp=tls_fingerprint,
+                          ready_timeout=j.ready_timeout, rejoin_grace=j.rejoin_grace)
+        app_model_name = cfg.model_name or cluster.info.name
+    gw = Gateway(router, app_model_name, cfg.chat_template, api_keys=api_keys, body_timeout=lim.body_timeout,
+                 max_requests_per_key=lim.max_requests_per_key)
     # several key holders share the pipelines: one running there always leaves room for a request of another
     router.reserve_for_others = len(gw.api_keys) > 1
     app = gw.app()
     if cluster is not None:
         cluster.routes(app)
         gw.cluster = cluster
-    runner, site = await serve_app(app, host, port, ssl_context=ssl_context, max_connections=max_connections,
-                                   header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
-                                   max_connections_per_address=max_connections_per_address,
-                                   write_timeout=write_timeout)
+    host = cfg.host
+    runner, site = await serve_app(app, host, cfg.port, ssl_context=ssl_context, max_connections=lim.max_connections,
+                                   header_timeout=lim.header_timeout, keepalive_timeout=lim.keepalive_timeout,
+                                   max_connections_per_address=lim.max_connections_per_address,
+                                   write_timeout=lim.write_timeout)
     gw.guard = site.guard
     gw.metrics.http_stats = gw._http_stats
     if cluster is not None:
         own = "127.0.0.1" if host in ("0.0.0.0", "", None) else "[::1]" if host == "::" else host
         own = f"[{own}]" if ":" in own and not own.startswith("[") else own
-        bound = runner.addresses[0][1] if runner.addresses else port
+        bound = runner.addresses[0][1] if runner.addresses else cfg.port
         cluster.local_base = f"{'wss' if ssl_context else 'ws'}://{own}:{bound}"
     log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections (%s per address), "
              "timeouts: header %g s, keep-alive %g s, write %g s", site.name, gw.model_name, len(pipes),
-             f"{len(gw.api_keys)} API key(s) required, at most {max_requests_per_key or 'unlimited'} requests "
-             f"per key" if gw.api_keys else "no API key required",
-             max_connections, max_connections_per_address or "any", header_timeout, keepalive_timeout, write_timeout)
+             f"{len(gw.api_keys)} API key(s) required, at most {lim.max_requests_per_key or 'unlimited'} "
+             f"requests per key" if gw.api_keys else "no API key required",
+             lim.max_connections, lim.max_connections_per_address or "any", lim.header_timeout,
+             lim.keepalive_timeout, lim.write_timeout)
     if not gw.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the gateway listens on %s without API keys: anyone who can reach it can use it "
                     "(--api-key-file FILE or $MOLINK_API_KEY)", host)

@@ -35,6 +35,7 @@ DEFAULT_HEADER_TIMEOUT = 15.0          # seconds for a request's line + headers 
 DEFAULT_BODY_TIMEOUT = 60.0            # seconds for a request's body to arrive
 DEFAULT_KEEPALIVE_TIMEOUT = 15.0       # an idle keep-alive connection is closed after this
 DEFAULT_WRITE_TIMEOUT = 30.0           # a response that cannot be written for this long is cut
+DEFAULT_MAX_REQUESTS_PER_KEY = 32      # concurrent generation requests of one API key (gateway)
 # kernel send buffer of a streamed response: kernels autotune it to megabytes (thousands of tokens of SSE that
 # a client that stopped reading never takes); an SSE stream needs far less, and the write timeout starts sooner
 STREAM_SEND_BUFFER = 64 * 1024

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..model.split import LayerRange, plan_ranges, read_model_info, stage_gguf
 from ..wire.auth import SECRET_ENV, LinkKey, new_secret
 from ..wire.tls import server_context
+from .config import ServeConfig, StageTemplate
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "MOLINK_PARENT_PID"  # set for the stage children: the pid they watch (watch_parent)
@@ -49,13 +50,24 @@ class StageProcess:
             return ""
 
 
+def stage_argv(stage: StageTemplate, model: str, layers: LayerRange, port: int, ready_file: Path) -> List[str]:
+    """``molink-lite stage`` options of one local stage: ``stage`` (a StageConfig) with this stage's model,
+    layers, loopback address and ready file put in (checked again by the config)."""
+    one: Any = replace(stage, model=model, layers=str(layers), host="127.0.0.1", port=port,  # type: ignore
+                       ready_file=str(ready_file))
+    return one.to_argv()
+
+
 def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Sequence[int]] = None,
                  extra_args: Sequence[str] = (), env: Optional[dict] = None, timeout: float = 300.0,
-                 workdir: Optional[str] = None, secret: Optional[str] = None) -> List[StageProcess]:
+                 workdir: Optional[str] = None, secret: Optional[str] = None,
+                 stage: Optional[StageTemplate] = None) -> List[StageProcess]:
     """Launch one stage process per range on 127.0.0.1 and wait until all listen (or one fails).
 
-    ``secret``: the cluster secret the stages require (handed over in the environment, never on the
-    command line, where other users of the machine could read it)."""
+    ``stage``: the settings of every stage (a ``StageConfig``); each child's argv is made from it
+    (``to_argv``) with this stage's model, layers, address and ready file put in. Without it the children
+    get ``extra_args`` after those. ``secret``: the cluster secret the stages require (handed over in the
+    environment, never on the command line, where other users of the machine could read it)."""
     env = dict(env or {})
     if secret is not None:
         env[SECRET_ENV] = secret
@@ -69,8 +81,12 @@ def start_stages(model: str, ranges: Sequence[LayerRange], *, ports: Optional[Se
             logf = wd / f"stage{i}.log"
             ready.unlink(missing_ok=True)
             port = ports[i] if ports else 0
-            cmd = [sys.executable, "-m", "molink_lite.cli", "stage", "--model", model, "--layers", str(r),
-                   "--host", "127.0.0.1", "--port", str(port), "--ready-file", str(ready), *extra_args]
+            if stage is not None:
+                args = [*stage_argv(stage, model, r, port, ready), *extra_args]
+            else:
+                args = ["--model", model, "--layers", str(r), "--host", "127.0.0.1", "--port", str(port),
+                        "--ready-file", str(ready), *extra_args]
+            cmd = [sys.executable, "-m", "molink_lite.cli", "stage", *args]
             out = open(logf, "wb")
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, **env, PARENT_ENV: str(os.getpid())})
@@ -229,34 +245,30 @@ def _exit_on_sigterm() -> None:
         pass
 
 
-def serve_local(model: str, *, stages: int = 2, host: str = "127.0.0.1", port: int = 8000, base_port: int = 0,
-                ctx: int = 8192, max_seqs: int = 16, threads: Optional[int] = None, n_gpu_layers: int = -1,
-                codec: str = "f16", micro_batches: Optional[int] = None, flash_attn: str = "auto", lanes: int = 1,
-                device_sampling: str = "off",
-                split: str = "balanced", api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None,
-                max_connections: int = 512, header_timeout: float = 15.0, gateway_kw: Optional[dict] = None) -> int:
-    """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret)."""
+def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None) -> int:
+    """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret).
+
+    ``cfg.model`` must be set; ``api_keys`` and ``tls`` (cert, key) are what the CLI loaded from
+    ``cfg.gateway.security``."""
     from .gateway import start_gateway
 
+    model = cfg.model
+    if not model:
+        raise ValueError("serve_local needs cfg.model (a whole-model GGUF)")
     info = read_model_info(model)
-    ranges = plan_ranges(model, stages, split)
-    extra = ["--ctx", str(ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(n_gpu_layers), "--codec", codec,
-             "--flash-attn", flash_attn, "--lanes", str(lanes), "--device-sampling", device_sampling]
-    if threads:
-        extra += ["--threads", str(threads)]
-    ports = [base_port + i for i in range(stages)] if base_port else None
-    print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {stages} stage(s): "
+    ranges = plan_ranges(model, cfg.stages, cfg.split)
+    ports = [cfg.stage_port + i for i in range(cfg.stages)] if cfg.stage_port else None
+    print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {cfg.stages} stage(s): "
           f"{', '.join(str(r) for r in ranges)}", flush=True)
     _exit_on_sigterm()  # `kill`, `docker stop`, systemd: stop the stage processes too, as Ctrl-C does
     secret = new_secret()  # a fresh cluster secret per run: other local users cannot drive the stages
-    procs = start_stages(model, ranges, ports=ports, extra_args=extra, secret=secret)
+    procs = start_stages(model, ranges, ports=ports, stage=cfg.stage, secret=secret)
+    host, port = cfg.gateway.host, cfg.gateway.port
 
     async def main() -> None:
-        runner = await start_gateway([[sp.url for sp in procs]], host=host, port=port, codec=codec,
-                                     max_inflight=micro_batches, key=LinkKey.from_secret(secret),
-                                     api_keys=api_keys, ssl_context=server_context(*tls) if tls else None,
-                                     max_connections=max_connections, header_timeout=header_timeout,
-                                     **(gateway_kw or {}))
+        gw = replace(cfg.gateway, pipelines=[[sp.url for sp in procs]])
+        runner = await start_gateway(gw, key=LinkKey.from_secret(secret), api_keys=api_keys,
+                                     ssl_context=server_context(*tls) if tls else None)
         scheme = "https" if tls else "http"
         auth_hdr = " -H \"Authorization: Bearer $MOLINK_API_KEY\"" if api_keys else ""
         print(f"\nmolink-lite is serving at {scheme}://{host}:{port}/v1\n\ntry:\n"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import orjson
 from aiohttp import web
 
-from ..stage.sampling import SamplingError, SamplingParams
+from ..wire.protocol import (MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P, SAMPLING_RANGES, SamplingError,
+                              SamplingParams)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 1024         # chat: until the model stops, capped (OpenAI: unlimited)
@@ -25,11 +26,9 @@ INT32_MAX = 2**31 - 1
 MAX_STOP = 16                           # stop strings per request
 MAX_STOP_CHARS = 1024                   # characters per stop string
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-# float32 guards (llama.cpp's samplers take float): a temperature or repetition penalty this
-# small would turn logits into infinities; below it the choice is already the top token.
-MIN_TEMPERATURE = 1e-6
-MIN_REPETITION_PENALTY = 1e-6
-MIN_TOP_P = 1e-9                       # top_p 0 (OpenAI allows it) keeps only the most likely token
+# Sampling ranges are the protocol's (wire/protocol.py: SAMPLING_RANGES), one per field. The edge maps what
+# OpenAI allows and llama.cpp's float32 samplers cannot take: a temperature or repetition penalty below
+# MIN_TEMPERATURE (the choice is already the top token), and top_p 0 (keeps only the most likely token).
 SEED_MOD = 2**32 - 1                   # llama.cpp seeds are uint32; 0xFFFFFFFF means "random"
 # No vocabulary entry is this long (Gemma 3's longest: 48 bytes), so a text longer than this many
 # bytes per context token cannot fit and is refused before stage 0 spends seconds tokenizing it.
@@ -113,19 +112,25 @@ def _boolean(body: dict, key: str, default: bool) -> bool:
     return v
 
 
+def _range(key: str) -> Tuple[float, float]:
+    lo, hi, _ = SAMPLING_RANGES[key]
+    return lo, hi
+
+
 def parse_sampling(body: dict) -> SamplingParams:
-    """OpenAI's sampling fields (plus llama.cpp's top_k, min_p, repeat penalty), checked and mapped."""
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0, 0, INT32_MAX)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    """OpenAI's sampling fields (plus llama.cpp's top_k, min_p, repeat penalty), mapped to :class:`SamplingParams`,
+    which checks each against its one range (a 400 naming the field otherwise)."""
+    temperature = _number(body, "temperature", 1.0, *_range("temperature"))
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)  # OpenAI allows 0: mapped below
+    top_k = _integer(body, "top_k", 0, *_range("top_k"))
+    min_p = _number(body, "min_p", 0.0, *_range("min_p"))
+    presence = _number(body, "presence_penalty", 0.0, *_range("presence_penalty"))
+    frequency = _number(body, "frequency_penalty", 0.0, *_range("frequency_penalty"))
     rep = None
     for key in ("repetition_penalty", "repeat_penalty"):
-        r = _number(body, key, None, 0.0, 10.0)
+        r = _number(body, key, None, *_range("repetition_penalty"))
         if r is not None and r <= 0.0:
-            raise _invalid(f"'{key}' must be in (0, 10], got {_short(body[key])}", key)
+            raise _invalid(f"'{key}' must be in (0, {_range('repetition_penalty')[1]:g}], got {_short(body[key])}", key)
         rep = r if rep is None else rep
     seed = _integer(body, "seed", None, -2**63, 2**64 - 1)
     assert temperature is not None and top_p is not None and min_p is not None
@@ -133,13 +138,13 @@ def parse_sampling(body: dict) -> SamplingParams:
         temperature = MIN_TEMPERATURE
     try:
         return SamplingParams(
-            temperature=temperature, top_p=max(top_p, MIN_TOP_P), top_k=int(top_k or 0), min_p=min_p,
-            presence_penalty=float(presence or 0.0), frequency_penalty=float(frequency or 0.0),
-            repetition_penalty=1.0 if rep is None else max(rep, MIN_REPETITION_PENALTY),
+            temperature=float(temperature), top_p=float(max(top_p, MIN_TOP_P)), top_k=int(top_k or 0),
+            min_p=float(min_p), presence_penalty=float(presence or 0.0), frequency_penalty=float(frequency or 0.0),
+            repetition_penalty=1.0 if rep is None else float(max(rep, MIN_REPETITION_PENALTY)),
             seed=None if seed is None else seed % SEED_MOD,
-        ).validate()
+        )
     except SamplingError as e:
-        raise _invalid(str(e), None) from None
+        raise _invalid(str(e), e.field) from None
 
 
 def parse_max_tokens(body: dict, default: int) -> int:

@@ -7,15 +7,17 @@ so every stage can compute while others send. Long prompts go in ``prefill_chunk
 interleaved with decode rows, throttled by :class:`PrefillBudget`. KV space is reserved at
 admission (prompt + max_tokens), so an admitted request never runs out of cache mid-way.
 
-Nothing here touches a socket: :mod:`molink_lite.serving.pipeline` sends what this decides.
+Nothing here touches a socket: :mod:`molink_lite.serving.pipeline` sends what this decides. Slots live in
+lanes by :func:`~molink_lite.wire.protocol.lane_of`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..wire.protocol import lane_of
 from .sequence import SeqState
 
 INTERLEAVE_SLOWDOWN = 2.0  # while a prompt is prefilled, decoders' inter-token time may grow this much
@@ -37,6 +39,13 @@ def chunk_for_link(rtt_s: float, mbit: float, n_embd: int, codec: str = "f16", m
     return int(max(min_tokens, min(max_tokens, budget // row)))
 
 
+def chunk_for_links(links: Sequence[dict], n_embd: int, codec: str, max_tokens: int) -> int:
+    """Prefill chunk for a chain: the smallest of its measured links' (:func:`chunk_for_link`); without
+    measurements, min(256, max_tokens)."""
+    chunks = [chunk_for_link(k["rtt_ms"] / 1e3, k["mbit"], n_embd, codec, max_tokens) for k in links]
+    return min(chunks) if chunks else min(256, max_tokens)
+
+
 @dataclass
 class StepPlan:
     decode: List[SeqState]                 # one row each: its last generated token
@@ -47,23 +56,23 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
           active: Dict[int, SeqState]) -> None:
     """Move waiting sequences (in order) into free slots while their KV reservation fits.
 
-    Stages with lanes hold slot s in lane s % len(kv_lane), each lane with its own KV of ``n_ctx_lane`` cells
-    (one lane: the whole cache): each sequence goes to the lane with the fewest sequences among those with a
-    free slot and room for its reservation, so the lanes' micro-batches stay even; the first that fits no lane
-    waits, and so do the ones behind it.
+    Stages with lanes hold slot s in lane ``lane_of(s, len(kv_lane))``, each lane with its own KV of
+    ``n_ctx_lane`` cells (one lane: the whole cache): each sequence goes to the lane with the fewest sequences
+    among those with a free slot and room for its reservation, so the lanes' micro-batches stay even; the first
+    that fits no lane waits, and so do the ones behind it.
     """
     lanes = len(kv_lane)
     while waiting and free_slots:
         s = waiting[0]
         count = [0] * lanes
         for slot in active:
-            count[slot % lanes] += 1
-        open_lanes = {x % lanes for x in free_slots}
+            count[lane_of(slot, lanes)] += 1
+        open_lanes = {lane_of(x, lanes) for x in free_slots}
         fits = [i for i in range(lanes) if i in open_lanes and kv_lane[i] + s.need <= n_ctx_lane]
         if not fits:
             break
         lane = min(fits, key=lambda i: (count[i], kv_lane[i]))
-        slot = min(x for x in free_slots if x % lanes == lane)
+        slot = min(x for x in free_slots if lane_of(x, lanes) == lane)
         free_slots.remove(slot)
         waiting.popleft()
         s.slot = slot
@@ -74,6 +83,11 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
 def is_long(s: SeqState, prefill_chunk: int) -> bool:
     """A feed that takes more than one chunk: the kind whose prefill is throttled while others decode."""
     return int(s.feed.shape[0]) > prefill_chunk
+
+
+def long_prefill_running(seqs: Iterable[SeqState], prefill_chunk: int) -> bool:
+    """A long prompt is being prefilled (what :meth:`PrefillBudget.update` needs to know)."""
+    return any(is_long(s, prefill_chunk) and s.prefilling and not s.finished for s in seqs)
 
 
 def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: int, prefill_chunk: int,
@@ -106,6 +120,23 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
         prefill.append((s, take))
         budget -= take
     return StepPlan(chosen, prefill)
+
+
+def next_step(by_lane: Sequence[List[SeqState]], busy: Sequence[int], freeing: Sequence[bool], micro_batches: int,
+              max_batch_tokens: int, prefill_chunk: int, prefill_budget: int) -> Optional[Tuple[int, StepPlan]]:
+    """The lane whose step goes next, and its rows; None when no lane has anything to send.
+
+    Lanes with the fewest steps in flight (``busy``) come first; each lane's micro-batches share its sequences
+    (``by_lane``) as :func:`plan_step` shares them (one lane: the whole pipeline). A lane with no rows to send but
+    slots to free on the stages (``freeing``) sends an empty step, when nothing of it is in flight.
+    """
+    lanes = len(by_lane)
+    per_lane = max(1, max(micro_batches, lanes) // lanes)
+    for lane in sorted(range(lanes), key=lambda i: busy[i]):
+        plan = plan_step(by_lane[lane], per_lane, max_batch_tokens, prefill_chunk, prefill_budget)
+        if plan.decode or plan.prefill or (not busy[lane] and freeing[lane]):
+            return lane, plan
+    return None
 
 
 class PrefillBudget:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ..stage.sampling import SamplingParams
+from ..wire.protocol import SamplingParams, SeqStart
 from .speculative import SpecState
 
 
@@ -108,21 +108,17 @@ class SeqState:
         if self.spec is not None:
             self.spec.drafts = self.spec.drafts[:0]
 
-    def start_params(self) -> dict:
+    def start_params(self) -> SeqStart:
         """What the last stage needs to start this sequence's sampler (history after a replay).
 
         A seeded sampler restarts from a seed derived from (seed, tokens so far): the continuation is
         reproducible, though not the one an undisturbed run would have drawn (llama.cpp's RNG state
         cannot move between hosts).
         """
-        d = self.req.params.to_dict()
-        if self.spec is not None:
-            d["spec"] = True
-        if self.generated:
-            d["history"] = list(self.generated)
-            if d.get("seed") is not None:
-                d["seed"] = (int(d["seed"]) + 0x9E3779B1 * len(self.generated)) % 0xFFFFFFFF
-        return d
+        params = self.req.params
+        if self.generated and params.seed is not None:
+            params = replace(params, seed=(int(params.seed) + 0x9E3779B1 * len(self.generated)) % 0xFFFFFFFF)
+        return SeqStart(params, tuple(self.generated), self.spec is not None)
 
     # ------------------------------------------------------------------ results
     def take_token(self, token: int, eog: bool, piece: str, now: float) -> Optional[str]:

@@ -25,11 +25,16 @@ How many drafts each sequence sends is decided per step by a cost model (:func:`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .sequence import SeqState
+
+log = logging.getLogger(__name__)
 MODES = ("off", "ngram", "auto")
 AUTO_RTT_S = 0.005     # "auto" turns speculation on when a step's path round trip is at least this long
 DEFAULT_K = 8          # most drafts per sequence per step
@@ -176,3 +181,59 @@ def allocate(rates: Sequence[float], limits: Sequence[int], n_tokens: int, rows:
 def auto_enabled(path_rtt_s: Optional[float]) -> bool:
     """``--speculative auto``: on when a step's path (gateway -> stages -> gateway) takes at least 5 ms."""
     return path_rtt_s is not None and path_rtt_s >= AUTO_RTT_S
+
+
+def for_path(cfg: SpecConfig, path_rtt_s: float, on: bool) -> Tuple[bool, StepCost]:
+    """Speculate or not (``auto``: :func:`auto_enabled`; otherwise ``on`` stays), and the step cost prior, for a
+    pipeline whose step path was measured to take ``path_rtt_s``."""
+    on = auto_enabled(path_rtt_s) if cfg.mode == "auto" else on
+    log.info("step path round trip %.1f ms: speculative decoding %s (--speculative %s, k<=%d, n<=%d)",
+             1e3 * path_rtt_s, "on" if on else "off", cfg.mode, cfg.k, cfg.n)
+    return on, StepCost(path_rtt_s + 0.01, 0.001)
+
+
+def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig, cost: StepCost,
+                max_batch_tokens: int, in_flight: int) -> List[np.ndarray]:
+    """Draft tokens for each decoding sequence of a step (empty arrays where none pay), by :func:`allocate`.
+
+    Gives every decoding sequence its :class:`SpecState` (made on first use) and lets the rate of those that get
+    no drafts drift back (:meth:`SpecState.idle`). ``in_flight``: steps in flight besides this one."""
+    empty = np.zeros(0, np.int32)
+    cands, limits, rates = [], [], []
+    for s in decode:
+        if s.spec is None:
+            s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
+        room = min(cfg.k, s.req.max_tokens - len(s.generated) - 1)
+        c = s.spec.candidates(cfg.n, room)
+        cands.append(c)
+        limits.append(int(c.shape[0]))
+        rates.append(s.spec.rate)
+    budget = max_batch_tokens - len(decode) - prefill_rows
+    if not any(limits) or budget <= 0:
+        for s in decode:
+            s.spec.idle()
+        return [empty] * len(decode)
+    a, b = cost.params()
+    # with m steps in flight the fixed part of a round trip (links, per-step work) is shared by m steps:
+    # a busy pipeline is bound by per-row compute, where a draft row must nearly pay for itself
+    m = in_flight + 1
+    ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a / m, b, budget)
+    out = []
+    for s, c, k in zip(decode, cands, ks):
+        if k == 0:
+            s.spec.idle()
+        out.append(c[:k])
+    return out
+
+
+def summary(cfg: SpecConfig, on: bool, stats: dict, cost: StepCost, path_rtt_s: Optional[float]) -> dict:
+    """A pipeline's speculative decoding: setting, state, acceptance rate and tokens per round trip (decode
+    entries), from its counters (``stats``)."""
+    a, b = cost.params()
+    drafted, entries = stats["drafted"], stats["decode_entries"]
+    return {"mode": cfg.mode, "on": on, "k": cfg.k, "n": cfg.n,
+            "path_rtt_ms": None if path_rtt_s is None else round(1e3 * path_rtt_s, 3),
+            "drafted": drafted, "accepted": stats["accepted"],
+            "acceptance": round(stats["accepted"] / drafted, 4) if drafted else None,
+            "tokens_per_round_trip": round(stats["decode_tokens"] / entries, 4) if entries else None,
+            "step_cost_ms": {"a": round(1e3 * a, 3), "b_per_row": round(1e3 * b, 4)}}

@@ -14,93 +14,17 @@ from __future__ import annotations
 import llama_cpp.llama_cpp as _llama  # noqa: I001 - before numpy
 
 import ctypes
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..wire.protocol import SamplingError, SamplingParams, SeqStart
+
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 assert TOKEN_DATA.itemsize == ctypes.sizeof(_llama.llama_token_data)
-
-
-class SamplingError(ValueError):
-    """Invalid sampling parameters."""
-
-
-@dataclass
-class SamplingParams:
-    """OpenAI-style sampling parameters (plus llama.cpp's top_k, min_p, repeat penalty)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    penalty_last_n: int = 64
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    def validate(self) -> "SamplingParams":
-        """Raise :class:`SamplingError` for wrong types or out-of-range values; return self.
-
-        Runs on the gateway and again on the last stage (a frame is checked where it arrives), so
-        nothing a peer sends reaches llama.cpp's samplers unchecked.
-        """
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SamplingError(f"{name} must be a finite number")
-        for name in ("top_k", "penalty_last_n") + (("seed",) if self.seed is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SamplingError(f"{name} must be an integer")
-        if not 0 <= self.top_k <= 2**31 - 1:
-            raise SamplingError("top_k must be in 0..2^31-1 (0 disables it)")
-        if not -1 <= self.penalty_last_n <= 2**31 - 1:
-            raise SamplingError("penalty_last_n must be in -1..2^31-1")
-        if 0.0 < self.temperature < 1e-6 or 0.0 < self.repetition_penalty < 1e-6:
-            raise SamplingError("temperature and repetition_penalty must be 0 or at least 1e-6 (smaller values "
-                                "overflow float32 logits)")
-        if not 0.0 <= self.temperature <= 10.0:
-            raise SamplingError("temperature must be between 0 and 10")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise SamplingError("top_k must be >= 0 (0 disables it)")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise SamplingError("min_p must be in [0, 1]")
-        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
-            raise SamplingError("presence_penalty and frequency_penalty must be between -2 and 2")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise SamplingError("repetition_penalty must be in (0, 10]")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise SamplingError("seed must be in 0..2^32-1")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
-        """Parameters from a dict (unknown keys ignored); call :meth:`validate` before use."""
-        if d is not None and not isinstance(d, dict):
-            raise SamplingError(f"sampling parameters must be an object, got {type(d).__name__}")
-        d = d or {}
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
-        return cls(**known)
 
 
 class SequenceSampler:
@@ -235,11 +159,12 @@ class SamplerPool:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._by_seq
 
-    def check_verifiable(self, drafts: Dict[int, np.ndarray], start: Dict[int, tuple], spec: set) -> None:
-        """Drafts are verified only by greedy samplers and by samplers started in spec mode."""
+    def check_verifiable(self, drafts: Dict[int, np.ndarray], start: Dict[int, SeqStart], spec: set) -> None:
+        """Drafts are verified only by greedy samplers and by samplers started in spec mode (``start``: this
+        step's sampler starts; ``spec``: those of them in spec mode)."""
         for s in drafts:
             if s in start:
-                ok = start[s][0].greedy or s in spec
+                ok = start[s].params.greedy or s in spec
             else:
                 sm = self._by_seq.get(s)
                 ok = sm is None or sm.params.greedy or sm.spec

@@ -1,0 +1,232 @@
+"""Gateway and ``serve`` settings as checked values: :class:`GatewayConfig`, :class:`ServeConfig`.
+
+``molink-lite gateway`` / ``serve`` build one of these once from their options (``cli.gateway_config``,
+``cli.serve_config``) and hand it whole to :func:`molink_lite.serving.gateway.start_gateway` /
+:func:`molink_lite.serving.launcher.serve_local`. Groups:
+
+* :class:`PipelineConfig`: what each :class:`~molink_lite.serving.pipeline.Pipeline` gets
+  (:meth:`PipelineConfig.pipeline_kwargs`), for the ``--pipeline`` replicas and for joined stages alike;
+* :class:`HttpLimits`: the HTTP listener's connection caps and timeouts (:mod:`.http_limits`);
+* :class:`GatewaySecurity`: cluster secret, TLS and API keys as given (file names; they are read at start);
+* :class:`ClusterConfig`: join mode (``gateway --model``: stages join and are placed).
+
+This module imports no llama.cpp and nothing from ``stage/``: a ``serve`` config carries its stage
+template (a ``stage.config.StageConfig``, built by the CLI) through the small :class:`StageTemplate`
+protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+from ..wire.codec import CODECS
+from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
+                          DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_MAX_REQUESTS_PER_KEY,
+                          DEFAULT_WRITE_TIMEOUT)
+from .speculative import SpecConfig
+
+TLS_MODES = ("auto", "off")
+SPLITS = ("balanced", "even")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the command-line option."""
+
+
+def _positive(value: float, opt: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{opt} must be > 0, got {value}")
+
+
+def _port(value: int, opt: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"{opt} must be a port number in 0..65535, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Per-pipeline settings: the keywords of ``Pipeline(urls, ...)`` other than the URLs, name and key."""
+
+    codec: str = "f16"                     # --codec: hidden-state wire codec
+    max_inflight: Optional[int] = None     # --micro-batches (None or 0: one per stage and lane)
+    prefill_chunk: Optional[int] = None    # --prefill-chunk (None or 0: from the measured links)
+    max_batch_tokens: int = 512            # --max-batch-tokens
+    step_timeout: float = 300.0
+    heartbeat_interval: float = 1.0        # --heartbeat-interval
+    heartbeat_timeout: float = 3.0         # --heartbeat-timeout
+    spec: Optional[SpecConfig] = None      # --speculative/--spec-k/--spec-n (None: off)
+    takeover: bool = False                 # --takeover
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ConfigError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.max_inflight is not None and self.max_inflight < 0:
+            raise ConfigError(f"--micro-batches must be >= 1 (or left out), got {self.max_inflight}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise ConfigError(f"--prefill-chunk must be >= 1 (or left out), got {self.prefill_chunk}")
+        if self.max_batch_tokens < 1:
+            raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        _positive(self.step_timeout, "step_timeout")
+        _positive(self.heartbeat_interval, "--heartbeat-interval")
+        _positive(self.heartbeat_timeout, "--heartbeat-timeout")
+        if self.spec is not None:
+            try:
+                self.spec.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+    def pipeline_kwargs(self, **extra: Any) -> Dict[str, Any]:
+        """Keywords for ``Pipeline(urls, **kw)``; ``extra`` adds the rest (name, key)."""
+        return dict(codec=self.codec, max_inflight=self.max_inflight, prefill_chunk=self.prefill_chunk,
+                    max_batch_tokens=self.max_batch_tokens, step_timeout=self.step_timeout,
+                    heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
+                    spec=self.spec, takeover=self.takeover, **extra)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The HTTP listener's caps and timeouts (see :mod:`molink_lite.serving.http_limits`)."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS                           # --max-connections
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS   # --max-connections-per-address
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT                           # --header-timeout (0: none)
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT                     # --keepalive-timeout
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT                             # --write-timeout (0: never)
+    max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY                 # --max-requests-per-key (0: no cap)
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be >= 1")
+        for opt, v in (("--max-connections-per-address", self.max_connections_per_address),
+                       ("--max-requests-per-key", self.max_requests_per_key), ("--write-timeout", self.write_timeout),
+                       ("--header-timeout", self.header_timeout)):
+            if v < 0:
+                raise ConfigError(f"{opt} must be >= 0 (0 = no limit)")
+        _positive(self.keepalive_timeout, "--keepalive-timeout")
+        _positive(self.body_timeout, "body_timeout")
+
+
+@dataclass(frozen=True)
+class GatewaySecurity:
+    """Secrets and TLS as given on the command line (read when the gateway starts, not here)."""
+
+    secret_file: Optional[str] = None            # --secret-file (else $MOLINK_SECRET)
+    tls: str = "off"                             # --tls auto | off
+    tls_cert: Optional[str] = None               # --tls-cert
+    tls_key: Optional[str] = None                # --tls-key
+    insecure: bool = False                       # --insecure
+    api_keys: Optional[Tuple[str, ...]] = None   # --api-key (repeated)
+    api_key_file: Optional[str] = None           # --api-key-file (else $MOLINK_API_KEY)
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ConfigError(f"--tls must be one of {', '.join(TLS_MODES)}, got {self.tls!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.api_keys is not None and not isinstance(self.api_keys, tuple):
+            object.__setattr__(self, "api_keys", tuple(self.api_keys))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Join mode: this gateway holds ``model``; stages that join are placed for ``n_ctx`` / ``n_seqs``."""
+
+    model: Optional[str] = None      # --model (None: no join mode)
+    n_ctx: int = 8192                # --ctx
+    n_seqs: int = 16                 # --max-seqs
+    settle: float = 3.0              # --join-settle
+    ready_timeout: float = 120.0     # --join-ready-timeout
+    rejoin_grace: float = 15.0       # --join-rejoin-grace
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ConfigError(f"--ctx must be >= 1, got {self.n_ctx}")
+        if not 1 <= self.n_seqs <= 256:
+            raise ConfigError(f"--max-seqs must be in 1..256, got {self.n_seqs}")
+        if self.settle < 0:
+            raise ConfigError(f"--join-settle must be >= 0, got {self.settle}")
+        _positive(self.ready_timeout, "--join-ready-timeout")
+        _positive(self.rejoin_grace, "--join-rejoin-grace")
+
+
+def _pipelines(value: Sequence[Sequence[str]]) -> Tuple[Tuple[str, ...], ...]:
+    out = tuple(tuple(urls) for urls in value)
+    for urls in out:
+        if not urls:
+            raise ConfigError("a pipeline needs at least one stage URL")
+        for u in urls:
+            if not (u.startswith("ws://") or u.startswith("wss://")):
+                raise ConfigError(f"stage URL must start with ws:// or wss://, got {u!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """One gateway: its pipelines (stage URLs in layer order, one tuple per replica) and everything else."""
+
+    pipelines: Tuple[Tuple[str, ...], ...] = ()   # --pipeline (repeated)
+    host: str = "127.0.0.1"                       # --host
+    port: int = 8000                              # --port (0: any free port)
+    connect_timeout: float = 120.0                # --connect-timeout
+    model_name: Optional[str] = None              # --model-name
+    chat_template: Optional[str] = None           # --chat-template
+    recover_timeout: float = 60.0                 # --recover-timeout
+    max_queue: int = 1024                         # --max-queue
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)
+    security: GatewaySecurity = field(default_factory=GatewaySecurity)
+    join: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pipelines", _pipelines(self.pipelines))
+        _port(self.port, "--port")
+        _positive(self.connect_timeout, "--connect-timeout")
+        _positive(self.recover_timeout, "--recover-timeout")
+        if self.max_queue < 1:
+            raise ConfigError("--max-queue must be >= 1")
+
+
+class StageTemplate(Protocol):
+    """What ``serve`` needs of its stage settings (a ``molink_lite.stage.config.StageConfig``, a frozen
+    dataclass): :func:`dataclasses.replace` of model/layers/host/port/ready_file per stage, then the argv."""
+
+    codec: str
+
+    def to_argv(self) -> List[str]: ...
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``molink-lite serve``: ``stages`` local stage processes made from ``stage`` (one layer range each) and a
+    gateway over them (``gateway``; its pipelines are filled in once the stages listen)."""
+
+    stage: StageTemplate                           # engine options and codec of every stage (StageConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    model: Optional[str] = None                    # --model (None: the demo model, resolved by the CLI)
+    stages: int = 2                                # --stages
+    split: str = "balanced"                        # --split
+    stage_port: int = 0                            # --stage-port: first stage port (0: free ports)
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.stage, "to_argv", None)):
+            raise ConfigError("ServeConfig.stage must be a StageConfig (with to_argv)")
+        if self.stages < 1:
+            raise ConfigError(f"--stages must be >= 1, got {self.stages}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _port(self.stage_port, "--stage-port")
+        if self.stage_port and self.stage_port + self.stages - 1 > 65535:
+            raise ConfigError(f"--stage-port {self.stage_port} leaves no room for {self.stages} stage ports")
+        if self.stage.codec != self.gateway.pipeline.codec:
+            raise ConfigError(f"the stages' codec {self.stage.codec!r} differs from the gateway's "
+                              f"{self.gateway.pipeline.codec!r}")
+        if self.gateway.pipelines or self.gateway.join.model:
+            raise ConfigError("serve starts its own stages: its gateway takes no pipelines and no join model")
+        if self.gateway.security.secret_file:
+            raise ConfigError("serve makes a fresh cluster secret for its stages: no secret file")
+
+
+__all__ = ["GatewayConfig", "PipelineConfig", "HttpLimits", "GatewaySecurity", "ClusterConfig", "ServeConfig",
+           "StageTemplate", "ConfigError", "SpecConfig"]

@@ -1,0 +1,153 @@
+"""Steps out: the sequences a step carries, as a :class:`~molink_lite.wire.protocol.StepFrame` and its record.
+
+The step frame is molink's ``SchedulerOutput`` (vLLM): decoding sequences send their last token (and, when they
+speculate, draft tokens at the next positions, with ``drafts``); prefilling ones a chunk of their feed; a
+sequence's first step carries ``start`` (its sampling parameters, and the tokens it generated before a replay); a
+sequence whose drafts were rejected last time has its KV cut back (``trim``); slots of finished sequences in the
+step's lane are freed (``free``).
+
+Two halves, so that a step that never leaves (it could not be encoded) changes no sequence:
+
+* :func:`build_step` reads the sequences and returns the frame and a :class:`StepRecord`; it changes nothing.
+* :meth:`StepRecord.mark_sent` applies the sequence side of the step once the frame is on its way: positions
+  prefilled, KV length (drafts included), sampler started, drafts in flight, steps in flight. One place, in the
+  order the old inline code did it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..wire.protocol import SeqStart, StepFrame, lane_of
+from .sequence import SeqState
+from .speculative import SpecState
+
+_EMPTY = np.zeros(0, np.int32)
+
+
+@dataclass
+class StepRecord:
+    """A step in flight: what the gateway needs when its result (or error) comes back."""
+
+    sid: int
+    seqs: List[Tuple[SeqState, bool]]   # (sequence, expects a token back); the decoding ones first
+    sent_at: float = 0.0
+    n_decode: int = 0                   # decoding sequences (the first n_decode of ``seqs``)
+    n_prefill: int = 0                  # prompt rows
+    rows: int = 0
+    sent: List[Tuple[int, int]] = field(default_factory=list)  # (slot, epoch) of each sequence when sent
+    lane: int = 0
+    drafts: List[np.ndarray] = field(default_factory=list)     # per decoding sequence (empty: none)
+    ends: List[int] = field(default_factory=list)              # per prefilling sequence: its feed prefilled after
+    spec: bool = False                  # the sequences it starts speculate
+
+    def live(self) -> List[Tuple[SeqState, int]]:
+        """(sequence, slot it was sent in) for the sequences this step still speaks for: a sequence handed back
+        (replayed) since it was sent has moved on, and this step's outcome is not its own any more."""
+        return [(s, slot) for (s, _), (slot, ep) in zip(self.seqs, self.sent) if s.epoch == ep]
+
+    def landed(self) -> List[Tuple[SeqState, int]]:
+        """The step is back (result or error): its live sequences have one step fewer in flight."""
+        out = self.live()
+        for s, _ in out:
+            s.in_flight = max(0, s.in_flight - 1)
+        return out
+
+    def mark_sent(self, now: float) -> None:
+        """The frame is on its way: the sequences' side of it."""
+        self.sent_at = now
+        for (s, _), d in zip(self.seqs[:self.n_decode], self.drafts):
+            s.kv_len = s.decode_pos + 1 + int(d.shape[0])
+            if s.spec is not None:
+                s.spec.drafts = d
+        for (s, _), end in zip(self.seqs[self.n_decode:], self.ends):
+            if not s.started:
+                if self.spec and s.spec is None:
+                    s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
+                s.started = True
+            s.prefilled = s.kv_len = end
+        for s, _ in self.seqs:
+            s.in_flight += 1
+            s.last_sent = self.sid
+
+    def count(self, stats: Dict[str, int], in_flight: int) -> None:
+        """Add this step to a pipeline's counters (``in_flight``: steps in flight with it)."""
+        n_spec = sum(1 for d in self.drafts if d.shape[0])
+        prefill = len(self.seqs) > self.n_decode
+        stats["steps"] += 1
+        stats["rows"] += self.rows
+        stats["decode_rows"] += self.rows - self.n_prefill
+        stats["prefill_rows"] += self.n_prefill
+        if n_spec:
+            stats["spec_rounds"] += n_spec
+            stats["drafted"] += sum(int(d.shape[0]) for d in self.drafts)
+            if n_spec < self.n_decode or prefill:  # speculating and plain sequences share the step
+                stats["spec_mixed_steps"] += 1
+        if self.n_decode and prefill:
+            stats["mixed_steps"] += 1
+        stats["max_seqs_in_step"] = max(stats["max_seqs_in_step"], len(self.seqs))
+        stats["max_inflight_seen"] = max(stats["max_inflight_seen"], in_flight)
+
+
+def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[SeqState, int]], *, lane: int = 0,
+               lanes: int = 1, drafts: Optional[Sequence[np.ndarray]] = None, pending_free: Sequence[int] = (),
+               spec: bool = False) -> Tuple[StepFrame, StepRecord]:
+    """Step ``sid`` of lane ``lane``: one row per decoding sequence (its last token, then its ``drafts``), then
+    ``take`` rows of each prefilling sequence's feed; frees the slots of ``pending_free`` that live in the lane.
+
+    ``spec``: the pipeline speculates (sequences it starts may send drafts). Reads the sequences only; see
+    :meth:`StepRecord.mark_sent` for what changes once the frame is sent.
+    """
+    drafts = list(drafts) if drafts is not None else [_EMPTY] * len(decode)
+    seq_p: List[np.ndarray] = []
+    pos_p: List[np.ndarray] = []
+    tok_p: List[np.ndarray] = []
+    out_p: List[np.ndarray] = []
+    trim: Dict[int, int] = {}
+    draft_map: Dict[int, np.ndarray] = {}
+    if decode and not any(d.shape[0] for d in drafts):  # the common case: one row per sequence
+        n = len(decode)
+        seq_p.append(np.fromiter((s.slot for s in decode), dtype=np.int32, count=n))
+        pos_p.append(np.fromiter((s.decode_pos for s in decode), dtype=np.int32, count=n))
+        tok_p.append(np.fromiter((s.generated[-1] for s in decode), dtype=np.int32, count=n))
+        out_p.append(np.ones(n, dtype=bool))
+    else:
+        for s, d in zip(decode, drafts):  # the last token, then its drafts at the next positions
+            k = int(d.shape[0])
+            seq_p.append(np.full(k + 1, s.slot, dtype=np.int32))
+            pos_p.append(np.arange(s.decode_pos, s.decode_pos + k + 1, dtype=np.int32))
+            tok_p.append(np.concatenate(([s.generated[-1]], d)).astype(np.int32))
+            out_p.append(np.ones(k + 1, dtype=bool))
+            if k:
+                draft_map[s.slot] = np.asarray(d, dtype=np.int32)
+    for s in decode:
+        if s.kv_len > s.decode_pos:  # drafts rejected last time: every stage drops them first
+            trim[s.slot] = s.decode_pos
+    start: Dict[int, SeqStart] = {}
+    ends: List[int] = []
+    for s, take in prefill:
+        a, b = s.prefilled, s.prefilled + take
+        seq_p.append(np.full(take, s.slot, dtype=np.int32))
+        pos_p.append(np.arange(a, b, dtype=np.int32))
+        tok_p.append(s.feed[a:b])
+        out = np.zeros(take, dtype=bool)
+        out[-1] = b == s.feed.shape[0]  # only a finished prompt's last row wants a token
+        out_p.append(out)
+        ends.append(b)
+        if not s.started:
+            st = s.start_params()
+            start[s.slot] = replace(st, spec=True) if spec and s.spec is None else st
+    frame = StepFrame(sid, _cat(seq_p, np.int32), _cat(pos_p, np.int32), tokens=_cat(tok_p, np.int32),
+                      out=_cat(out_p, bool), free=[x for x in pending_free if lane_of(x, lanes) == lane],
+                      start=start, trim=trim, drafts=draft_map, lane=lane)
+    entries = [(s, True) for s in decode] + [(s, bool(e == s.feed.shape[0])) for (s, _), e in zip(prefill, ends)]
+    rec = StepRecord(sid, entries, n_decode=len(decode), n_prefill=sum(t for _, t in prefill), rows=frame.n,
+                     sent=[(s.slot, s.epoch) for s, _ in entries], lane=lane, drafts=drafts, ends=ends, spec=spec)
+    return frame, rec
+
+
+def _cat(parts: List[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
