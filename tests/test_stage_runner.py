@@ -1,0 +1,179 @@
+"""The stage's parts in process (no sockets): the step runner's lanes and reports, the configure request, fencing,
+the next-stage link's notices, and the counters the ``stats`` frame carries."""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from molink_lite.model.split import LayerRange, stage_gguf
+from molink_lite.stage.engine import StageEngine
+from molink_lite.stage.fencing import Fencing
+from molink_lite.stage.next_link import NextLink
+from molink_lite.stage.runner import StepRunner
+from molink_lite.stage.server import StageServer
+from molink_lite.wire.codec import decode_frame
+from molink_lite.wire.protocol import Configure, ProtocolError, ResultFrame
+
+SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
+# every counter the stats frame has carried (tests and dashboards read them)
+STATS_KEYS = {"steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", "errors", "frees", "busy_s",
+              "refused_links", "rejected_frames", "trims", "drafted", "accepted", "busy_refusals",
+              "evicted_handshakes", "next_link_losses", "next_link_reconnects", "epoch", "takeovers",
+              "refused_configures"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models("llama", **SHAPE)
+
+
+_NO_LANE = object()
+
+
+def _step(step, seq, pos, tokens, lane=_NO_LANE, **meta):
+    m = {"type": "step", "step": step, "free": [], "start": {}, **meta}
+    if lane is not _NO_LANE:
+        m["lane"] = lane
+    return m, {"seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32),
+               "tokens": np.asarray(tokens, np.int32), "out": np.ones(len(seq), np.uint8)}
+
+
+def test_the_server_keeps_every_stats_counter(tiny, tmp_path):
+    with StageEngine(stage_gguf(tiny, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        srv = StageServer(e)
+        try:
+            assert set(srv.stats) == STATS_KEYS
+            assert srv.describe()["next"] is None and srv.describe()["codec"] == "f16"
+            assert srv.kv_usage() == (0, 0) and srv.timeline is srv.runner.timeline
+        finally:
+            srv.runner.close()
+
+
+def test_steps_go_to_their_lane_and_a_bad_lane_is_reported_with_nothing_applied(tiny, tmp_path):
+    async def main(e):
+        delivered, reports = [], []
+        r = StepRunner(e, None, {}, codec="f32", deliver=lambda f, out: delivered.append((f, out)),
+                       report=lambda step, msg: reports.append((step, msg)))
+        r.start()
+        try:
+            r.submit(*_step(1, [0, 0], [0, 1], [5, 6]))
+            r.submit(*_step(2, [1], [0], [7], lane=1))
+            for bad in (2, -1, True, "0", 0.0, None):   # routed loosely, rejected by the check
+                r.submit(*_step(3, [1], [1], [8], lane=bad))
+            r.submit(*_step(4, [3], [0], [8], lane=0))  # sequence 3 lives in lane 1
+            r.submit({"type": "step", "step": [9], "lane": 7}, {})
+            for _ in range(200):
+                if r.in_flight == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.in_flight == 0
+            delivered.sort(key=lambda d: d[0].step)  # lanes run side by side
+            assert [f.step for f, _ in delivered] == [1, 2]
+            meta, arrays = decode_frame(delivered[0][1])  # the forwarded step: same rows, hidden states
+            assert meta["type"] == "step" and meta["step"] == 1 and arrays["hidden"].shape == (2, 64)
+            assert arrays["seq"].tolist() == [0, 0] and "tokens" not in arrays
+            assert decode_frame(delivered[1][1])[0]["lane"] == 1
+            assert [s for s, _ in reports] == [3] * 6 + [4, None]
+            assert all("rejected step: 'lane' must be" in m for _, m in reports[:6]), reports
+            assert "sequence 3 is not in lane 0" in reports[6][1]
+            assert r.seq_len.tolist() == [2, 1, 0, 0]  # the rejected steps applied nothing
+            assert r.stats["rejected_frames"] == 8 and r.stats["steps"] == 2 and r.stats["max_in_flight"] >= 9
+            r.reset_all()
+            r.submit(*_step(5, [1], [0], [9], lane=1))  # after the reset sequence 1 starts over
+            for _ in range(200):
+                if r.in_flight == 0 and len(delivered) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert [f.step for f, _ in delivered] == [1, 2, 5] and r.seq_len.tolist() == [0, 1, 0, 0]
+        finally:
+            r.close()
+
+    with StageEngine(stage_gguf(tiny, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1,
+                     lanes=2) as e:
+        asyncio.run(main(e))
+
+
+def test_the_last_stage_answers_a_result_frame(tiny, tmp_path):
+    with StageEngine(stage_gguf(tiny, LayerRange(0, 4), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        srv = StageServer(e, codec="f32")
+        try:
+            r = srv.runner
+            out = r.run(r.check(*_step(7, [2, 2, 2], [0, 1, 2], [1, 2, 3], start={"2": {"temperature": 0.0}})))
+            assert isinstance(out, ResultFrame) and out.step == 7 and out.seq.tolist() == [2, 2, 2]
+            meta, arrays = out.to_wire()
+            assert meta["type"] == "result" and len(meta["pieces"]) == 3 and arrays["eog"].dtype == np.uint8
+            assert r.seq_len[2] == 3 and 2 in r.samplers
+            empty = r.run(r.check({"type": "step", "step": 8, "free": [2]}, {"seq": np.zeros(0, np.int32),
+                                                                              "pos": np.zeros(0, np.int32)}))
+            assert empty.to_wire()[0] == {"type": "result", "step": 8} and r.seq_len[2] == 0 and 2 not in r.samplers
+        finally:
+            srv.runner.close()
+
+
+def test_configure_requests_are_checked_before_anything_is_applied():
+    assert Configure.decode({"type": "configure"}, "f32") == Configure(None, "f32", "", False)
+    assert Configure.decode({"next": "ws://b:1", "codec": "int8", "gateway": "g", "takeover": True}, "f16") \
+        == Configure("ws://b:1", "int8", "g", True)
+    assert Configure.decode({"next": "", "takeover": "yes"}, "f16") == Configure(None, "f16", "", False)
+    for meta, msg in (({"codec": "f8"}, "unknown codec"), ({"gateway": ""}, "'gateway'"),
+                      ({"gateway": "x" * 65}, "'gateway'"), ({"gateway": 5}, "'gateway'"),
+                      ({"next": 5}, "'next'"), ({"next": "http://b:1"}, "'next'")):
+        with pytest.raises(ProtocolError, match=msg):
+            Configure.decode(meta, "f16")
+
+
+class _Head:
+    """A connected head whose WebSocket answers pings (or not)."""
+
+    def __init__(self, alive: bool):
+        self.name, self.closed, self._alive = "head", asyncio.Event(), alive
+        self.ws = SimpleNamespace(ping=self._ping)
+
+    async def _ping(self):
+        if not self._alive:
+            raise ConnectionError("gone")
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+def test_fencing_refuses_another_gateway_while_the_controller_answers():
+    async def main():
+        stats: dict = {}
+        f = Fencing(stats, "0-1")
+        ch = SimpleNamespace(name="new")
+        assert await f.admit("g1", False, ch, None) == (None, False)
+        assert f.take("g1", ch, False, replacing=False).startswith("fenced off") and f.epoch == 1
+        refusal, forced = await f.admit("g2", False, ch, _Head(alive=True))
+        assert refusal["code"] == "fenced" and refusal["epoch"] == 1 and "--takeover" in refusal["message"]
+        assert not forced and stats["refused_configures"] == 1 and f.epoch == 1
+        assert await f.admit("g2", True, ch, _Head(alive=True)) == (None, True)
+        f.take("g2", ch, True, replacing=True)
+        assert f.epoch == 2 and stats["takeovers"] == 1 and stats["epoch"] == 2
+        assert await f.admit("g3", False, ch, _Head(alive=False)) == (None, False)  # a controller gone: restart
+        assert await f.admit("g2", False, ch, _Head(alive=True)) == (None, False)   # the same gateway
+        assert f.take("g2", ch, False, replacing=True) == "replaced by a newer link of the same gateway"
+        assert f.epoch == 2
+
+    asyncio.run(main())
+
+
+def test_the_head_hears_of_a_lost_next_link_once():
+    async def main():
+        told: list = []
+        link = NextLink(None, {}, "0-1", describe=dict, tell_head=told.append)
+        assert link.send(b"x") == "stage 0-1 has no connection to the next stage" and told == []
+        link.ch = SimpleNamespace(closed=asyncio.Event(), close_reason="reset")
+        link.url = "ws://b:1"
+        link.ch.closed.set()
+        assert link.send(b"x") and link.send(b"y")
+        assert told == [{"type": "link_down", "stage": "0-1", "to": "ws://b:1", "reason": "reset"}]
+        assert await link.probe(1 << 20, 1 << 20) == {"type": "probe", "rtt_s": None, "mbit": None}
+
+    asyncio.run(main())
