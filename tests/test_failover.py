@@ -23,7 +23,7 @@ from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.pipeline import Pipeline
 from molink_lite.serving.router import Router
 from molink_lite.serving.sequence import GenRequest
-from molink_lite.stage.sampling import SamplingParams
+from molink_lite.wire.protocol import SamplingParams
 
 from serving import GatewayProcess, http
 

@@ -168,7 +168,7 @@ def test_address_key():
 
 def _seq(prompt: np.ndarray, max_tokens: int = 4, owner: Any = None):
     from molink_lite.serving.sequence import GenRequest, SeqState
-    from molink_lite.stage.sampling import SamplingParams
+    from molink_lite.wire.protocol import SamplingParams
 
     req = GenRequest(prompt, SamplingParams(), max_tokens, **({"owner": owner} if owner is not None else {}))
     return SeqState(req=req, events=asyncio.Queue())
@@ -200,7 +200,7 @@ def test_router_fair_share_serves_another_key_first():
     from molink_lite.serving.pipeline import Pipeline
     from molink_lite.serving.router import Router
     from molink_lite.serving.sequence import GenRequest
-    from molink_lite.stage.sampling import SamplingParams
+    from molink_lite.wire.protocol import SamplingParams
 
     p = Pipeline(["ws://127.0.0.1:9"], name="p")
     _fake_up(p)
@@ -224,7 +224,7 @@ def test_router_reserves_room_for_other_keys():
     from molink_lite.serving.pipeline import Pipeline
     from molink_lite.serving.router import Router
     from molink_lite.serving.sequence import GenRequest
-    from molink_lite.stage.sampling import SamplingParams
+    from molink_lite.wire.protocol import SamplingParams
 
     p = Pipeline(["ws://127.0.0.1:9"], name="p")
     _fake_up(p)

@@ -21,9 +21,8 @@ from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.scheduler import admit
 from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.stage.engine import EngineError, StageEngine
-from molink_lite.stage.sampling import SamplingParams
 from molink_lite.stage.server import StageServer
-from molink_lite.stage.validate import StepError
+from molink_lite.wire.protocol import SamplingParams, StepError, StepFrame, lane_of
 
 from chain import whole_model_greedy_texts
 from serving import GatewayProcess, http, stop_processes
@@ -81,18 +80,19 @@ def test_a_step_naming_another_lanes_sequence_is_rejected(tiny, tmp_path):
                                   n_threads=1, lanes=2), codec="f32")
     try:
         assert srv.describe()["lanes"] == 2
-        meta = {"type": "step", "step": 1, "lane": 0, "free": [3], "start": {}}
-        arrays = {"seq": np.array([0, 2], np.int32), "pos": np.zeros(2, np.int32), "tokens": np.array([1, 2], np.int32),
-                  "out": np.ones(2, np.uint8)}
+
+        def step(free, lane=0):  # rows of sequences 0 and 2 (both in lane 0)
+            return StepFrame(1, np.array([0, 2], np.int32), np.zeros(2, np.int32), tokens=np.array([1, 2], np.int32),
+                             out=np.ones(2, bool), free=free, lane=lane).to_wire()
+
         assert srv.runner.limits.lanes == 2
         with pytest.raises(StepError, match="sequence 3 is not in lane 0"):
-            srv.runner.check(meta, arrays)
-        meta["free"] = [2]
-        assert srv.runner.check(meta, arrays).lane == 0
+            srv.runner.check(*step([3]))
+        assert srv.runner.check(*step([2])).lane == 0
         with pytest.raises(StepError, match="not in lane 1"):
-            srv.runner.check({**meta, "lane": 1}, arrays)
+            srv.runner.check(*step([2], lane=1))
         with pytest.raises(StepError, match="'lane' must be"):
-            srv.runner.check({**meta, "lane": 2}, arrays)
+            srv.runner.check(*step([2], lane=2))
         assert not srv.runner.seq_len.any()  # nothing applied
     finally:
         srv.runner.close()
@@ -108,7 +108,7 @@ def test_admission_balances_lanes_within_their_kv():
     admit(waiting, free, kv, 400, active)
     # lanes alternate while they hold as many sequences; the 301-cell one fits no lane (100 + 301 > 400 in lane
     # 1, 200 + 301 in lane 0) and waits, keeping the order
-    assert {s: a.slot % 2 for s, a in active.items()} == {0: 0, 1: 1, 2: 0}
+    assert {s: lane_of(a.slot, 2) for s, a in active.items()} == {0: 0, 1: 1, 2: 0}
     assert kv == [200, 100] and len(waiting) == 1 and sorted(free) == [3, 4, 5]
 
 

@@ -11,8 +11,6 @@ import llama_cpp  # noqa: F401 - before numpy
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from molink_lite.stage.sampling import SamplingParams
 from molink_lite.serving.scheduler import MIN_PREFILL_ROWS, PrefillBudget, is_long, plan_step
 from molink_lite.serving.sequence import GenRequest, SeqState
+from molink_lite.wire.protocol import SamplingParams
 
 
 class _Pipe:

@@ -17,8 +17,7 @@ import pytest
 
 from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.serving.speculative import SpecState, StepCost, allocate, auto_enabled, propose
-from molink_lite.stage.sampling import SamplingParams
-from molink_lite.stage.validate import StepError
+from molink_lite.wire.protocol import SamplingParams, SeqStart, StepError, StepFrame
 
 from spec_chain import close, kv_max_pos, run_step, servers_for
 
@@ -87,13 +86,18 @@ def tiny_servers(tiny_models):
     close(srv)
 
 
+def _start(p: dict) -> SeqStart:
+    """A sequence's start from sampling parameters plus an optional ``spec`` flag."""
+    return SeqStart(SamplingParams(**{k: v for k, v in p.items() if k != "spec"}), spec=bool(p.get("spec")))
+
+
 def _prefill(servers, slots: List[int], prompts: List[np.ndarray], params: List[dict]) -> Dict[int, int]:
-    meta = {"type": "step", "step": 0, "start": {str(s): p for s, p in zip(slots, params)}}
-    arrays = {"seq": np.concatenate([np.full(len(p), s, np.int32) for s, p in zip(slots, prompts)]),
-              "pos": np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts]),
-              "tokens": np.concatenate(prompts).astype(np.int32),
-              "out": np.concatenate([np.r_[np.zeros(len(p) - 1), 1] for p in prompts]).astype(np.uint8)}
-    seq, tok = run_step(servers, meta, arrays)
+    frame = StepFrame(0, seq=np.concatenate([np.full(len(p), s, np.int32) for s, p in zip(slots, prompts)]),
+                      pos=np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts]),
+                      tokens=np.concatenate(prompts).astype(np.int32),
+                      out=np.concatenate([np.r_[np.zeros(len(p) - 1), 1] for p in prompts]).astype(bool),
+                      start={s: _start(p) for s, p in zip(slots, params)})
+    seq, tok = run_step(servers, *frame.to_wire())
     return dict(zip(seq.tolist(), tok.tolist()))
 
 
@@ -110,29 +114,25 @@ def _generate(servers, prompts: List[np.ndarray], n_tokens: int, params: List[di
     kv = [len(p) for p in prompts]
     drafted = accepted = 0
     while min(len(o) for o in out) < n_tokens:
-        meta = {"type": "step", "step": 1}
-        trim, dmeta, parts = {}, {}, []
+        trim, drafts, parts = {}, {}, []
         for i, s in enumerate(slots):
             ctx = np.concatenate([prompts[i], np.asarray(out[i], np.int32)])
             pos0 = len(ctx) - 1
             d = np.zeros(0, np.int32) if drafts_for is None else drafts_for(i, ctx)
             d = d[:max(0, n_tokens - len(out[i]) - 1)]
             if kv[i] > pos0:
-                trim[str(s)] = pos0
+                trim[s] = pos0
             if len(d):
-                dmeta[str(s)] = [int(x) for x in d]
+                drafts[s] = d.astype(np.int32)
             parts.append((np.full(len(d) + 1, s, np.int32), np.arange(pos0, pos0 + len(d) + 1, dtype=np.int32),
                           np.r_[out[i][-1], d].astype(np.int32)))
             kv[i] = pos0 + len(d) + 1
             drafted += len(d)
-        if trim:
-            meta["trim"] = trim
-        if dmeta:
-            meta["drafts"] = dmeta
-        arrays = {"seq": np.concatenate([p[0] for p in parts]), "pos": np.concatenate([p[1] for p in parts]),
-                  "tokens": np.concatenate([p[2] for p in parts])}
-        arrays["out"] = np.ones(arrays["seq"].shape[0], np.uint8)
-        seq, tok = run_step(servers, meta, arrays)
+        rows = np.concatenate([p[0] for p in parts])
+        frame = StepFrame(1, seq=rows, pos=np.concatenate([p[1] for p in parts]),
+                          tokens=np.concatenate([p[2] for p in parts]), out=np.ones(rows.shape[0], bool),
+                          trim=trim, drafts=drafts)
+        seq, tok = run_step(servers, *frame.to_wire())
         for i, s in enumerate(slots):
             got = tok[seq == s].tolist()
             accepted += len(got) - 1
@@ -191,13 +191,14 @@ def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
     n = len(p)
     before = [int(s.runner.seq_len[0]) for s in tiny_servers]
 
-    def step(meta_extra, seq=None, pos=None, tokens=None, out=None):
-        meta = {"type": "step", "step": 5, **meta_extra}
+    def step(hostile=None, seq=None, out=None, **fields):
+        """Rows 3, 4, 5 of sequence 0 (or ``seq``) after the prompt; ``hostile`` meta fields are put on the wire
+        as given, over the frame built from ``fields``."""
         k = 2
-        arrays = {"seq": np.zeros(k + 1, np.int32) if seq is None else seq,
-                  "pos": np.arange(n, n + k + 1, dtype=np.int32) if pos is None else pos,
-                  "tokens": np.array([3, 4, 5], np.int32) if tokens is None else tokens,
-                  "out": np.ones(k + 1, np.uint8) if out is None else out}
+        meta, arrays = StepFrame(5, seq=np.zeros(k + 1, np.int32) if seq is None else seq,
+                                 pos=np.arange(n, n + k + 1, dtype=np.int32), tokens=np.array([3, 4, 5], np.int32),
+                                 out=np.ones(k + 1, bool) if out is None else out, **fields).to_wire()
+        meta.update(hostile or {})
         return run_step(tiny_servers, meta, arrays)
 
     bad = [({"trim": {"0": n + 1}}, "holds only"),                    # trim beyond what it holds
@@ -214,15 +215,15 @@ def test_hostile_spec_fields_are_rejected_without_effect(tiny_servers):
         with pytest.raises(StepError, match=msg):
             step(extra)
     with pytest.raises(StepError, match="must be outputs"):
-        step({"drafts": {"0": [4, 5]}}, out=np.array([0, 1, 1], np.uint8))
+        step(drafts={0: np.array([4, 5], np.int32)}, out=np.array([False, True, True]))
     assert [int(s.runner.seq_len[0]) for s in tiny_servers] == before
     assert all(kv_max_pos(s, 0) == n - 1 for s in tiny_servers)
     # a sampling sequence started without 'spec' cannot be sent drafts (its RNG would not allow verification)
     _prefill(tiny_servers, [1], [p], [{"temperature": 0.8, "seed": 3}])
     with pytest.raises(StepError, match="not started with 'spec'"):
-        step({"drafts": {"1": [4, 5]}}, seq=np.ones(3, np.int32))
+        step(drafts={1: np.array([4, 5], np.int32)}, seq=np.ones(3, np.int32))
     # the valid form of the same step runs
-    seq, tok = step({"drafts": {"0": [4, 5]}})
+    seq, tok = step(drafts={0: np.array([4, 5], np.int32)})
     assert seq.tolist() == [0] * len(tok) and 1 <= len(tok) <= 3
     for srv in tiny_servers:
         srv.runner.free(0)

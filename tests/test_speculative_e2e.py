@@ -24,7 +24,7 @@ from molink_lite.serving.pipeline import Pipeline
 from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.serving.speculative import SpecConfig
 from molink_lite.stage.engine import StageEngine
-from molink_lite.stage.sampling import SamplingParams
+from molink_lite.wire.protocol import SamplingParams
 
 pytestmark = pytest.mark.slow  # real stage processes of the demo model
 

@@ -18,7 +18,7 @@ from molink_lite.stage.next_link import NextLink
 from molink_lite.stage.runner import StepRunner
 from molink_lite.stage.server import StageServer
 from molink_lite.wire.codec import decode_frame
-from molink_lite.wire.protocol import Configure, ProtocolError, ResultFrame
+from molink_lite.wire.protocol import Configure, ProtocolError, ResultFrame, SamplingParams, SeqStart, StepFrame
 
 SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 # every counter the stats frame has carried (tests and dashboards read them)
@@ -36,12 +36,16 @@ def tiny(tiny_models):
 _NO_LANE = object()
 
 
-def _step(step, seq, pos, tokens, lane=_NO_LANE, **meta):
-    m = {"type": "step", "step": step, "free": [], "start": {}, **meta}
-    if lane is not _NO_LANE:
-        m["lane"] = lane
-    return m, {"seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32),
-               "tokens": np.asarray(tokens, np.int32), "out": np.ones(len(seq), np.uint8)}
+def _step(step, seq, pos, tokens, lane=_NO_LANE, **fields):
+    """A first-stage step built through the protocol type; a ``lane`` that is no integer is put on the wire as
+    given (a hostile frame)."""
+    typed = isinstance(lane, int) and not isinstance(lane, bool)
+    meta, arrays = StepFrame(step, np.asarray(seq, np.int32), np.asarray(pos, np.int32),
+                             tokens=np.asarray(tokens, np.int32), out=np.ones(len(seq), bool),
+                             lane=lane if typed else 0, **fields).to_wire()
+    if not typed and lane is not _NO_LANE:
+        meta["lane"] = lane
+    return meta, arrays
 
 
 def test_the_server_keeps_every_stats_counter(tiny, tmp_path):
@@ -67,7 +71,8 @@ def test_steps_go_to_their_lane_and_a_bad_lane_is_reported_with_nothing_applied(
             for bad in (2, -1, True, "0", 0.0, None):   # routed loosely, rejected by the check
                 r.submit(*_step(3, [1], [1], [8], lane=bad))
             r.submit(*_step(4, [3], [0], [8], lane=0))  # sequence 3 lives in lane 1
-            r.submit({"type": "step", "step": [9], "lane": 7}, {})
+            meta, _ = StepFrame(9, lane=7).to_wire()
+            r.submit({**meta, "step": [9]}, {})  # no step id, an unknown lane, no arrays
             for _ in range(200):
                 if r.in_flight == 0:
                     break
@@ -104,13 +109,13 @@ def test_the_last_stage_answers_a_result_frame(tiny, tmp_path):
         srv = StageServer(e, codec="f32")
         try:
             r = srv.runner
-            out = r.run(r.check(*_step(7, [2, 2, 2], [0, 1, 2], [1, 2, 3], start={"2": {"temperature": 0.0}})))
+            out = r.run(r.check(*_step(7, [2, 2, 2], [0, 1, 2], [1, 2, 3],
+                                       start={2: SeqStart(SamplingParams(temperature=0.0))})))
             assert isinstance(out, ResultFrame) and out.step == 7 and out.seq.tolist() == [2, 2, 2]
             meta, arrays = out.to_wire()
             assert meta["type"] == "result" and len(meta["pieces"]) == 3 and arrays["eog"].dtype == np.uint8
             assert r.seq_len[2] == 3 and 2 in r.samplers
-            empty = r.run(r.check({"type": "step", "step": 8, "free": [2]}, {"seq": np.zeros(0, np.int32),
-                                                                              "pos": np.zeros(0, np.int32)}))
+            empty = r.run(r.check(*StepFrame(8, free=[2]).to_wire()))
             assert empty.to_wire()[0] == {"type": "result", "step": 8} and r.seq_len[2] == 0 and 2 not in r.samplers
         finally:
             srv.runner.close()

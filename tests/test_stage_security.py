@@ -30,6 +30,7 @@ from molink_lite.wire import auth
 from molink_lite.wire.auth import AuthError, LinkKey, new_secret
 from molink_lite.wire.channel import Channel, RemoteError
 from molink_lite.wire.codec import encode_frame
+from molink_lite.wire.protocol import SamplingParams, SeqStart, StepFrame
 
 from serving import GatewayProcess, free_port, http, served_pipeline
 
@@ -73,8 +74,7 @@ ALL_TYPES = [
     ({"type": "ping"}, None),
     ({"type": "probe_next", "bytes": 1 << 20}, None),
     ({"type": "configure", "next": "ws://127.0.0.1:1", "codec": "f32"}, None),
-    ({"type": "step", "step": 1, "free": list(range(16)), "start": {}},
-     {"seq": np.zeros(0, np.int32), "pos": np.zeros(0, np.int32)}),
+    StepFrame(1, free=list(range(16))).to_wire(),
     ({"type": "error", "message": "x"}, None),
 ]
 
@@ -199,14 +199,13 @@ class Driver:
     async def greedy(self, tokens, n=8, sid=1000):
         """Prefill + n greedy steps of sequence 0 (freed first); returns the generated tokens."""
         out, pos = [], 0
-        start = {"0": {"temperature": 0.0}}
+        start = {0: SeqStart(SamplingParams(temperature=0.0))}
         feed = np.asarray(tokens, np.int32)
         free = [0]
         for i in range(n):
             m = len(feed)
-            self.a.send({"type": "step", "step": sid + i, "free": free, "start": start},
-                        {"seq": np.zeros(m, np.int32), "pos": np.arange(pos, pos + m, dtype=np.int32),
-                         "tokens": feed, "out": np.eye(1, m, m - 1, dtype=np.uint8)[0]})
+            self.a.send(*StepFrame(sid + i, np.zeros(m, np.int32), np.arange(pos, pos + m, dtype=np.int32),
+                                   tokens=feed, out=np.arange(m) == m - 1, free=free, start=start).to_wire())
             meta, arrays = await asyncio.wait_for(self._next_result(sid + i), 60)
             assert meta["type"] == "result", meta
             tok = int(arrays["tokens"][0])
@@ -232,8 +231,8 @@ def hostile_frames(rng: np.random.Generator, first: bool, n: int):
         pos = np.arange(m, dtype=np.int32)
         body = ({"tokens": rng.integers(0, 1000, m).astype(np.int32)} if first
                 else {"hidden": rng.standard_normal((m, 640)).astype(np.float32)})
-        meta = {"type": "step", "step": sid, "free": [], "start": {}}
-        arrays = {"seq": seq, "pos": pos, **body}
+        # a valid frame, built through the protocol type; the kinds below corrupt its meta or arrays as sent
+        meta, arrays = StepFrame(sid, seq, pos, **body).to_wire()
         if kind == 0:
             meta["free"] = [256]
         elif kind == 1:

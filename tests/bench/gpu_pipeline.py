@@ -120,7 +120,8 @@ from molink_lite.serving.sequence import GenRequest  # noqa: E402
 from molink_lite.model.split import even_ranges, read_model_info, stage_gguf  # noqa: E402
 from serving import stop_processes  # noqa: E402
 from testmodels import write_random_gguf  # noqa: E402
-from molink_lite.wire.codec import decode_frame, encode_frame  # noqa: E402
+from molink_lite.wire.codec import decode_frame  # noqa: E402
+from molink_lite.wire.protocol import StepFrame  # noqa: E402
 
 T_START = time.perf_counter()
 DEVICE_SAMPLING = ARGS.device_sampling == "on"
@@ -427,7 +428,7 @@ def chain_engine(model: str, n_stages: int, seqs: List[int]) -> dict:
                         rec["dec"][i].append(e.times.decode - d0)
                         rec["cap"][i].append(e.times.capture - c0)
                     if i < len(engines) - 1:
-                        frame = encode_frame({"type": "step"}, {"seq": seq, "pos": pos, "hidden": o}, codec=ARGS.codec)
+                        frame = StepFrame(0, seq, pos, hidden=o).encode(ARGS.codec)
                         h = decode_frame(frame)[1]["hidden"]
                         if rec is not None:
                             rec["codec"].append(time.perf_counter() - t1)
@@ -479,11 +480,11 @@ def codec_cost(n_embd: int, seqs: List[int]) -> Dict[int, float]:
     out = {}
     for n in seqs:
         h = np.random.default_rng(0).standard_normal((n, n_embd), dtype=np.float32)
-        arrays = {"seq": np.arange(n, dtype=np.int32), "pos": np.zeros(n, np.int32), "hidden": h}
+        frame = StepFrame(1, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), hidden=h)
         ts = []
         for _ in range(30):
             t0 = time.perf_counter()
-            decode_frame(encode_frame({"type": "step", "step": 1}, arrays, codec=ARGS.codec))
+            decode_frame(frame.encode(ARGS.codec))
             ts.append(time.perf_counter() - t0)
         out[n] = statistics.median(ts) * 1e6
     return out
