@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,6 +33,21 @@ class GenRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     owner: Any = None      # who asked (the API key's index): the router shares capacity fairly between owners
+    grammar: str = ""      # GBNF the output must follow (root rule "root"); "" = none
+    triggers: Tuple[str, ...] = ()  # lazy grammar: it applies from the first of these words on
+    logprobs: int = -1     # -1: none; 0..20: each generated token's logprob and this many top alternatives
+    echo: bool = False     # also score the prompt's tokens (completions' echo + logprobs)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its logprob (the model's raw log_softmax) and the top alternatives (id, bytes, logprob);
+    ``logprob`` is None for a prompt's first token (nothing predicts it)."""
+
+    token: int
+    bytes: bytes
+    logprob: Optional[float]
+    top: Tuple[Tuple[int, bytes, float], ...] = ()
 
 
 @dataclass
@@ -41,6 +56,7 @@ class Event:
     text: str = ""
     finish_reason: Optional[str] = None
     message: str = ""
+    logprobs: Optional[List[TokenLogprob]] = None  # the tokens behind ``text`` (when the request asked)
 
 
 @dataclass(eq=False)

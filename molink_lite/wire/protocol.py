@@ -34,6 +34,9 @@ from .codec import CODECS, encode_frame
 
 PROTOCOL_VERSION = 2
 MAX_DRAFT = 32  # draft tokens one sequence may carry in one step (speculative decoding)
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
+MAX_GRAMMAR_BYTES = 256 << 10  # GBNF text of one sequence's grammar
+MAX_TRIGGERS = 16  # lazy grammar trigger words per sequence
 
 # message types
 STEP, RESULT, STEP_ERROR = "step", "result", "step_error"
@@ -183,11 +186,17 @@ class FrameLimits:
 @dataclass(frozen=True)
 class SeqStart:
     """A sequence's first step on a pipeline: its sampling parameters, the tokens it generated before (a replay
-    re-feeds them, so penalties and the detokenizer pick up where they were) and whether it may send drafts."""
+    re-feeds them, so penalties, the grammar and the detokenizer pick up where they were), whether it may send
+    drafts, its grammar (GBNF text, root rule ``root``; ``triggers``: the grammar applies only from the first
+    of these words on, as llama.cpp's lazy grammars do) and how many top alternatives each sampled token's
+    logprob comes with (``logprobs``: -1 none, 0..20)."""
 
     params: SamplingParams
     history: Tuple[int, ...] = ()
     spec: bool = False
+    grammar: str = ""
+    triggers: Tuple[str, ...] = ()
+    logprobs: int = -1
 
     def to_wire(self) -> dict:
         d = self.params.to_dict()
@@ -195,6 +204,12 @@ class SeqStart:
             d["spec"] = True
         if self.history:
             d["history"] = list(self.history)
+        if self.grammar:
+            d["grammar"] = self.grammar
+            if self.triggers:
+                d["triggers"] = list(self.triggers)
+        if self.logprobs >= 0:
+            d["logprobs"] = self.logprobs
         return d
 
     @classmethod
@@ -213,7 +228,19 @@ class SeqStart:
         spec = v.get("spec", False)
         if not isinstance(spec, bool):
             raise StepError(f"'spec' of sequence {seq} must be true or false")
-        return cls(params, tuple(history), spec)
+        grammar = v.get("grammar", "")
+        if not isinstance(grammar, str) or len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+            raise StepError(f"'grammar' of sequence {seq} must be GBNF text of at most {MAX_GRAMMAR_BYTES} bytes")
+        triggers = v.get("triggers") or []
+        if (not isinstance(triggers, list) or len(triggers) > MAX_TRIGGERS
+                or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in triggers)):
+            raise StepError(f"'triggers' of sequence {seq} must be at most {MAX_TRIGGERS} words of 1..256 characters")
+        logprobs = v.get("logprobs", -1)
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not -1 <= logprobs <= MAX_LOGPROBS:
+            raise StepError(f"'logprobs' of sequence {seq} must be an integer in -1..{MAX_LOGPROBS}")
+        if spec and grammar:
+            raise StepError(f"sequence {seq}: a sequence under a grammar does not speculate")
+        return cls(params, tuple(history), spec, grammar, tuple(triggers), logprobs)
 
 
 _EMPTY_I32 = np.zeros(0, np.int32)
@@ -235,6 +262,12 @@ class StepFrame:
     trim: Dict[int, int] = field(default_factory=dict)                       # seq -> keep positions < this
     drafts: Dict[int, np.ndarray] = field(default_factory=dict)              # seq -> draft tokens (its last rows)
     lane: int = 0
+    # child seq -> parent seq: before the rows, every stage copies the parent's KV to the child (n > 1: one
+    # prefill shared by n choices); the child holds nothing before, and holds what the parent holds after
+    fork: Dict[int, int] = field(default_factory=dict)
+    # seq -> target token ids, one per output row of the sequence in this step but its last (prompt logprobs,
+    # ``echo``): the last stage returns each target's logprob (and top alternatives) instead of sampling there
+    score: Dict[int, np.ndarray] = field(default_factory=dict)
     _runs: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -261,7 +294,9 @@ class StepFrame:
 
     def named(self) -> Set[int]:
         """Every sequence this step names (rows, frees, starts, trims, drafts)."""
-        out = set(self.free) | set(self.start) | set(self.trim) | set(self.drafts)
+        out = set(self.free) | set(self.start) | set(self.trim) | set(self.drafts) | set(self.fork)
+        out.update(self.fork.values())
+        out.update(self.score)
         if self.n:
             out.update(np.unique(self.seq).tolist())
         return out
@@ -280,6 +315,10 @@ class StepFrame:
             meta["trim"] = {str(s): int(p) for s, p in self.trim.items()}
         if self.drafts:
             meta["drafts"] = {str(s): np.asarray(d).tolist() for s, d in self.drafts.items()}
+        if self.fork:
+            meta["fork"] = {str(c): int(p) for c, p in self.fork.items()}
+        if self.score:
+            meta["score"] = {str(s): np.asarray(t).tolist() for s, t in self.score.items()}
         arrays: Dict[str, np.ndarray] = {"seq": self.seq, "pos": self.pos}
         if self.tokens is not None:
             arrays["tokens"] = self.tokens
@@ -324,6 +363,21 @@ class StepFrame:
                     or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < hi for t in d)):
                 raise StepError(f"'drafts' of sequence {s} must be 1..{MAX_DRAFT} token ids in 0..{hi - 1}")
             drafts[s] = np.asarray(d, dtype=np.int32)
+        fork: Dict[int, int] = {}
+        for c, p in _seq_map(meta.get("fork"), "fork", lim.n_seq_max).items():
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < lim.n_seq_max or p == c:
+                raise StepError(f"'fork' of sequence {c} must name another sequence id in 0..{lim.n_seq_max - 1}")
+            fork[c] = p
+        if set(fork) & set(fork.values()):
+            raise StepError("'fork': a sequence cannot be both copied and copied to in one step")
+        if set(fork) & set(free):
+            raise StepError("'fork' and 'free' name the same sequence")
+        score: Dict[int, np.ndarray] = {}
+        for s_, t in _seq_map(meta.get("score"), "score", lim.n_seq_max).items():
+            if (not isinstance(t, list) or len(t) > lim.max_rows
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < hi for x in t)):
+                raise StepError(f"'score' of sequence {s_} must be at most {lim.max_rows} token ids in 0..{hi - 1}")
+            score[s_] = np.asarray(t, dtype=np.int32)
 
         seq = _ints(arrays, "seq", None)
         n = int(seq.shape[0])
@@ -331,10 +385,10 @@ class StepFrame:
         if n > lim.max_rows:
             raise StepError(f"{n} rows in one step; this stage takes at most {lim.max_rows}")
         frame = cls(step, seq.astype(np.int32, copy=False), pos.astype(np.int32, copy=False), free=free,
-                    start=start, trim=trim, drafts=drafts, lane=lane)
+                    start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score)
         if n == 0:
-            if drafts:
-                raise StepError("'drafts' names sequences without rows in this step")
+            if drafts or score:
+                raise StepError("'drafts' or 'score' names sequences without rows in this step")
             frame._check_lane(lim.lanes)
             return frame
         if int(seq.min()) < 0 or int(seq.max()) >= lim.n_seq_max:
@@ -390,6 +444,19 @@ class StepFrame:
                                     f"outputs")
                 if frame.tokens is not None and not np.array_equal(frame.tokens[b - k + 1:b + 1], d):
                     raise StepError(f"sequence {s}: 'drafts' differ from the tokens of its last {k} rows")
+        if score:
+            if frame.out is None:
+                raise StepError("a step with 'score' needs an 'out' array")
+            row_of = {int(x): i for i, x in enumerate(seq[starts].tolist())}
+            for s, t in score.items():
+                i = row_of.get(s)
+                if i is None:
+                    raise StepError(f"'score' names sequence {s}, which has no rows in this step")
+                if s in drafts:
+                    raise StepError(f"sequence {s}: 'score' and 'drafts' in one step")
+                n_out = int(frame.out[int(starts[i]):int(ends[i]) + 1].sum())
+                if t.shape[0] not in (n_out, n_out - 1):
+                    raise StepError(f"sequence {s}: 'score' holds {t.shape[0]} targets for {n_out} output rows")
         frame._check_lane(lim.lanes)
         return frame
 
@@ -443,13 +510,38 @@ def _seq_map(v: object, what: str, n_seq_max: int) -> Dict[int, Any]:
 @dataclass
 class ResultFrame:
     """The last stage's answer to a step: one or more tokens per output sequence (in step order), whether each
-    ends generation, and its text piece."""
+    ends generation, and its text piece.
+
+    Logprobs travel only for sequences that asked (``SeqStart.logprobs``): ``logprob[i]`` is token i's log
+    probability under the model's raw distribution (log_softmax of the logits, before temperature, penalties and
+    grammar, as OpenAI and vLLM report it; NaN for sequences that did not ask), ``top_ids`` / ``top_logprobs``
+    [m, k] its k best alternatives (k = the most any sequence of the step asked; id -1 pads). Prompt scoring
+    (``StepFrame.score``) comes back in the ``score_*`` arrays: one row per target, in step order. Floats always
+    travel as float32 (never the hidden-state codec)."""
 
     step: int
     seq: np.ndarray = field(default_factory=lambda: _EMPTY_I32)      # int32 [m]
     tokens: np.ndarray = field(default_factory=lambda: _EMPTY_I32)   # int32 [m]
     eog: Optional[np.ndarray] = None                                 # bool [m]
     pieces: List[str] = field(default_factory=list)
+    logprob: Optional[np.ndarray] = None                             # float32 [m]
+    top_ids: Optional[np.ndarray] = None                             # int32 [m, k]
+    top_logprobs: Optional[np.ndarray] = None                        # float32 [m, k]
+    score_seq: Optional[np.ndarray] = None                           # int32 [q]
+    score_logprob: Optional[np.ndarray] = None                       # float32 [q]
+    score_top_ids: Optional[np.ndarray] = None                       # int32 [q, k]
+    score_top_logprobs: Optional[np.ndarray] = None                  # float32 [q, k]
+    # the raw bytes of those tokens (llama_token_to_piece, hex: a token may be part of a UTF-8 character), for
+    # OpenAI's ``token`` / ``bytes`` fields; sent with the logprobs only
+    token_bytes: Optional[List[str]] = None                          # [m]
+    top_bytes: Optional[List[List[str]]] = None                      # [m][k]
+    score_bytes: Optional[List[str]] = None                          # [q]
+    score_top_bytes: Optional[List[List[str]]] = None                # [q][k]
+
+    _BYTES = ("token_bytes", "top_bytes", "score_bytes", "score_top_bytes")
+    _OPTIONAL = (("logprob", np.float32), ("top_ids", np.int32), ("top_logprobs", np.float32),
+                 ("score_seq", np.int32), ("score_logprob", np.float32), ("score_top_ids", np.int32),
+                 ("score_top_logprobs", np.float32))
 
     def to_wire(self) -> Tuple[dict, Dict[str, np.ndarray]]:
         meta: Dict[str, Any] = {"type": RESULT, "step": self.step}
@@ -458,7 +550,18 @@ class ResultFrame:
             arrays["eog"] = self.eog.astype(np.uint8, copy=False)
         if self.pieces:
             meta["pieces"] = self.pieces
+        for name, dt in self._OPTIONAL:
+            v = getattr(self, name)
+            if v is not None:
+                arrays[name] = np.asarray(v).astype(dt, copy=False)
+        for name in self._BYTES:
+            v = getattr(self, name)
+            if v is not None:
+                meta[name] = v
         return meta, arrays
+
+    def encode(self) -> bytes:
+        return encode_frame(*self.to_wire(), codec="f32")
 
     @classmethod
     def decode(cls, meta: dict, arrays: Dict[str, np.ndarray]) -> "ResultFrame":
@@ -471,7 +574,36 @@ class ResultFrame:
                 or not np.issubdtype(tokens.dtype, np.integer) or (eog is not None and eog.shape != (m,))
                 or not isinstance(pieces, list) or len(pieces) != m or not all(isinstance(p, str) for p in pieces)):
             raise ProtocolError("a result frame's seq, tokens, eog and pieces must be lists of one length")
-        return cls(_step_id(meta), seq, tokens, None if eog is None else eog.astype(bool), pieces)
+        out = cls(_step_id(meta), seq, tokens, None if eog is None else eog.astype(bool), pieces)
+        for name, dt in cls._OPTIONAL:
+            v = arrays.get(name)
+            if v is not None:
+                if np.issubdtype(dt, np.integer) != np.issubdtype(v.dtype, np.integer):
+                    raise ProtocolError(f"a result frame's {name!r} has dtype {v.dtype}")
+                setattr(out, name, v)
+        q = None if out.score_seq is None else int(out.score_seq.shape[0])
+        for rows, names in ((m, ("logprob", "top_ids", "top_logprobs")),
+                            (q, ("score_logprob", "score_top_ids", "score_top_logprobs"))):
+            for name in names:
+                v = getattr(out, name)
+                if v is None:
+                    continue
+                if rows is None or v.shape[0] != rows or v.ndim != (1 if name.endswith("logprob") else 2):
+                    raise ProtocolError(f"a result frame's {name!r} has shape {tuple(v.shape)}")
+                if v.ndim == 2 and v.shape[1] > MAX_LOGPROBS:
+                    raise ProtocolError(f"a result frame's {name!r} has more than {MAX_LOGPROBS} alternatives")
+        for name, rows, two_d in (("token_bytes", m, False), ("top_bytes", m, True), ("score_bytes", q, False),
+                                  ("score_top_bytes", q, True)):
+            v = meta.get(name)
+            if v is None:
+                continue
+            ok = isinstance(v, list) and rows is not None and len(v) == rows and all(
+                (isinstance(r, list) and len(r) <= MAX_LOGPROBS and all(_is_hex(x) for x in r)) if two_d
+                else _is_hex(r) for r in v)
+            if not ok:
+                raise ProtocolError(f"a result frame's {name!r} must be {rows} hex strings{' lists' if two_d else ''}")
+            setattr(out, name, v)
+        return out
 
 
 @dataclass
@@ -488,6 +620,16 @@ class StepErrorFrame:
     @classmethod
     def decode(cls, meta: dict) -> "StepErrorFrame":
         return cls(_step_id(meta), str(meta.get("message"))[:2000], str(meta.get("stage") or "")[:40])
+
+
+def _is_hex(x: object) -> bool:
+    if not isinstance(x, str) or len(x) > 256 or len(x) % 2:
+        return False
+    try:
+        bytes.fromhex(x)
+    except ValueError:
+        return False
+    return True
 
 
 def _step_id(meta: dict) -> int:
@@ -641,7 +783,7 @@ def check_chain(infos: Sequence[Union[StageInfo, dict]]) -> Optional[str]:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_DRAFT", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
+    "PROTOCOL_VERSION", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
     "LinkDown", "LinkUp", "Drain", "StageInfo", "lane_of", "chain_mismatch", "check_chain",
 ]
