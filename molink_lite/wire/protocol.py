@@ -14,8 +14,9 @@ Vocabulary (``meta["type"]`` on the wire; the binary framing is :mod:`molink_lit
 * :class:`ResultFrame` (``result``): the last stage's sampled tokens, to the gateway.
 * :class:`StepErrorFrame` (``step_error``): a stage could not run a step (nothing of it was applied there).
 * Control: :class:`Configure` / ``configured``, :class:`LinkDown`, :class:`LinkUp`, :class:`Drain`, and the
-  small requests ``hello`` (-> the stage's info, :class:`StageInfo`), ``tokenize``, ``stats``, ``ping``,
-  ``probe_next``.
+  small requests ``hello`` (-> the stage's info, :class:`StageInfo`), ``tokenize`` / ``detokenize`` (a stage
+  with a vocabulary), ``grammar_check`` (the last stage compiles a GBNF grammar and says whether llama.cpp
+  takes it), ``stats``, ``ping``, ``probe_next``.
 * :data:`ROLE_FRAMES`: what each authenticated role may send to a stage.
 
 Rules both sides share: :func:`lane_of` (sequence slot s lives in lane ``s % lanes``), :func:`chain_mismatch` /
@@ -43,9 +44,11 @@ STEP, RESULT, STEP_ERROR = "step", "result", "step_error"
 HELLO, INFO, CONFIGURE, CONFIGURED = "hello", "info", "configure", "configured"
 LINK_DOWN, LINK_UP, DRAIN = "link_down", "link_up", "drain"
 TOKENIZE, STATS, PING, PROBE_NEXT, ERROR = "tokenize", "stats", "ping", "probe_next", "error"
+DETOKENIZE, GRAMMAR_CHECK = "detokenize", "grammar_check"
 
 #: what each link role may send to a stage
-ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, STATS, PING, PROBE_NEXT, ERROR}),
+ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, STATS, PING,
+                                     PROBE_NEXT, ERROR}),
                "upstream": frozenset({HELLO, STEP, PING, ERROR})}
 
 _STEP_ARRAYS = frozenset({"seq", "pos", "tokens", "hidden", "out"})
