@@ -16,7 +16,7 @@ The frames are :mod:`molink_lite.wire.protocol` (their types, and what each role
   :class:`~molink_lite.stage.runner.StepRunner` (in arrival order per lane). The forwarded step goes to the next
   stage, the last stage's ``result`` to the head; a step that cannot run gets a ``step_error`` to the head
   (nothing of a rejected frame is applied).
-* ``hello`` (-> :class:`~molink_lite.wire.protocol.StageInfo`), ``tokenize`` (first stage), ``stats``, ``ping``
+* ``hello`` (-> :class:`~molink_lite.wire.protocol.StageHello`), ``tokenize`` (first stage), ``stats``, ``ping``
   and ``probe_next`` are answered on the same connection.
 * :meth:`StageServer.begin_drain` (SIGTERM) asks the head to move this pipeline's sequences away (``drain``).
 """
@@ -41,7 +41,7 @@ from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.protocol import (CONFIGURE, CONFIGURED, ERROR, HELLO, INFO, PING, PROBE_NEXT, PROTOCOL_VERSION,
                              ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain, ProtocolError, ResultFrame,
-                             StageInfo, StepErrorFrame, StepFrame)
+                             StageHello, StepErrorFrame, StepFrame)
 from ..wire.tls import fingerprint_file, server_context
 from .conn_slots import (BUSY, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_HANDSHAKES,
                          MAX_HANDSHAKES_PER_ADDRESS, ConnSlots, address_key, close_quickly)
@@ -90,9 +90,9 @@ class StageServer:
         self.drained = asyncio.Event()
 
     # ------------------------------------------------------------------ identity
-    def describe(self) -> StageInfo:
+    def describe(self) -> StageHello:
         i, e = self.info, self.engine
-        d: StageInfo = {
+        d: StageHello = {
             "type": INFO, "protocol": PROTOCOL_VERSION, "arch": i.model_arch or i.arch, "fingerprint": i.fingerprint,
             "layer_start": i.layer_start, "layer_stop": i.layer_stop, "n_layer_total": i.n_layer_total,
             "n_embd": i.n_embd, "n_embd_inp": i.n_embd_inp, "n_vocab": i.n_vocab, "n_ctx": e.n_ctx,

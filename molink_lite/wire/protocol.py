@@ -14,7 +14,7 @@ Vocabulary (``meta["type"]`` on the wire; the binary framing is :mod:`molink_lit
 * :class:`ResultFrame` (``result``): the last stage's sampled tokens, to the gateway.
 * :class:`StepErrorFrame` (``step_error``): a stage could not run a step (nothing of it was applied there).
 * Control: :class:`Configure` / ``configured``, :class:`LinkDown`, :class:`LinkUp`, :class:`Drain`, and the
-  small requests ``hello`` (-> the stage's info, :class:`StageInfo`), ``tokenize`` / ``detokenize`` (a stage
+  small requests ``hello`` (-> the stage's info, :class:`StageHello`), ``tokenize`` / ``detokenize`` (a stage
   with a vocabulary), ``grammar_check`` (the last stage compiles a GBNF grammar and says whether llama.cpp
   takes it), ``stats``, ``ping``, ``probe_next``.
 * :data:`ROLE_FRAMES`: what each authenticated role may send to a stage.
@@ -713,7 +713,7 @@ class Drain:
         return {"type": DRAIN}
 
 
-class StageInfo(TypedDict, total=False):
+class StageHello(TypedDict, total=False):
     """A stage's answer to ``hello``: who it is (the chain checks read these)."""
 
     type: str
@@ -748,7 +748,7 @@ class StageInfo(TypedDict, total=False):
 
 
 # ---------------------------------------------------------------------- chain checks
-def chain_mismatch(prev: Union[StageInfo, dict], nxt: Union[StageInfo, dict]) -> Optional[str]:
+def chain_mismatch(prev: Union[StageHello, dict], nxt: Union[StageHello, dict]) -> Optional[str]:
     """Why stage ``nxt`` cannot follow stage ``prev``, or None if it can."""
     if nxt.get("protocol") != PROTOCOL_VERSION:
         return f"protocol version {nxt.get('protocol')} differs from {PROTOCOL_VERSION}"
@@ -764,7 +764,7 @@ def chain_mismatch(prev: Union[StageInfo, dict], nxt: Union[StageInfo, dict]) ->
     return None
 
 
-def check_chain(infos: Sequence[Union[StageInfo, dict]]) -> Optional[str]:
+def check_chain(infos: Sequence[Union[StageHello, dict]]) -> Optional[str]:
     """Why these stages (in order) do not form one whole model, or None."""
     if not infos:
         return "no stages"
@@ -788,5 +788,5 @@ def check_chain(infos: Sequence[Union[StageInfo, dict]]) -> Optional[str]:
 __all__ = [
     "PROTOCOL_VERSION", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
-    "LinkDown", "LinkUp", "Drain", "StageInfo", "lane_of", "chain_mismatch", "check_chain",
+    "LinkDown", "LinkUp", "Drain", "StageHello", "lane_of", "chain_mismatch", "check_chain",
 ]
