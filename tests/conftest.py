@@ -49,6 +49,30 @@ def tiny_models(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def compile_gbnf(tiny_models):
+    """``compiles(gbnf) -> bool``: whether llama.cpp's grammar sampler accepts a grammar (a tiny model's vocabulary,
+    in process)."""
+    import llama_cpp.llama_cpp as L
+
+    L.llama_backend_init()
+    params = L.llama_model_default_params()
+    params.vocab_only = True
+    model = L.llama_model_load_from_file(tiny_models("llama").encode(), params)
+    assert model
+    vocab = L.llama_model_get_vocab(model)
+
+    def compiles(text: str) -> bool:
+        s = L.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+        if not s:
+            return False
+        L.llama_sampler_free(s)
+        return True
+
+    yield compiles
+    L.llama_model_free(model)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Stage GGUFs written by tests go to a temporary cache."""

@@ -196,11 +196,20 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [2, 18446744073709551616]}, "invalid_value", "prompt"),
     ("/v1/completions", {"prompt": [2, True]}, "invalid_value", "prompt"),
     ("/v1/completions", {"prompt": [2, -1]}, "invalid_value", "prompt"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, "unsupported_parameter", "logprobs"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, "unsupported_parameter", "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "invalid_value", "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "invalid_value", "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": 1}, "invalid_value", "echo"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "invalid_value", "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "unsupported_parameter", "suffix"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "unsupported_parameter", "best_of"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, "unsupported_parameter", "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, "invalid_value", "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, "invalid_value", "n"),
+    ("/v1/completions", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "unsupported_parameter", "tools"),
+    ("/v1/completions", {"prompt": "hi", "grammar": "root ::= ("}, "invalid_value", "grammar"),
+    ("/v1/completions", {"prompt": "hi", "grammar": "root ::= " + "(" * 5000 + '"a"' + ")" * 5000},
+     "invalid_value", "grammar"),
+    ("/v1/completions", {"prompt": "hi", "grammar": "root ::= root"}, "invalid_value", "grammar"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"50256": -100}}, "unsupported_parameter", "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "ignore_eos": 1}, "invalid_value", "ignore_eos"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
@@ -218,22 +227,22 @@ BAD_REQUESTS = [
      "messages[0].name"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
                               "stream_options": "yes"}, "invalid_value", "stream_options"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "unsupported_parameter", "tools"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"},
-     "unsupported_parameter", "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": "f"},
+     "invalid_value", "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]},
      "unsupported_parameter", "functions"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": True},
-     "unsupported_parameter", "parallel_tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, "unsupported_parameter",
-     "response_format"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
-     "unsupported_parameter", "logprobs"),
+                              "response_format": {"type": "xml"}}, "invalid_value", "response_format.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1},
+     "invalid_value", "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
-     "unsupported_parameter", "top_logprobs"),
+     "invalid_value", "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, "invalid_value", "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]}, "invalid_value",
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, "invalid_value",
+     "messages[0].tool_calls[0].function"),
 ]
 
 
@@ -482,7 +491,7 @@ FIELDS = ["temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequen
           "repeat_penalty", "seed", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "n",
           "model", "logit_bias", "response_format", "tools", "tool_choice", "user", "ignore_eos", "logprobs",
           "top_logprobs", "echo", "suffix", "best_of", "parallel_tool_calls", "functions", "metadata", "store",
-          "unknown_field"]
+          "unknown_field", "grammar", "json_schema"]
 WORDS = ["hello", "world", "Paris", "<start_of_turn>", "<bos>", "\n", "😀", "\u0000", "ünï", "  ", "def", "{", "\t",
          "<eos>", "\\", "\"", "日本語", "\u202e", "\ufeff"]
 
@@ -498,18 +507,50 @@ def _deep(depth: int) -> Any:
     return v
 
 
+def _deep_schema(depth: int) -> dict:
+    v: dict = {"type": "integer"}
+    for i in range(depth):
+        v = {"type": "array", "items": v} if i % 2 else {"type": "object", "properties": {"a": v}, "required": ["a"]}
+    return v
+
+
+_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                         "required": ["city"]}}}
+_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+# hostile grammars, schemas and tools: refused (400) or served, never a server error
+GRAMMARS = ['root ::= "yes" | "no"', "root ::= (", "root ::= root", 'root ::= "a"*', "a ::= [", "\u0000",
+            "root ::= " + "(" * 3000 + '"a"' + ")" * 3000, 'root ::= "\\x"', "root ::= [^]+", "x" * 3000,
+            'root ::= [a-z]{0,4000}', 'root ::= "a" ' * 2000]
+SCHEMAS: List[Any] = [_SCHEMA, {"type": "wat"}, {"$ref": "#/nowhere"}, {"$ref": "#"}, _deep_schema(300),
+                      {"type": "string", "pattern": "(((a)" + ")" * 50}, {"type": "string", "pattern": "[" * 500},
+                      {"type": "object", "properties": {str(i): {"type": "integer"} for i in range(500)}},
+                      {"type": "string", "minLength": 10**9}, {"anyOf": [{"type": "integer"}] * 300}, True, []]
+TOOLS: List[Any] = [[_TOOL], [_TOOL, {"type": "function", "function": {"name": "f"}}], [{"type": "function"}],
+                    [{"type": "x"}], ["x"], [{"type": "function", "function": {"name": "g", "parameters": s}}
+                                         for s in (_deep_schema(200), {"type": "wat"})],
+                    [{"type": "function", "function": {"name": "f" * 3000}}],
+                    [_TOOL] * 300]
+TOOL_CHOICES: List[Any] = ["none", "auto", "required", {"type": "function", "function": {"name": "get_weather"}},
+                           {"type": "function", "function": {"name": "nope"}}, {"type": "function"}, "sometimes"]
+
 # extreme but valid values: the request must still generate
 VALID_VALUES: Dict[str, List[Any]] = {
     "temperature": [0, 1e-300, 5e-324, 2, 0.8], "top_p": [0, 1e-300, 1, 0.5], "top_k": [0, 1, 40.0, 2**31 - 1],
     "min_p": [0, 1, 1e-300], "presence_penalty": [-2, 2, 0.0], "frequency_penalty": [-2, 2, 1e-300],
     "repetition_penalty": [1e-300, 10, 1.1], "repeat_penalty": [1e-300, 10, 0.9],
     "seed": [0, -1, 2**32 - 1, 2**64 - 1, -(2**63), 12.0], "stop": ["\n", ["a", "b"], "x" * 1024, []],
-    "stream": [False, None], "stream_options": [None], "n": [1, None], "model": [MODEL, None],
-    "logit_bias": [{}, None], "response_format": [{"type": "text"}, None], "tools": [None, []],
-    "tool_choice": ["none", None], "user": ["u" * 100, ""], "ignore_eos": [True, False], "logprobs": [None],
-    "top_logprobs": [None, 0], "echo": [False, None], "suffix": [None, ""], "best_of": [1, None],
-    "parallel_tool_calls": [None], "functions": [None], "metadata": [{"k": "v"}, None], "store": [False, True],
-    "unknown_field": [{"x": [1, 2]}, "\U0001F600"],
+    "stream": [False, None], "stream_options": [None], "n": [1, None, 2, 3, 16], "model": [MODEL, None],
+    "logit_bias": [{}, None],
+    "response_format": [{"type": "text"}, None, {"type": "json_object"},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": _SCHEMA}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMAS[4]}},
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}, {"type": "xml"}],
+    "tools": [None, []] + TOOLS, "tool_choice": TOOL_CHOICES + [None], "user": ["u" * 100, ""],
+    "ignore_eos": [True, False], "logprobs": [None, 0, 5, 20, True, False], "top_logprobs": [None, 0, 3, 20],
+    "echo": [False, None, True], "suffix": [None, ""], "best_of": [1, None], "parallel_tool_calls": [None, True, False],
+    "functions": [None], "metadata": [{"k": "v"}, None], "store": [False, True],
+    "unknown_field": [{"x": [1, 2]}, "\U0001F600"], "grammar": GRAMMARS + [None], "json_schema": SCHEMAS + [None],
 }
 
 
@@ -566,6 +607,17 @@ def _fuzz_case(rng: random.Random, i: int) -> Dict[str, Any]:
     for _ in range(rng.choice([0, 0, 1, 1, 2, 3, 4])):
         k = rng.choice(FIELDS)
         body[k] = _odd(rng, k)
+    if rng.random() < 0.15:  # the issue 26 features together (and hostile values of them)
+        k = rng.choice(["grammar", "json_schema", "response_format", "tools", "tool_choice"])
+        body[k] = rng.choice(VALID_VALUES[k])
+        if chat and rng.random() < 0.5:
+            body.update(logprobs=True, top_logprobs=rng.choice([0, 2, 20]))
+        elif not chat and rng.random() < 0.5:
+            body.update(logprobs=rng.choice([0, 3]), echo=rng.random() < 0.5)
+            if body["echo"] and rng.random() < 0.3:
+                body["max_tokens"] = 0
+        if rng.random() < 0.4:
+            body["n"] = rng.choice([2, 3, 4])
     if rng.random() < 0.4:   # mostly plausible sampling values, so many requests really generate
         body.update(temperature=rng.choice([0, 0.7, 1.0, 2]), top_p=rng.choice([0.9, 1, 0]),
                     top_k=rng.choice([0, 1, 40]), seed=rng.randint(-5, 2**40))
@@ -587,6 +639,15 @@ def _fuzz_case(rng: random.Random, i: int) -> Dict[str, Any]:
         raw = json.dumps(rng.choice([[1, 2], "x", 5, None, True])).encode()
     elif kind < 0.17:
         raw = b'{"prompt": "hi", "max_tokens": 2, "max_tokens": 1e999}'
+    if kind > 0.95:   # llama-server's tokenizer endpoints
+        path = rng.choice(["/tokenize", "/detokenize"])
+        tb: Any = rng.choice([
+            {"content": _text(rng), "add_special": rng.choice([True, False, None, 1]),
+             "with_pieces": rng.choice([True, False, "y"]), "parse_special": rng.choice([None, True, False])},
+            {"tokens": [rng.randint(0, 262143) for _ in range(rng.randint(0, 20))]},
+            {"tokens": rng.choice([[-1], [2**63], [True], "1", None, [[1]], [1.5], list(range(200000))])},
+            {"content": rng.choice(ODD_VALUES)}, {"tokens": rng.choice(ODD_VALUES)}, rng.choice(ODD_VALUES)])
+        raw = json.dumps(tb, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
     case = {"path": path, "method": "POST", "raw": raw, "key": key, "stream": body.get("stream") is True}
     if kind > 0.985:
         case.update(method=rng.choice(["GET", "PUT", "DELETE"]))

@@ -163,6 +163,11 @@ class Chain:
             {"type": TOKENIZE, "text": text, "add_special": add_special, "parse_special": True})
         return arrays["tokens"]
 
+    async def request_last(self, meta: dict, timeout: float = 30) -> dict:
+        """A small request to the last stage (``grammar_check``, ``detokenize``); its reply's meta."""
+        reply, _ = await self.channels[-1].request(meta, timeout=timeout)
+        return reply
+
     async def stage_stats(self) -> List[dict]:
         """Counters of every stage (steps, rows, most sequences in one step, ...)."""
         out = []

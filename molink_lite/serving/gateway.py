@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP gateway over one or more pipelines (replicas), least-loaded routing.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream``), ``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (``?timeline=1`` adds each stage's
+``stream``, ``n`` choices, logprobs and grammars; chat with tools; the answers' shapes are
+:mod:`molink_lite.serving.responses`), llama-server's ``POST /tokenize`` and ``POST /detokenize``,
+``GET /v1/models``, ``GET /health``, ``GET /v1/stats`` (``?timeline=1`` adds each stage's
 recent step start/end times), ``GET /metrics`` (Prometheus, :mod:`molink_lite.serving.metrics`) and the
 dashboard at ``GET /`` (static files from :mod:`molink_lite.serving.web`, reading ``/v1/stats`` and
 ``/metrics``). Errors use OpenAI's shape
@@ -22,15 +24,17 @@ reading its stream is cut and its sequence freed). Without the API key, ``GET /h
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import logging
 import os
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import aiohttp
 import numpy as np
 import orjson
 from aiohttp import web
@@ -38,19 +42,23 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..wire.auth import LinkKey
 from ..wire.channel import RemoteError
+from ..wire.protocol import DETOKENIZE, GRAMMAR_CHECK, MAX_GRAMMAR_BYTES
 from .auth import ApiKeys
-from .chat import BUILTIN_BY_ARCH, ChatPrompt, ChatTemplateError, render_chat
+from .chat import BUILTIN_BY_ARCH, ChatTemplateError
 from .config import GatewayConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, bound_send_buffer,
-                          serve_app)
+from .grammar import GrammarError, grammar_for_request
+from .http_limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, serve_app
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
-                            MAX_BYTES_PER_TOKEN, ApiError, StreamOptions, _boolean, _invalid, _json, _short,
-                            check_chat_only, check_common, check_completion_only, parse_max_tokens, parse_messages,
-                            parse_prompt, parse_sampling, parse_stop, parse_stream)
+                            MAX_BYTES_PER_TOKEN, ApiError, OutputOptions, StreamOptions, _boolean, _invalid, _json,
+                            _short, _unsupported, check_common, check_completion_only, parse_chat_output,
+                            parse_completion_output, parse_max_tokens, parse_messages, parse_prompt, parse_sampling,
+                            parse_stop, parse_stream)
 from .pipeline import Pipeline, PipelineError, RequestError
+from .responses import CLIENT_GONE, Answer, collect, stream
 from .router import Overloaded, Router
-from .sequence import Event, GenRequest, SeqState
+from .sequence import GenRequest, SeqState
+from .tools import ToolError, plan_chat
 
 log = logging.getLogger(__name__)
 # /cluster: joining stages authenticate with the cluster secret; "/" and /web/: the dashboard's static files
@@ -58,13 +66,15 @@ log = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/cluster", "/")
 # relayed stage links: a random per-stage token, and the stage link's own handshake runs inside the tunnel
 _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
-# request keys (aiohttp >= 3.13 wants typed ones): the stream's client went away; which API key (its index)
+# request keys (aiohttp >= 3.13 wants typed ones): which API key (its index); the stream's client went away is
+# responses.CLIENT_GONE
 _RequestKey: Any = getattr(web, "RequestKey", None)
-_CLIENT_GONE: Any = _RequestKey("molink_client_gone", bool) if _RequestKey else "molink_client_gone"
 _KEY_ID: Any = _RequestKey("molink_key_id", int) if _RequestKey else "molink_key_id"
 # the first stage tokenizes at most this many characters per context token (stage/server.py)
 STAGE_TOKENIZE_CHARS_PER_TOKEN = 32
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
+GRAMMAR_CACHE = 256              # grammars whose verdict (compiles on the last stage, or why not) is remembered
+MAX_DETOKENIZE = 1 << 17         # token ids in one /detokenize request
 WEB_DIR = Path(__file__).with_name("web")
 _WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
@@ -101,6 +111,9 @@ class Gateway:
         self.metrics = Metrics(router)
         router.observer = self.metrics
         self._warned_no_template = False
+        # grammar hash -> None (the last stage compiles it) or why not; most recently used last
+        self._grammars: "OrderedDict[bytes, Optional[str]]" = OrderedDict()
+        self._grammar_checks: Dict[bytes, "asyncio.Future[Optional[str]]"] = {}   # being checked now
         # the dashboard's files, read once: only these names are served (no paths from the request)
         self._web: Dict[str, Tuple[bytes, str]] = {
             f.name: (f.read_bytes(), _WEB_TYPES[f.suffix]) for f in sorted(WEB_DIR.glob("*"))
@@ -120,6 +133,8 @@ class Gateway:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._count, self._errors, self._auth])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/stats", self.stats)
@@ -154,7 +169,7 @@ class Gateway:
         except asyncio.CancelledError:  # the connection closed: aiohttp cancels the handler (handler_cancellation)
             self.metrics.client_gone(endpoint)
             raise
-        if request.get(_CLIENT_GONE):
+        if request.get(CLIENT_GONE):
             self.metrics.client_gone(endpoint)
         else:
             self.metrics.request_done(endpoint, resp.status)
@@ -224,8 +239,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ simple endpoints
     async def models(self, request: web.Request) -> web.Response:
-        return _json({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "molink-lite"}]})
+        """The served model, with llama-server's ``meta`` (context per request, vocabulary, layers) once a
+        pipeline has connected."""
+        entry: Dict[str, Any] = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "molink-lite"}
+        ups = [p for p in self.pipelines if p.healthy and p.infos] or [p for p in self.pipelines if p.infos]
+        if ups:
+            p = ups[0]
+            first = p.infos[0]
+            meta: Dict[str, Any] = {"n_ctx": int(p.n_ctx_lane or p.n_ctx), "n_vocab": first.get("n_vocab"),
+                                    "n_embd": first.get("n_embd"), "n_layer": first.get("n_layer_total"),
+                                    "arch": first.get("arch")}
+            if first.get("n_ctx_train"):
+                meta["n_ctx_train"] = first["n_ctx_train"]
+            entry["meta"] = meta
+        return _json({"object": "list", "data": [entry]})
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while some pipeline is up ("ok" when all are, else "degraded"), 503 otherwise.
@@ -328,10 +355,12 @@ class Gateway:
         check_completion_only(body)
         prompt = parse_prompt(body)
         opts = parse_stream(body)
+        out = parse_completion_output(body)
         params = parse_sampling(body)
-        max_tokens = parse_max_tokens(body, DEFAULT_COMPLETION_MAX_TOKENS)
+        max_tokens = parse_max_tokens(body, DEFAULT_COMPLETION_MAX_TOKENS, lo=0 if out.echo else 1)
         stop = parse_stop(body)
         ignore_eos = _boolean(body, "ignore_eos", False)   # llama.cpp server's: past end-of-generation
+        grammar, param = self._grammar(body)
         if isinstance(prompt, str):
             tokens = await self._tokenize(prompt, add_special=True)
         else:
@@ -339,25 +368,36 @@ class Gateway:
             if min(prompt) < 0 or max(prompt) >= n_vocab:
                 raise _invalid(f"prompt token ids must be in 0..{n_vocab - 1}", "prompt")
             tokens = np.asarray(prompt, dtype=np.int32)
-        req = GenRequest(tokens, params, max_tokens, stop, ignore_eos=ignore_eos, owner=request.get(_KEY_ID))
-        return await self._run(request, req, opts, chat=False)
+        echo_text = ""
+        if out.echo:
+            echo_text = prompt if isinstance(prompt, str) else await self._detokenize(tokens.tolist())
+        await self._check_grammar(grammar, (), param)
+        req = GenRequest(tokens, params, max_tokens, stop, ignore_eos=ignore_eos, owner=request.get(_KEY_ID),
+                         grammar=grammar, logprobs=out.logprobs, echo=out.echo and out.logprobs >= 0)
+        return await self._run(request, req, opts, out, chat=False, echo_text=echo_text)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        check_chat_only(body)
         messages = parse_messages(body)
         opts = parse_stream(body)
+        out = parse_chat_output(body)
         params = parse_sampling(body)
         stop = parse_stop(body)
         ignore_eos = _boolean(body, "ignore_eos", False)
         parse_max_tokens(body, 1)  # checked now; the default depends on the prompt's length
         pipe = await self._facts()
-        chat_prompt = self._apply_template(pipe, messages)
-        tokens = await self._tokenize(chat_prompt.text, add_special=chat_prompt.add_special)
+        plan = self._plan_chat(pipe, body, messages)   # the template, tools and structured output
+        grammar, triggers = plan.grammar, tuple(plan.triggers) if plan.grammar else ()
+        param = "tools" if plan.parser is not None else _grammar_param(body)
+        tokens = await self._tokenize(plan.prompt, add_special=plan.add_special)
+        await self._check_grammar(grammar, triggers, param)
         max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
-        req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in chat_prompt.stop if s],
-                         ignore_eos=ignore_eos, owner=request.get(_KEY_ID))
-        return await self._run(request, req, opts, chat=True)
+        req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in plan.stop if s],
+                         ignore_eos=ignore_eos, owner=request.get(_KEY_ID), grammar=grammar, triggers=triggers,
+                         logprobs=out.logprobs)
+        parser = plan.parser
+        return await self._run(request, req, opts, out, chat=True,
+                               new_parser=None if parser is None else lambda: copy.deepcopy(parser))
 
     async def _facts(self) -> Pipeline:
         """An up pipeline to read model facts from (vocabulary, context, template); waits like a request does."""
@@ -366,7 +406,8 @@ class Gateway:
         except PipelineError as e:
             raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
 
-    def _apply_template(self, pipe: Pipeline, messages: list) -> ChatPrompt:
+    def _plan_chat(self, pipe: Pipeline, body: dict, messages: list) -> Any:
+        """The chat's prompt, stops, grammar and tool-call parser (:func:`.tools.plan_chat`)."""
         info = pipe.first
         if not (self.chat_template or self.builtin_template or info.get("chat_template")) \
                 and not self._warned_no_template:
@@ -375,10 +416,81 @@ class Gateway:
                         "with llama.cpp's built-in '%s' template, which the model may not follow; use "
                         "/v1/completions, or pass --chat-template", BUILTIN_BY_ARCH.get(info.get("arch"), "chatml"))
         try:
-            return render_chat(messages, template=self.chat_template or info.get("chat_template"), arch=info["arch"],
-                               bos=info.get("bos", ""), eos=info.get("eos", ""), builtin=self.builtin_template)
+            return plan_chat(body, messages, template=self.chat_template or info.get("chat_template"),
+                             arch=info["arch"], bos=info.get("bos", ""), eos=info.get("eos", ""),
+                             builtin=self.builtin_template)
+        except ToolError as e:
+            raise _invalid(_short(str(e), 500), getattr(e, "param", None) or "tools") from None
+        except GrammarError as e:
+            raise _invalid(_short(str(e), 500), getattr(e, "param", None) or _grammar_param(body)) from None
+        except RecursionError:   # a schema the converter could not walk (its checks should have refused it)
+            raise _invalid("the schema nests too deeply", _grammar_param(body)) from None
         except ChatTemplateError as e:
             raise _invalid(_short(str(e), 500), "messages") from None
+
+    @staticmethod
+    def _grammar(body: dict) -> Tuple[str, str]:
+        """The request's grammar (GBNF from ``response_format``, ``json_schema`` or ``grammar``; "" for none) and
+        the field it came from."""
+        param = _grammar_param(body)
+        try:
+            g = grammar_for_request(body)
+        except GrammarError as e:
+            raise _invalid(_short(str(e), 500), getattr(e, "param", None) or param) from None
+        except RecursionError:   # a schema the converter could not walk (its checks should have refused it)
+            raise _invalid("the schema nests too deeply", param) from None
+        return g or "", param
+
+    async def _check_grammar(self, grammar: str, triggers: Tuple[str, ...], param: str) -> None:
+        """A 400 unless the last stage's llama.cpp compiles ``grammar`` (its verdict is cached by the grammar's hash,
+        and a check already asked for is shared)."""
+        if not grammar:
+            return
+        if len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+            raise _invalid(f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes of GBNF", param)
+        key = hashlib.sha256(orjson.dumps([grammar, list(triggers)])).digest()
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+            problem = self._grammars[key]
+        else:
+            fut = self._grammar_checks.get(key)
+            if fut is None:
+                fut = asyncio.ensure_future(self._ask_grammar(grammar, triggers))
+                self._grammar_checks[key] = fut
+                fut.add_done_callback(lambda f, k=key: self._grammar_done(k, f))
+            problem = await asyncio.shield(fut)
+        if problem is not None:
+            raise _invalid(f"the grammar does not compile: {_short(problem, 500)}", param)
+
+    def _grammar_done(self, key: bytes, fut: "asyncio.Future[Optional[str]]") -> None:
+        self._grammar_checks.pop(key, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return   # no verdict (the stage was gone): ask again next time
+        self._grammars[key] = fut.result()
+        while len(self._grammars) > GRAMMAR_CACHE:
+            self._grammars.popitem(last=False)
+
+    async def _ask_grammar(self, grammar: str, triggers: Tuple[str, ...]) -> Optional[str]:
+        """The last stage's verdict on a grammar: None when it compiles, else why not; ApiError 503 when no stage
+        could say."""
+        meta: Dict[str, Any] = {"type": GRAMMAR_CHECK, "grammar": grammar}
+        if triggers:
+            meta["triggers"] = list(triggers)
+        pipe = await self._facts()
+        try:
+            reply = await pipe.chain.request_last(meta, timeout=60)
+        except RemoteError as e:
+            if e.meta.get("code") == "grammar":   # llama.cpp (or the stage's guards) refused this grammar
+                return str(e) or "refused"
+            problem = str(e)
+        except (PipelineError, RuntimeError, ConnectionError, asyncio.TimeoutError) as e:
+            problem = str(e) or type(e).__name__
+        else:
+            if reply.get("type") == "grammar_ok":
+                return None
+            problem = f"unexpected reply {_short(str(reply.get('type')))}"
+        raise ApiError(503, f"the grammar could not be checked: {_short(problem, 300)}", "no_pipeline",
+                       "service_unavailable")
 
     async def _tokenize(self, text: str, add_special: bool) -> np.ndarray:
         pipe = await self._facts()
@@ -406,10 +518,34 @@ class Gateway:
             raise ApiError(503, f"tokenization failed: {_short(str(e), 300)}", "no_pipeline",
                            "service_unavailable") from None
 
-    async def _run(self, request: web.Request, req: GenRequest, opts: StreamOptions,
-                   chat: bool) -> web.StreamResponse:
+    async def _detokenize(self, tokens: List[int]) -> str:
+        """Text of token ids (special tokens written out), from the last stage's vocabulary."""
+        reply = await self._ask_vocab({"type": DETOKENIZE, "tokens": tokens, "special": True}, "detokenization")
+        return str(reply.get("text", ""))
+
+    async def _ask_vocab(self, meta: dict, what: str) -> dict:
+        pipe = await self._facts()
         try:
-            seq = self.router.submit(req)
+            return await pipe.chain.request_last(meta, timeout=60)
+        except (RemoteError, PipelineError, RuntimeError, ConnectionError, asyncio.TimeoutError) as e:
+            raise ApiError(503, f"{what} failed: {_short(str(e), 300)}", "no_pipeline",
+                           "service_unavailable") from None
+
+    async def _run(self, request: web.Request, req: GenRequest, opts: StreamOptions, out: OutputOptions,
+                   chat: bool, echo_text: str = "", new_parser: Optional[Callable[[], Any]] = None
+                   ) -> web.StreamResponse:
+        """Submit the request (``out.n`` choices sharing one prefill) and answer with its choices, whole or
+        streamed; whatever happens, its sequences are freed when the answer ends."""
+        seqs: List[SeqState] = []
+        try:
+            if req.max_tokens == 0 and not req.echo:   # echo alone: the prompt is the whole answer
+                seqs = [SeqState(req=req, events=asyncio.Queue()) for _ in range(out.n)]
+                for s in seqs:
+                    s.end("length")
+            elif out.n == 1:
+                seqs = [self.router.submit(req)]
+            else:
+                seqs = list(self.router.submit_group(req, out.n))
         except RequestError as e:
             raise ApiError(400, str(e), "context_length_exceeded" if "context" in str(e) else "invalid_value") from None
         except Overloaded as e:
@@ -418,87 +554,75 @@ class Gateway:
         except PipelineError as e:   # no pipeline at all (stages still joining)
             raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
         self.metrics.prompt_tokens.inc(int(req.prompt.shape[0]))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        answer = Answer(chat, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()),
+                        self.model_name, out, int(req.prompt.shape[0]), echo_text, new_parser)
         try:
             if opts.stream:
-                return await self._stream(request, seq, rid, created, chat, opts)
-            return await self._collect(seq, rid, created, chat)
+                return await stream(request, answer, seqs, opts)
+            return await collect(answer, seqs)
         finally:
-            if not seq.finished:
-                self.router.cancel(seq)
-            self.router.release(seq)
+            for s in seqs:
+                if not s.finished:
+                    self.router.cancel(s)
+                self.router.release(s)
 
-    def _usage(self, seq: SeqState) -> dict:
-        p, c = int(seq.req.prompt.shape[0]), len(seq.generated)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    # ------------------------------------------------------------------ llama-server's tokenizer endpoints
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """``{"content", "add_special"?, "with_pieces"?}`` -> ``{"tokens": [id, ...]}``, or with pieces
+        ``[{"id", "piece"}]`` (a piece that is not whole UTF-8 is its list of bytes), as llama-server answers."""
+        body = await self._body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise _invalid("'content' must be a string", "content")
+        add_special = _boolean(body, "add_special", False)
+        with_pieces = _boolean(body, "with_pieces", False)
+        if not _boolean(body, "parse_special", True):
+            raise _unsupported("'parse_special': false is not supported (special tokens in the text are parsed)",
+                               "parse_special")
+        tokens = (await self._tokenize(content, add_special=add_special)).tolist()
+        if not with_pieces:
+            return _json({"tokens": tokens})
+        pieces = await self._pieces(tokens)
+        out = []
+        for t, b in zip(tokens, pieces):
+            try:
+                piece: Any = b.decode("utf-8")
+            except UnicodeDecodeError:
+                piece = list(b)
+            out.append({"id": t, "piece": piece})
+        return _json({"tokens": out})
 
-    async def _collect(self, seq: SeqState, rid: str, created: int, chat: bool) -> web.Response:
-        parts: List[str] = []
-        while True:
-            ev: Event = await seq.events.get()
-            if ev.kind == "text":
-                parts.append(ev.text)
-            elif ev.kind == "error":
-                raise ApiError(503, ev.message, "pipeline_error", "server_error")
-            else:
-                break
-        text = "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": ev.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": ev.finish_reason, "logprobs": None}
-        return _json({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                      "model": self.model_name, "choices": [choice], "usage": self._usage(seq)})
+    async def _pieces(self, tokens: List[int]) -> List[bytes]:
+        """Each token's bytes (special tokens written out), from the last stage's vocabulary."""
+        if not tokens:
+            return []
+        reply = await self._ask_vocab({"type": DETOKENIZE, "tokens": tokens, "pieces": True}, "detokenization")
+        pieces = reply.get("pieces")
+        if not isinstance(pieces, list) or len(pieces) != len(tokens):
+            raise ApiError(503, "the stage did not answer the tokens' pieces", "no_pipeline", "service_unavailable")
+        return [bytes.fromhex(p) for p in pieces]
 
-    async def _stream(self, request: web.Request, seq: SeqState, rid: str, created: int, chat: bool,
-                      opts: StreamOptions) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """``{"tokens": [id, ...]}`` -> ``{"content": text}``, as llama-server answers."""
+        body = await self._body(request)
+        tokens = body.get("tokens")
+        msg = f"'tokens' must be a list of at most {MAX_DETOKENIZE} token ids"
+        if not isinstance(tokens, list) or len(tokens) > MAX_DETOKENIZE:
+            raise _invalid(msg, "tokens")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+            raise _invalid(msg, "tokens")
+        if not tokens:
+            return _json({"content": ""})
+        n_vocab = int((await self._facts()).first["n_vocab"])
+        if min(tokens) < 0 or max(tokens) >= n_vocab:
+            raise _invalid(f"token ids must be in 0..{n_vocab - 1}", "tokens")
+        return _json({"content": await self._detokenize(tokens)})
 
-        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> bytes:
-            if chat:
-                delta: Dict[str, Any] = {}
-                if first:
-                    delta["role"] = "assistant"
-                if text:
-                    delta["content"] = text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return b"data: " + orjson.dumps({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                             "choices": [choice]}) + b"\n\n"
 
-        # a client that stops reading: its unread chunks fill a bounded buffer, then the write timeout cuts the
-        # stream (http_limits) and _run frees its sequence; meanwhile only this handler waits, never the loop
-        bound_send_buffer(request.transport)
-        try:
-            await resp.prepare(request)
-            if chat:
-                await resp.write(chunk(None, None, first=True))
-            while True:
-                ev = await seq.events.get()
-                if ev.kind == "text":
-                    await resp.write(chunk(ev.text, None))
-                elif ev.kind == "error":
-                    err = {"error": {"message": ev.message, "type": "server_error", "code": "pipeline_error"}}
-                    await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-                    break
-                else:
-                    await resp.write(chunk(None, ev.finish_reason))
-                    if opts.include_usage:
-                        u = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                             "usage": self._usage(seq)}
-                        await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
-                    break
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionError) as e:
-            # the client went away mid-stream; _run's finally frees the sequence
-            request[_CLIENT_GONE] = True
-            log.debug("client %s went away mid-stream (%s): %s", request.remote, rid, e)
-        return resp
+def _grammar_param(body: dict) -> str:
+    """The field a request's grammar came from (what a 400 about it names)."""
+    return "grammar" if body.get("grammar") is not None else (
+        "json_schema" if body.get("json_schema") is not None else "response_format")
 
 
 def _stage_info(info: dict) -> dict:

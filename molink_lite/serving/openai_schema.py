@@ -2,8 +2,11 @@
 the edge, before anything reaches a pipeline, with errors in OpenAI's shape (:class:`ApiError`).
 
 Numbers are type- and range-checked (clamped where OpenAI allows a value llama.cpp cannot take),
-content parts and ``stream_options`` validated, and features that are not implemented (``tools``,
-``response_format`` json, ``n > 1``, logprobs ...) refused with a 400 instead of silently ignored.
+content parts, tool calls in messages and ``stream_options`` validated, and features that are not implemented
+(``best_of`` > 1, ``suffix``, ``logit_bias``, the deprecated ``functions``, non-text content ...) refused with a
+400 instead of silently ignored. Grammars (``response_format``, ``grammar``, ``json_schema``) and tools are
+checked by :mod:`.grammar` and :mod:`.tools`; what is parsed here is what shapes the answer
+(:class:`OutputOptions`: ``n``, logprobs, ``echo``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import orjson
 from aiohttp import web
 
-from ..wire.protocol import (MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P, SAMPLING_RANGES, SamplingError,
-                              SamplingParams)
+from ..wire.protocol import (MAX_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P, SAMPLING_RANGES,
+                              SamplingError, SamplingParams)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 1024         # chat: until the model stops, capped (OpenAI: unlimited)
@@ -33,6 +36,8 @@ SEED_MOD = 2**32 - 1                   # llama.cpp seeds are uint32; 0xFFFFFFFF 
 # No vocabulary entry is this long (Gemma 3's longest: 48 bytes), so a text longer than this many
 # bytes per context token cannot fit and is refused before stage 0 spends seconds tokenizing it.
 MAX_BYTES_PER_TOKEN = 128
+MAX_N = 16                              # choices per request (n); they share one prefill
+MAX_TOOL_CALLS = 128                    # tool calls in one message of the history
 
 
 class ApiError(Exception):
@@ -147,11 +152,15 @@ def parse_sampling(body: dict) -> SamplingParams:
         raise _invalid(str(e), e.field) from None
 
 
-def parse_max_tokens(body: dict, default: int) -> int:
-    """``max_completion_tokens`` (preferred) or ``max_tokens``: an integer in 1..2^31-1."""
+def parse_max_tokens(body: dict, default: int, lo: int = 1) -> int:
+    """``max_completion_tokens`` (preferred) or ``max_tokens``: an integer in lo..2^31-1 (``lo`` 0: a completion
+    with ``echo`` may only score its prompt)."""
     v = None
     for key in ("max_tokens", "max_completion_tokens"):
-        got = _integer(body, key, None, 1, INT32_MAX)
+        got = _integer(body, key, None, 0, INT32_MAX)
+        if got is not None and got < lo:
+            raise _invalid(f"'{key}' must be in 1..{INT32_MAX} (0 only with 'echo': true, to score the prompt), "
+                           f"got {got}", key)
         v = got if got is not None else v
     return default if v is None else v
 
@@ -193,37 +202,53 @@ def parse_stream(body: dict) -> StreamOptions:
     return StreamOptions(stream, bool(inc))
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What shapes the answer: ``n`` choices (one shared prefill), each token's logprob with ``logprobs`` top
+    alternatives (-1: no logprobs), and ``echo`` (completions: the prompt, and its logprobs, come first)."""
+
+    n: int = 1
+    logprobs: int = -1
+    echo: bool = False
+
+
+def parse_n(body: dict) -> int:
+    """``n``: how many choices, 1..MAX_N (streamed ones carry their ``index``)."""
+    n = _integer(body, "n", 1, 1, MAX_N)
+    assert n is not None
+    return n
+
+
+def parse_completion_output(body: dict) -> OutputOptions:
+    """/v1/completions: ``n``, ``logprobs`` (an integer 0..20: top alternatives per token) and ``echo``."""
+    lp = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    return OutputOptions(parse_n(body), -1 if lp is None else lp, _boolean(body, "echo", False))
+
+
+def parse_chat_output(body: dict) -> OutputOptions:
+    """/v1/chat/completions: ``n``, ``logprobs`` (a boolean) and ``top_logprobs`` (0..20, with ``logprobs``)."""
+    lp = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top and not lp:
+        raise _invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return OutputOptions(parse_n(body), (top or 0) if lp else -1, False)
+
+
 def check_common(body: dict) -> None:
-    """Fields both endpoints share: ``n`` and features this server does not have (400, not ignored)."""
-    n = body.get("n")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, (int, float)):
-            raise _invalid("'n' must be an integer", "n")
-        if n != 1:
-            raise _unsupported("only n=1 is supported", "n")
+    """Features this server does not have, on both endpoints (400, not ignored)."""
     lb = body.get("logit_bias")
     if lb is not None:
         if not isinstance(lb, dict):
             raise _invalid("'logit_bias' must be an object", "logit_bias")
         if lb:
             raise _unsupported("'logit_bias' is not supported", "logit_bias")
-    for key in ("tools", "functions"):
-        v = body.get(key)
-        if v is not None and v != []:
-            raise _unsupported(f"'{key}' (tool / function calling) is not supported", key)
-    for key in ("tool_choice", "function_call"):
-        v = body.get(key)
-        if v is not None and v != "none":
-            raise _unsupported(f"'{key}' (tool / function calling) is not supported", key)
-    if body.get("parallel_tool_calls") is not None:
-        raise _unsupported("'parallel_tool_calls' (tool calling) is not supported", "parallel_tool_calls")
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-            raise _invalid("'response_format' must be an object with a 'type'", "response_format")
-        if rf["type"] != "text":
-            raise _unsupported(f"response_format type '{_short(rf['type'])}' is not supported (only 'text')",
-                               "response_format")
+    v = body.get("functions")
+    if v is not None and v != []:
+        raise _unsupported("'functions' (deprecated by OpenAI) is not supported: use 'tools'", "functions")
+    v = body.get("function_call")
+    if v is not None and v != "none":
+        raise _unsupported("'function_call' (deprecated by OpenAI) is not supported: use 'tool_choice'",
+                           "function_call")
     for key in ("audio", "prediction", "web_search_options"):
         if body.get(key) is not None:
             raise _unsupported(f"'{key}' is not supported", key)
@@ -232,8 +257,33 @@ def check_common(body: dict) -> None:
         raise _unsupported("only 'modalities': ['text'] is supported", "modalities")
 
 
+def _tool_calls(v: Any, where: str) -> List[dict]:
+    """An assistant message's ``tool_calls``: [{id, type: "function", function: {name, arguments}}]."""
+    if not isinstance(v, list) or len(v) > MAX_TOOL_CALLS:
+        raise _invalid(f"{where} must be a list of at most {MAX_TOOL_CALLS} tool calls", where)
+    out = []
+    for j, c in enumerate(v):
+        w = f"{where}[{j}]"
+        if not isinstance(c, dict):
+            raise _invalid(f"{w} must be an object with 'id', 'type' and 'function'", w)
+        if c.get("type", "function") != "function":
+            raise _unsupported(f"{w}.type: only 'function' tool calls are supported", f"{w}.type")
+        cid = c.get("id", "")
+        if not isinstance(cid, str):
+            raise _invalid(f"{w}.id must be a string", f"{w}.id")
+        fn = c.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _invalid(f"{w}.function must be an object with a 'name'", f"{w}.function")
+        args = fn.get("arguments", "")
+        if not isinstance(args, (str, dict)):
+            raise _invalid(f"{w}.function.arguments must be a JSON string", f"{w}.function.arguments")
+        out.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
 def parse_messages(body: dict) -> List[dict]:
-    """Chat messages as ``{"role", "content": str[, "name"]}`` for the template; text parts only."""
+    """Chat messages as ``{"role", "content": str | None[, "name"][, "tool_calls"][, "tool_call_id"]}`` for the
+    template; text parts only. ``content`` is None only for an assistant message with ``tool_calls``."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
@@ -245,6 +295,14 @@ def parse_messages(body: dict) -> List[dict]:
         role = m.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise _invalid(f"{where}.role must be one of {', '.join(CHAT_ROLES)}", f"{where}.role")
+        if m.get("function_call"):
+            raise _unsupported(f"{where}.function_call (deprecated by OpenAI) is not supported: use 'tool_calls'",
+                               f"{where}.function_call")
+        calls = None
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise _invalid(f"{where}.tool_calls: only assistant messages carry tool calls", f"{where}.tool_calls")
+            calls = _tool_calls(m["tool_calls"], f"{where}.tool_calls") or None
         c = m.get("content")
         if isinstance(c, list):
             texts = []
@@ -259,46 +317,42 @@ def parse_messages(body: dict) -> List[dict]:
                     raise _invalid(f"{pw}.text must be a string", f"{pw}.text")
                 texts.append(part["text"])
             c = "".join(texts)
+        elif c is None and calls:
+            pass
         elif not isinstance(c, str):
             raise _invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
-        for key in ("tool_calls", "function_call"):
-            if m.get(key):
-                raise _unsupported(f"{where}.{key}: tool / function calling is not supported", f"{where}.{key}")
-        msg = {"role": role, "content": c}
+        msg: Dict[str, Any] = {"role": role, "content": c}
         name = m.get("name")
         if name is not None:
             if not isinstance(name, str):
                 raise _invalid(f"{where}.name must be a string", f"{where}.name")
             msg["name"] = name
+        if calls:
+            msg["tool_calls"] = calls
+        tcid = m.get("tool_call_id")
+        if tcid is not None:
+            if role != "tool" or not isinstance(tcid, str):
+                raise _invalid(f"{where}.tool_call_id must be a string, on a tool message", f"{where}.tool_call_id")
+            msg["tool_call_id"] = tcid
         out.append(msg)
     return out
 
 
-def check_chat_only(body: dict) -> None:
-    lp = body.get("logprobs")
-    if lp is not None:
-        if not isinstance(lp, bool):
-            raise _invalid("'logprobs' must be a boolean", "logprobs")
-        if lp:
-            raise _unsupported("'logprobs' is not supported", "logprobs")
-    if body.get("top_logprobs") not in (None, 0) or isinstance(body.get("top_logprobs"), bool):
-        raise _unsupported("'top_logprobs' is not supported", "top_logprobs")
-
-
 def check_completion_only(body: dict) -> None:
-    lp = body.get("logprobs")
-    if lp is not None and (isinstance(lp, bool) or lp != 0):
-        raise _unsupported("'logprobs' is not supported", "logprobs")
-    if body.get("echo") not in (None, False):
-        raise _unsupported("'echo' is not supported", "echo")
+    """What /v1/completions refuses: ``suffix``, ``best_of`` > 1 and tools (a chat feature)."""
     if body.get("suffix") not in (None, ""):
-        raise _unsupported("'suffix' is not supported", "suffix")
+        raise _unsupported("'suffix' (fill-in-the-middle) is not supported", "suffix")
     bo = body.get("best_of")
     if bo is not None:
         if isinstance(bo, bool) or not isinstance(bo, (int, float)):
             raise _invalid("'best_of' must be an integer", "best_of")
         if bo != 1:
-            raise _unsupported("only best_of=1 is supported", "best_of")
+            raise _unsupported("only best_of=1 is supported (use 'n' for several choices; ranking them by "
+                               "likelihood is not implemented)", "best_of")
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        v = body.get(key)
+        if v is not None and v != [] and v != "none":
+            raise _unsupported(f"'{key}' is a /v1/chat/completions field", key)
 
 
 def parse_prompt(body: dict) -> Any:

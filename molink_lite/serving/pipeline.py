@@ -64,7 +64,7 @@ class _Part:
 LostHandler = Callable[["Pipeline", List[SeqState], str], None]
 STATS = ("steps", "rows", "max_inflight_seen", "max_seqs_in_step", "completed", "failed", "prefill_rows", "decode_rows",
          "mixed_steps", "failures", "recoveries", "handed_back", "spec_rounds", "spec_mixed_steps", "drafted",
-         "accepted", "decode_entries", "decode_tokens")  # a pipeline's counters (``Pipeline.stats``)
+         "accepted", "decode_entries", "decode_tokens", "forks")  # a pipeline's counters (``Pipeline.stats``)
 
 
 class Pipeline:
@@ -208,8 +208,8 @@ class Pipeline:
         n = int(req.prompt.shape[0])
         if n == 0:
             raise RequestError("the prompt is empty")
-        if req.max_tokens < 1:
-            raise RequestError("max_tokens must be at least 1")
+        if req.max_tokens < (0 if req.echo else 1):
+            raise RequestError("max_tokens must be at least 1" + (" (0 with echo)" if not req.echo else ""))
         if self.n_ctx_lane and n + req.max_tokens > self.n_ctx_lane:
             raise RequestError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                                f"window ({self.n_ctx_lane} tokens{' per lane' if self.lanes > 1 else ''})")
@@ -218,13 +218,33 @@ class Pipeline:
             if int(req.prompt.min()) < 0 or int(req.prompt.max()) >= vocab:
                 raise RequestError(f"prompt token ids must be in 0..{vocab - 1}")
 
+    def group_fits(self, n: int, need: int) -> bool:
+        """n sequences of ``need`` KV cells each can ever run here together, in one lane, their rows in one step
+        (an n > 1 group sharing one prefill); True while the pipeline was never sized."""
+        if not self.max_seqs:
+            return True
+        return (n <= self.max_seqs // max(1, self.lanes) and n * need <= self.n_ctx_lane
+                and n <= self.max_batch_tokens)
+
     def add(self, s: SeqState, front: bool = False) -> None:
-        """Queue a sequence here (a replayed one goes to the front: it was admitted before the others)."""
+        """Queue a sequence here (a replayed one goes to the front: it was admitted before the others); a group's
+        leader brings its waiting choices (they share its prefill if the group can ever fit here, else each
+        prefills itself)."""
+        kids = [k for k in s.kids if not k.finished]
+        if s.kids:
+            s.ungroup()
+            if kids and self.group_fits(1 + len(kids), s.need):
+                s.kids = kids
+                for k in kids:
+                    k.fork_from = s
         s.pipeline = self
         if front:
             self.waiting.appendleft(s)
         else:
             self.waiting.append(s)
+        for k in kids:
+            k.pipeline = self
+            self.waiting.append(k)
         self._wake.set()
 
     def cancel(self, s: SeqState) -> None:
@@ -235,6 +255,7 @@ class Pipeline:
         if s in self.waiting:
             self.waiting.remove(s)
             s.finished = True
+            s.ungroup()
             return
         if not s.in_flight:
             self._release(s)

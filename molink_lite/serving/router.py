@@ -19,6 +19,12 @@
   first one that does not fit). With ``reserve_for_others`` (several API keys), an owner already
   running on a pipeline may not take its last free slot nor its last slot's worth of KV: a request of
   another key always finds room at once. Requests of one owner keep their order.
+* **n > 1** (:meth:`Router.submit_group`): the n choices of one request go to one pipeline together, as one entry of
+  the owner's queue (their leader, :attr:`SeqState.kids`), admitted into one lane; the leader prefills the prompt
+  once and the others copy its KV (see :mod:`.step_builder`). Each choice reserves its own KV (prompt + max_tokens:
+  the shared prefix is counted per choice). Once on a pipeline they are n sequences: cancelled, finished, handed
+  back and replayed one by one (a replay prefills that choice's prompt + generated tokens on its own); a group that
+  must wait for a pipeline to come back (parked) is parked as n sequences.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import itertools
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import orjson
 
+from ..wire.protocol import lane_of
 from .pipeline import Pipeline, PipelineError, RequestError
 from .sequence import GenRequest, SeqState
 
@@ -154,6 +162,14 @@ class Router:
     def submit(self, req: GenRequest) -> SeqState:
         """Queue a request in its owner's queue, from which it goes to a pipeline as soon as one can take it (now,
         if one can), or park it until a pipeline is up."""
+        ups, target = self._admit(req)
+        s = SeqState(req=req, events=asyncio.Queue())
+        self._enqueue([s], target)
+        return s
+
+    def _admit(self, req: GenRequest) -> Tuple[List[Pipeline], Optional[Pipeline]]:
+        """Refuse a request the queue or the pipelines cannot take (raises); else the up pipelines and the
+        least-loaded of them (None: park until one is up)."""
         if self.queued >= self.max_queue:
             self.stats["overloaded"] += 1
             raise Overloaded(f"{self.queued} requests are already waiting (--max-queue {self.max_queue}); "
@@ -165,16 +181,45 @@ class Router:
             orjson.dumps(req.params.validate().to_dict())
         except (TypeError, ValueError) as e:
             raise RequestError(f"invalid sampling parameters: {e}") from None
-        s = SeqState(req=req, events=asyncio.Queue())
+        return ups, target
+
+    def _enqueue(self, entries: List[SeqState], target: Optional[Pipeline]) -> None:
+        """Queue admitted sequences in their owner's queue (dispatching now), or park them until a pipeline is up."""
         if target is not None:
-            self.pending.setdefault(req.owner, deque()).append(s)
+            self.pending.setdefault(entries[0].req.owner, deque()).extend(entries)
             self.dispatch()
         else:
-            self._park(s)
-        return s
+            for x in entries:
+                self._park(x)
+
+    def submit_group(self, req: GenRequest, n: int) -> List[SeqState]:
+        """Queue ``n`` choices of one request (OpenAI's ``n``) that share one prefill; returns their sequences, choice
+        i at index i (n <= 1: ``[submit(req)]``). Each choice gets its own copy of ``req``; with a seed, choice i
+        samples with ``seed + i`` (mod 2**32). Counts as one request against ``max_queue``; raises like
+        :meth:`submit`. A one-token prompt, or a group that no up pipeline could ever hold in one lane, runs as n
+        independent sequences (each prefills the prompt)."""
+        if n <= 1:
+            return [self.submit(req)]
+        ups, target = self._admit(req)
+        seed = req.params.seed
+        reqs = [replace(req, params=req.params if seed is None else replace(req.params, seed=(seed + i) % 2**32))
+                for i in range(n)]
+        seqs = [SeqState(req=r, events=asyncio.Queue()) for r in reqs]
+        for x in seqs[1:]:
+            x.t_submit = seqs[0].t_submit
+        share = int(req.prompt.shape[0]) > 1 and (not ups or any(p.group_fits(n, seqs[0].need) for p in ups))
+        if share:
+            leader, group = seqs[0], tuple(seqs)
+            leader.kids = list(seqs[1:])
+            for x in seqs:
+                x.group = group
+                if x is not leader:
+                    x.fork_from = leader
+        self._enqueue(seqs[:1] if share else seqs, target)
+        return seqs
 
     def cancel(self, s: SeqState) -> None:
-        """The client went away."""
+        """The client went away (n > 1: call it for each choice)."""
         if s.finished:
             return
         for i, (p, _) in enumerate(self.parked):
@@ -184,7 +229,12 @@ class Router:
                 return
         q = self.pending.get(s.req.owner)
         if q is not None and s.pipeline is None and any(x is s for x in q):
-            q.remove(s)   # SeqState compares by identity
+            i = next(j for j, x in enumerate(q) if x is s)
+            del q[i]
+            kids = [k for k in s.kids if not k.finished]
+            s.ungroup()   # its choices stay queued, each on its own
+            for k in reversed(kids):
+                q.insert(i, k)
             if not q:
                 del self.pending[s.req.owner]
             s.cancelled = s.finished = True
@@ -193,6 +243,7 @@ class Router:
             s.pipeline.cancel(s)
         else:
             s.cancelled = s.finished = True
+            s.ungroup()   # a choice still queued with its leader
         self.dispatch()
 
     def release(self, s: SeqState) -> None:
@@ -213,17 +264,21 @@ class Router:
         """Pipeline ``p`` (up) can admit ``s`` now: a free slot and room for its KV reservation, counting the
         sequences already queued there; with ``reserve_for_others``, an owner already running there leaves one
         slot and one slot's worth of KV free for other owners."""
-        need = s.need
+        k = 1 + sum(1 for x in s.kids if not x.finished)   # a group comes in whole, in one lane
+        need = s.need * k
         if p.n_ctx_lane and need > p.n_ctx_lane:
             return False
         waiting = list(p.waiting)
         free_slots = p.max_seqs - len(p.active) - len(waiting)
         free_kv = p.n_ctx - p.kv_reserved - sum(w.need for w in waiting)
-        if free_slots < 1 or need > free_kv:
+        if free_slots < k or need > free_kv:
             return False
         if p.lanes > 1 and not any(p.n_ctx_lane - used >= need for used in p.kv_lane):
             return False
-        if self.reserve_for_others and (free_slots < 2 or need > free_kv - p.n_ctx // max(1, p.max_seqs)):
+        if k > 1 and p.lanes > 1 and not any(
+                sum(1 for x in p.free_slots if lane_of(x, p.lanes) == lane) >= k for lane in range(p.lanes)):
+            return False
+        if self.reserve_for_others and (free_slots < k + 1 or need > free_kv - p.n_ctx // max(1, p.max_seqs)):
             owner = s.req.owner
             if any(x.req.owner == owner and not x.finished for x in itertools.chain(p.active.values(), waiting)):
                 return False
@@ -269,9 +324,12 @@ class Router:
 
     # ------------------------------------------------------------------ failover
     def _park(self, s: SeqState) -> None:
-        s.pipeline = None
-        self.parked.append((s, time.monotonic() + self.recover_timeout))
-        self.stats["parked"] += 1
+        members = [s] + [k for k in s.kids if not k.finished]
+        s.ungroup()   # a parked group comes back as n sequences
+        for m in members:
+            m.pipeline = None
+            self.parked.append((m, time.monotonic() + self.recover_timeout))
+            self.stats["parked"] += 1
 
     def _park_pending(self) -> None:
         for q in self.pending.values():

@@ -60,24 +60,44 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
     ``n_ctx_lane`` cells (one lane: the whole cache): each sequence goes to the lane with the fewest sequences
     among those with a free slot and room for its reservation, so the lanes' micro-batches stay even; the first
     that fits no lane waits, and so do the ones behind it.
+
+    A group's leader (n > 1) comes in with its waiting choices (``SeqState.kids``), all in one lane (a fork copies
+    KV within a lane's context); each reserves its whole need (the shared prefix is counted per choice).
     """
     lanes = len(kv_lane)
     while waiting and free_slots:
         s = waiting[0]
+        if s.fork_from is not None:  # its leader is not ahead of it here: it prefills the prompt itself
+            s.ungroup()
+        group = [s]
+        for k in list(s.kids):
+            if not k.finished and any(w is k for w in waiting):
+                group.append(k)
+            else:
+                k.ungroup()
         count = [0] * lanes
         for slot in active:
             count[lane_of(slot, lanes)] += 1
-        open_lanes = {lane_of(x, lanes) for x in free_slots}
-        fits = [i for i in range(lanes) if i in open_lanes and kv_lane[i] + s.need <= n_ctx_lane]
+        open_slots = [0] * lanes
+        for x in free_slots:
+            open_slots[lane_of(x, lanes)] += 1
+        need = sum(m.need for m in group)
+        fits = [i for i in range(lanes) if open_slots[i] >= len(group) and kv_lane[i] + need <= n_ctx_lane]
         if not fits:
             break
         lane = min(fits, key=lambda i: (count[i], kv_lane[i]))
-        slot = min(x for x in free_slots if lane_of(x, lanes) == lane)
-        free_slots.remove(slot)
+        slots = sorted(x for x in free_slots if lane_of(x, lanes) == lane)[:len(group)]
         waiting.popleft()
-        s.slot = slot
-        kv_lane[lane] += s.need
-        active[slot] = s
+        for m, slot in zip(group, slots):
+            if m is not s:
+                for i, w in enumerate(waiting):
+                    if w is m:
+                        del waiting[i]
+                        break
+            free_slots.remove(slot)
+            m.slot = slot
+            kv_lane[lane] += m.need
+            active[slot] = m
 
 
 def is_long(s: SeqState, prefill_chunk: int) -> bool:
@@ -87,7 +107,7 @@ def is_long(s: SeqState, prefill_chunk: int) -> bool:
 
 def long_prefill_running(seqs: Iterable[SeqState], prefill_chunk: int) -> bool:
     """A long prompt is being prefilled (what :meth:`PrefillBudget.update` needs to know)."""
-    return any(is_long(s, prefill_chunk) and s.prefilling and not s.finished for s in seqs)
+    return any(is_long(s, prefill_chunk) and s.prefilling and not s.finished and s.fork_from is None for s in seqs)
 
 
 def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: int, prefill_chunk: int,
@@ -100,6 +120,10 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     step at most). A prompt's next chunk may go while its previous chunk is still in flight: stages take
     steps in order, and no chunk but the last waits for a token, so with several micro-batches the chunks
     of one long prompt travel the chain together (stage 0 computes chunk k+1 while stage 1 computes k).
+
+    n > 1: a group's leader prefills its prompt but the last token while its choices wait (``SeqState.kids``);
+    then one step carries the leader's last token and, for each choice, a fork of the leader's KV and the same last
+    token (all of them, or none while the rows left do not hold them).
     """
     live = [s for s in active if not s.finished]
     ready = [s for s in live if not s.in_flight or s.prefilling]
@@ -111,7 +135,21 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     long_budget = prefill_budget if n_decoding else budget
     prefill: List[Tuple[SeqState, int]] = []
     for s in sorted((s for s in ready if s.prefilling), key=lambda s: s.t_submit):
-        take = min(prefill_chunk, int(s.feed.shape[0]) - s.prefilled, budget)
+        if s.fork_from is not None:
+            continue                 # goes with its leader
+        left = int(s.feed.shape[0]) - s.prefilled
+        if s.kids:
+            kids = [k for k in s.kids if not k.finished and not k.in_flight]
+            if kids and left == 1:   # the group step
+                if budget < 1 + len(kids):
+                    break            # the rows left go to the group in a later step, before younger prompts
+                prefill.append((s, 1))
+                prefill.extend((k, 1) for k in kids)
+                budget -= 1 + len(kids)
+                continue
+            if kids:
+                left -= 1            # the last token waits for the group step
+        take = min(prefill_chunk, left, budget)
         if is_long(s, prefill_chunk):
             take = min(take, long_budget)
             long_budget -= max(take, 0)

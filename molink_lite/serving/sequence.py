@@ -5,6 +5,16 @@ The gateway's record of a request is the source of truth: prompt, every token ge
 sampling parameters and the text already sent. A pipeline only borrows a sequence (its slot and
 KV); when the pipeline fails, :meth:`SeqState.prepare_replay` turns the record back into work that
 any pipeline can take: prefill the prompt plus the generated tokens, then go on decoding.
+
+What a client receives (``SeqState.events``, in this order): at most one ``Event("prompt_logprobs")`` (a request
+with ``echo`` and ``logprobs >= 0``: ``Event.logprobs`` holds one :class:`TokenLogprob` per prompt token, the
+first with ``logprob`` None; also kept in ``SeqState.prompt_logprobs``), then ``Event("text")`` events (with
+``logprobs >= 0``, ``Event.logprobs`` lists the tokens whose text the event completes, possibly none), then one
+``Event("done")`` or ``Event("error")``.
+
+n > 1 (``Router.submit_group``): one sequence per choice; the first (the group's leader) prefills the prompt but
+its last token, the others (``fork_from``: the leader) copy its KV and feed only the last token. See
+:meth:`SeqState.ungroup` for when a choice stops sharing and prefills itself.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ class TokenLogprob:
 
 @dataclass
 class Event:
-    kind: str              # "text", "done" or "error"
+    kind: str              # "prompt_logprobs", "text", "done" or "error" (see the module docstring)
     text: str = ""
     finish_reason: Optional[str] = None
     message: str = ""
@@ -90,10 +100,48 @@ class SeqState:
     started: bool = False
     last_sent: int = 0
     kv_len: int = 0                     # positions its KV holds on the stages (drafts included, until trimmed)
+    # --- n > 1: one prefill shared by the group's choices (see ungroup)
+    # (repr=False: these point at each other)
+    fork_from: Optional["SeqState"] = field(default=None, repr=False)  # a choice waiting to copy this leader's
+    #                                                                    prompt KV (same pipeline)
+    kids: List["SeqState"] = field(default_factory=list, repr=False)    # a leader's choices waiting to fork from it
+    group: Tuple["SeqState", ...] = field(default=(), repr=False)       # every choice of its request (its prompt
+    #                                                                    logprobs go to all)
+    # --- logprobs (only used when the request asked for them)
+    prompt_logprobs: Optional[List[TokenLogprob]] = None  # delivered prompt logprobs (echo); None until then
+    _plp: Optional[List[TokenLogprob]] = field(default=None, repr=False)   # prompt logprobs received so far
+    _lp: List[Tuple[int, TokenLogprob]] = field(default_factory=list, repr=False)  # (text end, entry) not sent
 
     def __post_init__(self) -> None:
         if self.feed is None:
             self.feed = self.req.prompt
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prefill rows are scored (echo with logprobs, not delivered yet, no leader scoring for it)."""
+        r = self.req
+        return r.echo and r.logprobs >= 0 and self.prompt_logprobs is None and self.fork_from is None
+
+    @property
+    def may_speculate(self) -> bool:
+        """A sequence under a grammar never sends drafts (the last stage's grammar sampler cannot verify them)."""
+        return not self.req.grammar
+
+    def ungroup(self) -> None:
+        """Stop sharing a prefill: a waiting choice leaves its leader (it prefills the prompt itself), a leader lets
+        its waiting choices go. Called when a choice forks (the KV is copied), and whenever one of them leaves the
+        pipeline or was never admitted with the other (cancel, release, replay, parking)."""
+        if self.fork_from is not None:
+            kids = self.fork_from.kids
+            for i, k in enumerate(kids):
+                if k is self:
+                    del kids[i]
+                    break
+            self.fork_from = None
+        if self.kids:
+            for k in self.kids:
+                k.fork_from = None
+            self.kids = []
 
     @property
     def need(self) -> int:
@@ -123,6 +171,8 @@ class SeqState:
         self.epoch += 1
         if self.spec is not None:
             self.spec.drafts = self.spec.drafts[:0]
+        self.ungroup()       # each choice of a group replays on its own
+        self._plp = None     # prompt scoring not delivered yet starts over (delivered: never again)
 
     def start_params(self) -> SeqStart:
         """What the last stage needs to start this sequence's sampler (history after a replay).
@@ -134,11 +184,17 @@ class SeqState:
         params = self.req.params
         if self.generated and params.seed is not None:
             params = replace(params, seed=(int(params.seed) + 0x9E3779B1 * len(self.generated)) % 0xFFFFFFFF)
-        return SeqStart(params, tuple(self.generated), self.spec is not None)
+        r = self.req
+        return SeqStart(params, tuple(self.generated), self.spec is not None and not r.grammar, r.grammar,
+                        tuple(r.triggers) if r.grammar else (), r.logprobs)
 
     # ------------------------------------------------------------------ results
-    def take_token(self, token: int, eog: bool, piece: str, now: float) -> Optional[str]:
-        """Record a generated token and queue new text; returns the finish reason if it ends here."""
+    def take_token(self, token: int, eog: bool, piece: str, now: float,
+                   lp: Optional[TokenLogprob] = None) -> Optional[str]:
+        """Record a generated token and queue new text; returns the finish reason if it ends here.
+
+        ``lp``: the token's logprob entry (requests that asked), sent with the event that completes its text. The
+        end-of-generation token that stops a sequence has no text and gets no entry."""
         if self.t_first is None:
             self.t_first = now
         self.t_last = now
@@ -148,6 +204,8 @@ class SeqState:
         if eog and not self.req.ignore_eos:
             return "stop"
         self.text += piece
+        if lp is not None:
+            self._lp.append((len(self.text), lp))
         if self._emit():
             return "stop"
         if len(self.generated) >= self.req.max_tokens:
@@ -163,7 +221,8 @@ class SeqState:
             if hits:
                 cut = min(hits)
                 if cut > self.emitted:
-                    self.events.put_nowait(Event("text", self.text[self.emitted:cut]))
+                    self.events.put_nowait(Event("text", self.text[self.emitted:cut],
+                                                 logprobs=None if self.req.logprobs < 0 else self._lps(cut)))
                 self.emitted = cut
                 self.text = self.text[:cut]
                 return True
@@ -172,16 +231,51 @@ class SeqState:
         else:
             upto = len(self.text)
         if upto > self.emitted:
-            self.events.put_nowait(Event("text", self.text[self.emitted:upto]))
+            self.events.put_nowait(Event("text", self.text[self.emitted:upto],
+                                         logprobs=None if self.req.logprobs < 0 else self._lps(upto)))
             self.emitted = upto
         return False
+
+    def _lps(self, upto: Optional[int]) -> Optional[List[TokenLogprob]]:
+        """Entries of the tokens whose text ends by ``upto`` (None: all), for the event sending text up to there;
+        None when the request did not ask for logprobs."""
+        if self.req.logprobs < 0:
+            return None
+        lp = self._lp
+        if upto is None:
+            self._lp = []
+            return [e for _, e in lp]
+        i = 0
+        while i < len(lp) and lp[i][0] <= upto:
+            i += 1
+        self._lp = lp[i:]
+        return [e for _, e in lp[:i]]
+
+    def take_prompt_logprobs(self, entries: Sequence[TokenLogprob]) -> bool:
+        """Prompt scoring results (in prompt order, after the first token); True once the whole prompt is scored.
+        """
+        if self._plp is None:
+            t0 = int(self.req.prompt[0])
+            self._plp = [TokenLogprob(t0, b"", None)]
+        self._plp.extend(entries)
+        return len(self._plp) >= int(self.req.prompt.shape[0])
+
+    def deliver_prompt_logprobs(self) -> None:
+        """The prompt is scored: its logprobs go to this sequence and to every choice of its group that has not
+        had them (each choice's events start with them)."""
+        entries = self._plp or []
+        for s in self.group or (self,):
+            if s.prompt_logprobs is None and not s.finished:
+                s.prompt_logprobs = entries
+                s._plp = None
+                s.events.put_nowait(Event("prompt_logprobs", logprobs=entries))
 
     def end(self, reason: Optional[str] = None, error: Optional[str] = None) -> bool:
         """Finish with a reason or an error (flushing held-back text); False if it had already ended."""
         if self.finished:
             return False
-        if error is None and self.emitted < len(self.text):
-            self.events.put_nowait(Event("text", self.text[self.emitted:]))
+        if error is None and (self.emitted < len(self.text) or self._lp):
+            self.events.put_nowait(Event("text", self.text[self.emitted:], logprobs=self._lps(None)))
             self.emitted = len(self.text)
         self.finished = True
         self.events.put_nowait(Event("error", message=error) if error is not None

@@ -71,7 +71,9 @@ class SlotTable:
         admit(waiting, self.free_slots, self.kv_lane, self.n_ctx_lane, self.active)
 
     def release(self, s: SeqState) -> None:
-        """Give the sequence's slot and KV reservation back (nothing if it holds no slot here)."""
+        """Give the sequence's slot and KV reservation back (nothing if it holds no slot here); a group's choice or
+        leader that leaves stops sharing its prefill (:meth:`SeqState.ungroup`)."""
+        s.ungroup()
         if s.slot >= 0 and self.active.get(s.slot) is s:
             del self.active[s.slot]
             self.kv_lane[self.lane(s.slot)] -= s.need

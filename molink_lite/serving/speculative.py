@@ -201,6 +201,11 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
     empty = np.zeros(0, np.int32)
     cands, limits, rates = [], [], []
     for s in decode:
+        if not s.may_speculate:  # under a grammar: never drafts
+            cands.append(empty)
+            limits.append(0)
+            rates.append(0.0)
+            continue
         if s.spec is None:
             s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
         room = min(cfg.k, s.req.max_tokens - len(s.generated) - 1)
@@ -211,7 +216,8 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
     budget = max_batch_tokens - len(decode) - prefill_rows
     if not any(limits) or budget <= 0:
         for s in decode:
-            s.spec.idle()
+            if s.spec is not None:
+                s.spec.idle()
         return [empty] * len(decode)
     a, b = cost.params()
     # with m steps in flight the fixed part of a round trip (links, per-step work) is shared by m steps:
@@ -220,7 +226,7 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
     ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a / m, b, budget)
     out = []
     for s, c, k in zip(decode, cands, ks):
-        if k == 0:
+        if k == 0 and s.spec is not None:
             s.spec.idle()
         out.append(c[:k])
     return out

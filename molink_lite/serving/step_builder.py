@@ -2,9 +2,18 @@
 
 The step frame is molink's ``SchedulerOutput`` (vLLM): decoding sequences send their last token (and, when they
 speculate, draft tokens at the next positions, with ``drafts``); prefilling ones a chunk of their feed; a
-sequence's first step carries ``start`` (its sampling parameters, and the tokens it generated before a replay); a
-sequence whose drafts were rejected last time has its KV cut back (``trim``); slots of finished sequences in the
-step's lane are freed (``free``).
+sequence's first step carries ``start`` (its sampling parameters, grammar and logprobs, and the tokens it generated
+before a replay); a sequence whose drafts were rejected last time has its KV cut back (``trim``); slots of finished
+sequences in the step's lane are freed (``free``).
+
+Two kinds of prefill rows besides plain prompt chunks:
+
+* **fork** (n > 1): a choice waiting for its leader (``SeqState.fork_from``) takes one row, the prompt's last token,
+  and ``fork`` copies the leader's KV (the prompt but its last token) to it on every stage before the rows; the
+  leader feeds its own last token in the same step (the scheduler sends the group together).
+* **score** (echo with logprobs): every prefill row whose next token is a prompt token is an output row, and
+  ``score`` names those next tokens; the last stage returns their logprobs instead of sampling there. The row of
+  the prompt's last token samples as usual (nothing with ``max_tokens`` 0).
 
 Two halves, so that a step that never leaves (it could not be encoded) changes no sequence:
 
@@ -43,6 +52,9 @@ class StepRecord:
     drafts: List[np.ndarray] = field(default_factory=list)     # per decoding sequence (empty: none)
     ends: List[int] = field(default_factory=list)              # per prefilling sequence: its feed prefilled after
     spec: bool = False                  # the sequences it starts speculate
+    forks: List[SeqState] = field(default_factory=list)       # choices that copy their leader's KV in this step
+    scoring: List[SeqState] = field(default_factory=list)     # sequences whose prompt rows are scored (echo)
+    prompt_only: List[SeqState] = field(default_factory=list)  # prompt done, nothing to sample (max_tokens 0)
 
     def live(self) -> List[Tuple[SeqState, int]]:
         """(sequence, slot it was sent in) for the sequences this step still speaks for: a sequence handed back
@@ -63,9 +75,11 @@ class StepRecord:
             s.kv_len = s.decode_pos + 1 + int(d.shape[0])
             if s.spec is not None:
                 s.spec.drafts = d
+        for k in self.forks:
+            k.ungroup()   # its KV is its leader's now: from here on it runs alone
         for (s, _), end in zip(self.seqs[self.n_decode:], self.ends):
             if not s.started:
-                if self.spec and s.spec is None:
+                if self.spec and s.spec is None and s.may_speculate:
                     s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
                 s.started = True
             s.prefilled = s.kv_len = end
@@ -88,6 +102,8 @@ class StepRecord:
                 stats["spec_mixed_steps"] += 1
         if self.n_decode and prefill:
             stats["mixed_steps"] += 1
+        if self.forks:
+            stats["forks"] = stats.get("forks", 0) + len(self.forks)
         stats["max_seqs_in_step"] = max(stats["max_seqs_in_step"], len(self.seqs))
         stats["max_inflight_seen"] = max(stats["max_inflight_seen"], in_flight)
 
@@ -127,25 +143,51 @@ def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[Seq
         if s.kv_len > s.decode_pos:  # drafts rejected last time: every stage drops them first
             trim[s.slot] = s.decode_pos
     start: Dict[int, SeqStart] = {}
+    fork: Dict[int, int] = {}
+    score: Dict[int, np.ndarray] = {}
     ends: List[int] = []
+    wants: List[bool] = []
+    forks: List[SeqState] = []
+    scoring: List[SeqState] = []
+    prompt_only: List[SeqState] = []
     for s, take in prefill:
-        a, b = s.prefilled, s.prefilled + take
+        n_feed = int(s.feed.shape[0])
+        if s.fork_from is not None and not s.started:  # copies its leader's prompt KV, feeds the last token
+            fork[s.slot] = s.fork_from.slot
+            forks.append(s)
+            a = n_feed - take
+        else:
+            a = s.prefilled
+        b = a + take
         seq_p.append(np.full(take, s.slot, dtype=np.int32))
         pos_p.append(np.arange(a, b, dtype=np.int32))
         tok_p.append(s.feed[a:b])
-        out = np.zeros(take, dtype=bool)
-        out[-1] = b == s.feed.shape[0]  # only a finished prompt's last row wants a token
+        last = b == n_feed
+        samples = last and s.req.max_tokens > 0  # only a finished prompt's last row wants a token
+        if s.scores_prompt:
+            scoring.append(s)
+            p_last = int(s.req.prompt.shape[0]) - 1  # rows before the prompt's last token predict a prompt token
+            out = np.arange(a, b) < p_last
+            if a < p_last:
+                score[s.slot] = s.req.prompt[a + 1:min(b, p_last) + 1].astype(np.int32)
+        else:
+            out = np.zeros(take, dtype=bool)
+        out[-1] |= samples
         out_p.append(out)
         ends.append(b)
+        wants.append(samples)
+        if last and not samples:
+            prompt_only.append(s)
         if not s.started:
             st = s.start_params()
-            start[s.slot] = replace(st, spec=True) if spec and s.spec is None else st
+            start[s.slot] = replace(st, spec=True) if spec and s.spec is None and s.may_speculate else st
     frame = StepFrame(sid, _cat(seq_p, np.int32), _cat(pos_p, np.int32), tokens=_cat(tok_p, np.int32),
                       out=_cat(out_p, bool), free=[x for x in pending_free if lane_of(x, lanes) == lane],
-                      start=start, trim=trim, drafts=draft_map, lane=lane)
-    entries = [(s, True) for s in decode] + [(s, bool(e == s.feed.shape[0])) for (s, _), e in zip(prefill, ends)]
+                      start=start, trim=trim, drafts=draft_map, lane=lane, fork=fork, score=score)
+    entries = [(s, True) for s in decode] + [(s, w) for (s, _), w in zip(prefill, wants)]
     rec = StepRecord(sid, entries, n_decode=len(decode), n_prefill=sum(t for _, t in prefill), rows=frame.n,
-                     sent=[(s.slot, s.epoch) for s, _ in entries], lane=lane, drafts=drafts, ends=ends, spec=spec)
+                     sent=[(s.slot, s.epoch) for s, _ in entries], lane=lane, drafts=drafts, ends=ends, spec=spec,
+                     forks=forks, scoring=scoring, prompt_only=prompt_only)
     return frame, rec
 
 

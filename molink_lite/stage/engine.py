@@ -451,6 +451,17 @@ class StageEngine:
                 if not _llama.llama_memory_seq_rm(lane.mem, int(seq_id), int(pos), -1):
                     raise EngineError(f"could not remove positions {pos}.. of sequence {seq_id} from the KV cache")
 
+    def copy_seq(self, parent: int, child: int) -> None:
+        """The child sequence holds what the parent holds (all positions; ``llama_memory_seq_cp`` in their lane's
+        context: KV cells are shared, not copied). Both must live in one lane; the child should hold nothing."""
+        lane_i = self.lane_of(parent)
+        if self.lane_of(child) != lane_i:
+            raise EngineError(f"sequences {parent} and {child} live in different lanes")
+        lane = self._lanes[lane_i]
+        with lane.lock:
+            if self._ctx is not None:
+                _llama.llama_memory_seq_cp(lane.mem, int(parent), int(child), -1, -1)
+
     def clear(self, lane: Optional[int] = None) -> None:
         """Forget every sequence (of one lane)."""
         for i, ln in enumerate(self._lanes):

@@ -4,10 +4,13 @@
 loosely for routing, and a bad one is rejected by the check like any other field. Each lane has one worker (a
 queue and one llama.cpp thread), so a lane's steps run in arrival order while lanes run side by side, each in
 its own llama.cpp context. A worker checks the frame (:meth:`StepRunner.check`), then runs it in its thread
-(:meth:`StepRunner.run`): frees, trims, sampler starts (with a replayed sequence's earlier tokens), the forward
+(:meth:`StepRunner.run`): the last stage first builds the samplers of the sequences that start (grammars
+compiled, a replayed sequence's earlier tokens fed to them: a refusal rejects the step with nothing applied),
+then frees, trims, forks (``llama_memory_seq_cp``: a child takes its parent's KV), sampler starts, the forward
 pass, and then either the step for the next stage, encoded (``frame.forward(hidden).encode(codec)``), or, on
-the last stage, the sampled tokens as a :class:`~molink_lite.wire.protocol.ResultFrame`. The server delivers
-either (``deliver``) and hears of every failure (``report``).
+the last stage, the sampled tokens as a :class:`~molink_lite.wire.protocol.ResultFrame` (with logprobs for the
+sequences that asked, and prompt scores for ``score`` rows). The server delivers either (``deliver``) and hears
+of every failure (``report``).
 
 The runner owns where each sequence stands on this stage (``seq_len``: positions held), the samplers and the
 detokenizer. A frame that fails the check is reported and nothing of it is applied; a step that fails while
@@ -28,7 +31,8 @@ import numpy as np
 from ..model.vocab import Detokenizer, Vocab
 from ..wire.protocol import FrameLimits, ResultFrame, StepError, StepFrame, lane_of
 from .engine import EngineError, StageEngine, last_row_of_each_seq
-from .sampling import SamplerPool, SamplingError
+from .grammar import GrammarSandbox
+from .sampling import SamplerPool, SamplingError, SequenceSampler, log_softmax_top
 from .validate import check_step
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,10 @@ class StepRunner:
         stats["busy_s"] = float(stats["busy_s"])
         self.seq_len = np.zeros(engine.n_seq_max, dtype=np.int64)  # positions each sequence holds here
         self.vocab = vocab
-        self.samplers = (SamplerPool(self.info.n_vocab, on_greedy=engine.set_device_greedy)
-                         if self.info.is_last else None)
+        # grammars compile in a sandbox process first (GrammarSandbox): shared with the server's grammar_check
+        self.grammar_sandbox = GrammarSandbox.for_model(self.info.path) if self.info.is_last and vocab else None
+        self.samplers = (SamplerPool(self.info.n_vocab, on_greedy=engine.set_device_greedy, vocab=vocab,
+                                     sandbox=self.grammar_sandbox) if self.info.is_last else None)
         self.detok = Detokenizer(vocab) if self.info.is_last and vocab else None
         self._deliver, self._report = deliver, report
         self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
@@ -155,9 +161,9 @@ class StepRunner:
 
     def run(self, frame: StepFrame) -> Union[bytes, ResultFrame]:
         """Runs in the lane's llama thread (``frame`` is checked): the step for the next stage, encoded, or (last
-        stage) the sampled tokens."""
-        self._apply_changes(frame)
-        if frame.n == 0:  # only frees, trims and starts: forwarded as they are
+        stage) the sampled tokens. :class:`StepError` (nothing applied) if a sequence's sampler cannot start."""
+        self._apply_changes(frame, self._prepare(frame))
+        if frame.n == 0:  # only frees, trims, forks and starts: forwarded as they are
             return ResultFrame(frame.step) if self.info.is_last else frame.encode(self.codec)
         starts, ends = frame.runs()
         self.stats["steps"] += 1
@@ -170,8 +176,24 @@ class StepRunner:
             return frame.forward(res).encode(self.codec)
         return self._sample(frame, res)
 
-    def _apply_changes(self, frame: StepFrame) -> None:
-        """Frees, trims (rejected speculative drafts leave the KV before anything runs) and sampler starts."""
+    def _prepare(self, frame: StepFrame) -> Dict[int, SequenceSampler]:
+        """The samplers of the sequences this step starts (last stage), built before anything is applied: a
+        grammar llama.cpp refuses, or a history the grammar refuses, rejects the step (:class:`StepError`)."""
+        if self.samplers is None or not frame.start:
+            return {}
+        ready: Dict[int, SequenceSampler] = {}
+        try:
+            for s, st in frame.start.items():  # history: a replayed sequence's earlier tokens
+                ready[s] = self.samplers.prepare(st)
+        except SamplingError as e:
+            for sm in ready.values():
+                sm.close()
+            raise StepError(f"sequence {s}: {e}") from None
+        return ready
+
+    def _apply_changes(self, frame: StepFrame, ready: Dict[int, SequenceSampler]) -> None:
+        """Frees, trims (rejected speculative drafts leave the KV before anything runs), forks and sampler
+        starts (``ready``: from :meth:`_prepare`)."""
         for s in frame.free:
             self.free(s)
             self.stats["frees"] += 1
@@ -180,26 +202,92 @@ class StepRunner:
                 self.engine.trim(s, p)
                 self.seq_len[s] = p
                 self.stats["trims"] += 1
+        for child, parent in frame.fork.items():  # the check made sure each child holds nothing
+            if self.seq_len[parent]:
+                self.engine.copy_seq(parent, child)
+            self.seq_len[child] = self.seq_len[parent]
         if self.samplers is not None:
-            for s, st in frame.start.items():  # history: a replayed sequence's earlier tokens
-                self.samplers.start(s, st.params, st.history, spec=st.spec)
-                self.detok.start(s, st.history)
+            for s, sm in ready.items():
+                self.samplers.install(s, sm)
+                self.detok.start(s, frame.start[s].history)
+            for s in frame.score:  # scored rows are read from the raw logits
+                self.samplers.need_logits(s)
 
     def _sample(self, frame: StepFrame, logits: np.ndarray) -> ResultFrame:
         """One token per output row (1..k+1 for a sequence verifying k drafts), whether it ends generation, and
-        its text."""
+        its text; rows named by ``score`` are scored instead of sampled, and sequences that asked get logprobs."""
         mask = last_row_of_each_seq(frame.seq) if frame.out is None else frame.out
-        seqs, pos = frame.seq[mask], frame.pos[mask]
+        seqs, pos = frame.seq[mask], frame.pos[mask]  # one per row of ``logits``
+        device = self.engine.last_sampled
+        scored = self._score_rows(frame, seqs) if frame.score else None
+        if scored is not None:  # sample only the rows not scored (a copy of those few rows)
+            idx = np.flatnonzero(~scored[0])
+            s_seqs, s_pos, s_logits = seqs[idx], pos[idx], logits[idx]
+            s_device = None if device is None else device[idx]
+        else:
+            idx, s_seqs, s_pos, s_logits, s_device = None, seqs, pos, logits, device
         if frame.drafts:
-            seqs, tokens = self.samplers.sample_verify(seqs, logits, frame.drafts, pos, self.engine.last_sampled)
+            out_seq, tokens, rows = self.samplers.sample_verify(s_seqs, s_logits, frame.drafts, s_pos, s_device)
             k = sum(int(d.shape[0]) for d in frame.drafts.values())
             self.stats["drafted"] += k
             # a sequence with k drafts has k+1 output rows and gets acc+1 tokens
-            self.stats["accepted"] += int(tokens.shape[0]) - int(mask.sum()) + k
+            self.stats["accepted"] += int(tokens.shape[0]) - int(s_seqs.shape[0]) + k
         else:
-            tokens = self.samplers.sample(seqs, logits, pos, self.engine.last_sampled)
+            tokens = self.samplers.sample(s_seqs, s_logits, s_pos, s_device)
+            out_seq, rows = s_seqs, np.arange(s_seqs.shape[0])
         eog = self.vocab.is_eog(tokens)
-        return ResultFrame(frame.step, seqs, tokens, eog, self.detok.pieces(seqs, tokens, eog))
+        ended = self.samplers.ended(out_seq)
+        if ended is not None:  # the grammar could not go on: the sequence ends here
+            for s in np.unique(out_seq[ended]).tolist():
+                log.warning("sequence %d ends: %s", s, self.samplers._by_seq[s].ended)
+            eog = eog | ended
+        res = ResultFrame(frame.step, out_seq, tokens, eog, self.detok.pieces(out_seq, tokens, eog))
+        self._logprobs(res, logits, rows if idx is None else idx[rows], seqs, scored)
+        return res
+
+    def _score_rows(self, frame: StepFrame, seqs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(which output rows are scored, the target token of each of them) for ``frame.score``: a sequence's
+        first len(targets) output rows."""
+        scored = np.zeros(seqs.shape[0], dtype=bool)
+        targets = np.zeros(seqs.shape[0], dtype=np.int32)
+        uniq, first = np.unique(seqs, return_index=True)
+        first_of = dict(zip(uniq.tolist(), first.tolist()))
+        for s, t in frame.score.items():
+            a = first_of[s]
+            scored[a:a + t.shape[0]] = True
+            targets[a:a + t.shape[0]] = t
+        return scored, targets
+
+    def _logprobs(self, res: ResultFrame, logits: np.ndarray, rows: np.ndarray, seqs: np.ndarray,
+                  scored: Optional[Tuple[np.ndarray, np.ndarray]]) -> None:
+        """Fill the result's logprob and score arrays: one vectorized pass over the rows that need them."""
+        lp_of = self.samplers.logprobs_of
+        tok_k = np.fromiter((lp_of(s) for s in res.seq.tolist()), dtype=np.int64, count=res.seq.shape[0])
+        ask = np.flatnonzero(tok_k >= 0)
+        sc_rows = np.flatnonzero(scored[0]) if scored is not None else np.zeros(0, np.int64)
+        if not ask.size and not sc_rows.size:
+            return
+        sc_k = np.fromiter((max(0, lp_of(s)) for s in seqs[sc_rows].tolist()), dtype=np.int64, count=sc_rows.size)
+        k = int(max(tok_k[ask].max(initial=0), sc_k.max(initial=0)))
+        all_rows = np.concatenate([rows[ask], sc_rows])
+        targets = np.concatenate([res.tokens[ask], scored[1][sc_rows] if scored is not None else sc_rows])
+        lp, top_ids, top_lp = log_softmax_top(logits, all_rows, targets, np.concatenate([tok_k[ask], sc_k]), k)
+        hexes = self.vocab.token_hex
+        if ask.size:
+            m = res.seq.shape[0]
+            res.logprob = np.full(m, np.nan, dtype=np.float32)
+            res.top_ids = np.full((m, k), -1, dtype=np.int32)
+            res.top_logprobs = np.full((m, k), -np.inf, dtype=np.float32)
+            na = ask.size
+            res.logprob[ask], res.top_ids[ask], res.top_logprobs[ask] = lp[:na], top_ids[:na], top_lp[:na]
+            res.token_bytes = hexes(np.where(tok_k >= 0, res.tokens, -1))
+            res.top_bytes = hexes(res.top_ids)
+        if sc_rows.size:
+            na = ask.size
+            res.score_seq = seqs[sc_rows].astype(np.int32)
+            res.score_logprob, res.score_top_ids, res.score_top_logprobs = lp[na:], top_ids[na:], top_lp[na:]
+            res.score_bytes = hexes(targets[na:])
+            res.score_top_bytes = hexes(top_ids[na:])
 
     # ------------------------------------------------------------------ sequences held here
     def free(self, s: int) -> None:
@@ -211,8 +299,8 @@ class StepRunner:
 
     def forget(self, frame: Optional[StepFrame]) -> None:
         """After a failed step: drop its sequences here, so a half-written KV entry cannot outlive it."""
-        if frame is not None and frame.n:
-            for s in np.unique(frame.seq).tolist():
+        if frame is not None:
+            for s in set(np.unique(frame.seq).tolist()) | set(frame.fork):
                 self.free(int(s))
 
     def reset(self, lane: int = 0) -> None:

@@ -16,8 +16,9 @@ The frames are :mod:`molink_lite.wire.protocol` (their types, and what each role
   :class:`~molink_lite.stage.runner.StepRunner` (in arrival order per lane). The forwarded step goes to the next
   stage, the last stage's ``result`` to the head; a step that cannot run gets a ``step_error`` to the head
   (nothing of a rejected frame is applied).
-* ``hello`` (-> :class:`~molink_lite.wire.protocol.StageHello`), ``tokenize`` (first stage), ``stats``, ``ping``
-  and ``probe_next`` are answered on the same connection.
+* ``hello`` (-> :class:`~molink_lite.wire.protocol.StageHello`), ``tokenize`` and ``detokenize`` (a stage with a
+  vocabulary), ``grammar_check`` (the last stage compiles a GBNF grammar as a sampler would), ``stats``,
+  ``ping`` and ``probe_next`` are answered on the same connection.
 * :meth:`StageServer.begin_drain` (SIGTERM) asks the head to move this pipeline's sequences away (``drain``).
 """
 
@@ -39,14 +40,15 @@ from ..model.vocab import Vocab
 from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed
-from ..wire.protocol import (CONFIGURE, CONFIGURED, ERROR, HELLO, INFO, PING, PROBE_NEXT, PROTOCOL_VERSION,
-                             ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain, ProtocolError, ResultFrame,
-                             StageHello, StepErrorFrame, StepFrame)
+from ..wire.protocol import (CONFIGURE, CONFIGURED, DETOKENIZE, ERROR, GRAMMAR_CHECK, HELLO, INFO, PING,
+                             PROBE_NEXT, PROTOCOL_VERSION, ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain,
+                             ProtocolError, ResultFrame, StageHello, StepErrorFrame, StepFrame)
 from ..wire.tls import fingerprint_file, server_context
 from .conn_slots import (BUSY, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_HANDSHAKES,
                          MAX_HANDSHAKES_PER_ADDRESS, ConnSlots, address_key, close_quickly)
 from .engine import StageEngine
 from .fencing import Fencing
+from .grammar import GrammarError
 from .hostinfo import devices, process_rss
 from .next_link import NextLink
 from .runner import StepRunner
@@ -242,6 +244,10 @@ class StageServer:
                 ch.reply(meta, await self._configure(ch, meta))
         elif kind == TOKENIZE:
             await self._tokenize(ch, meta)
+        elif kind == DETOKENIZE:
+            await self._detokenize(ch, meta, arrays)
+        elif kind == GRAMMAR_CHECK:
+            await self._grammar_check(ch, meta)
         elif kind == STATS:
             live, positions = self.kv_usage()
             t = self.engine.times
@@ -303,6 +309,54 @@ class StageServer:
                                               parse_special=bool(meta.get("parse_special", True))))
         ch.reply(meta, {"type": "tokens"}, {"tokens": toks})
 
+    async def _detokenize(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        """Token ids (``tokens``: a list in the request or an integer array) -> ``{"type": "text", "text"}``; with
+        ``"pieces": true`` also each token's raw bytes (special tokens rendered) as hex, and with
+        ``"special": true`` special tokens are rendered in the text too."""
+        if self.vocab is None or self.vocab.n_vocab <= 1:
+            ch.reply(meta, _error("this stage has no vocabulary (ask the first or the last stage)"))
+            return
+        toks = arrays.get("tokens") if "tokens" in arrays else meta.get("tokens")
+        limit = 8 * self.engine.n_ctx
+        n_vocab = self.vocab.n_vocab
+        if isinstance(toks, np.ndarray):
+            ok = toks.ndim == 1 and np.issubdtype(toks.dtype, np.integer) and toks.shape[0] <= limit and (
+                toks.size == 0 or (int(toks.min()) >= 0 and int(toks.max()) < n_vocab))
+        else:
+            ok = isinstance(toks, list) and len(toks) <= limit and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in toks)
+        if not ok:
+            ch.reply(meta, _error(f"detokenize needs 'tokens': at most {limit} token ids in 0..{n_vocab - 1}"))
+            return
+        ids = np.asarray(toks, dtype=np.int32)
+        special, pieces = meta.get("special") is True, meta.get("pieces") is True
+
+        def work() -> dict:
+            out = {"type": "text", "text": self.vocab.detokenize(ids, special=special)}
+            if pieces:
+                out["pieces"] = self.vocab.token_hex(ids)
+            return out
+        ch.reply(meta, await asyncio.get_running_loop().run_in_executor(None, work))
+
+    async def _grammar_check(self, ch: Channel, meta: dict) -> None:
+        """Compile ``grammar`` (GBNF, root rule ``root``) with ``triggers`` as a sequence's sampler would (in the
+        stage's grammar sandbox, :class:`~molink_lite.stage.grammar.GrammarSandbox`): ``{"type": "grammar_ok"}`` or
+        an error reply (``code`` ``grammar``) with llama.cpp's message."""
+        box = self.runner.grammar_sandbox
+        if not self.info.is_last or box is None:
+            ch.reply(meta, _error("grammar_check goes to the last stage"))
+            return
+        grammar, triggers = meta.get("grammar"), meta.get("triggers") or []
+        if not isinstance(grammar, str):
+            ch.reply(meta, _error("grammar_check needs a 'grammar' string (GBNF)"))
+            return
+        try:  # off the event loop: a large grammar takes a while to compile
+            await asyncio.get_running_loop().run_in_executor(None, box.check, grammar, triggers)
+        except GrammarError as e:
+            ch.reply(meta, {**_error(str(e)), "code": "grammar"})
+            return
+        ch.reply(meta, {"type": "grammar_ok"})
+
     # ------------------------------------------------------------------ what steps give
     def _deliver(self, frame: StepFrame, out: Union[bytes, ResultFrame]) -> None:
         """A step's outcome: the last stage's result to the head, the forwarded step to the next stage."""
@@ -310,7 +364,10 @@ class StageServer:
             if self.head is None:
                 log.warning("step %s finished but no pipeline head is connected", frame.step)
                 return
-            self._send_head(*out.to_wire())
+            try:  # logprobs travel as float32 whatever the hidden-state codec
+                self.head.send_bytes(out.encode())
+            except ChannelClosed:
+                log.warning("pipeline head went away")
             return
         problem = self.link.send(out)
         if problem:

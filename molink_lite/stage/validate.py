@@ -21,17 +21,27 @@ StepLimits = FrameLimits  # the name the stage used before the protocol module h
 def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: FrameLimits, seq_len: np.ndarray) -> StepFrame:
     """Decode and check one step frame; ``seq_len[s]`` is how many positions sequence ``s`` holds on this stage.
 
-    Rows of a sequence must continue it where it stands (after this step's frees and trims); trims may only
-    shorten what a sequence holds."""
+    Changes apply in this order: frees, trims, forks, then the rows. Rows of a sequence must continue it where it
+    stands after them; trims may only shorten what a sequence holds; a fork's child must hold nothing (after
+    the frees and trims) and then holds what its parent holds."""
     frame = StepFrame.decode(meta, arrays, lim)
     frame.trim = _checked_trim(frame.trim, frame.free, seq_len)
-    if frame.n == 0:
+    if frame.n == 0 and not frame.fork:
         return frame
     held = seq_len.copy()
     if frame.free:
         held[frame.free] = 0
     if frame.trim:
         held[list(frame.trim)] = list(frame.trim.values())
+    if frame.fork:
+        for child, parent in frame.fork.items():
+            if held[child]:
+                raise StepError(f"'fork' to sequence {child}, which holds {int(held[child])} positions here (a "
+                                f"fork's child must hold nothing: free it first)")
+        for child, parent in frame.fork.items():  # no sequence is both a child and a parent in one step
+            held[child] = held[parent]
+    if frame.n == 0:
+        return frame
     starts, _ = frame.runs()
     s0 = frame.seq[starts]
     bad = frame.pos[starts] != held[s0]
