@@ -211,6 +211,12 @@ def _spec_config(a: argparse.Namespace):
     return SpecConfig(a.speculative, a.spec_k, a.spec_n)
 
 
+def _prefix_cache_kw(a: argparse.Namespace) -> dict:
+    """_prefix_cache_opts -> PipelineConfig's prefix_cache, prefix_cache_cells."""
+    return dict(prefix_cache=a.prefix_cache != "off", prefix_cache_cells=a.prefix_cache_cells,
+                prefix_cache_per_key=a.prefix_cache == "per-key")
+
+
 def _http_limits(a: argparse.Namespace):
     """_api_opts' connection caps and timeouts."""
     from .serving.config import HttpLimits
@@ -238,7 +244,8 @@ def gateway_config(a: argparse.Namespace):
         max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
                                 max_batch_tokens=a.max_batch_tokens, heartbeat_interval=a.heartbeat_interval,
-                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover),
+                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover,
+                                **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
         join=ClusterConfig(model=a.model, n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
                            ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
@@ -254,7 +261,7 @@ def serve_config(a: argparse.Namespace):
     gateway = GatewayConfig(
         host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
-                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a)),
+                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, None))
     return ServeConfig(stage=stage, gateway=gateway, model=a.model, stages=a.stages, split=a.split,
                        stage_port=a.stage_port)
@@ -493,6 +500,19 @@ def _sched_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batch-tokens", type=int, default=512, help="rows per step (default 512)")
 
 
+def _prefix_cache_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--prefix-cache", choices=["on", "off", "per-key"], default="on",
+                   help="keep the KV of finished sequences on the stages and start a new request whose prompt begins "
+                        "the same way from the longest cached prefix, prefilling only the rest; requests that share a "
+                        "prefix at the same time share one prefill (default on); per-key: only between requests "
+                        "of one API key (a client can tell a cached prefix by its speed, so tenants who must not "
+                        "learn each other's prompts get caches of their own)")
+    s.add_argument("--prefix-cache-cells", type=int, default=0, metavar="N",
+                   help="KV cells the prefix cache may keep per pipeline at most, least recently used evicted first; "
+                        "a live sequence always gets its cells before the cache (default 0: every cell not reserved "
+                        "by live sequences, so no memory beyond the KV cache that --ctx sizes)")
+
+
 def _resilience_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--recover-timeout", type=float, default=60.0,
                    help="when no pipeline is up, requests wait this long for one to come back, then fail (default 60)")
@@ -603,6 +623,22 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--prompts", default="default",
                    help="prompt set: default (generated word prompts of --prompt-len), grounded (input-grounded: "
                         "repeat/edit a passage, code edits; tests/bench/grounded_prompts.json), or a JSON file")
+    b.add_argument("--workload", choices=["concurrency", "chat-turns"], default="concurrency",
+                   help="'concurrency' (default): levels of independent streaming requests, as above; 'chat-turns': "
+                        "multi-turn chats (each turn resends the conversation plus a new user message) on "
+                        "molink-lite with the prefix cache on and off in this one invocation, TTFT per turn side "
+                        "by side (--concurrency, --prompt-len, --max-tokens, --baseline and --speculative unused)")
+    b.add_argument("--turns", type=int, default=5, help="chat-turns: turns per conversation (default 5)")
+    b.add_argument("--turn-len", type=int, default=400,
+                   help="chat-turns: tokens (about: a word or a full stop each) of each turn's new user message "
+                        "(default 400)")
+    b.add_argument("--reply-tokens", type=int, default=16,
+                   help="chat-turns: max_tokens of each reply, temperature 0, stops at EOS (default 16)")
+    b.add_argument("--conversations", type=int, default=3,
+                   help="chat-turns: conversations per system, alternating cache on/off; TTFT per turn is their "
+                        "median (default 3)")
+    b.add_argument("--prefix-cache-cells", type=int, default=None,
+                   help="chat-turns: the cache-on gateway's --prefix-cache-cells (default: the gateway's default)")
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:
@@ -626,7 +662,16 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                       threads=a.threads, micro_batches=a.micro_batches, prefill_chunk=a.prefill_chunk,
                       codec=a.codec, split=a.split, baselines=bases, long_prompt=a.long_prompt, llama_bin=a.llama_bin, ctx=a.ctx,
                       workdir=a.workdir, speculative=a.speculative, spec_k=a.spec_k, spec_n=a.spec_n,
-                      prompts=a.prompts)
+                      prompts=a.prompts, workload=a.workload, turns=a.turns, turn_len=a.turn_len,
+                      reply_tokens=a.reply_tokens, conversations=a.conversations,
+                      prefix_cache_cells=a.prefix_cache_cells)
+    if cfg.workload == "chat-turns":
+        from .tools.bench_serve import run_chat_bench
+
+        if min(cfg.turns, cfg.turn_len, cfg.reply_tokens, cfg.conversations) < 1:
+            print("error: --turns, --turn-len, --reply-tokens and --conversations must be >= 1", file=sys.stderr)
+            return 2
+        return 0 if run_chat_bench(cfg, json_out=a.json_out)["ok"] else 1
     try:
         load_prompts(cfg.prompts)
     except (OSError, ValueError) as e:
@@ -788,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     _api_opts(s)
     _resilience_opts(s)
     _sched_opts(s)
+    _prefix_cache_opts(s)
     _spec_opts(s)
     s.set_defaults(func=cmd_gateway)
 
@@ -830,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     _security_opts(s, "the HTTP API (https://)", secret=False)
     _api_opts(s)
     _resilience_opts(s)
+    _prefix_cache_opts(s)
     _spec_opts(s)
     _engine_opts(s)
     s.set_defaults(func=cmd_serve)

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 
+# Gateways whose answers are compared bit for bit with a fresh whole model (or a seeded answer with its repeat)
+# run without the prefix cache: llama.cpp's logits for a request move with where its KV cells lie among other
+# sequences' cells (without flash attention), and cached entries keep other cells there. The cache's own
+# exactness is tested in tests/test_prefix_cache_e2e.py.
+NO_CACHE = ["--prefix-cache", "off"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

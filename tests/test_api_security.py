@@ -23,7 +23,7 @@ import pytest
 
 from molink_lite.serving.auth import ApiKeys, load_api_keys
 
-from serving import GatewayProcess
+from serving import NO_CACHE, GatewayProcess
 
 KEY1 = "test-key-0123456789abcdef"
 KEY2 = "second-key-from-a-file-42"
@@ -74,7 +74,7 @@ def gateway(gemma_stages, tmp_path_factory):
     key_file = d / "keys.txt"
     key_file.write_text(f"# API keys of the test\n\n{KEY2}\n")
     gw = GatewayProcess([[s.url for s in gemma_stages]], log_dir=d,
-                        extra=["--api-key", KEY1, "--api-key-file", str(key_file),
+                        extra=[*NO_CACHE, "--api-key", KEY1, "--api-key-file", str(key_file),
                                "--header-timeout", str(HEADER_TIMEOUT), "--max-connections", "64"])
     gw.wait_ready()
     yield gw

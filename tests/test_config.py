@@ -211,6 +211,27 @@ def test_gateway_config_groups():
     assert set(kw) <= set(params), f"PipelineConfig keywords Pipeline does not take: {set(kw) - set(params)}"
 
 
+@pytest.mark.parametrize("cmd", ["gateway", "serve"])
+def test_prefix_cache_options(cmd):
+    """``--prefix-cache on|off`` and ``--prefix-cache-cells N`` reach every pipeline's keywords (on, 0 by default)."""
+    def pipeline(cfg):
+        return cfg.pipeline if cmd == "gateway" else cfg.gateway.pipeline
+
+    argv = ["--pipeline", "ws://a:1"] if cmd == "gateway" else []
+    on = pipeline(_build(cmd, argv))
+    assert (on.prefix_cache, on.prefix_cache_cells) == (True, 0) == (PipelineConfig().prefix_cache,
+                                                                    PipelineConfig().prefix_cache_cells)
+    off = pipeline(_build(cmd, argv + ["--prefix-cache", "off", "--prefix-cache-cells", "4096"]))
+    assert (off.prefix_cache, off.prefix_cache_cells) == (False, 4096)
+    kw = off.pipeline_kwargs(name="p0")
+    assert (kw["prefix_cache"], kw["prefix_cache_cells"]) == (False, 4096)
+    per_key = pipeline(_build(cmd, argv + ["--prefix-cache", "per-key"]))
+    assert (per_key.prefix_cache, per_key.prefix_cache_per_key, on.prefix_cache_per_key) == (True, True, False)
+    assert per_key.pipeline_kwargs(name="p0")["prefix_cache_per_key"] is True
+    with pytest.raises(SystemExit):
+        _build(cmd, argv + ["--prefix-cache", "maybe"])
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: StageConfig(port=70000), "--port"),
     (lambda: StageConfig(layers="5-2"), "empty range"),
@@ -229,6 +250,7 @@ def test_gateway_config_groups():
     (lambda: HttpLimits(keepalive_timeout=0), "--keepalive-timeout"),
     (lambda: PipelineConfig(heartbeat_timeout=0), "--heartbeat-timeout"),
     (lambda: PipelineConfig(spec=SpecConfig("auto", k=99)), "--spec-k"),
+    (lambda: PipelineConfig(prefix_cache_cells=-1), "--prefix-cache-cells"),
     (lambda: GatewaySecurity(tls="on"), "--tls"),
     (lambda: ServeConfig(stage=StageConfig(codec="f32")), "codec"),
     (lambda: ServeConfig(stage=StageConfig(), stages=0), "--stages"),

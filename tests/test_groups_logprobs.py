@@ -277,10 +277,11 @@ class FakeChannel:
         self.closed.set()
 
 
-def pipeline(lanes: int = 1, max_seqs: int = 8, max_inflight: int = 4) -> Pipeline:
+def pipeline(lanes: int = 1, max_seqs: int = 8, max_inflight: int = 4, prefix_cache: bool = True) -> Pipeline:
     info = {"max_seqs": max_seqs, "n_ctx": 512 * lanes, "n_ctx_lane": 512, "lanes": lanes, "max_rows": 64,
-            "n_embd": 16, "n_vocab": 1000}
-    p = Pipeline(["ws://127.0.0.1:9"], name="p", prefill_chunk=8, max_inflight=max_inflight)
+            "n_embd": 16, "n_vocab": 1000, "prefix_reuse": "any"}
+    p = Pipeline(["ws://127.0.0.1:9"], name="p", prefill_chunk=8, max_inflight=max_inflight,
+                 prefix_cache=prefix_cache)
     p.chain.channels, p.chain.infos = [FakeChannel()], [info]
     p._size_for([info])
     p.state = "up"
@@ -325,7 +326,7 @@ def test_group_of_4_prefills_once_then_forks_and_decodes_in_one_batch():
     assert rows == list(range(19)) and all(set(x.seq.tolist()) == {seqs[0].slot} for x in steps)
     assert not any(x.out.any() for x in steps)
     leader = seqs[0].slot
-    assert f.fork == {s.slot: leader for s in seqs[1:]}
+    assert f.fork == {s.slot: (leader, 19) for s in seqs[1:]}
     assert f.seq.tolist() == [s.slot for s in seqs] and f.pos.tolist() == [19] * 4 and f.tokens.tolist() == [20] * 4
     assert f.out.all() and set(f.start) == {s.slot for s in seqs[1:]}
     assert [f.start[s.slot].params.seed for s in seqs[1:]] == [8, 9, 10]
@@ -375,8 +376,11 @@ def test_group_too_big_for_a_lane_runs_as_independent_sequences():
     assert all(s.fork_from is None and not s.kids for s in seqs)
 
 
-def test_replay_of_a_group_member_prefills_prompt_and_its_tokens_alone():
-    p = pipeline()
+@pytest.mark.parametrize("cached", [False, True])
+def test_replay_of_a_group_member_prefills_prompt_and_its_tokens_alone(cached):
+    """Without the prefix cache the replayed choice prefills its prompt and its token itself; with it, it copies
+    the prompt from its leader (still running) and prefills only its own token."""
+    p = pipeline(prefix_cache=cached)
     r = Router([p])
     seqs = r.submit_group(req(10, 8), 3)
     f = turn(p)
@@ -393,12 +397,18 @@ def test_replay_of_a_group_member_prefills_prompt_and_its_tokens_alone():
         g = turn(p)
         if g is None:
             break
-        assert not g.fork
+        if cached and g.fork:
+            assert g.fork == {kid.slot: (seqs[0].slot, 10)}
+        else:
+            assert not g.fork
         rows = g.seq == kid.slot
         pos += g.pos[rows].tolist()
         toks += g.tokens[rows].tolist()
         starts.update(g.start)
-    assert pos == list(range(11)) and toks == list(range(1, 11)) + [42]   # its prompt and its token, alone
+    if cached:
+        assert pos == [10] and toks == [42]                              # its token: the prompt was copied
+    else:
+        assert pos == list(range(11)) and toks == list(range(1, 11)) + [42]   # its prompt and its token, alone
     assert starts[kid.slot].history == (42,)
 
 

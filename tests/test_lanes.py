@@ -25,7 +25,7 @@ from molink_lite.stage.server import StageServer
 from molink_lite.wire.protocol import SamplingParams, StepError, StepFrame, lane_of
 
 from chain import whole_model_greedy_texts
-from serving import GatewayProcess, http, stop_processes
+from serving import NO_CACHE, GatewayProcess, http, stop_processes
 
 SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 
@@ -121,7 +121,8 @@ def test_served_lanes_overlap_on_a_stage_and_match_the_whole_model(tiny, tmp_pat
     procs = start_stages(tiny, [LayerRange(0, 2), LayerRange(2, 4)], workdir=str(tmp_path),
                          extra_args=["--threads", "1", "--ctx", "1024", "--max-seqs", "4", "--lanes", "2",
                                      "--codec", "f32"])
-    gw = GatewayProcess([[p.url for p in procs]], extra=["--micro-batches", "2", "--codec", "f32"], log_dir=tmp_path)
+    gw = GatewayProcess([[p.url for p in procs]], extra=["--micro-batches", "2", "--codec", "f32", *NO_CACHE],
+                        log_dir=tmp_path)
     try:
         gw.wait_ready()
         prompts = ([1, 5, 9, 200, 31], [7, 7, 30])

@@ -101,3 +101,114 @@ def test_events_and_recent_rates():
     assert s[("molink_client_disconnects_total", ())] == 1
     # several gateways in one process do not share counters
     assert Metrics(FakeRouter([])).recent()["generation_tokens"] == 0
+
+
+# ---------------------------------------------------------------------- the prefix cache (issue 27)
+PREFIX_STATS = {"prefix_lookups": 8, "prefix_hits": 6, "prefix_tokens_reused": 300, "prefix_evictions": 2,
+                "prefill_rows": 120}
+
+
+def test_prefix_cache_metrics_per_pipeline():
+    """Counters from ``pipeline.stats`` (missing keys: 0), gauges from ``pipeline.prefix_stats()``; a pipeline
+    without either (an older object) still scrapes, as a disabled cache."""
+    from molink_lite.serving.metrics import prefix_cache_summary
+
+    cached, old = FakePipeline("cached", []), FakePipeline("old", [])
+    cached.stats = {**cached.stats, **PREFIX_STATS}
+    cached.prefix_cache = True
+    cached.prefix_stats = lambda: {"entries": 3, "cells": 96, "budget": 1000}
+    s = _samples(asyncio.run(Metrics(FakeRouter([cached, old])).exposition()).decode())
+
+    def v(name, pipe, **labels):
+        return s[(name, tuple(sorted({"pipeline": pipe, **labels}.items())))]
+
+    assert v("molink_prefix_cache_lookups_total", "cached") == 8
+    assert v("molink_prefix_cache_hits_total", "cached") == 6
+    assert v("molink_prefix_cache_tokens_reused_total", "cached") == 300
+    assert v("molink_prefix_cache_evictions_total", "cached") == 2
+    assert v("molink_prefix_cache_entries", "cached") == 3
+    assert v("molink_prefix_cache_cells", "cached") == 96
+    assert v("molink_prefix_cache_budget_cells", "cached") == 1000
+    assert v("molink_prefix_cache_enabled", "cached") == 1
+    assert v("molink_pipeline_rows_total", "cached", kind="prefill") == 120   # stage-0 prefill tokens
+    for name in ("molink_prefix_cache_lookups_total", "molink_prefix_cache_hits_total", "molink_prefix_cache_entries",
+                 "molink_prefix_cache_cells", "molink_prefix_cache_budget_cells", "molink_prefix_cache_enabled"):
+        assert v(name, "old") == 0, name
+    assert prefix_cache_summary(old)["hit_rate"] is None and not prefix_cache_summary(old)["enabled"]
+    # prefix_stats() may say itself whether the cache is on; one that fails costs the scrape nothing
+    cached.prefix_stats = lambda: {"enabled": False, "entries": 0, "cells": 0, "budget": 0}
+    assert prefix_cache_summary(cached)["enabled"] is False
+
+    def broken():
+        raise RuntimeError("boom")
+
+    # counters that only prefix_stats() gives count too (p.stats has the last word when it has them)
+    old.prefix_stats = lambda: {"enabled": True, "entries": 1, "cells": 9, "budget": 50, "prefix_lookups": 4,
+                                "prefix_hits": 1, "prefix_tokens_reused": 20, "prefix_evictions": 0}
+    assert prefix_cache_summary(old) == {"enabled": True, "entries": 1, "cells": 9, "budget": 50, "lookups": 4,
+                                         "hits": 1, "hit_rate": 0.25, "tokens_reused": 20, "evictions": 0}
+    cached.prefix_stats = broken
+    s = _samples(asyncio.run(Metrics(FakeRouter([cached])).exposition()).decode())
+    assert s[("molink_prefix_cache_hits_total", (("pipeline", "cached"),))] == 6
+    assert s[("molink_prefix_cache_cells", (("pipeline", "cached"),))] == 0
+
+
+def test_prefix_cache_in_v1_stats_and_metrics_of_a_gateway():
+    """A real (unconnected) Pipeline behind a real Gateway: its ``/v1/stats`` entry carries ``prefix_cache`` and
+    ``/metrics`` the same numbers; before a prefix cache exists on the pipeline, it reads as off and zero."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from molink_lite.serving.gateway import Gateway
+    from molink_lite.serving.pipeline import Pipeline
+    from molink_lite.serving.router import Router
+
+    p, q = Pipeline(["ws://127.0.0.1:9"], name="p0"), Pipeline(["ws://127.0.0.1:9"], name="p1")
+    # as they are: one with the cache on (the default), one with it off
+    on, off = Pipeline(["ws://127.0.0.1:9"], name="p2"), Pipeline(["ws://127.0.0.1:9"], name="p3", prefix_cache=False)
+    p.stats.update(PREFIX_STATS)
+    p.prefix_stats = lambda: {"enabled": True, "entries": 2, "cells": 64, "budget": 2048}
+    for k in ("prefix_lookups", "prefix_hits", "prefix_tokens_reused", "prefix_evictions"):
+        q.stats.pop(k, None)
+    if hasattr(q, "prefix_stats"):
+        q.prefix_stats = lambda: {"enabled": False, "entries": 0, "cells": 0, "budget": 0}
+
+    async def fetch():
+        async with TestClient(TestServer(Gateway(Router([p, q, on, off]), model_name="m").app())) as client:
+            r = await client.get("/v1/stats")
+            assert r.status == 200
+            stats = await r.json()
+            r = await client.get("/metrics")
+            assert r.status == 200
+            return stats, await r.text()
+
+    stats, text = asyncio.run(fetch())
+    by_name = {e["name"]: e for e in stats["pipelines"]}
+    assert by_name["p0"]["prefix_cache"] == {"enabled": True, "entries": 2, "cells": 64, "budget": 2048, "lookups": 8,
+                                             "hits": 6, "hit_rate": 0.75, "tokens_reused": 300, "evictions": 2}
+    assert by_name["p1"]["prefix_cache"] == {"enabled": False, "entries": 0, "cells": 0, "budget": 0, "lookups": 0,
+                                             "hits": 0, "hit_rate": None, "tokens_reused": 0, "evictions": 0}
+    for name, enabled in (("p2", True), ("p3", False)):
+        pc = by_name[name]["prefix_cache"]
+        assert set(pc) == set(by_name["p0"]["prefix_cache"])
+        assert (pc["enabled"], pc["lookups"], pc["hits"], pc["hit_rate"], pc["entries"], pc["cells"]) == \
+            (enabled, 0, 0, None, 0, 0), (name, pc)
+    s = _samples(text)
+    assert s[("molink_prefix_cache_enabled", (("pipeline", "p2"),))] == 1
+    assert s[("molink_prefix_cache_hits_total", (("pipeline", "p0"),))] == 6
+    assert s[("molink_prefix_cache_tokens_reused_total", (("pipeline", "p0"),))] == 300
+    assert s[("molink_prefix_cache_cells", (("pipeline", "p0"),))] == 64
+    assert s[("molink_prefix_cache_enabled", (("pipeline", "p1"),))] == 0
+    assert s[("molink_pipeline_rows_total", (("kind", "prefill"), ("pipeline", "p0")))] == 120
+
+
+def test_status_shows_the_prefix_cache():
+    from molink_lite.tools.status import render
+
+    on = {"enabled": True, "entries": 2, "cells": 64, "budget": 2048, "lookups": 8, "hits": 6, "hit_rate": 0.75,
+          "tokens_reused": 300, "evictions": 2}
+    text = render({"pipelines": [{"name": "p0", "prefix_cache": on}, {"name": "p1", "prefix_cache": {"enabled": False}},
+                                 {"name": "p2"}]})
+    assert "prefix cache: hits 75% (6/8), 300 tokens reused, 2 entries in 64/2048 cells, 2 evicted" in text
+    assert text.count("prefix cache: off") == 1   # p2 (an older gateway) shows no line at all
+    assert "hits - (0/0)" in render({"pipelines": [{"name": "p0", "prefix_cache": {**on, "hits": 0, "lookups": 0,
+                                                                                    "hit_rate": None}}]})

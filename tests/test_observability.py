@@ -104,6 +104,10 @@ def test_metrics_count_requests_tokens_and_latency(cluster, traffic):
     infos = fams["molink_stage_info"].samples
     assert sorted(s.labels["layers"] for s in infos) == ["0-1", "2-3"]
     assert all(s.labels["backend"] == "cpu" for s in infos)
+    assert _value(fams, "molink_prefix_cache_enabled", "molink_prefix_cache_enabled", pipeline="p0") == 1
+    cached = _value(fams, "molink_prefix_cache_cells", "molink_prefix_cache_cells", pipeline="p0")
+    assert cached <= _value(fams, "molink_prefix_cache_budget_cells", "molink_prefix_cache_budget_cells",
+                            pipeline="p0")
     for stage in ("0", "1"):
         steps = _value(fams, "molink_stage_steps", "molink_stage_steps_total", pipeline="p0", stage=stage)
         assert steps >= gen / 4  # every token needs a step on every stage (steps may batch sequences)
@@ -111,7 +115,8 @@ def test_metrics_count_requests_tokens_and_latency(cluster, traffic):
         assert _value(fams, "molink_stage_rows_per_step", "molink_stage_rows_per_step", pipeline="p0",
                       stage=stage) >= 1
         assert _value(fams, "molink_stage_memory_bytes", "molink_stage_memory_bytes", pipeline="p0", stage=stage) > 0
-        assert _value(fams, "molink_kv_cells_used", "molink_kv_cells_used", pipeline="p0", stage=stage) == 0
+        # no sequence runs: what a stage still holds is the prefix cache's, the same cells on every stage
+        assert _value(fams, "molink_kv_cells_used", "molink_kv_cells_used", pipeline="p0", stage=stage) == cached
         assert _value(fams, "molink_stage_up", "molink_stage_up", pipeline="p0", stage=stage) == 1
     assert _value(fams, "molink_router_events", "molink_router_events_total", event="replayed") == 0
     assert _value(fams, "molink_pipeline_recoveries", "molink_pipeline_recoveries_total", pipeline="p0") == 0
@@ -120,6 +125,8 @@ def test_metrics_count_requests_tokens_and_latency(cluster, traffic):
     assert stats["metrics"]["generation_tokens"] == gen and stats["metrics"]["requests"]["200"] == n
     assert stats["metrics"]["last_60s"]["tokens_per_s"] > 0
     assert [s["host"] for s in stats["pipelines"][0]["stage_info"]] == [socket.gethostname()] * 2
+    pc = stats["pipelines"][0]["prefix_cache"]
+    assert pc["enabled"] and pc["cells"] == cached and pc["lookups"] >= pc["hits"] >= 0
 
 
 def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -183,6 +190,10 @@ def test_dashboard_in_headless_chromium(cluster, traffic, tmp_path):
         assert tput > 0, dom[-3000:]
         assert re.search(r'id="status" class="badge ok"', dom)
         assert "Mbit/s" in dom  # the measured link between the two stages
+        # the pipeline's prefix cache (from /v1/stats): its hit rate and the prompt tokens it saved, or "off"
+        pc = re.search(r'<span class="prefix( muted)?" data-enabled="([01])"[^>]*>(prefix cache [^<]*)<', dom)
+        assert pc, dom[-3000:]
+        assert pc.group(2) == "0" or ("hits (" in pc.group(3) and "tokens reused" in pc.group(3)), pc.group(0)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
         shot.unlink(missing_ok=True)

@@ -47,7 +47,8 @@ def test_the_forwarded_step_carries_hidden_states_and_the_same_sequence_changes(
 
 
 def test_the_wire_format_is_the_one_stages_took_before_the_types():
-    """Same meta keys as the hand-built dicts of protocol version 2: old and new peers interoperate."""
+    """Same meta keys as the hand-built dicts of protocol version 2 (version 3 changed only what a fork says:
+    ``[parent, positions]``, so a stage of version 2 is refused at the hello rather than misreading a fork)."""
     f = _frame(free=[1], start={0: SeqStart(SamplingParams(), (4,))}, trim={3: 5}, drafts={3: np.array([4])},
                lane=0)
     meta, arrays = f.to_wire()
@@ -55,7 +56,9 @@ def test_the_wire_format_is_the_one_stages_took_before_the_types():
     assert meta["start"]["0"]["history"] == [4] and meta["start"]["0"]["temperature"] == 1.0
     assert meta["trim"] == {"3": 5} and meta["drafts"] == {"3": [4]} and "lane" not in meta
     assert set(arrays) == {"seq", "pos", "tokens", "out"} and arrays["out"].dtype == np.uint8
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3
+    meta, _ = _frame(fork={4: (2, 9)}).to_wire()
+    assert meta["fork"] == {"4": [2, 9]}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -147,8 +150,8 @@ def test_control_messages():
 
 
 def test_chain_checks():
-    a = {"protocol": 2, "fingerprint": "f", "layer_start": 0, "layer_stop": 4, "n_layer_total": 8, "n_embd": 16,
-         "n_embd_inp": 16, "url": "ws://a"}
+    a = {"protocol": PROTOCOL_VERSION, "fingerprint": "f", "layer_start": 0, "layer_stop": 4, "n_layer_total": 8,
+         "n_embd": 16, "n_embd_inp": 16, "url": "ws://a"}
     b = {**a, "layer_start": 4, "layer_stop": 8, "url": "ws://b"}
     assert check_chain([a, b]) is None
     assert "gap" in chain_mismatch(a, {**b, "layer_start": 5})

@@ -14,7 +14,7 @@ import pytest
 from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.model.split import LayerRange
 
-from serving import GatewayProcess, http, run_gateway_expect_failure
+from serving import NO_CACHE, GatewayProcess, http, run_gateway_expect_failure
 
 pytestmark = pytest.mark.slow  # real stage and gateway processes
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
@@ -28,7 +28,7 @@ STAGE_ARGS = ["--threads", "1", "--ctx", "4096", "--max-seqs", "8", "--flash-att
 def gateway(gemma_stages, tmp_path_factory):
     # f32 hidden states on the wire: the split model reproduces the whole model exactly (the f16
     # default is tested against the whole model in test_serving_f16.py)
-    gw = GatewayProcess([[s.url for s in gemma_stages]], extra=["--codec", "f32"],
+    gw = GatewayProcess([[s.url for s in gemma_stages]], extra=["--codec", "f32", *NO_CACHE],
                         log_dir=tmp_path_factory.mktemp("gw"))
     gw.wait_ready()
     yield gw
@@ -152,7 +152,10 @@ def _stats(gateway):
 
 
 def test_client_disconnect_frees_sequence_everywhere(gateway):
-    before = [s["frees"] for s in _stats(gateway)["stages"]]
+    """A client that goes away mid-stream stops its sequence; its KV is freed on every stage, or kept there as a
+    prefix cache entry (which any request that needs the room evicts): either way the stages hold nothing else."""
+    st = _stats(gateway)
+    before = [s["frees"] for s in st["stages"]]
     body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", gateway.port))
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -165,12 +168,16 @@ def test_client_disconnect_frees_sequence_everywhere(gateway):
     while time.monotonic() < deadline:
         st = _stats(gateway)
         frees = [x["frees"] for x in st["stages"]]
-        if all(a > b for a, b in zip(frees, before)):
+        status, health = http("GET", gateway.url + "/health")
+        if health["pipelines"][0]["load"] == 0 and st["running"] == 0:
             break
         time.sleep(0.2)
-    assert all(a > b for a, b in zip(frees, before)), (before, frees)
-    status, health = http("GET", gateway.url + "/health")
+    time.sleep(0.5)   # frees travel with the next (empty) step
+    st = _stats(gateway)
+    frees, pc = [x["frees"] for x in st["stages"]], st["prefix_cache"]
     assert health["pipelines"][0]["load"] == 0
+    assert all(a > b for a, b in zip(frees, before)) or pc["entries"] > 0, (before, frees, pc)
+    assert all(x["live_seqs"] == pc["entries"] and x["kv_positions"] == pc["cells"] for x in st["stages"]), st
 
 
 def test_gateway_refuses_chain_with_gap(gemma_stages):

@@ -17,7 +17,7 @@ from molink_lite.stage.engine import StageEngine
 from molink_lite.model.split import LayerRange, stage_gguf
 
 from chain import greedy_run
-from serving import served_pipeline
+from serving import NO_CACHE, served_pipeline
 
 pytestmark = pytest.mark.slow  # real stage and gateway processes
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
@@ -30,7 +30,8 @@ N = 24
 def gateway(gemma3_path, tmp_path_factory):
     with served_pipeline(gemma3_path, RANGES,
                          ["--threads", "1", "--ctx", "2048", "--max-seqs", "4", "--flash-attn", "off"],
-                         tmp_path_factory.mktemp("stages"), log_dir=tmp_path_factory.mktemp("gw")) as (gw, _):
+                         tmp_path_factory.mktemp("stages"), gateway_extra=NO_CACHE,
+                         log_dir=tmp_path_factory.mktemp("gw")) as (gw, _):
         yield gw  # default codec: f16
 
 

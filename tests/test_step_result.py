@@ -216,7 +216,8 @@ LIM = FrameLimits(n_seq_max=4, n_ctx=256, max_rows=64, n_vocab=100, n_embd_inp=1
 
 
 def test_schedule_send_apply_through_a_fake_first_stage():
-    p = Pipeline(["ws://127.0.0.1:9"], name="p", prefill_chunk=8, max_inflight=1)
+    # (without the prefix cache: a finished sequence's slot is freed; with it, test_prefix_cache.py)
+    p = Pipeline(["ws://127.0.0.1:9"], name="p", prefill_chunk=8, max_inflight=1, prefix_cache=False)
     ch = FakeChannel()
     p.chain.channels, p.chain.infos = [ch], [INFO]
     p._size_for([INFO])

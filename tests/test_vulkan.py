@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import GatewayProcess, free_port, http, stop_processes
+from serving import NO_CACHE, GatewayProcess, free_port, http, stop_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ def split_cluster(vulkan_lib, gemma3_path, tmp_path_factory):
                  "--layers", layers, "--n-gpu-layers", ngl, "--host", "127.0.0.1", "--port", str(port),
                  "--cache-dir", str(tmp / "cache"), *STAGE_ARGS], cwd=ROOT, env=env, stdout=out,
                 stderr=subprocess.STDOUT))
-        gw = GatewayProcess([[f"ws://127.0.0.1:{p}" for p in ports]], extra=["--codec", "f32"], log_dir=tmp)
+        gw = GatewayProcess([[f"ws://127.0.0.1:{p}" for p in ports]], extra=["--codec", "f32", *NO_CACHE], log_dir=tmp)
         gw.wait_ready(300)
         yield gw, logs
     finally:

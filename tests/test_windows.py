@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import GatewayProcess, free_port, http, stop_processes
+from serving import NO_CACHE, GatewayProcess, free_port, http, stop_processes
 from wine import ROOT, WinePython, WineUnavailable, winpath
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
@@ -153,7 +153,7 @@ def test_mixed_cluster_windows_and_linux_stages(wine, gemma3_path, model_win, li
             time.sleep(0.5)
         assert "cluster secret required" in win_log.read_text(errors="replace"), logs()
         gw = GatewayProcess([[f"ws://127.0.0.1:{p_win}", f"ws://127.0.0.1:{p_lin}"]],
-                            extra=["--secret-file", str(key), "--codec", "f32"], log_dir=tmp_path)
+                            extra=["--secret-file", str(key), "--codec", "f32", *NO_CACHE], log_dir=tmp_path)
         gw.wait_ready(240)
         ll = llama_cpp.Llama(model_path=gemma3_path, n_ctx=256, n_threads=1, verbose=False, vocab_only=True)
         prompts = [ll.tokenize(p.encode()) for p in ("The capital of France is", "def fibonacci(n):")]

@@ -57,6 +57,9 @@ class PipelineConfig:
     heartbeat_timeout: float = 3.0         # --heartbeat-timeout
     spec: Optional[SpecConfig] = None      # --speculative/--spec-k/--spec-n (None: off)
     takeover: bool = False                 # --takeover
+    prefix_cache: bool = True              # --prefix-cache on|off: keep finished sequences' KV for reuse
+    prefix_cache_cells: int = 0            # --prefix-cache-cells (0: every KV cell live sequences do not reserve)
+    prefix_cache_per_key: bool = False     # --prefix-cache per-key: reuse only between requests of one API key
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -67,6 +70,9 @@ class PipelineConfig:
             raise ConfigError(f"--prefill-chunk must be >= 1 (or left out), got {self.prefill_chunk}")
         if self.max_batch_tokens < 1:
             raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.prefix_cache_cells < 0:
+            raise ConfigError(f"--prefix-cache-cells must be >= 0 (0 = every KV cell live sequences do not reserve), "
+                              f"got {self.prefix_cache_cells}")
         _positive(self.step_timeout, "step_timeout")
         _positive(self.heartbeat_interval, "--heartbeat-interval")
         _positive(self.heartbeat_timeout, "--heartbeat-timeout")
@@ -81,7 +87,9 @@ class PipelineConfig:
         return dict(codec=self.codec, max_inflight=self.max_inflight, prefill_chunk=self.prefill_chunk,
                     max_batch_tokens=self.max_batch_tokens, step_timeout=self.step_timeout,
                     heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-                    spec=self.spec, takeover=self.takeover, **extra)
+                    spec=self.spec, takeover=self.takeover, prefix_cache=self.prefix_cache,
+                    prefix_cache_cells=self.prefix_cache_cells, prefix_cache_per_key=self.prefix_cache_per_key,
+                    **extra)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from ..wire.protocol import DETOKENIZE, GRAMMAR_CHECK, MAX_GRAMMAR_BYTES
 from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatTemplateError
 from .config import GatewayConfig
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import CONTENT_TYPE_LATEST, Metrics, prefix_cache_summary
 from .grammar import GrammarError, grammar_for_request
 from .http_limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, serve_app
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
@@ -294,7 +294,7 @@ class Gateway:
                                      "events": list(p.events),
                                      "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
                                      "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
-                                     "speculative": p.spec_summary()}
+                                     "speculative": p.spec_summary(), "prefix_cache": prefix_cache_summary(p)}
             if p.healthy:
                 try:
                     entry["stages"] = await asyncio.wait_for(p.stage_stats(), 10)

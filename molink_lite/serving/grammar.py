@@ -81,8 +81,16 @@ def _upstream() -> ModuleType:
                     raise GrammarError("JSON schemas are not available: llama_grammar.py not found")
                 mod = importlib.util.module_from_spec(fspec)
                 fspec.loader.exec_module(mod)
+                # llama-cpp-python 0.3.36's copy still lets a JSON string hold raw control characters (a newline
+                # inside "...": not JSON); llama.cpp's converter fixed the rule: take its version
+                mod.PRIMITIVE_RULES["char"] = mod.BuiltinRule(_JSON_CHAR, [])
                 _mod = mod
     return _mod
+
+
+# a character of a JSON string: anything but a quote, a backslash, DEL or a control character, or an escape
+# (llama.cpp's common/json-schema-to-grammar.cpp)
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\bfnrt] | "u" [0-9a-fA-F]{4})'
 
 
 # keys the converter dispatches on when a schema has no "type" (anything else: any JSON value)

@@ -7,8 +7,8 @@ process do not share counters). Two kinds of values:
   generated tokens, time to first token and inter-token latency (histograms, observed by the pipelines
   through :meth:`Metrics.first_token` / :meth:`Metrics.token_gap` / :meth:`Metrics.tokens`).
 * **State**, read at scrape time by a collector: queue length, running sequences, pipeline state,
-  KV cells reserved, the router's and pipelines' counters, measured links, and every stage's counters
-  (steps, rows, step time, KV cells used, memory). Stage values are fetched through the gateway's
+  KV cells reserved, the router's and pipelines' counters, the prefix caches, measured links, and every
+  stage's counters (steps, rows, step time, KV cells used, memory). Stage values are fetched through the gateway's
   links with a short timeout and cached for a second (:meth:`Metrics.refresh`), so a scrape never
   waits on a slow stage for long and many scrapers cost the stages one request per second at most.
 
@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "TTFT_BUCKETS", "ITL_BUCKETS"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "TTFT_BUCKETS", "ITL_BUCKETS", "prefix_cache_summary"]
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -50,6 +50,35 @@ def _num(v: Any) -> Optional[float]:
 
 def _label(v: Any) -> str:
     return str(v if v is not None else "")[:_LABEL_MAX]
+
+
+def prefix_cache_summary(p: Any) -> Dict[str, Any]:
+    """A pipeline's prefix cache for ``/v1/stats`` and ``/metrics``: counters (``prefix_*``) from ``p.stats``, else
+    from ``p.prefix_stats()``, else 0; state from ``p.prefix_stats()`` (entries, cells, budget; all 0 on a pipeline
+    without one). ``hit_rate`` is hits / lookups, None before the first lookup. ``enabled``: ``prefix_stats()``'s
+    own word if it gives one, else the pipeline's ``prefix_cache`` setting."""
+    st = getattr(p, "stats", None) or {}
+    get = getattr(p, "prefix_stats", None)
+    ps: Dict[str, Any] = {}
+    if callable(get):
+        try:
+            ps = dict(get() or {})
+        except Exception:  # noqa: BLE001 - a scrape or /v1/stats must not fail on it
+            log.exception("prefix_stats() of pipeline %s failed", getattr(p, "name", "?"))
+    if "enabled" in ps:
+        enabled = bool(ps["enabled"])
+    else:
+        flag = getattr(p, "prefix_cache", None) if callable(get) else None
+        enabled = flag if isinstance(flag, bool) else flag is not None
+
+    def counter(key: str) -> Any:
+        return st[key] if key in st else ps.get(key, 0)
+
+    lookups, hits = counter("prefix_lookups"), counter("prefix_hits")
+    return {"enabled": enabled, "entries": ps.get("entries", 0), "cells": ps.get("cells", 0),
+            "budget": ps.get("budget", 0), "lookups": lookups, "hits": hits,
+            "hit_rate": hits / lookups if lookups else None, "tokens_reused": counter("prefix_tokens_reused"),
+            "evictions": counter("prefix_evictions")}
 
 
 class _Window:
@@ -222,6 +251,22 @@ class _StateCollector:
                                 labels=["pipeline", "stage", "to"])
         bw = GaugeMetricFamily("molink_link_bandwidth_bytes_per_second", "Measured bandwidth of a stage-to-stage link",
                                labels=["pipeline", "stage", "to"])
+        pc_on = GaugeMetricFamily("molink_prefix_cache_enabled", "1 if the pipeline keeps a prefix cache",
+                                  labels=["pipeline"])
+        pc_lookups = CounterMetricFamily("molink_prefix_cache_lookups", "Requests that looked for a cached prefix",
+                                         labels=["pipeline"])
+        pc_hits = CounterMetricFamily("molink_prefix_cache_hits", "Requests that found a cached prefix",
+                                      labels=["pipeline"])
+        pc_reused = CounterMetricFamily("molink_prefix_cache_tokens_reused", "Prompt tokens not prefilled because "
+                                        "their KV was copied from a cached prefix", labels=["pipeline"])
+        pc_evictions = CounterMetricFamily("molink_prefix_cache_evictions", "Prefix cache entries evicted",
+                                           labels=["pipeline"])
+        pc_entries = GaugeMetricFamily("molink_prefix_cache_entries", "Prefixes held by the cache",
+                                       labels=["pipeline"])
+        pc_cells = GaugeMetricFamily("molink_prefix_cache_cells", "KV cells held by cached prefixes (the same on "
+                                     "every stage of the pipeline)", labels=["pipeline"])
+        pc_budget = GaugeMetricFamily("molink_prefix_cache_budget_cells", "KV cells the prefix cache may hold",
+                                      labels=["pipeline"])
         described = {d["name"]: d["state"] for d in router.describe()}
         for p in pipes:
             name = _label(p.name)
@@ -242,13 +287,20 @@ class _StateCollector:
             seqs.add_metric([name, "failed"], st["failed"])
             fails.add_metric([name], st["failures"])
             recs.add_metric([name], st["recoveries"])
+            pc = prefix_cache_summary(p)
+            pc_on.add_metric([name], 1.0 if pc["enabled"] else 0.0)
+            for fam, key in ((pc_lookups, "lookups"), (pc_hits, "hits"), (pc_reused, "tokens_reused"),
+                             (pc_evictions, "evictions"), (pc_entries, "entries"), (pc_cells, "cells"),
+                             (pc_budget, "budget")):
+                fam.add_metric([name], pc[key])
             for i, k in enumerate(p.links):
                 r, mb = _num(k.get("rtt_ms")), _num(k.get("mbit"))
                 if r is not None:
                     rtt.add_metric([name, str(i), _label(k.get("to"))], r / 1e3)
                 if mb is not None:
                     bw.add_metric([name, str(i), _label(k.get("to"))], mb * 1e6 / 8)
-        yield from (state, up, running, queued, load, kv_res, kv_cap, steps, rows, seqs, fails, recs, rtt, bw)
+        yield from (state, up, running, queued, load, kv_res, kv_cap, steps, rows, seqs, fails, recs, rtt, bw,
+                    pc_on, pc_lookups, pc_hits, pc_reused, pc_evictions, pc_entries, pc_cells, pc_budget)
         yield from self._http()
         yield from self._stages(pipes)
 

@@ -64,7 +64,8 @@ class _Part:
 LostHandler = Callable[["Pipeline", List[SeqState], str], None]
 STATS = ("steps", "rows", "max_inflight_seen", "max_seqs_in_step", "completed", "failed", "prefill_rows", "decode_rows",
          "mixed_steps", "failures", "recoveries", "handed_back", "spec_rounds", "spec_mixed_steps", "drafted",
-         "accepted", "decode_entries", "decode_tokens", "forks")  # a pipeline's counters (``Pipeline.stats``)
+         "accepted", "decode_entries", "decode_tokens", "forks", "prefix_lookups", "prefix_hits",
+         "prefix_tokens_reused", "prefix_evictions")  # a pipeline's counters (``Pipeline.stats``)
 
 
 class Pipeline:
@@ -84,7 +85,8 @@ class Pipeline:
     def __init__(self, urls: Sequence[str], *, codec: str = "f16", max_inflight: Optional[int] = None,
                  prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False):
+                 heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False,
+                 prefix_cache: bool = True, prefix_cache_cells: int = 0, prefix_cache_per_key: bool = False):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -103,7 +105,7 @@ class Pipeline:
                            name=self.name)
         self.lifecycle = ChainLifecycle(self.chain, self, step_timeout=step_timeout, takeover=takeover,
                                         probe_links=self.auto_chunk, measure_path=self.spec.mode != "off")
-        self.slots = SlotTable()
+        self.slots = SlotTable(prefix_cache, prefix_cache_cells, prefix_cache_per_key)
         self.waiting: Deque[SeqState] = deque()
         self.inflight: Dict[int, StepRecord] = {}
         self._sids = itertools.count(1)
@@ -114,6 +116,7 @@ class Pipeline:
         # serving.metrics.Metrics (first_token, token_gap, tokens), set by the gateway; O(1) calls per token
         self.observer: Optional[Any] = None
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
+        self.slots.cache.stats = self.stats   # the prefix cache counts into the pipeline's counters
 
     # ------------------------------------------------------------------ state
     @property
@@ -258,7 +261,7 @@ class Pipeline:
             s.ungroup()
             return
         if not s.in_flight:
-            self._release(s)
+            self._release(s, cache=True)
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop: schedule -> send -> apply
@@ -287,11 +290,14 @@ class Pipeline:
         for st in self.inflight.values():
             busy[st.lane] += 1
         return next_step(self.slots.by_lane(), busy, self.slots.lanes_freeing(), self.max_inflight,
-                         self.max_batch_tokens, self.prefill_chunk, self.budget.rows)
+                         self.max_batch_tokens, self.prefill_chunk, self.budget.rows, self.slots.cache.whole_only)
 
     def _send(self, lane: int, plan: StepPlan) -> None:
         """Build the step (drafts planned when speculating), send it, keep its record until it is back."""
         prefill_rows = sum(take for _, take in plan.prefill)
+        for s, _ in plan.prefill:
+            if s.snap_at and s.snap_at == s.prefilled and s.started:
+                self.slots.snapshot_slot(s)
         drafts = (plan_drafts(plan.decode, prefill_rows, self.spec, self.cost, self.max_batch_tokens,
                               len(self.inflight)) if self.spec_on else None)
         frame, rec = build_step(next(self._sids), plan.decode, plan.prefill, lane=lane, lanes=self.lanes,
@@ -338,14 +344,26 @@ class Pipeline:
     def _finish(self, s: SeqState, reason: Optional[str] = None, error: Optional[str] = None) -> None:
         if s.end(reason, error):
             self.stats["failed" if error is not None else "completed"] += 1
-        self._release(s)
+        self._release(s, cache=error is None)
 
-    def _release(self, s: SeqState, keep: bool = False) -> None:
-        """Give the sequence's slot and KV back (``keep``: the request itself goes on elsewhere)."""
+    def _release(self, s: SeqState, keep: bool = False, cache: bool = False) -> None:
+        """Give the sequence's slot and KV back (``keep``: the request itself goes on elsewhere; ``cache``: it ended
+        normally, so its KV may stay as a prefix cache entry)."""
         if not keep:
             s.finished = True
-        self.slots.release(s)
+        self.slots.release(s, cache=cache)
         self._wake.set()
+
+    # ------------------------------------------------------------------ the prefix cache
+    def prefix_match(self, tokens, owner: Any = None) -> int:
+        """Prompt tokens a request (of ``owner``) could reuse here now (cached entries, running sequences): for
+        routing."""
+        return self.slots.cache.match_len(tokens, self.active.values(), owner) if self.healthy else 0
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache: entries, cells they hold (the same on every stage), budget, counters."""
+        c = self.slots.cache
+        return {**c.summary(), **c.stats}
 
     async def stage_stats(self) -> List[dict]:
         return await self.chain.stage_stats()

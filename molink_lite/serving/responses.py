@@ -218,10 +218,13 @@ class _Choice:
 
 
 def usage(answer: Answer, seqs: Sequence[SeqState]) -> dict:
-    """Token counts: the prompt once (the choices shared its prefill), every choice's generated tokens."""
+    """Token counts: the prompt once (the choices shared its prefill), every choice's generated tokens, and (as
+    OpenAI's ``prompt_tokens_details.cached_tokens``) the prompt tokens the prefix cache supplied."""
     p = answer.prompt_tokens
     c = sum(len(s.generated) for s in seqs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = min(p, max((s.reuse_len for s in seqs), default=0))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def events(seqs: Sequence[SeqState]) -> AsyncIterator[Tuple[int, Event]]:

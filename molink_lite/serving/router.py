@@ -46,6 +46,7 @@ from .sequence import GenRequest, SeqState
 
 log = logging.getLogger(__name__)
 MAX_REPLAYS = 5  # a sequence that kept failing this often ends with an error instead of looping
+PREFIX_LOAD_SLACK = 0.25  # a pipeline holding a request's prefix takes it unless it is this much busier (Router.pick)
 
 
 class Overloaded(RuntimeError):
@@ -69,7 +70,7 @@ class Router:
         # owner -> its requests not on a pipeline yet, oldest first (see "Fair share")
         self.pending: Dict[Any, Deque[SeqState]] = {}
         self._up = asyncio.Event()
-        self.stats = {"replayed": 0, "parked": 0, "recovered": 0, "expired": 0, "overloaded": 0}
+        self.stats = {"replayed": 0, "parked": 0, "recovered": 0, "expired": 0, "overloaded": 0, "prefix_routed": 0}
         self._observer: Any = None
         for p in self.pipelines:
             p.on_lost = self._on_lost
@@ -305,7 +306,7 @@ class Router:
                     if not fit:
                         break           # owners using more wait behind this one
                     q.popleft()
-                    min(fit, key=lambda p: p.load).add(s)
+                    self.pick(fit, s).add(s)
                     moved += 1
                 if not q:
                     del self.pending[owner]
@@ -314,6 +315,20 @@ class Router:
             if not progressed:
                 break
         return moved
+
+    def pick(self, pipes: Sequence[Pipeline], s: SeqState) -> Pipeline:
+        """Where a sequence goes: the least-loaded pipeline, unless another holds a longer prefix of its feed
+        (prefix cache: cached entries or running sequences) and is at most PREFIX_LOAD_SLACK busier (a quarter of
+        its slots or KV): then the one holding the longest prefix (ties: the least loaded)."""
+        least = min(pipes, key=lambda p: p.load)
+        if len(pipes) == 1:
+            return least
+        near = [p for p in pipes if p.load <= least.load + PREFIX_LOAD_SLACK]
+        k, _, i = max((p.prefix_match(s.feed, s.req.owner), -p.load, -i) for i, p in enumerate(near))
+        if k > 0:
+            self.stats["prefix_routed"] += near[-i] is not least
+            return near[-i]
+        return least
 
     async def dispatch_forever(self, interval: float = 0.05) -> None:
         """Catch every freed slot: sequences also end inside a pipeline (a cancelled one once its step is back)."""
@@ -351,7 +366,7 @@ class Router:
                 continue
             ups = self.up()
             if ups:
-                min(ups, key=lambda q: q.load).add(s, front=True)
+                self.pick(ups, s).add(s, front=True)
                 replayed += 1
             else:
                 self._park(s)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..wire.protocol import lane_of
 from .sequence import SeqState
@@ -53,7 +53,7 @@ class StepPlan:
 
 
 def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n_ctx_lane: int,
-          active: Dict[int, SeqState]) -> None:
+          active: Dict[int, SeqState], prefix: Optional[Any] = None) -> None:
     """Move waiting sequences (in order) into free slots while their KV reservation fits.
 
     Stages with lanes hold slot s in lane ``lane_of(s, len(kv_lane))``, each lane with its own KV of
@@ -63,9 +63,14 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
 
     A group's leader (n > 1) comes in with its waiting choices (``SeqState.kids``), all in one lane (a fork copies
     KV within a lane's context); each reserves its whole need (the shared prefix is counted per choice).
+
+    ``prefix`` (the slot table when its prefix cache is on, :class:`molink_lite.serving.slots.SlotTable`): cached
+    entries hold slots and cells that count as free here, since admitting evicts them (``prefix.make_room``); a
+    sequence that reuses a prefix (``prefix.lookup``) goes to the lane holding it when that lane has room, and is
+    bound to it (``prefix.bind``).
     """
     lanes = len(kv_lane)
-    while waiting and free_slots:
+    while waiting and (free_slots or prefix is not None):
         s = waiting[0]
         if s.fork_from is not None:  # its leader is not ahead of it here: it prefills the prompt itself
             s.ungroup()
@@ -82,11 +87,31 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
         for x in free_slots:
             open_slots[lane_of(x, lanes)] += 1
         need = sum(m.need for m in group)
-        fits = [i for i in range(lanes) if open_slots[i] >= len(group) and kv_lane[i] + need <= n_ctx_lane]
-        if not fits:
+
+        def fits(i: int) -> bool:
+            slots, cells = open_slots[i], n_ctx_lane - kv_lane[i]
+            if prefix is not None:
+                cells -= prefix.cached_cells(i)
+                if slots < len(group) or cells < need:
+                    spare_slots, spare_cells = prefix.spare(i)
+                    slots, cells = slots + spare_slots, cells + spare_cells
+            return slots >= len(group) and cells >= need
+
+        fit = [i for i in range(lanes) if fits(i)]
+        if not fit:
             break
-        lane = min(fits, key=lambda i: (count[i], kv_lane[i]))
-        slots = sorted(x for x in free_slots if lane_of(x, lanes) == lane)[:len(group)]
+        hit = prefix.lookup(s) if prefix is not None else None
+        if hit is not None and hit.lane in fit:
+            lane = hit.lane
+        else:
+            hit = None
+            lane = min(fit, key=lambda i: (count[i], kv_lane[i]))
+        adopt = prefix.make_room(lane, len(group), need, hit) if prefix is not None else None
+        slots = sorted(x for x in free_slots if lane_of(x, lanes) == lane)
+        if adopt is not None:  # the sequence takes the cached entry's slot, and its KV with it
+            slots.remove(adopt)
+            slots.insert(0, adopt)
+        slots = slots[:len(group)]
         waiting.popleft()
         for m, slot in zip(group, slots):
             if m is not s:
@@ -98,6 +123,8 @@ def admit(waiting: Deque[SeqState], free_slots: List[int], kv_lane: List[int], n
             m.slot = slot
             kv_lane[lane] += m.need
             active[slot] = m
+        if prefix is not None:
+            prefix.bind(s, hit, adopt is not None)
 
 
 def is_long(s: SeqState, prefill_chunk: int) -> bool:
@@ -111,7 +138,7 @@ def long_prefill_running(seqs: Iterable[SeqState], prefill_chunk: int) -> bool:
 
 
 def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: int, prefill_chunk: int,
-              prefill_budget: int) -> StepPlan:
+              prefill_budget: int, whole_copies: bool = False) -> StepPlan:
     """Rows for the next micro-batch.
 
     Decoding sequences not in flight, least recently sent first, an even share of them per micro-batch;
@@ -124,6 +151,10 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     n > 1: a group's leader prefills its prompt but the last token while its choices wait (``SeqState.kids``);
     then one step carries the leader's last token and, for each choice, a fork of the leader's KV and the same last
     token (all of them, or none while the rows left do not hold them).
+
+    Prefix cache: a sequence reusing a running donor's prefix (``reuse_donor``) waits until the donor has sent the
+    rows it copies. ``whole_copies`` (stages that copy only all a sequence holds): the donor stops at the length
+    its waiting followers copy and sends nothing until they have copied it.
     """
     live = [s for s in active if not s.finished]
     ready = [s for s in live if not s.in_flight or s.prefilling]
@@ -134,10 +165,22 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     budget = max(0, max_batch_tokens - len(chosen))
     long_budget = prefill_budget if n_decoding else budget
     prefill: List[Tuple[SeqState, int]] = []
+    hold: Dict[int, int] = {}        # whole copies: id(donor) -> the shortest prefix a follower waits for
+    if whole_copies:
+        for s in live:
+            if s.reuse_pending and s.reuse_donor is not None:
+                d = id(s.reuse_donor)
+                hold[d] = min(hold.get(d, 1 << 30), s.reuse_len)
     for s in sorted((s for s in ready if s.prefilling), key=lambda s: s.t_submit):
         if s.fork_from is not None:
             continue                 # goes with its leader
+        d = s.reuse_donor
+        if s.reuse_pending and d is not None and (not d.started or d.prefilled < s.reuse_len):
+            continue                 # its donor has not sent the rows it copies yet
         left = int(s.feed.shape[0]) - s.prefilled
+        stop = hold.get(id(s))
+        if stop is not None and stop == s.prefilled:
+            continue                 # followers copy what it holds now: it goes on once they have
         if s.kids:
             kids = [k for k in s.kids if not k.finished and not k.in_flight]
             if kids and left == 1:   # the group step
@@ -150,6 +193,10 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
             if kids:
                 left -= 1            # the last token waits for the group step
         take = min(prefill_chunk, left, budget)
+        if stop is not None and stop > s.prefilled:
+            take = min(take, stop - s.prefilled)   # stops where its followers copy
+        if s.snap_at > s.prefilled:
+            take = min(take, s.snap_at - s.prefilled)   # and where a branch point is kept (whole copies)
         if is_long(s, prefill_chunk):
             take = min(take, long_budget)
             long_budget -= max(take, 0)
@@ -161,7 +208,8 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
 
 
 def next_step(by_lane: Sequence[List[SeqState]], busy: Sequence[int], freeing: Sequence[bool], micro_batches: int,
-              max_batch_tokens: int, prefill_chunk: int, prefill_budget: int) -> Optional[Tuple[int, StepPlan]]:
+              max_batch_tokens: int, prefill_chunk: int, prefill_budget: int,
+              whole_copies: bool = False) -> Optional[Tuple[int, StepPlan]]:
     """The lane whose step goes next, and its rows; None when no lane has anything to send.
 
     Lanes with the fewest steps in flight (``busy``) come first; each lane's micro-batches share its sequences
@@ -171,7 +219,7 @@ def next_step(by_lane: Sequence[List[SeqState]], busy: Sequence[int], freeing: S
     lanes = len(by_lane)
     per_lane = max(1, max(micro_batches, lanes) // lanes)
     for lane in sorted(range(lanes), key=lambda i: busy[i]):
-        plan = plan_step(by_lane[lane], per_lane, max_batch_tokens, prefill_chunk, prefill_budget)
+        plan = plan_step(by_lane[lane], per_lane, max_batch_tokens, prefill_chunk, prefill_budget, whole_copies)
         if plan.decode or plan.prefill or (not busy[lane] and freeing[lane]):
             return lane, plan
     return None

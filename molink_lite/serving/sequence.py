@@ -107,6 +107,15 @@ class SeqState:
     kids: List["SeqState"] = field(default_factory=list, repr=False)    # a leader's choices waiting to fork from it
     group: Tuple["SeqState", ...] = field(default=(), repr=False)       # every choice of its request (its prompt
     #                                                                    logprobs go to all)
+    # --- the prefix cache (serving/prefix_cache.py): positions 0..reuse_len-1 come from slot reuse_slot (a cached
+    # entry, or reuse_donor: a running sequence) instead of being prefilled; ``prefilled`` starts at reuse_len
+    reuse_slot: int = -1
+    reuse_len: int = 0
+    reuse_donor: Optional["SeqState"] = field(default=None, repr=False)
+    reuse_adopt: bool = False          # it took the entry's slot itself (its first step cuts it to reuse_len)
+    reuse_trim: int = -1               # adopt: the entry held more than reuse_len positions
+    snap_at: int = 0                   # whole copies: keep its first snap_at positions as an entry when it gets
+    snap_slot: int = -1                # there (a branch point other requests share), in this slot
     # --- logprobs (only used when the request asked for them)
     prompt_logprobs: Optional[List[TokenLogprob]] = None  # delivered prompt logprobs (echo); None until then
     _plp: Optional[List[TokenLogprob]] = field(default=None, repr=False)   # prompt logprobs received so far
@@ -144,6 +153,21 @@ class SeqState:
             self.kids = []
 
     @property
+    def reuse_pending(self) -> bool:
+        """It reuses a prefix whose copy has not gone out yet (its first step carries it)."""
+        return self.reuse_len > 0 and not self.started
+
+    def drop_reuse(self) -> None:
+        """Its donor went away before the copy: prefill the whole feed instead (nothing was sent yet)."""
+        if self.reuse_pending and not self.reuse_adopt:
+            self.prefilled = 0
+            self._clear_reuse()
+
+    def _clear_reuse(self) -> None:
+        self.reuse_slot, self.reuse_len, self.reuse_donor, self.reuse_adopt, self.reuse_trim = -1, 0, None, False, -1
+        self.snap_at, self.snap_slot = 0, -1
+
+    @property
     def need(self) -> int:
         """KV cells reserved for this sequence: it can never outgrow them."""
         return int(self.req.prompt.shape[0]) + self.req.max_tokens
@@ -168,6 +192,7 @@ class SeqState:
                      if self.generated else self.req.prompt)
         self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, 0, False, 0
         self.kv_len = 0
+        self._clear_reuse()
         self.epoch += 1
         if self.spec is not None:
             self.spec.drafts = self.spec.drafts[:0]

@@ -6,11 +6,14 @@ sequence's first step carries ``start`` (its sampling parameters, grammar and lo
 before a replay); a sequence whose drafts were rejected last time has its KV cut back (``trim``); slots of finished
 sequences in the step's lane are freed (``free``).
 
-Two kinds of prefill rows besides plain prompt chunks:
+Three kinds of prefill rows besides plain prompt chunks:
 
 * **fork** (n > 1): a choice waiting for its leader (``SeqState.fork_from``) takes one row, the prompt's last token,
   and ``fork`` copies the leader's KV (the prompt but its last token) to it on every stage before the rows; the
   leader feeds its own last token in the same step (the scheduler sends the group together).
+* **prefix** (the prefix cache, :mod:`molink_lite.serving.prefix_cache`): a sequence's first step copies the
+  prefix it reuses from a cached entry or a running sequence (``fork`` with the prefix's length), or, when it took
+  the entry's slot itself, cuts that slot back to the prefix (``trim``), and prefills from there.
 * **score** (echo with logprobs): every prefill row whose next token is a prompt token is an output row, and
   ``score`` names those next tokens; the last stage returns their logprobs instead of sampling there. The row of
   the prompt's last token samples as usual (nothing with ``max_tokens`` 0).
@@ -78,6 +81,8 @@ class StepRecord:
         for k in self.forks:
             k.ungroup()   # its KV is its leader's now: from here on it runs alone
         for (s, _), end in zip(self.seqs[self.n_decode:], self.ends):
+            if s.snap_slot >= 0:
+                s.snap_at, s.snap_slot = 0, -1
             if not s.started:
                 if self.spec and s.spec is None and s.may_speculate:
                     s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
@@ -153,11 +158,19 @@ def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[Seq
     for s, take in prefill:
         n_feed = int(s.feed.shape[0])
         if s.fork_from is not None and not s.started:  # copies its leader's prompt KV, feeds the last token
-            fork[s.slot] = s.fork_from.slot
-            forks.append(s)
             a = n_feed - take
+            fork[s.slot] = (s.fork_from.slot, a)
+            forks.append(s)
         else:
             a = s.prefilled
+            if s.reuse_pending:  # the prefix cache: copy (or cut back the adopted slot to) what it reuses
+                if s.reuse_adopt:
+                    if s.reuse_trim >= 0:
+                        trim[s.slot] = s.reuse_trim
+                else:
+                    fork[s.slot] = (s.reuse_slot, s.reuse_len)
+            if s.snap_slot >= 0:  # a branch point it reached is kept as an entry (whole copies)
+                fork[s.snap_slot] = (s.slot, s.snap_at)
         b = a + take
         seq_p.append(np.full(take, s.slot, dtype=np.int32))
         pos_p.append(np.arange(a, b, dtype=np.int32))

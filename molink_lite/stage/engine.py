@@ -451,8 +451,18 @@ class StageEngine:
                 if not _llama.llama_memory_seq_rm(lane.mem, int(seq_id), int(pos), -1):
                     raise EngineError(f"could not remove positions {pos}.. of sequence {seq_id} from the KV cache")
 
-    def copy_seq(self, parent: int, child: int) -> None:
-        """The child sequence holds what the parent holds (all positions; ``llama_memory_seq_cp`` in their lane's
+    @property
+    def prefix_reuse(self) -> str:
+        """How much of a sequence's KV a copy may take: "any" prefix, or only the "whole" of it. Sliding-window
+        attention lets llama.cpp reuse a sequence's cells that fell out of its window (so positions before the last
+        window may be gone), and recurrent state holds no positions at all."""
+        m = self._model
+        if _llama.llama_model_n_swa(m) > 0 or _llama.llama_model_is_recurrent(m) or _llama.llama_model_is_hybrid(m):
+            return "whole"
+        return "any"
+
+    def copy_seq(self, parent: int, child: int, n: int = -1) -> None:
+        """The child sequence holds the parent's positions 0..n-1 (-1: all; ``llama_memory_seq_cp`` in their lane's
         context: KV cells are shared, not copied). Both must live in one lane; the child should hold nothing."""
         lane_i = self.lane_of(parent)
         if self.lane_of(child) != lane_i:
@@ -460,7 +470,7 @@ class StageEngine:
         lane = self._lanes[lane_i]
         with lane.lock:
             if self._ctx is not None:
-                _llama.llama_memory_seq_cp(lane.mem, int(parent), int(child), -1, -1)
+                _llama.llama_memory_seq_cp(lane.mem, int(parent), int(child), 0, int(n) if n >= 0 else -1)
 
     def clear(self, lane: Optional[int] = None) -> None:
         """Forget every sequence (of one lane)."""

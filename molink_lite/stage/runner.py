@@ -73,6 +73,7 @@ class StepRunner:
         stats.update({k: 0 for k in COUNTERS if k not in stats})
         stats["busy_s"] = float(stats["busy_s"])
         self.seq_len = np.zeros(engine.n_seq_max, dtype=np.int64)  # positions each sequence holds here
+        self.whole_only = getattr(engine, "prefix_reuse", "any") == "whole"  # forks copy all a sequence holds
         self.vocab = vocab
         # grammars compile in a sandbox process first (GrammarSandbox): shared with the server's grammar_check
         self.grammar_sandbox = GrammarSandbox.for_model(self.info.path) if self.info.is_last and vocab else None
@@ -151,7 +152,7 @@ class StepRunner:
     def check(self, meta: dict, arrays: Dict[str, np.ndarray]) -> StepFrame:
         """The checked step (:func:`~molink_lite.stage.validate.check_step`, and drafts only for sequences whose
         sampler can verify them); :class:`StepError` otherwise, with nothing applied."""
-        frame = check_step(meta, arrays, self.limits, self.seq_len)
+        frame = check_step(meta, arrays, self.limits, self.seq_len, self.whole_only)
         if frame.drafts and self.samplers is not None:
             try:
                 self.samplers.check_verifiable(frame.drafts, frame.start, frame.spec)
@@ -202,10 +203,10 @@ class StepRunner:
                 self.engine.trim(s, p)
                 self.seq_len[s] = p
                 self.stats["trims"] += 1
-        for child, parent in frame.fork.items():  # the check made sure each child holds nothing
-            if self.seq_len[parent]:
-                self.engine.copy_seq(parent, child)
-            self.seq_len[child] = self.seq_len[parent]
+        for child, (parent, n) in frame.fork.items():  # the check made sure each child holds nothing
+            if n:
+                self.engine.copy_seq(parent, child, n if n < self.seq_len[parent] else -1)
+            self.seq_len[child] = n
         if self.samplers is not None:
             for s, sm in ready.items():
                 self.samplers.install(s, sm)

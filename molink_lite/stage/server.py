@@ -101,7 +101,7 @@ class StageServer:
             "max_seqs": e.n_seq_max, "n_batch": e.n_batch, "max_rows": self.runner.limits.max_rows, "model": i.path,
             "name": i.name, "next": self.link.url, "codec": self.runner.codec, "host": socket.gethostname(),
             "backend": self.backend(), "n_gpu_layers": e.n_gpu_layers, "model_bytes": _file_size(i.path),
-            "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane}
+            "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)

@@ -18,12 +18,14 @@ from ..wire.protocol import MAX_DRAFT, FrameLimits, StepError, StepFrame
 StepLimits = FrameLimits  # the name the stage used before the protocol module held it
 
 
-def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: FrameLimits, seq_len: np.ndarray) -> StepFrame:
+def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: FrameLimits, seq_len: np.ndarray,
+               whole_only: bool = False) -> StepFrame:
     """Decode and check one step frame; ``seq_len[s]`` is how many positions sequence ``s`` holds on this stage.
 
     Changes apply in this order: frees, trims, forks, then the rows. Rows of a sequence must continue it where it
     stands after them; trims may only shorten what a sequence holds; a fork's child must hold nothing (after
-    the frees and trims) and then holds what its parent holds."""
+    the frees and trims) and then holds the n positions it copies, at most what its parent holds (``whole_only``:
+    exactly that)."""
     frame = StepFrame.decode(meta, arrays, lim)
     frame.trim = _checked_trim(frame.trim, frame.free, seq_len)
     if frame.n == 0 and not frame.fork:
@@ -34,12 +36,15 @@ def check_step(meta: dict, arrays: Dict[str, np.ndarray], lim: FrameLimits, seq_
     if frame.trim:
         held[list(frame.trim)] = list(frame.trim.values())
     if frame.fork:
-        for child, parent in frame.fork.items():
+        for child, (parent, n) in frame.fork.items():
             if held[child]:
                 raise StepError(f"'fork' to sequence {child}, which holds {int(held[child])} positions here (a "
                                 f"fork's child must hold nothing: free it first)")
-        for child, parent in frame.fork.items():  # no sequence is both a child and a parent in one step
-            held[child] = held[parent]
+            if n > held[parent] or (whole_only and n != held[parent]):
+                raise StepError(f"'fork' of {n} positions of sequence {parent}, which holds {int(held[parent])} "
+                                f"here" + (" (this stage copies only all a sequence holds)" if whole_only else ""))
+        for child, (parent, n) in frame.fork.items():  # no sequence is both a child and a parent in one step
+            held[child] = n
     if frame.n == 0:
         return frame
     starts, _ = frame.runs()

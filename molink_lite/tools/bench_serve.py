@@ -14,6 +14,11 @@ The llama.cpp binaries come from ``kernels/build_tools.py`` (built once from the
 the pinned llama-cpp-python, so all systems run the same kernels) or ``--llama-bin DIR``.
 Figures: output tokens/s, time to first token and inter-token latency (p50/p99), peak resident
 memory per process (Linux), printed as a table with ratios, and saved as JSON and an SVG chart.
+
+``--workload chat-turns`` (:func:`run_chat_bench`) measures the prefix cache instead: multi-turn conversations,
+each turn resending the conversation so far plus a new user message, on molink-lite with the gateway's
+``--prefix-cache on`` and ``off`` in the same invocation; time to first token per turn side by side, and turn
+N / turn 1 for each.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import AsyncIterator, Dict, List, Optional, Sequence
 
 import aiohttp
 
@@ -66,6 +72,12 @@ class BenchConfig:
     spec_k: int = 8
     spec_n: int = 3
     prompts: str = "default"          # default (generated words), grounded (tests/bench), or a JSON file
+    workload: str = "concurrency"     # concurrency (levels of independent prompts) | chat-turns (prefix cache)
+    turns: int = 5                    # chat-turns: turns per conversation
+    turn_len: int = 400               # chat-turns: ~tokens of each new user message
+    reply_tokens: int = 16            # chat-turns: max_tokens of each reply (temperature 0, stops at EOS)
+    conversations: int = 3            # chat-turns: conversations per system (TTFT per turn: their median)
+    prefix_cache_cells: Optional[int] = None  # chat-turns: --prefix-cache-cells of the cache-on gateway
 
 
 @dataclass
@@ -144,6 +156,22 @@ def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     # one connection per request: llama-server may close idle keep-alive connections under the client
     return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True, limit=0))
 
+async def _sse(r: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON messages of a server-sent event stream, until ``[DONE]``."""
+    buf = b""
+    async for chunk in r.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            line = event.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            yield json.loads(data)
+
+
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: time to first token, inter-token gaps, tokens (or an error)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -154,25 +182,14 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens
     async with session.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
             return {"error": f"HTTP {r.status}: {(await r.text())[:200]}"}
-        buf = b""
-        async for chunk in r.content.iter_any():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                line = event.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                msg = json.loads(data)
-                if "error" in msg:
-                    return {"error": str(msg["error"])}
-                if msg.get("usage"):
-                    usage_tokens = msg["usage"].get("completion_tokens")
-                ch = msg.get("choices") or []
-                if ch and (ch[0].get("text") or "") != "":
-                    stamps.append(time.perf_counter())
+        async for msg in _sse(r):
+            if "error" in msg:
+                return {"error": str(msg["error"])}
+            if msg.get("usage"):
+                usage_tokens = msg["usage"].get("completion_tokens")
+            ch = msg.get("choices") or []
+            if ch and (ch[0].get("text") or "") != "":
+                stamps.append(time.perf_counter())
     if not stamps:
         return {"error": "no tokens"}
     # tokens: the server's usage count; else one per streamed text event (a token whose text is held back,
@@ -320,9 +337,10 @@ def _linked(cfg: BenchConfig) -> bool:
 
 
 def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False,
-                 speculative: Optional[str] = None, sealed: bool = False) -> str:
+                 speculative: Optional[str] = None, sealed: bool = False, prefix_cache: Optional[str] = None) -> str:
     """Stages + gateway; ``sealed``: every link authenticated with a cluster secret, every message sealed
-    (AES-256-GCM); ``secure``: that and TLS on every link too."""
+    (AES-256-GCM); ``secure``: that and TLS on every link too; ``prefix_cache``: the gateway's
+    ``--prefix-cache on|off`` (None: its default), with ``cfg.prefix_cache_cells`` when on."""
     t = _threads(cfg, len(ranges))
     max_seqs = max(list(cfg.concurrency) + [16])
     extra = ["--threads", str(t), "--ctx", str(cfg.ctx), "--max-seqs", str(min(256, max_seqs))]
@@ -343,9 +361,23 @@ def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secur
         cmd += ["--prefill-chunk", str(cfg.prefill_chunk)]
     if speculative:
         cmd += ["--speculative", speculative, "--spec-k", str(cfg.spec_k), "--spec-n", str(cfg.spec_n)]
+    cmd += prefix_cache_args(prefix_cache, cfg.prefix_cache_cells)
     gw = procs.spawn("gateway", cmd, env={SECRET_ENV: secret} if secret else None)
     _wait_http(f"http://127.0.0.1:{port}", gw, "gateway")
     return f"http://127.0.0.1:{port}"
+
+
+def prefix_cache_args(mode: Optional[str], cells: Optional[int] = None) -> List[str]:
+    """The gateway's prefix-cache options: none for None (its default), else ``--prefix-cache on|off`` and, when
+    on with a budget, ``--prefix-cache-cells N``."""
+    if mode is None:
+        return []
+    if mode not in ("on", "off"):
+        raise ValueError(f"prefix cache mode {mode!r}: expected 'on' or 'off'")
+    out = ["--prefix-cache", mode]
+    if mode == "on" and cells is not None:
+        out += ["--prefix-cache-cells", str(cells)]
+    return out
 
 
 def llama_tools(cfg: BenchConfig) -> Path:
@@ -571,3 +603,304 @@ def run_bench(cfg: BenchConfig, json_out: Optional[str] = None, chart_out: Optio
         Path(chart_out).write_text(svg_chart(results, f"{info.name}: {cfg.stages} stages, {link}"))
         print(f"chart: {chart_out}")
     return results
+
+
+# ------------------------------------------------------------------ chat-turns workload (prefix cache)
+# A multi-turn chat: every turn sends the whole conversation so far (earlier user messages and the replies the
+# server actually returned) plus a new user message of ~cfg.turn_len tokens, so turn k+1's prompt starts with
+# turn k's prompt and reply. With the prefix cache on, the gateway reuses the stages' KV of that shared prefix
+# and prefills only what is new; off, every turn prefills the whole conversation. Both systems run at once
+# (idle while the other is measured), conversations alternate between them (on/off, off/on, ...) so drift of a
+# shared machine's load falls on both; time to first token per turn is the median over the conversations.
+
+CHAT_WORDS = ("the river carried a silver lantern past the quiet harbor while morning light crossed every "
+              "bridge and window of the old town where letters waited in velvet pockets for a candle to "
+              "burn beside the meadow garden music of thunder over paper forests and engines humming near "
+              "stone walls that remembered each traveler who walked home").split()
+
+CHAT_PREFIX = "User: "
+CHAT_SUFFIX = "\nAssistant:"
+
+
+def has_chat_template(model: str) -> bool:
+    """Whether the GGUF carries a chat template (``tokenizer.chat_template``): then the workload talks
+    /v1/chat/completions; else (a base model) /v1/completions with the conversation as plain text."""
+    from ..model.gguf_meta import GGUFFile
+
+    return any(k == "tokenizer.chat_template" or k.startswith("tokenizer.chat_template.")
+               for k in GGUFFile(model).fields)
+
+
+def chat_user_message(conv: int, turn: int, n_tokens: int) -> str:
+    """A deterministic user message of about ``n_tokens`` tokens (counting a word or a full stop as one, the
+    heading as eight: exact for the demo model's tokenizer, close for others), distinct per conversation and turn
+    from its first words on (so conversations share no prefix beyond the role marker)."""
+    rng = random.Random(f"chat-turns {conv} {turn}")   # seeded from a string: the same text on every platform
+    words: List[str] = []
+    budget = n_tokens - 8
+    while budget > 0:
+        for _ in range(rng.randint(6, 14)):       # a sentence: a few words, then a full stop
+            last = budget <= 2
+            w = rng.choice(CHAT_WORDS)
+            words.append(w + "." if last else w)
+            budget -= 2 if last else 1
+            if last:
+                break
+        else:
+            words[-1] += "."
+            budget -= 1
+    return " ".join([f"Conversation {conv}, part {turn}:"] + words)
+
+
+def completion_turn_prompt(prev_prompt: str, prev_reply: str, user_message: str) -> str:
+    """Turn k+1's /v1/completions prompt: exactly turn k's prompt, then its reply as returned, then the new
+    user message (for the first turn, ``prev_prompt`` and ``prev_reply`` are empty)."""
+    if not prev_prompt:
+        return f"{CHAT_PREFIX}{user_message}{CHAT_SUFFIX}"
+    return f"{prev_prompt}{prev_reply}\n{CHAT_PREFIX}{user_message}{CHAT_SUFFIX}"
+
+
+def chat_turn_messages(prev_messages: List[dict], prev_reply: Optional[str], user_message: str) -> List[dict]:
+    """Turn k+1's /v1/chat/completions messages: turn k's, its reply as returned, the new user message."""
+    out = [dict(m) for m in prev_messages]
+    if prev_reply is not None:
+        out.append({"role": "assistant", "content": prev_reply})
+    out.append({"role": "user", "content": user_message})
+    return out
+
+
+async def _stream_turn(session: aiohttp.ClientSession, url: str, body: dict, chat: bool) -> dict:
+    """One streamed turn: time to first token, the reply text as returned, usage (prompt tokens, cached)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first: Optional[float] = None
+    parts: List[str] = []
+    usage: dict = {}
+    finish = None
+    async with session.post(url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body) as r:
+        if r.status != 200:
+            return {"error": f"HTTP {r.status}: {(await r.text())[:200]}"}
+        async for msg in _sse(r):
+            if "error" in msg:
+                return {"error": str(msg["error"])}
+            if msg.get("usage"):
+                usage = msg["usage"]
+            for ch in msg.get("choices") or []:
+                text = ((ch.get("delta") or {}).get("content") or "") if chat else (ch.get("text") or "")
+                if text:
+                    parts.append(text)
+                # the first token: its text, or the end (a reply that is EOS at once has no text)
+                if first is None and (text or ch.get("finish_reason")):
+                    first = time.perf_counter()
+                finish = ch.get("finish_reason") or finish
+    if first is None:
+        return {"error": "no tokens"}
+    details = usage.get("prompt_tokens_details") or {}
+    return {"ttft_ms": 1e3 * (first - t0), "reply": "".join(parts), "finish_reason": finish,
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "cached_tokens": details.get("cached_tokens")}
+
+
+async def run_conversation(url: str, conv: int, cfg: BenchConfig, chat: bool) -> List[dict]:
+    """One conversation of ``cfg.turns`` turns, each sending everything so far plus a new user message; a
+    failed turn ends it (the next turn needs its reply)."""
+    out: List[dict] = []
+    prompt, reply, messages = "", "", []  # type: ignore[var-annotated]
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with _session(timeout) as session:
+        for turn in range(1, cfg.turns + 1):
+            user = chat_user_message(conv, turn, cfg.turn_len)
+            body: dict = {"max_tokens": cfg.reply_tokens, "temperature": 0}
+            if chat:
+                messages = chat_turn_messages(messages, reply if turn > 1 else None, user)
+                body["messages"] = messages
+            else:
+                prompt = completion_turn_prompt(prompt, reply, user)
+                body["prompt"] = prompt
+            before = _reused_tokens(url)
+            res = await _stream_turn(session, url, body, chat)
+            res["turn"] = turn
+            after = _reused_tokens(url) if "error" not in res else None
+            res["reused_tokens"] = after - before if before is not None and after is not None else None
+            out.append(res)
+            if "error" in res:
+                break
+            reply = res["reply"]
+    return out
+
+
+def _reused_tokens(url: str) -> Optional[int]:
+    """Prompt tokens the gateway has so far taken from the prefix cache instead of prefilling, summed over its
+    pipelines (/v1/stats); None when it does not say."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/v1/stats", timeout=30) as r:
+            body = json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+    total, seen = 0, False
+    for p in body.get("pipelines", []):
+        v = (p.get("scheduler") or {}).get("prefix_tokens_reused")
+        if v is None:
+            v = (p.get("prefix_cache") or {}).get("tokens_reused")
+        if isinstance(v, (int, float)):
+            total, seen = total + int(v), True
+    return total if seen else None
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+
+def summarize_chat(runs: Dict[str, List[List[dict]]], turns: int) -> dict:
+    """Per turn and per system ('on', 'off'): median TTFT over the conversations, prompt tokens, cached tokens,
+    errors; and TTFT of the last turn over the first for each system (None where either is missing)."""
+    rows = []
+    for t in range(1, turns + 1):
+        row: dict = {"turn": t}
+        for mode, convs in runs.items():
+            res = [c[t - 1] for c in convs if len(c) >= t]
+            ok = [r for r in res if "error" not in r]
+            row[f"ttft_{mode}_ms"] = _median([r["ttft_ms"] for r in ok])
+            row[f"ttft_{mode}_all_ms"] = [round(r["ttft_ms"], 2) for r in ok]
+            row[f"prompt_tokens_{mode}"] = _median([r["prompt_tokens"] for r in ok if r.get("prompt_tokens")])
+            cached = [r["cached_tokens"] for r in ok if r.get("cached_tokens") is not None]
+            row[f"cached_tokens_{mode}"] = _median(cached) if cached else None
+            reused = [r["reused_tokens"] for r in ok if r.get("reused_tokens") is not None]
+            row[f"reused_tokens_{mode}"] = _median(reused) if reused else None
+            row[f"errors_{mode}"] = len(convs) - len(ok)
+        rows.append(row)
+    ratios = {}
+    for mode in runs:
+        a = rows[0].get(f"ttft_{mode}_ms") if rows else None
+        b = rows[-1].get(f"ttft_{mode}_ms") if rows else None
+        ratios[mode] = b / a if a and b is not None else None
+    return {"turns": rows, f"ttft_turn{turns}_over_turn1": ratios}
+
+
+def _fmt_ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f} ms"
+
+
+def _fmt_tok(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def format_chat_table(summary: dict, turns: int) -> str:
+    """Side by side: turn, prompt tokens, prompt tokens the cache-on gateway reused (from its /v1/stats, else the
+    usage's cached_tokens), TTFT cache on, TTFT cache off, on/off; then turn N / turn 1 for each."""
+    lines = [f"{'turn':>4} {'prompt tokens':>13} {'reused (on)':>11} {'TTFT cache on':>14} {'TTFT cache off':>15} "
+             f"{'on/off':>7}"]
+    for row in summary["turns"]:
+        p_on, p_off = row.get("prompt_tokens_on"), row.get("prompt_tokens_off")
+        ptok = _fmt_tok(p_on if p_on is not None else p_off)
+        if p_on is not None and p_off is not None and round(p_on) != round(p_off):
+            ptok = f"{p_on:.0f}/{p_off:.0f}"   # the replies differed, so the conversations did
+        on, off = row.get("ttft_on_ms"), row.get("ttft_off_ms")
+        ratio = f"{on / off:.2f}x" if on is not None and off else "-"
+        err = [f"{row[k]} failed ({k[7:]})" for k in ("errors_on", "errors_off") if row.get(k)]
+        reused = row.get("reused_tokens_on")
+        if reused is None:
+            reused = row.get("cached_tokens_on")
+        lines.append(f"{row['turn']:>4} {ptok:>13} {_fmt_tok(reused):>11} {_fmt_ms(on):>14} {_fmt_ms(off):>15} "
+                     f"{ratio:>7}"
+                     + (f"  {', '.join(err)}" if err else ""))
+    r = summary[f"ttft_turn{turns}_over_turn1"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines.append(f"TTFT turn {turns} / turn 1: cache on {fmt(r.get('on'))}, cache off {fmt(r.get('off'))}")
+    return "\n".join(lines)
+
+
+def _prefix_stats(url: str) -> dict:
+    """Whatever the gateway's /v1/stats says about the prefix cache (every key naming it, anywhere)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/v1/stats", timeout=30) as r:
+            body = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        return {"error": str(e)}
+    found: dict = {}
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                p = f"{path}.{k}" if path else str(k)
+                if "prefix" in str(k).lower():
+                    found[p] = v
+                else:
+                    walk(v, p)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(body, "")
+    return found
+
+
+def run_chat_bench(cfg: BenchConfig, json_out: Optional[str] = None) -> dict:
+    """The chat-turns workload on molink-lite with the prefix cache on and off, in this one invocation."""
+    info = read_model_info(cfg.model)
+    ranges = plan_ranges(cfg.model, cfg.stages, cfg.split)
+    chat = has_chat_template(cfg.model)
+    link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
+            else "loopback, no relay")
+    print(f"bench chat-turns: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "
+          f"{cfg.conversations} conversation(s) per system of {cfg.turns} turns, ~{cfg.turn_len} new tokens per "
+          f"turn, {cfg.reply_tokens} reply tokens (temperature 0), "
+          f"{'/v1/chat/completions' if chat else '/v1/completions (no chat template: concatenated text)'}; "
+          f"prefix cache on vs off; {os.cpu_count()} CPU cores", flush=True)
+    if cfg.baselines or cfg.speculative:
+        print("  (chat-turns: --baseline and --speculative are ignored)", file=sys.stderr, flush=True)
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
+    modes = ("on", "off")
+    procs = {m: Procs(workdir / f"prefix-cache-{m}") for m in modes}
+    runs: Dict[str, List[List[dict]]] = {m: [] for m in modes}
+    out: dict = {"workload": "chat-turns", "config": asdict(cfg), "model": info.name, "link": link,
+                 "endpoint": "/v1/chat/completions" if chat else "/v1/completions", "notes": ""}
+    try:
+        urls = {}
+        for m in modes:
+            procs[m].workdir.mkdir(parents=True, exist_ok=True)
+            urls[m] = start_molink(cfg, procs[m], ranges, prefix_cache=m)
+            asyncio.run(run_level(urls[m], 1, 1, 8, 4))  # warm-up (a prompt no conversation shares)
+        for c in range(cfg.conversations):
+            for m in (modes if c % 2 == 0 else modes[::-1]):
+                conv = asyncio.run(run_conversation(urls[m], c, cfg, chat))
+                runs[m].append(conv)
+                ttft = ", ".join(f"{r['ttft_ms']:.0f}" if "error" not in r else "error" for r in conv)
+                print(f"  cache {m:>3} conversation {c + 1}: TTFT per turn {ttft} ms", flush=True)
+                for r in conv:
+                    if "error" in r:
+                        print(f"    turn {r['turn']} failed: {r['error']}", file=sys.stderr, flush=True)
+        out["prefix_stats"] = {m: _prefix_stats(urls[m]) for m in modes}
+        out["peak_rss_mb"] = {m: procs[m].peak_rss() for m in modes}
+    except Exception as e:  # noqa: BLE001 - report what was measured
+        out["notes"] = f"failed: {e}"
+        print(f"  chat-turns: {out['notes']}", file=sys.stderr, flush=True)
+        for m in modes:
+            for name, _ in procs[m].items:
+                tail = procs[m].log_tail(name)
+                if tail:
+                    print(f"--- cache {m}: {name} log tail ---\n{tail}", file=sys.stderr)
+    finally:
+        for m in modes:
+            procs[m].stop()
+    out.update(summarize_chat(runs, cfg.turns))
+    out["conversations"] = runs
+    out["replies_match"] = [all(a.get("reply") == b.get("reply") for a, b in zip(x, y))
+                            for x, y in zip(runs["on"], runs["off"])]
+    out["ok"] = not out["notes"] and all(len(c) == cfg.turns and all("error" not in r for r in c)
+                                         for m in modes for c in runs[m]) and all(len(runs[m]) for m in modes)
+    print()
+    print(f"chat-turns, median of {cfg.conversations} conversation(s) per turn ({link}):")
+    print(format_chat_table(out, cfg.turns))
+    if json_out:
+        Path(json_out).write_text(json.dumps(out, indent=2))
+        print(f"JSON: {json_out}")
+    return out

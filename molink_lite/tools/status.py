@@ -123,6 +123,14 @@ def render(stats: dict, url: str = "") -> str:
                     f"{_n(sch.get('failed'))}  failures {_n(p.get('failures'))}, recoveries {_n(p.get('recoveries'))}"]
         if p.get("error"):
             out.append(f"  error: {_s(p.get('error'), 300)}")
+        pc = _d(p.get("prefix_cache"))
+        if pc:
+            rate = pc.get("hit_rate")
+            rate_s = f"{_n(100 * rate)}%" if isinstance(rate, (int, float)) and not isinstance(rate, bool) else "-"
+            out.append(f"  prefix cache: hits {rate_s} "
+                       f"({_n(pc.get('hits'))}/{_n(pc.get('lookups'))}), {_n(pc.get('tokens_reused'))} tokens reused, "
+                       f"{_n(pc.get('entries'))} entries in {_n(pc.get('cells'))}/{_n(pc.get('budget'))} cells, "
+                       f"{_n(pc.get('evictions'))} evicted" if pc.get("enabled") else "  prefix cache: off")
         infos = [_d(i) for i in _l(p.get("stage_info"))]
         counters = [_d(c) for c in _l(p.get("stages")) if isinstance(c, dict)]
         if not infos:

@@ -33,7 +33,7 @@ import numpy as np
 
 from .codec import CODECS, encode_frame
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: a fork names how many positions it copies (prefix cache)
 MAX_DRAFT = 32  # draft tokens one sequence may carry in one step (speculative decoding)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
 MAX_GRAMMAR_BYTES = 256 << 10  # GBNF text of one sequence's grammar
@@ -265,9 +265,11 @@ class StepFrame:
     trim: Dict[int, int] = field(default_factory=dict)                       # seq -> keep positions < this
     drafts: Dict[int, np.ndarray] = field(default_factory=dict)              # seq -> draft tokens (its last rows)
     lane: int = 0
-    # child seq -> parent seq: before the rows, every stage copies the parent's KV to the child (n > 1: one
-    # prefill shared by n choices); the child holds nothing before, and holds what the parent holds after
-    fork: Dict[int, int] = field(default_factory=dict)
+    # child seq -> (parent seq, n): before the rows, every stage copies the parent's KV at positions 0..n-1 to the
+    # child (n > 1: one prefill shared by n choices; the prefix cache: a cached or live sequence's prefix); the
+    # child holds nothing before and n positions after; n <= what the parent holds (stages whose memory cannot
+    # be cut, ``StageHello.prefix_reuse`` "whole", take only n == what the parent holds)
+    fork: Dict[int, Tuple[int, int]] = field(default_factory=dict)
     # seq -> target token ids, one per output row of the sequence in this step but its last (prompt logprobs,
     # ``echo``): the last stage returns each target's logprob (and top alternatives) instead of sampling there
     score: Dict[int, np.ndarray] = field(default_factory=dict)
@@ -298,7 +300,7 @@ class StepFrame:
     def named(self) -> Set[int]:
         """Every sequence this step names (rows, frees, starts, trims, drafts)."""
         out = set(self.free) | set(self.start) | set(self.trim) | set(self.drafts) | set(self.fork)
-        out.update(self.fork.values())
+        out.update(p for p, _ in self.fork.values())
         out.update(self.score)
         if self.n:
             out.update(np.unique(self.seq).tolist())
@@ -319,7 +321,7 @@ class StepFrame:
         if self.drafts:
             meta["drafts"] = {str(s): np.asarray(d).tolist() for s, d in self.drafts.items()}
         if self.fork:
-            meta["fork"] = {str(c): int(p) for c, p in self.fork.items()}
+            meta["fork"] = {str(c): [int(p), int(k)] for c, (p, k) in self.fork.items()}
         if self.score:
             meta["score"] = {str(s): np.asarray(t).tolist() for s, t in self.score.items()}
         arrays: Dict[str, np.ndarray] = {"seq": self.seq, "pos": self.pos}
@@ -366,15 +368,19 @@ class StepFrame:
                     or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < hi for t in d)):
                 raise StepError(f"'drafts' of sequence {s} must be 1..{MAX_DRAFT} token ids in 0..{hi - 1}")
             drafts[s] = np.asarray(d, dtype=np.int32)
-        fork: Dict[int, int] = {}
-        for c, p in _seq_map(meta.get("fork"), "fork", lim.n_seq_max).items():
+        fork: Dict[int, Tuple[int, int]] = {}
+        for c, v in _seq_map(meta.get("fork"), "fork", lim.n_seq_max).items():
+            p, k = v if isinstance(v, list) and len(v) == 2 else (None, None)
             if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < lim.n_seq_max or p == c:
-                raise StepError(f"'fork' of sequence {c} must name another sequence id in 0..{lim.n_seq_max - 1}")
-            fork[c] = p
-        if set(fork) & set(fork.values()):
+                raise StepError(f"'fork' of sequence {c} must be [parent, positions] with another sequence id in "
+                                f"0..{lim.n_seq_max - 1}")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= lim.n_ctx:
+                raise StepError(f"'fork' of sequence {c} copies 0..{lim.n_ctx} positions, not {k!r}")
+            fork[c] = (p, k)
+        if set(fork) & {p for p, _ in fork.values()}:
             raise StepError("'fork': a sequence cannot be both copied and copied to in one step")
-        if set(fork) & set(free):
-            raise StepError("'fork' and 'free' name the same sequence")
+        if {p for p, _ in fork.values()} & set(free):
+            raise StepError("'fork' copies a sequence this step frees")
         score: Dict[int, np.ndarray] = {}
         for s_, t in _seq_map(meta.get("score"), "score", lim.n_seq_max).items():
             if (not isinstance(t, list) or len(t) > lim.max_rows
@@ -744,6 +750,9 @@ class StageHello(TypedDict, total=False):
     bos: str
     eos: str
     add_bos: bool
+    # how a fork may copy this stage's KV: "any" (a prefix of any length), "whole" (only all a sequence holds:
+    # sliding-window attention forgets old positions, recurrent state cannot be cut)
+    prefix_reuse: str
     url: str  # added by the gateway
 
 

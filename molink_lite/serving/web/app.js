@@ -166,6 +166,7 @@ function renderPipelines(stats, metrics) {
       el("span", {}, "KV reserved " + num(p.kv_reserved) + " / " + num(p.n_ctx)),
       el("span", {}, "completed " + num(sch.completed) + ", failed " + num(sch.failed)),
       el("span", {}, "failures " + p.failures + ", recoveries " + p.recoveries),
+      prefixCache(p.prefix_cache),
       el("span", { class: "muted" }, "prefill chunk " + p.prefill_chunk + ", micro-batches " + p.micro_batches));
     const cols = ["#", "stage", "host", "layers", "backend", "GPU layers", "memory (RSS)", "GGUF", "steps",
                   "rows/step", "step time", "live seqs", "KV used"];
@@ -201,6 +202,18 @@ function renderPipelines(stats, metrics) {
     box.append(el("div", { class: "pipeline" }, head, table));
   }
   if (!(stats.pipelines || []).length) box.append(el("p", { class: "muted" }, "no pipeline yet (stages are joining)"));
+}
+
+// a pipeline's prefix cache (its /v1/stats "prefix_cache"): hit rate, prompt tokens not prefilled, cells held
+function prefixCache(pc) {
+  if (!pc) return el("span", { class: "prefix muted" }, "");
+  if (!pc.enabled) return el("span", { class: "prefix muted", "data-enabled": "0" }, "prefix cache off");
+  const rate = pc.hit_rate == null ? "–" : num(100 * pc.hit_rate) + "%";
+  return el("span", { class: "prefix", "data-enabled": "1", "data-hit-rate": pc.hit_rate == null ? "" : String(pc.hit_rate),
+                      title: num(pc.entries) + " cached prefixes in " + num(pc.cells) + " of " + num(pc.budget)
+                             + " KV cells, " + num(pc.evictions) + " evicted" },
+    "prefix cache " + rate + " hits (" + num(pc.hits) + "/" + num(pc.lookups) + "), " + num(pc.tokens_reused)
+    + " tokens reused");
 }
 
 function renderLinks(stats) {
