@@ -244,3 +244,46 @@ def test_a_small_budget_under_pressure_answers_everything(gemma3_path, tmp_path)
             gw.stop()
     finally:
         stop_stages(stages)
+
+
+def test_speculation_and_n_choices_on_cached_prefixes(gemma3_path, tmp_path):
+    """A conversation that repeats itself (prompt lookup drafts plenty) through a gateway that speculates, with
+    the cache on and off over the same stages: the replies are the same (a repeating text: wide margins), the
+    later turns come from the cache, drafts were sent and accepted, and n = 3 seeded choices on a cached prefix
+    repeat themselves."""
+    d = tmp_path / "t"
+    d.mkdir()
+    stages = start_stages(gemma3_path, RANGES, workdir=str(d),
+                          extra_args=["--threads", "1", "--ctx", "4096", "--max-seqs", "8", "--codec", "f32"])
+    line = "The cat sat on the mat. The dog sat on the log. "
+    replies = {}
+    try:
+        for mode in ("off", "on"):
+            gw = GatewayProcess([[s.url for s in stages]], log_dir=tmp_path,
+                                extra=["--prefix-cache", mode, "--speculative", "ngram", "--codec", "f32"])
+            try:
+                gw.wait_ready()
+                text_, out, cached = line * 3, [], []
+                for turn in range(3):
+                    status, r = http("POST", gw.url + "/v1/completions",
+                                     {"prompt": text_, "max_tokens": 24, "temperature": 0}, timeout=300)
+                    assert status == 200, r
+                    out.append(r["choices"][0]["text"])
+                    cached.append(r["usage"]["prompt_tokens_details"]["cached_tokens"])
+                    text_ += out[-1] + " " + line
+                spec = http("GET", gw.url + "/v1/stats")[1]["pipelines"][0]["speculative"]
+                assert spec["drafted"] > 0 and spec["accepted"] > 0, spec
+                group = [http("POST", gw.url + "/v1/completions",
+                              {"prompt": text_, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3},
+                              timeout=300)[1] for _ in range(2)]
+                assert [c["text"] for c in group[0]["choices"]] == [c["text"] for c in group[1]["choices"]]
+                replies[mode] = out
+                if mode == "on":
+                    assert all(c > 0 for c in cached[1:]), cached
+                else:
+                    assert cached == [0, 0, 0]
+            finally:
+                gw.stop()
+    finally:
+        stop_stages(stages)
+    assert replies["on"] == replies["off"]
