@@ -222,7 +222,7 @@ class PrefixCache:
                 if e.cells <= n and common_prefix(tokens, e.tokens) == e.cells and not pinned(e.slot):
                     evicted.append(self._evict(e))
         while self.cells + n > self.budget:
-            e = self._lru(None, pinned)
+            e = min(self._evictable(None, pinned), key=lambda e: e.used, default=None)
             if e is None:
                 return False, evicted
             evicted.append(self._evict(e))
@@ -234,8 +234,7 @@ class PrefixCache:
         """Evict entries of ``lane`` (least recently used first, never a pinned one, ``spare`` last) until
         ``slots_needed`` slots and ``cells_needed`` cells are free there; returns the evicted slots, or None (and
         evicts nothing) when even evicting every evictable entry would not do."""
-        order = sorted((e for e in self.entries.values() if e.lane == lane and not pinned(e.slot)),
-                       key=lambda e: (e is spare, e.used))
+        order = sorted(self._evictable(lane, pinned), key=lambda e: (e is spare, e.used))
         take: List[CachedPrefix] = []
         for e in order:
             if slots_free >= slots_needed and cells_free >= cells_needed:
@@ -249,16 +248,12 @@ class PrefixCache:
 
     def room(self, lane: int, pinned: Callable[[int], bool]) -> Tuple[int, int]:
         """(slots, cells) that evicting every evictable entry of ``lane`` would free."""
-        es = [e for e in self.entries.values() if e.lane == lane and not pinned(e.slot)]
+        es = self._evictable(lane, pinned)
         return len(es), sum(e.cells for e in es)
 
-    def adopt(self, e: CachedPrefix) -> None:
-        """A new sequence takes the entry's slot itself (no free slot was left for a copy)."""
-        self.entries.pop(e.slot, None)
-
-    def _lru(self, lane: Optional[int], pinned: Callable[[int], bool]) -> Optional[CachedPrefix]:
-        es = [e for e in self.entries.values() if (lane is None or e.lane == lane) and not pinned(e.slot)]
-        return min(es, key=lambda e: e.used) if es else None
+    def _evictable(self, lane: Optional[int], pinned: Callable[[int], bool]) -> List[CachedPrefix]:
+        """Entries of ``lane`` (None: any lane) that no sequence waits to copy."""
+        return [e for e in self.entries.values() if (lane is None or e.lane == lane) and not pinned(e.slot)]
 
     def _evict(self, e: CachedPrefix) -> int:
         del self.entries[e.slot]
