@@ -2,7 +2,9 @@
 """Build llama.cpp's shared libraries (CPU, CUDA or Vulkan) for the pinned llama-cpp-python.
 
 Only the ``llama`` target and the ggml libraries it links are built from the
-llama.cpp source vendored in the llama-cpp-python sdist, so a CUDA build takes
+llama.cpp source vendored in the llama-cpp-python sdist, with the project's patch set
+(``kernels/patches/``, see ``kernels/patchset.py``; ``--no-patches`` builds the pristine
+source), so a CUDA build takes
 minutes instead of a full ``pip install`` from source.  The libraries land in one
 folder; point the Python bindings at it with ``LLAMA_CPP_LIB_PATH`` (or
 ``molink_lite.stage.libpath.use_library_dir``) *before* ``llama_cpp`` is imported.
@@ -44,6 +46,9 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patchset  # noqa: E402 - kernels/patchset.py: the project's llama.cpp patches
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # must match the pinned llama-cpp-python bindings
 KERNELS_DIR = Path(__file__).resolve().parent
@@ -347,6 +352,19 @@ def llama_cpp_root(src: Path) -> Path:
                      "(CMakeLists.txt + include/llama.h)")
 
 
+def own_copy(src: Path, dest: Path) -> Path:
+    """A copy of a llama.cpp folder this script may patch (kept under ``dest``, refreshed when the source changes
+    its version file or the copy is missing)."""
+    copy = dest / f"{src.name}-{hashlib.sha256(str(src).encode()).hexdigest()[:10]}"
+    stamp = copy / ".molink-copied-from"
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8") != str(src):
+        log(f"copying {src} to {copy} (the patch set is applied there, not in your folder)")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(src, copy, ignore=shutil.ignore_patterns(".git", "build", patchset.STATE_DIR))
+        stamp.write_text(str(src), encoding="utf-8")
+    return copy
+
+
 def sdist_version(src: Path) -> Optional[str]:
     """llama-cpp-python version of an sdist folder (llama_cpp/__init__.py), if it is one."""
     init = src / "llama_cpp" / "__init__.py"
@@ -614,7 +632,8 @@ def config_key(args: argparse.Namespace, version: str) -> str:
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     cfg = [version, args.backend, args.cuda_arch or "", str(args.portable), str(args.no_openmp), str(args.with_tools),
-           sys.platform, platform.machine(), *(args.cmake_arg or [])]
+           sys.platform, platform.machine(), *(args.cmake_arg or []),
+           "patches:" + ("none" if args.no_patches else patchset.digest(patchset.patch_files()))]
     h.update("\0".join(cfg).encode())
     return h.hexdigest()[:20]
 
@@ -659,6 +678,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
     ap.add_argument("--lcp-version", dest="lcp_version", default=LLAMA_CPP_PYTHON_VERSION,
                     help="llama-cpp-python sdist version to fetch (default %(default)s, the pinned one)")
     ap.add_argument("--cmake-arg", action="append", metavar="ARG", help="extra cmake configure argument (repeatable)")
+    ap.add_argument("--no-patches", action="store_true",
+                    help="build the pristine llama.cpp source, without kernels/patches/ (stages then use the pinned "
+                         "API's slower paths; for comparisons)")
     ap.add_argument("--force", action="store_true", help="rebuild even if --out holds a build with these settings")
     ap.add_argument("--clean-build", action="store_true", help="delete the CMake build folder after a successful build")
     return ap.parse_args(argv)
@@ -720,6 +742,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                 raise BuildError(f"--src {s} does not exist")
             src_root = extract(s, dl) if s.is_file() else s
         llama_src = llama_cpp_root(src_root)
+        if args.src is not None and args.src.expanduser().resolve().is_dir():
+            llama_src = own_copy(llama_src, dl)  # a folder of the user's: patched (or restored) in a copy
+        patches = [] if args.no_patches else patchset.patch_files()
+        try:
+            applied = patchset.ensure(llama_src, patches, log=log)
+        except patchset.PatchError as e:
+            raise BuildError(f"the patch set does not apply to {llama_src}: {e} (--no-patches builds it as is)")
         ver = sdist_version(src_root)
         if ver and ver != args.lcp_version:
             log(f"WARNING: --src is llama-cpp-python {ver}, not {args.lcp_version}")
@@ -749,6 +778,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             "cuda_version": nvcc_version(args.nvcc) if args.nvcc else None,
             "portable": args.portable,
             "openmp": not args.no_openmp,
+            "patches": applied,
             "platform": f"{sys.platform}-{platform.machine()}",
             "configure_args": configure_args(args),
             "libraries": libs,

@@ -61,10 +61,11 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build as libbuild  # noqa: E402 - kernels/build.py: sdist download, struct-size probe
+import patchset  # noqa: E402 - kernels/patchset.py: the project's llama.cpp patches
 
 VERSION = libbuild.LLAMA_CPP_PYTHON_VERSION
 VARIANTS = ("cpu", "cu12", "cu13", "vulkan")
@@ -118,13 +119,28 @@ def add_to_wheel(wheel: Path, files: Dict[str, bytes], requires: Sequence[str]) 
     os.replace(tmp, wheel)
 
 
+def patch_key(args: argparse.Namespace) -> str:
+    return "none" if getattr(args, "no_patches", False) else patchset.digest(patchset.patch_files())
+
+
+def patched_sdist(sdist: Path, work: Path, args: argparse.Namespace) -> Tuple[Path, List[str]]:
+    """The sdist as a folder under ``work`` with the patch set applied to its vendor/llama.cpp (none with
+    --no-patches), and the names applied. A folder given as --sdist is copied first, never patched in place."""
+    root = libbuild.extract(sdist, work / "src") if sdist.is_file() else libbuild.own_copy(sdist, work / "src")
+    patches = [] if getattr(args, "no_patches", False) else patchset.patch_files()
+    try:
+        return root, patchset.ensure(libbuild.llama_cpp_root(root), patches, log=libbuild.log)
+    except patchset.PatchError as e:
+        raise libbuild.BuildError(f"the patch set does not apply to {root}: {e} (--no-patches builds it as is)")
+
+
 def build(args: argparse.Namespace) -> Path:
     if getattr(args, "platform", "native") == "win_amd64" and not libbuild.is_windows():
         return build_mingw(args)
     out = Path(args.out).expanduser().resolve() / args.variant
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "build.json"
-    key = {"version": VERSION, "variant": args.variant,
+    key = {"version": VERSION, "variant": args.variant, "patches": patch_key(args),
            "cmake_args": cmake_args(args.variant, args.cuda_arch) + list(args.cmake_arg or []),
            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "platform": sys.platform,
            "machine": platform.machine()}
@@ -138,6 +154,7 @@ def build(args: argparse.Namespace) -> Path:
             return Path(done["wheel"])
     work = Path(args.work or tempfile.mkdtemp(prefix="molink-wheel-")).resolve()
     sdist = Path(args.sdist).resolve() if args.sdist else libbuild.fetch_sdist(work / "sdist", VERSION)
+    sdist, applied = patched_sdist(sdist, work, args)
     env = {**os.environ, "CMAKE_ARGS": " ".join(key["cmake_args"]), "FORCE_CMAKE": "1"}
     if args.jobs:
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(args.jobs)
@@ -163,7 +180,7 @@ def build(args: argparse.Namespace) -> Path:
         libbuild.llama_cpp_root(sdist)
     probe_ns = argparse.Namespace(ninja=libbuild.find_ninja())
     sizes = libbuild.probe_struct_sizes(libbuild.find_cmake(), src, work / "probe", probe_ns)
-    info = {**key, "cuda_archs": args.cuda_arch if args.variant.startswith("cu") else None,
+    info = {**key, "patches_applied": applied, "cuda_archs": args.cuda_arch if args.variant.startswith("cu") else None,
             "requires": list(CUDA_REQUIRES.get(args.variant, ())),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(built, 1)}
     wheel = out / wheels[0].name
@@ -296,7 +313,8 @@ def build_mingw(args: argparse.Namespace) -> Path:
         sources.update(f.read_bytes())
     key = {"version": VERSION, "variant": args.variant, "platform": "win_amd64",
            "cmake_args": mingw_cmake_args(args.variant) + list(args.cmake_arg or []),
-           "compiler": f"{MINGW}-g++-posix {gcc_version}", "sources": sources.hexdigest()[:24]}
+           "compiler": f"{MINGW}-g++-posix {gcc_version}", "sources": sources.hexdigest()[:24],
+           "patches": patch_key(args)}
     stamp = out / "build-win_amd64.json"
     if stamp.is_file() and not args.force:
         try:
@@ -307,7 +325,7 @@ def build_mingw(args: argparse.Namespace) -> Path:
             libbuild.log(f"up to date: {done['wheel']}")
             return Path(done["wheel"])
     t0 = time.perf_counter()
-    root = libbuild.extract(sdist, work / "src") if sdist.is_file() else sdist
+    root, applied = patched_sdist(sdist, work, args)
     src = libbuild.llama_cpp_root(root)
     tc = work / "mingw"
     tc.mkdir(parents=True, exist_ok=True)
@@ -338,7 +356,7 @@ def build_mingw(args: argparse.Namespace) -> Path:
             raise libbuild.BuildError(f"{d.name} imports {', '.join(extra)}, which a Windows machine may not have")
     sizes = libbuild.probe_struct_sizes_asm([tools[f"{MINGW}-gcc-posix"]], src, work / "probe-win_amd64")
     sizes["llama_cpp_python"] = libbuild.sdist_version(root) or VERSION
-    info = {**key, "cuda_archs": None, "requires": [], "python": "py3", "machine": "AMD64",
+    info = {**key, "patches_applied": applied, "cuda_archs": None, "requires": [], "python": "py3", "machine": "AMD64",
             "threads": "ggml thread pool (GGML_OPENMP=OFF)",
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(built, 1)}
     wheel = pack_windows_wheel(root, dlls, out)
@@ -393,6 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--work", default=None, help="work folder (kept); default: a temporary one")
     b.add_argument("--jobs", "-j", type=int, default=os.cpu_count(), help="parallel compile jobs")
     b.add_argument("--force", action="store_true", help="rebuild even when OUT/<variant> is up to date")
+    b.add_argument("--no-patches", action="store_true",
+                   help="build the pristine llama.cpp source, without kernels/patches/")
     b.add_argument("--no-build-isolation", action="store_true",
                    help="build with the packages already installed (scikit-build-core): for machines without a "
                         "package registry")

@@ -8,6 +8,22 @@ import os
 
 import pytest
 
+# MOLINK_EXPECT_STAGE_OUTPUT=graph|callback: every non-last stage engine of this run must hand on its output that
+# way (tests/test_wheel.py and test_kernels.py run the exactness tests on the patched engine and check it is used)
+_EXPECT = os.environ.get("MOLINK_EXPECT_STAGE_OUTPUT")
+if _EXPECT:
+    from molink_lite.stage import engine as _engine
+
+    _init = _engine.StageEngine.__init__
+
+    def _checked_init(self, *a, **kw):
+        _init(self, *a, **kw)
+        forced = os.environ.get("MOLINK_STAGE_OUTPUT") == "callback"  # a test that needs the callback
+        if not self.info.is_last and not forced and self.stage_output != _EXPECT:
+            raise AssertionError(f"stage engine uses the {self.stage_output!r} output path, {_EXPECT!r} expected")
+
+    _engine.StageEngine.__init__ = _checked_init
+
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> str:

@@ -80,7 +80,9 @@ def _run_probe(lib_dir: str, model: Path, logits: Path) -> dict:
 @pytest.fixture(scope="module")
 def cpu_lib_dir(tmp_path_factory) -> Path:
     """Portable CPU libraries built by kernels/build.py (cached across runs)."""
-    key = hashlib.sha256(BUILD_PY.read_bytes() + f"cpu-portable {sys.platform} {platform.machine()}".encode())
+    patches = b"".join(f.read_bytes() for f in sorted((ROOT / "kernels" / "patches").glob("*.patch")))
+    key = hashlib.sha256(BUILD_PY.read_bytes() + (ROOT / "kernels" / "patchset.py").read_bytes() + patches +
+                         f"cpu-portable {sys.platform} {platform.machine()}".encode())
     out = _cache_root() / key.hexdigest()[:16]
     work = tmp_path_factory.mktemp("kernels-build")
     cmd = [sys.executable, str(BUILD_PY), "--backend", "cpu", "--portable", "--out", str(out),
@@ -121,6 +123,26 @@ def test_cpu_build_loads_and_runs(cpu_lib_dir: Path, tmp_path: Path) -> None:
     a, b = np.load(tmp_path / "built.npy"), np.load(tmp_path / "bundled.npy")
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.abs(b).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_patched_build_splits_every_architecture_exactly_through_the_graph_output(cpu_lib_dir: Path) -> None:
+    """The build carries the engine patch set (kernels/patches/); on it every non-last stage ends its graph at the
+    last layer (no eval callback), and the per-architecture split tests hold at their levels, as they do on the
+    pristine library the rest of the suite runs on."""
+    info = json.loads((cpu_lib_dir / "build_info.json").read_text())
+    assert info["patches"] == [p.name for p in sorted((ROOT / "kernels" / "patches").glob("*.patch"))]
+    env = {**os.environ, libpath.ENV: str(cpu_lib_dir), "MOLINK_EXPECT_STAGE_OUTPUT": "graph"}
+    env.pop("MOLINK_STAGE_OUTPUT", None)
+    doc = subprocess.run([sys.executable, "-m", "molink_lite.cli", "doctor"], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert "engine patches: stage-output" in doc.stdout, doc.stdout
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_archs_exact.py",
+                          "tests/test_split_exact.py", "tests/test_stage_features.py"], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800)
+    print(run.stdout[-600:])
+    assert run.returncode == 0, run.stdout[-5000:]
 
 
 # ----------------------------------------------------------------------------- libpath errors

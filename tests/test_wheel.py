@@ -69,6 +69,7 @@ def test_cpu_wheel_installs_without_a_compiler_and_splits_exactly(tmp_path):
     assert str(venv) in doc.stdout  # the library comes from the fresh venv's wheel
     assert "molink-lite cpu wheel of llama-cpp-python 0.3.36" in doc.stdout
     assert "struct sizes: match" in doc.stdout
+    assert "engine patches: stage-output" in doc.stdout  # the wheel carries kernels/patches/
     assert "wheel for this machine: " in doc.stdout and "install: pip install molink-lite" in doc.stdout
 
     # the split-exact and serving tests, run by the fresh venv against the wheel's engine
@@ -76,8 +77,10 @@ def test_cpu_wheel_installs_without_a_compiler_and_splits_exactly(tmp_path):
     shutil.copytree(ROOT / "tests", tests / "tests")
     shutil.copy2(ROOT / "pyproject.toml", tests / "pyproject.toml")
     # (and the codec fidelity bounds, which must hold on this x86-64-v3 build as on a native one)
+    # every non-last stage on the patched engine ends its graph at the last layer (conftest checks each engine)
     run = subprocess.run([py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_split_exact.py",
-                          "tests/test_serving_e2e.py", "tests/test_codec_fidelity.py"], capture_output=True, text=True,
-                         env=env, timeout=2400, cwd=tests)
+                          "tests/test_archs_exact.py", "tests/test_serving_e2e.py", "tests/test_codec_fidelity.py"],
+                         capture_output=True, text=True, env={**env, "MOLINK_EXPECT_STAGE_OUTPUT": "graph"},
+                         timeout=2400, cwd=tests)
     print(run.stdout[-1500:])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -3,9 +3,21 @@
 One :class:`StageEngine` runs one stage GGUF (see :mod:`molink_lite.model.split`). A step
 takes the rows of many sequences at once (each row: sequence id, position, and a
 token id on the first stage or a hidden-state row on later stages) and runs them
-through one ``llama_decode``. Non-last stages capture the output of their last
-layer (``l_out-{n-1}``) with the scheduler's eval callback and skip the LM head;
-the last stage returns next-token logits for the rows asked for.
+through one ``llama_decode``. Non-last stages hand on the output of their last layer
+(``l_out-{n-1}``) and skip the LM head; the last stage returns next-token logits for the
+rows asked for.
+
+How a non-last stage gets its last layer's output (``StageEngine.stage_output``):
+
+- ``"graph"``, with the project's engine patch (``kernels/patches/0001-stage-output.patch``,
+  carried by its wheels and ``kernels/build.py``): llama.cpp's graph ends at ``l_out``, which is
+  read back asynchronously like embeddings; no LM head, no logits buffer, no Python callback.
+- ``"callback"``, with a pristine library (pip's source build): the scheduler's eval callback
+  asks Python about every graph node, copies ``l_out`` out synchronously and stops the graph
+  there. ``MOLINK_STAGE_OUTPUT=callback`` forces it on a patched library (for comparisons).
+
+Both give the same rows, bit for bit (tests/test_kernels.py runs the split-exactness tests on a
+patched build).
 
 Device sampling (last stage, opt-in): every sequence slot whose sampler is plain
 greedy gets a llama.cpp backend sampler chain (``llama_set_sampler``), so the argmax
@@ -37,7 +49,7 @@ import numpy as np
 
 from ..model.archs import RULES, SplitContext, prescale, rule_for, split_equal_order
 
-from .libpath import ggml_function
+from .libpath import ggml_function, llama_patch_function
 
 # ggml's tensor functions, from ggml-base (ggml-base.dll, libggml-base.so, libggml-base.dylib), which exports them:
 # Windows does not search a DLL's dependencies for a symbol (llama.dll exports no ggml_*)
@@ -45,6 +57,8 @@ _ggml_get_name = ggml_function("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_
 _ggml_nbytes = ggml_function("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p])
 _ggml_backend_tensor_get = ggml_function("ggml_backend_tensor_get", None,
                                          [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t])
+# the engine patch (kernels/patches/0001-stage-output.patch); None on a pristine library
+_stage_output_fn = llama_patch_function("llama_molink_stage_output", ctypes.c_bool, [ctypes.c_void_p])
 
 log = logging.getLogger(__name__)
 _logged: set = set()
@@ -156,10 +170,13 @@ class StageEngine:
             raise EngineError(f"llama.cpp could not load {self.path} (see the error above)")
         self.info = self._read_info()
         self.n_batch = int(n_batch)
-        n_vocab_out = _llama.llama_vocab_n_tokens(_llama.llama_model_get_vocab(self._model))
-        # rows per llama_decode: all of n_batch, except on non-last stages with a large vocabulary (see above)
-        self.n_chunk = self.n_batch if self.info.is_last else max(
-            32, min(self.n_batch, OUTPUT_BUFFER_BUDGET // max(1, 4 * n_vocab_out)))
+        self._n_vocab_out = _llama.llama_vocab_n_tokens(_llama.llama_model_get_vocab(self._model))
+        # how a non-last stage hands on its last layer's output (module docstring): the patched graph output where
+        # the library has it, else the eval callback
+        want_graph = (not self.info.is_last and _stage_output_fn is not None
+                      and os.environ.get("MOLINK_STAGE_OUTPUT", "graph") != "callback")
+        self.stage_output = "" if self.info.is_last else "graph" if want_graph else "callback"
+        self.n_chunk = self._chunk_rows()
         self.n_seq_max = int(n_seq_max)
         self.times = StepTimes()
         n_layer = self.info.layer_stop - self.info.layer_start
@@ -171,8 +188,6 @@ class StageEngine:
         self._target = f"l_out-{llama_cpp.llama_model_n_layer(self._model) - 1}".encode()
         cparams = _llama.llama_context_default_params()
         cparams.n_ctx = max(1, int(n_ctx) // self.lanes)  # each lane holds its own sequences' KV
-        cparams.n_batch = self.n_chunk
-        cparams.n_ubatch = self.n_chunk
         cparams.n_seq_max = self.n_seq_max
         cparams.kv_unified = True
         # device sampling is opt-in: on an H100 (Llama-3-8B shape, 64 sequences) llama.cpp's backend sampler made a
@@ -194,22 +209,16 @@ class StageEngine:
         cparams.flash_attn_type = (_llama.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
                                    _llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
                                    _llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        if not self.info.is_last:
-            self._cb = _llama.ggml_backend_sched_eval_callback(self._eval_cb)
-            cparams.cb_eval = self._cb
+        self._cb = _llama.ggml_backend_sched_eval_callback(self._eval_cb)
         self._lanes: List[_Lane] = []
-        for i in range(self.lanes):  # one llama.cpp context per lane, all on the same model weights
-            if not self.info.is_last:
-                cparams.cb_eval_user_data = ctypes.c_void_p(i + 1)  # which lane's capture buffer the callback fills
-            c = _llama.llama_init_from_model(self._model, cparams)
-            if not c:
-                for lane in self._lanes:
-                    _llama.llama_free(lane.ctx)
-                _llama.llama_model_free(self._model)
-                self._model = None
-                raise EngineError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}, "
-                                  f"lane {i + 1} of {self.lanes})")
-            self._lanes.append(_Lane(c, _llama.llama_get_memory(c), self.n_chunk, self.info.n_embd))
+        if not self._make_lanes(cparams, n_ctx) and self.stage_output == "graph":
+            # the patched library refused this model (a pooling type, an output width other than n_embd)
+            log_once(f"{Path(self.path).name}: llama.cpp's stage output is not available for this model; "
+                     "capturing the last layer's output through the eval callback")
+            self.stage_output = "callback"
+            self.n_chunk = self._chunk_rows()
+            if not self._make_lanes(cparams, n_ctx):
+                raise EngineError("llama.cpp refused the eval callback path")  # pragma: no cover
         self._ctx, self._mem = self._lanes[0].ctx, self._lanes[0].mem  # lane 0 (the only one by default)
         self.n_ctx_lane = _llama.llama_n_ctx(self._ctx)
         self.n_ctx = self.n_ctx_lane * self.lanes
@@ -228,6 +237,40 @@ class StageEngine:
             self._chains = [None] * self.n_seq_max
             for s in range(self.n_seq_max):
                 self._attach(s, True)
+
+    def _chunk_rows(self) -> int:
+        """Rows per llama_decode: all of n_batch, except on callback-path non-last stages with a large vocabulary,
+        whose logits buffer llama.cpp sizes by the rows (OUTPUT_BUFFER_BUDGET)."""
+        if self.info.is_last or self.stage_output == "graph":
+            return self.n_batch
+        return max(32, min(self.n_batch, OUTPUT_BUFFER_BUDGET // max(1, 4 * self._n_vocab_out)))
+
+    def _make_lanes(self, cparams, n_ctx: int) -> bool:
+        """One llama.cpp context per lane, all on the same model weights. False (nothing kept) where the patched
+        stage output was asked for and llama.cpp refused it."""
+        cparams.n_batch = self.n_chunk
+        cparams.n_ubatch = self.n_chunk
+        callback = self.stage_output == "callback"
+        cparams.cb_eval = self._cb if callback else _llama.ggml_backend_sched_eval_callback(0)
+        for i in range(self.lanes):
+            cparams.cb_eval_user_data = ctypes.c_void_p(i + 1 if callback else 0)  # which lane's capture buffer
+            c = _llama.llama_init_from_model(self._model, cparams)
+            if not c:
+                self._free_lanes()
+                _llama.llama_model_free(self._model)
+                self._model = None
+                raise EngineError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}, "
+                                  f"lane {i + 1} of {self.lanes})")
+            self._lanes.append(_Lane(c, _llama.llama_get_memory(c), self.n_chunk, self.info.n_embd))
+            if self.stage_output == "graph" and not _stage_output_fn(c):
+                self._free_lanes()
+                return False
+        return True
+
+    def _free_lanes(self) -> None:
+        for lane in self._lanes:
+            _llama.llama_free(lane.ctx)
+        self._lanes = []
 
     # ------------------------------------------------------------------ info
     def _read_info(self) -> StageInfo:
@@ -398,6 +441,8 @@ class StageEngine:
         rc = _llama.llama_decode(lane.ctx, batch)
         t1 = time.perf_counter()
         self.times.decode += t1 - t0
+        if self.stage_output == "graph":
+            return self._read_stage_output(lane, rc, n, t1)
         if lane.cap_error:
             raise EngineError(lane.cap_error)
         if rc == 1:
@@ -418,6 +463,21 @@ class StageEngine:
             out[np.asarray(split_equal_order(seq_ids.tolist(), self.n_chunk), dtype=np.int64)] = lane.cap_buf[:n]
         else:
             out = lane.cap_buf[:n].copy()
+        self.times.capture += time.perf_counter() - t1
+        return out
+
+    def _read_stage_output(self, lane: "_Lane", rc: int, n: int, t1: float) -> np.ndarray:
+        """The patched graph's last-layer rows of the chunk just decoded (llama.cpp's embeddings buffer, batch
+        order; waits for the device)."""
+        if rc == 1:
+            raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx_lane}"
+                              f"{' per lane' if self.lanes > 1 else ''}); free sequences or raise --ctx")
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
+        ptr = _llama.llama_get_embeddings(lane.ctx)
+        if not ptr:
+            raise EngineError("llama.cpp returned no stage output")
+        out = np.ctypeslib.as_array(ptr, shape=(n, self.info.n_embd)).copy()
         self.times.capture += time.perf_counter() - t1
         return out
 

@@ -287,6 +287,29 @@ def ggml_function(name: str, restype, argtypes: Sequence[object], libraries: Seq
                              f"(molink-lite doctor says which wheel fits this machine)")
 
 
+def llama_patch_function(name: str, restype, argtypes: Sequence[object]):
+    """A function the project's patch set adds to the llama library (``kernels/patches/``), or None when the
+    loaded library is a pristine build (pip's own source build, another llama.cpp)."""
+    import llama_cpp.llama_cpp as ll
+
+    try:
+        fn = getattr(ll._lib, name)
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
+
+
+def engine_patches() -> List[str]:
+    """Names of the patches the loaded llama library was built with (``llama_molink_patches()``); [] if none."""
+    import ctypes
+
+    fn = llama_patch_function("llama_molink_patches", ctypes.c_char_p, [])
+    if fn is None:
+        return []
+    return [s for s in (fn() or b"").decode("ascii", "replace").split(",") if s]
+
+
 def preload_cuda_runtime() -> List[str]:
     """Make NVIDIA's registry wheels (``nvidia-cuda-runtime-cu12``, ``nvidia-cublas-cu12``) serve as the CUDA
     runtime of a CUDA llama.cpp build; call before llama_cpp is imported. Returns what it loaded or added.

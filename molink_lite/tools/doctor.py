@@ -185,6 +185,7 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
     except LibraryPathError:
         lines.append("struct sizes: not recorded for this library (only project wheels and kernels/build.py "
                      "record them); the version pin is the only guard")
+    lines.append(patches_line())
     gpu = bool(ll.llama_supports_gpu_offload())
     lines.append(f"backend: {'GPU offload available' if gpu else 'CPU only'}")
     try:
@@ -215,6 +216,18 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
     return lines, ok
 
 
+def patches_line() -> str:
+    """The project's engine patches the loaded library carries (kernels/patches/), and what lacking them costs."""
+    from ..stage.libpath import engine_patches
+
+    names = engine_patches()
+    if names:
+        return (f"engine patches: {', '.join(names)} (kernels/patches/: non-last stages end their graph at the "
+                "last layer, with no LM head, no logits buffer and no per-node callback)")
+    return ("engine patches: none (a pristine llama.cpp build: non-last stages capture their output through the "
+            "eval callback, which is slower on GPUs; the project's wheels and kernels/build.py carry the patches)")
+
+
 def summary_line() -> str:
     """One line for a stage's log: library, build, backend."""
     import llama_cpp.llama_cpp as ll
@@ -222,5 +235,8 @@ def summary_line() -> str:
     from ..stage.libpath import loaded_library
 
     lib = loaded_library()
+    from ..stage.libpath import engine_patches
+
     return (f"llama.cpp: {lib} ({build_info(lib.parent) if lib else '?'}); "
-            f"{'GPU offload available' if ll.llama_supports_gpu_offload() else 'CPU only'}")
+            f"{'GPU offload available' if ll.llama_supports_gpu_offload() else 'CPU only'}; "
+            f"engine patches: {', '.join(engine_patches()) or 'none'}")
