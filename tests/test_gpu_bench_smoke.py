@@ -32,3 +32,18 @@ def test_gpu_bench_dry_run(tmp_path):
         assert "error" not in r, (key, r)
         assert r["rows"][0]["tokens"] == 4 * 8 and r["ttft_ms_best"] > 0
     assert "issue 7" in p.stdout and "2x_l2_mb2" in p.stdout
+
+
+def test_gpu_bench_gateway_over_an_emulated_link(tmp_path):
+    """--delay-ms/--rate-mbit put a relay in front of the second stage; --ignore-eos asks for every token."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "gpu_pipeline.py"), "--tiny", "--part", "gateway",
+                        "--model", str(tmp_path / "tiny.gguf"), "--stages", "2", "--micro-batches", "S", "--conc", "1,4",
+                        "--http-tokens", "8", "--ttft-prompt", "64", "--threads", "1", "--delay-ms", "2",
+                        "--rate-mbit", "100", "--ignore-eos", "--json", str(out), "--workdir", str(tmp_path / "wd")],
+                       capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())["gateway"]["2x_mb2"]
+    assert "error" not in r, r
+    assert [row["tokens"] for row in r["rows"]] == [8, 4 * 8]
+    assert (tmp_path / "wd" / "gw" / "relay1.log").is_file()

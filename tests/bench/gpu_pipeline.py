@@ -84,6 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-whole-engine", action="store_true")
     ap.add_argument("--chain", default="", help="stage counts for the in-process engine-chain breakdown, e.g. 2,3")
     ap.add_argument("--deadline", type=float, default=0, help="seconds; skip remaining runs after this")
+    ap.add_argument("--delay-ms", type=float, default=0.0,
+                    help="gateway part: a `molink-lite link` relay adding this delay each way in front of every stage "
+                         "after the first (and of every ggml-rpc-server of the rpc baseline), as on another host")
+    ap.add_argument("--rate-mbit", type=float, default=0.0, help="gateway part: the relay's rate limit each way")
+    ap.add_argument("--stage-output", default="",
+                    help="how non-last stages hand on their output, each in turn (MOLINK_STAGE_OUTPUT): graph "
+                         "(the engine patch), callback (the pristine API's eval callback), e.g. callback,graph; "
+                         "default: what the library offers")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="gateway part: every request asks for all max_tokens (ignore_eos), on every system")
     return ap.parse_args(argv)
 
 
@@ -103,6 +113,7 @@ import asyncio  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -268,8 +279,14 @@ def whole_engine(model: str, seqs: List[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- served stages
-def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str], workdir: Path, lanes: int = 1):
-    """Start one ``molink-lite stage`` process per range, stage i on GPU gpus[i % len(gpus)]."""
+def stage_output_modes() -> List[str]:
+    return [m for m in ARGS.stage_output.split(",") if m] or [""]
+
+
+def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str], workdir: Path, lanes: int = 1,
+           stage_output: str = ""):
+    """Start one ``molink-lite stage`` process per range, stage i on GPU gpus[i % len(gpus)]; ``stage_output``:
+    MOLINK_STAGE_OUTPUT of the stages (graph or callback; "" leaves the library's default)."""
     info = read_model_info(model)
     ranges = even_ranges(info.n_layer, n_stages)
     for r in ranges:
@@ -284,9 +301,11 @@ def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str]
     procs = []
     try:
         for i, r in enumerate(ranges):
-            wd = workdir / f"s{n_stages}-l{lanes}-{i}"
+            wd = workdir / f"s{n_stages}-l{lanes}-{i}{stage_output}"
             wd.mkdir(parents=True, exist_ok=True)
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)], "NCCL_NVLS_ENABLE": "0"}
+            if stage_output:
+                env["MOLINK_STAGE_OUTPUT"] = stage_output
             procs += start_stages(model, [r], extra_args=extra, env=env, workdir=str(wd), timeout=600)
     except BaseException:
         stop_stages(procs)
@@ -551,20 +570,22 @@ def part_pipeline(model: str) -> None:
     n_ctx = ARGS.ctx or max(max(seqs) * (ARGS.prompt_len + ARGS.steps + 8) + 64, ARGS.ttft_prompt + 64)
     served = RESULTS.setdefault("served", {})
     wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-"))
-    for ns in [int(x) for x in ARGS.stages.split(",") if x]:
+    for ns, mode in [(int(x), m) for x in ARGS.stages.split(",") if x for m in stage_output_modes()]:
         if out_of_time():
             break
-        say(f"starting {ns} stage process(es) on GPU {gpus[0]}")
+        if ns == 1 and mode != stage_output_modes()[0]:
+            continue  # one stage has no non-last stage: the mode changes nothing
+        say(f"starting {ns} stage process(es) on GPU {gpus[0]}" + (f", stage output {mode}" if mode else ""))
         t0 = time.perf_counter()
-        ranges, procs = launch(model, ns, n_ctx, max(seqs), gpus, wd)
+        ranges, procs = launch(model, ns, n_ctx, max(seqs), gpus, wd, stage_output=mode)
         say(f"  up in {time.perf_counter() - t0:.1f} s: {', '.join(str(r) for r in ranges)}")
         try:
             mbs = micro_batch_list(ns)
             for mb in mbs:
                 if out_of_time():
                     break
-                served[f"{ns}x_mb{mb}"] = asyncio.run(pipeline_runs([sp.url for sp in procs], mb, seqs, info.n_vocab,
-                                                                    info.n_embd))
+                served[f"{ns}x_mb{mb}" + (f"_{mode}" if mode and ns > 1 else "")] = asyncio.run(
+                    pipeline_runs([sp.url for sp in procs], mb, seqs, info.n_vocab, info.n_embd))
                 save()
         finally:
             stop_stages(procs)
@@ -661,6 +682,8 @@ async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats
         async def one(max_tokens: int, prompt_len: int) -> dict:
             body = {"prompt": rng.integers(3, n_vocab, prompt_len).tolist(), "max_tokens": max_tokens,
                     "temperature": 0.0}
+            if ARGS.ignore_eos:
+                body["ignore_eos"] = True
             async with http.post(base + "/v1/completions", json=body) as r:
                 data = await r.json()
                 if r.status != 200:
@@ -715,6 +738,42 @@ async def http_runs(port: int, concs: List[int], n_vocab: int, alive=None, stats
                 "stats": st}
 
 
+def linked() -> bool:
+    return ARGS.delay_ms > 0 or ARGS.rate_mbit > 0
+
+
+def start_relay(target_port: int, port: int, logf: Path) -> subprocess.Popen:
+    """A ``molink-lite link`` relay on ``port`` in front of ``target_port`` (--delay-ms each way, --rate-mbit)."""
+    cmd = [sys.executable, "-m", "molink_lite.cli", "link", "--listen", f"127.0.0.1:{port}",
+           "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(ARGS.delay_ms), "--rate-mbit", str(ARGS.rate_mbit)]
+    with open(logf, "wb") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    t_end = time.time() + 60
+    while time.time() < t_end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p
+        except OSError:
+            if p.poll() is not None:
+                break
+            time.sleep(0.1)
+    raise RuntimeError(f"relay on :{port} did not start: {logf.read_text()[-2000:]}")
+
+
+def stage_urls(procs, wd: Path, relays: List[subprocess.Popen], base_port: int) -> List[str]:
+    """The stages' URLs as the gateway sees them: stage 0 direct, later stages through a relay when linked."""
+    urls = [procs[0].url]
+    for i, sp in enumerate(procs[1:], 1):
+        if linked():
+            port = base_port + i
+            relays.append(start_relay(sp.port, port, wd / f"relay{i}.log"))
+            urls.append(f"ws://127.0.0.1:{port}")
+        else:
+            urls.append(sp.url)
+    return urls
+
+
 def part_gateway(model: str) -> None:
     concs = [int(x) for x in ARGS.conc.split(",")]
     info = read_model_info(model)
@@ -724,14 +783,16 @@ def part_gateway(model: str) -> None:
     wd = Path(ARGS.workdir or tempfile.mkdtemp(prefix="molink-bench-")) / "gw"
     wd.mkdir(parents=True, exist_ok=True)
     port = 8400
-    for ns in [int(x) for x in ARGS.stages.split(",") if x]:
+    for ns, mode in [(int(x), m) for x in ARGS.stages.split(",") if x for m in stage_output_modes()]:
+        if ns == 1 and mode != stage_output_modes()[0]:
+            continue
         for lanes in [int(x) for x in ARGS.lanes.split(",") if x]:
             if out_of_time():
                 break
-            tag = f"{ns}x" + (f"_l{lanes}" if lanes > 1 else "")
+            tag = f"{ns}x" + (f"_l{lanes}" if lanes > 1 else "") + (f"_{mode}" if mode and ns > 1 else "")
             say(f"gateway part: {ns} stage(s) on GPU(s) {', '.join(gpus[i % len(gpus)] for i in range(ns))}, "
-                f"{lanes} lane(s), ctx {n_ctx}")
-            ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd, lanes)
+                f"{lanes} lane(s), ctx {n_ctx}" + (f", stage output {mode}" if mode else ""))
+            ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd, lanes, stage_output=mode)
             try:
                 for mb in micro_batch_list(ns):
                     if out_of_time():
@@ -741,7 +802,9 @@ def part_gateway(model: str) -> None:
                     port += 1
                     key = f"{tag}_mb{mb}"
                     say(f"  gateway --micro-batches {mb} on :{port}")
-                    gw = start_gateway_proc([sp.url for sp in procs], mb, port, wd / f"gateway-{key}.log")
+                    relays: List[subprocess.Popen] = []
+                    urls = stage_urls(procs, wd, relays, port + 500)
+                    gw = start_gateway_proc(urls, mb, port, wd / f"gateway-{key}.log")
                     try:
                         pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
                         res[key] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
@@ -750,7 +813,7 @@ def part_gateway(model: str) -> None:
                         say(f"  FAILED: {e}\n{(wd / f'gateway-{key}.log').read_text()[-3000:]}")
                         res[key] = {"error": str(e)}
                     finally:
-                        stop_processes([gw], 10)
+                        stop_processes([gw, *relays], 10)
                     save()
             finally:
                 stop_stages(procs)
@@ -837,6 +900,10 @@ def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int,
                       {**env, "CUDA_VISIBLE_DEVICES": g}, f"rpc{i}")
                 eps.append(f"127.0.0.1:{rport}")
             time.sleep(3)
+            if linked():  # llama-server reaches each RPC device over the same emulated link
+                for i in range(len(eps)):
+                    procs.append(start_relay(port + 100 + i, port + 200 + i, wd / f"{name}-relay{i}.log"))
+                    eps[i] = f"127.0.0.1:{port + 200 + i}"
             cmd += ["--rpc", ",".join(eps)]
             srv = start(cmd, {**env, "CUDA_VISIBLE_DEVICES": ""}, "server")  # layers only on the RPC devices
         else:
