@@ -493,7 +493,8 @@ def _engine_opts(s: argparse.ArgumentParser) -> None:
 
 def _sched_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--micro-batches", type=int, default=None,
-                   help="steps in flight per pipeline (default: one per stage and lane)")
+                   help="steps in flight per pipeline (default: one per stage and lane; twice that for GPU stages "
+                        "whose measured step path takes 5 ms or more)")
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per sequence per step (default: chosen from the measured stage-to-stage links: "
                         "bandwidth x max(one-way latency, 5 ms), 32..max-batch-tokens)")
@@ -820,7 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rest of their pipeline before everything is placed anew (default 15)")
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
-    s.add_argument("--codec", default="f16", choices=["f16", "f32", "int8", "f16-clamp"], help="hidden-state wire codec")
+    s.add_argument("--codec", default="auto", choices=["auto", "f16", "f32", "int8", "f16-clamp"],
+                   help="hidden-state wire codec between stages (default auto: int8 where a decode round's f16 hidden "
+                        "states would take over 5 ms on the slowest measured link, else f16; f32 is lossless)")
     s.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for stages at start")
     s.add_argument("--takeover", action="store_true",
                    help="take the stages over from another gateway that controls them (it is fenced off and stays "

@@ -252,7 +252,9 @@ def test_prefix_cache_options(cmd):
     (lambda: PipelineConfig(spec=SpecConfig("auto", k=99)), "--spec-k"),
     (lambda: PipelineConfig(prefix_cache_cells=-1), "--prefix-cache-cells"),
     (lambda: GatewaySecurity(tls="on"), "--tls"),
-    (lambda: ServeConfig(stage=StageConfig(codec="f32")), "codec"),
+    (lambda: ServeConfig(stage=StageConfig(codec="f32"), gateway=GatewayConfig(pipeline=PipelineConfig(codec="f16"))),
+     "codec"),
+    (lambda: PipelineConfig(codec="bf16"), "--codec must be auto or one of"),
     (lambda: ServeConfig(stage=StageConfig(), stages=0), "--stages"),
 ])
 def test_configs_reject_bad_settings_clearly(make, match):

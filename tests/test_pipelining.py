@@ -158,3 +158,39 @@ def test_prefill_chunk_chosen_from_link_through_relay(gemma_stages, tmp_path):
             gw.stop()
         relay.terminate()
         relay.wait(10)
+
+
+def _relay(port_to: int, delay_ms: str, mbit: str):
+    port = free_port()
+    relay = subprocess.Popen([sys.executable, "-m", "molink_lite.cli", "link", "--listen", f"127.0.0.1:{port}",
+                              "--to", f"127.0.0.1:{port_to}", "--delay-ms", delay_ms, "--rate-mbit", mbit])
+    time.sleep(1.0)
+    return relay, port
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec_opt,want", [("auto", "int8"), ("f16", "f16")])
+def test_codec_chosen_from_the_link(gemma_stages, tmp_path, codec_opt, want):
+    """--codec auto (the default) over a 10 Mbit/s link: a full decode round of f16 hidden states (8 x 640) would take
+    8 ms, over the 5 ms budget, so the stages are switched to int8, and say so; a fixed --codec is kept."""
+    relay, port = _relay(gemma_stages[1].port, "1", "10")
+    gw = None
+    try:
+        extra = [] if codec_opt == "auto" else ["--codec", codec_opt]
+        gw = GatewayProcess([[gemma_stages[0].url, f"ws://127.0.0.1:{port}"]], extra=extra, log_dir=tmp_path)
+        gw.wait_ready()
+        st = _stats(gw)
+        assert st["codec"] == want and st["link_choice"]["codec"] == want
+        assert ("over the 5 ms budget" in st["link_choice"]["why"]) == (codec_opt == "auto")
+        assert [s["codec"] for s in st["stages"]] == [want, want]  # the stages were told
+        # CPU stages: one micro-batch per stage, whatever the link
+        assert st["micro_batches"] == 2 and st["link_choice"]["micro_batches"] == 2
+        assert _complete(gw, "The capital of France is", 6)["usage"]["completion_tokens"] == 6
+        status = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", gw.url],
+                                capture_output=True, text=True, timeout=60)
+        assert f"links: codec {want}" in status.stdout, status.stdout
+    finally:
+        if gw is not None:
+            gw.stop()
+        relay.terminate()
+        relay.wait(10)

@@ -62,6 +62,8 @@ class Chain:
         self.opening: List[Channel] = []  # the links of the attempt to open in progress (or the last one)
         # where each stage sends to, when not simply the next URL (a relayed link: wire/relay.py)
         self.next_urls: Optional[List[Optional[str]]] = None
+        self._configured: List[Tuple[Channel, Optional[str]]] = []  # (link, its next) as last configured
+        self._gateway_id = ""
 
     @property
     def first(self) -> dict:
@@ -106,6 +108,7 @@ class Chain:
             if problem:
                 raise PipelineError(problem)
             epochs: List[Optional[int]] = []
+            configured: List[Tuple[Channel, Optional[str]]] = []
             for i, ch in enumerate(chans):
                 nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
                 if self.next_urls is not None and nxt is not None:
@@ -119,6 +122,7 @@ class Chain:
                             from None
                     raise
                 epochs.append(reply.get("epoch"))
+                configured.append((ch, nxt))
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             for ch in chans:
                 await ch.close()
@@ -128,6 +132,17 @@ class Chain:
                 await ch.close()
             raise
         self.channels, self.infos, self.epochs = chans, infos, epochs
+        self._configured, self._gateway_id = configured, gateway_id
+
+    async def set_codec(self, codec: str) -> None:
+        """Tell every stage of the open chain to hand on hidden states with ``codec`` (a ``configure`` with the same
+        next stage: the stage keeps its link and its sequences)."""
+        try:
+            for ch, nxt in self._configured:
+                await ch.request(Configure(nxt, codec, self._gateway_id, False).to_meta(), timeout=60)
+        except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
+            raise PipelineError(f"pipeline {self.name}: could not switch the stages to codec {codec}: {e}") from None
+        self.codec = codec
 
     @staticmethod
     async def _watch(ch: Channel, url: str, on_frame: FrameHandler, on_closed: Callable[[Channel, str], None]) -> None:

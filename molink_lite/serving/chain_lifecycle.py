@@ -116,6 +116,7 @@ class ChainLifecycle:
         if self.measure_path:
             await self._measure_path()
         try:
+            await self.user._choose_link_settings(self.chain.infos)
             self.user._size_for(self.chain.infos)
         except PipelineError:
             await self.chain.close()

@@ -48,7 +48,7 @@ def _port(value: int, opt: str) -> None:
 class PipelineConfig:
     """Per-pipeline settings: the keywords of ``Pipeline(urls, ...)`` other than the URLs, name and key."""
 
-    codec: str = "f16"                     # --codec: hidden-state wire codec
+    codec: str = "auto"                    # --codec: hidden-state wire codec (auto: from the links, link_policy)
     max_inflight: Optional[int] = None     # --micro-batches (None or 0: one per stage and lane)
     prefill_chunk: Optional[int] = None    # --prefill-chunk (None or 0: from the measured links)
     max_batch_tokens: int = 512            # --max-batch-tokens
@@ -62,8 +62,8 @@ class PipelineConfig:
     prefix_cache_per_key: bool = False     # --prefix-cache per-key: reuse only between requests of one API key
 
     def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ConfigError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.codec not in CODECS + ("auto",):
+            raise ConfigError(f"--codec must be auto or one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.max_inflight is not None and self.max_inflight < 0:
             raise ConfigError(f"--micro-batches must be >= 1 (or left out), got {self.max_inflight}")
         if self.prefill_chunk is not None and self.prefill_chunk < 0:
@@ -227,7 +227,7 @@ class ServeConfig:
         _port(self.stage_port, "--stage-port")
         if self.stage_port and self.stage_port + self.stages - 1 > 65535:
             raise ConfigError(f"--stage-port {self.stage_port} leaves no room for {self.stages} stage ports")
-        if self.stage.codec != self.gateway.pipeline.codec:
+        if self.gateway.pipeline.codec != "auto" and self.stage.codec != self.gateway.pipeline.codec:
             raise ConfigError(f"the stages' codec {self.stage.codec!r} differs from the gateway's "
                               f"{self.gateway.pipeline.codec!r}")
         if self.gateway.pipelines or self.gateway.join.model:

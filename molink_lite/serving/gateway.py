@@ -291,6 +291,8 @@ class Gateway:
         for p, d in zip(self.pipelines, self.router.describe()):
             entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
                                      "micro_batches": p.max_inflight, "lanes": p.lanes, "links": p.links,
+                                     "codec": p.codec, "link_choice": (p.link_choice.summary()
+                                                                       if p.link_choice is not None else None),
                                      "events": list(p.events),
                                      "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
                                      "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
@@ -628,7 +630,7 @@ def _grammar_param(body: dict) -> str:
 def _stage_info(info: dict) -> dict:
     """What the dashboard shows of a stage (its hello): address, host, layers, backend, offload, sizes."""
     keys = ("url", "host", "layer_start", "layer_stop", "n_layer_total", "backend", "n_gpu_layers", "model_bytes",
-            "n_ctx", "max_seqs", "arch", "codec")
+            "n_ctx", "max_seqs", "arch", "codec", "stage_output")
     return {k: info.get(k) for k in keys}
 
 

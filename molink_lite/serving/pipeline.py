@@ -27,7 +27,7 @@ from ..wire.codec import FrameError
 from ..wire.protocol import ProtocolError, ResultFrame, StepErrorFrame
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
-from . import speculative
+from . import link_policy, speculative
 from .scheduler import PrefillBudget, StepPlan, chunk_for_links, long_prefill_running, next_step
 from .sequence import GenRequest, SeqState
 from .slots import SlotTable
@@ -91,9 +91,13 @@ class Pipeline:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
         self.name = name or ",".join(self.urls)
-        self.codec = codec
+        # --codec auto (the default) and --micro-batches left out: chosen from the measured links at each connect
+        # (link_policy); until then f16 and one micro-batch per stage
+        self.codec_opt = codec
+        self.codec = "f16" if codec == link_policy.AUTO else codec
         self.max_inflight = max_inflight or len(self.urls)
-        self._auto_inflight = not max_inflight  # then one micro-batch per stage and lane (set at connect)
+        self._auto_inflight = not max_inflight
+        self.link_choice: Optional[link_policy.LinkChoice] = None
         self.auto_chunk = not prefill_chunk
         self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
         self.budget = PrefillBudget(self.prefill_chunk)
@@ -101,10 +105,11 @@ class Pipeline:
         self.spec = (spec or SpecConfig()).validate()
         self.spec_on = self.spec.mode == "ngram"   # "auto" is decided when the pipeline connects
         self.cost = StepCost(0.02, 0.001)
-        self.chain = Chain(self.urls, codec=codec, key=key, heartbeat=(heartbeat_interval, heartbeat_timeout),
+        self.chain = Chain(self.urls, codec=self.codec, key=key, heartbeat=(heartbeat_interval, heartbeat_timeout),
                            name=self.name)
         self.lifecycle = ChainLifecycle(self.chain, self, step_timeout=step_timeout, takeover=takeover,
-                                        probe_links=self.auto_chunk, measure_path=self.spec.mode != "off")
+                                        probe_links=self.auto_chunk or codec == link_policy.AUTO,
+                                        measure_path=self.spec.mode != "off" or self._auto_inflight)
         self.slots = SlotTable(prefix_cache, prefix_cache_cells, prefix_cache_per_key)
         self.waiting: Deque[SeqState] = deque()
         self.inflight: Dict[int, StepRecord] = {}
@@ -155,6 +160,17 @@ class Pipeline:
         self.on_up(self)
         self._wake.set()
 
+    async def _choose_link_settings(self, infos: List[dict]) -> None:
+        """Codec and micro-batches from the links just measured (:mod:`.link_policy`); the stages are told a codec
+        that differs from the one they were configured with."""
+        rows = min([self.max_batch_tokens_opt] + [int(i.get("max_seqs") or 1) for i in infos])
+        choice = link_policy.choose(codec_opt=self.codec_opt, mb_opt=None if self._auto_inflight else self.max_inflight,
+                                    links=self.links, path_rtt_s=self.path_rtt_s, infos=infos, rows=rows)
+        if choice.codec != self.chain.codec:
+            await self.chain.set_codec(choice.codec)
+        self.codec, self.link_choice = choice.codec, choice
+        log.info("pipeline %s: %s", self.name, choice.why)
+
     def _size_for(self, infos: List[dict]) -> None:
         """Slots, rows per step, prefill chunk, speculation and micro-batches for the chain just opened."""
         self.slots.size_for(infos, self.name)
@@ -165,8 +181,9 @@ class Pipeline:
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         if self.spec.mode != "off":  # the step path was measured: speculate ("auto") and a step's cost prior
             self.spec_on, self.cost = speculative.for_path(self.spec, self.path_rtt_s, self.spec_on)
-        if self._auto_inflight:  # measured best on H100s: 1 stage x 2 lanes -> 2, 2 stages x 2 lanes -> 4
-            self.max_inflight = len(self.urls) * self.lanes
+        if self._auto_inflight:  # one per stage and lane, or what the links call for (link_policy)
+            self.max_inflight = (self.link_choice.micro_batches if self.link_choice is not None
+                                 else len(self.urls) * self.lanes)
 
     def fail(self, message: str) -> None:
         """The chain is broken: hand every unfinished sequence back (``on_lost``) and go down."""

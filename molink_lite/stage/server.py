@@ -101,7 +101,8 @@ class StageServer:
             "max_seqs": e.n_seq_max, "n_batch": e.n_batch, "max_rows": self.runner.limits.max_rows, "model": i.path,
             "name": i.name, "next": self.link.url, "codec": self.runner.codec, "host": socket.gethostname(),
             "backend": self.backend(), "n_gpu_layers": e.n_gpu_layers, "model_bytes": _file_size(i.path),
-            "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse}
+            "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse,
+            "stage_output": getattr(e, "stage_output", "")}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -253,6 +254,7 @@ class StageServer:
             t = self.engine.times
             ch.reply(meta, {"type": STATS, **self.stats, "engine_decode_s": t.decode, "engine_capture_s": t.capture,
                             "engine_steps": t.steps, "timeline": list(self.timeline), "live_seqs": live,
+                            "codec": self.runner.codec,
                             "kv_positions": positions, "rss_bytes": process_rss()})
         elif kind == PING:
             ch.reply(meta, {"type": "pong", "bytes": sum(int(a.nbytes) for a in arrays.values())})

@@ -123,6 +123,9 @@ def render(stats: dict, url: str = "") -> str:
                     f"{_n(sch.get('failed'))}  failures {_n(p.get('failures'))}, recoveries {_n(p.get('recoveries'))}"]
         if p.get("error"):
             out.append(f"  error: {_s(p.get('error'), 300)}")
+        lc = _d(p.get("link_choice"))
+        if lc:
+            out.append(f"  links: {_s(lc.get('why'), 400)}")
         pc = _d(p.get("prefix_cache"))
         if pc:
             rate = pc.get("hit_rate")

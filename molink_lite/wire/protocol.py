@@ -745,6 +745,7 @@ class StageHello(TypedDict, total=False):
     host: str
     backend: str
     n_gpu_layers: int
+    stage_output: str  # how a non-last stage hands on its output: "graph" (engine patch) or "callback"; "" last
     model_bytes: int
     chat_template: Optional[str]
     bos: str
