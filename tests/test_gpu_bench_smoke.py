@@ -38,12 +38,15 @@ def test_gpu_bench_gateway_over_an_emulated_link(tmp_path):
     """--delay-ms/--rate-mbit put a relay in front of the second stage; --ignore-eos asks for every token."""
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "gpu_pipeline.py"), "--tiny", "--part", "gateway",
-                        "--model", str(tmp_path / "tiny.gguf"), "--stages", "2", "--micro-batches", "S", "--conc", "1,4",
+                        "--model", str(tmp_path / "tiny.gguf"), "--stages", "2", "--micro-batches", "A", "--conc", "1,4",
                         "--http-tokens", "8", "--ttft-prompt", "64", "--threads", "1", "--delay-ms", "2",
-                        "--rate-mbit", "100", "--ignore-eos", "--json", str(out), "--workdir", str(tmp_path / "wd")],
+                        "--rate-mbit", "100", "--ignore-eos", "--codec", "auto", "--json", str(out),
+                        "--workdir", str(tmp_path / "wd")],
                        capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads(out.read_text())["gateway"]["2x_mb2"]
+    r = json.loads(out.read_text())["gateway"]["2x_mbauto_auto"]  # the gateway's own link-aware choice
     assert "error" not in r, r
+    assert r["stats"]["pipelines"][0]["link_choice"]["micro_batches"] == 2  # CPU stages: one per stage
+    assert "gateway chose: codec f16" in p.stdout
     assert [row["tokens"] for row in r["rows"]] == [8, 4 * 8]
     assert (tmp_path / "wd" / "gw" / "relay1.log").is_file()

@@ -153,11 +153,14 @@ def save() -> None:
 
 
 def micro_batch_list(n_stages: int) -> List[int]:
-    """--micro-batches for a stage count: numbers, S (= stages), kS or S+k."""
+    """--micro-batches for a stage count: numbers, S (= stages), kS or S+k; A (0): the gateway's own choice
+    (gateway part: no --micro-batches, so link_policy decides)."""
     out = set()
     for m in ARGS.micro_batches.split(","):
         m = m.strip()
-        if m.startswith("S+"):
+        if m == "A":
+            out.add(0)
+        elif m.startswith("S+"):
             out.add(n_stages + int(m[2:]))
         elif m.endswith("S"):  # S, 2S ...
             out.add(n_stages * int(m[:-1] or 1))
@@ -292,7 +295,8 @@ def launch(model: str, n_stages: int, n_ctx: int, max_seqs: int, gpus: List[str]
     for r in ranges:
         stage_gguf(model, r)
     extra = ["--ctx", str(n_ctx), "--max-seqs", str(max_seqs), "--n-gpu-layers", str(ARGS.n_gpu_layers),
-             "--batch", str(ARGS.batch), "--codec", ARGS.codec, "--device-sampling", ARGS.device_sampling,
+             "--batch", str(ARGS.batch), "--codec", "f16" if ARGS.codec == "auto" else ARGS.codec,
+             "--device-sampling", ARGS.device_sampling,
              "--lanes", str(lanes)]
     if ARGS.threads:
         extra += ["--threads", str(ARGS.threads)]
@@ -647,7 +651,7 @@ def print_pipeline_table(seqs: List[int]) -> None:
 # ----------------------------------------------------------------------------- gateway / HTTP
 def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(port), "--codec", ARGS.codec,
-           "--micro-batches", str(mb), "--prefill-chunk", str(ARGS.prefill_chunk),
+           *(["--micro-batches", str(mb)] if mb else []), "--prefill-chunk", str(ARGS.prefill_chunk),
            "--max-batch-tokens", str(max(ARGS.batch, 256)), "--pipeline", ",".join(urls)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "NCCL_NVLS_ENABLE": "0"}
     f = open(logf, "wb")
@@ -797,10 +801,10 @@ def part_gateway(model: str) -> None:
                 for mb in micro_batch_list(ns):
                     if out_of_time():
                         break
-                    if mb < lanes:
+                    if 0 < mb < lanes:
                         continue
                     port += 1
-                    key = f"{tag}_mb{mb}"
+                    key = f"{tag}_mb{mb or 'auto'}" + (f"_{ARGS.codec}" if ARGS.codec != "f16" else "")
                     say(f"  gateway --micro-batches {mb} on :{port}")
                     relays: List[subprocess.Popen] = []
                     urls = stage_urls(procs, wd, relays, port + 500)
@@ -809,6 +813,9 @@ def part_gateway(model: str) -> None:
                         pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
                         res[key] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
                                                          profile=pids, tag=key))
+                        pl = ((res[key].get("stats") or {}).get("pipelines") or [{}])[0]
+                        if pl.get("link_choice"):
+                            say(f"    gateway chose: {pl['link_choice']['why']}")
                     except Exception as e:  # noqa: BLE001
                         say(f"  FAILED: {e}\n{(wd / f'gateway-{key}.log').read_text()[-3000:]}")
                         res[key] = {"error": str(e)}
