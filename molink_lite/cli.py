@@ -247,6 +247,7 @@ def gateway_config(a: argparse.Namespace):
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover,
                                 **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
+        draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers,
         join=ClusterConfig(model=a.model, n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
                            ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
 
@@ -262,7 +263,8 @@ def serve_config(a: argparse.Namespace):
         host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), **_prefix_cache_kw(a)),
-        http=_http_limits(a), security=_gateway_security(a, None))
+        http=_http_limits(a), security=_gateway_security(a, None),
+        draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers)
     return ServeConfig(stage=stage, gateway=gateway, model=a.model, stages=a.stages, split=a.split,
                        stage_port=a.stage_port)
 
@@ -414,12 +416,25 @@ def _api_keys(sec, host: str) -> Optional[List[str]]:
     return keys
 
 
+def _drafter(cfg):
+    """The --draft-model (stage/draft.py), loaded here: the gateway's process runs it. A model that cannot be a
+    draft ends the command with the reason."""
+    if not cfg.draft_model:
+        return None
+    from .stage.draft import DraftError, DraftModel
+
+    try:
+        return DraftModel(cfg.draft_model, n_gpu_layers=cfg.draft_gpu_layers)
+    except DraftError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 async def _gateway_main(cfg, key, tls, api_keys: List[str]) -> None:
     from .serving.gateway import start_gateway
     from .wire.tls import fingerprint_file, server_context
 
     runner = await start_gateway(cfg, key=key, api_keys=api_keys, ssl_context=server_context(*tls) if tls else None,
-                                 tls_fingerprint=fingerprint_file(tls[0]) if tls else "")
+                                 tls_fingerprint=fingerprint_file(tls[0]) if tls else "", drafter=_drafter(cfg))
     base = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
     print(f"molink-lite gateway: {base}/v1 (dashboard: {base}/, metrics: {base}/metrics)", flush=True)
     try:
@@ -465,7 +480,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except TLSConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve_local(dataclasses.replace(cfg, model=cfg.model or _default_model()), api_keys=api_keys, tls=tls)
+    return serve_local(dataclasses.replace(cfg, model=cfg.model or _default_model()), api_keys=api_keys, tls=tls,
+                       drafter=_drafter(cfg.gateway))
 
 
 def _engine_opts(s: argparse.ArgumentParser) -> None:
@@ -533,6 +549,12 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
                         "connect, is at least 5 ms (links slower than the compute), off on one host")
     s.add_argument("--spec-k", type=int, default=8, help="most draft tokens per sequence per step (default 8)")
     s.add_argument("--spec-n", type=int, default=3, help="longest n-gram looked up for drafts (default 3)")
+    s.add_argument("--draft-model", default=None, metavar="GGUF",
+                   help="a small whole model of the same vocabulary (e.g. Qwen2.5-0.5B for a Qwen2.5 model), run by "
+                        "the gateway on its own machine: its greedy continuation is each sequence's drafts, prompt "
+                        "lookup where it has none yet (checked against the model's vocabulary at connect)")
+    s.add_argument("--draft-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers of the draft model on this machine's GPU (-1: all; default 0: CPU)")
 
 
 def _api_opts(s: argparse.ArgumentParser) -> None:

@@ -301,8 +301,10 @@ class _OutTensor:
 
 # ---------------------------------------------------------------- the writer
 
-def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGUFFile] = None) -> Tuple[List[bytes], List[_OutTensor], int]:
-    """Work out the metadata and tensors of a stage GGUF (no file is written)."""
+def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGUFFile] = None, *,
+               keep_head: bool = False) -> Tuple[List[bytes], List[_OutTensor], int]:
+    """Work out the metadata and tensors of a stage GGUF (no file is written). ``keep_head``: a first stage that
+    keeps the output head and says it is a whole model of ``layers.stop`` layers (a draft made from the model)."""
     r = reader if reader is not None else _reader(path)
     info = read_model_info(path, r)
     arch = info.arch
@@ -366,7 +368,7 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
     overrides["molink.source_name"] = (T_STRING, Path(path).stem, None)
     overrides["molink.layer_start"] = (T_UINT32, layers.start, None)
     overrides["molink.layer_stop"] = (T_UINT32, layers.stop, None)
-    overrides["molink.n_layer_total"] = (T_UINT32, info.n_layer, None)
+    overrides["molink.n_layer_total"] = (T_UINT32, layers.stop if keep_head else info.n_layer, None)
 
     def renamed(key: str) -> str:  # "<arch>.x" -> "<out_arch>.x" for a stage written under another arch
         return out_arch + key[len(arch):] if out_arch != arch and key.startswith(arch + ".") else key
@@ -398,7 +400,7 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
             name = f"blk.{il - layers.start}.{m.group(2)}"
         else:
             name = t.name
-            if name.startswith("output.") and not ctx.is_last:
+            if name.startswith("output.") and not ctx.is_last and not keep_head:
                 if not rule.output_required:
                     continue
                 if middle_vocab:  # one-row zero stand-in (vocab_size is 1 here)
@@ -437,10 +439,11 @@ def _progress(total: int, label: str):
     return tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
 
 
-def write_stage_gguf(path: str | os.PathLike, layers: LayerRange, dst: str | os.PathLike, *, reader: Optional[GGUFFile] = None) -> Path:
+def write_stage_gguf(path: str | os.PathLike, layers: LayerRange, dst: str | os.PathLike, *, reader: Optional[GGUFFile] = None,
+                     keep_head: bool = False) -> Path:
     """Write the partial GGUF of ``layers`` to ``dst`` (atomically) and return its path."""
     r = reader if reader is not None else _reader(path)
-    kv, tensors, align = plan_stage(path, layers, r)
+    kv, tensors, align = plan_stage(path, layers, r, keep_head=keep_head)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     total = sum(t.nbytes for t in tensors)
@@ -508,6 +511,15 @@ def stage_gguf(path: str | os.PathLike, layers: LayerRange, cache_dir: Optional[
     if dst.exists():
         return dst
     return write_stage_gguf(path, layers, dst, reader=r)
+
+
+def write_truncated_model(path: str | os.PathLike, n_layers: int, dst: str | os.PathLike) -> Path:
+    """A whole model made of ``path``'s first ``n_layers`` layers and its output head (a draft model for
+    speculative decoding: the same vocabulary by construction)."""
+    info = read_model_info(path)
+    if not 1 <= n_layers < info.n_layer:
+        raise SplitError(f"a truncated model keeps 1..{info.n_layer - 1} of the {info.n_layer} layers, not {n_layers}")
+    return write_stage_gguf(path, LayerRange(0, n_layers), dst, keep_head=True)
 
 
 def split_model(path: str | os.PathLike, ranges: Iterable[LayerRange], out_dir: str | os.PathLike) -> List[Path]:

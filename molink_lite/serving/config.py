@@ -186,9 +186,13 @@ class GatewayConfig:
     http: HttpLimits = field(default_factory=HttpLimits)
     security: GatewaySecurity = field(default_factory=GatewaySecurity)
     join: ClusterConfig = field(default_factory=ClusterConfig)
+    draft_model: Optional[str] = None             # --draft-model: a small model of the same vocabulary drafts tokens
+    draft_gpu_layers: int = 0                     # --draft-gpu-layers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pipelines", _pipelines(self.pipelines))
+        if self.draft_model is not None and self.pipeline.spec is not None and self.pipeline.spec.mode == "off":
+            raise ConfigError("--draft-model drafts for speculative decoding: it needs --speculative auto or ngram")
         _port(self.port, "--port")
         _positive(self.connect_timeout, "--connect-timeout")
         _positive(self.recover_timeout, "--recover-timeout")

@@ -635,6 +635,7 @@ def _stage_info(info: dict) -> dict:
 
 
 async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, api_keys: Sequence[str] = (),
+                        drafter: Optional[Any] = None,
                         ssl_context: Optional[ssl.SSLContext] = None, tls_fingerprint: str = "") -> web.AppRunner:
     """Connect every pipeline of ``cfg`` (failing fast on a bad chain) and start serving HTTP (HTTPS with
     ``ssl_context``).
@@ -662,7 +663,9 @@ async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, ap
     lim = cfg.http
     # bad limits fail before connecting anything (the config checked them too)
     ConnectionGuard(lim.max_connections, lim.header_timeout, lim.max_connections_per_address, lim.write_timeout)
-    pipes = [Pipeline(urls, **cfg.pipeline.pipeline_kwargs(name=f"p{i}", key=key))
+    if drafter is not None:
+        log.info("draft model %s (%d tokens): speculative drafts come from it", drafter.path, drafter.n_vocab)
+    pipes = [Pipeline(urls, **cfg.pipeline.pipeline_kwargs(name=f"p{i}", key=key, drafter=drafter))
              for i, urls in enumerate(cfg.pipelines)]
     await asyncio.gather(*(p.connect(timeout=cfg.connect_timeout) for p in pipes))
     router = Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
@@ -672,7 +675,7 @@ async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, ap
         from .cluster import Cluster
 
         j = cfg.join
-        joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs().items() if k != "codec"}
+        joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs(drafter=drafter).items() if k != "codec"}
         cluster = Cluster(j.model, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
                           settle=j.settle, pipeline_kw=joined_kw, cert_fp=tls_fingerprint,
                           ready_timeout=j.ready_timeout, rejoin_grace=j.rejoin_grace)

@@ -245,7 +245,8 @@ def _exit_on_sigterm() -> None:
         pass
 
 
-def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None) -> int:
+def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional[Tuple[Path, Path]] = None,
+                drafter: Optional[object] = None) -> int:
     """``molink-lite serve``: local stages + gateway until Ctrl-C (the stages get a fresh cluster secret).
 
     ``cfg.model`` must be set; ``api_keys`` and ``tls`` (cert, key) are what the CLI loaded from
@@ -267,7 +268,7 @@ def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional
 
     async def main() -> None:
         gw = replace(cfg.gateway, pipelines=[[sp.url for sp in procs]])
-        runner = await start_gateway(gw, key=LinkKey.from_secret(secret), api_keys=api_keys,
+        runner = await start_gateway(gw, key=LinkKey.from_secret(secret), api_keys=api_keys, drafter=drafter,
                                      ssl_context=server_context(*tls) if tls else None)
         scheme = "https" if tls else "http"
         auth_hdr = " -H \"Authorization: Bearer $MOLINK_API_KEY\"" if api_keys else ""

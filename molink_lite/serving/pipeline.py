@@ -86,7 +86,8 @@ class Pipeline:
                  prefill_chunk: Optional[int] = None, max_batch_tokens: int = 512, step_timeout: float = 300.0,
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False,
-                 prefix_cache: bool = True, prefix_cache_cells: int = 0, prefix_cache_per_key: bool = False):
+                 prefix_cache: bool = True, prefix_cache_cells: int = 0, prefix_cache_per_key: bool = False,
+                 drafter: Optional[Any] = None):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -98,6 +99,7 @@ class Pipeline:
         self.max_inflight = max_inflight or len(self.urls)
         self._auto_inflight = not max_inflight
         self.link_choice: Optional[link_policy.LinkChoice] = None
+        self.drafter: Optional[Any] = drafter  # serving.draft_model.DraftModel (--draft-model), shared
         self.auto_chunk = not prefill_chunk
         self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
         self.budget = PrefillBudget(self.prefill_chunk)
@@ -143,7 +145,10 @@ class Pipeline:
 
     def spec_summary(self) -> dict:
         """Speculative decoding: setting, state, acceptance rate and tokens per round trip (decode entries)."""
-        return speculative.summary(self.spec, self.spec_on, self.stats, self.cost, self.path_rtt_s)
+        out = speculative.summary(self.spec, self.spec_on, self.stats, self.cost, self.path_rtt_s)
+        if self.drafter is not None:
+            out["draft_model"] = {"path": self.drafter.path, **self.drafter.stats}
+        return out
 
     # ------------------------------------------------------------------ up and down (ChainLifecycle)
     async def connect(self, timeout: float = 60.0) -> None:
@@ -173,6 +178,11 @@ class Pipeline:
 
     def _size_for(self, infos: List[dict]) -> None:
         """Slots, rows per step, prefill chunk, speculation and micro-batches for the chain just opened."""
+        if self.drafter is not None:
+            why = self.drafter.check_vocab(infos[0])
+            if why:
+                raise PipelineError(f"pipeline {self.name}: --draft-model {self.drafter.path} cannot draft for this "
+                                    f"model: {why}")
         self.slots.size_for(infos, self.name)
         self.max_batch_tokens = min([self.max_batch_tokens_opt] + [int(i.get("max_rows") or 1 << 30) for i in infos])
         if self.auto_chunk:
@@ -290,6 +300,10 @@ class Pipeline:
                 continue
             try:
                 self.slots.admit(self.waiting)
+                if self.drafter is not None and self.spec_on and len(self.inflight) < self.max_inflight:
+                    await self._draft()
+                    if self.state != "up":
+                        continue
                 while len(self.inflight) < max(self.max_inflight, self.lanes):
                     picked = self._schedule()
                     if picked is None:
@@ -300,6 +314,14 @@ class Pipeline:
             except Exception as e:  # noqa: BLE001 - keep serving; hand back what was involved
                 log.exception("scheduler error")
                 self.fail(f"scheduler error: {e}")
+
+    async def _draft(self) -> None:
+        """Drafts from the draft model for the idle decoding sequences, waited for at most one step path round trip
+        (what accepted drafts save, each); later ones serve the next step (serving/draft_model.py)."""
+        idle = [s for s in self.active.values()
+                if not s.in_flight and not s.prefilling and not s.finished and s.spec is not None and s.may_speculate]
+        if idle:
+            await self.drafter.fill(idle, self.spec.k, self.path_rtt_s or 0.0)
 
     def _schedule(self) -> Optional[tuple]:
         """(lane, rows) of the next step (:func:`~molink_lite.serving.scheduler.next_step`), or None."""

@@ -88,6 +88,9 @@ class SpecState:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    # a draft model's proposal (serving/draft_model.py) and the length of ``buf`` it continues (-1: none)
+    model_drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    model_at: int = -1
 
     @classmethod
     def for_prompt(cls, prompt: np.ndarray, max_tokens: int, generated: Sequence[int] = ()) -> "SpecState":
@@ -108,7 +111,12 @@ class SpecState:
         return self.succ / self.trials
 
     def candidates(self, n_max: int, k: int) -> np.ndarray:
-        return propose(self.buf[:self.length], n_max, k) if k > 0 else self.buf[:0]
+        """Up to ``k`` drafts: the draft model's if it has some for the tokens as they are now, else prompt lookup."""
+        if k <= 0:
+            return self.buf[:0]
+        if self.model_at == self.length and self.model_drafts.shape[0]:
+            return self.model_drafts[:k]
+        return propose(self.buf[:self.length], n_max, k)
 
     def verified(self, k: int, accepted: int) -> None:
         """Drafts of the last step came back: ``accepted`` of ``k`` agreed with the model."""

@@ -185,6 +185,9 @@ def ensure_model() -> str:
         write_random_gguf(path, "llama", variant="llama3", qtype=ARGS.qtype, n_ctx_train=8192, **shape)
         say(f"  wrote {Path(path).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     RESULTS["model"] = {"path": path, "bytes": Path(path).stat().st_size, "qtype": ARGS.qtype, **shape}
+    if ARGS.model and Path(ARGS.model).is_file():  # a given model: describe it, not the random shape
+        info = read_model_info(path)
+        RESULTS["model"].update(n_layer=info.n_layer, n_embd=info.n_embd, n_vocab=info.n_vocab, qtype=info.arch)
     return path
 
 
