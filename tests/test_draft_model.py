@@ -69,6 +69,28 @@ def test_drafts_are_the_draft_models_greedy_continuation_as_the_sequence_moves(t
         d.close()
 
 
+def test_sequences_share_the_drafts_kv_least_recently_used_first(tiny_models):
+    """The draft's KV cache holds what it can: the sequence drafted for longest ago gives its cells
+    up, and is read again when it comes back; the drafts stay the draft's greedy continuation."""
+    path = tiny_models("llama", **SHAPE)
+    d = DraftModel(path, n_ctx=64, n_seq_max=4, n_threads=1)
+    try:
+        rng = np.random.default_rng(5)
+        n = d.engine.n_ctx // 2 - 2  # llama.cpp rounds the context up: two of these do not fit with their drafts
+        a, b = rng.integers(3, 256, n).astype(np.int32), rng.integers(3, 256, n).astype(np.int32)
+        sa, sb = _seq(a), _seq(b)
+        for s, toks in ((sa, a), (sb, b), (sa, a)):
+            s.spec.model_at = -1
+            asyncio.run(d.fill([s], 4, 5.0))
+            assert list(s.spec.model_drafts) == _greedy(path, toks, 4)
+        assert d.stats["tokens_read"] == 3 * n  # a read twice: b took its cells
+        too_long = _seq(rng.integers(3, 256, d.engine.n_ctx))
+        asyncio.run(d.fill([too_long], 4, 5.0))
+        assert too_long.spec.model_at == -1  # longer than the draft's context: prompt lookup for it
+    finally:
+        d.close()
+
+
 def test_a_draft_of_another_vocabulary_or_a_stage_is_refused(tiny_models, tmp_path):
     path = tiny_models("llama", **SHAPE)
     d = DraftModel(path, n_ctx=128, n_seq_max=2, n_threads=1)

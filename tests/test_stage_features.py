@@ -636,3 +636,13 @@ def test_gemma_json_grammar_and_logprobs_over_a_split(gemma3_path):
     finally:
         whole.close()
         close(servers)
+
+
+def test_a_context_smaller_than_the_batch_decodes_a_full_batch(tiny):
+    """llama.cpp caps a decode at min(n_ctx, n_batch) rows (then rounds n_ctx up to 256) and aborts the process on
+    more: the engine decodes in chunks of what the context takes (a 200-row prefill into --ctx 64 aborted before)."""
+    with StageEngine(tiny, n_ctx=64, n_seq_max=1, n_threads=1) as e:
+        assert e.n_chunk == 64 and e.n_ctx >= 200
+        rows = np.arange(200, dtype=np.int32)
+        logits = e.forward(np.zeros(200, np.int32), rows, tokens=rows % e.info.n_vocab)
+        assert logits.shape == (1, e.info.n_vocab) and np.isfinite(logits).all()

@@ -66,7 +66,6 @@ class DraftModel:
         self.vocab = Vocab(self.engine.model_ptr)
         self.n_vocab = info.n_vocab
         self.n_seq_max = n_seq_max
-        self.n_ctx_slot = max(1, self.engine.n_ctx // n_seq_max)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self._lock = threading.Lock()            # the slot table, between the loop and the draft thread
         self._slot_of: "OrderedDict[int, int]" = OrderedDict()  # id(sequence) -> draft slot, least recent first
@@ -95,7 +94,8 @@ class DraftModel:
         yet, and wait up to ``wait_s`` for them; drafts land in ``s.spec.model_drafts``."""
         if self._job is None or self._job.done():
             jobs = [(id(s), s.spec.buf[:s.spec.length].copy(), s) for s in seqs
-                    if s.spec is not None and s.spec.model_at != s.spec.length and s.spec.length < self.n_ctx_slot]
+                    if s.spec is not None and s.spec.model_at != s.spec.length
+                    and s.spec.length + k < self.engine.n_ctx]
             if jobs:
                 loop = asyncio.get_running_loop()
                 fut = loop.run_in_executor(self._pool, self._propose, [(key, toks) for key, toks, _ in jobs], k)
@@ -150,9 +150,40 @@ class DraftModel:
             self._held = [np.zeros(0, np.int32) for _ in range(self.n_seq_max)]
             raise
 
+    def _make_room(self, jobs: List[Tuple[int, np.ndarray]], k: int) -> List[Tuple[int, np.ndarray]]:
+        """The jobs that fit the draft's KV cache (shared by its sequences): the least recently used other sequences
+        give theirs up first; a job that still does not fit is left out (its sequence gets lookup drafts)."""
+        keys = {key for key, _ in jobs}
+        with self._lock:
+            held_of = {key: self._held[slot].shape[0] for key, slot in self._slot_of.items()}
+        need = sum(toks.shape[0] - held_of.get(key, 0) + k for key, toks in jobs)
+        total = sum(h.shape[0] for h in self._held)
+        for key in [key for key in held_of if key not in keys]:  # least recently used first
+            if total + need <= self.engine.n_ctx:
+                break
+            with self._lock:
+                slot = self._slot_of.pop(key)
+                self._free.append(slot)
+            self.engine.free(slot)
+            total -= self._held[slot].shape[0]
+            self._held[slot] = self._held[slot][:0]
+        out = []
+        for key, toks in jobs:
+            cost = toks.shape[0] - held_of.get(key, 0) + k
+            if total + cost <= self.engine.n_ctx:
+                out.append((key, toks))
+                total += cost
+        return out
+
     def _propose_once(self, jobs: List[Tuple[int, np.ndarray]], k: int) -> List[np.ndarray]:
         """The sequences' new tokens go through one batched forward, then k - 1 one-row-per-sequence steps."""
         eng = self.engine
+        fit = self._make_room(jobs, k)
+        if len(fit) < len(jobs):
+            keep = {key for key, _ in fit}
+            got = self._propose_once(fit, k) if fit else []
+            it = iter(got)
+            return [next(it) if key in keep else np.zeros(0, np.int32) for key, _ in jobs]
         slots, feeds, starts = [], [], []
         for key, toks in jobs:
             slot, fresh = self._slot(key)

@@ -220,6 +220,9 @@ class StageEngine:
             if not self._make_lanes(cparams, n_ctx):
                 raise EngineError("llama.cpp refused the eval callback path")  # pragma: no cover
         self._ctx, self._mem = self._lanes[0].ctx, self._lanes[0].mem  # lane 0 (the only one by default)
+        # llama.cpp caps a decode at min(n_ctx asked, n_batch) rows (before it rounds n_ctx up to 256) and aborts
+        # on more: a context smaller than the batch decodes in chunks of what it takes
+        self.n_chunk = min(self.n_chunk, int(_llama.llama_n_batch(self._ctx)))
         self.n_ctx_lane = _llama.llama_n_ctx(self._ctx)
         self.n_ctx = self.n_ctx_lane * self.lanes
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
