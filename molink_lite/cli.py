@@ -750,8 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="dry run: place a model's layers over hosts (pipelines, replicas, memory)")
     s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
     s.add_argument("--host", action="append", required=True, metavar="SPEC",
-                   help="MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A], e.g. 24GB,cuda or 8GiB,cpu,name=box1 "
-                        "(free VRAM for cuda, free RAM for cpu); repeat for each host, in preferred order")
+                   help="MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A][,mbit=M][,rtt_ms=R], e.g. 24GB,cuda or "
+                        "8GiB,cpu,name=box1 (free VRAM for cuda, free RAM for cpu; mbit/rtt_ms: the link into that "
+                        "host, so the plan says which codec and micro-batches the gateway would pick); repeat for "
+                        "each host, in preferred order")
     s.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens per stage (default 8192)")
     s.add_argument("--max-seqs", type=int, default=16, help="concurrent sequences (default 16)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -52,6 +52,7 @@ def test_parse_host():
 @pytest.mark.parametrize("text,match", [("24GB", "expected MEMORY,BACKEND"), ("24XB,cuda", "bad memory size"),
                                         ("24GB,tpu", "backend must be one of"), ("24GB,cpu,color=red", "unknown option"),
                                         ("24GB,cpu,sec_per_layer=fast", "must be a number"),
+                                        ("24GB,cpu,mbit=-5", "mbit must be > 0"), ("24GB,cpu,rtt_ms=x", "number"),
                                         ("0GB,cpu", "must be > 0")])
 def test_parse_host_errors(text, match):
     with pytest.raises(ValueError, match=match):
@@ -71,6 +72,22 @@ def test_demo_model_split_over_two_hosts(gemma3_path):
     text = p.describe()
     assert "pipeline 1: 2 stage(s)" in text and "bottleneck" in text and "MiB /" in text
     assert json.loads(json.dumps(p.to_dict()))["pipelines"][0]["stages"][0]["start"] == 0
+    assert "links (gateway" not in text and p.to_dict()["pipelines"][0]["link_choice"] is None  # no link given
+
+
+def test_the_plan_says_which_codec_and_micro_batches_the_links_call_for(gemma3_path):
+    """Hosts given with the link into them (mbit=, rtt_ms=): the plan says what a gateway with --codec auto and no
+    --micro-batches picks there (serving/link_policy.py), and why."""
+    half = ModelCost(gemma3_path).min_total_bytes(2) // 2 + 64 * MiB
+    hosts = [HostSpec("a", "cuda", half), parse_host(f"{half},cuda,name=b,mbit=20,rtt_ms=20")]
+    p = plan(gemma3_path, hosts, n_seqs=64)
+    text = p.describe()
+    assert "links (gateway with --codec auto, no --micro-batches): codec int8" in text, text
+    c = p.to_dict()["pipelines"][0]["link_choice"]
+    assert c["codec"] == "int8" and c["micro_batches"] == 4 and "20 Mbit/s" in c["why"]
+    fast = plan(gemma3_path, [HostSpec("a", "cpu", half), parse_host(f"{half},cpu,name=b,mbit=1000,rtt_ms=1")])
+    c = fast.to_dict()["pipelines"][0]["link_choice"]
+    assert (c["codec"], c["micro_batches"]) == ("f16", 2)
 
 
 def test_one_host_is_enough(tiny_models):

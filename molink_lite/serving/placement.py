@@ -60,6 +60,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 from ..model.archs import SplitContext, UnsupportedArchitecture, rule_for
 from ..model.gguf_meta import GGUFFile, GGUFFormatError
 from ..model.split import LayerRange, ModelInfo, SplitError, read_model_info
+from . import link_policy
 
 BACKENDS = ("cuda", "cpu")
 #: Default seconds per layer-step when a host has no measured ``sec_per_layer``: only the ratio
@@ -96,6 +97,8 @@ class HostSpec:
     memory_bytes: int                     # free VRAM (cuda) or RAM (cpu), already capped by --max-memory
     sec_per_layer: Optional[float] = None  # measured seconds per layer-step; None: DEFAULT_SEC_PER_LAYER
     address: Optional[str] = None
+    mbit: Optional[float] = None           # plan only: bandwidth of the link into this host (Mbit/s), if known
+    rtt_ms: Optional[float] = None         # plan only: round trip of that link (ms)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -127,9 +130,10 @@ def parse_size(text: str) -> int:
 
 
 def parse_host(text: str) -> HostSpec:
-    """Parse the CLI form ``MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A]``.
+    """Parse the CLI form ``MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A][,mbit=M][,rtt_ms=R]``.
 
-    E.g. ``24GB,cuda``, ``8GiB,cpu``, ``16G,cuda,name=box1``, ``8G,cpu,sec_per_layer=0.002``.
+    E.g. ``24GB,cuda``, ``8GiB,cpu``, ``16G,cuda,name=box1``, ``8G,cpu,sec_per_layer=0.002``,
+    ``24GB,cuda,mbit=100,rtt_ms=20`` (the link into that host, for the plan's codec and micro-batches).
     """
     parts = [p.strip() for p in text.split(",")]
     if len(parts) < 2 or not parts[0] or not parts[1]:
@@ -141,17 +145,21 @@ def parse_host(text: str) -> HostSpec:
         raise ValueError(f"bad host {text!r}: backend must be one of {', '.join(BACKENDS)}, got {parts[1]!r}")
     kw: Dict[str, object] = {}
     aliases = {"name": "name", "sec_per_layer": "sec_per_layer", "spl": "sec_per_layer",
-               "address": "address", "addr": "address"}
+               "address": "address", "addr": "address", "mbit": "mbit", "rtt_ms": "rtt_ms", "rtt": "rtt_ms"}
     for p in parts[2:]:
         key, sep, value = p.partition("=")
         key = key.strip().lower().replace("-", "_")
         if not sep or key not in aliases or not value.strip():
-            raise ValueError(f"bad host {text!r}: unknown option {p!r} (use name=, sec_per_layer=, address=)")
-        if aliases[key] == "sec_per_layer":
+            raise ValueError(f"bad host {text!r}: unknown option {p!r} (use name=, sec_per_layer=, address=, "
+                             f"mbit=, rtt_ms=)")
+        if aliases[key] in ("sec_per_layer", "mbit", "rtt_ms"):
             try:
-                kw["sec_per_layer"] = float(value)
+                num = float(value)
             except ValueError:
-                raise ValueError(f"bad host {text!r}: sec_per_layer must be a number, got {value!r}") from None
+                raise ValueError(f"bad host {text!r}: {aliases[key]} must be a number, got {value!r}") from None
+            if not num > 0 or not math.isfinite(num):
+                raise ValueError(f"bad host {text!r}: {aliases[key]} must be > 0, got {value!r}")
+            kw[aliases[key]] = num
         else:
             kw[aliases[key]] = value.strip()
     name = str(kw.pop("name", ""))
@@ -376,6 +384,9 @@ class Plan:
             widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
             for r in rows:
                 lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            choice = self.link_choice(p)
+            if choice is not None:
+                lines.append(f"  links (gateway with --codec auto, no --micro-batches): {choice.why}")
         if self.unused:
             lines.append("")
             lines.append("unused hosts:")
@@ -383,10 +394,23 @@ class Plan:
                 lines.append(f"  {h.name} ({h.backend}, {fmt_bytes(h.memory_bytes)}): {why}")
         return "\n".join(lines)
 
+    def link_choice(self, pipeline: Sequence[Stage]) -> Optional["link_policy.LinkChoice"]:
+        """What a gateway would choose for this pipeline (:mod:`.link_policy`), from the links the hosts were given
+        with (``mbit=``/``rtt_ms=``: the link into each stage's host after the first); None if none was given. The
+        step path is taken as the sum of those round trips (the gateway next to the first stage)."""
+        later = [s.host for s in pipeline[1:]]
+        if not any(h.mbit or h.rtt_ms for h in later):
+            return None
+        links = [{"mbit": h.mbit} for h in later if h.mbit]
+        rtts = [h.rtt_ms for h in later if h.rtt_ms]
+        infos = [{"n_embd": self.model.n_embd, "lanes": 1, "backend": s.host.backend} for s in pipeline]
+        return link_policy.choose(codec_opt=link_policy.AUTO, mb_opt=None, links=links,
+                                  path_rtt_s=sum(rtts) / 1e3 if rtts else None, infos=infos, rows=self.n_seqs)
+
     def to_dict(self) -> dict:
         def host(h: HostSpec) -> dict:
             return {"name": h.name, "backend": h.backend, "memory_bytes": h.memory_bytes,
-                    "sec_per_layer": h.sec_per_layer, "address": h.address}
+                    "sec_per_layer": h.sec_per_layer, "address": h.address, "mbit": h.mbit, "rtt_ms": h.rtt_ms}
 
         return {
             "model": {"name": self.model.name, "arch": self.model.arch, "n_layer": self.model.n_layer,
@@ -397,6 +421,7 @@ class Plan:
                 "step_sec": p[self.bottleneck(p)].est_sec,
                 "stages": [{"host": host(s.host), "layers": str(s.layers), "start": s.layers.start,
                             "stop": s.layers.stop, "est_bytes": s.est_bytes, "est_sec": s.est_sec} for s in p],
+                "link_choice": (lambda c: c.summary() if c is not None else None)(self.link_choice(p)),
             } for p in self.pipelines],
             "unused": [{"host": host(h), "reason": why} for h, why in self.unused],
         }
