@@ -255,6 +255,7 @@ def test_prefix_cache_options(cmd):
     (lambda: ServeConfig(stage=StageConfig(codec="f32"), gateway=GatewayConfig(pipeline=PipelineConfig(codec="f16"))),
      "codec"),
     (lambda: PipelineConfig(codec="bf16"), "--codec must be auto or one of"),
+    (lambda: GatewayConfig(draft_model="d.gguf", pipeline=PipelineConfig(spec=SpecConfig("off"))), "--draft-model"),
     (lambda: ServeConfig(stage=StageConfig(), stages=0), "--stages"),
 ])
 def test_configs_reject_bad_settings_clearly(make, match):

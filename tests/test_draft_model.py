@@ -100,6 +100,8 @@ def test_a_draft_of_another_vocabulary_or_a_stage_is_refused(tiny_models, tmp_pa
         assert "another vocabulary" in d.check_vocab({"n_vocab": 256, "eos": "<not-this>"})
     finally:
         d.close()
+    with pytest.raises(DraftError, match="no such file"):
+        DraftModel(str(tmp_path / "missing.gguf"))
     with pytest.raises(DraftError, match="stage of a split model"):
         DraftModel(str(stage_gguf(path, LayerRange(0, 1), str(tmp_path))), n_ctx=128, n_seq_max=2, n_threads=1)
 

@@ -32,6 +32,7 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,6 +53,8 @@ class DraftModel:
         from ..model.vocab import Vocab
         from .engine import EngineError, StageEngine
 
+        if not Path(path).is_file():
+            raise DraftError(f"draft model {path}: no such file")
         try:
             self.engine = StageEngine(path, n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                       n_gpu_layers=n_gpu_layers)
