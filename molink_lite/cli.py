@@ -245,7 +245,7 @@ def gateway_config(a: argparse.Namespace):
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
                                 max_batch_tokens=a.max_batch_tokens, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover,
-                                **_prefix_cache_kw(a)),
+                                relink_s=a.relink_interval, **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers,
         join=ClusterConfig(model=a.model, n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
@@ -262,7 +262,8 @@ def serve_config(a: argparse.Namespace):
     gateway = GatewayConfig(
         host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
-                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), **_prefix_cache_kw(a)),
+                                heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), relink_s=a.relink_interval,
+                                **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, None),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers)
     return ServeConfig(stage=stage, gateway=gateway, model=a.model, stages=a.stages, split=a.split,
@@ -540,6 +541,10 @@ def _resilience_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--heartbeat-timeout", type=float, default=3.0,
                    help="a stage that does not answer a ping within this many seconds is treated as failed and its "
                         "requests are replayed elsewhere (default 3; raise it on links slower than ~20 Mbit/s)")
+    s.add_argument("--relink-interval", type=float, default=300.0, metavar="SEC",
+                   help="measure the stage-to-stage links again this often while a pipeline is up, so --codec auto "
+                        "and the default micro-batches follow a link that got slower or faster (default 300; 0: "
+                        "only when a pipeline connects)")
 
 
 def _spec_opts(s: argparse.ArgumentParser) -> None:

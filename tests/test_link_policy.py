@@ -43,3 +43,48 @@ def test_micro_batches_double_for_gpu_stages_on_a_slow_path():
 def test_summary_says_what_and_why():
     s = _choose([{"mbit": 100}], 0.020, [GPU, GPU]).summary()
     assert s["codec"] == "int8" and s["micro_batches"] == 4 and "GPU stages" in s["why"]
+
+
+class _Chan:
+    async def request(self, meta, arrays=None, timeout=30):
+        return {"type": "pong"}, {}
+
+
+class _Chain:
+    """A chain whose stage-to-stage link measures ``mbit`` (set by the test); it records the codecs it was told."""
+
+    def __init__(self, infos):
+        self.infos, self.urls, self.codec, self.mbit, self.told = infos, ["ws://a", "ws://b"], "f16", 1000.0, []
+        self.channels = [_Chan(), _Chan()]
+
+    async def probe(self):
+        return [{"to": "ws://b", "rtt_ms": 20.0, "mbit": self.mbit}]
+
+    async def set_codec(self, codec):
+        self.told.append(codec)
+        self.codec = codec
+
+
+def test_links_measured_again_while_up_change_the_codec_without_a_reconnect():
+    """ChainLifecycle.relink (every --relink-interval seconds while up): a link that got slower switches the stages
+    to int8 and is kept in the pipeline's events; one that did not change leaves everything as it was."""
+    import asyncio
+
+    from molink_lite.serving.pipeline import Pipeline
+
+    async def run():
+        p = Pipeline(["ws://a", "ws://b"], codec="auto", relink_s=300.0)
+        chain = _Chain([GPU, GPU])
+        p.chain = p.lifecycle.chain = chain
+        await p.lifecycle.relink()  # 1 Gbit/s, 20 ms: f16, and 4 micro-batches for GPU stages
+        assert (p.codec, p.max_inflight, chain.told) == ("f16", 4, [])
+        chain.mbit = 100.0  # the link got slower
+        await p.lifecycle.relink()
+        assert (p.codec, chain.told, p.link_choice.codec) == ("int8", ["int8"], "int8")
+        assert [e["event"] for e in p.events] == ["links", "links"] and "int8" in p.events[-1]["message"]
+        await p.lifecycle.relink()  # no change: nothing told, nothing logged
+        assert chain.told == ["int8"] and len(p.events) == 2
+        assert p.lifecycle.relink_s == 300.0
+        assert Pipeline(["ws://a", "ws://b"], codec="f16", max_inflight=2, relink_s=300.0).lifecycle.relink_s == 0
+
+    asyncio.run(run())

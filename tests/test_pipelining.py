@@ -176,7 +176,8 @@ def test_codec_chosen_from_the_link(gemma_stages, tmp_path, codec_opt, want):
     relay, port = _relay(gemma_stages[1].port, "1", "10")
     gw = None
     try:
-        extra = [] if codec_opt == "auto" else ["--codec", codec_opt]
+        # auto: the links are also measured again every second while up (ChainLifecycle.relink), under load
+        extra = ["--relink-interval", "1"] if codec_opt == "auto" else ["--codec", codec_opt]
         gw = GatewayProcess([[gemma_stages[0].url, f"ws://127.0.0.1:{port}"]], extra=extra, log_dir=tmp_path)
         gw.wait_ready()
         st = _stats(gw)
@@ -186,6 +187,10 @@ def test_codec_chosen_from_the_link(gemma_stages, tmp_path, codec_opt, want):
         # CPU stages: one micro-batch per stage, whatever the link
         assert st["micro_batches"] == 2 and st["link_choice"]["micro_batches"] == 2
         assert _complete(gw, "The capital of France is", 6)["usage"]["completion_tokens"] == 6
+        time.sleep(2.5)
+        _run_load(gw, n=4, tokens=8)  # while the links are measured again
+        st = _stats(gw)
+        assert st["codec"] == want and st["state"] == "up" and st["failures"] == 0
         status = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", gw.url],
                                 capture_output=True, text=True, timeout=60)
         assert f"links: codec {want}" in status.stdout, status.stdout

@@ -17,6 +17,8 @@ never take stages back and forth; it comes back when the other gateway goes away
 
 Measuring (on connect): each stage-to-stage link's round trip and bandwidth (:meth:`Chain.probe`, for the prefill
 chunk) and a step's whole path, gateway -> stages -> gateway (for ``--speculative auto`` and the step cost model).
+While up, the links are measured again every ``relink_s`` seconds (:meth:`ChainLifecycle.relink`): a link that got
+slower or faster changes the link-aware codec and micro-batches (:mod:`.link_policy`) without a reconnect.
 
 The pipeline decides what a failure means for its sequences and how to size steps for a chain: the
 :class:`ChainUser` hooks.
@@ -55,6 +57,11 @@ class ChainUser(Protocol):
     def fail(self, message: str) -> None:
         """Go down (:meth:`ChainLifecycle.go_down`) and hand the sequences back."""
 
+    link_choice: Any  # the codec and micro-batches it runs with (link_policy.LinkChoice), None before a connect
+
+    async def _choose_link_settings(self, infos: List[dict]) -> None:
+        """Choose codec and micro-batches from ``links`` and ``path_rtt_s`` (tells the stages a new codec)."""
+
     def _size_for(self, infos: List[dict]) -> None:
         """Size steps and slots for a chain just opened; :class:`PipelineError` if it cannot be used."""
 
@@ -69,7 +76,7 @@ class ChainLifecycle:
     """State, fencing, failure detection and reconnection of one chain (``chain``) run by ``user``."""
 
     def __init__(self, chain: Chain, user: ChainUser, *, step_timeout: float, takeover: bool, probe_links: bool,
-                 measure_path: bool):
+                 measure_path: bool, relink_s: float = 0.0):
         self.chain = chain
         self.user = user
         self.step_timeout = step_timeout
@@ -86,6 +93,7 @@ class ChainLifecycle:
         self.links: List[dict] = []  # measured stage-to-stage links
         self.path_rtt_s: Optional[float] = None  # gateway -> stages -> gateway, measured at connect
         self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
+        self.relink_s = relink_s  # measure the links again this often while up (0: only at connect)
         self._bg: List[asyncio.Task] = []
 
     @property
@@ -207,6 +215,8 @@ class ChainLifecycle:
         """The watchdog and the reconnect loop (once)."""
         if not self._bg:
             self._bg = [asyncio.ensure_future(self.watchdog()), asyncio.ensure_future(self.reconnect_forever())]
+            if self.relink_s > 0:
+                self._bg.append(asyncio.ensure_future(self.relink_forever()))
 
     async def close(self) -> None:
         self.state = "down"
@@ -230,6 +240,28 @@ class ChainLifecycle:
                 await self.user.connect(timeout=max(interval, 2.0))
             except (PipelineError, OSError) as e:
                 self.error = str(e)
+
+    async def relink_forever(self) -> None:
+        """Measure the links of an up pipeline again every ``relink_s`` seconds (:meth:`relink`)."""
+        while True:
+            await asyncio.sleep(self.relink_s)
+            if self.state == "up":
+                try:
+                    await self.relink()
+                except Exception as e:  # noqa: BLE001 - measuring is best effort; a broken link is seen elsewhere
+                    log.warning("pipeline %s: measuring the links again failed: %s", self.name, e)
+
+    async def relink(self) -> None:
+        """Measure the stage-to-stage links and the step path again and let the pipeline choose its codec and
+        micro-batches anew (``_choose_link_settings``); a change is logged and kept in ``events``."""
+        before = self.user.link_choice
+        self.links = await self.chain.probe()
+        await self._measure_path()
+        await self.user._choose_link_settings(self.chain.infos)
+        after = self.user.link_choice
+        if after is not None and (before is None or (before.codec, before.micro_batches) !=
+                                  (after.codec, after.micro_batches)):
+            self.events.append({"at": time.time(), "event": "links", "message": after.why})
 
     async def watchdog(self, interval: float = 5.0) -> None:
         """Fail steps that never came back (a frame was lost; hung stages are caught by heartbeats first)."""

@@ -55,6 +55,7 @@ class PipelineConfig:
     step_timeout: float = 300.0
     heartbeat_interval: float = 1.0        # --heartbeat-interval
     heartbeat_timeout: float = 3.0         # --heartbeat-timeout
+    relink_s: float = 300.0                # --relink-interval: links measured again this often (0: at connect only)
     spec: Optional[SpecConfig] = None      # --speculative/--spec-k/--spec-n (None: off)
     takeover: bool = False                 # --takeover
     prefix_cache: bool = True              # --prefix-cache on|off: keep finished sequences' KV for reuse
@@ -76,6 +77,8 @@ class PipelineConfig:
         _positive(self.step_timeout, "step_timeout")
         _positive(self.heartbeat_interval, "--heartbeat-interval")
         _positive(self.heartbeat_timeout, "--heartbeat-timeout")
+        if not self.relink_s >= 0:
+            raise ConfigError(f"--relink-interval must be >= 0 seconds (0: only at connect), got {self.relink_s}")
         if self.spec is not None:
             try:
                 self.spec.validate()
@@ -87,7 +90,7 @@ class PipelineConfig:
         return dict(codec=self.codec, max_inflight=self.max_inflight, prefill_chunk=self.prefill_chunk,
                     max_batch_tokens=self.max_batch_tokens, step_timeout=self.step_timeout,
                     heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
-                    spec=self.spec, takeover=self.takeover, prefix_cache=self.prefix_cache,
+                    spec=self.spec, takeover=self.takeover, prefix_cache=self.prefix_cache, relink_s=self.relink_s,
                     prefix_cache_cells=self.prefix_cache_cells, prefix_cache_per_key=self.prefix_cache_per_key,
                     **extra)
 

@@ -87,7 +87,7 @@ class Pipeline:
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False,
                  prefix_cache: bool = True, prefix_cache_cells: int = 0, prefix_cache_per_key: bool = False,
-                 drafter: Optional[Any] = None):
+                 drafter: Optional[Any] = None, relink_s: float = 0.0):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -111,7 +111,8 @@ class Pipeline:
                            name=self.name)
         self.lifecycle = ChainLifecycle(self.chain, self, step_timeout=step_timeout, takeover=takeover,
                                         probe_links=self.auto_chunk or codec == link_policy.AUTO,
-                                        measure_path=self.spec.mode != "off" or self._auto_inflight)
+                                        measure_path=self.spec.mode != "off" or self._auto_inflight,
+                                        relink_s=relink_s if codec == link_policy.AUTO or not max_inflight else 0.0)
         self.slots = SlotTable(prefix_cache, prefix_cache_cells, prefix_cache_per_key)
         self.waiting: Deque[SeqState] = deque()
         self.inflight: Dict[int, StepRecord] = {}
@@ -174,6 +175,9 @@ class Pipeline:
         if choice.codec != self.chain.codec:
             await self.chain.set_codec(choice.codec)
         self.codec, self.link_choice = choice.codec, choice
+        if self._auto_inflight:
+            self.max_inflight = choice.micro_batches
+            self._wake.set()  # more room in flight takes effect now
         log.info("pipeline %s: %s", self.name, choice.why)
 
     def _size_for(self, infos: List[dict]) -> None:
