@@ -234,3 +234,35 @@ def test_a_download_killed_midway_resumes_and_a_later_host_becomes_a_replica(tin
         assert http("POST", f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2], "max_tokens": 4})[0] == 200
     finally:
         stop_processes(procs + [relay, gw])
+
+
+def test_a_gateway_with_the_default_codec_places_joined_stages(tiny_models, tmp_path):
+    """The gateway's default --codec auto is chosen from the links once a pipeline connects: a joining stage is
+    assigned a codec it can start with (f16), then configured with the chosen one, and serves."""
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=256)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = _spawn(["gateway", "--model", model, "--port", str(port), "--ctx", "256", "--max-seqs", "2",
+                 "--join-settle", "1"], tmp_path / "gateway.log", tmp_path / "gwcache")
+    (tmp_path / "cache").mkdir()
+    stage = _spawn(["stage", "--join", url, "--host", "127.0.0.1", "--port", "0", "--name", "h0", "--threads", "1"],
+                   tmp_path / "stage.log", tmp_path / "cache")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and gw.poll() is None and stage.poll() is None:
+            try:
+                if http("GET", url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
+        assert http("GET", url + "/health", timeout=5)[0] == 200, logs
+        status, body = http("POST", url + "/v1/completions", {"prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0,
+                                                               "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+        pipe = http("GET", url + "/v1/stats")[1]["pipelines"][0]
+        assert pipe["codec"] == "f16" and pipe["link_choice"]["codec"] == "f16"
+        assert [s["codec"] for s in pipe["stages"]] == ["f16"]
+    finally:
+        stop_processes([stage, gw])

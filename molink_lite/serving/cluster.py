@@ -166,6 +166,9 @@ class Cluster:
         self.router = router
         self.key = key
         self.n_ctx, self.n_seqs, self.codec = n_ctx, n_seqs, codec
+        # what an assigned stage starts with: a codec of its own ("auto" is the gateway's choice, made from the links
+        # once the pipeline connects and sent in its configure)
+        self.stage_codec = "f16" if codec == "auto" else codec
         self.settle = settle
         self.ready_timeout = ready_timeout
         self.rejoin_grace = rejoin_grace
@@ -383,9 +386,9 @@ class Cluster:
         elif not isinstance(url, str) or not url.startswith(("ws://", "wss://")) or len(url) > 300:
             why = "no valid url"
         elif (serving.get("n_ctx"), serving.get("n_seqs"), serving.get("codec")) != (self.n_ctx, self.n_seqs,
-                                                                                   self.codec):
+                                                                                   self.stage_codec):
             why = (f"it serves ctx {serving.get('n_ctx')}, {serving.get('n_seqs')} sequences, codec "
-                   f"{serving.get('codec')}; this gateway places ctx {self.n_ctx}, {self.n_seqs}, {self.codec}")
+                   f"{serving.get('codec')}; this gateway places ctx {self.n_ctx}, {self.n_seqs}, {self.stage_codec}")
         if why is not None:
             log.info("stage %s rejoins serving layers %s, which cannot be kept here: %s", name,
                      str(serving.get("layers"))[:20], why)
@@ -551,7 +554,7 @@ class Cluster:
             size, sha = await loop.run_in_executor(None, self._size_sha, path)
             got = self._assigns[key] = {"layers": key, "fingerprint": self.info.fingerprint, "file": path.name,
                                         "size": size, "sha256": sha, "n_ctx": self.n_ctx, "n_seqs": self.n_seqs,
-                                        "codec": self.codec, "_path": str(path)}
+                                        "codec": self.stage_codec, "_path": str(path)}
         return got
 
     def _size_sha(self, path: Path) -> Tuple[int, str]:
