@@ -99,7 +99,7 @@ class Pipeline:
         self.max_inflight = max_inflight or len(self.urls)
         self._auto_inflight = not max_inflight
         self.link_choice: Optional[link_policy.LinkChoice] = None
-        self.drafter: Optional[Any] = drafter  # serving.draft_model.DraftModel (--draft-model), shared
+        self.drafter: Optional[Any] = drafter  # stage.draft.DraftModel (--draft-model), shared by the pipelines
         self.auto_chunk = not prefill_chunk
         self.prefill_chunk = prefill_chunk or min(256, max_batch_tokens)
         self.budget = PrefillBudget(self.prefill_chunk)
@@ -195,9 +195,8 @@ class Pipeline:
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         if self.spec.mode != "off":  # the step path was measured: speculate ("auto") and a step's cost prior
             self.spec_on, self.cost = speculative.for_path(self.spec, self.path_rtt_s, self.spec_on)
-        if self._auto_inflight:  # one per stage and lane, or what the links call for (link_policy)
-            self.max_inflight = (self.link_choice.micro_batches if self.link_choice is not None
-                                 else len(self.urls) * self.lanes)
+        if self._auto_inflight and self.link_choice is None:  # not chosen from links (a chain sized directly)
+            self.max_inflight = len(self.urls) * self.lanes
 
     def fail(self, message: str) -> None:
         """The chain is broken: hand every unfinished sequence back (``on_lost``) and go down."""

@@ -119,13 +119,6 @@ class DraftModel:
             if s.spec is not None and s.spec.length == toks.shape[0]:  # still where it was: the drafts follow it
                 s.spec.model_drafts, s.spec.model_at = d, toks.shape[0]
 
-    def forget(self, s: Any) -> None:
-        """A sequence ended: its draft slot is free again (its KV is dropped when the slot is next used)."""
-        with self._lock:
-            slot = self._slot_of.pop(id(s), None)
-            if slot is not None:
-                self._free.append(slot)
-
     def _slot(self, key: int) -> Tuple[int, bool]:
         """(draft slot of a sequence, whether it is a fresh one), evicting the least recently used if none is free."""
         with self._lock:
@@ -144,7 +137,9 @@ class DraftModel:
         """In the draft thread: for each (sequence, its tokens) the draft's greedy next ``k`` tokens (a failure, such
         as a full KV cache, clears the draft's memory and is raised: those sequences get no drafts this time)."""
         try:
-            return self._propose_once(jobs, k)
+            fit = self._make_room(jobs, k)
+            drafts = dict(zip([key for key, _ in fit], self._propose_once(fit, k))) if fit else {}
+            return [drafts.get(key, np.zeros(0, np.int32)) for key, _ in jobs]
         except Exception:
             self.engine.clear()
             with self._lock:
@@ -181,12 +176,6 @@ class DraftModel:
     def _propose_once(self, jobs: List[Tuple[int, np.ndarray]], k: int) -> List[np.ndarray]:
         """The sequences' new tokens go through one batched forward, then k - 1 one-row-per-sequence steps."""
         eng = self.engine
-        fit = self._make_room(jobs, k)
-        if len(fit) < len(jobs):
-            keep = {key for key, _ in fit}
-            got = self._propose_once(fit, k) if fit else []
-            it = iter(got)
-            return [next(it) if key in keep else np.zeros(0, np.int32) for key, _ in jobs]
         slots, feeds, starts = [], [], []
         for key, toks in jobs:
             slot, fresh = self._slot(key)

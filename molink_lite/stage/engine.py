@@ -444,15 +444,17 @@ class StageEngine:
         rc = _llama.llama_decode(lane.ctx, batch)
         t1 = time.perf_counter()
         self.times.decode += t1 - t0
-        if self.stage_output == "graph":
-            return self._read_stage_output(lane, rc, n, t1)
         if lane.cap_error:
             raise EngineError(lane.cap_error)
         if rc == 1:
             raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx_lane}"
                               f"{' per lane' if self.lanes > 1 else ''}); free sequences or raise --ctx")
-        if rc != 0 and (last or lane.cap_rows != n):
+        # the eval callback stops the graph once it has the rows: llama_decode then reports the stop, which is fine
+        stopped_by_capture = self.stage_output == "callback" and lane.cap_rows == n
+        if rc != 0 and not stopped_by_capture:
             raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
+        if self.stage_output == "graph":
+            return self._read_stage_output(lane, n, t1)
         if last:
             k = int(np.count_nonzero(output_rows))
             if self.device_sampling:
@@ -469,14 +471,9 @@ class StageEngine:
         self.times.capture += time.perf_counter() - t1
         return out
 
-    def _read_stage_output(self, lane: "_Lane", rc: int, n: int, t1: float) -> np.ndarray:
+    def _read_stage_output(self, lane: "_Lane", n: int, t1: float) -> np.ndarray:
         """The patched graph's last-layer rows of the chunk just decoded (llama.cpp's embeddings buffer, batch
         order; waits for the device)."""
-        if rc == 1:
-            raise EngineError(f"KV cache full: no room for {n} more tokens (n_ctx={self.n_ctx_lane}"
-                              f"{' per lane' if self.lanes > 1 else ''}); free sequences or raise --ctx")
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc} (check positions continue each sequence)")
         ptr = _llama.llama_get_embeddings(lane.ctx)
         if not ptr:
             raise EngineError("llama.cpp returned no stage output")

@@ -102,7 +102,7 @@ class StageServer:
             "name": i.name, "next": self.link.url, "codec": self.runner.codec, "host": socket.gethostname(),
             "backend": self.backend(), "n_gpu_layers": e.n_gpu_layers, "model_bytes": _file_size(i.path),
             "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse,
-            "stage_output": getattr(e, "stage_output", "")}
+            "stage_output": e.stage_output}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
