@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Iterator, List, Optional, Sequence, Tuple
 
 
 # Gateways whose answers are compared bit for bit with a fresh whole model (or a seeded answer with its repeat)
@@ -141,3 +141,36 @@ def served_pipeline(model: str, ranges, stage_args: Sequence[str], workdir: Path
             gw.stop()
     finally:
         stop_stages(procs)
+
+
+@contextlib.contextmanager
+def replica_stages(model: str, ranges, stage_args: Sequence[str], workdir: Path) -> Iterator[Tuple[list, list]]:
+    """Two copies of the same chain of stage processes (in ``workdir``/a and /b); yields (a, b), stops all on exit."""
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    procs: list = []
+    try:
+        for name in ("a", "b"):
+            (workdir / name).mkdir(exist_ok=True)
+            procs.append(start_stages(model, ranges, extra_args=stage_args, workdir=str(workdir / name)))
+        yield procs[0], procs[1]
+    finally:
+        stop_stages([sp for chain in procs for sp in chain])
+
+
+@contextlib.asynccontextmanager
+async def replica_router(a: list, b: list, recover_timeout: float = 30) -> AsyncIterator[tuple]:
+    """Pipelines A and B (f32 wire) over the stage chains ``a`` and ``b``, connected, and a Router over both;
+    yields (A, B, router), closes the pipelines on exit."""
+    from molink_lite.serving.pipeline import Pipeline
+    from molink_lite.serving.router import Router
+
+    pa = Pipeline([sp.url for sp in a], codec="f32", name="A")
+    pb = Pipeline([sp.url for sp in b], codec="f32", name="B")
+    try:
+        await pa.connect(60)
+        await pb.connect(60)
+        yield pa, pb, Router([pa, pb], recover_timeout=recover_timeout)
+    finally:
+        await pa.close()
+        await pb.close()

@@ -20,12 +20,10 @@ import pytest
 
 from molink_lite.model.split import LayerRange
 from molink_lite.serving.launcher import start_stages, stop_stages
-from molink_lite.serving.pipeline import Pipeline
-from molink_lite.serving.router import Router
 from molink_lite.serving.sequence import GenRequest
 from molink_lite.wire.protocol import SamplingParams
 
-from serving import GatewayProcess, http
+from serving import GatewayProcess, http, replica_router, replica_stages
 
 pytestmark = pytest.mark.slow
 STAGE_ARGS = ["--ctx", "2048", "--max-seqs", "16", "--threads", "1", "--codec", "f32", "--flash-attn", "off"]
@@ -35,10 +33,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary c
            "My favourite recipe is"]
 
 
-def _stages(model, tmp_path, name, ports=None):
+def _stages(model, tmp_path, name):
     wd = tmp_path / name
     wd.mkdir(exist_ok=True)
-    return start_stages(model, RANGES, extra_args=STAGE_ARGS, workdir=str(wd), ports=ports)
+    return start_stages(model, RANGES, extra_args=STAGE_ARGS, workdir=str(wd))
 
 
 def _restart(model, tmp_path, sp, name):
@@ -79,62 +77,50 @@ def stream(url: str, prompt: str, max_tokens: int, out: dict, key: str) -> None:
 def test_a_replayed_request_continues_exactly(gemma3_path, tmp_path):
     """Kill pipeline A's last stage mid-generation: the request finishes on B, and what B generated equals a
     one-at-a-time greedy run that prefills the prompt plus the tokens generated before the failure."""
-    a = _stages(gemma3_path, tmp_path, "a")
-    b = _stages(gemma3_path, tmp_path, "b")
-    try:
+    with replica_stages(gemma3_path, RANGES, STAGE_ARGS, tmp_path) as (a, b):
         asyncio.run(_exact_replay(a, b))
-    finally:
-        stop_stages(a + b)
 
 
 async def _exact_replay(a, b):
-    pa = Pipeline([sp.url for sp in a], codec="f32", name="A")
-    pb = Pipeline([sp.url for sp in b], codec="f32", name="B")
-    await pa.connect(60)
-    await pb.connect(60)
-    router = Router([pa, pb], recover_timeout=30)
-    prompt = await router.tokenize("The capital of France is")
-    greedy = SamplingParams(temperature=0.0)
-    pb.state = "connecting"  # keep B out of the choice: the request starts on A
-    s = router.submit(GenRequest(prompt, greedy, 48, ignore_eos=True))
-    pb.state = "up"
-    assert s.pipeline is pa
-    while len(s.generated) < 12:
-        await asyncio.sleep(0.01)
-    a[1].proc.kill()
-    events = []
-    while True:
-        ev = await asyncio.wait_for(s.events.get(), 120)
-        events.append(ev)
-        if ev.kind != "text":
-            break
-    assert ev.kind == "done" and ev.finish_reason == "length", ev
-    assert len(s.generated) == 48 and s.replays == 1 and s.pipeline is pb
-    k = int(s.feed.shape[0]) - int(prompt.shape[0])   # tokens generated before the failure
-    assert 12 <= k < 48
-    ref = router.submit(GenRequest(s.feed.copy(), greedy, 48 - k, ignore_eos=True))  # alone on B
-    while not ref.finished:
-        await asyncio.sleep(0.01)
-    assert ref.generated == s.generated[k:], "the continuation differs from the one-at-a-time reference"
-    text = "".join(e.text for e in events if e.kind == "text")
-    assert text == s.text  # every piece once, none missing
-    await pa.close()
-    await pb.close()
+    async with replica_router(a, b) as (pa, pb, router):
+        prompt = await router.tokenize("The capital of France is")
+        greedy = SamplingParams(temperature=0.0)
+        pb.state = "connecting"  # keep B out of the choice: the request starts on A
+        s = router.submit(GenRequest(prompt, greedy, 48, ignore_eos=True))
+        pb.state = "up"
+        assert s.pipeline is pa
+        while len(s.generated) < 12:
+            await asyncio.sleep(0.01)
+        a[1].proc.kill()
+        events = []
+        while True:
+            ev = await asyncio.wait_for(s.events.get(), 120)
+            events.append(ev)
+            if ev.kind != "text":
+                break
+        assert ev.kind == "done" and ev.finish_reason == "length", ev
+        assert len(s.generated) == 48 and s.replays == 1 and s.pipeline is pb
+        k = int(s.feed.shape[0]) - int(prompt.shape[0])   # tokens generated before the failure
+        assert 12 <= k < 48
+        ref = router.submit(GenRequest(s.feed.copy(), greedy, 48 - k, ignore_eos=True))  # alone on B
+        while not ref.finished:
+            await asyncio.sleep(0.01)
+        assert ref.generated == s.generated[k:], "the continuation differs from the one-at-a-time reference"
+        text = "".join(e.text for e in events if e.kind == "text")
+        assert text == s.text  # every piece once, none missing
 
 
 # ---------------------------------------------------------------- replicas over HTTP
 @pytest.fixture
 def replicas(gemma3_path, tmp_path):
-    a = _stages(gemma3_path, tmp_path, "a")
-    b = _stages(gemma3_path, tmp_path, "b")
-    gw = GatewayProcess([[sp.url for sp in a], [sp.url for sp in b]],
-                        extra=["--codec", "f32", "--recover-timeout", "60"], log_dir=tmp_path)
-    try:
-        gw.wait_ready()
-        yield gw, a, b
-    finally:
-        gw.stop()
-        stop_stages(a + b)
+    with replica_stages(gemma3_path, RANGES, STAGE_ARGS, tmp_path) as (a, b):  # restarted stages replace entries
+        gw = GatewayProcess([[sp.url for sp in a], [sp.url for sp in b]],
+                            extra=["--codec", "f32", "--recover-timeout", "60"], log_dir=tmp_path)
+        try:
+            gw.wait_ready()
+            yield gw, a, b
+        finally:
+            gw.stop()
 
 
 def _stats(gw):

@@ -10,11 +10,12 @@ import asyncio
 import pytest
 
 from molink_lite.model.split import LayerRange
-from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.pipeline import Pipeline
 from molink_lite.serving.router import Router
 from molink_lite.serving.sequence import GenRequest
 from molink_lite.wire.protocol import SamplingParams
+
+from serving import replica_router, replica_stages
 
 pytestmark = pytest.mark.slow
 STAGE_ARGS = ["--ctx", "2048", "--max-seqs", "16", "--threads", "1", "--codec", "f32", "--flash-attn", "off"]
@@ -72,24 +73,12 @@ async def _groups(stages):
 
 
 def test_a_group_replays_member_by_member(gemma3_path, tmp_path):
-    ranges = [LayerRange(0, 9), LayerRange(9, 18)]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = start_stages(gemma3_path, ranges, extra_args=STAGE_ARGS, workdir=str(tmp_path / "a"))
-    b = start_stages(gemma3_path, ranges, extra_args=STAGE_ARGS, workdir=str(tmp_path / "b"))
-    try:
+    with replica_stages(gemma3_path, [LayerRange(0, 9), LayerRange(9, 18)], STAGE_ARGS, tmp_path) as (a, b):
         asyncio.run(_failover(a, b))
-    finally:
-        stop_stages(a + b)
 
 
 async def _failover(a, b):
-    pa = Pipeline([sp.url for sp in a], codec="f32", name="A")
-    pb = Pipeline([sp.url for sp in b], codec="f32", name="B")
-    await pa.connect(60)
-    await pb.connect(60)
-    r = Router([pa, pb], recover_timeout=30)
-    try:
+    async with replica_router(a, b) as (pa, pb, r):
         prompt = await r.tokenize("The capital of France is")
         pb.state = "connecting"   # the group starts on A
         seqs = r.submit_group(GenRequest(prompt, GREEDY, 32, ignore_eos=True, logprobs=0, echo=True), 3)
@@ -108,6 +97,3 @@ async def _failover(a, b):
             ref = r.submit(GenRequest(s.feed.copy(), GREEDY, 32 - k, ignore_eos=True))
             await collect(ref)
             assert ref.generated == s.generated[k:]
-    finally:
-        await pa.close()
-        await pb.close()

@@ -25,11 +25,10 @@ import pytest
 from molink_lite.model.split import LayerRange
 from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.pipeline import Pipeline
-from molink_lite.serving.router import Router
 from molink_lite.serving.sequence import GenRequest, SeqState
 from molink_lite.wire.protocol import SamplingParams
 
-from serving import GatewayProcess, http
+from serving import GatewayProcess, http, replica_router, replica_stages
 
 pytestmark = pytest.mark.slow
 STAGE_ARGS = ["--ctx", "20480", "--max-seqs", "24", "--threads", "1", "--codec", "f32", "--flash-attn", "off"]
@@ -72,12 +71,8 @@ EXACT_ARGS = ["--ctx", "8192", "--max-seqs", "16", "--threads", "1", "--codec", 
 
 
 def test_twenty_conversations_reply_the_same_with_and_without_the_cache(gemma3_path, tmp_path):
-    a = start_stages(gemma3_path, RANGES, extra_args=EXACT_ARGS, workdir=str(tmp_path))
-    b = start_stages(gemma3_path, RANGES, extra_args=EXACT_ARGS, workdir=str(tmp_path))
-    try:
+    with replica_stages(gemma3_path, RANGES, EXACT_ARGS, tmp_path) as (a, b):
         asyncio.run(_conversations(a, b))
-    finally:
-        stop_stages(a + b)
 
 
 async def _conversations(a, b):
@@ -120,21 +115,12 @@ def run_on(p: Pipeline, prompt: np.ndarray, max_tokens: int = 8, logprobs: int =
 
 # ---------------------------------------------------------------------- two replicas, kill -9 mid-turn
 def test_the_next_turn_goes_to_the_replica_holding_the_prefix_and_survives_its_loss(gemma3_path, tmp_path):
-    a = _stages(gemma3_path, tmp_path, "a")
-    b = _stages(gemma3_path, tmp_path, "b")
-    try:
+    with replica_stages(gemma3_path, RANGES, STAGE_ARGS, tmp_path) as (a, b):
         asyncio.run(_replicas(a, b))
-    finally:
-        stop_stages(a + b)
 
 
 async def _replicas(a, b):
-    pa = Pipeline([sp.url for sp in a], codec="f32", name="A")
-    pb = Pipeline([sp.url for sp in b], codec="f32", name="B")
-    await pa.connect(60)
-    await pb.connect(60)
-    r = Router([pa, pb], recover_timeout=30)
-    try:
+    async with replica_router(a, b) as (pa, pb, r):
         prompt = await r.tokenize(text(7, 120))
         s = r.submit(GenRequest(prompt, GREEDY, 8, ignore_eos=True))
         holder = s.pipeline
@@ -154,9 +140,6 @@ async def _replicas(a, b):
         (a if holder is pa else b)[1].proc.kill()
         await collect(s)
         assert s.replays == 1 and s.generated == alone.generated
-    finally:
-        await pa.close()
-        await pb.close()
 
 
 # ---------------------------------------------------------------------- through the gateway: many users, pressure

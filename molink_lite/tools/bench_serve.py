@@ -172,6 +172,22 @@ async def _sse(r: aiohttp.ClientResponse) -> AsyncIterator[dict]:
             yield json.loads(data)
 
 
+class StreamError(RuntimeError):
+    """A streamed request that failed: its HTTP status, or an error the server sent in the stream."""
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, body: dict) -> AsyncIterator[dict]:
+    """POST ``body`` (a streaming request) to ``url`` and yield its messages; :class:`StreamError` for a status
+    other than 200 or an ``error`` message."""
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
+            raise StreamError(f"HTTP {r.status}: {(await r.text())[:200]}")
+        async for msg in _sse(r):
+            if "error" in msg:
+                raise StreamError(str(msg["error"]))
+            yield msg
+
+
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: time to first token, inter-token gaps, tokens (or an error)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -179,17 +195,15 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens
     usage_tokens = None
     t0 = time.perf_counter()
     stamps: List[float] = []
-    async with session.post(url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            return {"error": f"HTTP {r.status}: {(await r.text())[:200]}"}
-        async for msg in _sse(r):
-            if "error" in msg:
-                return {"error": str(msg["error"])}
+    try:
+        async for msg in _stream(session, url + "/v1/completions", body):
             if msg.get("usage"):
                 usage_tokens = msg["usage"].get("completion_tokens")
             ch = msg.get("choices") or []
             if ch and (ch[0].get("text") or "") != "":
                 stamps.append(time.perf_counter())
+    except StreamError as e:
+        return {"error": str(e)}
     if not stamps:
         return {"error": "no tokens"}
     # tokens: the server's usage count; else one per streamed text event (a token whose text is held back,
@@ -677,12 +691,8 @@ async def _stream_turn(session: aiohttp.ClientSession, url: str, body: dict, cha
     parts: List[str] = []
     usage: dict = {}
     finish = None
-    async with session.post(url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body) as r:
-        if r.status != 200:
-            return {"error": f"HTTP {r.status}: {(await r.text())[:200]}"}
-        async for msg in _sse(r):
-            if "error" in msg:
-                return {"error": str(msg["error"])}
+    try:
+        async for msg in _stream(session, url + ("/v1/chat/completions" if chat else "/v1/completions"), body):
             if msg.get("usage"):
                 usage = msg["usage"]
             for ch in msg.get("choices") or []:
@@ -693,6 +703,8 @@ async def _stream_turn(session: aiohttp.ClientSession, url: str, body: dict, cha
                 if first is None and (text or ch.get("finish_reason")):
                     first = time.perf_counter()
                 finish = ch.get("finish_reason") or finish
+    except StreamError as e:
+        return {"error": str(e)}
     if first is None:
         return {"error": "no tokens"}
     details = usage.get("prompt_tokens_details") or {}
