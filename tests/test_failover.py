@@ -152,8 +152,8 @@ def test_sixteen_streams_survive_a_killed_stage(replicas):
     from prometheus_client.parser import text_string_to_metric_families
 
     status, text = http("GET", gw.url + "/metrics")
-    m = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
-         for s in f.samples}
+    m = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
+         for f in text_string_to_metric_families(text) for s in f.samples}   # one model: its label left out
     assert m[("molink_pipeline_failures_total", (("pipeline", "p0"),))] == 1
     assert m[("molink_pipeline_up", (("pipeline", "p0"),))] == 0
     assert m[("molink_pipeline_up", (("pipeline", "p1"),))] == 1

@@ -531,7 +531,15 @@ def test_prompt_over_context_is_400(tiny_gateway):
 
 
 def _metric(text: str, prefix: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+    """Sum of the samples ``name{labels}`` (every model: the ``model`` label is left out of ``prefix``)."""
+    name, _, labels = prefix.partition("{")
+    want = [x for x in labels.rstrip("}").split(",") if x]
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == name and all(w in head for w in want):
+            total += float(value)
+    return total
 
 
 @pytest.mark.slow

@@ -46,8 +46,8 @@ class FakeRouter:
 
 
 def _samples(text: str):
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}   # one model: its label left out
 
 
 def test_scrape_survives_hung_broken_and_hostile_stages():
@@ -84,12 +84,13 @@ def test_scrape_survives_hung_broken_and_hostile_stages():
 
 def test_events_and_recent_rates():
     m = Metrics(FakeRouter([]))
-    m.first_token(0.2)
+    obs = m.observers[0]
+    obs.first_token(0.2)
     for _ in range(9):
-        m.token_gap(0.01)
-    m.tokens(10)
-    m.request_done("completions", 200)
-    m.client_gone("chat")
+        obs.token_gap(0.01)
+    obs.tokens(10)
+    m.request_done("completions", 200, "model")
+    m.client_gone("chat", "model")
     r = m.recent()
     assert r["generation_tokens"] == 10 and r["requests"] == {"200": 1, "499": 1}
     assert r["last_10s"]["tokens_per_s"] > 0 and abs(r["last_10s"]["ttft_s"] - 0.2) < 1e-9
@@ -99,6 +100,34 @@ def test_events_and_recent_rates():
     assert s[("molink_time_to_first_token_seconds_bucket", (("le", "0.25"),))] == 1
     assert s[("molink_time_to_first_token_seconds_bucket", (("le", "0.1"),))] == 0
     assert s[("molink_client_disconnects_total", ())] == 1
+
+
+def test_every_series_is_labelled_by_model():
+    """Two models behind one gateway (issue 29): events, queue and pipeline series carry their model's name, and
+    each model's recent rates count only its own tokens."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = FakePipeline("p0", []), FakePipeline("p0", [])   # the same pipeline name in two models
+    m = Metrics(FakeRouter([a]), model="chat")
+    m.add_router("code", FakeRouter([b]))
+    m.observers[0].tokens(5)
+    m.observers[1].tokens(7)
+    m.observers[1].first_token(0.1)
+    m.request_done("completions", 200, "code")
+    m.request_done("completions", 404, "")   # an unknown model's request: no model label value
+    text = asyncio.run(m.exposition()).decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}
+    assert got[("molink_generation_tokens_total", (("model", "chat"),))] == 5
+    assert got[("molink_generation_tokens_total", (("model", "code"),))] == 7
+    assert got[("molink_requests_total", (("endpoint", "completions"), ("model", "code"), ("status", "200")))] == 1
+    assert got[("molink_requests_total", (("endpoint", "completions"), ("model", ""), ("status", "404")))] == 1
+    assert got[("molink_queue_length", (("model", "chat"),))] == 0
+    assert {k[1] for k in got if k[0] == "molink_pipeline_up"} == {(("model", "chat"), ("pipeline", "p0")),
+                                                                  (("model", "code"), ("pipeline", "p0"))}
+    assert m.recent("chat")["generation_tokens"] == 5 and m.recent("code")["generation_tokens"] == 7
+    assert m.recent("code")["requests"] == {"200": 1} and m.recent()["generation_tokens"] == 12
+    assert m.recent("chat")["last_60s"]["ttft_s"] is None and m.recent("code")["last_60s"]["ttft_s"] == 0.1
     # several gateways in one process do not share counters
     assert Metrics(FakeRouter([])).recent()["generation_tokens"] == 0
 

@@ -190,6 +190,8 @@ class Cluster:
         self.replacements: List[dict] = []  # layers moved to a new host after one left, and how long it took
         self.readopted: List[dict] = []  # pipelines formed again from stages that rejoined with their layers
         self.ready_timeouts: List[dict] = []  # hosts that lost their layers for not reporting ready in time
+        self._problem = ""  # why the last placement failed ("" once one succeeds)
+        self.pipe_prefix = ""  # before its pipelines' names (j0, j1, ...): the model's name when a gateway has several
         self._calib: Optional[asyncio.Future] = None  # (header, size, name) of the calibration file, or None
         self._cost: Optional[ModelCost] = None
         self._assigns: Dict[str, dict] = {}  # layer range -> its assignment (file written, sha256 known)
@@ -211,23 +213,32 @@ class Cluster:
         app.router.add_get("/relay/{token}", self.relay)
         app.router.add_get("/relay-back/{cid}", self.relay_back)
 
+    # ------------------------------------------------------------------ state for people
+    @property
+    def capacity_problem(self) -> str:
+        """Why the hosts that joined cannot hold this model ("" while nothing says so)."""
+        return self._problem if not self.router.pipelines else ""
+
+    def placing_detail(self) -> str:
+        n = sum(1 for m in self.waiting if self._alive(m))
+        if not n:
+            return "waiting for stages to join (molink-lite stage --join ...)"
+        return f"{n} host(s) joined; placing once no other host joins for {self.settle:g} s"
+
     # ------------------------------------------------------------------ one joining stage
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=20)
-        await ws.prepare(request)
-        link = _WS(ws)
-        peer = request.remote
-        try:
-            role, link = await auth.server_handshake(link, self.key, self.cert_fp)
-            if role != "member":
-                raise auth.AuthError(f"role {role!r} cannot join")
-        except (auth.AuthError, ConnectionError) as e:
-            log.warning("refused a join from %s: %s", peer, e)
-            await ws.close(code=auth.CLOSE_AUTH, message=f"authentication failed: {e}"[:120].encode())
-            return ws
+        ws, link = await accept_member(request, self.key, self.cert_fp)
+        if link is not None:
+            await self.run_member(ws, link, request.remote, f"{'wss' if request.secure else 'ws'}://{request.host}")
+        return ws
+
+    async def run_member(self, ws: web.WebSocketResponse, link: Any, peer: Optional[str], base: str,
+                         first: Optional[dict] = None) -> None:
+        """One authenticated joining stage, from its join message (``first``, when already read) until it
+        leaves."""
         member: Optional[Member] = None
         try:
-            member = await self._register(link, peer, f"{'wss' if request.secure else 'ws'}://{request.host}")
+            member = await self._register(link, peer, base, first)
             await self._serve(member)
         except asyncio.CancelledError:
             pass
@@ -238,7 +249,6 @@ class Cluster:
             if member is not None:
                 self._left(member)
             await ws.close()
-        return ws
 
     def _left(self, m: Member) -> None:
         """A host went away: its layers wait for the next host that joins and can hold them."""
@@ -313,8 +323,8 @@ class Cluster:
             i += 1
         return f"{wanted}-{i}"
 
-    async def _register(self, link: Any, peer: Optional[str], base: str) -> Member:
-        msg = orjson.loads(await link.recv())
+    async def _register(self, link: Any, peer: Optional[str], base: str, first: Optional[dict] = None) -> Member:
+        msg = first if first is not None else orjson.loads(await link.recv())
         if not isinstance(msg, dict) or msg.get("t") != "join":
             raise ValueError("expected a join message")
         wanted = str(msg.get("name") or peer or "host").strip()[:60] or "host"
@@ -608,6 +618,7 @@ class Cluster:
             p = await loop.run_in_executor(None, functools.partial(
                 plan, self.model, [m.spec for m in hosts], n_ctx=self.n_ctx, n_seqs=self.n_seqs))
         except PlacementError as e:
+            self._problem = str(e)
             log.warning("cannot place %s yet: %s", self.info.name, e)
             for m in hosts:
                 if self._alive(m):
@@ -616,6 +627,7 @@ class Cluster:
                     except (ConnectionError, OSError):
                         pass
             return
+        self._problem = ""
         log.info("placement:\n%s", p.describe())
         self.plans.append(p.to_dict())
         by_name = {m.spec.name: m for m in hosts}
@@ -723,7 +735,7 @@ class Cluster:
 
     async def _start_pipeline(self, slots: List[Slot], ranges: List[LayerRange], shown: dict) -> None:
         urls = [await s.url for s in slots]  # a slot whose host left is taken over by the next fitting joiner
-        name = f"j{self._n_pipes}"
+        name = f"{self.pipe_prefix}j{self._n_pipes}"
         self._n_pipes += 1
         pipe = Pipeline(urls, codec=self.codec, name=name, key=self.key, **self.pipeline_kw)
         for s in slots:
@@ -929,6 +941,23 @@ class Cluster:
         return {"setting_up": sum(self._setup.values()), "open": sum(self._open.values()),
                 "addresses": len(set(self._setup) | set(self._open)), "pending_dial_backs": len(self.backs),
                 **self.relay_stats}
+
+
+async def accept_member(request: web.Request, key: Optional[LinkKey], cert_fp: str) -> Tuple[web.WebSocketResponse,
+                                                                                          Optional[Any]]:
+    """The ``/cluster`` WebSocket and its link once the cluster-secret handshake passed as role ``member`` (None:
+    refused, and the socket is closed)."""
+    ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=20)
+    await ws.prepare(request)
+    try:
+        role, link = await auth.server_handshake(_WS(ws), key, cert_fp)
+        if role != "member":
+            raise auth.AuthError(f"role {role!r} cannot join")
+    except (auth.AuthError, ConnectionError) as e:
+        log.warning("refused a join from %s: %s", request.remote, e)
+        await ws.close(code=auth.CLOSE_AUTH, message=f"authentication failed: {e}"[:120].encode())
+        return ws, None
+    return ws, link
 
 
 async def _close_quietly(ws: Any) -> None:

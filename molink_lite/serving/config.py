@@ -24,6 +24,7 @@ from ..wire.codec import CODECS
 from .http_limits import (DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
                           DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_MAX_REQUESTS_PER_KEY,
                           DEFAULT_WRITE_TIMEOUT)
+from .models import valid_name
 from .speculative import SpecConfig
 
 TLS_MODES = ("auto", "off")
@@ -141,17 +142,53 @@ class GatewaySecurity:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    """Join mode: this gateway holds ``model``; stages that join are placed for ``n_ctx`` / ``n_seqs``."""
+class ModelSpec:
+    """One model a gateway serves, given by its GGUF (``--model [NAME=]PATH``; join mode and ``serve``).
 
-    model: Optional[str] = None      # --model (None: no join mode)
+    ``name``: the id clients send as ``model`` ("" : the GGUF's own name); ``aliases``: other names for it."""
+
+    path: str
+    name: str = ""
+    aliases: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("--model needs a GGUF path")
+        for n in ((self.name,) if self.name else ()) + tuple(self.aliases):
+            if not valid_name(n):
+                raise ConfigError(f"model name {n!r} is not valid: letters, digits and ._:/@+- (at most 128)")
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+
+def _model_specs(models: Sequence[Any], model: Optional[str]) -> Tuple[ModelSpec, ...]:
+    """``models`` as ModelSpecs (a bare string is a path), or the one ``model`` path."""
+    out = tuple(m if isinstance(m, ModelSpec) else ModelSpec(path=str(m)) for m in models)
+    if not out and model:
+        out = (ModelSpec(path=model),)
+    paths = [m.path for m in out]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("the same GGUF is given twice with --model (one model, one entry; replicas come from "
+                          "more hosts)")
+    return out
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Join mode: this gateway holds ``models`` (the first also as ``model``); stages that join are placed for
+    ``n_ctx`` / ``n_seqs`` over all of them at once (:mod:`molink_lite.serving.cluster_set`)."""
+
+    model: Optional[str] = None      # --model (None: no join mode); the first of ``models``
     n_ctx: int = 8192                # --ctx
     n_seqs: int = 16                 # --max-seqs
     settle: float = 3.0              # --join-settle
     ready_timeout: float = 120.0     # --join-ready-timeout
     rejoin_grace: float = 15.0       # --join-rejoin-grace
+    models: Tuple[ModelSpec, ...] = ()   # --model [NAME=]PATH (repeated)
 
     def __post_init__(self) -> None:
+        models = _model_specs(self.models, self.model)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "model", models[0].path if models else None)
         if self.n_ctx < 1:
             raise ConfigError(f"--ctx must be >= 1, got {self.n_ctx}")
         if not 1 <= self.n_seqs <= 256:
@@ -177,7 +214,8 @@ def _pipelines(value: Sequence[Sequence[str]]) -> Tuple[Tuple[str, ...], ...]:
 class GatewayConfig:
     """One gateway: its pipelines (stage URLs in layer order, one tuple per replica) and everything else."""
 
-    pipelines: Tuple[Tuple[str, ...], ...] = ()   # --pipeline (repeated)
+    pipelines: Tuple[Tuple[str, ...], ...] = ()   # --pipeline [NAME=]URLS (repeated)
+    pipeline_models: Tuple[str, ...] = ()         # the model each pipeline serves ("": the first model)
     host: str = "127.0.0.1"                       # --host
     port: int = 8000                              # --port (0: any free port)
     connect_timeout: float = 120.0                # --connect-timeout
@@ -191,9 +229,23 @@ class GatewayConfig:
     join: ClusterConfig = field(default_factory=ClusterConfig)
     draft_model: Optional[str] = None             # --draft-model: a small model of the same vocabulary drafts tokens
     draft_gpu_layers: int = 0                     # --draft-gpu-layers
+    aliases: Tuple[Tuple[str, str], ...] = ()     # --alias ALIAS=NAME (repeated): other names clients may use
+    idle_unload: float = 0.0                      # --idle-unload SEC: release an idle model's stages (0: never)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pipelines", _pipelines(self.pipelines))
+        tags = tuple(self.pipeline_models) or ("",) * len(self.pipelines)
+        if len(tags) != len(self.pipelines):
+            raise ConfigError("pipeline_models needs one entry per pipeline")
+        object.__setattr__(self, "pipeline_models", tags)
+        for n in [t for t in tags if t] + [x for a in self.aliases for x in a]:
+            if not valid_name(n):
+                raise ConfigError(f"model name {n!r} is not valid: letters, digits and ._:/@+- (at most 128)")
+        object.__setattr__(self, "aliases", tuple(tuple(a) for a in self.aliases))
+        if any(len(a) != 2 for a in self.aliases):
+            raise ConfigError("--alias takes ALIAS=NAME")
+        if not self.idle_unload >= 0:
+            raise ConfigError(f"--idle-unload must be >= 0 seconds (0: never), got {self.idle_unload}")
         if self.draft_model is not None and self.pipeline.spec is not None and self.pipeline.spec.mode == "off":
             raise ConfigError("--draft-model drafts for speculative decoding: it needs --speculative auto or ngram")
         _port(self.port, "--port")
@@ -223,8 +275,12 @@ class ServeConfig:
     stages: int = 2                                # --stages
     split: str = "balanced"                        # --split
     stage_port: int = 0                            # --stage-port: first stage port (0: free ports)
+    models: Tuple[ModelSpec, ...] = ()             # --model [NAME=]PATH (repeated; the first is also ``model``)
 
     def __post_init__(self) -> None:
+        models = _model_specs(self.models, self.model)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "model", models[0].path if models else None)
         if not callable(getattr(self.stage, "to_argv", None)):
             raise ConfigError("ServeConfig.stage must be a StageConfig (with to_argv)")
         if self.stages < 1:
@@ -243,5 +299,5 @@ class ServeConfig:
             raise ConfigError("serve makes a fresh cluster secret for its stages: no secret file")
 
 
-__all__ = ["GatewayConfig", "PipelineConfig", "HttpLimits", "GatewaySecurity", "ClusterConfig", "ServeConfig",
+__all__ = ["GatewayConfig", "ModelSpec", "PipelineConfig", "HttpLimits", "GatewaySecurity", "ClusterConfig", "ServeConfig",
            "StageTemplate", "ConfigError", "SpecConfig"]

@@ -47,6 +47,7 @@ from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatTemplateError
 from .config import GatewayConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics, prefix_cache_summary
+from .models import ModelTable, ServedModel, UnknownModel
 from .grammar import GrammarError, grammar_for_request
 from .http_limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, serve_app
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
@@ -70,6 +71,7 @@ _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
 # responses.CLIENT_GONE
 _RequestKey: Any = getattr(web, "RequestKey", None)
 _KEY_ID: Any = _RequestKey("molink_key_id", int) if _RequestKey else "molink_key_id"
+_MODEL_KEY: Any = _RequestKey("molink_model", str) if _RequestKey else "molink_model"   # the model it named
 # the first stage tokenizes at most this many characters per context token (stage/server.py)
 STAGE_TOKENIZE_CHARS_PER_TOKEN = 32
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
@@ -80,18 +82,21 @@ _WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"
 
 
 class Gateway:
-    """Answers OpenAI requests; the :class:`Router` picks pipelines and replays requests when one fails."""
+    """Answers OpenAI requests for one or more models (:class:`~.models.ModelTable`: a request's ``model`` picks
+    one); each model's :class:`Router` picks its pipelines and replays requests when one fails."""
 
-    def __init__(self, router: Router, model_name: Optional[str] = None,
+    def __init__(self, router: Optional[Router] = None, model_name: Optional[str] = None,
                  chat_template: Optional[str] = None, api_keys: Sequence[str] = (),
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY):
+                 max_requests_per_key: int = DEFAULT_MAX_REQUESTS_PER_KEY, models: Sequence[ServedModel] = ()):
         if max_requests_per_key < 0:
             raise ValueError("max_requests_per_key must be >= 0 (0: no cap)")
-        self.router = router
-        self.cluster: Any = None  # serving.cluster.Cluster when stages join this gateway
-        self.pipelines = router.pipelines
-        self._model_name = model_name
+        if not models:
+            if router is None:
+                raise ValueError("a Gateway needs a router or models")
+            models = [ServedModel(model_name or "", router)]
+        self.models = ModelTable(models)
+        self.cluster: Any = None  # serving.cluster_set.ClusterSet when stages join this gateway
         self.api_keys = ApiKeys(api_keys)
         self.body_timeout = body_timeout
         self.max_requests_per_key = max_requests_per_key
@@ -108,8 +113,9 @@ class Gateway:
                 self.builtin_template = chat_template
         self._bg: List[asyncio.Task] = []
         self.guard: Optional[ConnectionGuard] = None   # the listener's connection counters, once it listens
-        self.metrics = Metrics(router)
-        router.observer = self.metrics
+        self.metrics = Metrics(None)
+        for m in self.models:
+            self.metrics.add_model(m)
         self._warned_no_template = False
         # grammar hash -> None (the last stage compiles it) or why not; most recently used last
         self._grammars: "OrderedDict[bytes, Optional[str]]" = OrderedDict()
@@ -120,13 +126,19 @@ class Gateway:
             if f.is_file() and f.suffix in _WEB_TYPES}
 
     @property
+    def router(self) -> Router:
+        """The first (default) model's router."""
+        return self.models.default.router
+
+    @property
+    def pipelines(self) -> List[Pipeline]:
+        """Every model's pipelines."""
+        return [p for m in self.models for p in m.pipelines]
+
+    @property
     def model_name(self) -> str:
-        if self._model_name:
-            return self._model_name
-        for p in self.pipelines:
-            if p.infos:
-                return str(p.infos[0].get("name") or "model")
-        return "model"
+        """The first (default) model's id."""
+        return self.models.default.name
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -135,7 +147,7 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
-        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/stats", self.stats)
         app.router.add_get("/metrics", self.prometheus)
@@ -146,16 +158,22 @@ class Gateway:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        for p in self.pipelines:
-            p.start_background()
-        self._bg.append(asyncio.ensure_future(self.router.expire_parked()))
-        self._bg.append(asyncio.ensure_future(self.router.dispatch_forever()))
+        for m in self.models:
+            for p in m.pipelines:
+                p.start_background()
+            self._bg.append(asyncio.ensure_future(m.router.expire_parked()))
+            self._bg.append(asyncio.ensure_future(m.router.dispatch_forever()))
+            if m.idle is not None:
+                self._bg.append(asyncio.ensure_future(m.idle.watch()))
 
     async def _cleanup(self, app: web.Application) -> None:
         for t in self._bg:
             t.cancel()
         for p in self.pipelines:
             await p.close()
+        for m in self.models:
+            if m.idle is not None:
+                await m.idle.close()
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -167,12 +185,12 @@ class Gateway:
         try:
             resp = await handler(request)
         except asyncio.CancelledError:  # the connection closed: aiohttp cancels the handler (handler_cancellation)
-            self.metrics.client_gone(endpoint)
+            self.metrics.client_gone(endpoint, request.get(_MODEL_KEY, ""))
             raise
         if request.get(CLIENT_GONE):
-            self.metrics.client_gone(endpoint)
+            self.metrics.client_gone(endpoint, request.get(_MODEL_KEY, ""))
         else:
-            self.metrics.request_done(endpoint, resp.status)
+            self.metrics.request_done(endpoint, resp.status, request.get(_MODEL_KEY, ""))
         return resp
 
     @web.middleware
@@ -238,21 +256,18 @@ class Gateway:
         return self.api_keys.check(ApiKeys.bearer(request.headers.get("Authorization")))
 
     # ------------------------------------------------------------------ simple endpoints
-    async def models(self, request: web.Request) -> web.Response:
-        """The served model, with llama-server's ``meta`` (context per request, vocabulary, layers) once a
-        pipeline has connected."""
-        entry: Dict[str, Any] = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "molink-lite"}
-        ups = [p for p in self.pipelines if p.healthy and p.infos] or [p for p in self.pipelines if p.infos]
-        if ups:
-            p = ups[0]
-            first = p.infos[0]
-            meta: Dict[str, Any] = {"n_ctx": int(p.n_ctx_lane or p.n_ctx), "n_vocab": first.get("n_vocab"),
-                                    "n_embd": first.get("n_embd"), "n_layer": first.get("n_layer_total"),
-                                    "arch": first.get("arch")}
-            if first.get("n_ctx_train"):
-                meta["n_ctx_train"] = first["n_ctx_train"]
-            entry["meta"] = meta
-        return _json({"object": "list", "data": [entry]})
+    async def list_models(self, request: web.Request) -> web.Response:
+        """Every served model with its state (serving, placing, no capacity, down, unloaded, loading), aliases
+        and llama-server's ``meta`` (context per request, vocabulary, layers) once a pipeline has connected."""
+        return _json({"object": "list", "data": [m.entry() for m in self.models]})
+
+    def _status(self) -> str:
+        """ok while every model serves (all pipelines up), degraded while some pipeline or model is down,
+        unavailable when no model has a pipeline up. An idle model that was unloaded counts as serving."""
+        states = [("ok" if m.state in ("unloaded", "loading") else m.router.status) for m in self.models]
+        if all(x == "unavailable" for x in states):
+            return "unavailable"
+        return "ok" if all(x == "ok" for x in states) else "degraded"
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while some pipeline is up ("ok" when all are, else "degraded"), 503 otherwise.
@@ -260,12 +275,15 @@ class Gateway:
         Open, so without the API key it says only that (``{"status": ...}``): each pipeline's stage addresses
         (a relayed stage's includes its relay token, a tunnel to a stage behind NAT) and errors go only to
         a request with the key (or to anyone when no keys are configured: then the whole API is open)."""
-        status = self.router.status
+        status = self._status()
         code = 200 if status != "unavailable" else 503
         if not self._authorized(request):
             return _json({"status": status}, code)
-        return _json({"status": status, "pipelines": self.router.describe(), "router": self.router.stats,
-                      "queued": self.router.queued}, code)
+        pipes = [{**d, "model": m.name} for m in self.models for d in m.router.describe()]
+        return _json({"status": status, "pipelines": pipes, "router": self.router.stats,
+                      "queued": sum(m.router.queued for m in self.models),
+                      "models": {m.name: {"state": m.state, "status": m.router.status, "router": m.router.stats,
+                                          "queued": m.router.queued} for m in self.models}}, code)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=await self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -287,31 +305,49 @@ class Gateway:
                                      "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"})
 
     async def stats(self, request: web.Request) -> web.Response:
-        out = []
-        for p, d in zip(self.pipelines, self.router.describe()):
-            entry: Dict[str, Any] = {**d, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
-                                     "micro_batches": p.max_inflight, "lanes": p.lanes, "links": p.links,
-                                     "codec": p.codec, "link_choice": (p.link_choice.summary()
-                                                                       if p.link_choice is not None else None),
-                                     "events": list(p.events),
-                                     "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
-                                     "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
-                                     "speculative": p.spec_summary(), "prefix_cache": prefix_cache_summary(p)}
-            if p.healthy:
-                try:
-                    entry["stages"] = await asyncio.wait_for(p.stage_stats(), 10)
-                    if request.query.get("timeline") not in ("1", "true"):
-                        for st in entry["stages"]:
-                            st.pop("timeline", None)
-                except asyncio.TimeoutError:
-                    entry["stages_error"] = "the stages did not answer within 10 s"
-                except Exception as e:  # noqa: BLE001
-                    entry["stages_error"] = str(e)
-            out.append(entry)
-        return _json({"status": self.router.status, "model": self.model_name, "router": self.router.stats,
-                      "queued": self.router.queued, "metrics": self.metrics.recent(), "http": self._http_stats(),
-                      "pipelines": out, "placement": self.cluster.plans if self.cluster is not None else None,
-                      "replacements": self.cluster.replacements if self.cluster is not None else None})
+        """Everything the dashboard and ``molink-lite status`` show: ``pipelines`` (every model's, each with its
+        ``model``), ``models`` (one section per model: state, router, queue, placement) and the gateway's totals."""
+        timeline = request.query.get("timeline") in ("1", "true")
+        pipes = [(m, p, d) for m in self.models for p, d in zip(m.pipelines, m.router.describe())]
+        out = await asyncio.gather(*(self._pipeline_stats(m, p, d, timeline) for m, p, d in pipes))
+        models = []
+        for m in self.models:
+            state, why = m.state_detail()
+            c = m.cluster
+            models.append({"name": m.name, "aliases": list(m.aliases), "state": state, "state_detail": why,
+                           "status": m.router.status, "router": m.router.stats, "queued": m.router.queued,
+                           "pipelines": [p.name for p in m.pipelines], "metrics": self.metrics.recent(m.name),
+                           "placement": c.plans if c is not None else None,
+                           "replacements": c.replacements if c is not None else None,
+                           "idle": m.idle.summary() if m.idle is not None else None})
+        d0 = self.models.default
+        return _json({"status": self._status(), "model": self.model_name, "router": self.router.stats,
+                      "queued": sum(m.router.queued for m in self.models), "metrics": self.metrics.recent(),
+                      "http": self._http_stats(), "pipelines": list(out), "models": models,
+                      "placement": d0.cluster.plans if d0.cluster is not None else None,
+                      "replacements": d0.cluster.replacements if d0.cluster is not None else None})
+
+    async def _pipeline_stats(self, m: ServedModel, p: Pipeline, d: dict, timeline: bool) -> Dict[str, Any]:
+        """One pipeline in ``/v1/stats``: scheduler, links, codec, speculation, prefix cache, stage counters."""
+        entry: Dict[str, Any] = {**d, "model": m.name, "scheduler": p.stats, "prefill_chunk": p.prefill_chunk,
+                                 "micro_batches": p.max_inflight, "lanes": p.lanes, "links": p.links,
+                                 "codec": p.codec, "link_choice": (p.link_choice.summary()
+                                                                   if p.link_choice is not None else None),
+                                 "events": list(p.events),
+                                 "n_ctx": p.n_ctx, "kv_reserved": p.kv_reserved, "max_seqs": p.max_seqs,
+                                 "stage_info": [_stage_info(i) for i in p.infos] if p.healthy else [],
+                                 "speculative": p.spec_summary(), "prefix_cache": prefix_cache_summary(p)}
+        if p.healthy:
+            try:
+                entry["stages"] = await asyncio.wait_for(p.stage_stats(), 10)
+                if not timeline:
+                    for st in entry["stages"]:
+                        st.pop("timeline", None)
+            except asyncio.TimeoutError:
+                entry["stages_error"] = "the stages did not answer within 10 s"
+            except Exception as e:  # noqa: BLE001
+                entry["stages_error"] = str(e)
+        return entry
 
     def _http_stats(self) -> dict:
         """Connections and what the limits turned away (/v1/stats)."""
@@ -342,18 +378,29 @@ class Gateway:
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_json")
         model = body.get("model")
-        if model is not None:
-            if not isinstance(model, str):
-                raise _invalid("'model' must be a string", "model")
-            if model != self.model_name:
-                raise ApiError(404, f"model '{_short(model)}' does not exist; this server serves "
-                                    f"'{self.model_name}'", "model_not_found", param="model")
+        if model is not None and not isinstance(model, str):
+            raise _invalid("'model' must be a string", "model")
         check_common(body)
         return body
+
+    def _model(self, request: web.Request, body: dict) -> ServedModel:
+        """The model the request names (its id or an alias; none: the first model), marked as in use (an idle
+        model that was unloaded starts loading now); 404 ``model_not_found`` for a name no model answers to."""
+        try:
+            m = self.models.resolve(body.get("model"))
+        except UnknownModel as e:
+            served = ", ".join(f"'{n}'" for n in e.served)
+            raise ApiError(404, f"The model '{_short(e.name)}' does not exist; this server serves {served} "
+                                f"(GET /v1/models lists them)", "model_not_found", param="model") from None
+        request[_MODEL_KEY] = m.name
+        if m.idle is not None:
+            m.idle.touch()
+        return m
 
     # ------------------------------------------------------------------ generation
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        m = self._model(request, body)
         check_completion_only(body)
         prompt = parse_prompt(body)
         opts = parse_stream(body)
@@ -364,22 +411,23 @@ class Gateway:
         ignore_eos = _boolean(body, "ignore_eos", False)   # llama.cpp server's: past end-of-generation
         grammar, param = self._grammar(body)
         if isinstance(prompt, str):
-            tokens = await self._tokenize(prompt, add_special=True)
+            tokens = await self._tokenize(m, prompt, add_special=True)
         else:
-            n_vocab = int((await self._facts()).first["n_vocab"])
+            n_vocab = int((await self._facts(m)).first["n_vocab"])
             if min(prompt) < 0 or max(prompt) >= n_vocab:
                 raise _invalid(f"prompt token ids must be in 0..{n_vocab - 1}", "prompt")
             tokens = np.asarray(prompt, dtype=np.int32)
         echo_text = ""
         if out.echo:
-            echo_text = prompt if isinstance(prompt, str) else await self._detokenize(tokens.tolist())
-        await self._check_grammar(grammar, (), param)
+            echo_text = prompt if isinstance(prompt, str) else await self._detokenize(m, tokens.tolist())
+        await self._check_grammar(m, grammar, (), param)
         req = GenRequest(tokens, params, max_tokens, stop, ignore_eos=ignore_eos, owner=request.get(_KEY_ID),
                          grammar=grammar, logprobs=out.logprobs, echo=out.echo and out.logprobs >= 0)
-        return await self._run(request, req, opts, out, chat=False, echo_text=echo_text)
+        return await self._run(m, request, req, opts, out, chat=False, echo_text=echo_text)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        m = self._model(request, body)
         messages = parse_messages(body)
         opts = parse_stream(body)
         out = parse_chat_output(body)
@@ -387,24 +435,27 @@ class Gateway:
         stop = parse_stop(body)
         ignore_eos = _boolean(body, "ignore_eos", False)
         parse_max_tokens(body, 1)  # checked now; the default depends on the prompt's length
-        pipe = await self._facts()
+        pipe = await self._facts(m)
         plan = self._plan_chat(pipe, body, messages)   # the template, tools and structured output
         grammar, triggers = plan.grammar, tuple(plan.triggers) if plan.grammar else ()
         param = "tools" if plan.parser is not None else _grammar_param(body)
-        tokens = await self._tokenize(plan.prompt, add_special=plan.add_special)
-        await self._check_grammar(grammar, triggers, param)
+        tokens = await self._tokenize(m, plan.prompt, add_special=plan.add_special)
+        await self._check_grammar(m, grammar, triggers, param)
         max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
         req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in plan.stop if s],
                          ignore_eos=ignore_eos, owner=request.get(_KEY_ID), grammar=grammar, triggers=triggers,
                          logprobs=out.logprobs)
         parser = plan.parser
-        return await self._run(request, req, opts, out, chat=True,
+        return await self._run(m, request, req, opts, out, chat=True,
                                new_parser=None if parser is None else lambda: copy.deepcopy(parser))
 
-    async def _facts(self) -> Pipeline:
-        """An up pipeline to read model facts from (vocabulary, context, template); waits like a request does."""
+    async def _facts(self, m: ServedModel) -> Pipeline:
+        """An up pipeline of model ``m`` to read its facts from (vocabulary, context, template); waits like a
+        request does (an unloaded model first loads)."""
         try:
-            return await self.router.wait_up()
+            if m.idle is not None:
+                await m.idle.ready()
+            return await m.router.wait_up()
         except PipelineError as e:
             raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
 
@@ -443,21 +494,21 @@ class Gateway:
             raise _invalid("the schema nests too deeply", param) from None
         return g or "", param
 
-    async def _check_grammar(self, grammar: str, triggers: Tuple[str, ...], param: str) -> None:
+    async def _check_grammar(self, m: ServedModel, grammar: str, triggers: Tuple[str, ...], param: str) -> None:
         """A 400 unless the last stage's llama.cpp compiles ``grammar`` (its verdict is cached by the grammar's hash,
         and a check already asked for is shared)."""
         if not grammar:
             return
         if len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
             raise _invalid(f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes of GBNF", param)
-        key = hashlib.sha256(orjson.dumps([grammar, list(triggers)])).digest()
+        key = hashlib.sha256(orjson.dumps([m.name, grammar, list(triggers)])).digest()
         if key in self._grammars:
             self._grammars.move_to_end(key)
             problem = self._grammars[key]
         else:
             fut = self._grammar_checks.get(key)
             if fut is None:
-                fut = asyncio.ensure_future(self._ask_grammar(grammar, triggers))
+                fut = asyncio.ensure_future(self._ask_grammar(m, grammar, triggers))
                 self._grammar_checks[key] = fut
                 fut.add_done_callback(lambda f, k=key: self._grammar_done(k, f))
             problem = await asyncio.shield(fut)
@@ -472,13 +523,13 @@ class Gateway:
         while len(self._grammars) > GRAMMAR_CACHE:
             self._grammars.popitem(last=False)
 
-    async def _ask_grammar(self, grammar: str, triggers: Tuple[str, ...]) -> Optional[str]:
+    async def _ask_grammar(self, m: ServedModel, grammar: str, triggers: Tuple[str, ...]) -> Optional[str]:
         """The last stage's verdict on a grammar: None when it compiles, else why not; ApiError 503 when no stage
         could say."""
         meta: Dict[str, Any] = {"type": GRAMMAR_CHECK, "grammar": grammar}
         if triggers:
             meta["triggers"] = list(triggers)
-        pipe = await self._facts()
+        pipe = await self._facts(m)
         try:
             reply = await pipe.chain.request_last(meta, timeout=60)
         except RemoteError as e:
@@ -494,8 +545,8 @@ class Gateway:
         raise ApiError(503, f"the grammar could not be checked: {_short(problem, 300)}", "no_pipeline",
                        "service_unavailable")
 
-    async def _tokenize(self, text: str, add_special: bool) -> np.ndarray:
-        pipe = await self._facts()
+    async def _tokenize(self, m: ServedModel, text: str, add_special: bool) -> np.ndarray:
+        pipe = await self._facts(m)
         n_ctx = pipe.n_ctx
         n_bytes = len(text.encode("utf-8", "surrogatepass"))
         if n_bytes > MAX_BYTES_PER_TOKEN * n_ctx:
@@ -508,7 +559,7 @@ class Gateway:
             raise ApiError(400, f"the prompt ({len(text)} characters) cannot fit the context window "
                                 f"({n_ctx} tokens)", "context_length_exceeded")
         try:
-            return await self.router.tokenize(text, add_special=add_special)
+            return await m.router.tokenize(text, add_special=add_special)
         except RemoteError as e:
             if "at most" in str(e) and "n_ctx" in str(e):   # the stage's own length check (a smaller stage context)
                 raise ApiError(400, f"the prompt cannot fit the context window ({n_ctx} tokens)",
@@ -520,20 +571,20 @@ class Gateway:
             raise ApiError(503, f"tokenization failed: {_short(str(e), 300)}", "no_pipeline",
                            "service_unavailable") from None
 
-    async def _detokenize(self, tokens: List[int]) -> str:
+    async def _detokenize(self, m: ServedModel, tokens: List[int]) -> str:
         """Text of token ids (special tokens written out), from the last stage's vocabulary."""
-        reply = await self._ask_vocab({"type": DETOKENIZE, "tokens": tokens, "special": True}, "detokenization")
+        reply = await self._ask_vocab(m, {"type": DETOKENIZE, "tokens": tokens, "special": True}, "detokenization")
         return str(reply.get("text", ""))
 
-    async def _ask_vocab(self, meta: dict, what: str) -> dict:
-        pipe = await self._facts()
+    async def _ask_vocab(self, m: ServedModel, meta: dict, what: str) -> dict:
+        pipe = await self._facts(m)
         try:
             return await pipe.chain.request_last(meta, timeout=60)
         except (RemoteError, PipelineError, RuntimeError, ConnectionError, asyncio.TimeoutError) as e:
             raise ApiError(503, f"{what} failed: {_short(str(e), 300)}", "no_pipeline",
                            "service_unavailable") from None
 
-    async def _run(self, request: web.Request, req: GenRequest, opts: StreamOptions, out: OutputOptions,
+    async def _run(self, m: ServedModel, request: web.Request, req: GenRequest, opts: StreamOptions, out: OutputOptions,
                    chat: bool, echo_text: str = "", new_parser: Optional[Callable[[], Any]] = None
                    ) -> web.StreamResponse:
         """Submit the request (``out.n`` choices sharing one prefill) and answer with its choices, whole or
@@ -545,9 +596,9 @@ class Gateway:
                 for s in seqs:
                     s.end("length")
             elif out.n == 1:
-                seqs = [self.router.submit(req)]
+                seqs = [m.router.submit(req)]
             else:
-                seqs = list(self.router.submit_group(req, out.n))
+                seqs = list(m.router.submit_group(req, out.n))
         except RequestError as e:
             raise ApiError(400, str(e), "context_length_exceeded" if "context" in str(e) else "invalid_value") from None
         except Overloaded as e:
@@ -555,9 +606,9 @@ class Gateway:
                            headers={"Retry-After": str(e.retry_after)}) from None
         except PipelineError as e:   # no pipeline at all (stages still joining)
             raise ApiError(503, _short(str(e), 300), "no_pipeline", "service_unavailable") from None
-        self.metrics.prompt_tokens.inc(int(req.prompt.shape[0]))
+        self.metrics.prompt(m.name, int(req.prompt.shape[0]))
         answer = Answer(chat, ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()),
-                        self.model_name, out, int(req.prompt.shape[0]), echo_text, new_parser)
+                        m.name, out, int(req.prompt.shape[0]), echo_text, new_parser)
         try:
             if opts.stream:
                 return await stream(request, answer, seqs, opts)
@@ -565,14 +616,15 @@ class Gateway:
         finally:
             for s in seqs:
                 if not s.finished:
-                    self.router.cancel(s)
-                self.router.release(s)
+                    m.router.cancel(s)
+                m.router.release(s)
 
     # ------------------------------------------------------------------ llama-server's tokenizer endpoints
     async def tokenize(self, request: web.Request) -> web.Response:
         """``{"content", "add_special"?, "with_pieces"?}`` -> ``{"tokens": [id, ...]}``, or with pieces
         ``[{"id", "piece"}]`` (a piece that is not whole UTF-8 is its list of bytes), as llama-server answers."""
         body = await self._body(request)
+        m = self._model(request, body)
         content = body.get("content")
         if not isinstance(content, str):
             raise _invalid("'content' must be a string", "content")
@@ -581,10 +633,10 @@ class Gateway:
         if not _boolean(body, "parse_special", True):
             raise _unsupported("'parse_special': false is not supported (special tokens in the text are parsed)",
                                "parse_special")
-        tokens = (await self._tokenize(content, add_special=add_special)).tolist()
+        tokens = (await self._tokenize(m, content, add_special=add_special)).tolist()
         if not with_pieces:
             return _json({"tokens": tokens})
-        pieces = await self._pieces(tokens)
+        pieces = await self._pieces(m, tokens)
         out = []
         for t, b in zip(tokens, pieces):
             try:
@@ -594,11 +646,11 @@ class Gateway:
             out.append({"id": t, "piece": piece})
         return _json({"tokens": out})
 
-    async def _pieces(self, tokens: List[int]) -> List[bytes]:
+    async def _pieces(self, m: ServedModel, tokens: List[int]) -> List[bytes]:
         """Each token's bytes (special tokens written out), from the last stage's vocabulary."""
         if not tokens:
             return []
-        reply = await self._ask_vocab({"type": DETOKENIZE, "tokens": tokens, "pieces": True}, "detokenization")
+        reply = await self._ask_vocab(m, {"type": DETOKENIZE, "tokens": tokens, "pieces": True}, "detokenization")
         pieces = reply.get("pieces")
         if not isinstance(pieces, list) or len(pieces) != len(tokens):
             raise ApiError(503, "the stage did not answer the tokens' pieces", "no_pipeline", "service_unavailable")
@@ -607,6 +659,7 @@ class Gateway:
     async def detokenize(self, request: web.Request) -> web.Response:
         """``{"tokens": [id, ...]}`` -> ``{"content": text}``, as llama-server answers."""
         body = await self._body(request)
+        m = self._model(request, body)
         tokens = body.get("tokens")
         msg = f"'tokens' must be a list of at most {MAX_DETOKENIZE} token ids"
         if not isinstance(tokens, list) or len(tokens) > MAX_DETOKENIZE:
@@ -615,10 +668,10 @@ class Gateway:
             raise _invalid(msg, "tokens")
         if not tokens:
             return _json({"content": ""})
-        n_vocab = int((await self._facts()).first["n_vocab"])
+        n_vocab = int((await self._facts(m)).first["n_vocab"])
         if min(tokens) < 0 or max(tokens) >= n_vocab:
             raise _invalid(f"token ids must be in 0..{n_vocab - 1}", "tokens")
-        return _json({"content": await self._detokenize(tokens)})
+        return _json({"content": await self._detokenize(m, tokens)})
 
 
 def _grammar_param(body: dict) -> str:
@@ -632,6 +685,90 @@ def _stage_info(info: dict) -> dict:
     keys = ("url", "host", "layer_start", "layer_stop", "n_layer_total", "backend", "n_gpu_layers", "model_bytes",
             "n_ctx", "max_seqs", "arch", "codec", "stage_output")
     return {k: info.get(k) for k in keys}
+
+
+async def _served_models(cfg: GatewayConfig, key: Optional[LinkKey], drafter: Optional[Any],
+                         tls_fingerprint: str) -> Tuple[List[ServedModel], Any]:
+    """The models of ``cfg``, each with its router, its ``--pipeline`` replicas connected and, in join mode, its
+    cluster (several: one :class:`~.cluster_set.ClusterSet` takes the joins); returns (models, cluster or set).
+
+    Order: the join models in ``--model`` order, then pipeline tags in order of first use. Untagged pipelines
+    serve the first model; ``--model-name`` names the first model; ``--draft-model`` drafts for the first model
+    (a draft must share its vocabulary). ``--alias ALIAS=NAME`` adds names once every model's name is known."""
+    from .config import ConfigError
+
+    groups: Dict[str, List[Tuple[str, ...]]] = {}
+    for urls, tag in zip(cfg.pipelines, cfg.pipeline_models):
+        groups.setdefault(tag, []).append(urls)
+    specs = list(cfg.join.models) if cfg.join.model else []
+    if not specs and "" not in groups and groups:   # only tagged pipelines: the first tag is the first model
+        first = next(iter(groups))
+        groups[""] = groups.pop(first) + groups.pop("", [])
+        names_first: Optional[str] = first
+    else:
+        names_first = None
+    models: List[ServedModel] = []
+    clusters: List[Any] = []
+
+    def pipes_for(urls_list: Sequence[Tuple[str, ...]], prefix: str, first_model: bool) -> List[Pipeline]:
+        kw = cfg.pipeline.pipeline_kwargs(key=key, drafter=drafter if first_model else None)
+        return [Pipeline(urls, **{**kw, "name": f"{prefix}p{i}"}) for i, urls in enumerate(urls_list)]
+
+    all_pipes: List[Pipeline] = []
+    if specs:
+        from ..model.split import read_model_info
+        from .cluster import Cluster
+
+        j = cfg.join
+        for i, spec in enumerate(specs):
+            name = spec.name or (cfg.model_name if i == 0 and cfg.model_name else read_model_info(spec.path).name)
+            # --pipeline NAME=... of this model: replicas started by hand, next to the joined ones
+            pipes = pipes_for(groups.get("", []) if i == 0 else [], "", i == 0)
+            pipes += pipes_for(groups.pop(name, []) if name else [], f"{name}/", i == 0)
+            all_pipes += pipes
+            router = Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
+            joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs(drafter=drafter if i == 0 else None).items()
+                         if k != "codec"}
+            c = Cluster(spec.path, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
+                        settle=j.settle, pipeline_kw=joined_kw, cert_fp=tls_fingerprint, ready_timeout=j.ready_timeout,
+                        rejoin_grace=j.rejoin_grace)
+            if len(specs) > 1:
+                c.pipe_prefix = f"{name}/"
+            clusters.append(c)
+            models.append(ServedModel(name, router, aliases=spec.aliases, cluster=c))
+    elif "" in groups:
+        pipes = pipes_for(groups[""], "", True)
+        all_pipes += pipes
+        models.append(ServedModel(names_first or cfg.model_name or "",
+                                  Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)))
+    for tag, urls_list in groups.items():
+        if tag == "":
+            continue
+        pipes = pipes_for(urls_list, f"{tag}/", False)
+        all_pipes += pipes
+        models.append(ServedModel(tag, Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)))
+    await asyncio.gather(*(p.connect(timeout=cfg.connect_timeout) for p in all_pipes))
+    if clusters:   # each model's memory model (reads its GGUF), before joins are weighed against it
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, c._cost_model) for c in clusters))
+    for alias, target in cfg.aliases:
+        m = next((x for x in models if x.name == target), None)
+        if m is None:
+            raise ConfigError(f"--alias {alias}={target}: no model is called {target!r} (models: "
+                              f"{', '.join(x.name for x in models)})")
+        m.aliases += (alias,)
+    try:
+        ModelTable(models)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cluster: Any = None
+    if len(clusters) == 1:
+        cluster = clusters[0]
+    elif clusters:
+        from .cluster_set import ClusterSet
+
+        cluster = ClusterSet(clusters)
+    return models, cluster
 
 
 async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, api_keys: Sequence[str] = (),
@@ -664,26 +801,18 @@ async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, ap
     # bad limits fail before connecting anything (the config checked them too)
     ConnectionGuard(lim.max_connections, lim.header_timeout, lim.max_connections_per_address, lim.write_timeout)
     if drafter is not None:
-        log.info("draft model %s (%d tokens): speculative drafts come from it", drafter.path, drafter.n_vocab)
-    pipes = [Pipeline(urls, **cfg.pipeline.pipeline_kwargs(name=f"p{i}", key=key, drafter=drafter))
-             for i, urls in enumerate(cfg.pipelines)]
-    await asyncio.gather(*(p.connect(timeout=cfg.connect_timeout) for p in pipes))
-    router = Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
-    app_model_name = cfg.model_name
-    cluster = None
-    if cfg.join.model:
-        from .cluster import Cluster
+        log.info("draft model %s (%d tokens): speculative drafts come from it (for the first model)", drafter.path,
+                 drafter.n_vocab)
+    models, cluster = await _served_models(cfg, key, drafter, tls_fingerprint)
+    gw = Gateway(chat_template=cfg.chat_template, api_keys=api_keys, body_timeout=lim.body_timeout,
+                 max_requests_per_key=lim.max_requests_per_key, models=models)
+    for m in gw.models:
+        # several key holders share the pipelines: one running there always leaves room for a request of another
+        m.router.reserve_for_others = len(gw.api_keys) > 1
+        if cfg.idle_unload:
+            from .idle import IdleUnloader
 
-        j = cfg.join
-        joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs(drafter=drafter).items() if k != "codec"}
-        cluster = Cluster(j.model, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
-                          settle=j.settle, pipeline_kw=joined_kw, cert_fp=tls_fingerprint,
-                          ready_timeout=j.ready_timeout, rejoin_grace=j.rejoin_grace)
-        app_model_name = cfg.model_name or cluster.info.name
-    gw = Gateway(router, app_model_name, cfg.chat_template, api_keys=api_keys, body_timeout=lim.body_timeout,
-                 max_requests_per_key=lim.max_requests_per_key)
-    # several key holders share the pipelines: one running there always leaves room for a request of another
-    router.reserve_for_others = len(gw.api_keys) > 1
+            m.idle = IdleUnloader(m, cfg.idle_unload, load_timeout=cfg.recover_timeout + cfg.connect_timeout)
     app = gw.app()
     if cluster is not None:
         cluster.routes(app)
@@ -701,7 +830,8 @@ async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, ap
         bound = runner.addresses[0][1] if runner.addresses else cfg.port
         cluster.local_base = f"{'wss' if ssl_context else 'ws'}://{own}:{bound}"
     log.info("gateway on %s/v1 serving %s over %d pipeline(s); %s; at most %d connections (%s per address), "
-             "timeouts: header %g s, keep-alive %g s, write %g s", site.name, gw.model_name, len(pipes),
+             "timeouts: header %g s, keep-alive %g s, write %g s", site.name,
+             ", ".join(f"{m.name} ({len(m.pipelines)})" for m in gw.models), len(gw.pipelines),
              f"{len(gw.api_keys)} API key(s) required, at most {lim.max_requests_per_key or 'unlimited'} "
              f"requests per key" if gw.api_keys else "no API key required",
              lim.max_connections, lim.max_connections_per_address or "any", lim.header_timeout,

@@ -3,9 +3,11 @@
 Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (several gateways in one
 process do not share counters). Two kinds of values:
 
+Every series carries a ``model`` label (a gateway may serve several models; :mod:`.models`).
+
 * **Events**, counted as they happen, O(1) each: requests by endpoint and HTTP status, prompt and
   generated tokens, time to first token and inter-token latency (histograms, observed by the pipelines
-  through :meth:`Metrics.first_token` / :meth:`Metrics.token_gap` / :meth:`Metrics.tokens`).
+  through each model's :class:`ModelObserver`).
 * **State**, read at scrape time by a collector: queue length, running sequences, pipeline state,
   KV cells reserved, the router's and pipelines' counters, the prefix caches, measured links, and every
   stage's counters (steps, rows, step time, KV cells used, memory). Stage values are fetched through the gateway's
@@ -119,26 +121,64 @@ class _Window:
                 "inter_token_s": round(gap_s / gap_n, 5) if gap_n else None}
 
 
-class Metrics:
-    """The metrics of one gateway over ``router`` (its pipelines may be added later, by joins)."""
+class ModelObserver:
+    """One model's token timings (its pipelines call these; O(1) each): counted under its ``model`` label."""
 
-    def __init__(self, router: Any) -> None:
-        self.router = router
+    def __init__(self, metrics: "Metrics", model: Any) -> None:
+        self.m = metrics
+        self.model = model          # a ServedModel (its name may be known only once a stage says it) or a str
+        self.window = _Window()
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.model, "name", self.model))
+
+    def first_token(self, seconds: float) -> None:
+        self.m.ttft.labels(self.name).observe(seconds)
+        self.window.add(2, seconds, 3)
+        self.m.window.add(2, seconds, 3)
+
+    def token_gap(self, seconds: float) -> None:
+        self.m.itl.labels(self.name).observe(seconds)
+        self.window.add(4, seconds, 5)
+        self.m.window.add(4, seconds, 5)
+
+    def tokens(self, n: int) -> None:
+        if n:
+            self.m.generation_tokens.labels(self.name).inc(n)
+            self.window.add(1, n)
+            self.m.window.add(1, n)
+
+
+class Metrics:
+    """The metrics of one gateway over its models' routers (pipelines may be added later, by joins).
+
+    ``Metrics(router)`` watches one router as model ``model``; :meth:`add_model` adds a served model (its router's
+    observer becomes this model's :class:`ModelObserver`)."""
+
+    def __init__(self, router: Any = None, model: str = "model") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("molink_requests", "HTTP generation requests answered, by endpoint and status",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter("molink_requests", "HTTP generation requests answered, by model, endpoint and status "
+                                "(model '' for a request refused before its model was known)",
+                                ["model", "endpoint", "status"], registry=r)
         self.disconnects = Counter("molink_client_disconnects",
                                    "Generation requests whose client went away before the answer was complete",
-                                   registry=r)
-        self.prompt_tokens = Counter("molink_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generation_tokens = Counter("molink_generation_tokens", "Tokens generated", registry=r)
+                                   ["model"], registry=r)
+        self.prompt_tokens = Counter("molink_prompt_tokens", "Prompt tokens of admitted requests", ["model"],
+                                     registry=r)
+        self.generation_tokens = Counter("molink_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("molink_time_to_first_token_seconds",
-                              "From a request's admission to its first generated token", buckets=TTFT_BUCKETS,
-                              registry=r)
+                              "From a request's admission to its first generated token", ["model"],
+                              buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("molink_inter_token_latency_seconds",
-                             "Time between consecutive tokens of one sequence", buckets=ITL_BUCKETS, registry=r)
-        self.window = _Window()
+                             "Time between consecutive tokens of one sequence", ["model"], buckets=ITL_BUCKETS,
+                             registry=r)
+        self.window = _Window()   # all models together
+        self.observers: List[ModelObserver] = []
+        self._routers: List[Any] = []   # (observer, router) in model order: observer i watches router i
+        if router is not None:
+            self.add_router(model, router)
         # the gateway's HTTP limits (connections, refusals, cut connections), set by the gateway once it listens
         self.http_stats: Optional[Callable[[], dict]] = None
         self.stage_cache: Dict[str, Any] = {}   # pipeline name -> list of stage stats, or an error string
@@ -146,27 +186,33 @@ class Metrics:
         self._refreshing: Optional[asyncio.Future] = None
         r.register(_StateCollector(self))
 
+    def add_model(self, model: Any) -> ModelObserver:
+        """Watch a served model (:class:`~.models.ServedModel`: ``name`` and ``router``)."""
+        return self.add_router(model, model.router)
+
+    def add_router(self, model: Any, router: Any) -> ModelObserver:
+        obs = ModelObserver(self, model)
+        self.observers.append(obs)
+        self._routers.append(router)
+        router.observer = obs
+        return obs
+
+    @property
+    def watched(self) -> List[tuple]:
+        """(model name, router) of every model, in order."""
+        return [(o.name, r) for o, r in zip(self.observers, self._routers)]
+
     # ------------------------------------------------------------------ events (hot path: O(1) each)
-    def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
-        self.window.add(2, seconds, 3)
+    def prompt(self, model: str, n: int) -> None:
+        self.prompt_tokens.labels(model).inc(n)
 
-    def token_gap(self, seconds: float) -> None:
-        self.itl.observe(seconds)
-        self.window.add(4, seconds, 5)
+    def request_done(self, endpoint: str, status: int, model: str = "") -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
 
-    def tokens(self, n: int) -> None:
-        if n:
-            self.generation_tokens.inc(n)
-            self.window.add(1, n)
-
-    def request_done(self, endpoint: str, status: int) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-
-    def client_gone(self, endpoint: str) -> None:
+    def client_gone(self, endpoint: str, model: str = "") -> None:
         """The client closed the connection before the answer was complete (counted as status 499)."""
-        self.requests.labels(endpoint, "499").inc()
-        self.disconnects.inc()
+        self.requests.labels(model, endpoint, "499").inc()
+        self.disconnects.labels(model).inc()
 
     # ------------------------------------------------------------------ scrape
     async def refresh(self) -> None:
@@ -179,7 +225,7 @@ class Metrics:
         await asyncio.shield(self._refreshing)
 
     async def _fetch(self) -> None:
-        pipes = [p for p in self.router.pipelines if p.healthy]
+        pipes = [(name, p) for name, r in self.watched for p in r.pipelines if p.healthy]
 
         async def one(p: Any) -> Any:
             try:
@@ -189,8 +235,8 @@ class Metrics:
             except Exception as e:  # noqa: BLE001 - a broken link: reported as the stages' error
                 return str(e) or type(e).__name__
 
-        results = await asyncio.gather(*(one(p) for p in pipes))
-        self.stage_cache = {p.name: r for p, r in zip(pipes, results)}
+        results = await asyncio.gather(*(one(p) for _, p in pipes))
+        self.stage_cache = {(name, p.name): r for (name, p), r in zip(pipes, results)}
         self._fetched_at = time.monotonic()
 
     async def exposition(self) -> bytes:
@@ -198,16 +244,21 @@ class Metrics:
         await self.refresh()
         return generate_latest(self.registry)
 
-    def recent(self) -> dict:
-        """Totals and recent rates for ``/v1/stats`` (the dashboard and ``molink-lite status``)."""
+    def recent(self, model: Optional[str] = None) -> dict:
+        """Totals and recent rates for ``/v1/stats`` (the dashboard and ``molink-lite status``): of all models, or
+        of the one called ``model``."""
         by_status: Dict[str, float] = {}
         for m in self.requests.collect():
             for s in m.samples:
-                if s.name.endswith("_total"):
+                if s.name.endswith("_total") and (model is None or s.labels["model"] == model):
                     by_status[s.labels["status"]] = by_status.get(s.labels["status"], 0) + s.value
+        window = self.window
+        if model is not None:
+            window = next((o.window for o in self.observers if o.name == model), _Window())
         return {"requests": {k: int(v) for k, v in sorted(by_status.items())},
-                "prompt_tokens": _total(self.prompt_tokens), "generation_tokens": _total(self.generation_tokens),
-                "last_10s": self.window.summary(10), "last_60s": self.window.summary(WINDOW_S)}
+                "prompt_tokens": _total(self.prompt_tokens, model),
+                "generation_tokens": _total(self.generation_tokens, model),
+                "last_10s": window.summary(10), "last_60s": window.summary(WINDOW_S)}
 
 
 class _StateCollector:
@@ -220,89 +271,95 @@ class _StateCollector:
         return []  # dynamic: registering must not run a scrape
 
     def collect(self) -> Iterator[Metric]:
-        router = self.m.router
-        pipes = list(router.pipelines)
-        yield _gauge("molink_queue_length", "Requests waiting for a slot (parked ones included)", router.queued)
-        yield _gauge("molink_parked_requests", "Requests waiting for a pipeline to come back", len(router.parked))
+        watched = self.m.watched
+        qlen = GaugeMetricFamily("molink_queue_length", "Requests waiting for a slot (parked ones included)",
+                                 labels=["model"])
+        parked = GaugeMetricFamily("molink_parked_requests", "Requests waiting for a pipeline to come back",
+                                   labels=["model"])
         ev = CounterMetricFamily("molink_router_events", "Router events: replayed, parked, recovered, expired, "
-                                 "overloaded", labels=["event"])
-        for k, v in router.stats.items():
-            ev.add_metric([k], v)
-        yield ev
+                                 "overloaded", labels=["model", "event"])
+        for model, router in watched:
+            model = _label(model)
+            qlen.add_metric([model], router.queued)
+            parked.add_metric([model], len(router.parked))
+            for k, v in router.stats.items():
+                ev.add_metric([model, k], v)
+        yield from (qlen, parked, ev)
 
         state = GaugeMetricFamily("molink_pipeline_state", "1 for the pipeline's current state",
-                                  labels=["pipeline", "state"])
-        up = GaugeMetricFamily("molink_pipeline_up", "1 while the pipeline serves", labels=["pipeline"])
-        running = GaugeMetricFamily("molink_running_sequences", "Sequences holding a slot", labels=["pipeline"])
+                                  labels=["model", "pipeline", "state"])
+        up = GaugeMetricFamily("molink_pipeline_up", "1 while the pipeline serves", labels=["model", "pipeline"])
+        running = GaugeMetricFamily("molink_running_sequences", "Sequences holding a slot", labels=["model", "pipeline"])
         queued = GaugeMetricFamily("molink_pipeline_queued_sequences", "Sequences queued on the pipeline",
-                                   labels=["pipeline"])
-        load = GaugeMetricFamily("molink_pipeline_load", "Share of slots or KV in use (0..1)", labels=["pipeline"])
+                                   labels=["model", "pipeline"])
+        load = GaugeMetricFamily("molink_pipeline_load", "Share of slots or KV in use (0..1)", labels=["model", "pipeline"])
         kv_res = GaugeMetricFamily("molink_kv_cells_reserved", "KV cells reserved by admitted sequences "
-                                   "(prompt + max_tokens)", labels=["pipeline"])
+                                   "(prompt + max_tokens)", labels=["model", "pipeline"])
         kv_cap = GaugeMetricFamily("molink_kv_cells_capacity", "KV cells of the pipeline (smallest stage context)",
-                                   labels=["pipeline"])
-        steps = CounterMetricFamily("molink_pipeline_steps", "Steps sent", labels=["pipeline"])
-        rows = CounterMetricFamily("molink_pipeline_rows", "Rows sent, by kind", labels=["pipeline", "kind"])
+                                   labels=["model", "pipeline"])
+        steps = CounterMetricFamily("molink_pipeline_steps", "Steps sent", labels=["model", "pipeline"])
+        rows = CounterMetricFamily("molink_pipeline_rows", "Rows sent, by kind", labels=["model", "pipeline", "kind"])
         seqs = CounterMetricFamily("molink_pipeline_sequences", "Sequences ended, by outcome",
-                                   labels=["pipeline", "outcome"])
-        fails = CounterMetricFamily("molink_pipeline_failures", "Times the pipeline went down", labels=["pipeline"])
-        recs = CounterMetricFamily("molink_pipeline_recoveries", "Times the pipeline came back", labels=["pipeline"])
+                                   labels=["model", "pipeline", "outcome"])
+        fails = CounterMetricFamily("molink_pipeline_failures", "Times the pipeline went down", labels=["model", "pipeline"])
+        recs = CounterMetricFamily("molink_pipeline_recoveries", "Times the pipeline came back", labels=["model", "pipeline"])
         rtt = GaugeMetricFamily("molink_link_rtt_seconds", "Measured round-trip time of a stage-to-stage link",
-                                labels=["pipeline", "stage", "to"])
+                                labels=["model", "pipeline", "stage", "to"])
         bw = GaugeMetricFamily("molink_link_bandwidth_bytes_per_second", "Measured bandwidth of a stage-to-stage link",
-                               labels=["pipeline", "stage", "to"])
+                               labels=["model", "pipeline", "stage", "to"])
         pc_on = GaugeMetricFamily("molink_prefix_cache_enabled", "1 if the pipeline keeps a prefix cache",
-                                  labels=["pipeline"])
+                                  labels=["model", "pipeline"])
         pc_lookups = CounterMetricFamily("molink_prefix_cache_lookups", "Requests that looked for a cached prefix",
-                                         labels=["pipeline"])
+                                         labels=["model", "pipeline"])
         pc_hits = CounterMetricFamily("molink_prefix_cache_hits", "Requests that found a cached prefix",
-                                      labels=["pipeline"])
+                                      labels=["model", "pipeline"])
         pc_reused = CounterMetricFamily("molink_prefix_cache_tokens_reused", "Prompt tokens not prefilled because "
-                                        "their KV was copied from a cached prefix", labels=["pipeline"])
+                                        "their KV was copied from a cached prefix", labels=["model", "pipeline"])
         pc_evictions = CounterMetricFamily("molink_prefix_cache_evictions", "Prefix cache entries evicted",
-                                           labels=["pipeline"])
+                                           labels=["model", "pipeline"])
         pc_entries = GaugeMetricFamily("molink_prefix_cache_entries", "Prefixes held by the cache",
-                                       labels=["pipeline"])
+                                       labels=["model", "pipeline"])
         pc_cells = GaugeMetricFamily("molink_prefix_cache_cells", "KV cells held by cached prefixes (the same on "
-                                     "every stage of the pipeline)", labels=["pipeline"])
+                                     "every stage of the pipeline)", labels=["model", "pipeline"])
         pc_budget = GaugeMetricFamily("molink_prefix_cache_budget_cells", "KV cells the prefix cache may hold",
-                                      labels=["pipeline"])
-        described = {d["name"]: d["state"] for d in router.describe()}
-        for p in pipes:
+                                      labels=["model", "pipeline"])
+        pipes = [(_label(model), router, p) for model, router in watched for p in router.pipelines]
+        described = {(id(router), d["name"]): d["state"] for _, router in watched for d in router.describe()}
+        for model, router, p in pipes:
             name = _label(p.name)
-            cur = described.get(p.name, p.state)
+            cur = described.get((id(router), p.name), p.state)
             for s in PIPELINE_STATES:
-                state.add_metric([name, s], 1.0 if cur == s else 0.0)
-            up.add_metric([name], 1.0 if p.healthy else 0.0)
-            running.add_metric([name], len(p.active))
-            queued.add_metric([name], len(p.waiting))
-            load.add_metric([name], p.load)
-            kv_res.add_metric([name], p.kv_reserved)
-            kv_cap.add_metric([name], p.n_ctx)
+                state.add_metric([model, name, s], 1.0 if cur == s else 0.0)
+            up.add_metric([model, name], 1.0 if p.healthy else 0.0)
+            running.add_metric([model, name], len(p.active))
+            queued.add_metric([model, name], len(p.waiting))
+            load.add_metric([model, name], p.load)
+            kv_res.add_metric([model, name], p.kv_reserved)
+            kv_cap.add_metric([model, name], p.n_ctx)
             st = p.stats
-            steps.add_metric([name], st["steps"])
-            rows.add_metric([name, "prefill"], st["prefill_rows"])
-            rows.add_metric([name, "decode"], st["decode_rows"])
-            seqs.add_metric([name, "completed"], st["completed"])
-            seqs.add_metric([name, "failed"], st["failed"])
-            fails.add_metric([name], st["failures"])
-            recs.add_metric([name], st["recoveries"])
+            steps.add_metric([model, name], st["steps"])
+            rows.add_metric([model, name, "prefill"], st["prefill_rows"])
+            rows.add_metric([model, name, "decode"], st["decode_rows"])
+            seqs.add_metric([model, name, "completed"], st["completed"])
+            seqs.add_metric([model, name, "failed"], st["failed"])
+            fails.add_metric([model, name], st["failures"])
+            recs.add_metric([model, name], st["recoveries"])
             pc = prefix_cache_summary(p)
-            pc_on.add_metric([name], 1.0 if pc["enabled"] else 0.0)
+            pc_on.add_metric([model, name], 1.0 if pc["enabled"] else 0.0)
             for fam, key in ((pc_lookups, "lookups"), (pc_hits, "hits"), (pc_reused, "tokens_reused"),
                              (pc_evictions, "evictions"), (pc_entries, "entries"), (pc_cells, "cells"),
                              (pc_budget, "budget")):
-                fam.add_metric([name], pc[key])
+                fam.add_metric([model, name], pc[key])
             for i, k in enumerate(p.links):
                 r, mb = _num(k.get("rtt_ms")), _num(k.get("mbit"))
                 if r is not None:
-                    rtt.add_metric([name, str(i), _label(k.get("to"))], r / 1e3)
+                    rtt.add_metric([model, name, str(i), _label(k.get("to"))], r / 1e3)
                 if mb is not None:
-                    bw.add_metric([name, str(i), _label(k.get("to"))], mb * 1e6 / 8)
+                    bw.add_metric([model, name, str(i), _label(k.get("to"))], mb * 1e6 / 8)
         yield from (state, up, running, queued, load, kv_res, kv_cap, steps, rows, seqs, fails, recs, rtt, bw,
                     pc_on, pc_lookups, pc_hits, pc_reused, pc_evictions, pc_entries, pc_cells, pc_budget)
         yield from self._http()
-        yield from self._stages(pipes)
+        yield from self._stages([(m, p) for m, _, p in pipes])
 
     def _http(self) -> Iterator[Metric]:
         get = self.m.http_stats
@@ -327,8 +384,8 @@ class _StateCollector:
         yield refused
         yield closed
 
-    def _stages(self, pipes: List[Any]) -> Iterator[Metric]:
-        labels = ["pipeline", "stage"]
+    def _stages(self, pipes: List[tuple]) -> Iterator[Metric]:
+        labels = ["model", "pipeline", "stage"]
         info = GaugeMetricFamily("molink_stage_info", "A stage: address, host, layers, backend (value 1)",
                                  labels=labels + ["url", "host", "layers", "backend"])
         gpu = GaugeMetricFamily("molink_stage_gpu_layers", "Layers the stage offloads to a GPU", labels=labels)
@@ -350,37 +407,37 @@ class _StateCollector:
         live = GaugeMetricFamily("molink_stage_live_sequences", "Sequences holding KV on the stage", labels=labels)
         kv_used = GaugeMetricFamily("molink_kv_cells_used", "KV cells (positions) in use on the stage", labels=labels)
         rss = GaugeMetricFamily("molink_stage_memory_bytes", "Resident memory of the stage process", labels=labels)
-        for p in pipes:
+        for model, p in pipes:
             name = _label(p.name)
             infos = list(p.infos) if p.healthy else []
-            cached = self.m.stage_cache.get(p.name)
+            cached = self.m.stage_cache.get((model, p.name))
             stats = cached if isinstance(cached, list) else []
             for i, inf in enumerate(infos):
                 idx = str(i)
-                info.add_metric([name, idx, _label(inf.get("url")), _label(inf.get("host")), _layers(inf),
+                info.add_metric([model, name, idx, _label(inf.get("url")), _label(inf.get("host")), _layers(inf),
                                  _label(inf.get("backend"))], 1.0)
                 for fam, key in ((gpu, "n_gpu_layers"), (size, "model_bytes")):
                     v = _num(inf.get(key))
                     if v is not None:
-                        fam.add_metric([name, idx], v)
+                        fam.add_metric([model, name, idx], v)
                 s = stats[i] if i < len(stats) and isinstance(stats[i], dict) else None
-                up.add_metric([name, idx], 1.0 if s is not None else 0.0)
+                up.add_metric([model, name, idx], 1.0 if s is not None else 0.0)
                 if s is None:
                     continue
                 for key, fam in counters.items():
                     v = _num(s.get(key))
                     if v is not None:
-                        fam.add_metric([name, idx], v)
+                        fam.add_metric([model, name, idx], v)
                 n_steps, n_rows = _num(s.get("steps")), _num(s.get("rows"))
                 if n_steps and n_rows is not None:
-                    rows_per.add_metric([name, idx], n_rows / n_steps)
+                    rows_per.add_metric([model, name, idx], n_rows / n_steps)
                 mean = _mean_step(s.get("timeline"))
                 if mean is not None:
-                    step_s.add_metric([name, idx], mean)
+                    step_s.add_metric([model, name, idx], mean)
                 for fam, key in ((live, "live_seqs"), (kv_used, "kv_positions"), (rss, "rss_bytes")):
                     v = _num(s.get(key))
                     if v is not None:
-                        fam.add_metric([name, idx], v)
+                        fam.add_metric([model, name, idx], v)
         yield from (info, gpu, size, up, *counters.values(), step_s, rows_per, live, kv_used, rss)
 
 
@@ -390,8 +447,9 @@ def _layers(info: dict) -> str:
     return f"{int(a)}-{int(b) - 1}" if a is not None and b is not None else "?"
 
 
-def _total(counter: Counter) -> int:
-    return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))
+def _total(counter: Counter, model: Optional[str] = None) -> int:
+    return int(sum(s.value for m in counter.collect() for s in m.samples
+                   if s.name.endswith("_total") and (model is None or s.labels.get("model") == model)))
 
 
 def _mean_step(timeline: Any) -> Optional[float]:
