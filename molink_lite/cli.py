@@ -8,7 +8,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import __version__
 
@@ -46,14 +46,36 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     from .serving.placement import PlacementError, parse_host, plan
 
+    models = a.model or [_default_model()]
     try:
         hosts = [parse_host(h) for h in a.host]
-        result = plan(a.model or _default_model(), hosts, n_ctx=a.ctx, n_seqs=a.max_seqs)
+        if len(models) > 1:
+            return _joint_plan(models, hosts, a)
+        result = plan(models[0], hosts, n_ctx=a.ctx, n_seqs=a.max_seqs)
     except (PlacementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict(), indent=2) if a.json else result.describe())
     return 0
+
+
+def _joint_plan(models: List[str], hosts: list, a: argparse.Namespace) -> int:
+    """``plan --model A --model B``: the hosts shared out over the models as a gateway does with joins
+    (serving.cluster_set), then each model's placement; exit 2 when a model cannot be placed."""
+    import json
+
+    from .serving.cluster_set import joint_plan
+
+    results = joint_plan(models, hosts, n_ctx=a.ctx, n_seqs=a.max_seqs)
+    if a.json:
+        print(json.dumps([{"model": m, "plan": p.to_dict() if p is not None else None, "problem": why or None}
+                          for m, p, why in results], indent=2))
+    else:
+        for m, p, why in results:
+            print(f"== {m}")
+            print(p.describe() if p is not None else f"cannot be placed: {why}")
+            print()
+    return 0 if all(p is not None for _, p, _ in results) else 2
 
 
 # ---------------------------------------------------------------- link
@@ -200,9 +222,40 @@ def stage_config(a: argparse.Namespace):
         join=JoinConfig(url=a.join, max_memory=a.max_memory, advertise=a.advertise, name=a.name))
 
 
-def _split_pipelines(values: List[str]) -> List[List[str]]:
-    """``--pipeline ws://a,ws://b`` (repeated) -> one URL list per pipeline (checked by GatewayConfig)."""
-    return [[u.strip() for u in v.split(",") if u.strip()] for v in values]
+def _split_pipelines(values: List[str]) -> Tuple[List[List[str]], List[str]]:
+    """``--pipeline [NAME=]ws://a,ws://b`` (repeated) -> one URL list per pipeline and the model each serves ("": the
+    first model); checked by GatewayConfig."""
+    from .serving.models import split_tagged
+
+    urls, tags = [], []
+    for v in values:
+        tag, rest = split_tagged(v.strip(), "urls")
+        urls.append([u.strip() for u in rest.split(",") if u.strip()])
+        tags.append(tag)
+    return urls, tags
+
+
+def _model_specs(a: argparse.Namespace) -> list:
+    """``--model [NAME=]PATH`` (repeated) -> ModelSpecs; ``--alias ALIAS=NAME`` of a ``NAME=`` model rides along."""
+    from .serving.config import ModelSpec
+    from .serving.models import split_tagged
+
+    out = []
+    for v in a.model or []:
+        name, path = split_tagged(v, "path")
+        out.append(ModelSpec(path=path, name=name))
+    return out
+
+
+def _aliases(a: argparse.Namespace) -> list:
+    """``--alias ALIAS=NAME`` (repeated) -> (alias, name) pairs."""
+    out = []
+    for v in getattr(a, "alias", None) or []:
+        alias, sep, name = v.partition("=")
+        if not sep or not alias or not name:
+            raise SystemExit(f"error: --alias takes ALIAS=NAME, got {v!r}")
+        out.append((alias.strip(), name.strip()))
+    return out
 
 
 def _spec_config(a: argparse.Namespace):
@@ -238,8 +291,10 @@ def gateway_config(a: argparse.Namespace):
     """``molink-lite gateway`` options -> :class:`~molink_lite.serving.config.GatewayConfig`."""
     from .serving.config import ClusterConfig, GatewayConfig, PipelineConfig
 
+    urls, tags = _split_pipelines(a.pipeline)
     return GatewayConfig(
-        pipelines=_split_pipelines(a.pipeline), host=a.host, port=a.port, connect_timeout=a.connect_timeout,
+        pipelines=urls, pipeline_models=tags, aliases=_aliases(a), idle_unload=a.idle_unload,
+        host=a.host, port=a.port, connect_timeout=a.connect_timeout,
         model_name=a.model_name, chat_template=a.chat_template, recover_timeout=a.recover_timeout,
         max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
@@ -248,7 +303,7 @@ def gateway_config(a: argparse.Namespace):
                                 relink_s=a.relink_interval, **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers,
-        join=ClusterConfig(model=a.model, n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
+        join=ClusterConfig(models=_model_specs(a), n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
                            ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
 
 
@@ -260,13 +315,14 @@ def serve_config(a: argparse.Namespace):
 
     stage = StageConfig(host="127.0.0.1", port=0, codec=a.codec, engine=_engine_config(a))
     gateway = GatewayConfig(
-        host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue,
+        host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue, aliases=_aliases(a),
+        idle_unload=a.idle_unload,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), relink_s=a.relink_interval,
                                 **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, None),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers)
-    return ServeConfig(stage=stage, gateway=gateway, model=a.model, stages=a.stages, split=a.split,
+    return ServeConfig(stage=stage, gateway=gateway, models=_model_specs(a), stages=a.stages, split=a.split,
                        stage_port=a.stage_port)
 
 
@@ -367,6 +423,19 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _duration(text: str) -> float:
+    """argparse type: a duration >= 0 in seconds, or with a unit: 90s, 10m, 2h."""
+    t = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(t[-1:], None)
+    try:
+        v = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 10m or 2h, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
 def _run_until_stopped(coro, host: str, port: int, errors: tuple = ()) -> int:
     """Run a server coroutine until Ctrl-C; known errors and a port that cannot be bound exit 2 with one line."""
     try:
@@ -445,6 +514,7 @@ async def _gateway_main(cfg, key, tls, api_keys: List[str]) -> None:
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
+    from .serving.config import ConfigError
     from .serving.pipeline import PipelineError
 
     cfg = _built(gateway_config, a)
@@ -459,7 +529,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     if sec is None or api_keys is None:
         return 2
     key, tls = sec
-    return _run_until_stopped(_gateway_main(cfg, key, tls, api_keys), cfg.host, cfg.port, (PipelineError,))
+    return _run_until_stopped(_gateway_main(cfg, key, tls, api_keys), cfg.host, cfg.port,
+                              (PipelineError, ConfigError))
 
 
 # ---------------------------------------------------------------- serve
@@ -560,6 +631,14 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
                         "lookup where it has none yet (checked against the model's vocabulary at connect)")
     s.add_argument("--draft-gpu-layers", type=int, default=0, metavar="N",
                    help="layers of the draft model on this machine's GPU (-1: all; default 0: CPU)")
+
+
+def _models_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME",
+                   help="another id clients may use for model NAME (e.g. gpt-4o-mini=gemma-3-270m); repeatable")
+    s.add_argument("--idle-unload", type=_duration, default=0.0, metavar="DURATION",
+                   help="a model without requests for this long (e.g. 600, 10m) frees its stages' memory; the next "
+                        "request for it loads it again and waits meanwhile (default 0: never)")
 
 
 def _api_opts(s: argparse.ArgumentParser) -> None:
@@ -753,7 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_split)
 
     s = sub.add_parser("plan", help="dry run: place a model's layers over hosts (pipelines, replicas, memory)")
-    s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--model", action="append", default=None,
+                   help="whole-model GGUF (default: the gemma3-270m demo model); repeat for the joint plan of several "
+                        "models sharing the hosts (hosts in join order)")
     s.add_argument("--host", action="append", required=True, metavar="SPEC",
                    help="MEMORY,BACKEND[,name=N][,sec_per_layer=S][,address=A][,mbit=M][,rtt_ms=R], e.g. 24GB,cuda or "
                         "8GiB,cpu,name=box1 (free VRAM for cuda, free RAM for cpu; mbit/rtt_ms: the link into that "
@@ -832,11 +913,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("gateway", help="OpenAI-compatible HTTP API over one or more stage pipelines")
-    s.add_argument("--pipeline", action="append", default=[],
-                   help="comma-separated stage URLs in layer order; repeat for replicas")
-    s.add_argument("--model", default=None,
+    s.add_argument("--pipeline", action="append", default=[], metavar="[NAME=]URLS",
+                   help="comma-separated stage URLs in layer order; repeat for replicas. NAME= tags the model the "
+                        "pipeline serves (clients pick it by 'model'; untagged: the first model)")
+    s.add_argument("--model", action="append", default=None, metavar="[NAME=]GGUF",
                    help="join mode: this gateway holds the GGUF; stages started with `stage --join` register, get "
-                        "their layer range by placement and fetch only those layers from here")
+                        "their layer range by placement and fetch only those layers from here. Repeat for several "
+                        "models (joined hosts are shared out by need); NAME= sets the id clients use (default: the "
+                        "GGUF's name)")
     s.add_argument("--ctx", type=int, default=8192, help="join mode: KV cache size each placed stage gets")
     s.add_argument("--max-seqs", type=int, default=16, help="join mode: sequences each placed stage serves at once")
     s.add_argument("--join-settle", type=float, default=3.0,
@@ -858,7 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the stages over from another gateway that controls them (it is fenced off and stays "
                         "down until this one goes away); applies to this gateway's first connect only. Without it, "
                         "stages controlled by another connected gateway refuse this one")
-    s.add_argument("--model-name", default=None, help="model id reported by the API (default: GGUF file name)")
+    s.add_argument("--model-name", default=None, help="id of the first model in the API (default: GGUF file name)")
+    _models_opts(s)
     s.add_argument("--chat-template", default=None,
                    help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")
     _security_opts(s, "the HTTP API (https://)")
@@ -897,7 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=lambda a: cmd_build_lib(a.args))
 
     s = sub.add_parser("serve", help="all-in-one: local stage processes + gateway (defaults to the demo model)")
-    s.add_argument("--model", help="whole-model GGUF (default: the gemma3-270m demo model)")
+    s.add_argument("--model", action="append", default=None, metavar="[NAME=]GGUF",
+                   help="whole-model GGUF (default: the gemma3-270m demo model); repeat to serve several models "
+                        "behind one gateway, each as --stages processes (NAME= sets the id clients use)")
+    _models_opts(s)
     s.add_argument("--stages", type=int, default=2, help="stage processes (default 2)")
     _split_opt(s)
     s.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")

@@ -183,6 +183,11 @@ class Chain:
         reply, _ = await self.channels[-1].request(meta, timeout=timeout)
         return reply
 
+    async def request_all(self, meta: dict, timeout: float = 30) -> List[dict]:
+        """The same small request to every stage at once (``release``, ``restore``); their replies' metas."""
+        replies = await asyncio.gather(*(ch.request(dict(meta), timeout=timeout) for ch in self.channels))
+        return [r for r, _ in replies]
+
     async def stage_stats(self) -> List[dict]:
         """Counters of every stage (steps, rows, most sequences in one step, ...)."""
         out = []

@@ -156,7 +156,7 @@ class ModelSpec:
             raise ConfigError("--model needs a GGUF path")
         for n in ((self.name,) if self.name else ()) + tuple(self.aliases):
             if not valid_name(n):
-                raise ConfigError(f"model name {n!r} is not valid: letters, digits and ._:/@+- (at most 128)")
+                raise ConfigError(f"model name {n!r} is not valid: printable, at most 128 characters, no '=' or ','")
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
 
@@ -240,7 +240,7 @@ class GatewayConfig:
         object.__setattr__(self, "pipeline_models", tags)
         for n in [t for t in tags if t] + [x for a in self.aliases for x in a]:
             if not valid_name(n):
-                raise ConfigError(f"model name {n!r} is not valid: letters, digits and ._:/@+- (at most 128)")
+                raise ConfigError(f"model name {n!r} is not valid: printable, at most 128 characters, no '=' or ','")
         object.__setattr__(self, "aliases", tuple(tuple(a) for a in self.aliases))
         if any(len(a) != 2 for a in self.aliases):
             raise ConfigError("--alias takes ALIAS=NAME")

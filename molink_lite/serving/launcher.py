@@ -253,21 +253,41 @@ def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional
     ``cfg.gateway.security``."""
     from .gateway import start_gateway
 
-    model = cfg.model
-    if not model:
+    if not cfg.models:
         raise ValueError("serve_local needs cfg.model (a whole-model GGUF)")
-    info = read_model_info(model)
-    ranges = plan_ranges(model, cfg.stages, cfg.split)
-    ports = [cfg.stage_port + i for i in range(cfg.stages)] if cfg.stage_port else None
-    print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {cfg.stages} stage(s): "
-          f"{', '.join(str(r) for r in ranges)}", flush=True)
+    several = len(cfg.models) > 1
+    plans = []   # (name, path, ranges) per model
+    for spec in cfg.models:
+        info = read_model_info(spec.path)
+        ranges = plan_ranges(spec.path, cfg.stages, cfg.split)
+        plans.append((spec.name or info.name, spec.path, ranges))
+        print(f"molink-lite: {info.name} ({info.arch}, {info.n_layer} layers) as {cfg.stages} stage(s): "
+              f"{', '.join(str(r) for r in ranges)}" + (f", served as '{plans[-1][0]}'" if several else ""),
+              flush=True)
+    names = [n for n, _, _ in plans]
+    if several and len(set(names)) != len(names):
+        raise ValueError(f"two models are called the same ({', '.join(names)}): name them with --model NAME=PATH")
     _exit_on_sigterm()  # `kill`, `docker stop`, systemd: stop the stage processes too, as Ctrl-C does
     secret = new_secret()  # a fresh cluster secret per run: other local users cannot drive the stages
-    procs = start_stages(model, ranges, ports=ports, stage=cfg.stage, secret=secret)
+    procs: List[StageProcess] = []
+    groups: List[List[StageProcess]] = []
+    try:
+        for i, (_, path, ranges) in enumerate(plans):
+            at = cfg.stage_port + i * cfg.stages
+            ports = [at + k for k in range(cfg.stages)] if cfg.stage_port else None
+            group = start_stages(path, ranges, ports=ports, stage=cfg.stage, secret=secret)
+            groups.append(group)
+            procs.extend(group)
+    except BaseException:
+        stop_stages(procs)
+        raise
     host, port = cfg.gateway.host, cfg.gateway.port
 
     async def main() -> None:
-        gw = replace(cfg.gateway, pipelines=[[sp.url for sp in procs]])
+        # one pipeline per model, tagged with its name (one model: untagged, named as before)
+        gw = replace(cfg.gateway, pipelines=[[sp.url for sp in g] for g in groups],
+                     pipeline_models=[n for n, _, _ in plans] if several else [cfg.models[0].name],
+                     model_name=cfg.gateway.model_name or (cfg.models[0].name or None))
         runner = await start_gateway(gw, key=LinkKey.from_secret(secret), api_keys=api_keys, drafter=drafter,
                                      ssl_context=server_context(*tls) if tls else None)
         scheme = "https" if tls else "http"
@@ -276,14 +296,23 @@ def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional
               f"  curl {'-k ' if tls else ''}{scheme}://{host}:{port}/v1/completions{auth_hdr} "
               f"-H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'\n\n"
+              + (f"models (pick one with \"model\"): {', '.join(names)}\n\n" if several else "") +
               f"dashboard: {scheme}://{host}:{port}/   (or: molink-lite status {scheme}://{host}:{port})\n\n"
               f"Ctrl-C stops everything.", flush=True)
         try:
-            while all(sp.proc.poll() is None for sp in procs):
+            # a stage that exits takes its model down, not the others: serve goes on while any model has all of
+            # its stages (one model: it ends with its first stage that exits, as ever)
+            told: set = set()
+            while True:
+                for (name, _, _), g in zip(plans, groups):
+                    dead = [sp for sp in g if sp.proc.poll() is not None]
+                    if dead and name not in told:
+                        told.add(name)
+                        print(f"stage {dead[0].layers} of {name} exited (code {dead[0].proc.returncode}):\n"
+                              f"{dead[0].log_tail()}", file=sys.stderr)
+                if len(told) == len(groups):
+                    break
                 await asyncio.sleep(0.5)
-            dead = [sp for sp in procs if sp.proc.poll() is not None]
-            print(f"stage {dead[0].layers} exited (code {dead[0].proc.returncode}):\n{dead[0].log_tail()}",
-                  file=sys.stderr)
         finally:
             await runner.cleanup()
 

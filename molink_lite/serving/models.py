@@ -18,8 +18,10 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-# a model id or alias: what clients send as "model" (Ollama's "qwen2.5:7b", Hugging Face's "org/name", ...)
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}")
+# a model id or alias: what clients send as "model" (Ollama's "qwen2.5:7b", Hugging Face's "org/name", a GGUF's own
+# "Gemma 3 270m"): printable, at most 128 characters, no '=' or ',' (the command line's separators), no space at
+# either end
+MODEL_NAME = re.compile(r"[^\s=,\x00-\x1f\x7f](?:[^=,\x00-\x1f\x7f]{0,126}[^\s=,\x00-\x1f\x7f])?")
 STATES = ("serving", "placing", "no capacity", "down", "unloaded", "loading")
 
 

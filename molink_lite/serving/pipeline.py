@@ -24,7 +24,7 @@ import numpy as np
 from ..wire.auth import LinkKey
 from ..wire.channel import ChannelClosed
 from ..wire.codec import FrameError
-from ..wire.protocol import ProtocolError, ResultFrame, StepErrorFrame
+from ..wire.protocol import RELEASE, RESTORE, ProtocolError, ResultFrame, StepErrorFrame
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
 from . import link_policy, speculative
@@ -228,6 +228,24 @@ class Pipeline:
         if self._task is not None:
             self._task.cancel()
         await self.lifecycle.close()
+
+    # ------------------------------------------------------------------ idle models (serving.idle)
+    @property
+    def idle(self) -> bool:
+        """No sequence runs, waits or is in a step here."""
+        return not self.active and not self.waiting and not self.inflight
+
+    async def release(self, timeout: float = 120.0) -> List[dict]:
+        """Every stage frees its model and context (an idle model, ``--idle-unload``); the cached prefixes are
+        forgotten first (their KV goes with the context). The stages' replies (memory they hold now)."""
+        if not self.idle:
+            raise PipelineError(f"pipeline {self.name} has sequences: not released")
+        self.slots.clear()
+        return await self.chain.request_all({"type": RELEASE}, timeout=timeout)
+
+    async def restore(self, timeout: float = 600.0) -> List[dict]:
+        """Every stage loads its model again (the replies say how long it took)."""
+        return await self.chain.request_all({"type": RESTORE}, timeout=timeout)
 
     # ------------------------------------------------------------------ requests
     async def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:

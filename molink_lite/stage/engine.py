@@ -153,6 +153,10 @@ class StageEngine:
                  flash_attn: Optional[bool] = None, device_sampling: bool = False, lanes: int = 1):
         _init_backend()
         self.path = str(model_path)
+        # what a stage that released its model for being idle loads again with (StageServer.restore)
+        self.init_kwargs = dict(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+                                n_threads=n_threads, flash_attn=flash_attn, device_sampling=device_sampling,
+                                lanes=lanes)
         if not Path(self.path).is_file():
             raise EngineError(f"stage model not found: {self.path}")
         if not 1 <= n_seq_max <= 256:

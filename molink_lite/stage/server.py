@@ -19,6 +19,10 @@ The frames are :mod:`molink_lite.wire.protocol` (their types, and what each role
 * ``hello`` (-> :class:`~molink_lite.wire.protocol.StageHello`), ``tokenize`` and ``detokenize`` (a stage with a
   vocabulary), ``grammar_check`` (the last stage compiles a GBNF grammar as a sampler would), ``stats``,
   ``ping`` and ``probe_next`` are answered on the same connection.
+* ``release`` (the head, for a model idle for ``--idle-unload``; :mod:`molink_lite.serving.idle`): with no
+  sequence here, the stage frees its llama.cpp model and context (memory back to the host) and keeps its
+  process, port, links and layer file; steps and vocabulary requests get a clear error meanwhile, ``hello``
+  answers as before. ``restore`` loads the same file with the same settings again.
 * :meth:`StageServer.begin_drain` (SIGTERM) asks the head to move this pipeline's sequences away (``drain``).
 """
 
@@ -41,7 +45,8 @@ from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.protocol import (CONFIGURE, CONFIGURED, DETOKENIZE, ERROR, GRAMMAR_CHECK, HELLO, INFO, PING,
-                             PROBE_NEXT, PROTOCOL_VERSION, ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain,
+                             PROBE_NEXT, PROTOCOL_VERSION, RELEASE, RELEASED, RESTORE, RESTORED, ROLE_FRAMES, STATS,
+                             STEP, TOKENIZE, Configure, Drain,
                              ProtocolError, ResultFrame, StageHello, StepErrorFrame, StepFrame)
 from ..wire.tls import fingerprint_file, server_context
 from .conn_slots import (BUSY, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_HANDSHAKES,
@@ -51,7 +56,7 @@ from .fencing import Fencing
 from .grammar import GrammarError
 from .hostinfo import devices, process_rss
 from .next_link import NextLink
-from .runner import StepRunner
+from .runner import StepRunner, step_of
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class StageServer:
                  max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
                  max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS):
         self.engine = engine
+        self._given_engine = engine   # the caller's (it closes it); one loaded again after a release is closed here
         self.info = engine.info
         self.stage = f"{self.info.layer_start}-{self.info.layer_stop - 1}"
         self.host, self.port = host, port
@@ -90,6 +96,9 @@ class StageServer:
         self._server = None
         self.draining = False
         self.drained = asyncio.Event()
+        self.released = False              # the model and context are freed (an idle model; ``restore`` loads them)
+        self._hello: Optional[StageHello] = None   # what ``hello`` answers while released
+        self._memory_lock = asyncio.Lock()  # one release or restore at a time
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> StageHello:
@@ -138,6 +147,8 @@ class StageServer:
             self._server.close()
             await self._server.wait_closed()
         self.runner.close()
+        if self.engine is not self._given_engine:
+            self.engine.close()
         await self.link.close()
         for ch in (self.head, self.upstream):
             if ch is not None:
@@ -231,6 +242,20 @@ class StageServer:
         if not isinstance(kind, str) or kind not in ROLE_FRAMES[ch.role]:
             self.stats["rejected_frames"] += 1
             ch.reply(meta, _error(f"a {ch.role} link may not send {str(kind)[:40]!r} frames"))
+        elif self.released and kind in (STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK):
+            why = (f"stage {self.stage} released its model for being idle; the gateway restores it before sending "
+                   f"requests")
+            if kind == STEP:
+                self._report(step_of(meta), why)
+            else:
+                ch.reply(meta, _error(why))
+        elif kind in (RELEASE, RESTORE):
+            if ch is not self.head:
+                self.stats["rejected_frames"] += 1
+                ch.reply(meta, _error(f"only the pipeline head may {kind} a stage"))
+                return
+            async with self._memory_lock:
+                ch.reply(meta, await (self._release() if kind == RELEASE else self._restore()))
         elif kind == STEP:
             if ch is not (self.head if self.info.is_first else self.upstream):
                 self.stats["rejected_frames"] += 1
@@ -239,7 +264,7 @@ class StageServer:
                 return
             self.runner.submit(meta, arrays)
         elif kind == HELLO:
-            ch.reply(meta, self.describe())
+            ch.reply(meta, self._hello if self.released and self._hello is not None else self.describe())
         elif kind == CONFIGURE:
             async with self.fencing.lock:  # one at a time: a fencing decision must not interleave with another
                 ch.reply(meta, await self._configure(ch, meta))
@@ -296,6 +321,50 @@ class StageServer:
         except Exception as e:  # noqa: BLE001
             return _error(str(e))
         return {"type": CONFIGURED, "next": url, "epoch": self.fencing.epoch}
+
+    # ------------------------------------------------------------------ idle models: release and restore
+    async def _release(self) -> dict:
+        """Free the model and context, and with them every sequence's KV (the gateway asks only when none of its
+        sequences runs, and forgets its cached prefixes); the reply says the memory now held."""
+        if self.released:
+            return {"type": RELEASED, "rss_bytes": process_rss()}
+        if self.runner.in_flight:
+            return _error(f"stage {self.stage} is busy ({self.runner.in_flight} steps): not released")
+        before = process_rss()
+        self._hello = self.describe()
+        self.released = True   # from now on steps and vocabulary requests are refused
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.runner.close)   # its llama threads end (no step runs)
+        self.vocab = None
+        await loop.run_in_executor(None, self.engine.close)
+        rss = process_rss()
+        log.info("released the model of layers %s for being idle: resident memory %.0f -> %.0f MiB", self.stage,
+                 before / 2**20, rss / 2**20)
+        return {"type": RELEASED, "rss_bytes": rss, "rss_before": before}
+
+    async def _restore(self) -> dict:
+        """Load the released model again (same file, same settings); the reply says how long it took."""
+        if not self.released:
+            return {"type": RESTORED, "seconds": 0.0, "rss_bytes": process_rss()}
+        t0 = time.perf_counter()
+        old = self.engine
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(None, lambda: type(old)(old.path, **old.init_kwargs))
+        except Exception as e:  # noqa: BLE001 - the file went away, memory is short: say so, stay released
+            log.error("could not load layers %s again: %s", self.stage, e)
+            return _error(f"stage {self.stage} could not load its model again: {e}")
+        self.engine = engine
+        self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
+        codec = self.runner.codec
+        self.runner = StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver,
+                                 report=self._report)
+        self.timeline = self.runner.timeline
+        self.runner.start()
+        self.released = False
+        took = time.perf_counter() - t0
+        log.info("layers %s loaded again in %.2f s", self.stage, took)
+        return {"type": RESTORED, "seconds": round(took, 3), "rss_bytes": process_rss()}
 
     async def _tokenize(self, ch: Channel, meta: dict) -> None:
         if self.vocab is None or self.vocab.n_vocab <= 1:

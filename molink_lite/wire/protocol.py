@@ -45,10 +45,13 @@ HELLO, INFO, CONFIGURE, CONFIGURED = "hello", "info", "configure", "configured"
 LINK_DOWN, LINK_UP, DRAIN = "link_down", "link_up", "drain"
 TOKENIZE, STATS, PING, PROBE_NEXT, ERROR = "tokenize", "stats", "ping", "probe_next", "error"
 DETOKENIZE, GRAMMAR_CHECK = "detokenize", "grammar_check"
+# an idle model's stages free their llama.cpp model and context (the process, its links and its layer file stay) and
+# load them again when the gateway has a request for it (serving.idle)
+RELEASE, RELEASED, RESTORE, RESTORED = "release", "released", "restore", "restored"
 
 #: what each link role may send to a stage
 ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, STATS, PING,
-                                     PROBE_NEXT, ERROR}),
+                                     PROBE_NEXT, ERROR, RELEASE, RESTORE}),
                "upstream": frozenset({HELLO, STEP, PING, ERROR})}
 
 _STEP_ARRAYS = frozenset({"seq", "pos", "tokens", "hidden", "out"})
@@ -796,7 +799,7 @@ def check_chain(infos: Sequence[Union[StageHello, dict]]) -> Optional[str]:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
+    "PROTOCOL_VERSION", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
     "LinkDown", "LinkUp", "Drain", "StageHello", "lane_of", "chain_mismatch", "check_chain",
 ]
