@@ -254,7 +254,7 @@ def test_client_closing_a_stream_is_not_an_internal_error(cluster):
     assert health["pipelines"][0]["running"] == 0, health
     status, text = call("GET", gw.url + "/metrics")
     assert re.search(r'molink_client_disconnects_total\{model="[^"]+"\} 3\.0', text), text
-    assert re.search(r'molink_requests_total\{model="[^"]+",endpoint="completions",status="499"\} 3\.0', text), text
+    assert re.search(r'molink_requests_total\{endpoint="completions",model="[^"]+",status="499"\} 3\.0', text), text
     log = gw.output()
     assert "internal error" not in log and "Traceback" not in log, log
 

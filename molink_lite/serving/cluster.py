@@ -191,6 +191,7 @@ class Cluster:
         self.readopted: List[dict] = []  # pipelines formed again from stages that rejoined with their layers
         self.ready_timeouts: List[dict] = []  # hosts that lost their layers for not reporting ready in time
         self._problem = ""  # why the last placement failed ("" once one succeeds)
+        self.joining: Dict[int, int] = {}  # hosts registering now (calibrating): link id -> memory offered
         self.pipe_prefix = ""  # before its pipelines' names (j0, j1, ...): the model's name when a gateway has several
         self._calib: Optional[asyncio.Future] = None  # (header, size, name) of the calibration file, or None
         self._cost: Optional[ModelCost] = None
@@ -237,8 +238,14 @@ class Cluster:
         """One authenticated joining stage, from its join message (``first``, when already read) until it
         leaves."""
         member: Optional[Member] = None
+        key = id(link)
+        if isinstance(first, dict) and isinstance(first.get("memory_bytes"), int):
+            self.joining[key] = first["memory_bytes"]   # counted for this model while it registers (ClusterSet)
         try:
-            member = await self._register(link, peer, base, first)
+            try:
+                member = await self._register(link, peer, base, first)
+            finally:
+                self.joining.pop(key, None)
             await self._serve(member)
         except asyncio.CancelledError:
             pass

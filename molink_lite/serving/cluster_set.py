@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import orjson
 from aiohttp import web
@@ -161,10 +161,10 @@ class ClusterSet:
 
     @staticmethod
     def _need(c: Cluster) -> Need:
-        waiting = [m for m in c.waiting if c._alive(m)]
+        waiting = [m.spec.memory_bytes for m in c.waiting if c._alive(m)] + list(c.joining.values())
         pipes = c.router.pipelines
         busy = sum(len(p.active) + len(p.waiting) for p in pipes) + c.router.queued
-        return _need(c._cost_model(), len(waiting), sum(m.spec.memory_bytes for m in waiting), len(pipes),
+        return _need(c._cost_model(), len(waiting), sum(waiting), len(pipes),
                      tuple(s.est_bytes for s in c.slots if s.member is None), busy / max(1, len(pipes)))
 
     def summary(self) -> List[dict]:

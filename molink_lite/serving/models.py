@@ -119,13 +119,13 @@ class ModelTable:
 
     def check(self) -> None:
         """Ids and aliases are unique over all models (raises ValueError naming the clash)."""
-        seen: Dict[str, str] = {}
-        for m in self.models:
+        seen: Dict[str, int] = {}
+        for i, m in enumerate(self.models):
             for n in (m.name, *m.aliases):
-                if n in seen and seen[n] != m.name:
-                    raise ValueError(f"the name {n!r} is used by two models ({seen[n]!r} and {m.name!r}); "
-                                     f"name them with --model NAME=PATH or --pipeline NAME=URLS")
-                seen[n] = m.name
+                if seen.get(n, i) != i:
+                    raise ValueError(f"the name {n!r} is used by two models ({self.models[seen[n]].name!r} and "
+                                     f"{m.name!r}); name them with --model NAME=PATH or --pipeline NAME=URLS")
+                seen[n] = i
 
     @property
     def default(self) -> ServedModel:
