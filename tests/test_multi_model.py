@@ -307,24 +307,35 @@ def test_joined_hosts_are_shared_and_one_models_failure_spares_the_other(tiny_mo
                 ok += 1
             return ok * 16 / (time.perf_counter() - t0)
 
-        before = run_b(6)
-        with cf.ThreadPoolExecutor(8) as pool:
-            futs = [pool.submit(_complete, url, "A", [1, 5, 9, 200], 48) for _ in range(4)]
-            during = pool.submit(run_b, 6)
-            time.sleep(0.4)
-            stages[victim].kill()   # a host of A goes away mid-generation
-            results = [f.result(timeout=180) for f in futs]
-            rate = during.result(timeout=180)
+        def run_a(seconds: float) -> list:   # requests of A back to back for a while
+            out, end = [], time.monotonic() + seconds
+            while time.monotonic() < end:
+                out.append(_complete(url, "A", [1, 5, 9, 200], 48))
+            return out
+
+        def b_beside_a(kill: bool) -> tuple:   # B's rate while A is busy, with or without A losing a host
+            with cf.ThreadPoolExecutor(8) as pool:
+                futs = [pool.submit(run_a, 4.0) for _ in range(4)]
+                during = pool.submit(run_b, 8)
+                if kill:
+                    time.sleep(1.5)
+                    stages[victim].kill()   # a host of A goes away mid-generation
+                results = [r for f in futs for r in f.result(timeout=180)]
+                return during.result(timeout=180), results
+
+        before, _ = b_beside_a(kill=False)
+        rate, results = b_beside_a(kill=True)
         for status, body in results:   # no request of A lost: each completes, replayed on A's other replica
             assert status == 200 and body["usage"]["completion_tokens"] == 48, body
-        print(f"\nB's throughput: {before:.1f} tok/s before, {rate:.1f} tok/s while a stage of A died "
+        print(f"\nB's throughput beside a busy A: {before:.1f} tok/s, {rate:.1f} tok/s while a stage of A died "
               f"({rate / before:.2f}x)")
-        assert rate > 0.25 * before
+        assert rate > 0.4 * before   # 2 cores shared by 3 stages, the gateway and 5 clients: noisy
         st = http("GET", url + "/v1/stats")[1]
         mb = next(m for m in st["models"] if m["name"] == "B")
         assert mb["router"]["replayed"] == 0 and mb["state"] == "serving"
         ma = next(m for m in st["models"] if m["name"] == "A")
-        assert ma["state"] == "serving"
+        assert ma["state"] == "serving" and ma["router"]["replayed"] >= 1, ma   # some were running on the victim
+        print(f"A: {len(results)} requests, {ma['router']['replayed']} replayed, none lost")
         status, body = _complete(url, "A", [1, 5, 9, 200], 48)
         assert status == 200 and body["choices"][0]["text"] == want_a, body
     finally:
