@@ -340,3 +340,84 @@ def test_joined_hosts_are_shared_and_one_models_failure_spares_the_other(tiny_mo
         assert status == 200 and body["choices"][0]["text"] == want_a, body
     finally:
         stop_processes(stages + [gw])
+
+
+# ---------------------------------------------------------------------- a stage that released its model
+@pytest.mark.slow
+def test_a_released_stage_refuses_work_clearly_and_loads_again(tiny_models, tmp_path):
+    """release/restore on real stage processes: hello still answers, tokenize and steps get a clear error (no
+    crash, the stage lives on), only the pipeline head may release, and after restore a request's tokens equal the
+    whole model's."""
+    from molink_lite.model.split import LayerRange
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    model = tiny_models("llama", n_layer=4, n_embd=64, n_head=4, n_vocab=512)
+    procs = start_stages(model, [LayerRange(0, 2), LayerRange(2, 4)], workdir=str(tmp_path),
+                         extra_args=["--threads", "1", "--flash-attn", "off", "--ctx", "256", "--max-seqs", "2"])
+    try:
+        import asyncio
+
+        asyncio.run(_release_restore([sp.url for sp in procs], model))
+        assert all(sp.proc.poll() is None for sp in procs)
+        assert "Traceback" not in "".join(sp.log_tail(200) for sp in procs)
+    finally:
+        stop_stages(procs)
+
+
+async def _release_restore(urls, model):
+    import asyncio
+
+    from molink_lite.serving.chain import _connect
+    from molink_lite.serving.pipeline import Pipeline
+    from molink_lite.serving.router import Router
+    from molink_lite.serving.sequence import GenRequest
+    from molink_lite.wire.channel import RemoteError
+    from molink_lite.wire.protocol import SamplingParams
+
+    import numpy as np
+
+    want = whole_model_greedy_texts(model, [[1, 5, 9, 200]], 12)[0]
+    p = Pipeline(urls, codec="f32", name="A")
+    router = Router([p], recover_timeout=5)
+    await p.connect(60)
+    try:
+        async def run() -> tuple:
+            s = router.submit(GenRequest(np.array([1, 5, 9, 200], dtype=np.int32), SamplingParams(temperature=0.0),
+                                         12, ignore_eos=True))
+            while True:
+                ev = await asyncio.wait_for(s.events.get(), 60)
+                if ev.kind != "text":
+                    return ev, s.text
+        ev, text = await run()
+        assert ev.kind == "done" and text == want
+        before = [st["rss_bytes"] for st in await p.stage_stats()]
+        replies = await p.release()
+        assert [r["type"] for r in replies] == ["released", "released"]
+        assert all(r["rss_bytes"] <= b for r, b in zip(replies, before))
+        assert (await p.release())[0]["type"] == "released"   # again: nothing to do
+        hello, _ = await p.chain.channels[0].request({"type": "hello"})
+        assert hello["layer_start"] == 0 and hello["n_vocab"] == 512 and hello["layer_stop"] == 2
+        with pytest.raises(RemoteError, match="released its model"):
+            await p.tokenize("hello")
+        assert hello["released"] is True and p.released
+        # another gateway link (not the pipeline head) may not release or restore
+        other = await _connect(urls[1], time.monotonic() + 10, None, (1.0, 3.0))
+
+        async def ignore(meta, arrays) -> None:
+            return None
+        reader = asyncio.ensure_future(other.serve(ignore))   # replies are read by serve()
+        try:
+            for kind in ("release", "restore"):
+                with pytest.raises(RemoteError, match="only the pipeline head"):
+                    await other.request({"type": kind})
+        finally:
+            await other.close()
+            reader.cancel()
+        # a request for the released pipeline loads its stages again first, then runs exactly as before
+        ev, text = await run()
+        assert ev.kind == "done" and text == want, (ev, text)
+        assert not p.released and p.stats["failures"] == 0
+        assert all(st["rss_bytes"] > r["rss_bytes"] for st, r in zip(await p.stage_stats(), replies))
+        assert (await p.restore())[0]["type"] == "restored"   # again: nothing to do
+    finally:
+        await p.close()

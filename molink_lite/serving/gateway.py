@@ -72,6 +72,7 @@ _OPEN_PREFIXES = ("/relay/", "/relay-back/", "/web/")
 _RequestKey: Any = getattr(web, "RequestKey", None)
 _KEY_ID: Any = _RequestKey("molink_key_id", int) if _RequestKey else "molink_key_id"
 _MODEL_KEY: Any = _RequestKey("molink_model", str) if _RequestKey else "molink_model"   # the model it named
+_IDLE_KEY: Any = _RequestKey("molink_idle", object) if _RequestKey else "molink_idle"   # its IdleUnloader, held
 # the first stage tokenizes at most this many characters per context token (stage/server.py)
 STAGE_TOKENIZE_CHARS_PER_TOKEN = 32
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # counted in /metrics
@@ -195,6 +196,14 @@ class Gateway:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            return await self._answer(request, handler)
+        finally:
+            idle = request.get(_IDLE_KEY)
+            if idle is not None:   # the model it named may go idle from now on
+                idle.end()
+
+    async def _answer(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as e:
@@ -393,8 +402,9 @@ class Gateway:
             raise ApiError(404, f"The model '{_short(e.name)}' does not exist; this server serves {served} "
                                 f"(GET /v1/models lists them)", "model_not_found", param="model") from None
         request[_MODEL_KEY] = m.name
-        if m.idle is not None:
-            m.idle.touch()
+        if m.idle is not None and _IDLE_KEY not in request:
+            m.idle.begin()   # ended by the _errors middleware, however the request ends
+            request[_IDLE_KEY] = m.idle
         return m
 
     # ------------------------------------------------------------------ generation

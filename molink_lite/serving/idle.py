@@ -41,6 +41,7 @@ class IdleUnloader:
         self.state = "loaded"
         self.detail = ""
         self.last_use = time.monotonic()
+        self.active = 0                 # requests naming the model that have not ended (never released meanwhile)
         self._loaded = asyncio.Event()
         self._loaded.set()
         self._task: Optional[asyncio.Task] = None   # the release or load running now
@@ -49,6 +50,16 @@ class IdleUnloader:
         self.counts = {"released": 0, "loaded": 0, "load_failures": 0}
 
     # ------------------------------------------------------------------ requests
+    def begin(self) -> None:
+        """A request naming the model starts (its tokenization, checks and generation keep the model loaded)."""
+        self.active += 1
+        self.touch()
+
+    def end(self) -> None:
+        """That request has ended (answered, refused or gone)."""
+        self.active = max(0, self.active - 1)
+        self.last_use = time.monotonic()
+
     def touch(self) -> None:
         """A request names the model: it is in use now; an unloaded model starts loading."""
         self.last_use = time.monotonic()
@@ -71,7 +82,7 @@ class IdleUnloader:
     # ------------------------------------------------------------------ the watch
     def busy(self) -> bool:
         r = self.model.router
-        return bool(r.queued) or any(not p.idle for p in r.pipelines)
+        return bool(self.active) or bool(r.queued) or any(not p.idle for p in r.pipelines)
 
     async def watch(self, interval: Optional[float] = None) -> None:
         """Release the model once idle (runs for the gateway's life)."""

@@ -25,6 +25,7 @@ from ..wire.auth import LinkKey
 from ..wire.channel import ChannelClosed
 from ..wire.codec import FrameError
 from ..wire.protocol import RELEASE, RESTORE, ProtocolError, ResultFrame, StepErrorFrame
+from ..wire.channel import RemoteError
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
 from . import link_policy, speculative
@@ -123,6 +124,7 @@ class Pipeline:
         self.on_up: Callable[["Pipeline"], None] = lambda p: None
         # serving.metrics.Metrics (first_token, token_gap, tokens), set by the gateway; O(1) calls per token
         self.observer: Optional[Any] = None
+        self.released = False   # the stages freed their model (release(); serving.idle): restore() before steps
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.slots.cache.stats = self.stats   # the prefix cache counts into the pipeline's counters
 
@@ -155,9 +157,11 @@ class Pipeline:
     async def connect(self, timeout: float = 60.0) -> None:
         """Open the chain (checked, linked), size steps for it, start scheduling; a rejoin ends here too."""
         back = await self.lifecycle.connect(timeout)
+        infos = self.infos
+        # stages that released their model (an idle model) say so; the first request loads them again
+        self.released = any(i.get("released") is True for i in infos)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
-        infos = self.infos
         log.info("pipeline %s %s: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches", self.name,
                  "back in service" if back else "ready", len(infos), infos[0]["arch"], infos[0]["n_layer_total"],
                  self.max_seqs, self.n_ctx, self.max_inflight)
@@ -241,11 +245,21 @@ class Pipeline:
         if not self.idle:
             raise PipelineError(f"pipeline {self.name} has sequences: not released")
         self.slots.clear()
-        return await self.chain.request_all({"type": RELEASE}, timeout=timeout)
+        try:
+            replies = await self.chain.request_all({"type": RELEASE}, timeout=timeout)
+            self.released = True
+            return replies
+        except Exception as e:
+            # some stages may have released (their KV is gone) and others not: reconnecting makes every stage
+            # forget every sequence, so the slots agree again (nothing runs here to hand back)
+            self.fail(f"the stages could not all release their model: {e}")
+            raise
 
     async def restore(self, timeout: float = 600.0) -> List[dict]:
         """Every stage loads its model again (the replies say how long it took)."""
-        return await self.chain.request_all({"type": RESTORE}, timeout=timeout)
+        replies = await self.chain.request_all({"type": RESTORE}, timeout=timeout)
+        self.released = False
+        return replies
 
     # ------------------------------------------------------------------ requests
     async def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
@@ -320,6 +334,14 @@ class Pipeline:
             if self.state != "up":
                 continue
             try:
+                if self.released:   # a request for a released pipeline (serving.idle): load the stages first
+                    if not self.waiting:
+                        continue
+                    try:
+                        await self.restore()
+                    except (RemoteError, PipelineError, ConnectionError, asyncio.TimeoutError) as e:
+                        self.fail(f"could not load the stages' model again: {e}")
+                        continue
                 self.slots.admit(self.waiting)
                 if self.drafter is not None and self.spec_on and len(self.inflight) < self.max_inflight:
                     await self._draft()

@@ -242,13 +242,8 @@ class StageServer:
         if not isinstance(kind, str) or kind not in ROLE_FRAMES[ch.role]:
             self.stats["rejected_frames"] += 1
             ch.reply(meta, _error(f"a {ch.role} link may not send {str(kind)[:40]!r} frames"))
-        elif self.released and kind in (STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK):
-            why = (f"stage {self.stage} released its model for being idle; the gateway restores it before sending "
-                   f"requests")
-            if kind == STEP:
-                self._report(step_of(meta), why)
-            else:
-                ch.reply(meta, _error(why))
+        elif self.released and kind in (TOKENIZE, DETOKENIZE, GRAMMAR_CHECK):
+            ch.reply(meta, _error(self._released_why()))
         elif kind in (RELEASE, RESTORE):
             if ch is not self.head:
                 self.stats["rejected_frames"] += 1
@@ -261,6 +256,9 @@ class StageServer:
                 self.stats["rejected_frames"] += 1
                 ch.reply(meta, _error("steps are taken only from the pipeline head (first stage) or the upstream "
                                       "stage"))
+                return
+            if self.released:
+                self._report(step_of(meta), self._released_why())
                 return
             self.runner.submit(meta, arrays)
         elif kind == HELLO:
@@ -323,6 +321,9 @@ class StageServer:
         return {"type": CONFIGURED, "next": url, "epoch": self.fencing.epoch}
 
     # ------------------------------------------------------------------ idle models: release and restore
+    def _released_why(self) -> str:
+        return f"stage {self.stage} released its model for being idle; the gateway restores it before sending work"
+
     async def _release(self) -> dict:
         """Free the model and context, and with them every sequence's KV (the gateway asks only when none of its
         sequences runs, and forgets its cached prefixes); the reply says the memory now held."""
@@ -331,7 +332,7 @@ class StageServer:
         if self.runner.in_flight:
             return _error(f"stage {self.stage} is busy ({self.runner.in_flight} steps): not released")
         before = process_rss()
-        self._hello = self.describe()
+        self._hello = {**self.describe(), "released": True}
         self.released = True   # from now on steps and vocabulary requests are refused
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.runner.close)   # its llama threads end (no step runs)

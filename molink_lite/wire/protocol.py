@@ -749,6 +749,7 @@ class StageHello(TypedDict, total=False):
     backend: str
     n_gpu_layers: int
     stage_output: str  # how a non-last stage hands on its output: "graph" (engine patch) or "callback"; "" last
+    released: bool  # the stage freed its model for being idle (an idle model); it loads it again on ``restore``
     model_bytes: int
     chat_template: Optional[str]
     bos: str
