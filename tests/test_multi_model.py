@@ -191,6 +191,17 @@ def test_two_models_behind_one_gateway(gemma3_path, tiny_models, tmp_path, monke
         r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "status", url], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 0 and "model Gemma 3 270m" in r.stdout and "model tiny" in r.stdout, r.stdout
+        # the dashboard: one section per model, each pipeline under its model (a real browser)
+        import shutil
+
+        if shutil.which("chromium"):
+            dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                  f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
+                                  "--dump-dom", url + "/"], capture_output=True, text=True, timeout=90).stdout
+            assert 'id="models-box" hidden' not in dom and dom.count('class="model-section"') == 2, dom[-3000:]
+            assert 'data-model="tiny" data-state="serving"' in dom and 'data-model="Gemma 3 270m"' in dom
+            assert dom.count('<div class="pipeline" data-model="tiny">') == 1
+            assert dom.count('<tr class="stage"') == 4 and "also: small" in dom
         # the SDKs pick each model by name
         openai = pytest.importorskip("openai")
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
@@ -421,3 +432,27 @@ async def _release_restore(urls, model):
         assert (await p.restore())[0]["type"] == "restored"   # again: nothing to do
     finally:
         await p.close()
+
+
+def test_a_model_the_joined_hosts_cannot_hold_says_why():
+    """/v1/models' state for a join-mode model: placing while hosts join, then 'no capacity' with the placement's
+    reason once a placement failed (and serving once a pipeline is up)."""
+    class _Cluster:
+        settle = 3.0
+        waiting: list = []
+        _problem = ""
+
+        @property
+        def capacity_problem(self):
+            return self._problem
+
+        def placing_detail(self):
+            return "waiting for stages to join"
+
+    c = _Cluster()
+    m = ServedModel("big", _Router(), cluster=c)
+    assert m.state_detail() == ("placing", "waiting for stages to join")
+    c._problem = "the hosts cannot hold big: it needs at least 9.0 GiB, 1 usable host(s) with 6.0 GiB in total"
+    state, why = m.state_detail()
+    assert state == "no capacity" and "needs at least 9.0 GiB" in why
+    assert m.entry()["state"] == "no capacity" and "meta" not in m.entry()

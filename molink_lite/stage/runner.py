@@ -100,6 +100,13 @@ class StepRunner:
         for pool in self._pools:
             pool.shutdown(wait=True)
 
+    async def stop(self) -> None:
+        """:meth:`close` from the event loop: the workers are cancelled here, the llama threads waited for in a
+        worker thread (a step still running finishes first)."""
+        for w in self._workers:
+            w.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [p.shutdown(wait=True) for p in self._pools])
+
     def submit(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         """Queue a step frame on its lane (read loosely here: the check rejects a bad lane)."""
         lane = meta.get("lane", 0)

@@ -335,7 +335,7 @@ class StageServer:
         self._hello = {**self.describe(), "released": True}
         self.released = True   # from now on steps and vocabulary requests are refused
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.runner.close)   # its llama threads end (no step runs)
+        await self.runner.stop()   # its llama threads end (no step runs)
         self.vocab = None
         await loop.run_in_executor(None, self.engine.close)
         rss = process_rss()

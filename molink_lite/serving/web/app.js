@@ -116,7 +116,9 @@ function setText(id, text) { document.getElementById(id).textContent = text; }
 
 // ------------------------------------------------------------------ rendering
 function render(stats, metrics) {
-  setText("model", stats.model || "");
+  const models = stats.models && stats.models.length ? stats.models : [{ name: stats.model, placement: stats.placement,
+                                                                        replacements: stats.replacements }];
+  setText("model", models.map(x => x.name).join(", "));
   const badge = document.getElementById("status");
   badge.textContent = stats.status;
   badge.className = "badge " + stats.status;
@@ -148,16 +150,47 @@ function render(stats, metrics) {
   drawChart("chart-lat", [{ key: "ttft", color: "#d2a8ff", name: "time to first token" },
                           { key: "itl", color: "#3fb950", name: "inter-token" }]);
 
-  renderPipelines(stats, metrics);
-  renderLinks(stats);
-  renderPlacement(stats);
+  renderModels(stats, models);
+  renderPipelines(stats, metrics, models);
+  renderLinks(stats, models);
+  renderPlacement(models);
   renderEvents(stats);
 }
 
-function renderPipelines(stats, metrics) {
+// one section per model (a gateway may serve several): its state, names, rates and pipelines
+function renderModels(stats, models) {
+  const box = document.getElementById("models");
+  document.getElementById("models-box").hidden = !(stats.models && stats.models.length > 1);
+  box.replaceChildren();
+  for (const x of stats.models || []) {
+    const mm = x.metrics || {};
+    const r10 = mm.last_10s || {}, r60 = mm.last_60s || {};
+    const reqs = Object.values(mm.requests || {}).reduce((a, b) => a + b, 0);
+    const idle = x.idle ? "idle unload after " + num(x.idle.idle_unload_s) + " s (released " + num(x.idle.released)
+      + "x, loaded " + num(x.idle.loaded) + "x)" : "";
+    box.append(el("div", { class: "model-section", "data-model": x.name, "data-state": x.state },
+      el("div", { class: "head" },
+        el("span", { class: "name" }, x.name), el("span", { class: "badge " + x.state.replace(" ", "-") }, x.state),
+        el("span", { class: "muted" }, x.state_detail || ""),
+        (x.aliases || []).length ? el("span", {}, "also: " + x.aliases.join(", ")) : el("span", {}, "")),
+      el("div", { class: "head" },
+        el("span", {}, num(r10.tokens_per_s, 1) + " tokens/s (10 s)"),
+        el("span", {}, "TTFT " + ms(r60.ttft_s) + ", inter-token " + ms(r60.inter_token_s)),
+        el("span", {}, reqs + " requests, " + num(mm.generation_tokens) + " tokens generated"),
+        el("span", {}, "queued " + num(x.queued) + ", pipelines " + (x.pipelines || []).length),
+        el("span", { class: "muted" }, idle))));
+  }
+}
+
+function renderPipelines(stats, metrics, models) {
   const box = document.getElementById("pipelines");
   box.replaceChildren();
+  let shown = null;
   for (const p of stats.pipelines || []) {
+    if (models.length > 1 && p.model !== shown) {   // several models: their pipelines under their name
+      shown = p.model;
+      box.append(el("h3", { class: "model-name" }, "model " + p.model));
+    }
     const sch = p.scheduler || {};
     const head = el("div", { class: "head" },
       el("span", { class: "name" }, p.name), el("span", { class: "badge " + p.state }, p.state),
@@ -182,7 +215,8 @@ function renderPipelines(stats, metrics) {
       const inf = infos[i] || {};
       const st = counters[i] || {};
       const idx = String(i);
-      const stepS = sample(metrics, "molink_stage_step_seconds", { pipeline: p.name, stage: idx });
+      const stepS = sample(metrics, "molink_stage_step_seconds",
+                           p.model != null ? { model: p.model, pipeline: p.name, stage: idx } : { pipeline: p.name, stage: idx });
       const layers = inf.layer_start != null ? inf.layer_start + "-" + (inf.layer_stop - 1) : "?";
       body.append(el("tr", { class: "stage", "data-layers": layers },
         el("td", {}, idx), el("td", { class: "mono" }, inf.url || ""), el("td", {}, inf.host || "?"),
@@ -199,7 +233,7 @@ function renderPipelines(stats, metrics) {
     if (p.stages_error) body.append(el("tr", {}, el("td", { colspan: String(cols.length), class: "error" },
                                                     "stages: " + p.stages_error)));
     table.append(body);
-    box.append(el("div", { class: "pipeline" }, head, table));
+    box.append(el("div", { class: "pipeline", "data-model": p.model || "" }, head, table));
   }
   if (!(stats.pipelines || []).length) box.append(el("p", { class: "muted" }, "no pipeline yet (stages are joining)"));
 }
@@ -216,12 +250,14 @@ function prefixCache(pc) {
     + " tokens reused");
 }
 
-function renderLinks(stats) {
+function renderLinks(stats, models) {
   const body = document.querySelector("#links tbody");
   body.replaceChildren();
-  const routes = {};   // "pipeline|to host" -> route, from the placement plan (join mode)
-  const plan = (stats.placement || []).slice(-1)[0];
-  for (const pp of (plan && plan.pipelines) || []) for (const k of pp.links || []) routes[pp.name + "|" + k.to] = k;
+  const routes = {};   // "pipeline|to host" -> route, from the placement plans (join mode; pipeline names are unique)
+  for (const x of models) {
+    const plan = (x.placement || []).slice(-1)[0];
+    for (const pp of (plan && plan.pipelines) || []) for (const k of pp.links || []) routes[pp.name + "|" + k.to] = k;
+  }
   let rows = 0;
   for (const p of stats.pipelines || []) {
     const infos = p.stage_info || [];
@@ -247,12 +283,26 @@ function renderLinks(stats) {
                                          "no stage-to-stage link measured (one stage, or a fixed --prefill-chunk)")));
 }
 
-function renderPlacement(stats) {
-  const plan = (stats.placement || []).slice(-1)[0];
+function renderPlacement(models) {
   const box = document.getElementById("placement");
-  document.getElementById("placement-box").hidden = !plan;
   box.replaceChildren();
-  if (!plan) return;
+  let any = false;
+  for (const x of models) {
+    const plan = (x.placement || []).slice(-1)[0];
+    if (!plan) {
+      if (x.state === "placing" || x.state === "no capacity") {
+        box.append(el("p", { class: x.state === "no capacity" ? "error" : "muted" }, x.name + ": " + x.state_detail));
+        any = true;
+      }
+      continue;
+    }
+    any = true;
+    renderPlan(box, plan, x.replacements || []);
+  }
+  document.getElementById("placement-box").hidden = !any;
+}
+
+function renderPlan(box, plan, replacements) {
   box.append(el("p", { class: "muted" }, (plan.model && plan.model.name) + ": " + (plan.model && plan.model.n_layer)
                 + " layers, context " + plan.n_ctx + ", " + plan.n_seqs + " sequences"));
   const table = el("table", {}, el("thead", {}, el("tr", {}, ...["pipeline", "host", "backend", "layers", "memory offered",
@@ -270,7 +320,7 @@ function renderPlacement(stats) {
   }
   table.append(body);
   box.append(table);
-  for (const r of stats.replacements || []) {
+  for (const r of replacements) {
     box.append(el("p", {}, "layers " + r.layers + " moved to " + r.host + (r.seconds != null ? " in " + num(r.seconds, 1) + " s" : "")));
   }
 }
