@@ -236,15 +236,32 @@ def _split_pipelines(values: List[str]) -> Tuple[List[List[str]], List[str]]:
 
 
 def _model_specs(a: argparse.Namespace) -> list:
-    """``--model [NAME=]PATH`` (repeated) -> ModelSpecs; ``--alias ALIAS=NAME`` of a ``NAME=`` model rides along."""
+    """``--model [NAME=]PATH`` (repeated) -> ModelSpecs; ``--model-name NAME=PATH`` (PATH as given to --model, or
+    its file name) names a model too."""
+    import os
+
     from .serving.config import ModelSpec
     from .serving.models import split_tagged
 
+    named = {}
+    for v in _model_names(a)[1]:
+        name, _, target = v.partition("=")
+        named[target.strip()] = name.strip()
     out = []
     for v in a.model or []:
         name, path = split_tagged(v, "path")
+        name = name or named.pop(path, "") or named.pop(os.path.basename(path), "")
         out.append(ModelSpec(path=path, name=name))
+    if named:
+        raise SystemExit(f"error: --model-name {', '.join(f'{n}={t}' for t, n in named.items())}: no --model with "
+                         f"that path")
     return out
+
+
+def _model_names(a: argparse.Namespace) -> Tuple[Optional[str], List[str]]:
+    """``--model-name`` values: (the first model's id, or None; the NAME=PATH ones)."""
+    plain = [v for v in getattr(a, "model_name", None) or [] if "=" not in v]
+    return (plain[-1] if plain else None), [v for v in getattr(a, "model_name", None) or [] if "=" in v]
 
 
 def _aliases(a: argparse.Namespace) -> list:
@@ -295,7 +312,7 @@ def gateway_config(a: argparse.Namespace):
     return GatewayConfig(
         pipelines=urls, pipeline_models=tags, aliases=_aliases(a), idle_unload=a.idle_unload,
         host=a.host, port=a.port, connect_timeout=a.connect_timeout,
-        model_name=a.model_name, chat_template=a.chat_template, recover_timeout=a.recover_timeout,
+        model_name=_model_names(a)[0], chat_template=a.chat_template, recover_timeout=a.recover_timeout,
         max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
                                 max_batch_tokens=a.max_batch_tokens, heartbeat_interval=a.heartbeat_interval,
@@ -942,7 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the stages over from another gateway that controls them (it is fenced off and stays "
                         "down until this one goes away); applies to this gateway's first connect only. Without it, "
                         "stages controlled by another connected gateway refuse this one")
-    s.add_argument("--model-name", default=None, help="id of the first model in the API (default: GGUF file name)")
+    s.add_argument("--model-name", action="append", default=None, metavar="NAME[=GGUF]",
+                   help="id of the first model in the API (default: the GGUF's name); NAME=GGUF names the --model "
+                        "with that path (or file name); the same as --model NAME=GGUF")
     _models_opts(s)
     s.add_argument("--chat-template", default=None,
                    help="Jinja2 template file, or a llama.cpp built-in name (default: the GGUF's, else by arch)")

@@ -72,6 +72,18 @@ def test_settings_are_checked():
     assert j.model == "/a.gguf" and ClusterConfig(model="/x.gguf").models == (ModelSpec("/x.gguf"),)
     with pytest.raises(ConfigError, match="twice"):
         ClusterConfig(models=[ModelSpec("/a.gguf"), ModelSpec("/a.gguf", "b")])
+    # the command line: --model NAME=PATH or --model-name NAME=PATH, tagged pipelines, aliases, 10m
+    from molink_lite.cli import build_parser, gateway_config
+
+    a = build_parser().parse_args(["gateway", "--model", "/m/a.gguf", "--model", "code=/m/b.gguf", "--model-name",
+                                   "chat=a.gguf", "--pipeline", "code=ws://x:1,ws://y:1", "--alias", "gpt=chat",
+                                   "--idle-unload", "10m"])
+    cfg = gateway_config(a)
+    assert [(s.name, s.path) for s in cfg.join.models] == [("chat", "/m/a.gguf"), ("code", "/m/b.gguf")]
+    assert cfg.pipelines == (("ws://x:1", "ws://y:1"),) and cfg.pipeline_models == ("code",)
+    assert cfg.idle_unload == 600 and cfg.aliases == (("gpt", "chat"),) and cfg.model_name is None
+    assert gateway_config(build_parser().parse_args(["gateway", "--pipeline", "ws://x:1", "--model-name", "m"])
+                          ).model_name == "m"
 
 
 def test_a_joining_host_goes_where_it_is_needed():
