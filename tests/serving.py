@@ -60,6 +60,21 @@ def spawn_cli(args: Sequence[str], log: Path, env: dict, append: bool = False) -
         out.close()
 
 
+def wait_healthy(url: str, proc: Optional[subprocess.Popen] = None, timeout: float = 180) -> bool:
+    """Poll ``url``/health until it answers 200 (True), ``proc`` exits or ``timeout`` passes (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            if http("GET", url + "/health", timeout=2)[0] == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 def stop_processes(procs, timeout: float = 20) -> None:
     """Terminate child processes (all at once), wait for them, kill those that do not end in ``timeout`` s."""
     procs = list(procs)

@@ -21,7 +21,7 @@ import pytest
 from molink_lite.wire.auth import new_secret
 
 from chain import whole_model_greedy_texts
-from serving import free_port, http, spawn_cli, stop_processes
+from serving import free_port, http, spawn_cli, stop_processes, wait_healthy
 
 pytestmark = pytest.mark.slow
 SECRET = new_secret()
@@ -50,16 +50,7 @@ def test_three_stages_join_place_fetch_and_serve_exactly(tiny_models, tmp_path):
                                    "--name", f"h{i}", "--threads", "1", "--flash-attn", "off"],
                                   tmp_path / f"stage{i}.log", cache), cache))
             time.sleep(0.3)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if gw.poll() is not None:
-                break
-            try:
-                if http("GET", url + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(url, gw, 180)
         logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
         assert http("GET", url + "/health", timeout=5)[0] == 200, logs
         status, st = http("GET", url + "/v1/stats")

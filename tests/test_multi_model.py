@@ -9,7 +9,6 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401 - before numpy
 
 import concurrent.futures as cf
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from molink_lite.serving.placement import HostSpec, parse_size
 from molink_lite.wire.auth import new_secret
 
 from chain import whole_model_greedy_texts
-from serving import free_port, http, spawn_cli, stop_processes
+from serving import free_port, http, spawn_cli, stop_processes, wait_healthy
 
 MiB = 1 << 20
 
@@ -133,20 +132,6 @@ ENGINE = ["--codec", "f32", "--ctx", "512", "--max-seqs", "4", "--threads", "1",
           "--prefix-cache", "off"]
 
 
-def _wait_health(url: str, proc, log: Path, timeout: float = 240) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode}: {log.read_text(errors='replace')[-3000:]}")
-        try:
-            if http("GET", url + "/health", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"not ready: {log.read_text(errors='replace')[-3000:]}")
-
-
 def _complete(url: str, model: str, prompt, n: int = 8):
     return http("POST", url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": n,
                                                   "temperature": 0, "ignore_eos": True})
@@ -169,7 +154,7 @@ def test_two_models_behind_one_gateway(gemma3_path, tiny_models, tmp_path, monke
     proc = spawn_cli(["serve", "--model", gemma3_path, "--model", f"tiny={tiny}", "--alias", "small=tiny",
                       "--port", str(port), "--idle-unload", "4", *ENGINE], log, {})
     try:
-        _wait_health(url, proc, log)
+        assert wait_healthy(url, proc, 240), log.read_text(errors="replace")[-3000:]
         status, models = http("GET", url + "/v1/models")
         ids = [m["id"] for m in models["data"]]
         assert status == 200 and ids == ["Gemma 3 270m", "tiny"], models
