@@ -42,3 +42,23 @@ def test_check_mode(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError):
         tool.main(["--check", "--readme", str(readme)])
+
+
+def test_doctor_and_plan_say_whether_a_model_splits_and_at_which_level(tiny_models, gemma3_path):
+    """Before anything starts (issue 30): `doctor --model` and `plan` name the split level, or why not."""
+    import subprocess
+    import sys
+
+    from molink_lite.model.archs import EXACT, ULP, split_support
+
+    assert split_support("llama")[0] == EXACT and "bit-identical" in split_support("llama")[1]
+    level, why = split_support("gemma")
+    assert level == ULP and "max logit difference" in why
+    assert split_support("glm4")[0] is None and "glm4.cpp aborts" in split_support("glm4")[1]
+    assert split_support("nosucharch")[0] is None and "no split rule" in split_support("nosucharch")[1]
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "doctor", "--model", tiny_models("llama")],
+                       capture_output=True, text=True, timeout=120)
+    assert "split: llama can be split, level exact" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "plan", "--model", gemma3_path, "--host", "4GB,cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "split: gemma3 can be split, level" in r.stdout, r.stdout

@@ -695,6 +695,26 @@ class UnsupportedArchitecture(ValueError):
     """Raised for a model whose architecture has no split rule."""
 
 
+def split_support(arch: str) -> Tuple[Optional[str], str]:
+    """Whether ``arch`` can be split, before anything is started: (level, a sentence). The level is
+    :data:`EXACT` or :data:`ULP`, or None for an architecture that is refused (the sentence says why)."""
+    rule = RULES.get(arch)
+    if rule is None:
+        why = UNSUPPORTED.get(arch)
+        if why is not None:
+            return None, f"{arch} cannot be split: {why}"
+        return None, (f"{arch} cannot be split: molink-lite has no split rule for it ({len(RULES)} architectures "
+                      f"have one; the README's table lists them)")
+    if rule.level == EXACT:
+        what = "exact: a split's logits are bit-identical to the whole model's over the f32 wire"
+    else:
+        what = (f"ulp: a later stage starts within 1 float32 ulp of the whole model's hidden state (max logit "
+                f"difference {rule.max_logit_diff:g} measured)")
+    checks = " Some layer ranges are refused (see the architecture's notes)." if rule.checks or (
+        rule.swa is not None and not rule.swa.off_by_zero_window) else ""
+    return rule.level, f"{arch} can be split, level {what}.{checks}"
+
+
 def rule_for(arch: str) -> ArchRule:
     """The split rule of ``arch``, or a clear error listing the supported architectures."""
     try:

@@ -57,7 +57,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..model.archs import SplitContext, UnsupportedArchitecture, rule_for
+from ..model.archs import SplitContext, UnsupportedArchitecture, rule_for, split_support
 from ..model.gguf_meta import GGUFFile, GGUFFormatError
 from ..model.split import LayerRange, ModelInfo, SplitError, read_model_info
 from . import link_policy
@@ -367,7 +367,7 @@ class Plan:
         m = self.model
         calibrated = all(s.host.calibrated for p in self.pipelines for s in p)
         lines = [f"model {m.name} ({m.arch}, {m.n_layer} layers), ctx {self.n_ctx}, {self.n_seqs} sequences: "
-                 f"{len(self.pipelines)} pipeline(s)"]
+                 f"{len(self.pipelines)} pipeline(s)", f"split: {split_support(m.arch)[1]}"]
         if not calibrated:
             lines.append("times use default speeds (cuda 10x cpu), not measurements: compare them, don't trust them")
         for ip, p in enumerate(self.pipelines, 1):

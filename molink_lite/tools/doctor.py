@@ -207,12 +207,17 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
                      + f" ({Path(PRELOADED[0]).parent})")
     lines.append(f"RAM: {hostinfo.free_ram() / 2**30:.1f} GiB available")
     if model:
+        from ..model.archs import split_support
         from ..model.split import read_model_info
 
-        n = read_model_info(model).n_layer
+        info = read_model_info(model)
+        n = info.n_layer
         off = 0 if not gpu else n if n_gpu_layers < 0 else min(n, n_gpu_layers)
         lines.append(f"model {Path(model).name}: {n} layers, {off} would be offloaded to the GPU "
                      f"(--n-gpu-layers {n_gpu_layers})")
+        level, why = split_support(info.arch)
+        lines.append(f"split: {why}")
+        ok = ok and level is not None
     return lines, ok
 
 
