@@ -427,6 +427,18 @@ async def _release_restore(urls, model):
         assert not p.released and p.stats["failures"] == 0
         assert all(st["rss_bytes"] > r["rss_bytes"] for st, r in zip(await p.stage_stats(), replies))
         assert (await p.restore())[0]["type"] == "restored"   # again: nothing to do
+        # an upstream link (what the previous stage holds) may not send them at all
+        from molink_lite.wire import auth
+        from molink_lite.wire.channel import Channel
+
+        up = Channel(await auth.connect(urls[1], None, "upstream", max_size=1 << 20), name="upstream")
+        reader = asyncio.ensure_future(up.serve(ignore))
+        try:
+            with pytest.raises(RemoteError, match="may not send 'release'"):
+                await up.request({"type": "release"})
+        finally:
+            await up.close()
+            reader.cancel()
     finally:
         await p.close()
 

@@ -74,10 +74,15 @@ function sample(metrics, name, labels) {
   return null;
 }
 
-// quantile of a Prometheus histogram (linear inside the bucket, as histogram_quantile does)
+// quantile of a Prometheus histogram over all its series (every model's buckets summed by bound; linear inside the
+// bucket, as histogram_quantile does)
 function quantile(metrics, name, q) {
-  const buckets = (metrics[name + "_bucket"] || []).map(s => ({ le: parseFloat(s.labels.le), n: s.value }))
-    .sort((a, b) => a.le - b.le);
+  const byLe = new Map();
+  for (const s of metrics[name + "_bucket"] || []) {
+    const le = parseFloat(s.labels.le);
+    byLe.set(le, (byLe.get(le) || 0) + s.value);
+  }
+  const buckets = [...byLe].map(([le, n]) => ({ le, n })).sort((a, b) => a.le - b.le);
   if (!buckets.length) return null;
   const total = buckets[buckets.length - 1].n;
   if (!total) return null;
