@@ -49,12 +49,14 @@ def test_doctor_and_plan_say_whether_a_model_splits_and_at_which_level(tiny_mode
     import subprocess
     import sys
 
+    from molink_lite.model import archs
     from molink_lite.model.archs import EXACT, ULP, split_support
 
     assert split_support("llama")[0] == EXACT and "bit-identical" in split_support("llama")[1]
     level, why = split_support("gemma")
     assert level == ULP and "max logit difference" in why
-    assert split_support("glm4")[0] is None and "glm4.cpp aborts" in split_support("glm4")[1]
+    assert split_support("gemma3n")[0] is None and "gemma3n.cpp adds per-layer inputs" in split_support("gemma3n")[1]
+    assert split_support("glm4")[0] == archs.BOUNDED and "within 0.0001" in split_support("glm4")[1]
     assert split_support("nosucharch")[0] is None and "no split rule" in split_support("nosucharch")[1]
     r = subprocess.run([sys.executable, "-m", "molink_lite.cli", "doctor", "--model", tiny_models("llama")],
                        capture_output=True, text=True, timeout=120)

@@ -148,6 +148,15 @@ class GGUFFile:
             return np.frombuffer(b, dtype=SCALAR_DTYPES[f.sub_type], count=f.count, offset=off).tolist()
         return np.frombuffer(b, dtype=SCALAR_DTYPES[f.vtype], count=1, offset=off).tolist()[0]
 
+    def read_tensor_bytes(self, t: TensorInfo) -> bytes:
+        """A tensor's data as stored (any ggml type)."""
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            data = f.read(t.nbytes)
+        if len(data) != t.nbytes:
+            raise GGUFFormatError(f"{t.name}: the file ends inside its data")
+        return data
+
     def read_tensor_f32(self, t: TensorInfo) -> np.ndarray:
         """Read an F32 tensor's data (numpy order)."""
         if t.ggml_type != 0:

@@ -416,6 +416,12 @@ def plan_stage(path: str | os.PathLike, layers: LayerRange, reader: Optional[GGU
                 tensors.append(_OutTensor(name, ne, t.ggml_type, t.nbytes, data=bytes(t.nbytes)))
                 continue
         out = _OutTensor(name, ne, t.ggml_type, t.nbytes, src_offset=t.offset)
+        order_of = next((fn for suffix, fn in rule.row_orders.items() if name.endswith(suffix)), None)
+        n_rows = math.prod(ne[1:]) if len(ne) > 1 else ne[0]
+        order = order_of(ctx, name, n_rows) if order_of is not None else None
+        if order is not None:   # whole rows move (a row is whole quantization blocks): any ggml type
+            raw = np.frombuffer(r.read_tensor_bytes(t), dtype=np.uint8).reshape(n_rows, -1)
+            out.data = np.ascontiguousarray(raw[np.asarray(order)]).tobytes()
         fix = next((fn for suffix, fn in rule.tensor_fixes.items() if name.endswith(suffix)), None)
         if fix is not None:
             if t.ggml_type != GGML_TYPE_F32:

@@ -206,6 +206,10 @@ class StageEngine:
             cparams.embeddings = True
         # hybrid memory: captured rows come back in split_equal ubatch order (archs.equal_split_on_inner_stages)
         self._equal_split = not self.info.is_last and rule is not None and rule.equal_split_on_inner_stages
+        if rule is not None and rule.no_flash_attn:
+            if flash_attn:
+                log.warning("flash attention stays off for %s: %s", self.info.arch, rule.no_flash_attn)
+            flash_attn = False
         threads = int(n_threads or os.cpu_count() or 1)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
