@@ -704,6 +704,14 @@ _QWEN35_MIXERS = (
 
 _SPECS: Dict[str, _Spec] = {
     **_BASE_SPECS,
+    # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
+    "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
+                     tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),
+                              *_n("blk.post_ffw_norm"))),
+    # Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP (up/down) without biases
+    "nemotron": _Spec(kv=(*_ln(), *_rope("D // 2")),
+                      tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True), *_attn_rows(),
+                               *_n("blk.ffn_norm", bias=True), *_UP_DOWN)),
     # Phi-4-mini (phi3 arch): GQA through the fused QKV, partial rotary (3/4 of the head), LongRoPE factors
     # (global rope_factors_long/short; long ones used since tests run past the 128-token original context)
     "phi3:phi4-mini": _Spec(

@@ -630,6 +630,10 @@ RULES: Dict[str, ArchRule] = {
               "multiple of their least common multiple and holds at least 4 layers; a model without chunked attention splits only at the "
               "last stage (refused otherwise)",
     ),
+    "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
+    "nemotron": ArchRule("nemotron", output_required=True,
+                         notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
+                               "required on every stage"),
     "glm4": ArchRule(
         "glm4", level=BOUNDED, stage_kv=_glm4_kv,
         row_orders={suffix: _glm4_rows for suffix in (".attn_q.weight", ".attn_q.bias", ".attn_k.weight",
