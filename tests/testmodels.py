@@ -704,6 +704,23 @@ _QWEN35_MIXERS = (
 
 _SPECS: Dict[str, _Spec] = {
     **_BASE_SPECS,
+    # dots.llm1: q/k norms, dense leading block then sigmoid-gated experts (with a correction bias) + a shared one
+    "dots1": _Spec(
+        moe=(4, 2),
+        kv=(*_rms("1e-6"), *_rope(), *_MOE_KV, ("leading_dense_block_count", "u32", "LEAD"),
+            ("expert_feed_forward_length", "u32", "FX"), ("expert_shared_count", "u32", "1"),
+            ("expert_weights_scale", "f32", "2.5"), ("expert_weights_norm", "bool", "True"),
+            ("expert_gating_func", "u32", "2")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"),
+                 *_when("i < LEAD", _glu()),
+                 *_when("i >= LEAD", _moe() + (("blk.exp_probs_b.bias", "X", "bias"),) + _shexp_rows()))),
+    # Ling (bailingmoe): experts + a shared expert in every layer
+    "bailingmoe": _Spec(
+        moe=(4, 2),
+        kv=(*_rms("1e-6"), *_rope(), *_MOE_KV, ("expert_feed_forward_length", "u32", "FX"),
+            ("expert_shared_count", "u32", "1"), ("expert_weights_scale", "f32", "1.0"),
+            ("expert_weights_norm", "bool", "False")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_moe(), *_shexp_rows())),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),

@@ -630,6 +630,12 @@ RULES: Dict[str, ArchRule] = {
               "multiple of their least common multiple and holds at least 4 layers; a model without chunked attention splits only at the "
               "last stage (refused otherwise)",
     ),
+    "dots1": ArchRule("dots1", stage_kv=_dense_lead, output_required=True,
+                      notes="dots.llm1: sigmoid-gated experts with a shared one; `leading_dense_block_count` re-based "
+                            "per stage; `output.weight` required on every stage"),
+    "bailingmoe": ArchRule("bailingmoe", output_required=True,
+                           notes="Ling: experts and a shared expert in every layer; `output.weight` required on every "
+                                 "stage"),
     "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
     "nemotron": ArchRule("nemotron", output_required=True,
                          notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
