@@ -721,6 +721,23 @@ _SPECS: Dict[str, _Spec] = {
             ("expert_shared_count", "u32", "1"), ("expert_weights_scale", "f32", "1.0"),
             ("expert_weights_norm", "bool", "False")),
         tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_moe(), *_shexp_rows())),
+    # PhiMoE: LayerNorms with biases, biased attention output and LM head, experts in every layer
+    "phimoe": _Spec(
+        moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV),
+        tensors=(*_emb(out_norm_bias=True), ("output.bias", "V", "bias"), *_n("blk.attn_norm", bias=True),
+                 *_attn_rows(bias_o=True), *_n("blk.ffn_norm", bias=True), *_moe("F"))),
+    # DBRX: LayerNorm without bias, fused QKV clamped, a norm after attention, experts in every layer
+    "dbrx": _Spec(
+        moe=(4, 2), kv=(*_ln(), *_rope(), *_MOE_KV, ("attention.clamp_kqv", "f32", "8.0")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_QKV, ("blk.attn_output.weight", "E, E"),
+                 *_n("blk.attn_output_norm"), *_moe("F"))),
+    # Snowflake Arctic: a dense MLP (n_embd wide) beside normed experts in every layer
+    "arctic": _Spec(
+        moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_glu("E"),
+                 ("blk.ffn_gate_inp.weight", "E, X", "f32w"), *_n("blk.ffn_norm_exps"),
+                 ("blk.ffn_gate_exps.weight", "E, F, X"), ("blk.ffn_down_exps.weight", "F, E, X"),
+                 ("blk.ffn_up_exps.weight", "E, F, X"))),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),

@@ -636,6 +636,11 @@ RULES: Dict[str, ArchRule] = {
     "bailingmoe": ArchRule("bailingmoe", output_required=True,
                            notes="Ling: experts and a shared expert in every layer; `output.weight` required on every "
                                  "stage"),
+    "phimoe": ArchRule("phimoe", output_required=True,
+                       notes="PhiMoE: experts in every layer; `output.weight`/`output.bias` required on every stage"),
+    "dbrx": ArchRule("dbrx", output_required=True,
+                     notes="DBRX: fused clamped QKV, experts in every layer; `output.weight` required on every stage"),
+    "arctic": ArchRule("arctic", notes="Snowflake Arctic: a dense MLP beside the experts in every layer"),
     "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
     "nemotron": ArchRule("nemotron", output_required=True,
                          notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
