@@ -738,6 +738,27 @@ _SPECS: Dict[str, _Spec] = {
                  ("blk.ffn_gate_inp.weight", "E, X", "f32w"), *_n("blk.ffn_norm_exps"),
                  ("blk.ffn_gate_exps.weight", "E, F, X"), ("blk.ffn_down_exps.weight", "F, E, X"),
                  ("blk.ffn_up_exps.weight", "E, F, X"))),
+    # JAIS: ALiBi, LayerNorms with biases, fused biased QKV, a biased gated MLP
+    "jais": _Spec(
+        kv=(*_ln(), ("attention.max_alibi_bias", "f32", "8.0")),
+        tensors=(*_emb(out_norm_bias=True), *_n("blk.attn_norm", bias=True), *_QKV_B, ("blk.attn_output.weight", "E, E"),
+                 ("blk.attn_output.bias", "E", "bias"), *_n("blk.ffn_norm", bias=True),
+                 ("blk.ffn_down.weight", "F, E"), ("blk.ffn_down.bias", "E", "bias"), ("blk.ffn_gate.weight", "E, F"),
+                 ("blk.ffn_gate.bias", "F", "bias"), ("blk.ffn_up.weight", "E, F"), ("blk.ffn_up.bias", "F", "bias"))),
+    # openPangu-Embedded: q/k/v and output biases
+    "pangu-embedded": _Spec(kv=(*_rms(), *_rope()),
+                            tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(bias_qkv=True, bias_o=True),
+                                     *_n("blk.ffn_norm"), *_glu())),
+    # OpenELM: head counts and MLP widths per layer (arrays the splitter slices), fused QKV, q/k norms, LM head
+    # tied to the embeddings
+    "openelm": _Spec(kv=(*_rms("1e-6"), *_rope(), *_KVLEN, ("attention.head_count", "u32[]", "H - i % 2"),
+                         ("attention.head_count_kv", "u32[]", "K // 2 - i % 2"),
+                         ("feed_forward_length", "u32[]", "F - 32 * (i % 3)")),
+                     tensors=(("token_embd.weight", "E, V"), *_n("output_norm"), *_n("blk.attn_norm"),
+                              ("blk.attn_qkv.weight", "E, (H - i % 2 + 2 * (K // 2 - i % 2))*D"),
+                              ("blk.attn_q_norm.weight", "D", "norm"), ("blk.attn_k_norm.weight", "D", "norm"),
+                              ("blk.attn_output.weight", "(H - i % 2)*D, E"), *_n("blk.ffn_norm"),
+                              *_glu("F - 32 * (i % 3)"))),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),
