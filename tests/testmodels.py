@@ -759,6 +759,22 @@ _SPECS: Dict[str, _Spec] = {
                               ("blk.attn_q_norm.weight", "D", "norm"), ("blk.attn_k_norm.weight", "D", "norm"),
                               ("blk.attn_output.weight", "(H - i % 2)*D, E"), *_n("blk.ffn_norm"),
                               *_glu("F - 32 * (i % 3)"))),
+    # PLaMo: one norm per layer (attention and MLP in parallel)
+    "plamo": _Spec(kv=(*_rms(), *_rope()),
+                   tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), *_glu())),
+    # Qwen2-VL's language model: qwen2 with M-RoPE (sections; text: every section at the token position)
+    "qwen2vl": _Spec(kv=(*_rms("1e-6"), *_rope("D", "1000000.0"),
+                         ("rope.dimension_sections", "i32*", "[D // 8, 3 * D // 16, 3 * D // 16, 0]")),
+                     tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(bias_qkv=True), *_n("blk.ffn_norm"),
+                              *_glu())),
+    # Maincoder: llama with q/k norms
+    "maincoder": _Spec(kv=(*_rms(), *_rope()),
+                       tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"),
+                                *_glu())),
+    # Mellum: q/k norms, experts in every layer
+    "mellum": _Spec(
+        moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV, ("expert_feed_forward_length", "u32", "FX")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"), *_moe())),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),

@@ -645,6 +645,13 @@ RULES: Dict[str, ArchRule] = {
                      notes="JAIS: ALiBi (slopes per head, not per layer); `output.weight` required on every stage"),
     "pangu-embedded": ArchRule("pangu-embedded", notes="openPangu-Embedded: q/k/v and output biases"),
     "openelm": ArchRule("openelm", notes="OpenELM: per-layer head counts sliced; LM head tied to the embeddings"),
+    "plamo": ArchRule("plamo", output_required=True,
+                      notes="PLaMo: attention and MLP in parallel; `output.weight` required on every stage"),
+    "qwen2vl": ArchRule("qwen2vl", notes="Qwen2-VL's language model (text): M-RoPE positions handed on as llama.cpp "
+                                         "expands them for text (sections 0-2 at the position)"),
+    "maincoder": ArchRule("maincoder", notes="Maincoder: q/k norms"),
+    "mellum": ArchRule("mellum", output_required=True,
+                       notes="Mellum: experts in every layer, q/k norms; `output.weight` required on every stage"),
     "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
     "nemotron": ArchRule("nemotron", output_required=True,
                          notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
