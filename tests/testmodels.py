@@ -775,6 +775,17 @@ _SPECS: Dict[str, _Spec] = {
     "mellum": _Spec(
         moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV, ("expert_feed_forward_length", "u32", "FX")),
         tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"), *_moe())),
+    # Hunyuan-A13B: q/k norms, experts (n_ff wide) and a shared expert in every layer
+    "hunyuan-moe": _Spec(
+        moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV, ("expert_feed_forward_length", "u32", "F"),
+                        ("expert_shared_feed_forward_length", "u32", "F")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.ffn_norm"), *_moe("F"),
+                 *_shexp_rows("F"))),
+    # BitNet b1.58: sub-norms inside attention and MLP, LM head tied to the embeddings
+    "bitnet": _Spec(kv=(*_rms(), *_rope()),
+                    tensors=(("token_embd.weight", "E, V"), *_n("output_norm"), *_n("blk.attn_norm"),
+                             *_n("blk.attn_sub_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_n("blk.ffn_sub_norm", "F"),
+                             *_glu())),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),
