@@ -786,6 +786,18 @@ _SPECS: Dict[str, _Spec] = {
                     tensors=(("token_embd.weight", "E, V"), *_n("output_norm"), *_n("blk.attn_norm"),
                              *_n("blk.attn_sub_norm"), *_attn_rows(), *_n("blk.ffn_norm"), *_n("blk.ffn_sub_norm", "F"),
                              *_glu())),
+    # Mamba-2: multi-head selective state space layers with groups and a gated norm
+    "mamba2": _Spec(
+        base_kv=False,
+        dims=(("DI", "2*E"), ("DS", "16"), ("NG", "1"), ("NH", "DI // 16")),
+        kv=(("context_length", "u32", "C"), ("embedding_length", "u32", "E"), ("block_count", "u32", "L"),
+            ("feed_forward_length", "u32", "0"), ("attention.head_count", "u32", "0"), *_rms(),
+            ("ssm.conv_kernel", "u32", "4"), ("ssm.inner_size", "u32", "DI"), ("ssm.state_size", "u32", "DS"),
+            ("ssm.time_step_rank", "u32", "NH"), ("ssm.group_count", "u32", "NG")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), ("blk.ssm_in.weight", "E, 2*DI + 2*NG*DS + NH"),
+                 ("blk.ssm_conv1d.weight", "4, DI + 2*NG*DS", "f32w0.3"), ("blk.ssm_conv1d.bias", "DI + 2*NG*DS", "bias"),
+                 ("blk.ssm_dt.bias", "NH", "dt_bias"), ("blk.ssm_a", "1, NH", "ssm_a"), ("blk.ssm_d", "1, NH", "ones"),
+                 ("blk.ssm_norm.weight", "DI // NG, NG", "norm"), ("blk.ssm_out.weight", "DI, E"))),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),

@@ -654,6 +654,9 @@ RULES: Dict[str, ArchRule] = {
                        notes="Mellum: experts in every layer, q/k norms; `output.weight` required on every stage"),
     "hunyuan-moe": ArchRule("hunyuan-moe", notes="Hunyuan-A13B: experts and a shared expert in every layer, q/k norms"),
     "bitnet": ArchRule("bitnet", notes="BitNet b1.58: sub-norms in attention and MLP; LM head tied to the embeddings"),
+    "mamba2": ArchRule("mamba2", equal_split_on_inner_stages=True,
+                       notes="Mamba-2: recurrent state kept per stage; non-last stages run llama.cpp's equal-split "
+                             "ubatches like the whole model, as for `granitehybrid`"),
     "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
     "nemotron": ArchRule("nemotron", output_required=True,
                          notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
