@@ -798,6 +798,13 @@ _SPECS: Dict[str, _Spec] = {
                  ("blk.ssm_conv1d.weight", "4, DI + 2*NG*DS", "f32w0.3"), ("blk.ssm_conv1d.bias", "DI + 2*NG*DS", "bias"),
                  ("blk.ssm_dt.bias", "NH", "dt_bias"), ("blk.ssm_a", "1, NH", "ssm_a"), ("blk.ssm_d", "1, NH", "ones"),
                  ("blk.ssm_norm.weight", "DI // NG, NG", "norm"), ("blk.ssm_out.weight", "DI, E"))),
+    # MiniMax-M2: q/k norms over all heads at once, sigmoid-gated experts with a correction bias
+    "minimax-m2": _Spec(
+        moe=(4, 2), kv=(*_rms(), *_rope(), *_MOE_KV, ("expert_feed_forward_length", "u32", "F"),
+                        ("expert_gating_func", "u32", "2")),
+        tensors=(*_emb(), *_n("blk.attn_norm"), *_attn_rows(), ("blk.attn_q_norm.weight", "H*D", "norm"),
+                 ("blk.attn_k_norm.weight", "K*D", "norm"), *_n("blk.ffn_norm"), *_moe("F"),
+                 ("blk.exp_probs_b.bias", "X", "bias"))),
     # EXAONE 4: no pre-norms, post-attention and post-FFN norms, q/k norms (the 1.2B shape: no sliding window)
     "exaone4": _Spec(kv=(*_rms(), *_rope("D", "1000000.0")),
                      tensors=(*_emb(), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"), *_glu(),

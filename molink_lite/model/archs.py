@@ -657,6 +657,9 @@ RULES: Dict[str, ArchRule] = {
     "mamba2": ArchRule("mamba2", equal_split_on_inner_stages=True,
                        notes="Mamba-2: recurrent state kept per stage; non-last stages run llama.cpp's equal-split "
                              "ubatches like the whole model, as for `granitehybrid`"),
+    "minimax-m2": ArchRule("minimax-m2", output_required=True,
+                           notes="MiniMax-M2: q/k norms over all heads, sigmoid-gated experts; `output.weight` required "
+                                 "on every stage"),
     "exaone4": ArchRule("exaone4", notes="EXAONE 4.0 (1.2B shape): post-attention and post-FFN norms, q/k norms"),
     "nemotron": ArchRule("nemotron", output_required=True,
                          notes="Nemotron: LayerNorm with bias, partial rotary, squared-ReLU MLP; `output.weight` "
