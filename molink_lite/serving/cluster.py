@@ -223,7 +223,8 @@ class Cluster:
     def placing_detail(self) -> str:
         n = sum(1 for m in self.waiting if self._alive(m))
         if not n:
-            return "waiting for stages to join (molink-lite stage --join ...)"
+            return ("waiting for stages to join: `molink-lite stage --join URL` (one process per stage; a host may run "
+                    "several, each with its own --max-memory)")
         return f"{n} host(s) joined; placing once no other host joins for {self.settle:g} s"
 
     # ------------------------------------------------------------------ one joining stage
