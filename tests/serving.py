@@ -60,6 +60,18 @@ def spawn_cli(args: Sequence[str], log: Path, env: dict, append: bool = False) -
         out.close()
 
 
+async def events_to_end(s, timeout: float = 120) -> list:
+    """A submitted sequence's events up to its last one (done or error), waiting at most ``timeout`` s for each."""
+    import asyncio
+
+    events = []
+    while True:
+        ev = await asyncio.wait_for(s.events.get(), timeout)
+        events.append(ev)
+        if ev.kind != "text":
+            return events
+
+
 def wait_healthy(url: str, proc: Optional[subprocess.Popen] = None, timeout: float = 180) -> bool:
     """Poll ``url``/health until it answers 200 (True), ``proc`` exits or ``timeout`` passes (False)."""
     end = time.monotonic() + timeout

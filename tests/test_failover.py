@@ -23,7 +23,7 @@ from molink_lite.serving.launcher import start_stages, stop_stages
 from molink_lite.serving.sequence import GenRequest
 from molink_lite.wire.protocol import SamplingParams
 
-from serving import GatewayProcess, http, replica_router, replica_stages
+from serving import GatewayProcess, events_to_end, http, replica_router, replica_stages
 
 pytestmark = pytest.mark.slow
 STAGE_ARGS = ["--ctx", "2048", "--max-seqs", "16", "--threads", "1", "--codec", "f32", "--flash-attn", "off"]
@@ -92,12 +92,8 @@ async def _exact_replay(a, b):
         while len(s.generated) < 12:
             await asyncio.sleep(0.01)
         a[1].proc.kill()
-        events = []
-        while True:
-            ev = await asyncio.wait_for(s.events.get(), 120)
-            events.append(ev)
-            if ev.kind != "text":
-                break
+        events = await events_to_end(s)
+        ev = events[-1]
         assert ev.kind == "done" and ev.finish_reason == "length", ev
         assert len(s.generated) == 48 and s.replays == 1 and s.pipeline is pb
         k = int(s.feed.shape[0]) - int(prompt.shape[0])   # tokens generated before the failure

@@ -23,14 +23,14 @@ from molink_lite.serving.placement import HostSpec, parse_size
 from molink_lite.wire.auth import new_secret
 
 from chain import whole_model_greedy_texts
-from serving import free_port, http, spawn_cli, stop_processes, wait_healthy
+from serving import events_to_end, free_port, http, spawn_cli, stop_processes, wait_healthy
 
 MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------- pure logic
 class _Router:
-    def __init__(self, name: str = ""):
+    def __init__(self):
         self.pipelines = []
         self.queued = 0
 
@@ -392,10 +392,7 @@ async def _release_restore(urls, model):
         async def run() -> tuple:
             s = router.submit(GenRequest(np.array([1, 5, 9, 200], dtype=np.int32), SamplingParams(temperature=0.0),
                                          12, ignore_eos=True))
-            while True:
-                ev = await asyncio.wait_for(s.events.get(), 60)
-                if ev.kind != "text":
-                    return ev, s.text
+            return (await events_to_end(s, 60))[-1], s.text
         ev, text = await run()
         assert ev.kind == "done" and text == want
         before = [st["rss_bytes"] for st in await p.stage_stats()]

@@ -26,6 +26,8 @@ from molink_lite.serving.speculative import SpecConfig
 from molink_lite.stage.engine import StageEngine
 from molink_lite.wire.protocol import SamplingParams
 
+from serving import events_to_end
+
 pytestmark = pytest.mark.slow  # real stage processes of the demo model
 
 # logits: a divergence is accepted only where the top-2 gap is below this. Measured on this model (whole model,
@@ -135,12 +137,8 @@ async def _replay(a, b, model):
     while len(s.generated) < 8:
         await asyncio.sleep(0.005)
     a[1].proc.kill()
-    events = []
-    while True:
-        ev = await asyncio.wait_for(s.events.get(), 120)
-        events.append(ev)
-        if ev.kind != "text":
-            break
+    events = await events_to_end(s)
+    ev = events[-1]
     assert ev.kind == "done" and ev.finish_reason == "length", ev
     assert len(s.generated) == N_TOKENS and s.replays == 1 and s.pipeline is pb
     assert pa.stats["accepted"] > 0 and pb.stats["accepted"] > 0  # it speculated on both pipelines

@@ -231,7 +231,7 @@ class Cluster:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ws, link = await accept_member(request, self.key, self.cert_fp)
         if link is not None:
-            await self.run_member(ws, link, request.remote, f"{'wss' if request.secure else 'ws'}://{request.host}")
+            await self.run_member(ws, link, request.remote, member_base(request))
         return ws
 
     async def run_member(self, ws: web.WebSocketResponse, link: Any, peer: Optional[str], base: str,
@@ -949,6 +949,11 @@ class Cluster:
         return {"setting_up": sum(self._setup.values()), "open": sum(self._open.values()),
                 "addresses": len(set(self._setup) | set(self._open)), "pending_dial_backs": len(self.backs),
                 **self.relay_stats}
+
+
+def member_base(request: web.Request) -> str:
+    """The gateway's address as a joining stage reached it, ws(s)://host:port."""
+    return f"{'wss' if request.secure else 'ws'}://{request.host}"
 
 
 async def accept_member(request: web.Request, key: Optional[LinkKey], cert_fp: str) -> Tuple[web.WebSocketResponse,

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import orjson
 from aiohttp import web
 
-from .cluster import CLUSTER_KEY, Cluster, accept_member
+from .cluster import CLUSTER_KEY, Cluster, accept_member, member_base
 from .placement import HostSpec, ModelCost, PlacementError, Plan, plan
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,6 @@ class ClusterSet:
         for c in self.clusters[1:]:   # one relay, one set of limits, one name space for every model's hosts
             c.by_token, c.backs, c._setup, c._open = first.by_token, first.backs, first._setup, first._open
             c.relay_stats, c._own, c._names = first.relay_stats, first._own, first._names
-        self.assigned: Dict[str, int] = {c.info.name: 0 for c in self.clusters}   # hosts sent to each model
 
     # the first cluster's relay serves every model's tunnels (shared tokens and dial-backs)
     @property
@@ -124,9 +123,6 @@ class ClusterSet:
         app.router.add_get("/relay/{token}", first.relay)
         app.router.add_get("/relay-back/{cid}", first.relay_back)
 
-    def relay_counts(self) -> dict:
-        return self.clusters[0].relay_counts()
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         first = self.clusters[0]
         ws, link = await accept_member(request, first.key, first.cert_fp)
@@ -142,9 +138,8 @@ class ClusterSet:
         if not isinstance(msg, dict):
             msg = {}   # the chosen cluster refuses it ("expected a join message")
         c = self.clusters[self.choose(msg)]
-        self.assigned[c.info.name] = self.assigned.get(c.info.name, 0) + 1
         log.info("a host joining from %s (%s) serves %s", peer, str(msg.get("name"))[:60], c.info.name)
-        await c.run_member(ws, link, peer, f"{'wss' if request.secure else 'ws'}://{request.host}", first=msg)
+        await c.run_member(ws, link, peer, member_base(request), first=msg)
         return ws
 
     def choose(self, msg: dict) -> int:
@@ -166,11 +161,6 @@ class ClusterSet:
         busy = sum(len(p.active) + len(p.waiting) for p in pipes) + c.router.queued
         return _need(c._cost_model(), len(waiting), sum(waiting), len(pipes),
                      tuple(s.est_bytes for s in c.slots if s.member is None), busy / max(1, len(pipes)))
-
-    def summary(self) -> List[dict]:
-        return [{"model": c.info.name, "hosts_sent": self.assigned.get(c.info.name, 0),
-                 "waiting": len(c.waiting), "pipelines": len(c.router.pipelines),
-                 "problem": c.capacity_problem} for c in self.clusters]
 
 
 __all__ = ["ClusterSet", "Need", "pick_model", "joint_plan"]

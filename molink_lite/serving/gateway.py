@@ -724,6 +724,9 @@ async def _served_models(cfg: GatewayConfig, key: Optional[LinkKey], drafter: Op
         kw = cfg.pipeline.pipeline_kwargs(key=key, drafter=drafter if first_model else None)
         return [Pipeline(urls, **{**kw, "name": f"{prefix}p{i}"}) for i, urls in enumerate(urls_list)]
 
+    def router_for(pipes: List[Pipeline]) -> Router:
+        return Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
+
     all_pipes: List[Pipeline] = []
     if specs:
         from ..model.split import read_model_info
@@ -736,7 +739,7 @@ async def _served_models(cfg: GatewayConfig, key: Optional[LinkKey], drafter: Op
             pipes = pipes_for(groups.get("", []) if i == 0 else [], "", i == 0)
             pipes += pipes_for(groups.pop(name, []) if name else [], f"{name}/", i == 0)
             all_pipes += pipes
-            router = Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)
+            router = router_for(pipes)
             joined_kw = {k: v for k, v in cfg.pipeline.pipeline_kwargs(drafter=drafter if i == 0 else None).items()
                          if k != "codec"}
             c = Cluster(spec.path, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
@@ -749,14 +752,13 @@ async def _served_models(cfg: GatewayConfig, key: Optional[LinkKey], drafter: Op
     elif "" in groups:
         pipes = pipes_for(groups[""], "", True)
         all_pipes += pipes
-        models.append(ServedModel(names_first or cfg.model_name or "",
-                                  Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)))
+        models.append(ServedModel(names_first or cfg.model_name or "", router_for(pipes)))
     for tag, urls_list in groups.items():
         if tag == "":
             continue
         pipes = pipes_for(urls_list, f"{tag}/", False)
         all_pipes += pipes
-        models.append(ServedModel(tag, Router(pipes, recover_timeout=cfg.recover_timeout, max_queue=cfg.max_queue)))
+        models.append(ServedModel(tag, router_for(pipes)))
     await asyncio.gather(*(p.connect(timeout=cfg.connect_timeout) for p in all_pipes))
     if clusters:   # each model's memory model (reads its GGUF), before joins are weighed against it
         loop = asyncio.get_running_loop()

@@ -284,10 +284,10 @@ def serve_local(cfg: ServeConfig, *, api_keys: Sequence[str] = (), tls: Optional
     host, port = cfg.gateway.host, cfg.gateway.port
 
     async def main() -> None:
-        # one pipeline per model, tagged with its name (one model: untagged, named as before)
+        # one pipeline per model, tagged with its name (one model: untagged, named by --model NAME= if given)
         gw = replace(cfg.gateway, pipelines=[[sp.url for sp in g] for g in groups],
-                     pipeline_models=[n for n, _, _ in plans] if several else [cfg.models[0].name],
-                     model_name=cfg.gateway.model_name or (cfg.models[0].name or None))
+                     pipeline_models=[n for n, _, _ in plans] if several else [""],
+                     model_name=cfg.gateway.model_name or cfg.models[0].name or None)
         runner = await start_gateway(gw, key=LinkKey.from_secret(secret), api_keys=api_keys, drafter=drafter,
                                      ssl_context=server_context(*tls) if tls else None)
         scheme = "https" if tls else "http"
