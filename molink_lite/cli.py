@@ -8,7 +8,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from . import __version__
 
@@ -317,11 +317,23 @@ def gateway_config(a: argparse.Namespace):
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
                                 max_batch_tokens=a.max_batch_tokens, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), takeover=a.takeover,
-                                relink_s=a.relink_interval, **_prefix_cache_kw(a)),
+                                relink_s=a.relink_interval, ring=a.ring, ring_via=_ring_via(a.ring_via),
+                                **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers,
         join=ClusterConfig(models=_model_specs(a), n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
                            ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
+
+
+def _ring_via(items: Sequence[str]) -> tuple:
+    """``--ring-via FIRST=URL`` (repeatable) -> ((first stage URL, URL the last stage dials), ...)."""
+    out = []
+    for item in items:
+        first, sep, via = item.partition("=")
+        if not sep or not first or not via:
+            raise SystemExit(f"--ring-via takes FIRST_STAGE_URL=URL, got {item!r}")
+        out.append((first, via))
+    return tuple(out)
 
 
 def serve_config(a: argparse.Namespace):
@@ -336,7 +348,7 @@ def serve_config(a: argparse.Namespace):
         idle_unload=a.idle_unload,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), relink_s=a.relink_interval,
-                                **_prefix_cache_kw(a)),
+                                ring=a.ring, **_prefix_cache_kw(a)),
         http=_http_limits(a), security=_gateway_security(a, None),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers)
     return ServeConfig(stage=stage, gateway=gateway, models=_model_specs(a), stages=a.stages, split=a.split,
@@ -648,6 +660,11 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
                         "lookup where it has none yet (checked against the model's vocabulary at connect)")
     s.add_argument("--draft-gpu-layers", type=int, default=0, metavar="N",
                    help="layers of the draft model on this machine's GPU (-1: all; default 0: CPU)")
+    s.add_argument("--ring", choices=["auto", "on", "off"], default="auto",
+                   help="close the ring: the last stage sends each sampled token straight to the first stage, so a "
+                        "token costs one trip around the stages and none through the gateway (which still gets "
+                        "every token); auto (default): while the pipeline does not speculate; on: every step "
+                        "without drafts")
 
 
 def _models_opts(s: argparse.ArgumentParser) -> None:
@@ -722,7 +739,8 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
                    help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
                         "+ ggml-rpc-server, same split and relay), 'sealed' (molink-lite with a cluster secret: every "
                         "link authenticated and every message sealed, the default off loopback), 'secure' (sealed "
-                        "and TLS on every link), to see what security costs")
+                        "and TLS on every link), to see what security costs, 'ring-off' (molink-lite with --ring "
+                        "off: every token through the gateway), to see what closing the ring gains")
     b.add_argument("--long-prompt", type=int, default=0,
                    help="also measure inter-token p99 of 8 decoding requests while a prompt of this many words "
                         "arrives (e.g. 4096; default 0: skip)")
@@ -769,9 +787,9 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     from .tools.bench_serve import BenchConfig, load_prompts, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
-    bad = [x for x in bases if x not in ("whole", "rpc", "sealed", "secure")]
+    bad = [x for x in bases if x not in ("whole", "rpc", "sealed", "secure", "ring-off")]
     if bad:
-        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, sealed, secure", file=sys.stderr)
+        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, sealed, secure, ring-off", file=sys.stderr)
         return 2
     try:
         conc = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -971,6 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sched_opts(s)
     _prefix_cache_opts(s)
     _spec_opts(s)
+    s.add_argument("--ring-via", action="append", default=[], metavar="FIRST=URL",
+                   help="the last stage of the pipeline whose first stage is FIRST reaches it at URL (a relay, "
+                        "another address); default: FIRST itself; repeatable")
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("status", help="a running gateway's pipelines, stages, links and rates (its /v1/stats)")

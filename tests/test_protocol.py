@@ -48,7 +48,8 @@ def test_the_forwarded_step_carries_hidden_states_and_the_same_sequence_changes(
 
 def test_the_wire_format_is_the_one_stages_took_before_the_types():
     """Same meta keys as the hand-built dicts of protocol version 2 (version 3 changed only what a fork says:
-    ``[parent, positions]``, so a stage of version 2 is refused at the hello rather than misreading a fork)."""
+    ``[parent, positions]``, so a stage of version 2 is refused at the hello rather than misreading a fork;
+    version 4 only added the optional ring fields)."""
     f = _frame(free=[1], start={0: SeqStart(SamplingParams(), (4,))}, trim={3: 5}, drafts={3: np.array([4])},
                lane=0)
     meta, arrays = f.to_wire()
@@ -56,9 +57,10 @@ def test_the_wire_format_is_the_one_stages_took_before_the_types():
     assert meta["start"]["0"]["history"] == [4] and meta["start"]["0"]["temperature"] == 1.0
     assert meta["trim"] == {"3": 5} and meta["drafts"] == {"3": [4]} and "lane" not in meta
     assert set(arrays) == {"seq", "pos", "tokens", "out"} and arrays["out"].dtype == np.uint8
-    assert PROTOCOL_VERSION == 3
+    assert PROTOCOL_VERSION == 4   # 4 added ring rounds: a stage of version 3 would ignore 'ring' and stall a ring
     meta, _ = _frame(fork={4: (2, 9)}).to_wire()
     assert meta["fork"] == {"4": [2, 9]}
+    assert "ring" not in meta and "round" not in meta   # a step that does not ring looks as before
 
 
 @pytest.mark.parametrize("change, message", [

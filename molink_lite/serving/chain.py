@@ -50,7 +50,7 @@ class Chain:
     """Open links to the stages at ``urls`` (in layer order)."""
 
     def __init__(self, urls: Sequence[str], *, codec: str, key: Optional[LinkKey], heartbeat: Tuple[float, float],
-                 name: str):
+                 name: str, ring: bool = False, ring_url: Optional[str] = None):
         self.urls = list(urls)
         self.codec = codec
         self.key = key
@@ -62,8 +62,12 @@ class Chain:
         self.opening: List[Channel] = []  # the links of the attempt to open in progress (or the last one)
         # where each stage sends to, when not simply the next URL (a relayed link: wire/relay.py)
         self.next_urls: Optional[List[Optional[str]]] = None
-        self._configured: List[Tuple[Channel, Optional[str]]] = []  # (link, its next) as last configured
+        self._configured: List[Tuple[Channel, Optional[str], Optional[str]]] = []  # (link, next, ring) configured
         self._gateway_id = ""
+        # closing the ring (stage/ring.py): ask the last stage to link to the first (at ``ring_url``: where the last
+        # stage reaches the first, when not at the first's URL here); whether it could, and why not
+        self.ring_wanted, self.ring_url = ring, ring_url
+        self.ring_ok, self.ring_why = False, "not asked for"
 
     @property
     def first(self) -> dict:
@@ -108,12 +112,13 @@ class Chain:
             if problem:
                 raise PipelineError(problem)
             epochs: List[Optional[int]] = []
-            configured: List[Tuple[Channel, Optional[str]]] = []
+            configured: List[Tuple[Channel, Optional[str], Optional[str]]] = []
             for i, ch in enumerate(chans):
                 nxt = self.urls[i + 1] if i + 1 < len(self.urls) else None
                 if self.next_urls is not None and nxt is not None:
                     nxt = self.next_urls[i] or nxt
-                meta = Configure(nxt, self.codec, gateway_id, bool(takeover)).to_meta()
+                ring = (self.ring_url or self.urls[0]) if self.ring_wanted and nxt is None else None
+                meta = Configure(nxt, self.codec, gateway_id, bool(takeover), ring).to_meta()
                 try:
                     reply, _ = await ch.request(meta, timeout=60)
                 except RemoteError as e:
@@ -122,7 +127,11 @@ class Chain:
                             from None
                     raise
                 epochs.append(reply.get("epoch"))
-                configured.append((ch, nxt))
+                configured.append((ch, nxt, ring))
+                if nxt is None:
+                    self.ring_ok = reply.get("ring") is True
+                    self.ring_why = ("" if self.ring_ok else
+                                     str(reply.get("ring_why") or "the last stage does not close rings")[:300])
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             for ch in chans:
                 await ch.close()
@@ -138,8 +147,10 @@ class Chain:
         """Tell every stage of the open chain to hand on hidden states with ``codec`` (a ``configure`` with the same
         next stage: the stage keeps its link and its sequences)."""
         try:
-            for ch, nxt in self._configured:
-                await ch.request(Configure(nxt, codec, self._gateway_id, False).to_meta(), timeout=60)
+            for ch, nxt, ring in self._configured:
+                reply, _ = await ch.request(Configure(nxt, codec, self._gateway_id, False, ring).to_meta(), timeout=60)
+                if nxt is None:
+                    self.ring_ok = reply.get("ring") is True
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             raise PipelineError(f"pipeline {self.name}: could not switch the stages to codec {codec}: {e}") from None
         self.codec = codec

@@ -62,6 +62,8 @@ class PipelineConfig:
     prefix_cache: bool = True              # --prefix-cache on|off: keep finished sequences' KV for reuse
     prefix_cache_cells: int = 0            # --prefix-cache-cells (0: every KV cell live sequences do not reserve)
     prefix_cache_per_key: bool = False     # --prefix-cache per-key: reuse only between requests of one API key
+    ring: str = "auto"                     # --ring: the last stage sends tokens straight to the first (stage/ring.py)
+    ring_via: Tuple[Tuple[str, str], ...] = ()  # --ring-via FIRST=URL: where the last stage reaches a first stage
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS + ("auto",):
@@ -80,6 +82,12 @@ class PipelineConfig:
         _positive(self.heartbeat_timeout, "--heartbeat-timeout")
         if not self.relink_s >= 0:
             raise ConfigError(f"--relink-interval must be >= 0 seconds (0: only at connect), got {self.relink_s}")
+        if self.ring not in ("auto", "on", "off"):
+            raise ConfigError(f"--ring must be auto, on or off, got {self.ring!r}")
+        for first, via in self.ring_via:
+            if not all(u.startswith(("ws://", "wss://")) for u in (first, via)):
+                raise ConfigError(f"--ring-via takes FIRST_STAGE_URL=URL, both ws:// or wss:// URLs, got "
+                                  f"{first}={via}")
         if self.spec is not None:
             try:
                 self.spec.validate()
@@ -93,7 +101,7 @@ class PipelineConfig:
                     heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
                     spec=self.spec, takeover=self.takeover, prefix_cache=self.prefix_cache, relink_s=self.relink_s,
                     prefix_cache_cells=self.prefix_cache_cells, prefix_cache_per_key=self.prefix_cache_per_key,
-                    **extra)
+                    ring=self.ring, ring_via=dict(self.ring_via), **extra)
 
 
 @dataclass(frozen=True)

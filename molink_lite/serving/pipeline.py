@@ -24,11 +24,11 @@ import numpy as np
 from ..wire.auth import LinkKey
 from ..wire.channel import ChannelClosed
 from ..wire.codec import FrameError
-from ..wire.protocol import RELEASE, RESTORE, ProtocolError, ResultFrame, StepErrorFrame
+from ..wire.protocol import RELEASE, RESTORE, ProtocolError, ResultFrame, RingStop, StepErrorFrame
 from ..wire.channel import RemoteError
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
-from . import link_policy, speculative
+from . import link_policy, ring_policy, speculative
 from .scheduler import PrefillBudget, StepPlan, chunk_for_links, long_prefill_running, next_step
 from .sequence import GenRequest, SeqState
 from .slots import SlotTable
@@ -66,7 +66,8 @@ LostHandler = Callable[["Pipeline", List[SeqState], str], None]
 STATS = ("steps", "rows", "max_inflight_seen", "max_seqs_in_step", "completed", "failed", "prefill_rows", "decode_rows",
          "mixed_steps", "failures", "recoveries", "handed_back", "spec_rounds", "spec_mixed_steps", "drafted",
          "accepted", "decode_entries", "decode_tokens", "forks", "prefix_lookups", "prefix_hits",
-         "prefix_tokens_reused", "prefix_evictions")  # a pipeline's counters (``Pipeline.stats``)
+         "prefix_tokens_reused", "prefix_evictions", "ring_rounds", "ring_stops")  # ``Pipeline.stats``
+RING_MODES = ("auto", "on", "off")
 
 
 class Pipeline:
@@ -88,7 +89,8 @@ class Pipeline:
                  name: str = "", key: Optional[LinkKey] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 3.0, spec: Optional[SpecConfig] = None, takeover: bool = False,
                  prefix_cache: bool = True, prefix_cache_cells: int = 0, prefix_cache_per_key: bool = False,
-                 drafter: Optional[Any] = None, relink_s: float = 0.0):
+                 drafter: Optional[Any] = None, relink_s: float = 0.0, ring: str = "auto",
+                 ring_via: Optional[Dict[str, str]] = None):
         if not urls:
             raise PipelineError("a pipeline needs at least one stage URL")
         self.urls = list(urls)
@@ -108,8 +110,13 @@ class Pipeline:
         self.spec = (spec or SpecConfig()).validate()
         self.spec_on = self.spec.mode == "ngram"   # "auto" is decided when the pipeline connects
         self.cost = StepCost(0.02, 0.001)
+        if ring not in RING_MODES:
+            raise ValueError(f"ring must be one of {', '.join(RING_MODES)}, not {ring!r}")
+        # closing the ring (stage/ring.py): "auto" rings while the pipeline does not speculate (a ringed step
+        # carries no drafts), "on" rings every step without drafts, "off" never
+        self.ring_mode = ring
         self.chain = Chain(self.urls, codec=self.codec, key=key, heartbeat=(heartbeat_interval, heartbeat_timeout),
-                           name=self.name)
+                           name=self.name, ring=ring != "off", ring_url=(ring_via or {}).get(self.urls[0]))
         self.lifecycle = ChainLifecycle(self.chain, self, step_timeout=step_timeout, takeover=takeover,
                                         probe_links=self.auto_chunk or codec == link_policy.AUTO,
                                         measure_path=self.spec.mode != "off" or self._auto_inflight,
@@ -140,11 +147,27 @@ class Pipeline:
         kv = (self.kv_reserved + sum(s.need for s in self.waiting)) / max(1, self.n_ctx)
         return max(seqs, kv)
 
+    @property
+    def ring_on(self) -> bool:
+        """Steps ring now (:mod:`molink_lite.stage.ring`): asked for, the last stage linked to the first, and
+        (``auto``) no speculation."""
+        return self.ring_mode != "off" and self.chain.ring_ok and (self.ring_mode == "on" or not self.spec_on)
+
+    def ring_state(self) -> str:
+        """Whether steps ring, and why not."""
+        if self.ring_on:
+            return "on"
+        why = ("--ring off" if self.ring_mode == "off" else
+               self.chain.ring_why if not self.chain.ring_ok else
+               "speculative decoding is on (--ring on rings the steps without drafts)")
+        return f"off: {why}"
+
     def summary(self) -> dict:
         return {"name": self.name, "state": self.state, "healthy": self.healthy, "error": self.error or None,
                 "fenced": self.fenced or None,
                 "load": round(self.load, 4), "running": len(self.active), "queued": len(self.waiting),
-                "stages": self.urls, "recoveries": self.stats["recoveries"], "failures": self.stats["failures"]}
+                "stages": self.urls, "recoveries": self.stats["recoveries"], "failures": self.stats["failures"],
+                "ring": self.ring_state()}
 
     def spec_summary(self) -> dict:
         """Speculative decoding: setting, state, acceptance rate and tokens per round trip (decode entries)."""
@@ -162,9 +185,9 @@ class Pipeline:
         self.released = any(i.get("released") is True for i in infos)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
-        log.info("pipeline %s %s: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches", self.name,
+        log.info("pipeline %s %s: %d stage(s), %s, %d layers, %d seqs, ctx %d, %d micro-batches, ring %s", self.name,
                  "back in service" if back else "ready", len(infos), infos[0]["arch"], infos[0]["n_layer_total"],
-                 self.max_seqs, self.n_ctx, self.max_inflight)
+                 self.max_seqs, self.n_ctx, self.max_inflight, self.ring_state())
         if back:
             self.stats["recoveries"] += 1
         self.on_up(self)
@@ -347,11 +370,17 @@ class Pipeline:
                     await self._draft()
                     if self.state != "up":
                         continue
+                if self.ring_on and ring_policy.settling(self.inflight.values()):
+                    continue   # a ring is ending: its sequences are batched with the rest once back (a round)
+                capped = True
                 while len(self.inflight) < max(self.max_inflight, self.lanes):
                     picked = self._schedule()
                     if picked is None:
+                        capped = False
                         break
                     self._send(*picked)
+                if self.ring_on:
+                    self._stop_rings(capped)
             except ChannelClosed as e:
                 self.fail(str(e))
             except Exception as e:  # noqa: BLE001 - keep serving; hand back what was involved
@@ -371,7 +400,10 @@ class Pipeline:
         busy = [0] * self.lanes
         for st in self.inflight.values():
             busy[st.lane] += 1
-        return next_step(self.slots.by_lane(), busy, self.slots.lanes_freeing(), self.max_inflight,
+        mb = self.max_inflight
+        if self.ring_on:   # rings keep their sequences: the steps that can go now share the sequences left
+            mb = max(1, self.max_inflight - len(self.inflight))
+        return next_step(self.slots.by_lane(), busy, self.slots.lanes_freeing(), mb,
                          self.max_batch_tokens, self.prefill_chunk, self.budget.rows, self.slots.cache.whole_only)
 
     def _send(self, lane: int, plan: StepPlan) -> None:
@@ -383,7 +415,7 @@ class Pipeline:
         drafts = (plan_drafts(plan.decode, prefill_rows, self.spec, self.cost, self.max_batch_tokens,
                               len(self.inflight)) if self.spec_on else None)
         frame, rec = build_step(next(self._sids), plan.decode, plan.prefill, lane=lane, lanes=self.lanes,
-                                drafts=drafts, pending_free=self.pending_free, spec=self.spec_on)
+                                drafts=drafts, pending_free=self.pending_free, spec=self.spec_on, ring=self.ring_on)
         try:
             self.channels[0].send(*frame.to_wire())
         except FrameError as e:  # cannot happen for checked requests; if it does, fail only this step's requests
@@ -402,14 +434,26 @@ class Pipeline:
         except ProtocolError as e:
             self.fail(f"the last stage sent a malformed result: {e}")
             return
-        rec = self.inflight.pop(res.step, None)
+        rec = self.inflight.get(res.step)
         if rec is None:
             return  # a step whose sequences were moved away (drain) or a stale one
+        if res.round != rec.round:
+            self.fail(f"the last stage answered round {res.round} of step {res.step}; round {rec.round} was next")
+            return
         now = time.perf_counter()
-        if rec.n_prefill == 0:  # decode rows all output logits (the last stage's LM head): prompt rows do not,
-            self.cost.observe(rec.rows, now - rec.sent_at)  # so steps carrying them would skew the per-row cost
+        if rec.n_prefill == 0 and rec.round == 0:  # decode rows all output logits (the LM head): prompt rows do
+            self.cost.observe(rec.rows, now - rec.sent_at)  # not, so steps carrying them would skew the row cost
+        ringed = rec.current() if rec.ring_slots else ()
         itl = apply_result(rec, res, now, owner=self, stats=self.stats, finish=self._finish, release=self._release,
                            observer=self.observer)
+        if rec.ring_slots:
+            rec.sent_at = now   # the ring goes on: its next round is the step the watchdog waits for
+        else:
+            del self.inflight[res.step]
+        for s, _ in ringed:   # released while their ring ran: the ring let them go now
+            if not s.ring and s.after_ring is not None:
+                keep, s.after_ring = s.after_ring, None
+                self._release(s, keep=keep)
         self.budget.update(itl, long_prefill_running(self.active.values(), self.prefill_chunk))
         self.stats["prefill_budget"] = self.budget.rows
         self._wake.set()
@@ -430,11 +474,37 @@ class Pipeline:
 
     def _release(self, s: SeqState, keep: bool = False, cache: bool = False) -> None:
         """Give the sequence's slot and KV back (``keep``: the request itself goes on elsewhere; ``cache``: it ended
-        normally, so its KV may stay as a prefix cache entry)."""
+        normally, so its KV may stay as a prefix cache entry). A sequence its ring still runs (a stop string, a
+        client gone) is let go by the ring first: its slot is not free while stages still write its KV, and its
+        KV (rounds past its end) is not kept as a prefix."""
         if not keep:
             s.finished = True
+        if s.ring:
+            if s.after_ring is None:
+                s.after_ring = keep
+                rec = self.inflight.get(s.ring)
+                if rec is not None:
+                    self._ring_stop(rec, [s.slot])
+            return
         self.slots.release(s, cache=cache)
         self._wake.set()
+
+    # ------------------------------------------------------------------ closing the ring (stage/ring.py)
+    def _ring_stop(self, rec: StepRecord, slots: List[int]) -> None:
+        """Ask the last stage to let these ringed sequences of step ``rec`` go at its next round."""
+        try:
+            self.channels[-1].send(RingStop(rec.sid, tuple(slots)).to_meta())
+            self.stats["ring_stops"] += 1
+        except ChannelClosed as e:
+            self.fail(str(e))
+
+    def _stop_rings(self, capped: bool) -> None:
+        """End the rings when batching their sequences again pays (:func:`.ring_policy.rings_to_stop`)."""
+        recs = self.inflight.values()
+        stop = ring_policy.rings_to_stop(recs, self.max_inflight, capped and self._schedule() is not None)
+        for r in stop:
+            r.stopping = True
+            self._ring_stop(r, sorted(r.ring_slots))
 
     # ------------------------------------------------------------------ the prefix cache
     def prefix_match(self, tokens, owner: Any = None) -> int:

@@ -100,6 +100,8 @@ class SeqState:
     started: bool = False
     last_sent: int = 0
     kv_len: int = 0                     # positions its KV holds on the stages (drafts included, until trimmed)
+    ring: int = 0                       # the step whose ring runs it now (closing the ring; 0: none)
+    after_ring: Optional[bool] = None   # released while its ring ran: ``keep``, applied once the ring lets it go
     # --- n > 1: one prefill shared by the group's choices (see ungroup)
     # (repr=False: these point at each other)
     fork_from: Optional["SeqState"] = field(default=None, repr=False)  # a choice waiting to copy this leader's
@@ -192,6 +194,7 @@ class SeqState:
                      if self.generated else self.req.prompt)
         self.slot, self.prefilled, self.in_flight, self.started, self.last_sent = -1, 0, 0, False, 0
         self.kv_len = 0
+        self.ring, self.after_ring = 0, None
         self._clear_reuse()
         self.epoch += 1
         if self.spec is not None:

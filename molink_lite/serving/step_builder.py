@@ -29,7 +29,7 @@ Two halves, so that a step that never leaves (it could not be encoded) changes n
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -58,17 +58,35 @@ class StepRecord:
     forks: List[SeqState] = field(default_factory=list)       # choices that copy their leader's KV in this step
     scoring: List[SeqState] = field(default_factory=list)     # sequences whose prompt rows are scored (echo)
     prompt_only: List[SeqState] = field(default_factory=list)  # prompt done, nothing to sample (max_tokens 0)
+    # closing the ring (stage/ring.py): slots whose ring still runs, the round whose result comes next, and whether
+    # the gateway asked the last stage to let the whole ring go (it has work to batch with it)
+    ring_slots: Set[int] = field(default_factory=set)
+    round: int = 0
+    stopping: bool = False
 
     def live(self) -> List[Tuple[SeqState, int]]:
         """(sequence, slot it was sent in) for the sequences this step still speaks for: a sequence handed back
         (replayed) since it was sent has moved on, and this step's outcome is not its own any more."""
         return [(s, slot) for (s, _), (slot, ep) in zip(self.seqs, self.sent) if s.epoch == ep]
 
-    def landed(self) -> List[Tuple[SeqState, int]]:
-        """The step is back (result or error): its live sequences have one step fewer in flight."""
-        out = self.live()
-        for s, _ in out:
+    def current(self) -> List[Tuple[SeqState, int]]:
+        """The live sequences the next result speaks for: every one at round 0, the ringed ones after."""
+        live = self.live()
+        return live if self.round == 0 else [(s, slot) for s, slot in live if slot in self.ring_slots]
+
+    def landed(self, left: Optional[Sequence[int]] = None, end: bool = True) -> List[Tuple[SeqState, int]]:
+        """A result (or an error) is back: this round's live sequences have one step fewer in flight, except the
+        ringed ones that stay in the ring (not in ``left``, and the ring not at its ``end``)."""
+        out = self.current()
+        stay = set() if end or not self.ring_slots else self.ring_slots.difference(left or ())
+        for s, slot in out:
+            if slot in stay:
+                continue
             s.in_flight = max(0, s.in_flight - 1)
+            if s.ring == self.sid:
+                s.ring = 0
+        self.ring_slots = stay
+        self.round += 1
         return out
 
     def mark_sent(self, now: float) -> None:
@@ -91,6 +109,8 @@ class StepRecord:
         for s, _ in self.seqs:
             s.in_flight += 1
             s.last_sent = self.sid
+            if s.slot in self.ring_slots:
+                s.ring = self.sid
 
     def count(self, stats: Dict[str, int], in_flight: int) -> None:
         """Add this step to a pipeline's counters (``in_flight``: steps in flight with it)."""
@@ -115,12 +135,14 @@ class StepRecord:
 
 def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[SeqState, int]], *, lane: int = 0,
                lanes: int = 1, drafts: Optional[Sequence[np.ndarray]] = None, pending_free: Sequence[int] = (),
-               spec: bool = False) -> Tuple[StepFrame, StepRecord]:
+               spec: bool = False, ring: bool = False) -> Tuple[StepFrame, StepRecord]:
     """Step ``sid`` of lane ``lane``: one row per decoding sequence (its last token, then its ``drafts``), then
     ``take`` rows of each prefilling sequence's feed; frees the slots of ``pending_free`` that live in the lane.
 
-    ``spec``: the pipeline speculates (sequences it starts may send drafts). Reads the sequences only; see
-    :meth:`StepRecord.mark_sent` for what changes once the frame is sent.
+    ``spec``: the pipeline speculates (sequences it starts may send drafts). ``ring``: the stages close the ring
+    (:mod:`molink_lite.stage.ring`): decoding sequences of a step without drafts ring, each for as many rounds as
+    its ``max_tokens`` leaves. Reads the sequences only; see :meth:`StepRecord.mark_sent` for what changes once the
+    frame is sent.
     """
     drafts = list(drafts) if drafts is not None else [_EMPTY] * len(decode)
     seq_p: List[np.ndarray] = []
@@ -194,13 +216,19 @@ def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[Seq
         if not s.started:
             st = s.start_params()
             start[s.slot] = replace(st, spec=True) if spec and s.spec is None and s.may_speculate else st
+    rings: Dict[int, Tuple[int, bool]] = {}
+    if ring and not draft_map:
+        for s in decode:
+            left = s.req.max_tokens - len(s.generated) - 1   # rounds after this step's token
+            if left >= 1 and not s.cancelled and not s.finished:
+                rings[s.slot] = (left, not s.req.ignore_eos)
     frame = StepFrame(sid, _cat(seq_p, np.int32), _cat(pos_p, np.int32), tokens=_cat(tok_p, np.int32),
                       out=_cat(out_p, bool), free=[x for x in pending_free if lane_of(x, lanes) == lane],
-                      start=start, trim=trim, drafts=draft_map, lane=lane, fork=fork, score=score)
+                      start=start, trim=trim, drafts=draft_map, lane=lane, fork=fork, score=score, ring=rings)
     entries = [(s, True) for s in decode] + [(s, w) for (s, _), w in zip(prefill, wants)]
     rec = StepRecord(sid, entries, n_decode=len(decode), n_prefill=sum(t for _, t in prefill), rows=frame.n,
                      sent=[(s.slot, s.epoch) for s, _ in entries], lane=lane, drafts=drafts, ends=ends, spec=spec,
-                     forks=forks, scoring=scoring, prompt_only=prompt_only)
+                     forks=forks, scoring=scoring, prompt_only=prompt_only, ring_slots=set(rings))
     return frame, rec
 
 

@@ -43,11 +43,17 @@ def apply_result(rec: StepRecord, res: ResultFrame, now: float, *, owner: Any, s
 
     Only the sequences the step still speaks for (:meth:`StepRecord.live`) and that still run on ``owner`` take
     tokens. Returns the longest gap between two tokens of one sequence in this result (None if none)."""
-    live = rec.landed()
+    first = rec.round == 0
+    ringed = set(rec.ring_slots)
+    live = rec.landed(res.ring_left, res.ring_end)
     by_slot = {slot: s for s, slot in live}
-    if rec.n_decode:
+    if not first:   # a ring round: one token per ringed sequence
+        stats["ring_rounds"] = stats.get("ring_rounds", 0) + 1
+        stats["decode_entries"] += len(live)
+        stats["decode_tokens"] += int(res.seq.shape[0])
+    elif rec.n_decode:
         _verify(rec, res, stats)
-    if rec.scoring:
+    if first and rec.scoring:
         _prompt_scores(rec, res, by_slot, owner)
     seqs, toks = res.seq.tolist(), res.tokens.tolist()
     eogs = res.eog.tolist() if res.eog is not None else [False] * len(seqs)
@@ -74,9 +80,12 @@ def apply_result(rec: StepRecord, res: ResultFrame, now: float, *, owner: Any, s
         reason = s.take_token(tok, bool(eog), piece, now, lp)
         if reason:
             finish(s, reason)
-    for s in rec.prompt_only:   # max_tokens 0 (echo): the prompt was all there was to do
+    for s in (rec.prompt_only if first else ()):   # max_tokens 0 (echo): the prompt was all there was to do
         if s.epoch == _sent_epoch(rec, s) and not s.finished and not s.cancelled and s.pipeline is owner:
             finish(s, "length")
+    for s, slot in live:   # ringed: the next round feeds the token just taken (its KV then holds one more)
+        if slot in ringed:
+            s.kv_len = s.decode_pos + (1 if slot in rec.ring_slots else 0)
     for s, _ in live:
         if s.cancelled and not s.finished and not s.in_flight:
             release(s)

@@ -38,10 +38,15 @@ class NextLink:
     pipeline head; counts ``next_link_losses`` and ``next_link_reconnects`` in ``stats``."""
 
     def __init__(self, key: Optional[LinkKey], stats: Dict[str, float], stage: str,
-                 describe: Callable[[], dict], tell_head: Callable[[dict], None]):
+                 describe: Callable[[], dict], tell_head: Callable[[dict], None], *, role: str = "upstream",
+                 check: Callable[[dict, dict], Optional[str]] = chain_mismatch, what: str = "next"):
         self.key = key
         self.stats = stats
-        for k in ("next_link_losses", "next_link_reconnects"):
+        # the same keeper serves the last stage's ring link to the first stage (stage/ring.py): another role, another
+        # check of the peer, its own counters
+        self.role, self._check, self.what = role, check, what
+        self._losses, self._reconnects = f"{what}_link_losses", f"{what}_link_reconnects"
+        for k in (self._losses, self._reconnects):
             stats.setdefault(k, 0)
         self.stage = stage  # "a-b", for messages
         self._describe, self._tell_head = describe, tell_head
@@ -79,7 +84,7 @@ class NextLink:
         if ch is None or ch.closed.is_set():
             if ch is not None:  # lost: the head hears of it before this step's error
                 self.notify_down(ch.close_reason or "connection lost")
-            return f"stage {self.stage} has no connection to the next stage"
+            return f"stage {self.stage} has no connection to the {self.what} stage"
         try:
             ch.send_bytes(data)
         except ChannelClosed as e:
@@ -126,6 +131,14 @@ class NextLink:
         if self.ch is not None:
             await self.ch.close()
 
+    async def drop(self) -> None:
+        """Let the link go for good (a configure without it): its keeper does not redial."""
+        async with self._lock:
+            self._gen += 1
+            ch, self.ch, self.url = self.ch, None, None
+        if ch is not None:
+            await ch.close()
+
     # ------------------------------------------------------------------ dialling and keeping
     async def _dial(self, url: str, patience: float = 0.0) -> Channel:
         """An authenticated, checked link to the next stage; a busy one (no free slot) is retried for ``patience`` s."""
@@ -133,28 +146,29 @@ class NextLink:
         delay = 0.1
         while True:
             try:
-                ws = await auth.connect(url, self.key, "upstream", max_size=REPLY_MAX_BYTES)
+                ws = await auth.connect(url, self.key, self.role, max_size=REPLY_MAX_BYTES)
                 break
             except AuthError as e:
                 if BUSY in str(e) and time.monotonic() + delay < deadline:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                raise ConnectionError(f"next stage {url}: authentication failed: {e}") from None
+                raise ConnectionError(f"{self.what} stage {url}: authentication failed: {e}") from None
             except Exception as e:  # noqa: BLE001
-                raise ConnectionError(f"cannot reach next stage {url}: {e}") from None
-        ch = Channel(ws, name=f"next stage {url}")
+                raise ConnectionError(f"cannot reach {self.what} stage {url}: {e}") from None
+        ch = Channel(ws, name=f"{self.what} stage {url}")
         asyncio.ensure_future(ch.serve(_from_next))
         try:
             info, _ = await ch.request({"type": HELLO}, timeout=30)
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             await ch.close()
-            raise ConnectionError(f"next stage {url} did not answer hello: {e or type(e).__name__}") from None
-        problem = chain_mismatch(self._describe(), info)
+            raise ConnectionError(f"{self.what} stage {url} did not answer hello: {e or type(e).__name__}") from None
+        problem = self._check(self._describe(), info)
         if problem:
             await ch.close()
-            raise ConnectionError(f"next stage {url}: {problem}")
-        log.info("forwarding to next stage %s (layers %d-%d)", url, info["layer_start"], info["layer_stop"] - 1)
+            raise ConnectionError(f"{self.what} stage {url}: {problem}")
+        log.info("%s to %s stage %s (layers %d-%d)", "ring rounds go" if self.role == "ring" else "forwarding",
+                 self.what, url, info["layer_start"], info["layer_stop"] - 1)
         return ch
 
     def _set(self, ch: Channel, url: str) -> None:
@@ -174,8 +188,8 @@ class NextLink:
             return
         reason = (f"closed by the next stage ({ch.peer_close_code}: {ch.peer_close_reason})" if ch.peer_close_reason
                   else ch.close_reason or "connection lost")
-        self.stats["next_link_losses"] += 1
-        log.warning("lost the link to the next stage %s (%s); reconnecting", url, reason)
+        self.stats[self._losses] += 1
+        log.warning("lost the link to the %s stage %s (%s); reconnecting", self.what, url, reason)
         self.notify_down(reason)
         # a link that broke soon after it was made (two upstreams fighting over the next stage) backs off further
         lived = time.monotonic() - self._since
@@ -192,12 +206,12 @@ class NextLink:
                     new = await self._dial(url)
                 except ConnectionError as e:
                     if str(e) != last_err or tries % 10 == 0:
-                        log.warning("reconnecting to the next stage %s failed (%s); retrying every %.1f s at most",
-                                    url, e, NEXT_RETRY[1])
+                        log.warning("reconnecting to the %s stage %s failed (%s); retrying every %.1f s at most",
+                                    self.what, url, e, NEXT_RETRY[1])
                     last_err = str(e)
                 else:
-                    self.stats["next_link_reconnects"] += 1
-                    log.info("link to the next stage %s is back after %.1f s", url, time.monotonic() - t_lost)
+                    self.stats[self._reconnects] += 1
+                    log.info("link to the %s stage %s is back after %.1f s", self.what, url, time.monotonic() - t_lost)
                     self._set(new, url)
                     self._tell_head(LinkUp(self.stage, url).to_meta())
                     return

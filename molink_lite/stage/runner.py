@@ -32,6 +32,7 @@ from ..model.vocab import Detokenizer, Vocab
 from ..wire.protocol import FrameLimits, ResultFrame, StepError, StepFrame, lane_of
 from .engine import EngineError, StageEngine, last_row_of_each_seq
 from .grammar import GrammarSandbox
+from .ring import RingGate, RingTurn
 from .sampling import SamplerPool, SamplingError, SequenceSampler, log_softmax_top
 from .validate import check_step
 
@@ -39,10 +40,11 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[StepFrame, Union[bytes, ResultFrame]], None]  # a step's outcome: to the next stage or the head
 Report = Callable[[Optional[int], str], None]                      # (step id, why it failed)
+RingOut = Callable[[StepFrame], None]                              # the last stage's next ring round, to the first
 
 #: the runner's counters in the stage's ``stats``
 COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", "errors", "frees", "busy_s",
-            "rejected_frames", "trims", "drafted", "accepted")
+            "rejected_frames", "trims", "drafted", "accepted", "ring_rounds")
 
 
 def frame_limits(engine: StageEngine) -> FrameLimits:
@@ -63,7 +65,8 @@ class StepRunner:
     """Runs step frames on one :class:`StageEngine`; one worker (queue + llama thread) per engine lane."""
 
     def __init__(self, engine: StageEngine, vocab: Optional[Vocab], stats: Dict[str, float], *, codec: str,
-                 deliver: Deliver, report: Report):
+                 deliver: Deliver, report: Report, ring_out: Optional[RingOut] = None,
+                 ring_ready: Callable[[], bool] = lambda: False):
         self.engine = engine
         self.info = engine.info
         self.codec = codec  # how hidden states travel to the next stage (the gateway's configure sets it)
@@ -81,6 +84,11 @@ class StepRunner:
                                      sandbox=self.grammar_sandbox) if self.info.is_last else None)
         self.detok = Detokenizer(vocab) if self.info.is_last and vocab else None
         self._deliver, self._report = deliver, report
+        # closing the ring (stage/ring.py): the first stage's grants, the last stage's turn and where rounds go
+        self.gate = RingGate(engine.n_seq_max) if self.info.is_first else None
+        self.turn = RingTurn() if self.info.is_last else None
+        self._ring_out, self._ring_ready = ring_out, ring_ready
+        self._next_round: Dict[int, StepFrame] = {}   # lane -> the round the last step sampled (the lane's worker)
         self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
         self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama{i}") for i in range(self.lanes)]
         self._workers: List[asyncio.Task] = []
@@ -107,13 +115,14 @@ class StepRunner:
             w.cancel()
         await asyncio.get_running_loop().run_in_executor(None, lambda: [p.shutdown(wait=True) for p in self._pools])
 
-    def submit(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
-        """Queue a step frame on its lane (read loosely here: the check rejects a bad lane)."""
+    def submit(self, meta: dict, arrays: Dict[str, np.ndarray], ring: bool = False) -> None:
+        """Queue a step frame on its lane (read loosely here: the check rejects a bad lane); ``ring``: a round
+        from the ring link (the first stage checks it against the gateway's grants)."""
         lane = meta.get("lane", 0)
         q = self._queues[lane if type(lane) is int and 0 <= lane < self.lanes else 0]
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
-        q.put_nowait((meta, arrays))
+        q.put_nowait((meta, arrays, ring))
         self.stats["max_queued"] = max(self.stats["max_queued"], q.qsize())
 
     def reset_all(self) -> None:
@@ -129,15 +138,18 @@ class StepRunner:
             if item is None:
                 await loop.run_in_executor(pool, self.reset, lane)
                 continue
-            meta, arrays = item
+            meta, arrays, ring = item
             frame: Optional[StepFrame] = None
             try:
-                frame = self.check(meta, arrays)
+                frame = self.check(meta, arrays, ring)
                 t0 = time.perf_counter()
                 out = await loop.run_in_executor(pool, self.run, frame)
                 t1 = time.perf_counter()
                 self.stats["busy_s"] += t1 - t0
                 self.timeline.append((frame.step, t0, t1))
+                nxt = self._next_round.pop(lane, None)
+                if nxt is not None and self._ring_out is not None:  # the next round first: it is the critical path
+                    self._ring_out(nxt)
                 self._deliver(frame, out)
             except StepError as e:  # rejected before anything was applied
                 self.stats["rejected_frames"] += 1
@@ -156,15 +168,28 @@ class StepRunner:
                 self.in_flight -= 1
 
     # ------------------------------------------------------------------ one step
-    def check(self, meta: dict, arrays: Dict[str, np.ndarray]) -> StepFrame:
+    def check(self, meta: dict, arrays: Dict[str, np.ndarray], ring: bool = False) -> StepFrame:
         """The checked step (:func:`~molink_lite.stage.validate.check_step`, and drafts only for sequences whose
-        sampler can verify them); :class:`StepError` otherwise, with nothing applied."""
+        sampler can verify them; on the first stage, ring rounds only from the ring link and within the gateway's
+        grants); :class:`StepError` otherwise, with nothing applied."""
         frame = check_step(meta, arrays, self.limits, self.seq_len, self.whole_only)
         if frame.drafts and self.samplers is not None:
             try:
                 self.samplers.check_verifiable(frame.drafts, frame.start, frame.spec)
             except SamplingError as e:
                 raise StepError(str(e)) from None
+        if frame.ring and self.turn is not None and (self._ring_out is None or not self._ring_ready()):
+            raise StepError("this stage has no ring link to the first stage: a step may not ring")
+        if self.gate is not None:
+            if ring:
+                self.gate.check_round(frame)
+                self.gate.spend(frame)
+            elif frame.round:
+                raise StepError("ring rounds come only from the last stage's ring link")
+            else:
+                self.gate.from_gateway(frame)
+        elif ring:
+            raise StepError("only the first stage takes ring rounds")
         return frame
 
     def run(self, frame: StepFrame) -> Union[bytes, ResultFrame]:
@@ -251,6 +276,13 @@ class StepRunner:
             eog = eog | ended
         res = ResultFrame(frame.step, out_seq, tokens, eog, self.detok.pieces(out_seq, tokens, eog))
         self._logprobs(res, logits, rows if idx is None else idx[rows], seqs, scored)
+        if frame.ring:   # closing the ring: who goes on to the next round (sent to the first stage first)
+            nxt, res.ring_left, res.ring_end = self.turn.turn(frame, out_seq, s_pos, tokens, eog)
+            if nxt is not None:
+                self._next_round[frame.lane] = nxt
+        if frame.round:
+            res.round = frame.round
+            self.stats["ring_rounds"] += 1
         return res
 
     def _score_rows(self, frame: StepFrame, seqs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -301,6 +333,8 @@ class StepRunner:
     def free(self, s: int) -> None:
         self.engine.free(s)
         self.seq_len[s] = 0
+        if self.gate is not None:
+            self.gate.forget([s])
         if self.samplers is not None:
             self.samplers.drop(s)
             self.detok.drop(s)
@@ -314,7 +348,12 @@ class StepRunner:
     def reset(self, lane: int = 0) -> None:
         """Forget every sequence of a lane (the pipeline head went away)."""
         self.engine.clear(lane)
-        self.seq_len[lane_of(np.arange(self.seq_len.shape[0]), self.lanes) == lane] = 0
+        in_lane = lane_of(np.arange(self.seq_len.shape[0]), self.lanes) == lane
+        self.seq_len[in_lane] = 0
+        if self.gate is not None:
+            self.gate.forget(np.flatnonzero(in_lane).tolist())
+        if self.turn is not None:
+            self.turn.forget_all()
         if self.samplers is not None:
             for s in list(self.samplers._by_seq):
                 if lane_of(s, self.lanes) == lane:

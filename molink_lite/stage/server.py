@@ -45,9 +45,9 @@ from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed
 from ..wire.protocol import (CONFIGURE, CONFIGURED, DETOKENIZE, ERROR, GRAMMAR_CHECK, HELLO, INFO, PING,
-                             PROBE_NEXT, PROTOCOL_VERSION, RELEASE, RELEASED, RESTORE, RESTORED, ROLE_FRAMES, STATS,
-                             STEP, TOKENIZE, Configure, Drain,
-                             ProtocolError, ResultFrame, StageHello, StepErrorFrame, StepFrame)
+                             PROBE_NEXT, PROTOCOL_VERSION, RELEASE, RELEASED, RESTORE, RESTORED, RING_STOP,
+                             ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain, ProtocolError, ResultFrame, RingStop,
+                             StageHello, StepErrorFrame, StepFrame, ring_mismatch)
 from ..wire.tls import fingerprint_file, server_context
 from .conn_slots import (BUSY, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_HANDSHAKES,
                          MAX_HANDSHAKES_PER_ADDRESS, ConnSlots, address_key, close_quickly)
@@ -86,10 +86,16 @@ class StageServer:
                                max_connections_per_address=max_connections_per_address,
                                max_handshakes_per_address=max_handshakes_per_address)
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
-        self.runner = StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver,
-                                 report=self._report)
+        self.runner = self._runner(engine, codec)
         self.timeline = self.runner.timeline
         self.link = NextLink(key, self.stats, self.stage, self.describe, self._send_head)
+        # closing the ring (stage/ring.py): the last stage's link to the first stage, when the gateway asks for one
+        # (a single stage takes its own rounds); the first stage's peer on that link
+        self.ring = (NextLink(key, self.stats, self.stage, self.describe, self._send_head, role="ring",
+                              check=ring_mismatch, what="first")
+                     if self.info.is_last and not self.info.is_first else None)
+        self.ring_on = False
+        self.ring_peer: Optional[Channel] = None
         self.fencing = Fencing(self.stats, self.stage)
         self.head: Optional[Channel] = None
         self.upstream: Optional[Channel] = None
@@ -99,6 +105,10 @@ class StageServer:
         self.released = False              # the model and context are freed (an idle model; ``restore`` loads them)
         self._hello: Optional[StageHello] = None   # what ``hello`` answers while released
         self._memory_lock = asyncio.Lock()  # one release or restore at a time
+
+    def _runner(self, engine: StageEngine, codec: str) -> StepRunner:
+        return StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver, report=self._report,
+                          ring_out=self._ring_out if self.info.is_last else None, ring_ready=self._ring_ready)
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> StageHello:
@@ -143,6 +153,8 @@ class StageServer:
 
     async def close(self) -> None:
         self.link.stop()
+        if self.ring is not None:
+            await self.ring.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -210,8 +222,8 @@ class StageServer:
                 return
             ch = Channel(link, name=f"{role} {peer}")
             ch.role = role
-            if role == "upstream":
-                self._take_role("upstream", ch)
+            if role in ("upstream", "ring"):
+                self._take_role(role, ch)
             await ch.serve(self._handle)
             if ch is self.head:
                 log.warning("pipeline head disconnected (%s); forgetting all sequences", ch.close_reason)
@@ -221,18 +233,19 @@ class StageServer:
                     self.drained.set()
             if ch is self.upstream:
                 self.upstream = None
+            if ch is self.ring_peer:
+                self.ring_peer = None
         finally:
             if not hs.done():
                 hs.cancel()
             self.slots.release(rec)
 
     def _take_role(self, role: str, ch: Channel, reason: str = "") -> None:
-        """``ch`` becomes the head (gateway) or the upstream stage; a previous holder is disconnected."""
-        old = self.head if role == "gateway" else self.upstream
-        if role == "gateway":
-            self.head = ch
-        else:
-            self.upstream = ch
+        """``ch`` becomes the head (gateway), the upstream stage or the ring peer (the last stage, on the first); a
+        previous holder is disconnected."""
+        attr = {"gateway": "head", "upstream": "upstream", "ring": "ring_peer"}[role]
+        old = getattr(self, attr)
+        setattr(self, attr, ch)
         if old is not None and old is not ch:
             log.info("a new %s connection (%s) replaces %s", role, ch.name, old.name)
             asyncio.ensure_future(old.close(auth.CLOSE_REPLACED, reason or f"another {role} took over this stage"))
@@ -251,6 +264,25 @@ class StageServer:
                 return
             async with self._memory_lock:
                 ch.reply(meta, await (self._release() if kind == RELEASE else self._restore()))
+        elif kind == STEP and ch.role == "ring":
+            if not self.info.is_first or ch is not self.ring_peer:
+                self.stats["rejected_frames"] += 1
+                ch.reply(meta, _error("ring rounds go to the first stage, from its ring link"))
+            elif self.released:
+                self._report(step_of(meta), self._released_why())
+            else:
+                self.runner.submit(meta, arrays, ring=True)
+        elif kind == RING_STOP:
+            if ch is not self.head or self.runner.turn is None:
+                self.stats["rejected_frames"] += 1
+                ch.reply(meta, _error("ring_stop goes from the pipeline head to the last stage"))
+                return
+            try:
+                stop = RingStop.decode(meta, self.engine.n_seq_max)
+            except ProtocolError as e:
+                ch.reply(meta, _error(str(e)))
+                return
+            self.runner.turn.stop(stop.step, stop.seqs)
         elif kind == STEP:
             if ch is not (self.head if self.info.is_first else self.upstream):
                 self.stats["rejected_frames"] += 1
@@ -309,7 +341,8 @@ class StageServer:
         self._take_role("gateway", ch, reason)
         self.runner.codec = req.codec
         if self.info.is_last:
-            return {"type": CONFIGURED, "next": None, "epoch": self.fencing.epoch}
+            ring, why = await self._configure_ring(req.ring)
+            return {"type": CONFIGURED, "next": None, "epoch": self.fencing.epoch, "ring": ring, "ring_why": why}
         url = self.fixed_next or req.next
         if not url:
             return _error(f"stage {self.stage} is not the last stage and has no next stage (start it with --next or "
@@ -319,6 +352,37 @@ class StageServer:
         except Exception as e:  # noqa: BLE001
             return _error(str(e))
         return {"type": CONFIGURED, "next": url, "epoch": self.fencing.epoch}
+
+    async def _configure_ring(self, url: Optional[str]) -> Tuple[bool, str]:
+        """The last stage links to the first stage at ``url`` for ring rounds (a single stage takes its own);
+        (whether the ring is on, why not)."""
+        if not url:
+            self.ring_on = False
+            if self.ring is not None:
+                await self.ring.drop()
+            return False, "not asked for"
+        if self.ring is not None:
+            try:
+                await self.ring.connect(url)
+            except Exception as e:  # noqa: BLE001 - the gateway serves without the ring and says why
+                self.ring_on = False
+                log.warning("no ring: %s", e)
+                return False, str(e)[:300]
+        self.ring_on = True
+        return True, ""
+
+    def _ring_ready(self) -> bool:
+        return self.ring_on and (self.ring is None or self.ring.up)
+
+    def _ring_out(self, frame: StepFrame) -> None:
+        """The next ring round: to the first stage's ring link (a single stage runs it itself)."""
+        if self.ring is None:
+            meta, arrays = frame.to_wire()
+            self.runner.submit(meta, arrays, ring=True)
+            return
+        problem = self.ring.send(frame.encode("f32")) if self.ring_on else "the ring is off"
+        if problem:
+            self._report(frame.step, problem)
 
     # ------------------------------------------------------------------ idle models: release and restore
     def _released_why(self) -> str:
@@ -358,8 +422,7 @@ class StageServer:
         self.engine = engine
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
         codec = self.runner.codec
-        self.runner = StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver,
-                                 report=self._report)
+        self.runner = self._runner(engine, codec)
         self.timeline = self.runner.timeline
         self.runner.start()
         self.released = False

@@ -351,10 +351,12 @@ def _linked(cfg: BenchConfig) -> bool:
 
 
 def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secure: bool = False,
-                 speculative: Optional[str] = None, sealed: bool = False, prefix_cache: Optional[str] = None) -> str:
+                 speculative: Optional[str] = None, sealed: bool = False, prefix_cache: Optional[str] = None,
+                 ring: Optional[str] = None) -> str:
     """Stages + gateway; ``sealed``: every link authenticated with a cluster secret, every message sealed
     (AES-256-GCM); ``secure``: that and TLS on every link too; ``prefix_cache``: the gateway's
-    ``--prefix-cache on|off`` (None: its default), with ``cfg.prefix_cache_cells`` when on."""
+    ``--prefix-cache on|off`` (None: its default), with ``cfg.prefix_cache_cells`` when on; ``ring``: its
+    ``--ring`` (None: its default). With a relay, the last stage reaches the first through one too (the ring)."""
     t = _threads(cfg, len(ranges))
     max_seqs = max(list(cfg.concurrency) + [16])
     extra = ["--threads", str(t), "--ctx", str(cfg.ctx), "--max-seqs", str(min(256, max_seqs))]
@@ -375,6 +377,10 @@ def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secur
         cmd += ["--prefill-chunk", str(cfg.prefill_chunk)]
     if speculative:
         cmd += ["--speculative", speculative, "--spec-k", str(cfg.spec_k), "--spec-n", str(cfg.spec_n)]
+    if ring:
+        cmd += ["--ring", ring]
+    if _linked(cfg) and len(urls) > 1 and ring != "off":   # the ring's link crosses the emulated network too
+        cmd += ["--ring-via", f"{urls[0]}={scheme}://127.0.0.1:{_relay(procs, 'ring', procs.stages[0].port, cfg)}"]
     cmd += prefix_cache_args(prefix_cache, cfg.prefix_cache_cells)
     gw = procs.spawn("gateway", cmd, env={SECRET_ENV: secret} if secret else None)
     _wait_http(f"http://127.0.0.1:{port}", gw, "gateway")
@@ -446,18 +452,18 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     procs.workdir.mkdir(parents=True, exist_ok=True)
     res = SystemResult(system)
     try:
-        if system in ("molink", "sealed", "secure", "spec"):
+        if system in ("molink", "sealed", "secure", "spec", "ring-off"):
             # with --speculative, "molink" is the same system with speculation off (same invocation)
             mode = cfg.speculative if system == "spec" else ("off" if cfg.speculative else None)
             url = start_molink(cfg, procs, ranges, secure=system == "secure", speculative=mode,
-                               sealed=system == "sealed")
+                               sealed=system == "sealed", ring="off" if system == "ring-off" else None)
         elif system in ("whole", "rpc"):
             url = start_llama_server(cfg, procs, ranges, rpc=system == "rpc")
         else:
             raise ValueError(f"unknown system {system!r} (molink, sealed, secure, whole, rpc)")
         asyncio.run(run_level(url, 1, 1, 8, 4))  # warm-up
         prompts = load_prompts(cfg.prompts)
-        molink = system in ("molink", "sealed", "secure", "spec")
+        molink = system in ("molink", "sealed", "secure", "spec", "ring-off")
         for i, c in enumerate(cfg.concurrency):
             n = cfg.requests or max(4, 2 * c)
             before = _spec_counters(url) if molink else None

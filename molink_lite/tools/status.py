@@ -148,6 +148,8 @@ def _pipeline(p: dict) -> List[str]:
     lc = _d(p.get("link_choice"))
     if lc:
         out.append(f"  links: {_s(lc.get('why'), 400)}")
+    if p.get("ring"):   # closing the ring: tokens straight from the last stage to the first
+        out.append(f"  ring: {_s(p.get('ring'), 300)}, {_n(sch.get('ring_rounds'))} rounds without the gateway")
     pc = _d(p.get("prefix_cache"))
     if pc:
         rate = pc.get("hit_rate")

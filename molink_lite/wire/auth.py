@@ -47,7 +47,7 @@ import websockets
 log = logging.getLogger(__name__)
 
 VERSION = 2              # 2: every message after the handshake is sealed (SealedLink)
-ROLES = ("gateway", "upstream", "member")
+ROLES = ("gateway", "upstream", "member", "ring")
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_AUTH = 4401        # WebSocket close code: authentication failed
 CLOSE_BUSY = 1013        # try again later (too many connections or handshakes)

@@ -33,7 +33,7 @@ import numpy as np
 
 from .codec import CODECS, encode_frame
 
-PROTOCOL_VERSION = 3  # 3: a fork names how many positions it copies (prefix cache)
+PROTOCOL_VERSION = 4  # 3: a fork names how many positions it copies (prefix cache); 4: ring rounds
 MAX_DRAFT = 32  # draft tokens one sequence may carry in one step (speculative decoding)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
 MAX_GRAMMAR_BYTES = 256 << 10  # GBNF text of one sequence's grammar
@@ -48,11 +48,14 @@ DETOKENIZE, GRAMMAR_CHECK = "detokenize", "grammar_check"
 # an idle model's stages free their llama.cpp model and context (the process, its links and its layer file stay) and
 # load them again when the gateway has a request for it (serving.idle)
 RELEASE, RELEASED, RESTORE, RESTORED = "release", "released", "restore", "restored"
+RING_STOP = "ring_stop"   # closing the ring: the gateway asks the last stage to let ringed sequences go
 
 #: what each link role may send to a stage
 ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, STATS, PING,
-                                     PROBE_NEXT, ERROR, RELEASE, RESTORE}),
-               "upstream": frozenset({HELLO, STEP, PING, ERROR})}
+                                     PROBE_NEXT, ERROR, RELEASE, RESTORE, RING_STOP}),
+               "upstream": frozenset({HELLO, STEP, PING, ERROR}),
+               # the last stage's link to the first stage: ring rounds (closing the ring), nothing else
+               "ring": frozenset({HELLO, STEP, PING, ERROR})}
 
 _STEP_ARRAYS = frozenset({"seq", "pos", "tokens", "hidden", "out"})
 
@@ -276,6 +279,12 @@ class StepFrame:
     # seq -> target token ids, one per output row of the sequence in this step but its last (prompt logprobs,
     # ``echo``): the last stage returns each target's logprob (and top alternatives) instead of sampling there
     score: Dict[int, np.ndarray] = field(default_factory=dict)
+    # closing the ring (:mod:`molink_lite.stage.ring`): seq -> (rounds left, ends at an end-of-generation token).
+    # After sampling, the last stage sends the sampled tokens of the sequences that go on straight to the first
+    # stage as the step's next ``round`` (the gateway still gets every result), so a token costs one trip around
+    # the stages. Round 0 is the gateway's step; a round >= 1 carries only one decode row per ringed sequence.
+    ring: Dict[int, Tuple[int, bool]] = field(default_factory=dict)
+    round: int = 0
     _runs: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -327,6 +336,10 @@ class StepFrame:
             meta["fork"] = {str(c): [int(p), int(k)] for c, (p, k) in self.fork.items()}
         if self.score:
             meta["score"] = {str(s): np.asarray(t).tolist() for s, t in self.score.items()}
+        if self.ring:
+            meta["ring"] = {str(s): [int(b), bool(e)] for s, (b, e) in self.ring.items()}
+        if self.round:
+            meta["round"] = self.round
         arrays: Dict[str, np.ndarray] = {"seq": self.seq, "pos": self.pos}
         if self.tokens is not None:
             arrays["tokens"] = self.tokens
@@ -390,6 +403,17 @@ class StepFrame:
                     or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < hi for x in t)):
                 raise StepError(f"'score' of sequence {s_} must be at most {lim.max_rows} token ids in 0..{hi - 1}")
             score[s_] = np.asarray(t, dtype=np.int32)
+        ring: Dict[int, Tuple[int, bool]] = {}
+        for s_, v in _seq_map(meta.get("ring"), "ring", lim.n_seq_max).items():
+            b, e = v if isinstance(v, list) and len(v) == 2 else (None, None)
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < lim.n_ctx or not isinstance(e, bool):
+                raise StepError(f"'ring' of sequence {s_} must be [rounds left in 0..{lim.n_ctx - 1}, true|false]")
+            ring[s_] = (b, e)
+        rnd = meta.get("round", 0)
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd < lim.n_ctx:
+            raise StepError(f"'round' must be an integer in 0..{lim.n_ctx - 1}")
+        if rnd and (free or start or trim or drafts or fork or score):
+            raise StepError("a ring round carries only decode rows (no free, start, trim, drafts, fork or score)")
 
         seq = _ints(arrays, "seq", None)
         n = int(seq.shape[0])
@@ -397,10 +421,10 @@ class StepFrame:
         if n > lim.max_rows:
             raise StepError(f"{n} rows in one step; this stage takes at most {lim.max_rows}")
         frame = cls(step, seq.astype(np.int32, copy=False), pos.astype(np.int32, copy=False), free=free,
-                    start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score)
+                    start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score, ring=ring, round=rnd)
         if n == 0:
-            if drafts or score:
-                raise StepError("'drafts' or 'score' names sequences without rows in this step")
+            if drafts or score or ring or rnd:
+                raise StepError("'drafts', 'score' or 'ring' names sequences without rows in this step")
             frame._check_lane(lim.lanes)
             return frame
         if int(seq.min()) < 0 or int(seq.max()) >= lim.n_seq_max:
@@ -469,8 +493,28 @@ class StepFrame:
                 n_out = int(frame.out[int(starts[i]):int(ends[i]) + 1].sum())
                 if t.shape[0] not in (n_out, n_out - 1):
                     raise StepError(f"sequence {s}: 'score' holds {t.shape[0]} targets for {n_out} output rows")
+        if ring or rnd:
+            frame._check_ring(ends)
         frame._check_lane(lim.lanes)
         return frame
+
+    def _check_ring(self, ends: np.ndarray) -> None:
+        """Ringed sequences sample one token from their last row (no drafts, no scores); a round >= 1 is nothing
+        but the decode rows of ringed sequences, one each."""
+        if self.drafts:
+            raise StepError("a step with 'drafts' may not ring")
+        last_of = dict(zip(self.seq[ends].tolist(), ends.tolist()))
+        for s in self.ring:
+            b = last_of.get(s)
+            if b is None:
+                raise StepError(f"'ring' names sequence {s}, which has no rows in this step")
+            if s in self.drafts or s in self.score:
+                raise StepError(f"sequence {s}: 'ring' with 'drafts' or 'score' in one step")
+            if self.out is not None and not self.out[b]:
+                raise StepError(f"sequence {s}: a ringed sequence's last row must be an output row")
+        if self.round:
+            if ends.shape[0] != self.n or set(last_of) != set(self.ring):
+                raise StepError("a ring round holds exactly one row for each ringed sequence and nothing else")
 
     def _check_lane(self, lanes: int) -> None:
         """Every sequence a step names must live in the step's lane (its KV is in that lane's context)."""
@@ -549,6 +593,12 @@ class ResultFrame:
     top_bytes: Optional[List[List[str]]] = None                      # [m][k]
     score_bytes: Optional[List[str]] = None                          # [q]
     score_top_bytes: Optional[List[List[str]]] = None                # [q][k]
+    # closing the ring: the round of step ``step`` this answers (0: the gateway's own step), the ringed sequences
+    # that left the ring with it (ended, out of rounds, or stopped: no stage sees them in this ring again), and
+    # whether the ring is over (no round follows)
+    round: int = 0
+    ring_left: List[int] = field(default_factory=list)
+    ring_end: bool = False
 
     _BYTES = ("token_bytes", "top_bytes", "score_bytes", "score_top_bytes")
     _OPTIONAL = (("logprob", np.float32), ("top_ids", np.int32), ("top_logprobs", np.float32),
@@ -562,6 +612,12 @@ class ResultFrame:
             arrays["eog"] = self.eog.astype(np.uint8, copy=False)
         if self.pieces:
             meta["pieces"] = self.pieces
+        if self.round:
+            meta["round"] = self.round
+        if self.ring_left:
+            meta["ring_left"] = list(self.ring_left)
+        if self.ring_end:
+            meta["ring_end"] = True
         for name, dt in self._OPTIONAL:
             v = getattr(self, name)
             if v is not None:
@@ -587,6 +643,13 @@ class ResultFrame:
                 or not isinstance(pieces, list) or len(pieces) != m or not all(isinstance(p, str) for p in pieces)):
             raise ProtocolError("a result frame's seq, tokens, eog and pieces must be lists of one length")
         out = cls(_step_id(meta), seq, tokens, None if eog is None else eog.astype(bool), pieces)
+        rnd, left, end = meta.get("round", 0), meta.get("ring_left") or [], meta.get("ring_end", False)
+        if (isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or not isinstance(end, bool)
+                or not isinstance(left, list) or len(left) > 1 << 16
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 20 for x in left)):
+            raise ProtocolError("a result frame's round, ring_left and ring_end must be an integer, sequence ids "
+                                "and a boolean")
+        out.round, out.ring_left, out.ring_end = rnd, left, end
         for name, dt in cls._OPTIONAL:
             v = arrays.get(name)
             if v is not None:
@@ -659,11 +722,14 @@ class Configure:
     codec: str
     gateway: str = ""
     takeover: bool = False
+    ring: Optional[str] = None   # the last stage: the first stage's URL, to send ring rounds to (None: no ring)
 
     def to_meta(self) -> dict:
         meta: Dict[str, Any] = {"type": CONFIGURE, "next": self.next, "codec": self.codec}
         if self.gateway:
             meta.update(gateway=self.gateway, takeover=bool(self.takeover))
+        if self.ring:
+            meta["ring"] = self.ring
         return meta
 
     @classmethod
@@ -676,10 +742,28 @@ class Configure:
         gid = meta.get("gateway")
         if gid is not None and (not isinstance(gid, str) or not 0 < len(gid) <= 64):
             raise ProtocolError("'gateway' must be a string of 1..64 characters")
-        nxt = meta.get("next")
-        if nxt and not (isinstance(nxt, str) and nxt.startswith(("ws://", "wss://"))):
-            raise ProtocolError("'next' must be a ws:// or wss:// URL")
-        return cls(nxt or None, c, gid or "", meta.get("takeover") is True)
+        nxt, ring = meta.get("next"), meta.get("ring")
+        for name, url in (("next", nxt), ("ring", ring)):
+            if url and not (isinstance(url, str) and len(url) < 2048 and url.startswith(("ws://", "wss://"))):
+                raise ProtocolError(f"'{name}' must be a ws:// or wss:// URL")
+        return cls(nxt or None, c, gid or "", meta.get("takeover") is True, ring or None)
+
+
+@dataclass(frozen=True)
+class RingStop:
+    """Gateway -> last stage: these ringed sequences leave their ring at the next round the last stage samples
+    (a stop string matched, the client went away, or the gateway has work to merge with them)."""
+
+    step: int
+    seqs: Tuple[int, ...]
+
+    def to_meta(self) -> dict:
+        return {"type": RING_STOP, "step": self.step, "seqs": list(self.seqs)}
+
+    @classmethod
+    def decode(cls, meta: dict, n_seq_max: int) -> "RingStop":
+        """:class:`StepError` for a malformed request."""
+        return cls(_step_id(meta), tuple(_int_list(meta.get("seqs"), "seqs", n_seq_max)))
 
 
 @dataclass(frozen=True)
@@ -775,6 +859,18 @@ def chain_mismatch(prev: Union[StageHello, dict], nxt: Union[StageHello, dict]) 
         return f"overlap: layers {nxt['layer_start']}-{prev['layer_stop'] - 1} are served twice"
     if nxt.get("n_embd_inp") != prev.get("n_embd"):
         return f"hidden width {prev.get('n_embd')} does not match the next stage's input width {nxt.get('n_embd_inp')}"
+    return None
+
+
+def ring_mismatch(last: Union[StageHello, dict], first: Union[StageHello, dict]) -> Optional[str]:
+    """Why stage ``first`` cannot take the ring rounds of last stage ``last`` (the same model, its first layers),
+    or None if it can."""
+    if first.get("protocol") != PROTOCOL_VERSION:
+        return f"protocol version {first.get('protocol')} differs from {PROTOCOL_VERSION}"
+    if first.get("fingerprint") != last.get("fingerprint"):
+        return f"holds a different model (fingerprint {first.get('fingerprint')} vs {last.get('fingerprint')})"
+    if first.get("layer_start") != 0:
+        return f"is not a first stage (its layers start at {first.get('layer_start')})"
     return None
 
 

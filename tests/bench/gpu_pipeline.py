@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="how non-last stages hand on their output, each in turn (MOLINK_STAGE_OUTPUT): graph "
                          "(the engine patch), callback (the pristine API's eval callback), e.g. callback,graph; "
                          "default: what the library offers")
+    ap.add_argument("--ring", default="",
+                    help="gateway part: the gateway's --ring settings to run side by side, e.g. off,on (default: its "
+                         "own default); with a relay the ring's link crosses one too")
     ap.add_argument("--ignore-eos", action="store_true",
                     help="gateway part: every request asks for all max_tokens (ignore_eos), on every system")
     return ap.parse_args(argv)
@@ -652,10 +655,15 @@ def print_pipeline_table(seqs: List[int]) -> None:
 
 
 # ----------------------------------------------------------------------------- gateway / HTTP
-def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path) -> subprocess.Popen:
+def start_gateway_proc(urls: List[str], mb: int, port: int, logf: Path, ring: str = "",
+                       ring_via: str = "") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(port), "--codec", ARGS.codec,
            *(["--micro-batches", str(mb)] if mb else []), "--prefill-chunk", str(ARGS.prefill_chunk),
            "--max-batch-tokens", str(max(ARGS.batch, 256)), "--pipeline", ",".join(urls)]
+    if ring:
+        cmd += ["--ring", ring]
+    if ring_via:
+        cmd += ["--ring-via", f"{urls[0]}={ring_via}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "NCCL_NVLS_ENABLE": "0"}
     f = open(logf, "wb")
     p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
@@ -801,17 +809,22 @@ def part_gateway(model: str) -> None:
                 f"{lanes} lane(s), ctx {n_ctx}" + (f", stage output {mode}" if mode else ""))
             ranges, procs = launch(model, ns, n_ctx, max(concs), gpus, wd, lanes, stage_output=mode)
             try:
-                for mb in micro_batch_list(ns):
+                for mb, ring in [(m, r) for m in micro_batch_list(ns) for r in (ARGS.ring.split(",") if ARGS.ring else [""])]:
                     if out_of_time():
                         break
                     if 0 < mb < lanes:
                         continue
                     port += 1
-                    key = f"{tag}_mb{mb or 'auto'}" + (f"_{ARGS.codec}" if ARGS.codec != "f16" else "")
-                    say(f"  gateway --micro-batches {mb} on :{port}")
+                    key = (f"{tag}_mb{mb or 'auto'}" + (f"_{ARGS.codec}" if ARGS.codec != "f16" else "")
+                           + (f"_ring{ring}" if ring else ""))
+                    say(f"  gateway --micro-batches {mb}" + (f" --ring {ring}" if ring else "") + f" on :{port}")
                     relays: List[subprocess.Popen] = []
                     urls = stage_urls(procs, wd, relays, port + 500)
-                    gw = start_gateway_proc(urls, mb, port, wd / f"gateway-{key}.log")
+                    via = ""
+                    if linked() and ns > 1 and ring != "off":   # the ring's link crosses the emulated network too
+                        relays.append(start_relay(procs[0].port, port + 600, wd / f"relay-ring-{key}.log"))
+                        via = f"ws://127.0.0.1:{port + 600}"
+                    gw = start_gateway_proc(urls, mb, port, wd / f"gateway-{key}.log", ring, via)
                     try:
                         pids = {"gateway": gw.pid, **{f"stage{i}": sp.proc.pid for i, sp in enumerate(procs)}}
                         res[key] = asyncio.run(http_runs(port, concs, info.n_vocab, alive=lambda: gw.poll() is None,
@@ -819,6 +832,8 @@ def part_gateway(model: str) -> None:
                         pl = ((res[key].get("stats") or {}).get("pipelines") or [{}])[0]
                         if pl.get("link_choice"):
                             say(f"    gateway chose: {pl['link_choice']['why']}")
+                        if pl.get("ring"):
+                            say(f"    ring: {pl['ring']}")
                     except Exception as e:  # noqa: BLE001
                         say(f"  FAILED: {e}\n{(wd / f'gateway-{key}.log').read_text()[-3000:]}")
                         res[key] = {"error": str(e)}
