@@ -40,6 +40,7 @@ VALUES: Dict[str, str] = {
     "--max-memory": "6GB",
     "--alias": "small=tiny",
     "--idle-unload": "90",
+    "--ring-via": "ws://10.0.0.1:9001=ws://10.0.0.7:9101",
 }
 
 # options that only work with another one: given together, and the option's own value must show in what changed

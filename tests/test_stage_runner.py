@@ -25,7 +25,7 @@ SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 STATS_KEYS = {"steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", "errors", "frees", "busy_s",
               "refused_links", "rejected_frames", "trims", "drafted", "accepted", "busy_refusals",
               "evicted_handshakes", "next_link_losses", "next_link_reconnects", "epoch", "takeovers",
-              "refused_configures"}
+              "refused_configures", "ring_rounds"}
 
 
 @pytest.fixture(scope="module")
