@@ -460,3 +460,27 @@ async def _ring_attacked(urls, via, attack, key, n_tokens=60):
         return list(s.generated), ev[-1].finish_reason, s.replays, p.ring_state(), dict(p.stats)
     finally:
         await p.close()
+
+
+# ---------------------------------------------------------------- when the gateway ends rings
+def _rec(sid, slots, stopping=False):
+    from molink_lite.serving.step_builder import StepRecord
+    return StepRecord(sid, [], ring_slots=set(slots), stopping=stopping)
+
+
+def test_rings_end_for_waiting_work_or_imbalance_and_never_while_others_settle():
+    from molink_lite.serving.ring_policy import rings_to_stop, settling
+
+    a, b = _rec(1, range(8)), _rec(2, range(8, 16))
+    assert rings_to_stop([a, b], 2, work_waiting=False) == []           # balanced: keep going
+    assert rings_to_stop([a, b], 2, work_waiting=True) == [a, b]        # newcomers: batch everyone again
+    small = _rec(3, [20])
+    assert rings_to_stop([a, small], 2, False) == [a, small]            # 8 against 1: out of balance
+    assert rings_to_stop([_rec(4, range(5)), _rec(5, range(5, 8))], 2, False) == []   # 5 against 3: fine
+    one = _rec(6, range(6))
+    assert rings_to_stop([one], 2, False) == [one]                      # one ring of 6 for two micro-batches
+    assert rings_to_stop([_rec(7, [0])], 2, False) == []                # one sequence: one ring is right
+    plain = _rec(8, [])
+    assert rings_to_stop([a, plain], 2, True) == []                     # a plain step comes back first
+    ending = _rec(9, range(3), stopping=True)
+    assert rings_to_stop([a, ending], 2, True) == [] and settling([a, ending]) and not settling([a, b])
