@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import llama_cpp  # noqa: F401  # import before numpy
 
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -361,3 +362,164 @@ def test_split_equal_order():
     assert archs.split_equal_order(seq, 512) == [0, 1, 3, 2, 4, 5]
     assert archs.split_equal_order([3, 3, 3], 512) == [0, 1, 2]
     assert sorted(archs.split_equal_order([5, 1, 5, 2, 1, 9, 9, 9], 4)) == list(range(8))
+
+
+# ------------------------------------------------------------------ gemma3n: the refusal, measured
+
+# Gemma 3n is refused (archs.UNSUPPORTED); this measures what a split would give anyway, by lifting the refusal
+# inside the test only. llama.cpp hard-codes 4 AltUp streams and 256 per-layer-input values per layer
+# (llama-hparams.h), activation sparsity on layers 0-9 and KV reuse from layer 20 on (models/gemma3n.cpp): a
+# 24-layer model runs all of these in the whole model.
+GEMMA3N_KW = {**BASE_KW, "n_layer": 24}
+GEMMA3N_CUTS = (4, 12, 22)
+GEMMA3N_N_ALTUP = 4
+GEMMA3N_N_EMBD_ALTUP = 256
+
+
+def _gemma3n_lift_refusal(monkeypatch) -> None:
+    """Let the splitter and the stage engine take gemma3n, as a plain rule with its sliding-window pattern (period
+    5, as llama.cpp's gemma3n loader): only for this test."""
+    monkeypatch.setitem(archs.RULES, "gemma3n", archs.ArchRule("gemma3n", swa=archs.SwaRule(period=5)))
+
+
+def _gemma3n_slice_per_layer_tensors(monkeypatch) -> None:
+    """Stage files whose per-layer-input tensors hold the stage's own layers (llama.cpp sizes them by the stage's
+    layer count), so that the stages load: the most a layer split could keep of them."""
+    from molink_lite.model import split
+
+    plan = split.plan_stage
+    a = GEMMA3N_N_EMBD_ALTUP
+
+    def sliced(path, layers, reader=None, **kw):
+        kv, tensors, align = plan(path, layers, reader, **kw)
+        r = reader if reader is not None else split._reader(path)
+        src = {t.name: t for t in r.tensors}
+        for t in tensors:
+            if t.name == "per_layer_token_embd.weight":      # numpy [n_vocab, 256 * n_layer]
+                v = r.read_tensor_f32(src[t.name])[:, a * layers.start:a * layers.stop]
+            elif t.name == "per_layer_model_proj.weight":    # numpy [256 * n_layer, n_embd]
+                v = r.read_tensor_f32(src[t.name])[a * layers.start:a * layers.stop, :]
+            else:
+                continue
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            t.ne, t.data, t.nbytes = tuple(reversed(v.shape)), v.tobytes(), v.nbytes
+        return kv, tensors, align
+
+    monkeypatch.setattr(split, "plan_stage", sliced)
+
+
+class _ActiveStreamEngine(StageEngine):
+    """A non-last gemma3n stage handing on the active AltUp stream (stream 0, ``i_altup_act``) of its last layer's
+    output, which holds 4 streams of n_embd per row: what a wire of n_embd per row can carry. Callback capture
+    path only (``MOLINK_STAGE_OUTPUT=callback``)."""
+
+    def _eval_cb(self, t, ask, user):
+        if ask:
+            return super()._eval_cb(t, ask, user)
+        from molink_lite.stage import engine as eng
+
+        lane = self._lanes[(user or 1) - 1]
+        row = 4 * self.info.n_embd
+        rows = eng._ggml_nbytes(t) // (GEMMA3N_N_ALTUP * row)  # l_out: [n_embd, n_tokens, n_altup], stream-major
+        eng._ggml_backend_tensor_get(t, lane.cap_buf[lane.cap_rows:lane.cap_rows + rows].ctypes.data, 0, rows * row)
+        lane.cap_rows += rows
+        return False
+
+
+def _load_errors(paths) -> List[str]:
+    """llama.cpp's error for each stage file, loaded in a subprocess (an abort there would not end this test)."""
+    import subprocess
+    import sys
+
+    code = ("import llama_cpp, sys\nfrom molink_lite.stage.engine import StageEngine\n"
+            "StageEngine(sys.argv[1], n_ctx=64, n_seq_max=1, n_threads=1).close()\nprint('loaded')\n")
+    out = []
+    for p in paths:
+        r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+        lines = (r.stdout + r.stderr).splitlines()
+        out.append("loaded" if r.returncode == 0 and "loaded" in lines else
+                   next((ln for ln in lines if "error loading model" in ln), f"rc {r.returncode}: {lines[-1:]}"))
+    return out
+
+
+def _gemma3n_greedy(path: str, cut: int, n_layer: int, cache_dir, prompts):
+    """Whole model and a 2-stage split at ``cut`` (active stream handed on): (max |logit diff|, prefill's max
+    |logit diff|, share of greedy tokens that differ, max |logit| of the whole model)."""
+    whole = [_engine(path)]
+    try:
+        want, want_tok = greedy_run(whole, prompts, N_STEPS)
+        want = [np.array(a, copy=True) for a in want]
+    finally:
+        whole[0].close()
+    paths = [stage_gguf(path, LayerRange(a, b), cache_dir=cache_dir) for a, b in ((0, cut), (cut, n_layer))]
+    engines = [_ActiveStreamEngine(paths[0], n_ctx=N_CTX, n_seq_max=len(PROMPT_LENS), n_threads=1), _engine(paths[1])]
+    try:
+        got, got_tok = greedy_run(engines, prompts, N_STEPS)
+    finally:
+        for e in engines:
+            e.close()
+    assert all(np.isfinite(a).all() for a in want + got)
+    return (max(float(np.abs(a - b).max()) for a, b in zip(want, got)), float(np.abs(want[0] - got[0]).max()),
+            float((want_tok != got_tok).mean()), max(float(np.abs(a).max()) for a in want))
+
+
+def test_gemma3n_split_is_far_from_exact(tiny_models, tmp_path, monkeypatch):
+    """Re-measures archs.UNSUPPORTED["gemma3n"]: a 2-stage split of the random-weight gemma3n test model, over the
+    prompts and steps of the exactness tests. (1) Stage files written as for other architectures do not load:
+    per_layer_token_embd / per_layer_model_proj hold every layer's columns. (2) With those tensors sliced to the
+    stage's layers, the first stage's last layer holds 4 AltUp streams per row: the engine refuses the capture.
+    (3) Handing on the active stream, logits and greedy tokens are far from the whole model's, also with the
+    per-layer inputs switched off (``blk.*.proj`` zeroed: AltUp alone, 6 layers: no KV reuse, sparsity on all)."""
+    from gguf import GGUFReader
+    from molink_lite.stage.engine import EngineError
+
+    monkeypatch.setenv("MOLINK_STAGE_OUTPUT", "callback")
+    n_layer = GEMMA3N_KW["n_layer"]
+    path = tiny_models("gemma3n", **GEMMA3N_KW)
+    prompts = _prompts(read_model_info(path).n_vocab)
+    with pytest.raises(SplitError, match="gemma3n"):
+        stage_gguf(path, LayerRange(0, 12), cache_dir=tmp_path / "refused")
+    _gemma3n_lift_refusal(monkeypatch)
+
+    # (1) as the splitter writes stages for other architectures
+    naive = [stage_gguf(path, LayerRange(a, b), cache_dir=tmp_path / "naive") for a, b in ((0, 12), (12, n_layer))]
+    errors = _load_errors(naive)
+    print("gemma3n, stage files as written for other architectures:", errors)
+    assert all("per_layer_token_embd.weight' has wrong shape" in e for e in errors), errors
+
+    # (2) per-layer tensors sliced: the stages load, the hidden state is 4 streams per row
+    _gemma3n_slice_per_layer_tensors(monkeypatch)
+    sliced = tmp_path / "sliced"
+    engines = [_engine(stage_gguf(path, LayerRange(a, b), cache_dir=sliced)) for a, b in ((0, 12), (12, n_layer))]
+    try:
+        with pytest.raises(EngineError, match="captured") as e:
+            greedy_run(engines, prompts, N_STEPS)
+    finally:
+        for eng in engines:
+            eng.close()
+    n_rows = sum(PROMPT_LENS)
+    print(f"gemma3n, per-layer tensors sliced: {e.value}")
+    assert f"captured {GEMMA3N_N_ALTUP * n_rows} hidden rows for a batch of {n_rows}" in str(e.value)
+
+    # (3) the active stream handed on
+    bound = max(max(r.max_logit_diff or 0.0 for r in archs.RULES.values()), archs.MAXDIFF_GEMMA2_27B)
+    for cut in GEMMA3N_CUTS:
+        diff, prefill, mismatch, scale = _gemma3n_greedy(path, cut, n_layer, sliced, prompts)
+        print(f"gemma3n {n_layer} layers, cut at {cut}: max logit difference {diff:.3g} (prefill {prefill:.3g}; "
+              f"whole-model logits within +-{scale:.3g}), greedy tokens differing {mismatch:.0%}")
+        assert diff > 100 * bound and prefill > 100 * bound
+        assert mismatch > 0.5
+
+    # AltUp alone: no per-layer inputs (their projection zeroed), 6 layers (no KV reuse; sparsity on every layer)
+    alone = tmp_path / "gemma3n-no-per-layer-input.gguf"
+    alone.write_bytes(Path(tiny_models("gemma3n", **BASE_KW)).read_bytes())
+    r = GGUFReader(alone, "r+")
+    for t in r.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".proj.weight"):
+            t.data[...] = 0
+    r.data.flush()
+    del r
+    diff, prefill, mismatch, scale = _gemma3n_greedy(str(alone), 3, N_LAYER, tmp_path / "alone", prompts)
+    print(f"gemma3n {N_LAYER} layers, per-layer inputs zeroed, cut at 3: max logit difference {diff:.3g} "
+          f"(prefill {prefill:.3g}; whole-model logits within +-{scale:.3g}), greedy tokens differing {mismatch:.0%}")
+    assert diff > 100 * bound and mismatch > 0.5

@@ -991,6 +991,28 @@ _SPECS: Dict[str, _Spec] = {
                                   ("blk.ssm_dt.bias", "NH", "dt_bias"), ("blk.ssm_a", "1, NH", "ssm_a"),
                                   ("blk.ssm_d", "1, NH", "ones"), ("blk.ssm_norm.weight", "DI // NG, NG", "norm"),
                                   ("blk.ssm_out.weight", "DI, E"))))),
+    # Gemma 3n (text part): 4 AltUp streams (altup_proj / altup_unembd_proj make and merge streams 1-3), a
+    # LAuReL low-rank branch, per-layer inputs (per_layer_token_embd / per_layer_model_proj, 256 wide per layer),
+    # sliding window on 4 of every 5 layers. llama.cpp hard-codes n_altup 4, laurel_rank 64, n_embd_altup 256
+    # (no GGUF key read: the informational keys below are what convert_hf_to_gguf writes), activation sparsity on
+    # layers 0-9 and KV reuse from layer 20 on (layers 20+ read layer 18's SWA / 19's full cache; their
+    # attn_k/attn_v are loaded but unused), so a model needs >= 21 layers to exercise the latter
+    "gemma3n": _Spec(
+        dims=(("A", "256"), ("NA", "4"), ("LR", "64")),
+        kv=(*_KVLEN, *_rms("1e-6"), ("attention.sliding_window", "u32", "8"), ("rope.freq_base", "f32", "1000000.0"),
+            ("rope.freq_base_swa", "f32", "10000.0"), ("final_logit_softcapping", "f32", "30.0"),
+            ("embedding_length_per_layer_input", "u32", "A"), ("altup.active_idx", "u32", "0"),
+            ("altup.num_inputs", "u32", "NA"), ("attention.shared_kv_layers", "u32", "max(0, L - 20)")),
+        tensors=(*_emb(tied=True), ("altup_proj.weight", "E, E, NA - 1"), ("altup_unembd_proj.weight", "E, E, NA - 1"),
+                 ("per_layer_token_embd.weight", "A * L, V"), ("per_layer_model_proj.weight", "E, A * L"),
+                 *_n("per_layer_proj_norm", "A"),
+                 *_n("blk.attn_norm"), *_attn_rows(qk_norm=True), *_n("blk.post_attention_norm"),
+                 *_n("blk.ffn_norm"), *_glu(), *_n("blk.post_ffw_norm"),
+                 ("blk.inp_gate.weight", "E, A"), ("blk.proj.weight", "A, E"), *_n("blk.post_norm"),
+                 ("blk.altup_correct_coef.weight", "NA, NA", "f32w"), *_n("blk.altup_correct_scale"),
+                 ("blk.altup_predict_coef.weight", "NA, NA * NA", "f32w"), ("blk.altup_router.weight", "E, NA", "f32w"),
+                 *_n("blk.altup_router_norm"), ("blk.laurel_l.weight", "E, LR"), ("blk.laurel_r.weight", "LR, E"),
+                 *_n("blk.laurel_post_norm"))),
 }
 
 
