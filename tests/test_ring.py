@@ -244,8 +244,8 @@ async def _events_to_end(s, timeout: float = 120):
 
 
 def _near_tie_or_same(got, ref, tie=0.3):
-    """Each sequence's tokens equal the reference's, or first differ where the ring took the reference's second best
-    token, within ``tie`` of the best. Run together, requests land in other KV cells than in the reference (the
+    """Each sequence's tokens equal the reference's, or first differ at a near tie: one run took the other's runner-up,
+    within ``tie`` of the best. Run together, requests land in other KV cells than in the reference (the
     ring batches them differently); llama.cpp's CPU attention then sums in another order (measured: 1e-7 at the
     first stage's output) and the activations' 8-bit quantization can turn that into ~0.1 of a logprob, enough to
     swap two near-equal tokens. One at a time, the same schedule gives the same bits (checked exactly)."""
@@ -253,8 +253,12 @@ def _near_tie_or_same(got, ref, tie=0.3):
         if g[0] == r[0]:
             continue
         j = next(k for k in range(min(len(g[0]), len(r[0]))) if g[0][k] != r[0][k])
-        top = r[3][j][2]
-        assert len(top) >= 2 and top[1][0] == g[0][j] and top[0][1] - top[1][1] < tie, (j, r[3][j], g[3][j])
+        assert _close_second(r[3][j][2], g[0][j], tie) or _close_second(g[3][j][2], r[0][j], tie), (j, r[3][j], g[3][j])
+
+
+def _close_second(top, token, tie) -> bool:
+    """``token`` is the runner-up of ``top`` ((id, logprob) best first), within ``tie`` of the best."""
+    return len(top) >= 2 and top[1][0] == token and top[0][1] - top[1][1] < tie
 
 
 @pytest.mark.slow
@@ -468,19 +472,21 @@ def _rec(sid, slots, stopping=False):
     return StepRecord(sid, [], ring_slots=set(slots), stopping=stopping)
 
 
-def test_rings_end_for_waiting_work_or_imbalance_and_never_while_others_settle():
-    from molink_lite.serving.ring_policy import rings_to_stop, settling
+def test_one_ring_ends_for_waiting_work_or_imbalance_and_none_while_another_comes_back():
+    from molink_lite.serving.ring_policy import ring_to_stop
 
     a, b = _rec(1, range(8)), _rec(2, range(8, 16))
-    assert rings_to_stop([a, b], 2, work_waiting=False) == []           # balanced: keep going
-    assert rings_to_stop([a, b], 2, work_waiting=True) == [a, b]        # newcomers: batch everyone again
+    assert ring_to_stop([a, b], 2, work_waiting=False) is None           # balanced: keep going
     small = _rec(3, [20])
-    assert rings_to_stop([a, small], 2, False) == [a, small]            # 8 against 1: out of balance
-    assert rings_to_stop([_rec(4, range(5)), _rec(5, range(5, 8))], 2, False) == []   # 5 against 3: fine
+    assert ring_to_stop([a, small], 2, True) is small                    # newcomers join the smallest ring
+    assert ring_to_stop([a, small], 2, False) is a                       # 8 against 1: the largest re-shares
+    assert ring_to_stop([_rec(4, range(5)), _rec(5, range(5, 8))], 2, False) is None   # 5 against 3: fine
     one = _rec(6, range(6))
-    assert rings_to_stop([one], 2, False) == [one]                      # one ring of 6 for two micro-batches
-    assert rings_to_stop([_rec(7, [0])], 2, False) == []                # one sequence: one ring is right
+    assert ring_to_stop([one], 2, False) is one                          # one ring of 6 for two micro-batches
+    assert ring_to_stop([_rec(7, [0])], 2, False) is None                # one sequence: one ring is right
+    c = _rec(10, [30, 31])
+    assert ring_to_stop([a, b, c], 2, False) is c                        # more rings than micro-batches
     plain = _rec(8, [])
-    assert rings_to_stop([a, plain], 2, True) == []                     # a plain step comes back first
+    assert ring_to_stop([a, plain], 2, True) is None                     # a plain step comes back first
     ending = _rec(9, range(3), stopping=True)
-    assert rings_to_stop([a, ending], 2, True) == [] and settling([a, ending]) and not settling([a, b])
+    assert ring_to_stop([a, ending], 2, True) is None                    # so does an ending ring

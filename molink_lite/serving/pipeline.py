@@ -370,8 +370,6 @@ class Pipeline:
                     await self._draft()
                     if self.state != "up":
                         continue
-                if self.ring_on and ring_policy.settling(self.inflight.values()):
-                    continue   # a ring is ending: its sequences are batched with the rest once back (a round)
                 capped = True
                 while len(self.inflight) < max(self.max_inflight, self.lanes):
                     picked = self._schedule()
@@ -400,10 +398,7 @@ class Pipeline:
         busy = [0] * self.lanes
         for st in self.inflight.values():
             busy[st.lane] += 1
-        mb = self.max_inflight
-        if self.ring_on:   # rings keep their sequences: the steps that can go now share the sequences left
-            mb = max(1, self.max_inflight - len(self.inflight))
-        return next_step(self.slots.by_lane(), busy, self.slots.lanes_freeing(), mb,
+        return next_step(self.slots.by_lane(), busy, self.slots.lanes_freeing(), self.max_inflight,
                          self.max_batch_tokens, self.prefill_chunk, self.budget.rows, self.slots.cache.whole_only)
 
     def _send(self, lane: int, plan: StepPlan) -> None:
@@ -499,10 +494,10 @@ class Pipeline:
             self.fail(str(e))
 
     def _stop_rings(self, capped: bool) -> None:
-        """End the rings when batching their sequences again pays (:func:`.ring_policy.rings_to_stop`)."""
-        recs = self.inflight.values()
-        stop = ring_policy.rings_to_stop(recs, self.max_inflight, capped and self._schedule() is not None)
-        for r in stop:
+        """End a ring when batching its sequences again pays (:func:`.ring_policy.ring_to_stop`)."""
+        r = ring_policy.ring_to_stop(self.inflight.values(), self.max_inflight,
+                                     capped and self._schedule() is not None)
+        if r is not None:
             r.stopping = True
             self._ring_stop(r, sorted(r.ring_slots))
 

@@ -8,36 +8,38 @@ batching them again is worth a trip through the gateway:
 * the rings are out of balance: more or fewer rings than micro-batches (while there are sequences for each), or one
   ring over twice the size of another (the stages would take turns on a large and a small batch).
 
-Nothing is decided while a plain step or an ending ring is in flight: it comes back within a round, and the
-scheduler batches again then. Pure functions over the steps in flight (:class:`~.step_builder.StepRecord`).
+One ring ends at a time, and nothing is decided while a plain step or an ending ring is in flight: it comes back
+within a round, and the scheduler batches again then (an even share of the decoding sequences per micro-batch, as
+without rings). A pure function over the steps in flight (:class:`~.step_builder.StepRecord`).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, Optional
 
 from .step_builder import StepRecord
 
 
-def settling(inflight: Iterable[StepRecord]) -> bool:
-    """A ring is ending: its sequences come back within a round, and the next steps wait for them (so that all are
-    batched together, evenly)."""
-    return any(r.stopping for r in inflight)
+def ring_to_stop(inflight: Iterable[StepRecord], micro_batches: int,
+                 work_waiting: bool) -> Optional[StepRecord]:
+    """The ring to end now, or None: one at a time, so the others keep going while it comes back.
 
-
-def rings_to_stop(inflight: Iterable[StepRecord], micro_batches: int, work_waiting: bool) -> List[StepRecord]:
-    """The rings to end now (all or none). ``work_waiting``: sequences wait for a step the micro-batches have no
-    room for."""
+    ``work_waiting``: sequences wait for a step the micro-batches have no room for; the smallest ring ends, and its
+    sequences are batched with them. Out of balance: the largest ring ends when there are too few rings or one is
+    over twice another's size (its sequences come back as an even share, and what is left over waits for the next
+    ring to end), the smallest when there are more rings than micro-batches."""
     recs = list(inflight)
     rings = [r for r in recs if r.ring_slots]
     if not rings or len(rings) < len(recs) or any(r.stopping for r in rings):
-        return []
-    if work_waiting:
-        return rings
+        return None
+    smallest = min(rings, key=lambda r: len(r.ring_slots))
+    largest = max(rings, key=lambda r: len(r.ring_slots))
+    if work_waiting or len(rings) > micro_batches:
+        return smallest
     sizes = [len(r.ring_slots) for r in rings]
-    if len(rings) != min(micro_batches, sum(sizes)) or max(sizes) > 2 * min(sizes) + 1:
-        return rings
-    return []
+    if len(rings) < min(micro_batches, sum(sizes)) or max(sizes) > 2 * min(sizes) + 1:
+        return largest
+    return None
 
 
-__all__ = ["rings_to_stop", "settling"]
+__all__ = ["ring_to_stop"]
