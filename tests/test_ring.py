@@ -238,6 +238,13 @@ async def _run(urls, ring, stop_of=None, together=False, **kw):
         await p.close()
 
 
+async def _until(cond, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
 async def _events_to_end(s, timeout: float = 120):
     from serving import events_to_end
     return await events_to_end(s, timeout)
@@ -319,9 +326,7 @@ async def _cancel_mid_ring(urls):
         router = Router([p])
         toks = await router.tokenize("cancel me")
         s = router.submit(GenRequest(toks, SamplingParams(temperature=0.0), 500, ignore_eos=True))
-        while len(s.generated) < 5:
-            await asyncio.sleep(0.005)
-        assert s.ring, "the sequence should be in a ring by now"
+        await _until(lambda: len(s.generated) >= 5 and s.ring)
         router.cancel(s)
         deadline = time.monotonic() + 20
         while (p.active or p.inflight) and time.monotonic() < deadline:
@@ -456,9 +461,7 @@ async def _ring_attacked(urls, via, attack, key, n_tokens=60):
         router = Router([p], recover_timeout=60)
         toks = await router.tokenize("a ring under attack")
         s = router.submit(GenRequest(toks, SamplingParams(temperature=0.0), n_tokens, ignore_eos=True))
-        while len(s.generated) < 5:
-            await asyncio.sleep(0.005)
-        assert s.ring
+        await _until(lambda: len(s.generated) >= 5 and s.ring)
         await attack()
         ev = await _events_to_end(s, 120)
         return list(s.generated), ev[-1].finish_reason, s.replays, p.ring_state(), dict(p.stats)
