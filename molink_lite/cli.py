@@ -663,8 +663,8 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ring", choices=["auto", "on", "off"], default="auto",
                    help="close the ring: the last stage sends each sampled token straight to the first stage, so a "
                         "token costs one trip around the stages and none through the gateway (which still gets "
-                        "every token); auto (default): while the pipeline does not speculate; on: every step "
-                        "without drafts")
+                        "every token); auto (default): when every stage runs on a GPU and the pipeline does not "
+                        "speculate; on: every step without drafts")
 
 
 def _models_opts(s: argparse.ArgumentParser) -> None:
@@ -739,8 +739,8 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
                    help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
                         "+ ggml-rpc-server, same split and relay), 'sealed' (molink-lite with a cluster secret: every "
                         "link authenticated and every message sealed, the default off loopback), 'secure' (sealed "
-                        "and TLS on every link), to see what security costs, 'ring-off' (molink-lite with --ring "
-                        "off: every token through the gateway), to see what closing the ring gains")
+                        "and TLS on every link), to see what security costs, 'ring-on' / 'ring-off' (molink-lite "
+                        "with --ring on / off), to see what closing the ring gains")
     b.add_argument("--long-prompt", type=int, default=0,
                    help="also measure inter-token p99 of 8 decoding requests while a prompt of this many words "
                         "arrives (e.g. 4096; default 0: skip)")
@@ -787,9 +787,10 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     from .tools.bench_serve import BenchConfig, load_prompts, run_bench
 
     bases = [x.strip() for x in a.baseline.split(",") if x.strip()]
-    bad = [x for x in bases if x not in ("whole", "rpc", "sealed", "secure", "ring-off")]
+    bad = [x for x in bases if x not in ("whole", "rpc", "sealed", "secure", "ring-on", "ring-off")]
     if bad:
-        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, sealed, secure, ring-off", file=sys.stderr)
+        print(f"error: unknown baseline(s) {bad}: choose from whole, rpc, sealed, secure, ring-on, ring-off",
+              file=sys.stderr)
         return 2
     try:
         conc = [int(x) for x in a.concurrency.split(",") if x.strip()]

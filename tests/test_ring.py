@@ -493,3 +493,24 @@ def test_one_ring_ends_for_waiting_work_or_imbalance_and_none_while_another_come
     assert ring_to_stop([a, plain], 2, True) is None                     # a plain step comes back first
     ending = _rec(9, range(3), stopping=True)
     assert ring_to_stop([a, ending], 2, True) is None                    # so does an ending ring
+
+
+def test_auto_rings_gpu_stages_that_do_not_speculate():
+    from molink_lite.serving.pipeline import Pipeline
+
+    p = Pipeline(["ws://a:1", "ws://b:2"])
+    assert p.ring_state() == "off: not asked for" or p.ring_state().startswith("off: ")   # not connected yet
+    p.chain.ring_ok = True
+    p.chain.infos = [{"backend": "CUDA0"}, {"backend": "CUDA0"}]
+    assert p.ring_on and p.ring_state() == "on"
+    p.chain.infos = [{"backend": "CUDA0"}, {"backend": "cpu"}]
+    assert not p.ring_on and "CPU stages" in p.ring_state()
+    p.ring_mode = "on"
+    assert p.ring_on
+    p.ring_mode, p.spec_on = "auto", True
+    p.chain.infos = [{"backend": "CUDA0"}] * 2
+    assert not p.ring_on and "speculative" in p.ring_state()
+    p.ring_mode = "off"
+    assert p.ring_state() == "off: --ring off"
+    p.ring_mode, p.spec_on, p.chain.ring_ok, p.chain.ring_why = "auto", False, False, "cannot reach first stage x"
+    assert p.ring_state() == "off: cannot reach first stage x"

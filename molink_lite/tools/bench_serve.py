@@ -452,18 +452,18 @@ def bench_system(system: str, cfg: BenchConfig, ranges: List[LayerRange], workdi
     procs.workdir.mkdir(parents=True, exist_ok=True)
     res = SystemResult(system)
     try:
-        if system in ("molink", "sealed", "secure", "spec", "ring-off"):
+        if system in ("molink", "sealed", "secure", "spec", "ring-on", "ring-off"):
             # with --speculative, "molink" is the same system with speculation off (same invocation)
             mode = cfg.speculative if system == "spec" else ("off" if cfg.speculative else None)
             url = start_molink(cfg, procs, ranges, secure=system == "secure", speculative=mode,
-                               sealed=system == "sealed", ring="off" if system == "ring-off" else None)
+                               sealed=system == "sealed", ring=system[5:] if system.startswith("ring-") else None)
         elif system in ("whole", "rpc"):
             url = start_llama_server(cfg, procs, ranges, rpc=system == "rpc")
         else:
             raise ValueError(f"unknown system {system!r} (molink, sealed, secure, whole, rpc)")
         asyncio.run(run_level(url, 1, 1, 8, 4))  # warm-up
         prompts = load_prompts(cfg.prompts)
-        molink = system in ("molink", "sealed", "secure", "spec", "ring-off")
+        molink = system in ("molink", "sealed", "secure", "spec", "ring-on", "ring-off")
         for i, c in enumerate(cfg.concurrency):
             n = cfg.requests or max(4, 2 * c)
             before = _spec_counters(url) if molink else None
@@ -552,6 +552,12 @@ def format_table(results: List[SystemResult]) -> str:
             ratios = [f"c={lv.concurrency}: {lv.tok_s / by_c[lv.concurrency].tok_s:.2f}x"
                       for lv in mol.levels if lv.concurrency in by_c and by_c[lv.concurrency].tok_s]
             lines.append(f"molink-lite / {base.system} throughput: {', '.join(ratios)}")
+    by_sys = {r.system: r for r in results if r.levels}
+    if "ring-on" in by_sys and "ring-off" in by_sys:   # closing the ring, measured alone
+        off_c = {lv.concurrency: lv for lv in by_sys["ring-off"].levels}
+        ratios = [f"c={lv.concurrency}: {lv.tok_s / off_c[lv.concurrency].tok_s:.2f}x"
+                  for lv in by_sys["ring-on"].levels if lv.concurrency in off_c and off_c[lv.concurrency].tok_s]
+        lines.append(f"ring on / off throughput: {', '.join(ratios)}")
     for r in results:
         if r.peak_rss_mb:
             lines.append(f"peak RSS {r.system}: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r.peak_rss_mb.items()))
