@@ -1,0 +1,267 @@
+"""Smoke test: llama.cpp's multimodal library (mtmd) through llama-cpp-python's bindings
+(``llama_cpp.mtmd_cpp``) loads a random-weight Qwen2-VL projector together with a
+random-weight ``qwen2vl`` text model and turns a small RGB image into embeddings that
+the text model decodes (CPU only).
+
+Two ways of feeding the image are checked to give the same logits:
+
+* mtmd's own helper, ``mtmd_helper_eval_chunks`` (encodes the image, decodes the chunks);
+* by hand, as a split pipeline would: ``mtmd_encode_chunk`` + ``mtmd_get_output_embd``
+  give the image embeddings [n_image_tokens, n_embd]; they are decoded with a plain
+  ``llama_batch`` whose ``embd`` is set and whose ``pos`` holds 4 M-RoPE positions per
+  token, section-major (``pos[j * n_tokens + i]``, j = t, y, x, z), taken from
+  ``mtmd_image_tokens_get_decoder_pos``; the text after the image continues at
+  ``n_past + max(nx, ny)`` (``mtmd_input_chunk_get_n_pos``), not ``n_past + n_tokens``.
+
+Run as a script for a printed summary: ``python tests/test_vision_mtmd.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import tempfile
+from typing import Dict, List
+
+import llama_cpp  # noqa: I001  (import before numpy: see tests/testmodels.py)
+from llama_cpp import mtmd_cpp as mtmd
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testmmproj import write_random_mmproj  # noqa: E402
+from testmodels import write_random_gguf  # noqa: E402
+
+N_EMBD_TEXT = 64
+N_THREADS = 2
+PROMPT_TAIL = " describe it."
+
+
+def _image(side: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    img[: side // 2, :, 0] = 255  # some structure: a red top half
+    return np.ascontiguousarray(img)
+
+
+def _tokenize_text(vocab, text: bytes, add_special: bool) -> List[int]:
+    buf = (llama_cpp.llama_token * (len(text) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, text, len(text), buf, len(buf), add_special, True)
+    assert n >= 0
+    return list(buf[:n])
+
+
+class _Batch:
+    """A llama_batch with arrays owned by Python; ``pos`` may be longer than n_tokens (M-RoPE)."""
+
+    def __init__(self, n: int, *, tokens: List[int] | None = None, embd: np.ndarray | None = None,
+                 pos: List[int] | np.ndarray, logits_last: bool = True, seq_id: int = 0):
+        self.b = llama_cpp.llama_batch()
+        self.b.n_tokens = n
+        self._keep = []
+        if tokens is not None:
+            self.tok = (llama_cpp.llama_token * n)(*tokens)
+            self.b.token = self.tok
+        if embd is not None:
+            self.embd = np.ascontiguousarray(embd, dtype=np.float32)
+            self.b.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        self.pos = (llama_cpp.llama_pos * len(pos))(*[int(p) for p in pos])
+        self.b.pos = self.pos
+        self.n_seq = (ctypes.c_int32 * n)(*([1] * n))
+        self.b.n_seq_id = self.n_seq
+        self.sid = [(llama_cpp.llama_seq_id * 1)(seq_id) for _ in range(n)]
+        self.sid_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(
+            *[ctypes.cast(s, ctypes.POINTER(llama_cpp.llama_seq_id)) for s in self.sid])
+        self.b.seq_id = self.sid_ptrs
+        self.lg = (ctypes.c_int8 * n)(*([0] * (n - 1) + [1 if logits_last else 0]))
+        self.b.logits = self.lg
+
+
+def _logits(lctx, n_vocab: int) -> np.ndarray:
+    p = llama_cpp.llama_get_logits_ith(lctx, -1)
+    return np.ctypeslib.as_array(p, shape=(n_vocab,)).copy()
+
+
+def run_vision_smoke(tmpdir: str, *, image_side: int = 56, image_min_tokens: int = 0,
+                     n_gen: int = 4, variant: str = "qwen2vl") -> Dict[str, object]:
+    """Load text model + projector, evaluate "<text><image><text>" two ways, decode greedily.
+    Returns a dict of what was observed (see the asserts in the tests)."""
+    text_path = write_random_gguf(os.path.join(tmpdir, "text.gguf"), "qwen2vl", n_layer=2, n_embd=N_EMBD_TEXT,
+                                  n_head=4, n_vocab=256)
+    mmproj_path = write_random_mmproj(os.path.join(tmpdir, "mmproj.gguf"), N_EMBD_TEXT, n_embd=32, n_layer=2,
+                                      n_head=2, image_size=image_side, patch_size=14, variant=variant)
+    out: Dict[str, object] = {}
+
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    model = llama_cpp.llama_model_load_from_file(str(text_path).encode(), mparams)
+    assert model, "llama_model_load_from_file failed"
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    out["rope_type"] = llama_cpp.llama_model_rope_type(model)
+
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = 512
+    cparams.n_batch = 512
+    cparams.n_ubatch = 512
+    cparams.n_threads = N_THREADS
+    cparams.n_threads_batch = N_THREADS
+    lctxs = [llama_cpp.llama_init_from_model(model, cparams) for _ in range(2)]
+    assert all(lctxs), "llama_init_from_model failed"
+
+    mp = mtmd.mtmd_context_params_default()
+    mp.use_gpu = False
+    mp.n_threads = N_THREADS
+    mp.print_timings = False
+    mp.warmup = False  # the default warmup encodes a 46x46-token image: slow on CPU
+    if image_min_tokens:
+        mp.image_min_tokens = image_min_tokens
+    mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), model, mp)
+    assert mctx, "mtmd_init_from_file failed"
+    chunks = None
+    bitmap = None
+    try:
+        out["support_vision"] = mtmd.mtmd_support_vision(mctx)
+        out["use_mrope"] = mtmd.mtmd_decode_use_mrope(mctx)
+        marker = mtmd.mtmd_default_marker()
+        out["marker"] = marker
+
+        img = _image(image_side)
+        data = (ctypes.c_uint8 * img.nbytes).from_buffer_copy(img.tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(image_side, image_side, data)
+        assert bitmap
+
+        prompt = b"look:" + marker + PROMPT_TAIL.encode()
+        text = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
+        chunks = mtmd.mtmd_input_chunks_init()
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1)
+        assert rc == 0, f"mtmd_tokenize returned {rc}"
+
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        desc = []
+        for i in range(n_chunks):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            typ = mtmd.mtmd_input_chunk_get_type(ch)
+            d = {"type": typ, "n_tokens": mtmd.mtmd_input_chunk_get_n_tokens(ch),
+                 "n_pos": mtmd.mtmd_input_chunk_get_n_pos(ch)}
+            if typ == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
+                d["nx"] = mtmd.mtmd_image_tokens_get_nx(it)
+                d["ny"] = mtmd.mtmd_image_tokens_get_ny(it)
+            else:
+                n = ctypes.c_size_t()
+                toks = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                d["tokens"] = list(toks[: n.value])
+            desc.append(d)
+        out["chunks"] = desc
+        out["n_tokens_total"] = mtmd.mtmd_helper_get_n_tokens(chunks)
+        out["n_pos_total"] = mtmd.mtmd_helper_get_n_pos(chunks)
+
+        # --- (a) mtmd's helper -------------------------------------------------------------
+        new_n_past = llama_cpp.llama_pos(0)
+        rc = mtmd.mtmd_helper_eval_chunks(mctx, lctxs[0], chunks, 0, 0, 512, True, ctypes.byref(new_n_past))
+        assert rc == 0, f"mtmd_helper_eval_chunks returned {rc}"
+        out["helper_n_past"] = new_n_past.value
+        logits_a = _logits(lctxs[0], n_vocab)
+
+        # --- (b) by hand: encode, then decode embeddings with explicit M-RoPE positions -------
+        lctx = lctxs[1]
+        n_past = 0
+        for i in range(n_chunks):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            last = i == n_chunks - 1
+            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                toks = desc[i]["tokens"]
+                b = _Batch(len(toks), tokens=toks, pos=list(range(n_past, n_past + len(toks))), logits_last=last)
+                assert llama_cpp.llama_decode(lctx, b.b) == 0
+                n_past += len(toks)
+                continue
+            rc = mtmd.mtmd_encode_chunk(mctx, ch)
+            assert rc == 0, f"mtmd_encode_chunk returned {rc}"
+            n_tok = desc[i]["n_tokens"]
+            p = mtmd.mtmd_get_output_embd(mctx)
+            embd = np.ctypeslib.as_array(p, shape=(n_tok, N_EMBD_TEXT)).copy()
+            out["embd_shape"] = embd.shape
+            out["embd_finite"] = bool(np.isfinite(embd).all())
+            out["embd_std"] = float(embd.std())
+            it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
+            rel = [mtmd.mtmd_image_tokens_get_decoder_pos(it, n_past, j) for j in range(n_tok)]
+            # section-major: all t, then all y (rows), then all x (cols), then z (0)
+            pos = ([r.t for r in rel] + [r.y for r in rel] + [r.x for r in rel] + [r.z for r in rel])
+            out["image_pos_t_y_x_z"] = [(r.t, r.y, r.x, r.z) for r in rel]
+            b = _Batch(n_tok, embd=embd, pos=pos, logits_last=last)
+            assert llama_cpp.llama_decode(lctx, b.b) == 0
+            n_past += mtmd.mtmd_input_chunk_get_n_pos(ch)
+        out["manual_n_past"] = n_past
+        logits_b = _logits(lctx, n_vocab)
+        out["logits_finite"] = bool(np.isfinite(logits_a).all() and np.isfinite(logits_b).all())
+        out["logits_max_abs_diff"] = float(np.abs(logits_a - logits_b).max())
+
+        # --- greedy decoding after the prompt (on the helper's context) -----------------------
+        gen = []
+        pos = out["helper_n_past"]
+        logits = logits_a
+        for _ in range(n_gen):
+            tok = int(np.argmax(logits))
+            gen.append(tok)
+            b = _Batch(1, tokens=[tok], pos=[pos])
+            assert llama_cpp.llama_decode(lctxs[0], b.b) == 0
+            pos += 1
+            logits = _logits(lctxs[0], n_vocab)
+            assert np.isfinite(logits).all()
+        out["generated"] = gen
+
+        # --- does the image change the logits? (same prompt, another image) ----------------
+        out["image_matters"] = None
+    finally:
+        if chunks is not None:
+            mtmd.mtmd_input_chunks_free(chunks)
+        if bitmap is not None:
+            mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(mctx)
+        for c in lctxs:
+            llama_cpp.llama_free(c)
+        llama_cpp.llama_model_free(model)
+    return out
+
+
+def _check(r: Dict[str, object], n_img: int, nx: int, ny: int) -> None:
+    assert r["support_vision"] and r["use_mrope"]
+    assert r["rope_type"] == llama_cpp.LLAMA_ROPE_TYPE_MROPE
+    img = [c for c in r["chunks"] if c["type"] == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+    assert len(img) == 1 and img[0]["n_tokens"] == n_img and (img[0]["nx"], img[0]["ny"]) == (nx, ny)
+    assert img[0]["n_pos"] == max(nx, ny)
+    assert r["embd_shape"] == (n_img, N_EMBD_TEXT) and r["embd_finite"] and r["embd_std"] > 0
+    assert r["helper_n_past"] == r["manual_n_past"] == r["n_pos_total"]
+    assert r["logits_finite"]
+    assert r["logits_max_abs_diff"] < 1e-3, r["logits_max_abs_diff"]
+
+
+def test_qwen2vl_mtmd_image_min_tokens():
+    # 56x56 with patch 14 and 2x2 merge is 2x2 = 4 image tokens once the minimum allows it
+    with tempfile.TemporaryDirectory() as d:
+        r = run_vision_smoke(d, image_side=56, image_min_tokens=4)
+    _check(r, 4, 2, 2)
+
+
+def test_qwen2vl_mtmd_default_limits():
+    # default minimum 8 tokens: mtmd upscales the 56x56 image (to 84x84: 3x3 tokens)
+    with tempfile.TemporaryDirectory() as d:
+        r = run_vision_smoke(d, image_side=56)
+    img = [c for c in r["chunks"] if c["type"] == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE][0]
+    _check(r, img["nx"] * img["ny"], img["nx"], img["ny"])
+    assert img["nx"] * img["ny"] >= 8
+
+
+if __name__ == "__main__":
+    import pprint
+    with tempfile.TemporaryDirectory() as d:
+        for kw in ({"image_side": 56, "image_min_tokens": 4}, {"image_side": 56}, {"image_side": 64}):
+            res = run_vision_smoke(d, **kw)
+            print(kw)
+            pprint.pprint({k: v for k, v in res.items() if k != "image_pos_t_y_x_z"})
+            print("image positions (t, y, x, z):", res["image_pos_t_y_x_z"])
