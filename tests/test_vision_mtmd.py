@@ -11,7 +11,12 @@ Two ways of feeding the image are checked to give the same logits:
   ``llama_batch`` whose ``embd`` is set and whose ``pos`` holds 4 M-RoPE positions per
   token, section-major (``pos[j * n_tokens + i]``, j = t, y, x, z), taken from
   ``mtmd_image_tokens_get_decoder_pos``; the text after the image continues at
-  ``n_past + max(nx, ny)`` (``mtmd_input_chunk_get_n_pos``), not ``n_past + n_tokens``.
+  ``n_past + max(nx, ny)`` (``mtmd_input_chunk_get_n_pos``), not ``n_past + n_tokens``;
+* as a later pipeline stage would see it: every row (text rows as token_embd rows, i.e. a
+  stage boundary at layer 0, and the image rows) in one embedding batch with 4 positions per
+  row: (p, p, p, 0) for text, (t, y, x, 0) for image rows.
+
+Perturbing the image rows, or giving them text-style positions, changes the logits.
 
 Run as a script for a printed summary: ``python tests/test_vision_mtmd.py``.
 """
@@ -28,7 +33,6 @@ import llama_cpp  # noqa: I001  (import before numpy: see tests/testmodels.py)
 from llama_cpp import mtmd_cpp as mtmd
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from testmmproj import write_random_mmproj  # noqa: E402
@@ -77,6 +81,13 @@ class _Batch:
         self.b.seq_id = self.sid_ptrs
         self.lg = (ctypes.c_int8 * n)(*([0] * (n - 1) + [1 if logits_last else 0]))
         self.b.logits = self.lg
+
+
+def _token_embd(path: str) -> np.ndarray:
+    """token_embd.weight of an f32 GGUF as [n_vocab, n_embd]."""
+    from gguf import GGUFReader
+    t = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    return np.asarray(t.data, dtype=np.float32).reshape(-1, N_EMBD_TEXT).copy()
 
 
 def _logits(lctx, n_vocab: int) -> np.ndarray:
@@ -215,8 +226,52 @@ def run_vision_smoke(tmpdir: str, *, image_side: int = 56, image_min_tokens: int
             assert np.isfinite(logits).all()
         out["generated"] = gen
 
-        # --- does the image change the logits? (same prompt, another image) ----------------
-        out["image_matters"] = None
+        # --- (c) a later stage's view: every row arrives as an embedding (here: stage boundary
+        # at layer 0, so text rows are token_embd rows), one batch, 4 positions per row ----------
+        tok_embd = _token_embd(str(text_path))
+        rows, pos4 = [], []
+        p0 = 0
+        for i in range(n_chunks):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                toks = desc[i]["tokens"]
+                rows.append(tok_embd[toks])
+                pos4 += [(p, p, p, 0) for p in range(p0, p0 + len(toks))]  # as llama.cpp expands text positions
+                p0 += len(toks)
+            else:
+                rows.append(embd)
+                pos4 += out["image_pos_t_y_x_z"]
+                p0 += mtmd.mtmd_input_chunk_get_n_pos(ch)
+        all_rows = np.concatenate(rows)
+        pos_sm = np.asarray(pos4, dtype=np.int32).T.reshape(-1)  # section-major
+        lctx = lctxs[1]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
+        b = _Batch(len(all_rows), embd=all_rows, pos=pos_sm)
+        assert llama_cpp.llama_decode(lctx, b.b) == 0
+        logits_c = _logits(lctx, n_vocab)
+        out["later_stage_rows"] = all_rows.shape
+        out["later_stage_max_abs_diff"] = float(np.abs(logits_a - logits_c).max())
+
+        # the image rows matter: perturb them (same positions) and the logits move
+        all_rows2 = all_rows.copy()
+        img_lo = len(desc[0]["tokens"])
+        all_rows2[img_lo: img_lo + embd.shape[0]] += np.float32(0.5) * np.random.default_rng(7).standard_normal(
+            embd.shape, dtype=np.float32)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
+        b = _Batch(len(all_rows2), embd=all_rows2, pos=pos_sm)
+        assert llama_cpp.llama_decode(lctx, b.b) == 0
+        out["perturbed_image_logit_diff"] = float(np.abs(logits_a - _logits(lctx, n_vocab)).max())
+        # and so do the 2-D positions: image rows with text-style positions (p, p, p, 0) give other logits
+        pos_1d = []
+        p0 = 0
+        for d in desc:
+            n = d["n_tokens"]
+            pos_1d += [(p, p, p, 0) for p in range(p0, p0 + n)]
+            p0 += n
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
+        b = _Batch(len(all_rows), embd=all_rows, pos=np.asarray(pos_1d, dtype=np.int32).T.reshape(-1))
+        assert llama_cpp.llama_decode(lctx, b.b) == 0
+        out["1d_positions_logit_diff"] = float(np.abs(logits_a - _logits(lctx, n_vocab)).max())
     finally:
         if chunks is not None:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -239,6 +294,9 @@ def _check(r: Dict[str, object], n_img: int, nx: int, ny: int) -> None:
     assert r["helper_n_past"] == r["manual_n_past"] == r["n_pos_total"]
     assert r["logits_finite"]
     assert r["logits_max_abs_diff"] < 1e-3, r["logits_max_abs_diff"]
+    assert r["later_stage_max_abs_diff"] < 1e-3, r["later_stage_max_abs_diff"]
+    assert r["perturbed_image_logit_diff"] > 1e-3
+    assert r["1d_positions_logit_diff"] > 1e-5  # deterministic CPU run: any difference is the positions
 
 
 def test_qwen2vl_mtmd_image_min_tokens():
@@ -255,6 +313,13 @@ def test_qwen2vl_mtmd_default_limits():
     img = [c for c in r["chunks"] if c["type"] == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE][0]
     _check(r, img["nx"] * img["ny"], img["nx"], img["ny"])
     assert img["nx"] * img["ny"] >= 8
+
+
+def test_qwen25vl_mtmd_window_attention():
+    # Qwen2.5-VL projector (RMSNorm, SiLU-gated FFN, windowed attention every other block): 112x112 -> 4x4 tokens
+    with tempfile.TemporaryDirectory() as d:
+        r = run_vision_smoke(d, image_side=112, variant="qwen25vl")
+    _check(r, 16, 4, 4)
 
 
 if __name__ == "__main__":
