@@ -150,7 +150,7 @@ class Pipeline:
     @property
     def ring_on(self) -> bool:
         """Steps ring now (:mod:`molink_lite.stage.ring`): asked for, the last stage linked to the first, and
-        (``auto``) no speculation."""
+        (``auto``) every stage on a GPU and no speculation."""
         if self.ring_mode == "off" or not self.chain.ring_ok:
             return False
         return self.ring_mode == "on" or (not self.spec_on and self._gpu_stages())
