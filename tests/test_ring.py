@@ -228,10 +228,7 @@ async def _run(urls, ring, stop_of=None, together=False, **kw):
             out.append((list(s.generated), s.text, ev[-1].finish_reason,
                         [(x.token, x.logprob, [(t[0], t[2]) for t in x.top]) for e in ev if e.logprobs
                          for x in e.logprobs]))
-        deadline = time.monotonic() + 10
-        while (p.active or p.inflight) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert not p.active and not p.inflight, (p.active, p.inflight)
+        await _until(lambda: not p.active and not p.inflight and not p.pending_free, 10)   # frees reached the stages
         stages = await p.stage_stats()
         return out, dict(p.stats), stages, p.ring_state()
     finally:
@@ -336,6 +333,7 @@ async def _cancel_mid_ring(urls):
         t = await router.tokenize("after")   # the slot works again
         s2 = router.submit(GenRequest(t, SamplingParams(temperature=0.0), 8, ignore_eos=True))
         await _events_to_end(s2)
+        await _until(lambda: not p.active and not p.inflight and not p.pending_free)   # its free reached the stages
         stages = await p.stage_stats()
         return n, len(s2.generated), dict(p.stats), stages
     finally:
