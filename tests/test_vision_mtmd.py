@@ -330,3 +330,76 @@ if __name__ == "__main__":
             print(kw)
             pprint.pprint({k: v for k, v in res.items() if k != "image_pos_t_y_x_z"})
             print("image positions (t, y, x, z):", res["image_pos_t_y_x_z"])
+
+
+# ---------------------------------------------------------------- the image prompt through two stage engines
+def test_a_two_stage_split_takes_image_rows_and_reproduces_the_whole_model(tmp_path):
+    """The first stage feeds the projector's image rows (``StageEngine.forward(embeddings=, pos4=)``), the second
+    takes their hidden states with the same M-RoPE positions (``pos4``); text rows travel as today. The split's
+    logits after "<text><image><text>" equal mtmd's own evaluation of the whole model, bit for bit (qwen2vl splits
+    exactly). The wire, the gateway and the projector on a stage process are not built yet (issue 30)."""
+    from molink_lite.model.split import LayerRange, stage_gguf
+    from molink_lite.stage.engine import StageEngine
+
+    text_path = write_random_gguf(str(tmp_path / "text.gguf"), "qwen2vl", n_layer=4, n_embd=N_EMBD_TEXT, n_head=4,
+                                  n_vocab=256)
+    mmproj_path = write_random_mmproj(str(tmp_path / "mmproj.gguf"), N_EMBD_TEXT, n_embd=32, n_layer=2, n_head=2,
+                                      image_size=56, patch_size=14)
+    whole = StageEngine(str(text_path), n_ctx=512, n_seq_max=1, n_threads=1, flash_attn=False)
+    stages = [StageEngine(stage_gguf(str(text_path), r, cache_dir=str(tmp_path)), n_ctx=512, n_seq_max=1,
+                          n_threads=1, flash_attn=False) for r in (LayerRange(0, 2), LayerRange(2, 4))]
+    mp = mtmd.mtmd_context_params_default()
+    mp.use_gpu, mp.n_threads, mp.print_timings, mp.warmup = False, 1, False, False
+    mp.image_min_tokens = 4
+    mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), whole.model_ptr, mp)
+    assert mctx
+    try:
+        img = _image(56)
+        data = (ctypes.c_uint8 * img.nbytes).from_buffer_copy(img.tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(56, 56, data)
+        prompt = b"describe " + mtmd.mtmd_default_marker() + b" in words"
+        text = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
+        chunks = mtmd.mtmd_input_chunks_init()
+        assert mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        # the whole model, as mtmd evaluates it (its own helper, on the whole engine's context)
+        n_past = llama_cpp.llama_pos(0)
+        lctx = whole._lanes[0].ctx
+        assert mtmd.mtmd_helper_eval_chunks(mctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        want = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(256,)).copy()
+        # the split, chunk by chunk
+        p0, got = 0, None
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        for i in range(n_chunks):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            last = i == n_chunks - 1
+            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                toks = np.array([ptr[j] for j in range(n.value)], dtype=np.int32)
+                pos = np.arange(p0, p0 + len(toks), dtype=np.int32)
+                seq = np.zeros(len(toks), np.int32)
+                h = stages[0].forward(seq, pos, tokens=toks)
+                out = np.zeros(len(toks), bool)
+                out[-1] = last
+                got = stages[1].forward(seq, pos, hidden=h, output_rows=out)
+                p0 += len(toks)
+                continue
+            assert mtmd.mtmd_encode_chunk(mctx, ch) == 0
+            n_tok = mtmd.mtmd_input_chunk_get_n_tokens(ch)
+            embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(mctx), shape=(n_tok, N_EMBD_TEXT)).copy()
+            it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
+            rel = [mtmd.mtmd_image_tokens_get_decoder_pos(it, p0, j) for j in range(n_tok)]
+            pos4 = np.array([(r.t, r.y, r.x, r.z) for r in rel], dtype=np.int32)
+            seq = np.zeros(n_tok, np.int32)
+            h = stages[0].forward(seq, pos4[:, 0], embeddings=embd, pos4=pos4)
+            stages[1].forward(seq, pos4[:, 0], hidden=h, pos4=pos4, output_rows=np.zeros(n_tok, bool))
+            p0 += mtmd.mtmd_input_chunk_get_n_pos(ch)
+        assert p0 == n_past.value and got is not None
+        assert np.isfinite(want).all()
+        np.testing.assert_array_equal(got[-1], want)
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(mctx)
+        for e in (*stages, whole):
+            e.close()

@@ -236,7 +236,8 @@ class StageEngine:
         ctx = SplitContext(self.info.arch, self.info.n_layer_total, self.info.layer_start, self.info.layer_stop,
                            {f"{self.info.arch}.embedding_length": self.info.n_embd})
         # M-RoPE models take 4 positions per embedding row (section-major)
-        self._n_pos = 4 if not self.info.is_first and _llama.llama_model_rope_type(self._model) in (8, 40) else 1
+        # M-RoPE (Qwen2-VL family): an embedding row takes 4 positions (t, y, x, z); token rows 1 (llama.cpp expands)
+        self.mrope = _llama.llama_model_rope_type(self._model) in (8, 40)
         self.input_scale = 1.0 if self.info.is_first else float(rule_for(self.info.arch).hidden_input_scale(ctx))
         self._ones = np.ones(self.n_chunk, dtype=np.int32)
         self._lock = threading.Lock()  # the engine's own state (open/closed, device-sampler chains)
@@ -365,14 +366,17 @@ class StageEngine:
 
     # ------------------------------------------------------------------ stepping
     def forward(self, seq_ids: np.ndarray, positions: np.ndarray, *, tokens: Optional[np.ndarray] = None,
-                hidden: Optional[np.ndarray] = None, output_rows: Optional[np.ndarray] = None) -> np.ndarray:
+                hidden: Optional[np.ndarray] = None, output_rows: Optional[np.ndarray] = None,
+                embeddings: Optional[np.ndarray] = None, pos4: Optional[np.ndarray] = None) -> np.ndarray:
         """Run one batch of rows through the stage.
 
-        ``seq_ids``/``positions``: int32 per row. First stage: ``tokens`` (int32 per row);
-        later stages: ``hidden`` (float32/float16 [rows, n_embd]). Non-last stages return
-        the hidden states [rows, n_embd] (float32, a fresh array). The last stage returns
-        logits [len(output_rows), n_vocab] for the rows flagged in ``output_rows`` (bool per
-        row; default: the last row of each sequence in the batch).
+        ``seq_ids``/``positions``: int32 per row. First stage: ``tokens`` (int32 per row), or ``embeddings``
+        (float32 [rows, n_embd_inp]: an image's rows from a vision projector, fed instead of token embeddings);
+        later stages: ``hidden`` (float32/float16 [rows, n_embd]). ``pos4``: int32 [rows, 4], each embedding or
+        hidden row's M-RoPE position (t, y, x, z) on models that use it (default (p, p, p, 0), as llama.cpp gives
+        text tokens). Non-last stages return the hidden states [rows, n_embd] (float32, a fresh array). The last
+        stage returns logits [len(output_rows), n_vocab] for the rows flagged in ``output_rows`` (bool per row;
+        default: the last row of each sequence in the batch).
         """
         seq_ids = np.ascontiguousarray(seq_ids, dtype=np.int32)
         positions = np.ascontiguousarray(positions, dtype=np.int32)
@@ -383,7 +387,14 @@ class StageEngine:
             raise EngineError("empty batch")
         if seq_ids.min() < 0 or seq_ids.max() >= self.n_seq_max:
             raise EngineError(f"sequence ids must be in 0..{self.n_seq_max - 1}")
-        if self.info.is_first:
+        if self.info.is_first and embeddings is not None:
+            if tokens is not None or hidden is not None:
+                raise EngineError("a batch of embedding rows carries no token ids or hidden states")
+            if embeddings.ndim != 2 or embeddings.shape != (n, self.info.n_embd_inp):
+                raise EngineError(f"embeddings have shape {tuple(embeddings.shape)}, expected "
+                                  f"({n}, {self.info.n_embd_inp})")
+            hidden = np.ascontiguousarray(embeddings, dtype=np.float32)
+        elif self.info.is_first:
             if tokens is None or hidden is not None:
                 raise EngineError("the first stage takes token ids, not hidden states")
             tokens = np.ascontiguousarray(tokens, dtype=np.int32)
@@ -399,6 +410,10 @@ class StageEngine:
             hidden = np.ascontiguousarray(hidden, dtype=np.float32)
             if self.input_scale != 1.0:  # llama.cpp multiplies this input by input_scale (archs.prescale)
                 hidden = prescale(hidden, self.input_scale)
+        if pos4 is not None:
+            pos4 = np.ascontiguousarray(pos4, dtype=np.int32)
+            if not self.mrope or hidden is None or pos4.shape != (n, 4):
+                raise EngineError(f"pos4 ([{n}, 4]) is for embedding or hidden rows of an M-RoPE model")
         if output_rows is None:
             output_rows = last_row_of_each_seq(seq_ids)
         output_rows = np.ascontiguousarray(output_rows, dtype=np.int8)
@@ -418,7 +433,8 @@ class StageEngine:
                 b = min(n, a + self.n_chunk)
                 outs.append(self._decode_chunk(lane, seq_ids[a:b], positions[a:b],
                                                None if tokens is None else tokens[a:b],
-                                               None if hidden is None else hidden[a:b], output_rows[a:b]))
+                                               None if hidden is None else hidden[a:b], output_rows[a:b],
+                                               None if pos4 is None else pos4[a:b]))
             self.times.steps += 1
             self.times.rows += n
             self.times.seqs_max = max(self.times.seqs_max, len(np.unique(seq_ids)))
@@ -427,7 +443,8 @@ class StageEngine:
             return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def _decode_chunk(self, lane: "_Lane", seq_ids: np.ndarray, positions: np.ndarray, tokens: Optional[np.ndarray],
-                      hidden: Optional[np.ndarray], output_rows: np.ndarray) -> np.ndarray:
+                      hidden: Optional[np.ndarray], output_rows: np.ndarray,
+                      pos4: Optional[np.ndarray] = None) -> np.ndarray:
         n = int(seq_ids.shape[0])
         last = self.info.is_last
         logits_flags = output_rows if last else self._ones[:n].astype(np.int8)
@@ -438,7 +455,9 @@ class StageEngine:
             batch.token = tokens.ctypes.data_as(ctypes.POINTER(_llama.llama_token))
         if hidden is not None:
             batch.embd = hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        if hidden is not None and self._n_pos > 1:
+        if pos4 is not None:   # M-RoPE rows with their own (t, y, x, z): section-major, as llama.cpp reads them
+            positions = np.ascontiguousarray(pos4.T).reshape(-1)
+        elif hidden is not None and self.mrope:
             # as llama.cpp expands the positions of text tokens (llm_graph_input_pos::set_input):
             # sections 0-2 at the position, section 3 at 0, section-major
             positions = np.concatenate([positions, positions, positions, np.zeros_like(positions)])
