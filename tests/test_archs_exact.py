@@ -111,6 +111,16 @@ def _engine(path) -> StageEngine:
     return StageEngine(path, n_ctx=N_CTX, n_seq_max=len(PROMPT_LENS), n_threads=1)
 
 
+def _whole_greedy(path, prompts) -> Tuple[List[np.ndarray], list]:
+    """The whole model's logits per step (copies: the engine's buffer goes with it) and greedy tokens."""
+    whole = [_engine(path)]
+    try:
+        want, want_tok = greedy_run(whole, prompts, N_STEPS)
+        return [np.array(a, copy=True) for a in want], want_tok
+    finally:
+        whole[0].close()
+
+
 @pytest.fixture(scope="module")
 def model_for(tiny_models):
     """case id -> (path, whole-model logits per step, greedy tokens), computed once per case."""
@@ -121,12 +131,8 @@ def model_for(tiny_models):
             arch, kw, _ = CASES[cid]
             path = tiny_models(arch, **{**BASE_KW, **kw})
             info = read_model_info(path)
-            whole = [_engine(path)]
-            try:
-                want, want_tok = greedy_run(whole, _prompts(info.n_vocab), N_STEPS)
-            finally:
-                whole[0].close()
-            cache[cid] = (path, [np.array(a, copy=True) for a in want], want_tok, info)
+            want, want_tok = _whole_greedy(path, _prompts(info.n_vocab))
+            cache[cid] = (path, want, want_tok, info)
         return cache[cid]
 
     return get
@@ -219,12 +225,7 @@ def test_gemma2_27b_attention_scale(tiny_models):
     path = tiny_models("gemma2", **kw)
     info = read_model_info(path)
     prompts = _prompts(info.n_vocab)
-    whole = [_engine(path)]
-    try:
-        want, want_tok = greedy_run(whole, prompts, N_STEPS)
-        want = [np.array(a, copy=True) for a in want]
-    finally:
-        whole[0].close()
+    want, want_tok = _whole_greedy(path, prompts)
     engines = [_engine(stage_gguf(path, LayerRange(a, b))) for a, b in ((0, 20), (20, 46))]
     try:
         got, got_tok = greedy_run(engines, prompts, N_STEPS)
@@ -445,12 +446,7 @@ def _load_errors(paths) -> List[str]:
 def _gemma3n_greedy(path: str, cut: int, n_layer: int, cache_dir, prompts):
     """Whole model and a 2-stage split at ``cut`` (active stream handed on): (max |logit diff|, prefill's max
     |logit diff|, share of greedy tokens that differ, max |logit| of the whole model)."""
-    whole = [_engine(path)]
-    try:
-        want, want_tok = greedy_run(whole, prompts, N_STEPS)
-        want = [np.array(a, copy=True) for a in want]
-    finally:
-        whole[0].close()
+    want, want_tok = _whole_greedy(path, prompts)
     paths = [stage_gguf(path, LayerRange(a, b), cache_dir=cache_dir) for a, b in ((0, cut), (cut, n_layer))]
     engines = [_ActiveStreamEngine(paths[0], n_ctx=N_CTX, n_seq_max=len(PROMPT_LENS), n_threads=1), _engine(paths[1])]
     try:

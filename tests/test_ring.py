@@ -477,20 +477,20 @@ def test_one_ring_ends_for_waiting_work_or_imbalance_and_none_while_another_come
     from molink_lite.serving.ring_policy import ring_to_stop
 
     a, b = _rec(1, range(8)), _rec(2, range(8, 16))
-    assert ring_to_stop([a, b], 2, work_waiting=False) is None           # balanced: keep going
+    assert ring_to_stop([a, b], 2, work_waiting=lambda: False) is None   # balanced: keep going
     small = _rec(3, [20])
-    assert ring_to_stop([a, small], 2, True) is small                    # newcomers join the smallest ring
-    assert ring_to_stop([a, small], 2, False) is a                       # 8 against 1: the largest re-shares
-    assert ring_to_stop([_rec(4, range(5)), _rec(5, range(5, 8))], 2, False) is None   # 5 against 3: fine
+    assert ring_to_stop([a, small], 2, lambda: True) is small   # newcomers join the smallest ring
+    assert ring_to_stop([a, small], 2, lambda: False) is a   # 8 against 1: the largest re-shares
+    assert ring_to_stop([_rec(4, range(5)), _rec(5, range(5, 8))], 2, lambda: False) is None   # 5 against 3: fine
     one = _rec(6, range(6))
-    assert ring_to_stop([one], 2, False) is one                          # one ring of 6 for two micro-batches
-    assert ring_to_stop([_rec(7, [0])], 2, False) is None                # one sequence: one ring is right
+    assert ring_to_stop([one], 2, lambda: False) is one   # one ring of 6 for two micro-batches
+    assert ring_to_stop([_rec(7, [0])], 2, lambda: False) is None   # one sequence: one ring is right
     c = _rec(10, [30, 31])
-    assert ring_to_stop([a, b, c], 2, False) is c                        # more rings than micro-batches
+    assert ring_to_stop([a, b, c], 2, lambda: False) is c   # more rings than micro-batches
     plain = _rec(8, [])
-    assert ring_to_stop([a, plain], 2, True) is None                     # a plain step comes back first
+    assert ring_to_stop([a, plain], 2, lambda: True) is None   # a plain step comes back first
     ending = _rec(9, range(3), stopping=True)
-    assert ring_to_stop([a, ending], 2, True) is None                    # so does an ending ring
+    assert ring_to_stop([a, ending], 2, lambda: True) is None   # so does an ending ring
 
 
 def test_auto_rings_gpu_stages_that_do_not_speculate():

@@ -129,9 +129,7 @@ class Chain:
                 epochs.append(reply.get("epoch"))
                 configured.append((ch, nxt, ring))
                 if nxt is None:
-                    self.ring_ok = reply.get("ring") is True
-                    self.ring_why = ("" if self.ring_ok else
-                                     str(reply.get("ring_why") or "the last stage does not close rings")[:300])
+                    self._note_ring(reply)
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             for ch in chans:
                 await ch.close()
@@ -150,10 +148,16 @@ class Chain:
             for ch, nxt, ring in self._configured:
                 reply, _ = await ch.request(Configure(nxt, codec, self._gateway_id, False, ring).to_meta(), timeout=60)
                 if nxt is None:
-                    self.ring_ok = reply.get("ring") is True
+                    self._note_ring(reply)
         except (RemoteError, ChannelClosed, asyncio.TimeoutError) as e:
             raise PipelineError(f"pipeline {self.name}: could not switch the stages to codec {codec}: {e}") from None
         self.codec = codec
+
+    def _note_ring(self, reply: dict) -> None:
+        """What the last stage's ``configured`` says of the ring: linked to the first stage, or why not."""
+        self.ring_ok = reply.get("ring") is True
+        why = reply.get("ring_why") or "the last stage does not close rings"
+        self.ring_why = "" if self.ring_ok else str(why)[:300]
 
     @staticmethod
     async def _watch(ch: Channel, url: str, on_frame: FrameHandler, on_closed: Callable[[Channel, str], None]) -> None:

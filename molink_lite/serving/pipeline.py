@@ -505,7 +505,7 @@ class Pipeline:
     def _stop_rings(self, capped: bool) -> None:
         """End a ring when batching its sequences again pays (:func:`.ring_policy.ring_to_stop`)."""
         r = ring_policy.ring_to_stop(self.inflight.values(), self.max_inflight,
-                                     capped and self._schedule() is not None)
+                                     lambda: capped and self._schedule() is not None)
         if r is not None:
             r.stopping = True
             self._ring_stop(r, sorted(r.ring_slots))

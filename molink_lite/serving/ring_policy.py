@@ -15,16 +15,17 @@ without rings). A pure function over the steps in flight (:class:`~.step_builder
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .step_builder import StepRecord
 
 
 def ring_to_stop(inflight: Iterable[StepRecord], micro_batches: int,
-                 work_waiting: bool) -> Optional[StepRecord]:
+                 work_waiting: Callable[[], bool]) -> Optional[StepRecord]:
     """The ring to end now, or None: one at a time, so the others keep going while it comes back.
 
-    ``work_waiting``: sequences wait for a step the micro-batches have no room for; the smallest ring ends, and its
+    ``work_waiting()``: sequences wait for a step the micro-batches have no room for (asked only when a ring could
+    end: it plans a step); the smallest ring ends, and its
     sequences are batched with them. Out of balance: the largest ring ends when there are too few rings or one is
     over twice another's size (its sequences come back as an even share, and what is left over waits for the next
     ring to end), the smallest when there are more rings than micro-batches."""
@@ -34,7 +35,7 @@ def ring_to_stop(inflight: Iterable[StepRecord], micro_batches: int,
         return None
     smallest = min(rings, key=lambda r: len(r.ring_slots))
     largest = max(rings, key=lambda r: len(r.ring_slots))
-    if work_waiting or len(rings) > micro_batches:
+    if len(rings) > micro_batches or work_waiting():
         return smallest
     sizes = [len(r.ring_slots) for r in rings]
     if len(rings) < min(micro_batches, sum(sizes)) or max(sizes) > 2 * min(sizes) + 1:

@@ -48,7 +48,7 @@ def apply_result(rec: StepRecord, res: ResultFrame, now: float, *, owner: Any, s
     live = rec.landed(res.ring_left, res.ring_end)
     by_slot = {slot: s for s, slot in live}
     if not first:   # a ring round: one token per ringed sequence
-        stats["ring_rounds"] = stats.get("ring_rounds", 0) + 1
+        stats["ring_rounds"] += 1
         stats["decode_entries"] += len(live)
         stats["decode_tokens"] += int(res.seq.shape[0])
     elif rec.n_decode:

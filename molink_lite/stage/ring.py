@@ -29,7 +29,8 @@ from ..wire.protocol import StepError, StepFrame
 
 
 class RingGate:
-    """The first stage's grants: ``granted[s]`` rounds left (-1: none) of ring ``step_of[s]``."""
+    """The first stage's grants: sequence ``s`` may take ``left[s]`` more rounds (-1: none) of the ring of step
+    ``ring_of[s]``, ending at an end-of-generation token if ``eog[s]``."""
 
     def __init__(self, n_seq_max: int):
         self.left = np.full(n_seq_max, -1, dtype=np.int64)
