@@ -80,6 +80,13 @@ def test_malformed_ring_steps_are_rejected(change, message):
         StepFrame.decode(meta, arrays, LIM)
 
 
+def test_a_malformed_ring_stop_is_refused():
+    for bad in ({"seqs": [99]}, {"seqs": "0"}, {"seqs": [True]}, {"seqs": list(range(9))}):
+        with pytest.raises(StepError):
+            RingStop.decode({"type": "ring_stop", "step": 1, **bad}, 8)
+    assert RingStop.decode({"type": "ring_stop", "step": "x"}, 8) == RingStop(-1, ())   # names no ring: no effect
+
+
 def test_an_empty_round_or_bad_result_ring_fields_are_rejected():
     meta, arrays = StepFrame(5, round=1).to_wire()
     with pytest.raises(StepError):
