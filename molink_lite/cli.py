@@ -51,7 +51,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         hosts = [parse_host(h) for h in a.host]
         if len(models) > 1:
             return _joint_plan(models, hosts, a)
-        result = plan(models[0], hosts, n_ctx=a.ctx, n_seqs=a.max_seqs)
+        result = plan(models[0], hosts, n_ctx=a.ctx, n_seqs=a.max_seqs, mmproj=a.mmproj)
     except (PlacementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,7 +164,7 @@ def _security_opts(s: argparse.ArgumentParser, what: str, secret: bool = True) -
 def cmd_doctor(a: argparse.Namespace) -> int:
     from .tools.doctor import report
 
-    lines, ok = report(a.model, a.n_gpu_layers)
+    lines, ok = report(a.model, a.n_gpu_layers, a.mmproj)
     for line in lines:
         print(line)
     return 0 if ok else 1
@@ -219,7 +219,8 @@ def stage_config(a: argparse.Namespace):
                               insecure=a.insecure),
         cache_dir=a.cache_dir, ready_file=a.ready_file, drain_timeout=a.drain_timeout,
         metrics_port=a.metrics_port, metrics_host=a.metrics_host,
-        join=JoinConfig(url=a.join, max_memory=a.max_memory, advertise=a.advertise, name=a.name))
+        join=JoinConfig(url=a.join, max_memory=a.max_memory, advertise=a.advertise, name=a.name),
+        mmproj=a.mmproj, image_min_tokens=a.image_min_tokens)
 
 
 def _split_pipelines(values: List[str]) -> Tuple[List[List[str]], List[str]]:
@@ -311,7 +312,7 @@ def gateway_config(a: argparse.Namespace):
     urls, tags = _split_pipelines(a.pipeline)
     return GatewayConfig(
         pipelines=urls, pipeline_models=tags, aliases=_aliases(a), idle_unload=a.idle_unload,
-        host=a.host, port=a.port, connect_timeout=a.connect_timeout,
+        image_urls=a.allow_image_urls, host=a.host, port=a.port, connect_timeout=a.connect_timeout,
         model_name=_model_names(a)[0], chat_template=a.chat_template, recover_timeout=a.recover_timeout,
         max_queue=a.max_queue,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, prefill_chunk=a.prefill_chunk,
@@ -342,10 +343,13 @@ def serve_config(a: argparse.Namespace):
     from .serving.config import GatewayConfig, PipelineConfig, ServeConfig
     from .stage.config import StageConfig
 
-    stage = StageConfig(host="127.0.0.1", port=0, codec=a.codec, engine=_engine_config(a))
+    if a.mmproj and len(a.model or ()) > 1:
+        raise SystemExit("--mmproj goes with one model: serve several models with their own gateway --pipeline")
+    stage = StageConfig(host="127.0.0.1", port=0, codec=a.codec, engine=_engine_config(a), mmproj=a.mmproj,
+                        image_min_tokens=a.image_min_tokens)
     gateway = GatewayConfig(
         host=a.host, port=a.port, recover_timeout=a.recover_timeout, max_queue=a.max_queue, aliases=_aliases(a),
-        idle_unload=a.idle_unload,
+        idle_unload=a.idle_unload, image_urls=a.allow_image_urls,
         pipeline=PipelineConfig(codec=a.codec, max_inflight=a.micro_batches, heartbeat_interval=a.heartbeat_interval,
                                 heartbeat_timeout=a.heartbeat_timeout, spec=_spec_config(a), relink_s=a.relink_interval,
                                 ring=a.ring, **_prefix_cache_kw(a)),
@@ -665,6 +669,9 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
                         "token costs one trip around the stages and none through the gateway (which still gets "
                         "every token); auto (default): when every stage runs on a GPU and the pipeline does not "
                         "speculate; on: every step without drafts")
+    s.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s):// image_url parts of chat messages (at most 8 MB, 10 s each); without it only "
+                        "data: URLs are taken")
 
 
 def _models_opts(s: argparse.ArgumentParser) -> None:
@@ -878,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each host, in preferred order")
     s.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens per stage (default 8192)")
     s.add_argument("--max-seqs", type=int, default=16, help="concurrent sequences (default 16)")
+    s.add_argument("--mmproj", default=None, metavar="GGUF",
+                   help="the model's vision projector: its memory is counted on the first stage")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 
@@ -927,6 +936,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=512, help="llama.cpp batch size in tokens (default 512)")
     s.add_argument("--cache-dir", default=None, help="where stage GGUFs are cached (default ~/.cache/molink-lite)")
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--mmproj", default=None, metavar="GGUF",
+                   help="vision projector of the model (its mmproj GGUF), on the first stage: chat messages may then "
+                        "carry images (Qwen2-VL, Qwen2.5-VL)")
+    s.add_argument("--image-min-tokens", type=int, default=0, metavar="N",
+                   help="with --mmproj: the fewest tokens an image takes (default: the projector's own)")
     s.add_argument("--join", metavar="URL", default=None,
                    help="join the gateway at http(s)://host:port (started with --model): it assigns this stage's "
                         "layers and sends only those; no --model/--layers needed")
@@ -1013,6 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="check the llama.cpp library: which one, how built, struct sizes, devices")
     s.add_argument("--model", default=None, help="also say how many of this GGUF's layers would be offloaded")
     s.add_argument("--n-gpu-layers", type=int, default=-1, help="as for `stage` (default -1 = all)")
+    s.add_argument("--mmproj", default=None, metavar="GGUF", help="also say whether this vision projector's images "
+                                                                  "can be served split")
     s.add_argument("--lib", default=None, metavar="DIR", help="check this library folder (as `stage --lib`)")
     s.set_defaults(func=cmd_doctor)
 
@@ -1032,6 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")
+    s.add_argument("--mmproj", default=None, metavar="GGUF",
+                   help="the model's vision projector (mmproj GGUF), held by the first stage: chat messages may "
+                        "carry images (Qwen2-VL, Qwen2.5-VL)")
+    s.add_argument("--image-min-tokens", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--micro-batches", type=int, default=None,
                    help="steps in flight (default: one per stage and lane)")
     _security_opts(s, "the HTTP API (https://)", secret=False)

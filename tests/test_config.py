@@ -166,7 +166,8 @@ FULL = StageConfig(
                         device_sampling=True),
     security=LinkSecurity(secret_file="/keys/cluster.key", tls="auto", tls_cert="c.pem", tls_key="k.pem",
                           insecure=True),
-    cache_dir="/tmp/cache", ready_file="/tmp/ready", drain_timeout=2.5, metrics_port=9200, metrics_host="0.0.0.0")
+    cache_dir="/tmp/cache", ready_file="/tmp/ready", drain_timeout=2.5, metrics_port=9200, metrics_host="0.0.0.0",
+    mmproj="/m/mmproj.gguf", image_min_tokens=64)
 JOINED = StageConfig(join=JoinConfig(url="https://gw:8000", max_memory="6GB", advertise="ws://h:9001", name="box"),
                      metrics_port=0)
 

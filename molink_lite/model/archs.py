@@ -832,6 +832,25 @@ def split_support(arch: str) -> Tuple[Optional[str], str]:
     return rule.level, f"{arch} can be split, level {what}.{checks}"
 
 
+#: vision projectors (``clip.projector_type`` of an mmproj GGUF) a split serves: the first stage feeds their rows,
+#: later stages take them with the positions mtmd gives (M-RoPE for these); tested with random-weight projectors
+VISION_SPLIT = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL"}
+VISION_REFUSED = {
+    "gemma3": "its images are decoded with non-causal attention on every layer (every stage would switch it per "
+              "image step); not built yet",
+    "qwen3vl_merger": "its deepstack rows feed layers past the first stage; not built yet",
+}
+
+
+def vision_support(projector_type: str) -> Tuple[bool, str]:
+    """Whether a split serves images of this projector type, and a sentence saying so."""
+    if projector_type in VISION_SPLIT:
+        return True, (f"vision projector {projector_type} ({VISION_SPLIT[projector_type]}): images split exactly "
+                      f"(the first stage holds the projector; --mmproj on it)")
+    why = VISION_REFUSED.get(projector_type, "molink-lite has not tested it")
+    return False, f"vision projector {projector_type}: images are refused ({why})"
+
+
 def rule_for(arch: str) -> ArchRule:
     """The split rule of ``arch``, or a clear error listing the supported architectures."""
     try:

@@ -18,6 +18,7 @@ import websockets
 from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed, RemoteError
+from ..wire.media import MediaLayout, MediaPut
 from ..wire.protocol import HELLO, PROBE_NEXT, STATS, TOKENIZE, Configure, check_chain
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,12 @@ class Chain:
         meta, arrays = await self.channels[0].request(
             {"type": TOKENIZE, "text": text, "add_special": add_special, "parse_special": True})
         return arrays["tokens"]
+
+    async def put_media(self, data: bytes, timeout: float = 120) -> MediaLayout:
+        """An image to the first stage's vision projector; its layout there (encoding takes a while on a CPU)."""
+        meta, arrays = MediaPut(data).to_wire()
+        reply, _ = await self.channels[0].request(meta, arrays, timeout=timeout)
+        return MediaLayout.decode(reply, int(self.infos[0]["n_vocab"]) if self.infos else 1 << 31)
 
     async def request_last(self, meta: dict, timeout: float = 30) -> dict:
         """A small request to the last stage (``grammar_check``, ``detokenize``); its reply's meta."""

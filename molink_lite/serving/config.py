@@ -239,6 +239,7 @@ class GatewayConfig:
     draft_gpu_layers: int = 0                     # --draft-gpu-layers
     aliases: Tuple[Tuple[str, str], ...] = ()     # --alias ALIAS=NAME (repeated): other names clients may use
     idle_unload: float = 0.0                      # --idle-unload SEC: release an idle model's stages (0: never)
+    image_urls: bool = False                      # --allow-image-urls: fetch http(s) image_url parts
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pipelines", _pipelines(self.pipelines))

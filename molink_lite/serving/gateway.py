@@ -42,13 +42,15 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..wire.auth import LinkKey
 from ..wire.channel import RemoteError
-from ..wire.protocol import DETOKENIZE, GRAMMAR_CHECK, MAX_GRAMMAR_BYTES
+from ..wire.media import plan_media, with_data
+from ..wire.protocol import DETOKENIZE, GRAMMAR_CHECK, MAX_GRAMMAR_BYTES, ProtocolError
 from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatTemplateError
 from .config import GatewayConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics, prefix_cache_summary
 from .models import ModelTable, ServedModel, UnknownModel
 from .grammar import GrammarError, grammar_for_request
+from .images import DEFAULT_MAX_IMAGE_BYTES, ImageError, load_image, split_at_markers
 from .http_limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUESTS_PER_KEY, ConnectionGuard, serve_app
 from .openai_schema import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_BODY_BYTES,
                             MAX_BYTES_PER_TOKEN, ApiError, OutputOptions, StreamOptions, _boolean, _invalid, _json,
@@ -118,6 +120,7 @@ class Gateway:
         for m in self.models:
             self.metrics.add_model(m)
         self._warned_no_template = False
+        self.allow_image_urls = False   # --allow-image-urls: fetch http(s) image_url parts (size and time limits)
         # grammar hash -> None (the last stage compiles it) or why not; most recently used last
         self._grammars: "OrderedDict[bytes, Optional[str]]" = OrderedDict()
         self._grammar_checks: Dict[bytes, "asyncio.Future[Optional[str]]"] = {}   # being checked now
@@ -438,9 +441,12 @@ class Gateway:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         m = self._model(request, body)
-        messages = parse_messages(body)
+        images: List[str] = []
+        messages = parse_messages(body, images)
         opts = parse_stream(body)
         out = parse_chat_output(body)
+        if images and out.n > 1:
+            raise _invalid("n > 1 with images is not supported yet", "n")
         params = parse_sampling(body)
         stop = parse_stop(body)
         ignore_eos = _boolean(body, "ignore_eos", False)
@@ -449,15 +455,49 @@ class Gateway:
         plan = self._plan_chat(pipe, body, messages)   # the template, tools and structured output
         grammar, triggers = plan.grammar, tuple(plan.triggers) if plan.grammar else ()
         param = "tools" if plan.parser is not None else _grammar_param(body)
-        tokens = await self._tokenize(m, plan.prompt, add_special=plan.add_special)
+        media = None
+        if images:
+            tokens, media = await self._tokenize_images(m, pipe, plan.prompt, plan.add_special, images)
+        else:
+            tokens = await self._tokenize(m, plan.prompt, add_special=plan.add_special)
         await self._check_grammar(m, grammar, triggers, param)
         max_default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, pipe.n_ctx - int(tokens.shape[0])))
         req = GenRequest(tokens, params, parse_max_tokens(body, max_default), stop + [s for s in plan.stop if s],
                          ignore_eos=ignore_eos, owner=request.get(_KEY_ID), grammar=grammar, triggers=triggers,
-                         logprobs=out.logprobs)
+                         logprobs=out.logprobs, media=media)
         parser = plan.parser
         return await self._run(m, request, req, opts, out, chat=True,
                                new_parser=None if parser is None else lambda: copy.deepcopy(parser))
+
+    async def _tokenize_images(self, m: ServedModel, pipe: Pipeline, prompt: str, add_special: bool,
+                               urls: List[str]) -> Tuple[np.ndarray, Any]:
+        """A chat prompt with images (:mod:`.images`): the images loaded and checked, the text around them
+        tokenized as mtmd does, each image encoded by the first stage's projector (its layout back), and the
+        prompt's tokens (-1 at image rows) with its :class:`~molink_lite.wire.media.MediaPlan`."""
+        vision = pipe.first.get("vision") if pipe.infos else None
+        if not vision:
+            raise _invalid(f"the model '{_short(m.name)}' takes no images: its first stage has no vision projector "
+                           "(start it with --mmproj)", "messages")
+        max_bytes = min(DEFAULT_MAX_IMAGE_BYTES, int(vision.get("max_bytes") or DEFAULT_MAX_IMAGE_BYTES))
+        try:
+            datas = [await load_image(u, allow_remote=self.allow_image_urls, max_bytes=max_bytes) for u in urls]
+            pieces = split_at_markers(prompt, len(urls))
+        except ImageError as e:
+            raise _invalid(_short(str(e), 300), "messages") from None
+        toks = [await self._tokenize(m, p, add_special=add_special and i == 0) if p else np.zeros(0, np.int32)
+                for i, p in enumerate(pieces)]
+        try:
+            layouts = [await pipe.put_media(d) for d in datas]
+        except RemoteError as e:
+            raise _invalid(_short(str(e), 300), "messages") from None
+        except (PipelineError, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+            raise ApiError(503, f"the image could not be encoded: {_short(str(e), 300)}", "no_pipeline",
+                           "service_unavailable") from None
+        tokens, plan = plan_media(toks, layouts, bool(vision.get("mrope")))
+        if int(tokens.shape[0]) >= pipe.n_ctx:
+            raise ApiError(400, f"the prompt with its images ({tokens.shape[0]} tokens) cannot fit the context "
+                                f"window ({pipe.n_ctx} tokens)", "context_length_exceeded")
+        return tokens, with_data(plan, datas)
 
     async def _facts(self, m: ServedModel) -> Pipeline:
         """An up pipeline of model ``m`` to read its facts from (vocabulary, context, template); waits like a
@@ -818,6 +858,7 @@ async def start_gateway(cfg: GatewayConfig, *, key: Optional[LinkKey] = None, ap
     models, cluster = await _served_models(cfg, key, drafter, tls_fingerprint)
     gw = Gateway(chat_template=cfg.chat_template, api_keys=api_keys, body_timeout=lim.body_timeout,
                  max_requests_per_key=lim.max_requests_per_key, models=models)
+    gw.allow_image_urls = cfg.image_urls
     for m in gw.models:
         # several key holders share the pipelines: one running there always leaves room for a request of another
         m.router.reserve_for_others = len(gw.api_keys) > 1

@@ -54,7 +54,8 @@ def stage_argv(stage: StageTemplate, model: str, layers: LayerRange, port: int, 
     """``molink-lite stage`` options of one local stage: ``stage`` (a StageConfig) with this stage's model,
     layers, loopback address and ready file put in (checked again by the config)."""
     one: Any = replace(stage, model=model, layers=str(layers), host="127.0.0.1", port=port,  # type: ignore
-                       ready_file=str(ready_file))
+                       ready_file=str(ready_file),
+                       mmproj=stage.mmproj if layers.start == 0 else None)   # the projector: first stage only
     return one.to_argv()
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..wire.protocol import (MAX_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, MIN_TOP_P, SAMPLING_RANGES,
                               SamplingError, SamplingParams)
+from .images import MAX_IMAGES, MEDIA_MARKER
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 1024         # chat: until the model stops, capped (OpenAI: unlimited)
@@ -281,9 +282,11 @@ def _tool_calls(v: Any, where: str) -> List[dict]:
     return out
 
 
-def parse_messages(body: dict) -> List[dict]:
+def parse_messages(body: dict, images: Optional[List[str]] = None) -> List[dict]:
     """Chat messages as ``{"role", "content": str | None[, "name"][, "tool_calls"][, "tool_call_id"]}`` for the
-    template; text parts only. ``content`` is None only for an assistant message with ``tool_calls``."""
+    template; text parts, and with ``images`` (a list) ``image_url`` parts too: each becomes the media marker in
+    the text and its URL is appended to ``images``. ``content`` is None only for an assistant message with
+    ``tool_calls``."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
@@ -310,9 +313,22 @@ def parse_messages(body: dict) -> List[dict]:
                 pw = f"{where}.content[{j}]"
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     raise _invalid(f"{pw} must be an object with a 'type'", pw)
+                if part["type"] == "image_url" and images is not None:
+                    iu = part.get("image_url")
+                    url = iu.get("url") if isinstance(iu, dict) else iu
+                    if not isinstance(url, str) or not url:
+                        raise _invalid(f"{pw}.image_url must be an object with a 'url' string", f"{pw}.image_url")
+                    if role != "user":
+                        raise _invalid(f"{pw}: images go in user messages", f"{pw}.type")
+                    if len(images) >= MAX_IMAGES:
+                        raise _invalid(f"at most {MAX_IMAGES} images in one request", f"{pw}.image_url")
+                    images.append(url)
+                    texts.append(MEDIA_MARKER)
+                    continue
                 if part["type"] != "text":
                     raise _unsupported(f"{pw}: content type '{_short(part['type'])}' is not supported "
-                                       "(only 'text')", f"{pw}.type")
+                                       f"(only 'text'{' and image_url' if images is not None else ''})",
+                                       f"{pw}.type")
                 if not isinstance(part.get("text"), str):
                     raise _invalid(f"{pw}.text must be a string", f"{pw}.text")
                 texts.append(part["text"])

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class Pipeline:
         # serving.metrics.Metrics (first_token, token_gap, tokens), set by the gateway; O(1) calls per token
         self.observer: Optional[Any] = None
         self.released = False   # the stages freed their model (release(); serving.idle): restore() before steps
+        self.media_sent: set = set()   # ids of images this pipeline's first stage was sent (it keeps them a while)
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.slots.cache.stats = self.stats   # the prefix cache counts into the pipeline's counters
 
@@ -239,6 +240,7 @@ class Pipeline:
         if not self.lifecycle.go_down(message):
             return
         self.stats["failures"] += 1
+        self.media_sent.clear()   # a first stage that comes back holds no images
         seqs: List[SeqState] = []
         for st in self.inflight.values():
             seqs.extend(s for s, _ in st.live())  # not one already handed back by an earlier step's error
@@ -277,6 +279,7 @@ class Pipeline:
         if not self.idle:
             raise PipelineError(f"pipeline {self.name} has sequences: not released")
         self.slots.clear()
+        self.media_sent.clear()   # the first stage's images go with its model
         try:
             replies = await self.chain.request_all({"type": RELEASE}, timeout=timeout)
             self.released = True
@@ -312,8 +315,15 @@ class Pipeline:
                                f"window ({self.n_ctx_lane} tokens{' per lane' if self.lanes > 1 else ''})")
         if self.infos:
             vocab = int(self.first["n_vocab"])
-            if int(req.prompt.min()) < 0 or int(req.prompt.max()) >= vocab:
+            lo = -1 if req.media is not None else 0   # an image's rows are -1
+            if int(req.prompt.min()) < lo or int(req.prompt.max()) >= vocab:
                 raise RequestError(f"prompt token ids must be in 0..{vocab - 1}")
+            if req.media is not None:
+                if not self.first.get("vision"):
+                    raise RequestError("this pipeline's first stage has no vision projector (--mmproj)")
+                if req.media.largest > self.max_batch_tokens:
+                    raise RequestError(f"an image takes {req.media.largest} rows; a step of this pipeline holds "
+                                       f"at most {self.max_batch_tokens} (raise the stages' --batch)")
 
     def group_fits(self, n: int, need: int) -> bool:
         """n sequences of ``need`` KV cells each can ever run here together, in one lane, their rows in one step
@@ -335,6 +345,8 @@ class Pipeline:
                 for k in kids:
                     k.fork_from = s
         s.pipeline = self
+        if s.req.media is not None:
+            self._send_media(s)
         if front:
             self.waiting.appendleft(s)
         else:
@@ -343,6 +355,38 @@ class Pipeline:
             k.pipeline = self
             self.waiting.append(k)
         self._wake.set()
+
+    def _send_media(self, s: SeqState) -> None:
+        """``s``'s images go to the first stage before its rows do (``media_wait`` until then); those sent before
+        (and not lost since) are not sent again."""
+        need = [(i, d) for i, d in zip(s.req.media.ids, s.req.media.data) if i not in self.media_sent]
+        s.media_wait = bool(need)
+        if need:
+            asyncio.ensure_future(self._put_media(s, need, s.epoch))
+
+    async def _put_media(self, s: SeqState, need: List[Tuple[str, bytes]], epoch: int) -> None:
+        try:
+            for mid, data in need:
+                lay = await self.chain.put_media(data)
+                if lay.id != mid:
+                    raise RemoteError(f"the first stage names the image {lay.id}, not {mid}")
+                self.media_sent.add(mid)
+        except (RemoteError, ChannelClosed, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+            if s.pipeline is self and s.epoch == epoch and not s.finished:
+                s.media_wait = False
+                self._finish(s, error=f"the image could not be used: {e}")
+            return
+        if s.pipeline is self and s.epoch == epoch:
+            s.media_wait = False
+            self._wake.set()
+
+    async def put_media(self, data: bytes) -> Any:
+        """An image to this pipeline's first stage: its :class:`~molink_lite.wire.media.MediaLayout`."""
+        if not self.healthy:
+            raise PipelineError(self.error)
+        lay = await self.chain.put_media(data)
+        self.media_sent.add(lay.id)
+        return lay
 
     def cancel(self, s: SeqState) -> None:
         """The client went away: stop generating and free the sequence on every stage."""
@@ -468,6 +512,9 @@ class Pipeline:
         msg = f"stage {err.stage}: {err.message}"
         log.warning("pipeline %s: %s", self.name, msg)
         if rec is not None:
+            for s, _ in rec.seqs:   # an image the first stage lost (evicted) is sent again on the replay
+                if s.req.media is not None:
+                    self.media_sent.difference_update(s.req.media.ids)
             self._hand_back(apply_step_error(rec, self._release), msg)
             self._wake.set()
 

@@ -60,6 +60,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 from ..model.archs import SplitContext, UnsupportedArchitecture, rule_for, split_support
 from ..model.gguf_meta import GGUFFile, GGUFFormatError
 from ..model.split import LayerRange, ModelInfo, SplitError, read_model_info
+from ..wire.media import projector_bytes
 from . import link_policy
 
 BACKENDS = ("cuda", "cpu")
@@ -182,9 +183,14 @@ def _fmt_sec(s: float) -> str:
 class ModelCost:
     """Per-layer and per-role memory and time of a model for a context size (see the module doc)."""
 
-    def __init__(self, model_path: str, n_ctx: int = 8192, n_seqs: int = 16, n_batch: int = N_BATCH):
+    def __init__(self, model_path: str, n_ctx: int = 8192, n_seqs: int = 16, n_batch: int = N_BATCH,
+                 mmproj: Optional[str] = None):
         if n_ctx < 1 or n_seqs < 1 or n_batch < 1:
             raise PlacementError("n_ctx, n_seqs and n_batch must be >= 1")
+        try:   # a vision projector (mmproj GGUF) lives on the first stage: weights, encoder buffers, stored images
+            self.vision_bytes = projector_bytes(mmproj) if mmproj else 0
+        except OSError as e:
+            raise PlacementError(f"--mmproj {mmproj}: {e.strerror or e}") from None
         try:
             reader = GGUFFile(model_path)
             self.info: ModelInfo = read_model_info(model_path, reader)
@@ -293,7 +299,7 @@ class ModelCost:
         first, last = a == 0, b == self.n_layer
         total = self._lp[b] - self._lp[a] + self._kp[b] - self._kp[a] + self.global_bytes + self.compute_bytes
         if first:
-            total += self.embd_bytes
+            total += self.embd_bytes + self.vision_bytes
             if not last:
                 total += self.first_out_bytes
                 if self.rule.output_required:
@@ -334,7 +340,7 @@ class ModelCost:
         """Least total memory of a k-stage pipeline (each stage pays its own buffers)."""
         k = max(1, min(k, self.n_layer))
         total = self._lp[-1] + self._kp[-1] + self.embd_bytes + self.head_bytes + self.last_out_bytes
-        total += k * (self.global_bytes + self.compute_bytes)
+        total += k * (self.global_bytes + self.compute_bytes) + self.vision_bytes
         if k > 1:
             total += self.first_out_bytes + (self.head_bytes if self.rule.output_required else 0)
         return total
@@ -358,6 +364,7 @@ class Plan:
     n_seqs: int
     pipelines: List[List[Stage]]
     unused: List[Tuple[HostSpec, str]] = field(default_factory=list)
+    vision_bytes: int = 0   # a vision projector's memory, counted on each pipeline's first stage
 
     @staticmethod
     def bottleneck(pipeline: Sequence[Stage]) -> int:
@@ -370,6 +377,9 @@ class Plan:
                  f"{len(self.pipelines)} pipeline(s)", f"split: {split_support(m.arch)[1]}"]
         if not calibrated:
             lines.append("times use default speeds (cuda 10x cpu), not measurements: compare them, don't trust them")
+        if self.vision_bytes:
+            lines.append(f"vision projector on each first stage: {fmt_bytes(self.vision_bytes)} (weights, encoder "
+                         "buffers, stored images; counted in its memory)")
         for ip, p in enumerate(self.pipelines, 1):
             b = self.bottleneck(p)
             step = p[b].est_sec
@@ -415,7 +425,7 @@ class Plan:
         return {
             "model": {"name": self.model.name, "arch": self.model.arch, "n_layer": self.model.n_layer,
                       "path": self.model.path, "fingerprint": self.model.fingerprint},
-            "n_ctx": self.n_ctx, "n_seqs": self.n_seqs,
+            "n_ctx": self.n_ctx, "n_seqs": self.n_seqs, "vision_bytes": self.vision_bytes,
             "pipelines": [{
                 "bottleneck_stage": self.bottleneck(p),
                 "step_sec": p[self.bottleneck(p)].est_sec,
@@ -793,7 +803,7 @@ def _pipeline(cost: ModelCost, hosts: List[HostSpec],
 
 
 def plan(model_path: str, hosts: Sequence[HostSpec], n_ctx: int = 8192, n_seqs: int = 16,
-         n_batch: int = N_BATCH) -> Plan:
+         n_batch: int = N_BATCH, mmproj: Optional[str] = None) -> Plan:
     """Place the model's layers over ``hosts``: one pipeline on the fewest hosts that hold it, then
     replica pipelines from the hosts left over (see the module doc for the policy and memory model)."""
     if not hosts:
@@ -803,7 +813,7 @@ def plan(model_path: str, hosts: Sequence[HostSpec], n_ctx: int = 8192, n_seqs: 
     dup = sorted({x for x in names if names.count(x) > 1})
     if dup:
         raise PlacementError(f"duplicate host name(s): {', '.join(dup)}")
-    cost = ModelCost(model_path, n_ctx=n_ctx, n_seqs=n_seqs, n_batch=n_batch)
+    cost = ModelCost(model_path, n_ctx=n_ctx, n_seqs=n_seqs, n_batch=n_batch, mmproj=mmproj)
     one = cost.min_host_bytes()
     unused: List[Tuple[HostSpec, str]] = []
     free: List[HostSpec] = []
@@ -842,4 +852,4 @@ def plan(model_path: str, hosts: Sequence[HostSpec], n_ctx: int = 8192, n_seqs: 
         unused.append((h, "left over: the remaining hosts cannot hold another whole pipeline"))
     order = {h.name: i for i, h in enumerate(hosts)}
     unused.sort(key=lambda x: order[x[0].name])
-    return Plan(cost.info, n_ctx, n_seqs, pipelines, unused)
+    return Plan(cost.info, n_ctx, n_seqs, pipelines, unused, cost.vision_bytes)

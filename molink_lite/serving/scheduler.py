@@ -157,7 +157,7 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     its waiting followers copy and sends nothing until they have copied it.
     """
     live = [s for s in active if not s.finished]
-    ready = [s for s in live if not s.in_flight or s.prefilling]
+    ready = [s for s in live if (not s.in_flight or s.prefilling) and not s.media_wait]
     n_decoding = sum(1 for s in live if not s.prefilling)
     per_step = max(1, math.ceil(n_decoding / micro_batches))
     decoding = sorted((s for s in ready if not s.prefilling), key=lambda s: s.last_sent)
@@ -197,9 +197,16 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
             take = min(take, stop - s.prefilled)   # stops where its followers copy
         if s.snap_at > s.prefilled:
             take = min(take, s.snap_at - s.prefilled)   # and where a branch point is kept (whole copies)
-        if is_long(s, prefill_chunk):
-            take = min(take, long_budget)
-            long_budget -= max(take, 0)
+        m = s.req.media
+        if m is not None and m.at_image(s.prefilled):
+            take = m.cut(s.prefilled, min(left, budget))   # an image goes whole, alone, when the step has room
+            long_budget -= take
+        else:
+            if m is not None:
+                take = m.cut(s.prefilled, take)   # text up to the next image
+            if is_long(s, prefill_chunk):
+                take = min(take, long_budget)
+                long_budget -= max(take, 0)
         if take <= 0:
             continue
         prefill.append((s, take))

@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..wire.media import MediaPlan
 from ..wire.protocol import SamplingParams, SeqStart
 from .speculative import SpecState
 
@@ -47,6 +48,7 @@ class GenRequest:
     triggers: Tuple[str, ...] = ()  # lazy grammar: it applies from the first of these words on
     logprobs: int = -1     # -1: none; 0..20: each generated token's logprob and this many top alternatives
     echo: bool = False     # also score the prompt's tokens (completions' echo + logprobs)
+    media: Optional[MediaPlan] = None   # the prompt's images (rows of token id -1) and every row's M-RoPE positions
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class SeqState:
     last_sent: int = 0
     kv_len: int = 0                     # positions its KV holds on the stages (drafts included, until trimmed)
     ring: int = 0                       # the step whose ring runs it now (closing the ring; 0: none)
+    media_wait: bool = False            # its images are being sent to this pipeline's first stage: no rows yet
     after_ring: Optional[bool] = None   # released while its ring ran: ``keep``, applied once the ring lets it go
     # --- n > 1: one prefill shared by the group's choices (see ungroup)
     # (repr=False: these point at each other)
@@ -135,8 +138,9 @@ class SeqState:
 
     @property
     def may_speculate(self) -> bool:
-        """A sequence under a grammar never sends drafts (the last stage's grammar sampler cannot verify them)."""
-        return not self.req.grammar
+        """A sequence under a grammar never sends drafts (the last stage's grammar sampler cannot verify them), nor
+        one with images (its positions after the images are not its row indices: drafts would need trims there)."""
+        return not self.req.grammar and self.req.media is None
 
     def ungroup(self) -> None:
         """Stop sharing a prefill: a waiting choice leaves its leader (it prefills the prompt itself), a leader lets

@@ -93,7 +93,7 @@ class SlotTable:
             self.kv_lane[self.lane(s.slot)] -= s.need
             kept = False
             if s.started:
-                if cache:
+                if cache and s.req.media is None:   # no prefix entries with images (their rows name no image)
                     kept, evicted = self.cache.keep(s, self.lane(s.slot), self.pinned().__contains__)
                     self._free(evicted)
                 if not kept:
@@ -127,6 +127,8 @@ class SlotTable:
         return {x.reuse_slot for x in self.active.values() if x.reuse_pending and x.slot != x.reuse_slot}
 
     def lookup(self, s: SeqState) -> Optional[Hit]:
+        if s.req.media is not None:   # a prompt with images reuses no prefix (its -1 rows name no image)
+            return None
         hit = self.cache.lookup(s, self.active.values())
         if hit is not None:
             hit.lane = self.lane(hit.slot)

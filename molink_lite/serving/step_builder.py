@@ -220,16 +220,39 @@ def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[Seq
     if ring and not draft_map:
         for s in decode:
             left = s.req.max_tokens - len(s.generated) - 1   # rounds after this step's token
-            if left >= 1 and not s.cancelled and not s.finished:
+            if left >= 1 and not s.cancelled and not s.finished and s.req.media is None:
                 rings[s.slot] = (left, not s.req.ignore_eos)
     frame = StepFrame(sid, _cat(seq_p, np.int32), _cat(pos_p, np.int32), tokens=_cat(tok_p, np.int32),
                       out=_cat(out_p, bool), free=[x for x in pending_free if lane_of(x, lanes) == lane],
                       start=start, trim=trim, drafts=draft_map, lane=lane, fork=fork, score=score, ring=rings)
+    seqs = list(decode) + [s for s, _ in prefill]
+    if any(s.req.media is not None for s in seqs):
+        _media_rows(frame, seqs)
     entries = [(s, True) for s in decode] + [(s, w) for (s, _), w in zip(prefill, wants)]
     rec = StepRecord(sid, entries, n_decode=len(decode), n_prefill=sum(t for _, t in prefill), rows=frame.n,
                      sent=[(s.slot, s.epoch) for s, _ in entries], lane=lane, drafts=drafts, ends=ends, spec=spec,
                      forks=forks, scoring=scoring, prompt_only=prompt_only, ring_slots=set(rings))
     return frame, rec
+
+
+def _media_rows(frame: StepFrame, seqs: List[SeqState]) -> None:
+    """A step with a sequence holding images: name the images whose rows it carries (``media``, per sequence) and
+    give every row its 4 M-RoPE positions (``mpos``; rows of sequences without images: (p, p, p, 0))."""
+    mpos = np.repeat(frame.pos[:, None], 4, axis=1)
+    mpos[:, 3] = 0
+    by_slot = {s.slot: s for s in seqs if s.req.media is not None}
+    starts, ends = frame.runs()
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        s = by_slot.get(int(frame.seq[a]))
+        if s is None:
+            continue
+        p0, p1 = int(frame.pos[a]), int(frame.pos[b]) + 1
+        mpos[a:b + 1] = s.req.media.positions(p0, p1)
+        ids = s.req.media.images_in(p0, p1)
+        if ids:
+            frame.media[s.slot] = tuple(ids)
+    if any(s.req.media.mrope for s in by_slot.values()):
+        frame.mpos = mpos   # 1-D models: an image's rows take one position each, as ``pos`` says
 
 
 def _cat(parts: List[np.ndarray], dtype: type) -> np.ndarray:

@@ -132,6 +132,8 @@ class StageConfig:
     metrics_port: Optional[int] = None  # --metrics-port: the stage's own /metrics (None: off; 0: any port)
     metrics_host: str = "127.0.0.1"    # --metrics-host
     join: JoinConfig = field(default_factory=JoinConfig)
+    mmproj: Optional[str] = None       # --mmproj: the vision projector GGUF (first stage only)
+    image_min_tokens: int = 0          # --image-min-tokens: the projector's minimum tokens per image (0: its own)
 
     def __post_init__(self) -> None:
         _port(self.port, "--port")
@@ -168,6 +170,7 @@ class StageConfig:
             ("--lanes", e.lanes), ("--device-sampling", "on" if e.device_sampling else "off"),
             ("--secret-file", s.secret_file), ("--tls", s.tls), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key),
             ("--cache-dir", self.cache_dir), ("--ready-file", self.ready_file),
+            ("--mmproj", self.mmproj), ("--image-min-tokens", self.image_min_tokens or None),
             ("--drain-timeout", self.drain_timeout),
             ("--metrics-port", self.metrics_port), ("--metrics-host", self.metrics_host),
             ("--join", j.url), ("--max-memory", j.max_memory), ("--advertise", j.advertise), ("--name", j.name),

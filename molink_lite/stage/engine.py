@@ -335,6 +335,10 @@ class StageEngine:
         """Device-sampled token per output row of the last step this thread ran (see :meth:`_read_sampled`)."""
         return getattr(self._local, "sampled", None)
 
+    def forget_sampled(self) -> None:
+        """No device-sampled tokens for the last step (it ran as several batches: a runner samples on the host)."""
+        self._local.sampled = None
+
     # ------------------------------------------------------------------ device sampling
     def _attach(self, seq_id: int, on: bool) -> None:
         # llama.cpp initialises a chain for the device once (a second init aborts): a slot that comes back gets a

@@ -35,6 +35,7 @@ from .grammar import GrammarSandbox
 from .ring import RingGate, RingTurn
 from .sampling import SamplerPool, SamplingError, SequenceSampler, log_softmax_top
 from .validate import check_step
+from .vision import MediaStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def frame_limits(engine: StageEngine) -> FrameLimits:
     i = engine.info
     return FrameLimits(n_seq_max=engine.n_seq_max, n_ctx=engine.n_ctx, max_rows=max(engine.n_batch, engine.n_seq_max),
                        n_vocab=i.n_vocab, n_embd_inp=i.n_embd_inp, is_first=i.is_first, is_last=i.is_last,
-                       lanes=engine.lanes)
+                       lanes=engine.lanes, mrope=bool(getattr(engine, "mrope", False)))
 
 
 def step_of(meta: dict) -> Optional[int]:
@@ -88,6 +89,7 @@ class StepRunner:
         self.gate = RingGate(engine.n_seq_max) if self.info.is_first else None
         self.turn = RingTurn() if self.info.is_last else None
         self._ring_out, self._ring_ready = ring_out, ring_ready
+        self.media: Optional[MediaStore] = None   # a first stage with a vision projector: encoded images by id
         self._next_round: Dict[int, StepFrame] = {}   # lane -> the round the last step sampled (the lane's worker)
         self._queues: List[asyncio.Queue] = [asyncio.Queue() for _ in range(self.lanes)]
         self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama{i}") for i in range(self.lanes)]
@@ -190,7 +192,30 @@ class StepRunner:
                 self.gate.from_gateway(frame)
         elif ring:
             raise StepError("only the first stage takes ring rounds")
+        if frame.media:
+            self._check_media(frame)
         return frame
+
+    def _check_media(self, frame: StepFrame) -> None:
+        """Every image a step names is stored here and fills exactly its sequence's rows of token id -1."""
+        if self.media is None:
+            raise StepError("this stage has no vision projector (start it with --mmproj): a step may not carry "
+                            "images")
+        starts, ends = frame.runs()
+        rows_of = {int(s): (int(a), int(b) + 1) for s, a, b in zip(frame.seq[starts].tolist(), starts, ends)}
+        for s, ids in frame.media.items():
+            if s not in rows_of:
+                raise StepError(f"'media' names sequence {s}, which has no rows in this step")
+            a, b = rows_of[s]
+            want = 0
+            for mid in ids:
+                lay = self.media.layout(mid)
+                if lay is None:
+                    raise StepError(f"image {mid} is not on this stage (never sent, or evicted): send it again")
+                want += lay.rows
+            have = int(np.count_nonzero(frame.tokens[a:b] < 0))
+            if have != want:
+                raise StepError(f"sequence {s} has {have} image rows in this step; its images take {want}")
 
     def run(self, frame: StepFrame) -> Union[bytes, ResultFrame]:
         """Runs in the lane's llama thread (``frame`` is checked): the step for the next stage, encoded, or (last
@@ -202,12 +227,54 @@ class StepRunner:
         self.stats["steps"] += 1
         self.stats["rows"] += frame.n
         self.stats["max_seqs_in_step"] = max(self.stats["max_seqs_in_step"], int(starts.shape[0]))
-        res = self.engine.forward(frame.seq, frame.pos, tokens=frame.tokens, hidden=frame.hidden,
-                                  output_rows=frame.out)
+        if frame.mpos is not None or frame.media:
+            res = self._forward_media(frame)
+        else:
+            res = self.engine.forward(frame.seq, frame.pos, tokens=frame.tokens, hidden=frame.hidden,
+                                      output_rows=frame.out)
         self.seq_len[frame.seq[ends]] = frame.pos[ends] + 1
         if not self.info.is_last:
             return frame.forward(res).encode(self.codec)
         return self._sample(frame, res)
+
+    def _forward_media(self, frame: StepFrame) -> np.ndarray:
+        """A step with images or M-RoPE positions (``mpos``). Later stages: one batch of hidden rows, each with its
+        4 positions. The first stage: runs of token rows and each image's rows (from :class:`MediaStore`) in
+        their own batches, in row order, as llama.cpp's mtmd helper decodes a prompt's chunks."""
+        mpos = frame.mpos
+        pos = frame.pos if mpos is None else np.ascontiguousarray(mpos[:, 0])
+        out = last_row_of_each_seq(frame.seq) if frame.out is None else frame.out
+        if not self.info.is_first:
+            return self.engine.forward(frame.seq, pos, hidden=frame.hidden, output_rows=out, pos4=mpos)
+        img = frame.tokens < 0
+        if not img.any():
+            return self.engine.forward(frame.seq, pos, tokens=frame.tokens, output_rows=out)
+        # segments: [a, b) of token rows, or one image's rows (the ids of each sequence, in order)
+        queue = {s: list(ids) for s, ids in frame.media.items()}
+        parts = []
+        a, n = 0, frame.n
+        while a < n:
+            if img[a]:
+                s = int(frame.seq[a])
+                mid = queue[s].pop(0)
+                rows = self.media.rows(mid) if self.media is not None else None
+                if rows is None:
+                    raise EngineError(f"image {mid} left this stage's store before its step ran")
+                b = a + int(rows.shape[0])
+                parts.append(self.engine.forward(frame.seq[a:b], pos[a:b], embeddings=rows, output_rows=out[a:b],
+                                                 pos4=None if mpos is None else mpos[a:b]))
+            else:
+                b = a + 1
+                while b < n and not img[b]:
+                    b += 1
+                parts.append(self.engine.forward(frame.seq[a:b], pos[a:b], tokens=frame.tokens[a:b],
+                                                 output_rows=out[a:b]))
+            a = b
+        if self.info.is_last:   # logits of the output rows, in row order; no device-sampled tokens across batches
+            self.engine.forget_sampled()
+            parts = [p for p in parts if p.shape[0]]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.concatenate(parts)
 
     def _prepare(self, frame: StepFrame) -> Dict[int, SequenceSampler]:
         """The samplers of the sequences this step starts (last stage), built before anything is applied: a

@@ -44,19 +44,21 @@ from ..model.vocab import Vocab
 from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
 from ..wire.channel import Channel, ChannelClosed
-from ..wire.protocol import (CONFIGURE, CONFIGURED, DETOKENIZE, ERROR, GRAMMAR_CHECK, HELLO, INFO, PING,
+from ..wire.media import MediaPut, media_id
+from ..wire.protocol import (CONFIGURE, CONFIGURED, DETOKENIZE, ERROR, GRAMMAR_CHECK, HELLO, INFO, MEDIA, PING,
                              PROBE_NEXT, PROTOCOL_VERSION, RELEASE, RELEASED, RESTORE, RESTORED, RING_STOP,
                              ROLE_FRAMES, STATS, STEP, TOKENIZE, Configure, Drain, ProtocolError, ResultFrame, RingStop,
                              StageHello, StepErrorFrame, StepFrame, ring_mismatch)
 from ..wire.tls import fingerprint_file, server_context
 from .conn_slots import (BUSY, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_HANDSHAKES,
                          MAX_HANDSHAKES_PER_ADDRESS, ConnSlots, address_key, close_quickly)
-from .engine import StageEngine
+from .engine import EngineError, StageEngine
 from .fencing import Fencing
 from .grammar import GrammarError
 from .hostinfo import devices, process_rss
 from .next_link import NextLink
 from .runner import StepRunner, step_of
+from .vision import MediaStore, Projector
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ class StageServer:
                  tls: Optional[Tuple[str, str]] = None, max_connections: int = MAX_CONNECTIONS,
                  max_handshakes: int = MAX_HANDSHAKES, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
-                 max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS):
+                 max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
+                 mmproj: Optional[str] = None, image_min_tokens: int = 0, image_max_tokens: int = 0):
         self.engine = engine
         self._given_engine = engine   # the caller's (it closes it); one loaded again after a release is closed here
         self.info = engine.info
@@ -86,6 +89,13 @@ class StageServer:
                                max_connections_per_address=max_connections_per_address,
                                max_handshakes_per_address=max_handshakes_per_address)
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
+        # a vision projector (first stage only): images become embedding rows here (stage/vision.py)
+        if mmproj and not self.info.is_first:
+            raise EngineError(f"--mmproj goes to the first stage (this one holds layers {self.stage})")
+        self._vision_args = (mmproj, image_min_tokens, image_max_tokens)
+        self.projector: Optional[Projector] = None
+        self.media = MediaStore() if mmproj else None
+        self._load_projector()
         self.runner = self._runner(engine, codec)
         self.timeline = self.runner.timeline
         self.link = NextLink(key, self.stats, self.stage, self.describe, self._send_head)
@@ -107,8 +117,20 @@ class StageServer:
         self._memory_lock = asyncio.Lock()  # one release or restore at a time
 
     def _runner(self, engine: StageEngine, codec: str) -> StepRunner:
-        return StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver, report=self._report,
-                          ring_out=self._ring_out if self.info.is_last else None, ring_ready=self._ring_ready)
+        r = StepRunner(engine, self.vocab, self.stats, codec=codec, deliver=self._deliver, report=self._report,
+                       ring_out=self._ring_out if self.info.is_last else None, ring_ready=self._ring_ready)
+        r.media = self.media
+        return r
+
+    def _load_projector(self) -> None:
+        path, lo, hi = self._vision_args
+        if not path:
+            return
+        e = self.engine
+        self.projector = Projector(path, e.model_ptr, self.info.n_embd_inp, use_gpu=bool(e.n_gpu_layers),
+                                   n_threads=e.init_kwargs.get("n_threads") or os.cpu_count() or 1,
+                                   image_min_tokens=lo, image_max_tokens=hi)
+        log.info("vision projector %s loaded (%s)", path, "M-RoPE" if self.projector.mrope else "1-D positions")
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> StageHello:
@@ -122,6 +144,8 @@ class StageServer:
             "backend": self.backend(), "n_gpu_layers": e.n_gpu_layers, "model_bytes": _file_size(i.path),
             "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse,
             "stage_output": e.stage_output}
+        if self.projector is not None:
+            d["vision"] = {**self.projector.describe(), "max_bytes": self.runner.limits.max_frame_bytes() - (64 << 10)}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -255,7 +279,7 @@ class StageServer:
         if not isinstance(kind, str) or kind not in ROLE_FRAMES[ch.role]:
             self.stats["rejected_frames"] += 1
             ch.reply(meta, _error(f"a {ch.role} link may not send {str(kind)[:40]!r} frames"))
-        elif self.released and kind in (TOKENIZE, DETOKENIZE, GRAMMAR_CHECK):
+        elif self.released and kind in (TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, MEDIA):
             ch.reply(meta, _error(self._released_why()))
         elif kind in (RELEASE, RESTORE):
             if ch is not self.head:
@@ -298,6 +322,8 @@ class StageServer:
         elif kind == CONFIGURE:
             async with self.fencing.lock:  # one at a time: a fencing decision must not interleave with another
                 ch.reply(meta, await self._configure(ch, meta))
+        elif kind == MEDIA:
+            await self._media(ch, meta, arrays)
         elif kind == TOKENIZE:
             await self._tokenize(ch, meta)
         elif kind == DETOKENIZE:
@@ -401,6 +427,10 @@ class StageServer:
         loop = asyncio.get_running_loop()
         await self.runner.stop()   # its llama threads end (no step runs)
         self.vocab = None
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
+            self.media.clear()
         await loop.run_in_executor(None, self.engine.close)
         rss = process_rss()
         log.info("released the model of layers %s for being idle: resident memory %.0f -> %.0f MiB", self.stage,
@@ -421,6 +451,10 @@ class StageServer:
             return _error(f"stage {self.stage} could not load its model again: {e}")
         self.engine = engine
         self.vocab = Vocab(engine.model_ptr) if (self.info.is_first or self.info.is_last) else None
+        try:
+            await loop.run_in_executor(None, self._load_projector)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not load the vision projector again: %s", e)
         codec = self.runner.codec
         self.runner = self._runner(engine, codec)
         self.timeline = self.runner.timeline
@@ -429,6 +463,29 @@ class StageServer:
         took = time.perf_counter() - t0
         log.info("layers %s loaded again in %.2f s", self.stage, took)
         return {"type": RESTORED, "seconds": round(took, 3), "rss_bytes": process_rss()}
+
+    async def _media(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        """An image from the pipeline head: encoded by the projector (off the event loop), its rows kept in the
+        media store; the reply is its :class:`~molink_lite.wire.media.MediaLayout` (at once if already stored)."""
+        if ch is not self.head:
+            self.stats["rejected_frames"] += 1
+            ch.reply(meta, _error("images come from the pipeline head"))
+            return
+        if self.projector is None or self.media is None:
+            ch.reply(meta, _error(f"stage {self.stage} has no vision projector (start the first stage with --mmproj)"))
+            return
+        try:
+            put = MediaPut.decode(arrays, self.runner.limits.max_frame_bytes() - (64 << 10))
+            lay = self.media.layout(media_id(put.data))
+            if lay is None:
+                t0 = time.perf_counter()
+                lay, rows = await asyncio.get_running_loop().run_in_executor(None, self.projector.encode, put.data)
+                self.media.put(lay, rows)
+                self.stats["image_encode_s"] = self.stats.get("image_encode_s", 0.0) + time.perf_counter() - t0
+        except (ProtocolError, EngineError) as e:
+            ch.reply(meta, _error(f"image refused: {e}"))
+            return
+        ch.reply(meta, lay.to_wire())
 
     async def _tokenize(self, ch: Channel, meta: dict) -> None:
         if self.vocab is None or self.vocab.n_vocab <= 1:
@@ -549,7 +606,7 @@ async def run_stage(engine: StageEngine, cfg: StageConfig, *, key: Optional[Link
     signal exits at once.
     """
     server = StageServer(engine, host=cfg.host, port=cfg.port, next_url=cfg.next_url, codec=cfg.codec, key=key,
-                         tls=tls)
+                         tls=tls, mmproj=cfg.mmproj, image_min_tokens=cfg.image_min_tokens)
     metrics = cfg.metrics
     drain_timeout = cfg.drain_timeout
     ready_file = cfg.ready_file

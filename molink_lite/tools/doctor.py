@@ -164,7 +164,8 @@ def vulkan_hint(lib: Optional[Path], devs: List[dict]) -> Optional[str]:
     return f"Vulkan: this is a Vulkan build but llama.cpp uses no Vulkan device: {why}"
 
 
-def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[str], bool]:
+def report(model: Optional[str] = None, n_gpu_layers: int = -1,
+           mmproj: Optional[str] = None) -> Tuple[List[str], bool]:
     """Lines to print, and whether everything is usable."""
     import llama_cpp
     import llama_cpp.llama_cpp as ll
@@ -218,6 +219,17 @@ def report(model: Optional[str] = None, n_gpu_layers: int = -1) -> Tuple[List[st
         level, why = split_support(info.arch)
         lines.append(f"split: {why}")
         ok = ok and level is not None
+    if mmproj:
+        from ..model.archs import vision_support
+        from ..model.gguf_meta import GGUFFile, GGUFFormatError
+
+        try:
+            ptype = str(GGUFFile(mmproj).value("clip.projector_type") or "?")
+            good, why = vision_support(ptype)
+        except (OSError, GGUFFormatError) as e:
+            good, why = False, f"vision projector {mmproj}: unreadable ({e})"
+        lines.append(f"vision: {why}")
+        ok = ok and good
     return lines, ok
 
 

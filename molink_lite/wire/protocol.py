@@ -49,15 +49,17 @@ DETOKENIZE, GRAMMAR_CHECK = "detokenize", "grammar_check"
 # load them again when the gateway has a request for it (serving.idle)
 RELEASE, RELEASED, RESTORE, RESTORED = "release", "released", "restore", "restored"
 RING_STOP = "ring_stop"   # closing the ring: the gateway asks the last stage to let ringed sequences go
+MEDIA = "media"           # an image for the first stage's vision projector (:mod:`molink_lite.wire.media`)
+MAX_MEDIA_ROWS = 16384    # rows one image may take; M-RoPE positions may run this far past the context
 
 #: what each link role may send to a stage
 ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, STATS, PING,
-                                     PROBE_NEXT, ERROR, RELEASE, RESTORE, RING_STOP}),
+                                     PROBE_NEXT, ERROR, RELEASE, RESTORE, RING_STOP, MEDIA}),
                "upstream": frozenset({HELLO, STEP, PING, ERROR}),
                # the last stage's link to the first stage: ring rounds (closing the ring), nothing else
                "ring": frozenset({HELLO, STEP, PING, ERROR})}
 
-_STEP_ARRAYS = frozenset({"seq", "pos", "tokens", "hidden", "out"})
+_STEP_ARRAYS = frozenset({"seq", "pos", "tokens", "hidden", "out", "mpos"})
 
 
 class ProtocolError(ValueError):
@@ -181,6 +183,7 @@ class FrameLimits:
     is_first: bool
     is_last: bool
     lanes: int = 1
+    mrope: bool = False   # the model's rope takes 4 positions per row (a step may carry ``mpos``)
 
     def max_frame_bytes(self) -> int:
         """Largest step frame this stage can be sent (f32 hidden rows plus ids), with room for the header."""
@@ -285,6 +288,12 @@ class StepFrame:
     # the stages. Round 0 is the gateway's step; a round >= 1 carries only one decode row per ringed sequence.
     ring: Dict[int, Tuple[int, bool]] = field(default_factory=dict)
     round: int = 0
+    # images (:mod:`molink_lite.wire.media`): ``media`` (first stage) seq -> ids of the images whose rows this step
+    # carries for it, in order: its rows of token id -1 take the stored rows of these images; ``mpos`` int32 [n, 4]:
+    # every row's M-RoPE positions (t, y, x, z) when a sequence of the step holds an image (``pos`` stays the row's
+    # index in its sequence: what positions are held, trims and forks count in)
+    media: Dict[int, Tuple[str, ...]] = field(default_factory=dict)
+    mpos: Optional[np.ndarray] = None
     _runs: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -320,7 +329,7 @@ class StepFrame:
 
     def forward(self, hidden: np.ndarray) -> "StepFrame":
         """This step as the next stage gets it: the same rows and sequence changes, ``hidden`` for the tokens."""
-        return replace(self, tokens=None, hidden=hidden, _runs=self._runs)
+        return replace(self, tokens=None, hidden=hidden, media={}, _runs=self._runs)
 
     # -------------------------------------------------------------- wire
     def to_wire(self) -> Tuple[dict, Dict[str, np.ndarray]]:
@@ -340,7 +349,11 @@ class StepFrame:
             meta["ring"] = {str(s): [int(b), bool(e)] for s, (b, e) in self.ring.items()}
         if self.round:
             meta["round"] = self.round
+        if self.media:
+            meta["media"] = {str(s): list(ids) for s, ids in self.media.items()}
         arrays: Dict[str, np.ndarray] = {"seq": self.seq, "pos": self.pos}
+        if self.mpos is not None:
+            arrays["mpos"] = self.mpos
         if self.tokens is not None:
             arrays["tokens"] = self.tokens
         if self.hidden is not None:
@@ -414,6 +427,17 @@ class StepFrame:
             raise StepError(f"'round' must be an integer in 0..{lim.n_ctx - 1}")
         if rnd and (free or start or trim or drafts or fork or score):
             raise StepError("a ring round carries only decode rows (no free, start, trim, drafts, fork or score)")
+        media: Dict[int, Tuple[str, ...]] = {}
+        for s_, ids in _seq_map(meta.get("media"), "media", lim.n_seq_max).items():
+            if not lim.is_first:
+                raise StepError("'media' goes to the first stage only")
+            if (not isinstance(ids, list) or not 1 <= len(ids) <= 64
+                    or not all(isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
+                               for x in ids)):
+                raise StepError(f"'media' of sequence {s_} must be 1..64 image ids (32 hex digits)")
+            media[s_] = tuple(ids)
+        if set(media) & (set(ring) | set(drafts) | set(fork)) or (media and rnd):
+            raise StepError("a sequence with images in a step may not ring, draft or fork there")
 
         seq = _ints(arrays, "seq", None)
         n = int(seq.shape[0])
@@ -421,9 +445,19 @@ class StepFrame:
         if n > lim.max_rows:
             raise StepError(f"{n} rows in one step; this stage takes at most {lim.max_rows}")
         frame = cls(step, seq.astype(np.int32, copy=False), pos.astype(np.int32, copy=False), free=free,
-                    start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score, ring=ring, round=rnd)
+                    start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score, ring=ring, round=rnd,
+                    media=media)
+        mpos = arrays.get("mpos")
+        if mpos is not None:
+            if not lim.mrope:
+                raise StepError("'mpos' (4 positions per row) is for models with M-RoPE; this one has none")
+            if mpos.shape != (n, 4) or not np.issubdtype(mpos.dtype, np.integer):
+                raise StepError(f"'mpos' must be int [{n}, 4], got {mpos.dtype} {tuple(mpos.shape)}")
+            if n and (int(mpos.min()) < 0 or int(mpos.max()) >= lim.n_ctx + MAX_MEDIA_ROWS):
+                raise StepError("'mpos' holds positions outside the context")
+            frame.mpos = mpos.astype(np.int32, copy=False)
         if n == 0:
-            if drafts or score or ring or rnd:
+            if drafts or score or ring or rnd or media:
                 raise StepError("'drafts', 'score' or 'ring' names sequences without rows in this step")
             frame._check_lane(lim.lanes)
             return frame
@@ -442,8 +476,14 @@ class StepFrame:
             if "hidden" in arrays:
                 raise StepError("the first stage takes token ids, not hidden states")
             tokens = _ints(arrays, "tokens", n)
-            if int(tokens.min()) < 0 or int(tokens.max()) >= lim.n_vocab:
+            if int(tokens.max()) >= lim.n_vocab:
                 raise StepError(f"token ids must be in 0..{lim.n_vocab - 1}")
+            if int(tokens.min()) < 0:   # only image rows (-1), of sequences the step names in 'media'
+                bad = tokens < 0
+                if (int(tokens.min()) < -1 or not media
+                        or not np.isin(seq[bad], np.fromiter(media, dtype=np.int32, count=len(media))).all()):
+                    raise StepError(f"token ids must be in 0..{lim.n_vocab - 1} (-1: an image's rows, of a "
+                                    f"sequence 'media' names)")
             frame.tokens = tokens.astype(np.int32, copy=False)
         else:
             if "tokens" in arrays:
@@ -896,7 +936,7 @@ def check_chain(infos: Sequence[Union[StageHello, dict]]) -> Optional[str]:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
+    "PROTOCOL_VERSION", "MEDIA", "MAX_MEDIA_ROWS", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
     "LinkDown", "LinkUp", "Drain", "StageHello", "lane_of", "chain_mismatch", "check_chain",
 ]

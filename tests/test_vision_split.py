@@ -1,0 +1,368 @@
+"""Vision-language models split (issue 30): the first stage holds the projector (``--mmproj``), an image sent as
+a ``data:`` URL through ``/v1/chat/completions`` on a 2-stage split gives the whole model's logits bit for bit.
+
+The whole model is llama.cpp's own multimodal path: mtmd's helper (``mtmd_helper_eval_chunks``) evaluates the same
+prompt text with the same image on one whole-model context; greedy decoding goes on there. The split's first
+generated tokens' logprobs (log-softmax of the logits, top 5) must equal that reference's exactly, token after token.
+
+Pure logic first (image headers, data URLs, the prompt's layout and positions, the step frame's new fields), then
+real stage processes and a real gateway.
+"""
+
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401,I001 - before numpy
+
+import base64
+import ctypes
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from molink_lite.wire.media import (IMAGE_TOKEN, MediaLayout, MediaPlan, media_id, plan_media, sniff_image)
+from molink_lite.wire.protocol import FrameLimits, ProtocolError, StepError, StepFrame
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+N_EMBD = 64
+SIDE = 56
+
+
+def png(rgb: np.ndarray) -> bytes:
+    """A minimal PNG (8-bit RGB, no filter) of ``rgb`` [h, w, 3] uint8."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def image(seed: int = 1, side: int = SIDE) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    img[: side // 2, :, 0] = 255
+    return img
+
+
+def data_url(b: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(b).decode()
+
+
+# ---------------------------------------------------------------- pure logic
+def test_image_headers_are_read_and_oversized_or_unknown_ones_refused():
+    assert sniff_image(png(image())) == ("PNG", SIDE, SIDE)
+    huge = bytearray(png(image()))
+    huge[16:24] = struct.pack(">II", 100000, 100000)   # a small file claiming 10^10 pixels
+    with pytest.raises(ProtocolError, match="at most"):
+        sniff_image(bytes(huge))
+    for bad in (b"", b"hello world", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF"):
+        with pytest.raises(ProtocolError):
+            sniff_image(bad)
+    gif = b"GIF89a" + struct.pack("<HH", 7, 9) + b"\x00" * 8
+    assert sniff_image(gif) == ("GIF", 7, 9)
+    jpeg = b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 4) + b"ab" + b"\xff\xc0" + struct.pack(">HBHH", 11, 8, 30, 40)
+    assert sniff_image(jpeg) == ("JPEG", 40, 30)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("data:text/plain;base64,aGk=", "data:image"),
+    ("data:image/png,rawbytes", "data:image"),
+    ("data:image/png;base64,@@@", "base64"),
+    ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "not PNG"),
+    ("http://example.invalid/cat.png", "--allow-image-urls"),
+    ("file:///etc/passwd", "data: URL"),
+])
+def test_image_urls_are_refused_with_reasons(url, message):
+    import asyncio
+
+    from molink_lite.serving.images import ImageError, load_image
+
+    with pytest.raises(ImageError, match=message):
+        asyncio.run(load_image(url))
+
+
+def test_an_image_over_the_size_limit_is_refused_before_decoding():
+    import asyncio
+
+    from molink_lite.serving.images import ImageError, load_image
+
+    with pytest.raises(ImageError, match="larger than"):
+        asyncio.run(load_image(data_url(png(image())), max_bytes=100))
+    assert asyncio.run(load_image(data_url(png(image())))) == png(image())
+
+
+def _layout(rows: int = 4, nx: int = 2) -> MediaLayout:
+    ny = rows // nx
+    rel = np.array([(0, y, x, 0) for y in range(ny) for x in range(nx)], np.int32)
+    return MediaLayout("ab" * 16, (7,), rows, max(nx, ny), rel, (8,))
+
+
+def test_a_prompt_with_an_image_lays_out_rows_and_mrope_positions_as_mtmd():
+    tokens, plan = plan_media([np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)], [_layout()], mrope=True)
+    # text 1 2 3, vision_start 7, 4 image rows, vision_end 8, text 4 5
+    assert tokens.tolist() == [1, 2, 3, 7, -1, -1, -1, -1, 8, 4, 5]
+    assert plan.spans == ((4, 8),)
+    # the image starts at position 4: (t, y, x) = (4, 4 + y, 4 + x); the text after it goes on at 4 + max(nx, ny)
+    assert plan.mpos[4:8].tolist() == [[4, 4, 4, 0], [4, 4, 5, 0], [4, 5, 4, 0], [4, 5, 5, 0]]
+    assert plan.mpos[8].tolist() == [6, 6, 6, 0] and plan.mpos[10].tolist() == [8, 8, 8, 0]
+    assert plan.shift == 9 - 11
+    # generated rows (index 11, 12) sit at their index + shift
+    assert plan.positions(10, 13).tolist() == [[8, 8, 8, 0], [9, 9, 9, 0], [10, 10, 10, 0]]
+    # steps cut at the image and take it whole or not at all
+    assert plan.cut(0, 100) == 4 and plan.cut(2, 1) == 1
+    assert plan.cut(4, 100) == 4 and plan.cut(4, 3) == 0
+    assert plan.cut(8, 100) == 100
+    assert plan.images_in(4, 8) == ["ab" * 16] and plan.images_in(0, 4) == []
+    # without M-RoPE the image rows take one position each
+    _, flat = plan_media([np.array([1], np.int32), np.zeros(0, np.int32)], [_layout()], mrope=False)
+    assert flat.mpos[:, 0].tolist() == list(range(7)) and flat.shift == 0
+
+
+LIM = FrameLimits(n_seq_max=4, n_ctx=64, max_rows=32, n_vocab=100, n_embd_inp=4, is_first=True, is_last=False,
+                  mrope=True)
+
+
+def _frame(**kw) -> StepFrame:
+    base = dict(step=1, seq=np.zeros(4, np.int32), pos=np.arange(4, dtype=np.int32),
+                tokens=np.array([5, -1, -1, 6], np.int32), media={0: ("ab" * 16,)},
+                mpos=np.array([[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 2, 0], [3, 3, 3, 0]], np.int32))
+    base.update(kw)
+    return StepFrame(**base)
+
+
+def test_step_frames_carry_images_and_positions_and_refuse_misuse():
+    f = StepFrame.decode(*_frame().to_wire(), LIM)
+    assert f.media == {0: ("ab" * 16,)} and f.mpos.tolist()[2] == [1, 1, 2, 0]
+    assert f.forward(np.zeros((4, 4), np.float32)).media == {}
+    bad = [
+        (dict(media={}), "-1: an image"),
+        (dict(tokens=np.array([5, -2, -1, 6], np.int32)), "-1: an image"),
+        (dict(media={0: ("xyz",)}), "image ids"),
+        (dict(mpos=np.zeros((3, 4), np.int32)), "mpos"),
+        (dict(mpos=np.full((4, 4), -1, np.int32)), "outside"),
+        (dict(ring={0: (2, True)}, out=np.array([0, 0, 0, 1], bool)), "may not ring"),
+    ]
+    for change, message in bad:
+        with pytest.raises(StepError, match=message):
+            StepFrame.decode(*_frame(**change).to_wire(), LIM)
+    with pytest.raises(StepError, match="M-RoPE"):
+        StepFrame.decode(*_frame().to_wire(), FrameLimits(**{**LIM.__dict__, "mrope": False}))
+    later = FrameLimits(**{**LIM.__dict__, "is_first": False})
+    meta, arrays = _frame().to_wire()
+    arrays.pop("tokens")
+    arrays["hidden"] = np.zeros((4, 4), np.float32)
+    with pytest.raises(StepError, match="first stage only"):
+        StepFrame.decode(meta, arrays, later)
+
+
+def test_media_ids_are_content_hashes():
+    assert media_id(b"x") == media_id(b"x") != media_id(b"y") and len(media_id(b"x")) == 32
+
+
+# ---------------------------------------------------------------- real stages, real gateway
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+STAGE_ARGS = ["--threads", "1", "--ctx", "512", "--max-seqs", "4", "--codec", "f32", "--flash-attn", "off"]
+N_GEN = 6
+TOP = 5
+
+
+@pytest.fixture(scope="module", params=["qwen2vl", "qwen25vl"])
+def vl_model(request, tmp_path_factory):
+    """(text model, projector, chat template, image side): Qwen2-VL (56 px: 2x2 tokens) or Qwen2.5-VL (windowed
+    attention; 112 px: 4x4 tokens)."""
+    from testmmproj import write_random_mmproj
+    from testmodels import write_random_gguf
+
+    d = tmp_path_factory.mktemp(request.param)
+    side = SIDE if request.param == "qwen2vl" else 2 * SIDE
+    text = write_random_gguf(str(d / "text.gguf"), "qwen2vl", n_layer=4, n_embd=N_EMBD, n_head=4, n_vocab=256)
+    proj = write_random_mmproj(str(d / "mmproj.gguf"), N_EMBD, n_embd=32, n_layer=2, n_head=2, image_size=side,
+                               patch_size=14, variant=request.param)
+    (d / "template.jinja").write_text(TEMPLATE)
+    return str(text), str(proj), str(d / "template.jinja"), side
+
+
+def whole_model_reference(text: str, proj: str, prompt: str, img: bytes, n_gen: int, min_tokens: int = 4):
+    """mtmd's own evaluation of the whole model: (prompt rows, [(top ids, top logprobs, chosen)] per token)."""
+    from llama_cpp import mtmd_cpp as mtmd
+
+    from molink_lite.stage.engine import StageEngine
+    from molink_lite.stage.sampling import log_softmax_top
+
+    whole = StageEngine(text, n_ctx=512, n_seq_max=1, n_threads=1, flash_attn=False)
+    mp = mtmd.mtmd_context_params_default()
+    mp.use_gpu, mp.n_threads, mp.print_timings, mp.warmup = False, 1, False, False
+    mp.image_min_tokens = min_tokens
+    mctx = mtmd.mtmd_init_from_file(proj.encode(), whole.model_ptr, mp)
+    assert mctx
+    out = []
+    try:
+        buf = (ctypes.c_uint8 * len(img)).from_buffer_copy(img)
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(mctx, buf, len(img), False)
+        p = prompt.encode()
+        txt = mtmd.mtmd_input_text(p, len(p), False, True)   # a Jinja template writes BOS itself (none here)
+        chunks = mtmd.mtmd_input_chunks_init()
+        assert mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(txt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        n_rows = mtmd.mtmd_helper_get_n_tokens(chunks)
+        n_past = llama_cpp.llama_pos(0)
+        lctx = whole._lanes[0].ctx
+        assert mtmd.mtmd_helper_eval_chunks(mctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(256,)).copy()
+        pos = n_past.value
+        for i in range(n_gen):
+            tok = int(np.argmax(logits))
+            _, ids, lps = log_softmax_top(logits[None, :], np.array([0]), np.array([tok]), np.array([TOP]), TOP)
+            out.append((ids[0].tolist(), lps[0].tolist(), tok))
+            if i == n_gen - 1:
+                break
+            logits = whole.forward(np.zeros(1, np.int32), np.array([pos], np.int32), tokens=np.array([tok], np.int32),
+                                   output_rows=np.ones(1, bool))[0].copy()
+            pos += 1
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(mctx)
+        whole.close()
+    return n_rows, out
+
+
+def _served(text, proj, template, workdir: Path, gateway_extra=()):
+    from serving import GatewayProcess
+
+    from molink_lite.model.split import LayerRange
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    for sub in ("a", "b"):
+        (workdir / sub).mkdir(exist_ok=True)
+    first = start_stages(text, [LayerRange(0, 2)], extra_args=[*STAGE_ARGS, "--mmproj", proj,
+                                                               "--image-min-tokens", "4"], workdir=str(workdir / "a"))
+    rest = start_stages(text, [LayerRange(2, 4)], extra_args=STAGE_ARGS, workdir=str(workdir / "b"))
+    gw = GatewayProcess([[first[0].url, rest[0].url]], extra=["--chat-template", template, "--ring", "off", "--codec", "f32",
+                                                              *gateway_extra], log_dir=workdir)
+
+    def stop():
+        gw.stop()
+        stop_stages(first + rest)
+    try:
+        gw.wait_ready()
+    except BaseException:
+        stop()
+        raise
+    return gw, stop
+
+
+def _chat(gw, content, **kw):
+    from serving import http
+
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": N_GEN, "temperature": 0,
+            "logprobs": True, "top_logprobs": TOP, **kw}
+    return http("POST", gw.url + "/v1/chat/completions", body)
+
+
+def test_an_image_through_the_api_on_a_two_stage_split_equals_the_whole_model(vl_model, tmp_path):
+    text, proj, template, side = vl_model
+    img = png(image(side=side))
+    gw, stop = _served(text, proj, template, tmp_path)
+    try:
+        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
+                   {"type": "text", "text": " describe it."}]
+        status, r = _chat(gw, content)
+        assert status == 200, r
+        n_rows, want = whole_model_reference(text, proj, "user: look: <__media__> describe it.\nassistant:", img,
+                                             N_GEN)
+        assert r["usage"]["prompt_tokens"] == n_rows
+        got = r["choices"][0]["logprobs"]["content"]
+        assert len(got) == N_GEN
+        for i, (g, (ids, lps, tok)) in enumerate(zip(got, want)):
+            assert [t["logprob"] for t in g["top_logprobs"]] == [float(np.float32(x)) for x in lps], i
+            assert g["logprob"] == float(np.float32(lps[0])), i
+        # the same image again is not encoded again (the first stage keeps it); a different one changes the answer
+        status2, r2 = _chat(gw, content)
+        assert status2 == 200 and r2["choices"][0]["message"] == r["choices"][0]["message"]
+        other = [content[0], {"type": "image_url", "image_url": {"url": data_url(png(image(9, side)))}}, content[2]]
+        status3, r3 = _chat(gw, other)
+        assert status3 == 200
+        assert ([t["logprob"] for t in r3["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+                != [t["logprob"] for t in got[0]["top_logprobs"]])
+        # refusals: a remote URL without --allow-image-urls, garbage, n > 1, an image in a system message
+        for bad, message in (
+                ([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}], "allow-image-urls"),
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}], "not PNG"),
+                ([{"type": "text", "text": "<__media__>"}, content[1]], "marker")):
+            status, r = _chat(gw, bad)
+            assert status == 400 and message in r["error"]["message"], r
+        status, r = _chat(gw, content, n=2)
+        assert status == 400 and "n > 1" in r["error"]["message"]
+        # text-only requests still work on the same pipeline
+        status, r = _chat(gw, "hello there")
+        assert status == 200 and r["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        stop()
+
+
+def test_a_model_without_a_projector_refuses_images_clearly(vl_model, tmp_path):
+    from serving import GatewayProcess, http
+
+    from molink_lite.model.split import LayerRange
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    text, _, template, _ = vl_model
+    procs = start_stages(text, [LayerRange(0, 4)], extra_args=STAGE_ARGS, workdir=str(tmp_path))
+    gw = GatewayProcess([[procs[0].url]], extra=["--chat-template", template], log_dir=tmp_path)
+    try:
+        gw.wait_ready()
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png(image()))}}]}], "max_tokens": 2}
+        status, r = http("POST", gw.url + "/v1/chat/completions", body)
+        assert status == 400 and "--mmproj" in r["error"]["message"], r
+    finally:
+        gw.stop()
+        stop_stages(procs)
+
+
+def test_the_first_stage_checks_a_steps_images_against_its_store(vl_model):
+    """A step naming an image the stage does not hold (never sent, evicted), or the wrong number of image rows, is
+    rejected before anything runs; a stage without a projector takes no images at all."""
+    from molink_lite.stage.engine import StageEngine
+    from molink_lite.stage.runner import StepRunner
+    from molink_lite.stage.vision import MediaStore
+
+    text = vl_model[0]
+    eng = StageEngine(text, n_ctx=256, n_seq_max=2, n_threads=1, flash_attn=False)
+    try:
+        r = StepRunner(eng, None, {}, codec="f32", deliver=lambda *a: None, report=lambda *a: None)
+        assert r.limits.mrope
+        mid = "cd" * 16
+        frame = StepFrame(1, np.zeros(4, np.int32), np.arange(4, dtype=np.int32),
+                          tokens=np.array([3, -1, -1, 4], np.int32), media={0: (mid,)},
+                          mpos=np.array([[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 2, 0], [2, 2, 2, 0]], np.int32))
+        meta, arrays = frame.to_wire()
+        with pytest.raises(StepError, match="no vision projector"):
+            r.check(meta, arrays)
+        r.media = MediaStore(1 << 20)
+        with pytest.raises(StepError, match="not on this stage"):
+            r.check(meta, arrays)
+        rel = np.array([[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0]], np.int32)
+        r.media.put(MediaLayout(mid, (), 3, 2, rel, ()), np.zeros((3, N_EMBD), np.float32))
+        with pytest.raises(StepError, match="2 image rows"):
+            r.check(meta, arrays)
+        r.media.put(MediaLayout(mid, (), 2, 2, rel[:2], ()), np.ones((2, N_EMBD), np.float32))
+        got = r.check(meta, arrays)
+        out = r._forward_media(got)   # the whole model here: logits of the last row
+        assert out.shape == (1, 256) and np.isfinite(out).all()
+        # the store keeps at most its budget: the oldest image goes first
+        small = MediaStore(3 * N_EMBD * 4)
+        for i in range(3):
+            small.put(MediaLayout(f"{i:032x}", (), 2, 2, rel[:2], ()), np.zeros((2, N_EMBD), np.float32))
+        assert small.layout(f"{0:032x}") is None and small.layout(f"{2:032x}") is not None
+        assert small.stats["images_evicted"] == 2
+    finally:
+        eng.close()
