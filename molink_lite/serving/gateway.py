@@ -493,7 +493,7 @@ class Gateway:
         except (PipelineError, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
             raise ApiError(503, f"the image could not be encoded: {_short(str(e), 300)}", "no_pipeline",
                            "service_unavailable") from None
-        tokens, plan = plan_media(toks, layouts, bool(vision.get("mrope")))
+        tokens, plan = plan_media(toks, layouts, bool(vision.get("mrope")), bool(vision.get("non_causal")))
         if int(tokens.shape[0]) >= pipe.n_ctx:
             raise ApiError(400, f"the prompt with its images ({tokens.shape[0]} tokens) cannot fit the context "
                                 f"window ({pipe.n_ctx} tokens)", "context_length_exceeded")

@@ -158,6 +158,12 @@ def plan_step(active: Iterable[SeqState], micro_batches: int, max_batch_tokens: 
     """
     live = [s for s in active if not s.finished]
     ready = [s for s in live if (not s.in_flight or s.prefilling) and not s.media_wait]
+    for s in sorted((s for s in ready if s.prefilling and s.req.media is not None), key=lambda s: s.t_submit):
+        m = s.req.media
+        if m.non_causal and m.at_image(s.prefilled):   # Gemma 3: an image is a step of its own (one batch, causal
+            take = m.cut(s.prefilled, max_batch_tokens)    # attention off on every stage); decoders wait one step
+            if take > 0:
+                return StepPlan([], [(s, take)])
     n_decoding = sum(1 for s in live if not s.prefilling)
     per_step = max(1, math.ceil(n_decoding / micro_batches))
     decoding = sorted((s for s in ready if not s.prefilling), key=lambda s: s.last_sent)

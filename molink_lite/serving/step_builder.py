@@ -251,6 +251,8 @@ def _media_rows(frame: StepFrame, seqs: List[SeqState]) -> None:
         ids = s.req.media.images_in(p0, p1)
         if ids:
             frame.media[s.slot] = tuple(ids)
+            # the scheduler sends such an image alone (scheduler.plan_step): every stage decodes it non-causally
+            frame.noncausal = s.req.media.non_causal
     if any(s.req.media.mrope for s in by_slot.values()):
         frame.mpos = mpos   # 1-D models: an image's rows take one position each, as ``pos`` says
 

@@ -371,14 +371,16 @@ class StageEngine:
     # ------------------------------------------------------------------ stepping
     def forward(self, seq_ids: np.ndarray, positions: np.ndarray, *, tokens: Optional[np.ndarray] = None,
                 hidden: Optional[np.ndarray] = None, output_rows: Optional[np.ndarray] = None,
-                embeddings: Optional[np.ndarray] = None, pos4: Optional[np.ndarray] = None) -> np.ndarray:
+                embeddings: Optional[np.ndarray] = None, pos4: Optional[np.ndarray] = None,
+                causal: bool = True) -> np.ndarray:
         """Run one batch of rows through the stage.
 
         ``seq_ids``/``positions``: int32 per row. First stage: ``tokens`` (int32 per row), or ``embeddings``
         (float32 [rows, n_embd_inp]: an image's rows from a vision projector, fed instead of token embeddings);
         later stages: ``hidden`` (float32/float16 [rows, n_embd]). ``pos4``: int32 [rows, 4], each embedding or
         hidden row's M-RoPE position (t, y, x, z) on models that use it (default (p, p, p, 0), as llama.cpp gives
-        text tokens). Non-last stages return the hidden states [rows, n_embd] (float32, a fresh array). The last
+        text tokens). ``causal=False``: the rows attend to each other both ways (one image of Gemma 3, as
+        llama.cpp's mtmd helper decodes it). Non-last stages return the hidden states [rows, n_embd] (float32, a fresh array). The last
         stage returns logits [len(output_rows), n_vocab] for the rows flagged in ``output_rows`` (bool per row;
         default: the last row of each sequence in the batch).
         """
@@ -433,12 +435,20 @@ class StageEngine:
                 raise EngineError("engine is closed")
             outs = []
             lane.sampled_parts = []
-            for a in range(0, n, self.n_chunk):
-                b = min(n, a + self.n_chunk)
-                outs.append(self._decode_chunk(lane, seq_ids[a:b], positions[a:b],
-                                               None if tokens is None else tokens[a:b],
-                                               None if hidden is None else hidden[a:b], output_rows[a:b],
-                                               None if pos4 is None else pos4[a:b]))
+            if not causal and n > self.n_chunk:
+                raise EngineError(f"{n} rows decoded non-causally do not fit one batch of {self.n_chunk}")
+            if not causal:
+                _llama.llama_set_causal_attn(lane.ctx, False)
+            try:
+                for a in range(0, n, self.n_chunk):
+                    b = min(n, a + self.n_chunk)
+                    outs.append(self._decode_chunk(lane, seq_ids[a:b], positions[a:b],
+                                                   None if tokens is None else tokens[a:b],
+                                                   None if hidden is None else hidden[a:b], output_rows[a:b],
+                                                   None if pos4 is None else pos4[a:b]))
+            finally:
+                if not causal:
+                    _llama.llama_set_causal_attn(lane.ctx, True)
             self.times.steps += 1
             self.times.rows += n
             self.times.seqs_max = max(self.times.seqs_max, len(np.unique(seq_ids)))

@@ -227,7 +227,7 @@ class StepRunner:
         self.stats["steps"] += 1
         self.stats["rows"] += frame.n
         self.stats["max_seqs_in_step"] = max(self.stats["max_seqs_in_step"], int(starts.shape[0]))
-        if frame.mpos is not None or frame.media:
+        if frame.mpos is not None or frame.media or frame.noncausal:
             res = self._forward_media(frame)
         else:
             res = self.engine.forward(frame.seq, frame.pos, tokens=frame.tokens, hidden=frame.hidden,
@@ -244,8 +244,9 @@ class StepRunner:
         mpos = frame.mpos
         pos = frame.pos if mpos is None else np.ascontiguousarray(mpos[:, 0])
         out = last_row_of_each_seq(frame.seq) if frame.out is None else frame.out
+        causal = not frame.noncausal
         if not self.info.is_first:
-            return self.engine.forward(frame.seq, pos, hidden=frame.hidden, output_rows=out, pos4=mpos)
+            return self.engine.forward(frame.seq, pos, hidden=frame.hidden, output_rows=out, pos4=mpos, causal=causal)
         img = frame.tokens < 0
         if not img.any():
             return self.engine.forward(frame.seq, pos, tokens=frame.tokens, output_rows=out)
@@ -262,7 +263,7 @@ class StepRunner:
                     raise EngineError(f"image {mid} left this stage's store before its step ran")
                 b = a + int(rows.shape[0])
                 parts.append(self.engine.forward(frame.seq[a:b], pos[a:b], embeddings=rows, output_rows=out[a:b],
-                                                 pos4=None if mpos is None else mpos[a:b]))
+                                                 pos4=None if mpos is None else mpos[a:b], causal=causal))
             else:
                 b = a + 1
                 while b < n and not img[b]:

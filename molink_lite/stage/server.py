@@ -127,6 +127,9 @@ class StageServer:
         if not path:
             return
         e = self.engine
+        if self.info.n_embd_inp != self.info.n_embd:
+            raise EngineError(f"{path}: this model's image rows are {self.info.n_embd_inp} wide for {self.info.n_embd}"
+                              " hidden (Qwen3-VL's deepstack feeds later layers); molink-lite does not split that")
         self.projector = Projector(path, e.model_ptr, self.info.n_embd_inp, use_gpu=bool(e.n_gpu_layers),
                                    n_threads=e.init_kwargs.get("n_threads") or os.cpu_count() or 1,
                                    image_min_tokens=lo, image_max_tokens=hi)

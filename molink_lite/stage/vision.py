@@ -48,16 +48,15 @@ class Projector:
             self.close()
             raise EngineError(f"{self.path} holds no vision encoder")
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(self.ctx))
-        if mtmd.mtmd_decode_use_non_causal(self.ctx, None):
-            self.close()
-            raise EngineError(f"{self.path}: this projector's images are decoded with non-causal attention on "
-                              "every layer (Gemma 3); molink-lite does not split that yet")
+        # Gemma 3: an image's rows attend to each other both ways (every stage decodes them with causal attention
+        # off, in a step of their own)
+        self.non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, None))
         self.n_embd = int(n_embd)
         self.marker = mtmd.mtmd_default_marker()
         self._lock = threading.Lock()   # one image at a time through one mtmd context
 
     def describe(self) -> dict:
-        return {"mrope": self.mrope, "marker": self.marker.decode()}
+        return {"mrope": self.mrope, "non_causal": self.non_causal, "marker": self.marker.decode()}
 
     def encode(self, data: bytes) -> Tuple[MediaLayout, np.ndarray]:
         """The image's layout and its embedding rows (float32 [rows, n_embd]). :class:`EngineError` for an

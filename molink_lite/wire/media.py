@@ -186,6 +186,7 @@ class MediaPlan:
     mpos: np.ndarray
     shift: int
     mrope: bool = True    # the model takes 4 positions per row (else image rows take one position each: no mpos)
+    non_causal: bool = False   # each image goes in a step of its own, decoded with causal attention off (Gemma 3)
     data: Tuple[bytes, ...] = field(default=(), repr=False, compare=False)   # the images (sent again on a replay)
 
     def positions(self, a: int, b: int) -> np.ndarray:
@@ -226,8 +227,8 @@ class MediaPlan:
         return [i for (s, e), i in zip(self.spans, self.ids) if a <= s < b]
 
 
-def plan_media(pieces: Sequence[np.ndarray], layouts: Sequence[MediaLayout], mrope: bool) -> Tuple[np.ndarray,
-                                                                                                     MediaPlan]:
+def plan_media(pieces: Sequence[np.ndarray], layouts: Sequence[MediaLayout], mrope: bool,
+               non_causal: bool = False) -> Tuple[np.ndarray, MediaPlan]:
     """The prompt of text ``pieces`` (token arrays) with an image between each two (``layouts``; len(pieces) ==
     len(layouts) + 1): its tokens (:data:`IMAGE_TOKEN` at image rows) and :class:`MediaPlan`. Positions follow
     mtmd (``mtmd_helper_eval_chunks``): text rows one position each; an image's rows at rel + its first
@@ -269,7 +270,7 @@ def plan_media(pieces: Sequence[np.ndarray], layouts: Sequence[MediaLayout], mro
         text(lay.after)
     tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
     mpos = np.concatenate(pos) if pos else np.zeros((0, 4), np.int32)
-    return tokens, MediaPlan(tuple(spans), tuple(lay.id for lay in layouts), mpos, p - row, mrope)
+    return tokens, MediaPlan(tuple(spans), tuple(lay.id for lay in layouts), mpos, p - row, mrope, non_causal)
 
 
 def with_data(plan: MediaPlan, data: Sequence[bytes]) -> MediaPlan:

@@ -294,6 +294,8 @@ class StepFrame:
     # index in its sequence: what positions are held, trims and forks count in)
     media: Dict[int, Tuple[str, ...]] = field(default_factory=dict)
     mpos: Optional[np.ndarray] = None
+    # the step is one image's rows alone, decoded with causal attention off on every stage (Gemma 3's images)
+    noncausal: bool = False
     _runs: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -351,6 +353,8 @@ class StepFrame:
             meta["round"] = self.round
         if self.media:
             meta["media"] = {str(s): list(ids) for s, ids in self.media.items()}
+        if self.noncausal:
+            meta["noncausal"] = True
         arrays: Dict[str, np.ndarray] = {"seq": self.seq, "pos": self.pos}
         if self.mpos is not None:
             arrays["mpos"] = self.mpos
@@ -438,6 +442,11 @@ class StepFrame:
             media[s_] = tuple(ids)
         if set(media) & (set(ring) | set(drafts) | set(fork)) or (media and rnd):
             raise StepError("a sequence with images in a step may not ring, draft or fork there")
+        noncausal = meta.get("noncausal", False)
+        if not isinstance(noncausal, bool):
+            raise StepError("'noncausal' must be true or false")
+        if noncausal and (ring or rnd or drafts or fork or score or (lim.is_first and len(media) != 1)):
+            raise StepError("a 'noncausal' step holds one image's rows and nothing else")
 
         seq = _ints(arrays, "seq", None)
         n = int(seq.shape[0])
@@ -446,7 +455,7 @@ class StepFrame:
             raise StepError(f"{n} rows in one step; this stage takes at most {lim.max_rows}")
         frame = cls(step, seq.astype(np.int32, copy=False), pos.astype(np.int32, copy=False), free=free,
                     start=start, trim=trim, drafts=drafts, lane=lane, fork=fork, score=score, ring=ring, round=rnd,
-                    media=media)
+                    media=media, noncausal=noncausal)
         mpos = arrays.get("mpos")
         if mpos is not None:
             if not lim.mrope:
@@ -456,6 +465,8 @@ class StepFrame:
             if n and (int(mpos.min()) < 0 or int(mpos.max()) >= lim.n_ctx + MAX_MEDIA_ROWS):
                 raise StepError("'mpos' holds positions outside the context")
             frame.mpos = mpos.astype(np.int32, copy=False)
+        if noncausal and (n == 0 or bool((seq != seq[0]).any())):
+            raise StepError("a 'noncausal' step holds the rows of one sequence")
         if n == 0:
             if drafts or score or ring or rnd or media:
                 raise StepError("'drafts', 'score' or 'ring' names sequences without rows in this step")
@@ -484,6 +495,8 @@ class StepFrame:
                         or not np.isin(seq[bad], np.fromiter(media, dtype=np.int32, count=len(media))).all()):
                     raise StepError(f"token ids must be in 0..{lim.n_vocab - 1} (-1: an image's rows, of a "
                                     f"sequence 'media' names)")
+            if noncausal and int(tokens.max()) >= 0:
+                raise StepError("a 'noncausal' step holds image rows only")
             frame.tokens = tokens.astype(np.int32, copy=False)
         else:
             if "tokens" in arrays:
