@@ -394,7 +394,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
     log.info("backend: %s; %d of %d layers offloaded to GPU", _backend_name(),
              _offloaded(cfg.engine.n_gpu_layers, layers.n), layers.n)
     try:
-        return _run_until_stopped(run_stage(engine, cfg, key=key, tls=tls), cfg.host, cfg.port)
+        return _run_until_stopped(run_stage(engine, cfg, key=key, tls=tls), cfg.host, cfg.port, (EngineError,))
     finally:
         engine.close()
 
@@ -938,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     s.add_argument("--mmproj", default=None, metavar="GGUF",
                    help="vision projector of the model (its mmproj GGUF), on the first stage: chat messages may then "
-                        "carry images (Qwen2-VL, Qwen2.5-VL)")
+                        "carry images (Qwen2-VL, Qwen2.5-VL, Gemma 3)")
     s.add_argument("--image-min-tokens", type=int, default=0, metavar="N",
                    help="with --mmproj: the fewest tokens an image takes (default: the projector's own)")
     s.add_argument("--join", metavar="URL", default=None,
@@ -1050,7 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage-port", type=int, default=0, help="first stage port (default: free ports)")
     s.add_argument("--mmproj", default=None, metavar="GGUF",
                    help="the model's vision projector (mmproj GGUF), held by the first stage: chat messages may "
-                        "carry images (Qwen2-VL, Qwen2.5-VL)")
+                        "carry images (Qwen2-VL, Qwen2.5-VL, Gemma 3)")
     s.add_argument("--image-min-tokens", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--micro-batches", type=int, default=None,
                    help="steps in flight (default: one per stage and lane)")

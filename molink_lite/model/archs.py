@@ -833,11 +833,11 @@ def split_support(arch: str) -> Tuple[Optional[str], str]:
 
 
 #: vision projectors (``clip.projector_type`` of an mmproj GGUF) a split serves: the first stage feeds their rows,
-#: later stages take them with the positions mtmd gives (M-RoPE for these); tested with random-weight projectors
-VISION_SPLIT = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL"}
+#: later stages take them with the positions mtmd gives; each tested (tests/test_vision_split.py) with a random-weight
+#: projector through the API
+VISION_SPLIT = {"qwen2vl_merger": "Qwen2-VL", "qwen2.5vl_merger": "Qwen2.5-VL",
+                "gemma3": "Gemma 3; each image a step of its own, decoded with causal attention off on every stage"}
 VISION_REFUSED = {
-    "gemma3": "its images are decoded with non-causal attention on every layer (every stage would switch it per "
-              "image step); not built yet",
     "qwen3vl_merger": "its deepstack rows feed layers past the first stage; not built yet",
 }
 

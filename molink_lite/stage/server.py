@@ -40,6 +40,8 @@ from typing import Awaitable, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 import websockets
 
+from ..model.archs import vision_support
+from ..model.gguf_meta import GGUFFile, GGUFFormatError
 from ..model.vocab import Vocab
 from ..wire import auth
 from ..wire.auth import AuthError, LinkKey
@@ -127,6 +129,13 @@ class StageServer:
         if not path:
             return
         e = self.engine
+        try:
+            ptype = str(GGUFFile(path).value("clip.projector_type") or "?")
+        except (OSError, GGUFFormatError) as err:
+            raise EngineError(f"--mmproj {path}: not a readable GGUF ({err})") from None
+        good, why = vision_support(ptype)
+        if not good:
+            raise EngineError(why)
         if self.info.n_embd_inp != self.info.n_embd:
             raise EngineError(f"{path}: this model's image rows are {self.info.n_embd_inp} wide for {self.info.n_embd}"
                               " hidden (Qwen3-VL's deepstack feeds later layers); molink-lite does not split that")
