@@ -391,3 +391,52 @@ def test_a_stage_refuses_a_projector_it_cannot_serve(vl_model, tmp_path):
                             "--mmproj", mm, "--port", "0", "--host", "127.0.0.1", "--threads", "1"],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1], p.stderr[-500:]
+
+
+def test_remote_image_urls_are_fetched_only_when_allowed_within_limits():
+    """``--allow-image-urls``: an http(s) image is fetched (real HTTP), but not one over the size limit, one that
+    does not arrive in time, an error status or something that is not an image."""
+    import asyncio
+
+    from aiohttp import web
+
+    from molink_lite.serving.images import ImageError, load_image
+
+    img = png(image())
+
+    async def main():
+        async def ok(_):
+            return web.Response(body=img, content_type="image/png")
+
+        async def slow(_):
+            await asyncio.sleep(1.5)
+            return web.Response(body=img)
+
+        async def chunked(request):   # no Content-Length: the size limit applies while reading
+            r = web.StreamResponse()
+            await r.prepare(request)
+            for _ in range(64):
+                await r.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 4096)
+            return r
+
+        app = web.Application()
+        app.add_routes([web.get("/ok.png", ok), web.get("/slow.png", slow), web.get("/big.png", chunked),
+                        web.get("/text", lambda _: web.Response(text="hello")),
+                        web.get("/gone", lambda _: web.Response(status=404))])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            with pytest.raises(ImageError, match="--allow-image-urls"):
+                await load_image(base + "/ok.png")
+            assert await load_image(base + "/ok.png", allow_remote=True) == img
+            for path, message in (("/slow.png", "longer than"), ("/big.png", "larger than"),
+                                  ("/text", "not PNG"), ("/gone", "HTTP 404")):
+                with pytest.raises(ImageError, match=message):
+                    await load_image(base + path, allow_remote=True, max_bytes=64 << 10, timeout=0.5)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
