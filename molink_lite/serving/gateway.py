@@ -484,10 +484,13 @@ class Gateway:
             pieces = split_at_markers(prompt, len(urls))
         except ImageError as e:
             raise _invalid(_short(str(e), 300), "messages") from None
-        toks = [await self._tokenize(m, p, add_special=add_special and i == 0) if p else np.zeros(0, np.int32)
-                for i, p in enumerate(pieces)]
-        try:
-            layouts = [await pipe.put_media(d) for d in datas]
+        async def piece(i: int, p: str) -> np.ndarray:
+            return await self._tokenize(m, p, add_special=add_special and i == 0) if p else np.zeros(0, np.int32)
+
+        try:   # the text pieces and the images at once: one round trip to the first stage, not one each
+            got = await asyncio.gather(*(piece(i, p) for i, p in enumerate(pieces)),
+                                       *(pipe.put_media(d) for d in datas))
+            toks, layouts = list(got[:len(pieces)]), list(got[len(pieces):])
         except RemoteError as e:
             raise _invalid(_short(str(e), 300), "messages") from None
         except (PipelineError, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
