@@ -441,7 +441,7 @@ class Gateway:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         m = self._model(request, body)
-        images: List[str] = []
+        images: List[Tuple[str, str]] = []   # (url, the part's place in the request)
         messages = parse_messages(body, images)
         opts = parse_stream(body)
         out = parse_chat_output(body)
@@ -470,14 +470,15 @@ class Gateway:
                                new_parser=None if parser is None else lambda: copy.deepcopy(parser))
 
     async def _tokenize_images(self, m: ServedModel, pipe: Pipeline, prompt: str, add_special: bool,
-                               urls: List[str]) -> Tuple[np.ndarray, Any]:
+                               images: List[Tuple[str, str]]) -> Tuple[np.ndarray, Any]:
         """A chat prompt with images (:mod:`.images`): the images loaded and checked, the text around them
         tokenized as mtmd does, each image encoded by the first stage's projector (its layout back), and the
         prompt's tokens (-1 at image rows) with its :class:`~molink_lite.wire.media.MediaPlan`."""
         vision = pipe.first.get("vision") if pipe.infos else None
         if not vision:
-            raise _invalid(f"the model '{_short(m.name)}' takes no images: its first stage has no vision projector "
-                           "(start it with --mmproj)", "messages")
+            raise _unsupported(f"the model '{_short(m.name)}' takes no images: its first stage has no vision "
+                               "projector (start it with --mmproj)", images[0][1] + ".type")
+        urls = [u for u, _ in images]
         max_bytes = min(DEFAULT_MAX_IMAGE_BYTES, int(vision.get("max_bytes") or DEFAULT_MAX_IMAGE_BYTES))
         try:
             datas = [await load_image(u, allow_remote=self.allow_image_urls, max_bytes=max_bytes) for u in urls]

@@ -282,10 +282,10 @@ def _tool_calls(v: Any, where: str) -> List[dict]:
     return out
 
 
-def parse_messages(body: dict, images: Optional[List[str]] = None) -> List[dict]:
+def parse_messages(body: dict, images: Optional[List[Tuple[str, str]]] = None) -> List[dict]:
     """Chat messages as ``{"role", "content": str | None[, "name"][, "tool_calls"][, "tool_call_id"]}`` for the
     template; text parts, and with ``images`` (a list) ``image_url`` parts too: each becomes the media marker in
-    the text and its URL is appended to ``images``. ``content`` is None only for an assistant message with
+    the text and (its URL, where it is) is appended to ``images``. ``content`` is None only for an assistant message with
     ``tool_calls``."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -322,7 +322,7 @@ def parse_messages(body: dict, images: Optional[List[str]] = None) -> List[dict]
                         raise _invalid(f"{pw}: images go in user messages", f"{pw}.type")
                     if len(images) >= MAX_IMAGES:
                         raise _invalid(f"at most {MAX_IMAGES} images in one request", f"{pw}.image_url")
-                    images.append(url)
+                    images.append((url, pw))
                     texts.append(MEDIA_MARKER)
                     continue
                 if part["type"] != "text":
