@@ -440,3 +440,62 @@ def test_remote_image_urls_are_fetched_only_when_allowed_within_limits():
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_requests_with_images_survive_a_killed_first_stage(vl_model, tmp_path):
+    """Two replica pipelines, each first stage with the projector: the first stage of one is killed (-9) while
+    requests with images decode; every request ends complete, the lost ones replayed on the other pipeline (which
+    is sent their images first)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import GatewayProcess, http
+
+    from molink_lite.model.split import LayerRange
+    from molink_lite.serving.launcher import start_stages, stop_stages
+
+    if vl_model[4] != 4 or vl_model[3] != SIDE:
+        pytest.skip("checked once, on the Qwen2-VL model")
+    text, proj, template = vl_model[:3]
+    chains = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            args = [*STAGE_ARGS, "--ctx", "4096"]
+            first = start_stages(text, [LayerRange(0, 2)], extra_args=[*args, "--mmproj", proj,
+                                                                       "--image-min-tokens", "4"],
+                                 workdir=str(tmp_path / name))
+            (tmp_path / (name + "2")).mkdir()
+            chains.append(first + start_stages(text, [LayerRange(2, 4)], extra_args=args,
+                                               workdir=str(tmp_path / (name + "2"))))
+        gw = GatewayProcess([[sp.url for sp in c] for c in chains],
+                            extra=["--chat-template", template, "--codec", "f32", "--ring", "off"], log_dir=tmp_path)
+        try:
+            gw.wait_ready()
+
+            def ask(i: int):
+                content = [{"type": "text", "text": f"picture {i}: "},
+                           {"type": "image_url", "image_url": {"url": data_url(png(image(20 + i)))}}]
+                return http("POST", gw.url + "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": content}], "max_tokens": 400,
+                             "temperature": 0, "ignore_eos": True}, timeout=300)
+
+            with ThreadPoolExecutor(4) as pool:
+                futs = [pool.submit(ask, i) for i in range(4)]
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:   # until pipeline A runs requests with images
+                    _, st = http("GET", gw.url + "/v1/stats", timeout=30)
+                    if st["pipelines"][0].get("running"):
+                        break
+                    time.sleep(0.05)
+                chains[0][0].proc.kill()   # the first stage (with the projector) of pipeline A
+                results = [f.result(300) for f in futs]
+            for status, r in results:
+                assert status == 200, r
+                assert r["usage"]["completion_tokens"] == 400 and r["choices"][0]["finish_reason"] == "length"
+            status, st = http("GET", gw.url + "/v1/stats", timeout=30)
+            assert st["router"]["replayed"] >= 1, st["router"]
+        finally:
+            gw.stop()
+    finally:
+        stop_stages([sp for c in chains for sp in c])

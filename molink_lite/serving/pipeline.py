@@ -369,12 +369,17 @@ class Pipeline:
             for mid, data in need:
                 lay = await self.chain.put_media(data)
                 if lay.id != mid:
-                    raise RemoteError(f"the first stage names the image {lay.id}, not {mid}")
+                    raise ProtocolError(f"the first stage names the image {lay.id}, not {mid}")
                 self.media_sent.add(mid)
-        except (RemoteError, ChannelClosed, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+        except RemoteError as e:   # the stage refused the image itself: the request fails, the pipeline is fine
             if s.pipeline is self and s.epoch == epoch and not s.finished:
                 s.media_wait = False
                 self._finish(s, error=f"the image could not be used: {e}")
+            return
+        except (ProtocolError, ChannelClosed, ConnectionError, asyncio.TimeoutError) as e:
+            # the link or the stage failed: the pipeline goes down and hands its requests back (replayed elsewhere)
+            if self.healthy:
+                self.fail(f"sending an image to the first stage failed: {e}")
             return
         if s.pipeline is self and s.epoch == epoch:
             s.media_wait = False
