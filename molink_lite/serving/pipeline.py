@@ -371,12 +371,13 @@ class Pipeline:
                 if lay.id != mid:
                     raise ProtocolError(f"the first stage names the image {lay.id}, not {mid}")
                 self.media_sent.add(mid)
-        except RemoteError as e:   # the stage refused the image itself: the request fails, the pipeline is fine
+        except (RemoteError, asyncio.TimeoutError) as e:
+            # the stage refused the image, or is still encoding it (heartbeats tell a dead stage): this request fails
             if s.pipeline is self and s.epoch == epoch and not s.finished:
                 s.media_wait = False
-                self._finish(s, error=f"the image could not be used: {e}")
+                self._finish(s, error=f"the image could not be used: {e or 'the first stage took too long'}")
             return
-        except (ProtocolError, ChannelClosed, ConnectionError, asyncio.TimeoutError) as e:
+        except (ProtocolError, ChannelClosed, ConnectionError) as e:
             # the link or the stage failed: the pipeline goes down and hands its requests back (replayed elsewhere)
             if self.healthy:
                 self.fail(f"sending an image to the first stage failed: {e}")
