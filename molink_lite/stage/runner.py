@@ -180,6 +180,8 @@ class StepRunner:
                 self.samplers.check_verifiable(frame.drafts, frame.start, frame.spec)
             except SamplingError as e:
                 raise StepError(str(e)) from None
+        if frame.media:   # before the ring's grants change: a rejected step applies nothing
+            self._check_media(frame)
         if frame.ring and self.turn is not None and (self._ring_out is None or not self._ring_ready()):
             raise StepError("this stage has no ring link to the first stage: a step may not ring")
         if self.gate is not None:
@@ -192,8 +194,6 @@ class StepRunner:
                 self.gate.from_gateway(frame)
         elif ring:
             raise StepError("only the first stage takes ring rounds")
-        if frame.media:
-            self._check_media(frame)
         return frame
 
     def _check_media(self, frame: StepFrame) -> None:
