@@ -29,7 +29,12 @@ class Projector:
 
     def __init__(self, path: str, model_ptr: ctypes.c_void_p, n_embd: int, *, use_gpu: bool, n_threads: int,
                  image_min_tokens: int = 0, image_max_tokens: int = 0):
-        from llama_cpp import mtmd_cpp as mtmd   # here, not at import: an engine build without mtmd still serves text
+        try:   # here, not at import: an engine build without mtmd still serves text
+            from llama_cpp import mtmd_cpp as mtmd
+        except (OSError, ImportError) as e:
+            raise EngineError(f"this llama.cpp build has no multimodal library (mtmd), which --mmproj needs: {e} "
+                              "(llama-cpp-python's own build has it; a --lib folder needs one built with the tools)"
+                              ) from None
         self._mtmd = mtmd
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = bool(use_gpu)
