@@ -323,7 +323,7 @@ def gateway_config(a: argparse.Namespace):
         http=_http_limits(a), security=_gateway_security(a, a.secret_file),
         draft_model=a.draft_model, draft_gpu_layers=a.draft_gpu_layers,
         join=ClusterConfig(models=_model_specs(a), n_ctx=a.ctx, n_seqs=a.max_seqs, settle=a.join_settle,
-                           ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace))
+                           ready_timeout=a.join_ready_timeout, rejoin_grace=a.join_rejoin_grace, mmproj=a.mmproj))
 
 
 def _ring_via(items: Sequence[str]) -> tuple:
@@ -401,6 +401,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
 def _stage_join(cfg, key, tls) -> int:
     """``stage --join URL``: register with the gateway, fetch the assigned layers, serve them."""
+    if cfg.mmproj:
+        print("error: a joined stage gets the vision projector from the gateway (gateway --mmproj): drop --mmproj",
+              file=sys.stderr)
+        return 2
     import dataclasses
     import socket
 
@@ -435,8 +439,9 @@ def _stage_join(cfg, key, tls) -> int:
             local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else "::1" if cfg.host == "::" else cfg.host
             return j.advertise or f"{'wss' if tls else 'ws'}://{host}:{port}", (local, port)
 
-        def serve(engine, codec: str, on_listen):  # the gateway picks the codec
-            return run_stage(engine, dataclasses.replace(cfg, codec=codec), key=key, tls=tls, on_listen=on_listen)
+        def serve(engine, assign: dict, on_listen):  # the gateway picks the codec (and may send a projector)
+            return run_stage(engine, dataclasses.replace(cfg, codec=str(assign["codec"]), mmproj=assign.get("_mmproj")),
+                             key=key, tls=tls, on_listen=on_listen)
 
         # joins, fetches, serves; when the link to the gateway drops it keeps serving and joins again
         await run_joined(m, name=j.name or socket.gethostname(), offer=lambda: hostinfo.offer(cap, gpu=gpu),
@@ -971,6 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their layer range by placement and fetch only those layers from here. Repeat for several "
                         "models (joined hosts are shared out by need); NAME= sets the id clients use (default: the "
                         "GGUF's name)")
+    s.add_argument("--mmproj", default=None, metavar="GGUF",
+                   help="join mode, one --model: its vision projector (mmproj GGUF); the stage given layer 0 fetches "
+                        "it too and chat messages may carry images; placement counts its memory there")
     s.add_argument("--ctx", type=int, default=8192, help="join mode: KV cache size each placed stage gets")
     s.add_argument("--max-seqs", type=int, default=16, help="join mode: sequences each placed stage serves at once")
     s.add_argument("--join-settle", type=float, default=3.0,

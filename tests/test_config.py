@@ -47,6 +47,7 @@ VALUES: Dict[str, str] = {
 COMPANIONS: Dict[str, List[str]] = {
     "--tls-cert": ["--tls-key", "key.pem"],
     "--tls-key": ["--tls-cert", "cert.pem"],
+    "--mmproj": ["--model", "m.gguf"],   # the gateway's: a joined model's projector
 }
 
 

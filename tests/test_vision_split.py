@@ -499,3 +499,64 @@ def test_requests_with_images_survive_a_killed_first_stage(vl_model, tmp_path):
             gw.stop()
     finally:
         stop_stages([sp for c in chains for sp in c])
+
+
+def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, tmp_path):
+    """Join mode: ``gateway --model M --mmproj P``; the stage given layer 0 downloads the projector next to its
+    layers (verified like them) and serves images; placement counts the projector's memory."""
+    import time
+
+    from serving import free_port, spawn_cli, stop_processes, wait_healthy
+
+    from molink_lite.wire.auth import new_secret
+
+    if vl_model[4] != 4 or vl_model[3] != SIDE:
+        pytest.skip("checked once, on the Qwen2-VL model")
+    text, proj, template = vl_model[:3]
+    env = {"MOLINK_SECRET": new_secret()}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gw = spawn_cli(["gateway", "--model", text, "--mmproj", proj, "--port", str(port), "--codec", "f32", "--ctx",
+                    "512", "--max-seqs", "4", "--join-settle", "1", "--chat-template", template, "--ring", "off"],
+                   tmp_path / "gateway.log", {**env, "MOLINK_CACHE": str(tmp_path / "gwcache")})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stage = spawn_cli(["stage", "--join", url, "--host", "127.0.0.1", "--port", "0", "--max-memory", "2GB",
+                       "--name", "h0", "--threads", "1", "--flash-attn", "off", "--image-min-tokens", "4"],
+                      tmp_path / "stage.log", {**env, "MOLINK_CACHE": str(cache)})
+    try:
+        wait_healthy(url, gw, 180)
+        fetched = [f for f in cache.rglob("*") if f.is_file() and f.read_bytes() == Path(proj).read_bytes()]
+        assert fetched, "the projector is not in the stage's cache"
+        img = png(image())
+        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
+                   {"type": "text", "text": " describe it."}]
+        status, r = http_post(url, content)
+        assert status == 200, r
+        n_rows, want = whole_model_reference(text, proj, "user: look: <__media__> describe it.\nassistant:", img,
+                                             N_GEN)
+        got = r["choices"][0]["logprobs"]["content"]
+        assert [t["logprob"] for t in got[0]["top_logprobs"]] == [float(np.float32(x)) for x in want[0][1]]
+        _, st = http_get(url + "/v1/stats")
+        assert st["placement"][0]["vision_bytes"] > Path(proj).stat().st_size
+    finally:
+        stop_processes([stage, gw])
+    # a joined stage given --mmproj itself is told where the projector comes from
+    p = __import__("subprocess").run([sys.executable, "-m", "molink_lite.cli", "stage", "--join", url, "--mmproj",
+                                      proj], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert p.returncode == 2 and "gateway --mmproj" in p.stderr
+    del time
+
+
+def http_post(url: str, content) -> tuple:
+    from serving import http
+
+    return http("POST", url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                       "max_tokens": N_GEN, "temperature": 0, "logprobs": True,
+                                                       "top_logprobs": TOP})
+
+
+def http_get(url: str) -> tuple:
+    from serving import http
+
+    return http("GET", url, timeout=30)

@@ -159,8 +159,12 @@ class Cluster:
                  pipeline_kw: Optional[dict] = None, cert_fp: str = "", ready_timeout: float = 120.0,
                  rejoin_grace: float = 15.0, relay_setup_per_address: int = 4, relay_open_per_address: int = 64,
                  relay_max_setup: int = 64, relay_max_open: int = 1024, relay_dial_timeout: float = 10.0,
-                 relay_setup_window: float = auth.HANDSHAKE_TIMEOUT + 2.0, relay_idle_timeout: float = 120.0):
+                 relay_setup_window: float = auth.HANDSHAKE_TIMEOUT + 2.0, relay_idle_timeout: float = 120.0,
+                 mmproj: Optional[str] = None):
         self.model = model
+        # the model's vision projector: counted in the first stage's memory, downloaded by the stage given layer 0
+        self.mmproj = mmproj
+        self._mm: Optional[dict] = None   # its file name, size and sha256 (hashed once, with the first assignment)
         self.cert_fp = cert_fp  # the gateway's own TLS certificate (bound into /cluster handshakes over https)
         self.info = read_model_info(model)
         self.router = router
@@ -403,6 +407,9 @@ class Cluster:
             why = "no valid sha256"
         elif not isinstance(url, str) or not url.startswith(("ws://", "wss://")) or len(url) > 300:
             why = "no valid url"
+        elif self.mmproj and rng.start == 0 and (self._mm is None
+                                                 or serving.get("mmproj") != self._mm["sha256"]):
+            why = "it serves without this gateway's vision projector"
         elif (serving.get("n_ctx"), serving.get("n_seqs"), serving.get("codec")) != (self.n_ctx, self.n_seqs,
                                                                                    self.stage_codec):
             why = (f"it serves ctx {serving.get('n_ctx')}, {serving.get('n_seqs')} sequences, codec "
@@ -447,7 +454,7 @@ class Cluster:
             if "error" in assign:
                 await self._send(m, {"t": "error", "message": assign["error"]})
                 return
-            await self._send(m, {"t": "assign", **{k: v for k, v in assign.items() if k != "_path"}})
+            await self._send(m, {"t": "assign", **{k: v for k, v in assign.items() if not k.startswith("_")}})
             m.deadline = time.monotonic() + self.ready_timeout
             while not m.ready.done():  # until it serves: downloads, progress, within the ready timeout
                 done, _ = await asyncio.wait([nxt], timeout=max(0.0, m.deadline - time.monotonic()))
@@ -460,7 +467,10 @@ class Cluster:
                     continue
                 kind = msg.get("t")
                 if kind == "fetch":
-                    if not await self._send_file(m, assign, msg.get("offset", 0)):
+                    what = assign
+                    if msg.get("what") == "mmproj" and "mmproj" in assign:   # the projector, after the layers
+                        what = {"size": assign["mmproj"]["size"], "_path": self.mmproj}
+                    if not await self._send_file(m, what, msg.get("offset", 0)):
                         return
                 elif kind == "progress":  # verifying or loading its file: extends, up to LOCAL_WORK_FACTOR x
                     now = time.monotonic()
@@ -559,7 +569,7 @@ class Cluster:
 
     def _cost_model(self) -> ModelCost:
         if self._cost is None:
-            self._cost = ModelCost(self.model, n_ctx=self.n_ctx, n_seqs=self.n_seqs)
+            self._cost = ModelCost(self.model, n_ctx=self.n_ctx, n_seqs=self.n_seqs, mmproj=self.mmproj)
         return self._cost
 
     async def _assignment(self, rng: LayerRange) -> dict:
@@ -570,9 +580,16 @@ class Cluster:
             loop = asyncio.get_running_loop()
             path = Path(await loop.run_in_executor(None, stage_gguf, self.model, rng, self.cache_dir))
             size, sha = await loop.run_in_executor(None, self._size_sha, path)
-            got = self._assigns[key] = {"layers": key, "fingerprint": self.info.fingerprint, "file": path.name,
-                                        "size": size, "sha256": sha, "n_ctx": self.n_ctx, "n_seqs": self.n_seqs,
-                                        "codec": self.stage_codec, "_path": str(path)}
+            got = {"layers": key, "fingerprint": self.info.fingerprint, "file": path.name,
+                   "size": size, "sha256": sha, "n_ctx": self.n_ctx, "n_seqs": self.n_seqs,
+                   "codec": self.stage_codec, "_path": str(path)}
+            if self.mmproj and rng.start == 0:   # the first stage also fetches the vision projector
+                if self._mm is None:
+                    mm = Path(self.mmproj)
+                    mm_size, mm_sha = await loop.run_in_executor(None, self._size_sha, mm)
+                    self._mm = {"file": mm.name, "size": mm_size, "sha256": mm_sha}
+                got["mmproj"] = dict(self._mm)
+            got = self._assigns[key] = got
         return got
 
     def _size_sha(self, path: Path) -> Tuple[int, str]:
@@ -595,7 +612,7 @@ class Cluster:
         held = await self._held_checked([m for m in hosts if m.held is not None])
         if held and self._cost is None:  # the memory model of this model (reads the GGUF: off the event loop)
             self._cost = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                ModelCost, self.model, n_ctx=self.n_ctx, n_seqs=self.n_seqs))
+                ModelCost, self.model, n_ctx=self.n_ctx, n_seqs=self.n_seqs, mmproj=self.mmproj))
         for chain in _tilings(held, self.info.n_layer):
             await self._form(chain, [(m, m.held["range"]) for m in chain], "re-adopted")
         hosts = [m for m in hosts if self._alive(m)]
@@ -624,7 +641,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         try:
             p = await loop.run_in_executor(None, functools.partial(
-                plan, self.model, [m.spec for m in hosts], n_ctx=self.n_ctx, n_seqs=self.n_seqs))
+                plan, self.model, [m.spec for m in hosts], n_ctx=self.n_ctx, n_seqs=self.n_seqs, mmproj=self.mmproj))
         except PlacementError as e:
             self._problem = str(e)
             log.warning("cannot place %s yet: %s", self.info.name, e)
@@ -713,7 +730,7 @@ class Cluster:
         plan_stages = [Stage(m.spec, r, cost.stage_bytes(r.start, r.stop), m.spec.speed * cost.stage_units(r.start,
                                                                                                            r.stop))
                        for m, r in stages]
-        shown = Plan(self.info, self.n_ctx, self.n_seqs, [plan_stages], []).to_dict()
+        shown = Plan(self.info, self.n_ctx, self.n_seqs, [plan_stages], [], self._cost_model().vision_bytes).to_dict()
         shown["kept"] = how
         self.plans.append(shown)
         log.info("pipeline from stages that rejoined with their layers (%s): %s", how,

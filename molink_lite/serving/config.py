@@ -192,11 +192,14 @@ class ClusterConfig:
     ready_timeout: float = 120.0     # --join-ready-timeout
     rejoin_grace: float = 15.0       # --join-rejoin-grace
     models: Tuple[ModelSpec, ...] = ()   # --model [NAME=]PATH (repeated)
+    mmproj: Optional[str] = None     # --mmproj: the (one) model's vision projector; the stage given layer 0 fetches it
 
     def __post_init__(self) -> None:
         models = _model_specs(self.models, self.model)
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "model", models[0].path if models else None)
+        if self.mmproj and len(models) != 1:
+            raise ConfigError("--mmproj goes with one --model (the joined model whose projector it is)")
         if self.n_ctx < 1:
             raise ConfigError(f"--ctx must be >= 1, got {self.n_ctx}")
         if not 1 <= self.n_seqs <= 256:

@@ -791,7 +791,7 @@ async def _served_models(cfg: GatewayConfig, key: Optional[LinkKey], drafter: Op
                          if k != "codec"}
             c = Cluster(spec.path, router, key, n_ctx=j.n_ctx, n_seqs=j.n_seqs, codec=cfg.pipeline.codec,
                         settle=j.settle, pipeline_kw=joined_kw, cert_fp=tls_fingerprint, ready_timeout=j.ready_timeout,
-                        rejoin_grace=j.rejoin_grace)
+                        rejoin_grace=j.rejoin_grace, mmproj=j.mmproj)
             if len(specs) > 1:
                 c.pipe_prefix = f"{name}/"
             clusters.append(c)

@@ -235,9 +235,24 @@ class Membership:
         self._verified[str(path)] = (st.st_size, st.st_mtime_ns, sha)
         return sha
 
-    async def fetch(self, assign: dict) -> Path:
+    async def fetch_projector(self, assign: dict) -> Optional[Path]:
+        """The vision projector an assignment of layer 0 may come with (``assign["mmproj"]``: file, size, sha256),
+        fetched like the layers (checked name, resumed, verified) next to them; None when there is none."""
+        mm = assign.get("mmproj")
+        if mm is None:
+            return None
+        if not isinstance(mm, dict):
+            raise JoinError("the gateway sent a bad 'mmproj'; nothing was written")
+        sub = {"fingerprint": assign.get("fingerprint"), "file": mm.get("file"), "size": mm.get("size"),
+               "sha256": mm.get("sha256"), "layers": "vision projector"}
+        if sub["file"] == assign.get("file"):
+            raise JoinError("the gateway names the projector as the layer file; nothing was written")
+        return await self.fetch(sub, what="mmproj")
+
+    async def fetch(self, assign: dict, what: str = "layers") -> Path:
         """The assigned partial GGUF: the file already here when its SHA-256 is the assigned one, else downloaded
-        (resuming a .part file of the same SHA-256) and verified. Returns its path."""
+        (resuming a .part file of the same SHA-256) and verified. Returns its path. ``what="mmproj"``: the
+        assignment's vision projector (:meth:`fetch_projector`)."""
         dst = self.layer_path(assign)
         size, sha = assign.get("size"), assign.get("sha256")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_LAYER_FILE:
@@ -267,7 +282,7 @@ class Membership:
             async with self.progress("verifying"):
                 await asyncio.get_running_loop().run_in_executor(None, _hash_into, h, part)
             log.info("resuming the download at %.1f of %.1f MiB", offset / 2**20, size / 2**20)
-        await self._send({"t": "fetch", "offset": offset})
+        await self._send({"t": "fetch", "offset": offset, **({"what": what} if what != "layers" else {})})
         done, step = offset, max(size // 10, CHUNK)
         bar = None
         if sys.stderr.isatty():  # a progress bar on a terminal; log lines every 10% otherwise
@@ -389,11 +404,13 @@ class Serving:
     KEYS = ("layers", "fingerprint", "file", "size", "sha256", "n_ctx", "n_seqs", "codec")
 
     def report(self) -> dict:
-        """What a rejoin tells the gateway."""
-        return {**{k: self.assign.get(k) for k in self.KEYS}, "url": self.url}
+        """What a rejoin tells the gateway (with the vision projector's sha256 when it serves one)."""
+        mm = self.assign.get("mmproj")
+        return {**{k: self.assign.get(k) for k in self.KEYS}, "url": self.url,
+                "mmproj": mm.get("sha256") if isinstance(mm, dict) else None}
 
     def same(self, assign: dict) -> bool:
-        return all(assign.get(k) == self.assign.get(k) for k in self.KEYS)
+        return all(assign.get(k) == self.assign.get(k) for k in (*self.KEYS, "mmproj"))
 
     async def stop(self) -> None:
         self.retiring = True
@@ -408,11 +425,12 @@ class Serving:
 async def run_joined(m: Membership, *, name: str, offer: Callable[[], dict], advertise: str,
                      calibrate: Optional[Callable[[str, int], float]],
                      load: Callable[[Path, dict], Any],
-                     serve: Callable[[Any, str, Callable[[int], Awaitable[None]]], Awaitable[None]],
+                     serve: Callable[[Any, dict, Callable[[int], Awaitable[None]]], Awaitable[None]],
                      address: Callable[[int, str], Tuple[str, Tuple[str, int]]],
                      first_timeout: float = 600.0) -> None:
     """Be a member until the stage server ends (drained, or a fatal :class:`JoinError`): join, fetch the assigned
-    layers (``load(path, assign)`` makes the engine, in a worker thread), run ``serve(engine, codec, on_listen)``
+    layers (and with layer 0 the vision projector, if any: ``assign["_mmproj"]`` is then its path here;
+    ``load(path, assign)`` makes the engine, in a worker thread), run ``serve(engine, assign, on_listen)``
     (``address(port, local_ip)`` gives the URL to report and the local address relay dial-backs connect to).
     Whenever the cluster link ends, keep serving and join again (backoff between attempts, no time limit once
     joined), reporting what is served; the same layers back mean no download and no restart."""
@@ -451,6 +469,9 @@ async def run_joined(m: Membership, *, name: str, offer: Callable[[], dict], adv
                     old, held = held, None
                     await old.stop()
                 path = await m.fetch(assign)
+                mm = await m.fetch_projector(assign)
+                if mm is not None:   # serve(...) starts the stage with it (--mmproj)
+                    assign = {**assign, "_mmproj": str(mm)}
                 async with m.progress("loading"):
                     engine = await loop.run_in_executor(None, load, path, assign)
                 serving = held = Serving(assign, path, engine)
@@ -461,7 +482,7 @@ async def run_joined(m: Membership, *, name: str, offer: Callable[[], dict], adv
                         serving.listening.set_result(None)
                     await m.ready(serving.url, serving.local)
 
-                serving.task = asyncio.ensure_future(serve(engine, str(assign["codec"]), on_listen))
+                serving.task = asyncio.ensure_future(serve(engine, assign, on_listen))
                 watch(serving)
                 await serving.listening
             why = await m.wait_lost()

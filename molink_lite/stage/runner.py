@@ -273,9 +273,7 @@ class StepRunner:
             a = b
         if self.info.is_last:   # logits of the output rows, in row order; no device-sampled tokens across batches
             self.engine.forget_sampled()
-            parts = [p for p in parts if p.shape[0]]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _prepare(self, frame: StepFrame) -> Dict[int, SequenceSampler]:
         """The samplers of the sequences this step starts (last stage), built before anything is applied: a
