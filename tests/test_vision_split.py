@@ -560,3 +560,25 @@ def http_get(url: str) -> tuple:
     from serving import http
 
     return http("GET", url, timeout=30)
+
+
+@pytest.mark.parametrize("mm, message", [
+    ("x", "bad 'mmproj'"),
+    ({"file": "../../etc/passwd", "size": 10, "sha256": "0" * 64}, "plain file name"),
+    ({"file": "/abs.gguf", "size": 10, "sha256": "0" * 64}, "plain file name"),
+    ({"file": "p.gguf", "size": -1, "sha256": "0" * 64}, "bad file size"),
+    ({"file": "p.gguf", "size": 10, "sha256": "zz"}, "bad sha256"),
+    ({"file": "layers.gguf", "size": 10, "sha256": "0" * 64}, "as the layer file"),
+])
+def test_a_joined_stage_refuses_a_hostile_projector_assignment(tmp_path, mm, message):
+    """What the gateway says of the projector is checked before anything is written or asked for."""
+    import asyncio
+
+    from molink_lite.stage.join import JoinError, Membership
+
+    m = Membership("http://127.0.0.1:9", None, tmp_path)
+    assign = {"fingerprint": "f" * 16, "file": "layers.gguf", "size": 10, "sha256": "0" * 64, "layers": "0-1",
+              "mmproj": mm}
+    with pytest.raises(JoinError, match=message):
+        asyncio.run(m.fetch_projector(assign))
+    assert not any(tmp_path.rglob("*.gguf*"))
