@@ -672,8 +672,9 @@ def _spec_opts(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ring", choices=["auto", "on", "off"], default="auto",
                    help="close the ring: the last stage sends each sampled token straight to the first stage, so a "
                         "token costs one trip around the stages and none through the gateway (which still gets "
-                        "every token); auto (default): when every stage runs on a GPU and the pipeline does not "
-                        "speculate; on: every step without drafts")
+                        "every token); auto (default): when the gateway's round trip to the first stage is >= 1 ms "
+                        "(the crossing the ring saves) and the pipeline does not speculate; on: every step without "
+                        "drafts")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s):// image_url parts of chat messages (at most 8 MB, 10 s each); without it only "
                         "data: URLs are taken")
@@ -747,6 +748,9 @@ def _bench_serve_opts(b: argparse.ArgumentParser) -> None:
     b.add_argument("--delay-ms", type=float, default=0.0,
                    help="one-way delay of the relay between consecutive stages (default 0: no relay)")
     b.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth cap of that relay (default 0: none)")
+    b.add_argument("--gateway-delay-ms", type=float, default=0.0, metavar="MS",
+                   help="the gateway on a host of its own: it reaches the first stage through a relay of this "
+                        "one-way delay too (default 0: the gateway beside the first stage)")
     b.add_argument("--baseline", default="",
                    help="comma-separated baselines: 'whole' (llama-server, whole model), 'rpc' (llama-server --rpc "
                         "+ ggml-rpc-server, same split and relay), 'sealed' (molink-lite with a cluster secret: every "
@@ -819,7 +823,7 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
                       workdir=a.workdir, speculative=a.speculative, spec_k=a.spec_k, spec_n=a.spec_n,
                       prompts=a.prompts, workload=a.workload, turns=a.turns, turn_len=a.turn_len,
                       reply_tokens=a.reply_tokens, conversations=a.conversations,
-                      prefix_cache_cells=a.prefix_cache_cells)
+                      prefix_cache_cells=a.prefix_cache_cells, gateway_delay_ms=a.gateway_delay_ms)
     if cfg.workload == "chat-turns":
         from .tools.bench_serve import run_chat_bench
 

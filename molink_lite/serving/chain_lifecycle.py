@@ -92,6 +92,7 @@ class ChainLifecycle:
         self._kick = asyncio.Event()  # wakes the reconnect loop early (a stage's link is back)
         self.links: List[dict] = []  # measured stage-to-stage links
         self.path_rtt_s: Optional[float] = None  # gateway -> stages -> gateway, measured at connect
+        self.first_rtt_s: Optional[float] = None  # gateway -> first stage -> gateway (the best of 3 pings)
         self.events: Deque[dict] = deque(maxlen=50)  # failures and recoveries, newest last
         self.relink_s = relink_s  # measure the links again this often while up (0: only at connect)
         self._bg: List[asyncio.Task] = []
@@ -159,6 +160,9 @@ class ChainLifecycle:
         except Exception as e:  # noqa: BLE001 - measuring is best effort
             log.warning("could not measure the step path: %s", e)
             pings = [0.0, 0.0]
+            self.first_rtt_s = None
+        else:
+            self.first_rtt_s = pings[0]   # the hop a closed ring saves (serving.pipeline.Pipeline.ring_on)
         self.path_rtt_s = (sum(pings) + sum(k["rtt_ms"] / 1e3 for k in self.links)) / 2
 
     # ------------------------------------------------------------------ down

@@ -68,6 +68,8 @@ STATS = ("steps", "rows", "max_inflight_seen", "max_seqs_in_step", "completed", 
          "accepted", "decode_entries", "decode_tokens", "forks", "prefix_lookups", "prefix_hits",
          "prefix_tokens_reused", "prefix_evictions", "ring_rounds", "ring_stops")  # ``Pipeline.stats``
 RING_MODES = ("auto", "on", "off")
+# --ring auto closes the ring when the gateway's round trip to the first stage is at least this: the crossing it saves
+RING_AUTO_MIN_RTT_S = 1e-3
 
 
 class Pipeline:
@@ -112,14 +114,16 @@ class Pipeline:
         self.cost = StepCost(0.02, 0.001)
         if ring not in RING_MODES:
             raise ValueError(f"ring must be one of {', '.join(RING_MODES)}, not {ring!r}")
-        # closing the ring (stage/ring.py): "auto" rings GPU stages while the pipeline does not speculate (a ringed
-        # step carries no drafts), "on" rings every step without drafts, "off" never
+        # closing the ring (stage/ring.py): "auto" rings when the gateway is a hop from the first stage and the
+        # pipeline does not speculate (a ringed step carries no drafts), "on" rings every step without drafts, "off"
+        # never
         self.ring_mode = ring
         self.chain = Chain(self.urls, codec=self.codec, key=key, heartbeat=(heartbeat_interval, heartbeat_timeout),
                            name=self.name, ring=ring != "off", ring_url=(ring_via or {}).get(self.urls[0]))
         self.lifecycle = ChainLifecycle(self.chain, self, step_timeout=step_timeout, takeover=takeover,
                                         probe_links=self.auto_chunk or codec == link_policy.AUTO,
-                                        measure_path=self.spec.mode != "off" or self._auto_inflight,
+                                        measure_path=self.spec.mode != "off" or self._auto_inflight
+                                        or ring == "auto",
                                         relink_s=relink_s if codec == link_policy.AUTO or not max_inflight else 0.0)
         self.slots = SlotTable(prefix_cache, prefix_cache_cells, prefix_cache_per_key)
         self.waiting: Deque[SeqState] = deque()
@@ -151,25 +155,29 @@ class Pipeline:
     @property
     def ring_on(self) -> bool:
         """Steps ring now (:mod:`molink_lite.stage.ring`): asked for, the last stage linked to the first, and
-        (``auto``) every stage on a GPU and no speculation."""
+        (``auto``) no speculation and a gateway whose link to the first stage is a hop the ring saves."""
         if self.ring_mode == "off" or not self.chain.ring_ok:
             return False
-        return self.ring_mode == "on" or (not self.spec_on and self._gpu_stages())
+        return self.ring_mode == "on" or (not self.spec_on and self._gateway_hop())
 
-    def _gpu_stages(self) -> bool:
-        """Every stage runs its layers on a GPU: a round is short there, and the gateway's hop a large part of it
-        (on CPU stages the ring measured neutral to a few percent slower under churn: ``auto`` leaves it off)."""
-        return bool(self.infos) and all(str(i.get("backend") or "cpu") != "cpu" for i in self.infos)
+    def _gateway_hop(self) -> bool:
+        """The gateway reaches the first stage over a real link (a round trip of at least RING_AUTO_MIN_RTT_S): the
+        ring takes that crossing off every token (measured 1.13-1.25x with the gateway 10 ms away). Beside the
+        first stage the ring saves only the gateway's own work, and measured 0.92-1.05x (BENCHMARKS_GPU.md)."""
+        rtt = self.lifecycle.first_rtt_s
+        return rtt is not None and rtt >= RING_AUTO_MIN_RTT_S
 
     def ring_state(self) -> str:
         """Whether steps ring, and why not."""
         if self.ring_on:
             return "on"
+        rtt = self.lifecycle.first_rtt_s
         why = ("--ring off" if self.ring_mode == "off" else
                self.chain.ring_why if not self.chain.ring_ok else
                "speculative decoding is on (--ring on rings the steps without drafts)" if self.spec_on else
-               "CPU stages (--ring auto rings GPU stages, where the gateway's hop is a large part of a round; "
-               "--ring on)")
+               "the gateway's link to the first stage is not measured yet" if rtt is None else
+               f"the gateway is {rtt * 1e3:.2f} ms (round trip) from the first stage: the ring would save no link "
+               f"crossing (--ring auto rings from {RING_AUTO_MIN_RTT_S * 1e3:g} ms; --ring on)")
         return f"off: {why}"
 
     def summary(self) -> dict:

@@ -59,6 +59,7 @@ class BenchConfig:
     requests: int = 0                 # per level; 0 = 2 x concurrency (at least 4)
     delay_ms: float = 0.0
     rate_mbit: float = 0.0
+    gateway_delay_ms: float = 0.0     # > 0: the gateway reaches the first stage through a relay (its own host)
     threads: Optional[int] = None     # per stage process; default: cores / stages
     micro_batches: Optional[int] = None
     prefill_chunk: Optional[int] = None
@@ -333,10 +334,11 @@ def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 600
     raise RuntimeError(f"{what} not healthy within {timeout:.0f} s")
 
 
-def _relay(procs: Procs, name: str, target_port: int, cfg: BenchConfig) -> int:
+def _relay(procs: Procs, name: str, target_port: int, cfg: BenchConfig, delay_ms: Optional[float] = None) -> int:
     port = _free_port()
     cmd = [sys.executable, "-m", "molink_lite.cli", "link", "--listen", f"127.0.0.1:{port}",
-           "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(cfg.delay_ms), "--rate-mbit", str(cfg.rate_mbit)]
+           "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(cfg.delay_ms if delay_ms is None else delay_ms),
+           "--rate-mbit", str(cfg.rate_mbit)]
     p = procs.spawn(name, cmd)
     _wait_tcp(port, p, name, 60)
     return port
@@ -368,6 +370,8 @@ def start_molink(cfg: BenchConfig, procs: Procs, ranges: List[LayerRange], secur
     for i, sp in enumerate(procs.stages[1:], 1):
         port = _relay(procs, f"link{i}", sp.port, cfg) if _linked(cfg) else sp.port
         urls.append(f"{scheme}://127.0.0.1:{port}")
+    if cfg.gateway_delay_ms > 0:   # the gateway on a host of its own: its link to the first stage is slow too
+        urls[0] = f"{scheme}://127.0.0.1:{_relay(procs, 'gateway-link', procs.stages[0].port, cfg, cfg.gateway_delay_ms)}"
     port = _free_port()
     cmd = [sys.executable, "-m", "molink_lite.cli", "gateway", "--port", str(port), "--pipeline", ",".join(urls),
            "--codec", cfg.codec]
@@ -608,7 +612,8 @@ def run_bench(cfg: BenchConfig, json_out: Optional[str] = None, chart_out: Optio
     info = read_model_info(cfg.model)
     ranges = plan_ranges(cfg.model, cfg.stages, cfg.split)
     link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
-            else "loopback, no relay")
+            else "loopback, no relay") + (f"; the gateway {cfg.gateway_delay_ms:g} ms from the first stage"
+                                          if cfg.gateway_delay_ms > 0 else "")
     print(f"bench: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "
           f"{'prompt ~%d tokens' % cfg.prompt_len if cfg.prompts == 'default' else 'prompt set ' + cfg.prompts}, "
           f"{cfg.max_tokens} output tokens, concurrency {list(cfg.concurrency)}, "
@@ -873,7 +878,8 @@ def run_chat_bench(cfg: BenchConfig, json_out: Optional[str] = None) -> dict:
     ranges = plan_ranges(cfg.model, cfg.stages, cfg.split)
     chat = has_chat_template(cfg.model)
     link = (f"relay {cfg.delay_ms:g} ms one-way, {cfg.rate_mbit:g} Mbit/s between stages" if _linked(cfg)
-            else "loopback, no relay")
+            else "loopback, no relay") + (f"; the gateway {cfg.gateway_delay_ms:g} ms from the first stage"
+                                          if cfg.gateway_delay_ms > 0 else "")
     print(f"bench chat-turns: {info.name}, {cfg.stages} stages ({', '.join(map(str, ranges))}), {link}; "
           f"{cfg.conversations} conversation(s) per system of {cfg.turns} turns, ~{cfg.turn_len} new tokens per "
           f"turn, {cfg.reply_tokens} reply tokens (temperature 0), "
