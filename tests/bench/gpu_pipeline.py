@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="gateway part: a `molink-lite link` relay adding this delay each way in front of every stage "
                          "after the first (and of every ggml-rpc-server of the rpc baseline), as on another host")
     ap.add_argument("--rate-mbit", type=float, default=0.0, help="gateway part: the relay's rate limit each way")
+    ap.add_argument("--gateway-delay-ms", type=float, default=0.0,
+                    help="gateway part: the gateway on a host of its own, a relay of this delay each way in front of "
+                         "the first stage too (default 0: the gateway beside the first stage)")
     ap.add_argument("--stage-output", default="",
                     help="how non-last stages hand on their output, each in turn (MOLINK_STAGE_OUTPUT): graph "
                          "(the engine patch), callback (the pristine API's eval callback), e.g. callback,graph; "
@@ -757,10 +760,11 @@ def linked() -> bool:
     return ARGS.delay_ms > 0 or ARGS.rate_mbit > 0
 
 
-def start_relay(target_port: int, port: int, logf: Path) -> subprocess.Popen:
+def start_relay(target_port: int, port: int, logf: Path, delay_ms: Optional[float] = None) -> subprocess.Popen:
     """A ``molink-lite link`` relay on ``port`` in front of ``target_port`` (--delay-ms each way, --rate-mbit)."""
     cmd = [sys.executable, "-m", "molink_lite.cli", "link", "--listen", f"127.0.0.1:{port}",
-           "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(ARGS.delay_ms), "--rate-mbit", str(ARGS.rate_mbit)]
+           "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(ARGS.delay_ms if delay_ms is None else delay_ms),
+           "--rate-mbit", str(ARGS.rate_mbit)]
     with open(logf, "wb") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT),
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -777,8 +781,12 @@ def start_relay(target_port: int, port: int, logf: Path) -> subprocess.Popen:
 
 
 def stage_urls(procs, wd: Path, relays: List[subprocess.Popen], base_port: int) -> List[str]:
-    """The stages' URLs as the gateway sees them: stage 0 direct, later stages through a relay when linked."""
+    """The stages' URLs as the gateway sees them: stage 0 direct (through a relay of --gateway-delay-ms when the
+    gateway is on a host of its own), later stages through a relay when linked."""
     urls = [procs[0].url]
+    if ARGS.gateway_delay_ms > 0:
+        relays.append(start_relay(procs[0].port, base_port, wd / "relay-gateway.log", ARGS.gateway_delay_ms))
+        urls[0] = f"ws://127.0.0.1:{base_port}"
     for i, sp in enumerate(procs[1:], 1):
         if linked():
             port = base_port + i
