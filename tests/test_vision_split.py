@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from molink_lite.wire.media import (IMAGE_TOKEN, MediaLayout, MediaPlan, media_id, plan_media, sniff_image)
+from molink_lite.wire.media import MediaLayout, media_id, plan_media, sniff_image
 from molink_lite.wire.protocol import FrameLimits, ProtocolError, StepError, StepFrame
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -504,8 +504,6 @@ def test_requests_with_images_survive_a_killed_first_stage(vl_model, tmp_path):
 def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, tmp_path):
     """Join mode: ``gateway --model M --mmproj P``; the stage given layer 0 downloads the projector next to its
     layers (verified like them) and serves images; placement counts the projector's memory."""
-    import time
-
     from serving import free_port, spawn_cli, stop_processes, wait_healthy
 
     from molink_lite.wire.auth import new_secret
@@ -545,7 +543,6 @@ def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, t
     p = __import__("subprocess").run([sys.executable, "-m", "molink_lite.cli", "stage", "--join", url, "--mmproj",
                                       proj], capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert p.returncode == 2 and "gateway --mmproj" in p.stderr
-    del time
 
 
 def http_post(url: str, content) -> tuple:

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..wire.channel import RemoteError
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
 from . import link_policy, ring_policy, speculative
+from .media_sender import MediaSender
 from .scheduler import PrefillBudget, StepPlan, chunk_for_links, long_prefill_running, next_step
 from .sequence import GenRequest, SeqState
 from .slots import SlotTable
@@ -136,7 +137,10 @@ class Pipeline:
         # serving.metrics.Metrics (first_token, token_gap, tokens), set by the gateway; O(1) calls per token
         self.observer: Optional[Any] = None
         self.released = False   # the stages freed their model (release(); serving.idle): restore() before steps
-        self.media_sent: set = set()   # ids of images this pipeline's first stage was sent (it keeps them a while)
+        self.media = MediaSender(self.chain.put_media, ready=self._wake.set,
+                                 refused=lambda s, why: self._finish(s, error=why),
+                                 broken=lambda why: self.fail(why) if self.healthy else None,
+                                 current=lambda s, epoch: s.pipeline is self and s.epoch == epoch)
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.slots.cache.stats = self.stats   # the prefix cache counts into the pipeline's counters
 
@@ -248,7 +252,7 @@ class Pipeline:
         if not self.lifecycle.go_down(message):
             return
         self.stats["failures"] += 1
-        self.media_sent.clear()   # a first stage that comes back holds no images
+        self.media.forget()   # a first stage that comes back holds no images
         seqs: List[SeqState] = []
         for st in self.inflight.values():
             seqs.extend(s for s, _ in st.live())  # not one already handed back by an earlier step's error
@@ -287,7 +291,7 @@ class Pipeline:
         if not self.idle:
             raise PipelineError(f"pipeline {self.name} has sequences: not released")
         self.slots.clear()
-        self.media_sent.clear()   # the first stage's images go with its model
+        self.media.forget()   # the first stage's images go with its model
         try:
             replies = await self.chain.request_all({"type": RELEASE}, timeout=timeout)
             self.released = True
@@ -354,7 +358,7 @@ class Pipeline:
                     k.fork_from = s
         s.pipeline = self
         if s.req.media is not None:
-            self._send_media(s)
+            self.media.send_for(s)
         if front:
             self.waiting.appendleft(s)
         else:
@@ -364,43 +368,11 @@ class Pipeline:
             self.waiting.append(k)
         self._wake.set()
 
-    def _send_media(self, s: SeqState) -> None:
-        """``s``'s images go to the first stage before its rows do (``media_wait`` until then); those sent before
-        (and not lost since) are not sent again."""
-        need = [(i, d) for i, d in zip(s.req.media.ids, s.req.media.data) if i not in self.media_sent]
-        s.media_wait = bool(need)
-        if need:
-            asyncio.ensure_future(self._put_media(s, need, s.epoch))
-
-    async def _put_media(self, s: SeqState, need: List[Tuple[str, bytes]], epoch: int) -> None:
-        try:
-            for mid, data in need:
-                lay = await self.chain.put_media(data)
-                if lay.id != mid:
-                    raise ProtocolError(f"the first stage names the image {lay.id}, not {mid}")
-                self.media_sent.add(mid)
-        except (RemoteError, asyncio.TimeoutError) as e:
-            # the stage refused the image, or is still encoding it (heartbeats tell a dead stage): this request fails
-            if s.pipeline is self and s.epoch == epoch and not s.finished:
-                s.media_wait = False
-                self._finish(s, error=f"the image could not be used: {e or 'the first stage took too long'}")
-            return
-        except (ProtocolError, ChannelClosed, ConnectionError) as e:
-            # the link or the stage failed: the pipeline goes down and hands its requests back (replayed elsewhere)
-            if self.healthy:
-                self.fail(f"sending an image to the first stage failed: {e}")
-            return
-        if s.pipeline is self and s.epoch == epoch:
-            s.media_wait = False
-            self._wake.set()
-
     async def put_media(self, data: bytes) -> Any:
         """An image to this pipeline's first stage: its :class:`~molink_lite.wire.media.MediaLayout`."""
         if not self.healthy:
             raise PipelineError(self.error)
-        lay = await self.chain.put_media(data)
-        self.media_sent.add(lay.id)
-        return lay
+        return await self.media.put(data)
 
     def cancel(self, s: SeqState) -> None:
         """The client went away: stop generating and free the sequence on every stage."""
@@ -528,7 +500,7 @@ class Pipeline:
         if rec is not None:
             for s, _ in rec.seqs:   # an image the first stage lost (evicted) is sent again on the replay
                 if s.req.media is not None:
-                    self.media_sent.difference_update(s.req.media.ids)
+                    self.media.lost(s.req.media.ids)
             self._hand_back(apply_step_error(rec, self._release), msg)
             self._wake.set()
 
