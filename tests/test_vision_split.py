@@ -611,3 +611,30 @@ def test_serve_with_a_projector_gives_it_to_the_first_stage_only(vl_model, tmp_p
         assert [t["logprob"] for t in got[0]["top_logprobs"]] == [float(np.float32(x)) for x in want[0][1]]
     finally:
         stop_processes([p])
+
+
+def test_media_frames_from_the_wire_are_checked_both_ways():
+    """What a gateway sends a first stage (``MediaPut``) and what a stage answers (``MediaLayout``) are checked
+    before anything is decoded or believed."""
+    from molink_lite.wire.media import MediaPut
+
+    img = png(image())
+    meta, arrays = MediaPut(img).to_wire()
+    assert meta["type"] == "media" and MediaPut.decode(arrays, 1 << 20).data == img
+    for bad, message in ((np.frombuffer(img, np.uint8).astype(np.int16), "uint8"),
+                         (np.frombuffer(img, np.uint8).reshape(1, -1), "1-D"),
+                         (np.zeros(8, np.uint8), "not PNG")):
+        with pytest.raises(ProtocolError, match=message):
+            MediaPut.decode({"data": bad}, 1 << 20)
+    with pytest.raises(ProtocolError, match="at most 100"):
+        MediaPut.decode(arrays, 100)
+    with pytest.raises(ProtocolError, match="uint8"):
+        MediaPut.decode({}, 1 << 20)
+    good = _layout().to_wire()
+    assert MediaLayout.decode(good, 100).rows == 4
+    for change, message in (({"id": "x"}, "id"), ({"rows": 0}, "rows"), ({"rows": True}, "rows"),
+                            ({"n_pos": 9}, "n_pos"), ({"rel": [0] * 15}, "rel"), ({"rel": [-1] * 16}, "rel"),
+                            ({"before": [100]}, "before"), ({"after": [0] * 17}, "after"),
+                            ({"before": "abc"}, "before")):
+        with pytest.raises(ProtocolError, match=message):
+            MediaLayout.decode({**good, **change}, 100)
