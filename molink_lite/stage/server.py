@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -97,6 +98,9 @@ class StageServer:
         self._vision_args = (mmproj, image_min_tokens, image_max_tokens)
         self.projector: Optional[Projector] = None
         self.media = MediaStore() if mmproj else None
+        # images are encoded one at a time in a thread of their own: a burst of them queues here, not in the default
+        # executor that tokenization and detokenization share
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtmd") if mmproj else None
         self._load_projector()
         self.runner = self._runner(engine, codec)
         self.timeline = self.runner.timeline
@@ -195,6 +199,10 @@ class StageServer:
             self._server.close()
             await self._server.wait_closed()
         self.runner.close()
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=False, cancel_futures=True)
+        if self.projector is not None:
+            self.projector.close()
         if self.engine is not self._given_engine:
             self.engine.close()
         await self.link.close()
@@ -491,7 +499,8 @@ class StageServer:
             lay = self.media.layout(media_id(put.data))
             if lay is None:
                 t0 = time.perf_counter()
-                lay, rows = await asyncio.get_running_loop().run_in_executor(None, self.projector.encode, put.data)
+                lay, rows = await asyncio.get_running_loop().run_in_executor(self._encoder, self.projector.encode,
+                                                                             put.data)
                 self.media.put(lay, rows)
                 self.stats["image_encode_s"] = self.stats.get("image_encode_s", 0.0) + time.perf_counter() - t0
         except (ProtocolError, EngineError) as e:

@@ -68,6 +68,8 @@ class Projector:
         image mtmd cannot read or encode (after :func:`~molink_lite.wire.media.sniff_image` checked its size)."""
         sniff_image(data)
         with self._lock:
+            if not self.ctx:
+                raise EngineError("the vision projector was closed")
             return self._encode(data)
 
     def _encode(self, data: bytes) -> Tuple[MediaLayout, np.ndarray]:
@@ -120,9 +122,17 @@ class Projector:
             mtmd.mtmd_bitmap_free(bitmap)
 
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            self._mtmd.mtmd_free(self.ctx)
-            self.ctx = None
+        """Free the mtmd context (after an encode that is running now: it holds the lock)."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:   # failed before the lock existed
+            if getattr(self, "ctx", None):
+                self._mtmd.mtmd_free(self.ctx)
+                self.ctx = None
+            return
+        with lock:
+            if self.ctx:
+                self._mtmd.mtmd_free(self.ctx)
+                self.ctx = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
