@@ -420,10 +420,13 @@ def test_remote_image_urls_are_fetched_only_when_allowed_within_limits():
                 await r.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 4096)
             return r
 
+        async def moved(_):
+            raise web.HTTPFound("/ok.png")
+
         app = web.Application()
         app.add_routes([web.get("/ok.png", ok), web.get("/slow.png", slow), web.get("/big.png", chunked),
                         web.get("/text", lambda _: web.Response(text="hello")),
-                        web.get("/gone", lambda _: web.Response(status=404))])
+                        web.get("/gone", lambda _: web.Response(status=404)), web.get("/moved", moved)])
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -432,11 +435,19 @@ def test_remote_image_urls_are_fetched_only_when_allowed_within_limits():
         try:
             with pytest.raises(ImageError, match="--allow-image-urls"):
                 await load_image(base + "/ok.png")
-            assert await load_image(base + "/ok.png", allow_remote=True) == img
+            # the gateway is no door into its own network: loopback, private and link-local hosts are refused
+            port = base.rsplit(":", 1)[1]
+            for where in (base, f"http://localhost:{port}", "http://10.1.2.3", "http://169.254.169.254",
+                          "http://[::1]:9", "http://192.168.0.1"):
+                with pytest.raises(ImageError, match="non-public"):
+                    await load_image(where + "/ok.png", allow_remote=True, timeout=2)
+            # (the test server is on loopback: the rest of the checks allow that)
+            assert await load_image(base + "/ok.png", allow_remote=True, allow_private=True) == img
             for path, message in (("/slow.png", "longer than"), ("/big.png", "larger than"),
-                                  ("/text", "not PNG"), ("/gone", "HTTP 404")):
+                                  ("/text", "not PNG"), ("/gone", "HTTP 404"), ("/moved", "redirect")):
                 with pytest.raises(ImageError, match=message):
-                    await load_image(base + path, allow_remote=True, max_bytes=64 << 10, timeout=0.5)
+                    await load_image(base + path, allow_remote=True, max_bytes=64 << 10, timeout=0.5,
+                                     allow_private=True)
         finally:
             await runner.cleanup()
 
