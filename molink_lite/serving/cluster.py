@@ -589,7 +589,7 @@ class Cluster:
                     mm_size, mm_sha = await loop.run_in_executor(None, self._size_sha, mm)
                     self._mm = {"file": mm.name, "size": mm_size, "sha256": mm_sha}
                 got["mmproj"] = dict(self._mm)
-            got = self._assigns[key] = got
+            self._assigns[key] = got
         return got
 
     def _size_sha(self, path: Path) -> Tuple[int, str]:

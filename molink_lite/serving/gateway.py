@@ -42,7 +42,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..wire.auth import LinkKey
 from ..wire.channel import RemoteError
-from ..wire.media import media_id, plan_media, with_data
+from ..wire.media import plan_media, with_data
 from ..wire.protocol import DETOKENIZE, GRAMMAR_CHECK, MAX_GRAMMAR_BYTES, ProtocolError
 from .auth import ApiKeys
 from .chat import BUILTIN_BY_ARCH, ChatTemplateError
@@ -497,9 +497,6 @@ class Gateway:
         except (PipelineError, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
             raise ApiError(503, f"the image could not be encoded: {_short(str(e), 300)}", "no_pipeline",
                            "service_unavailable") from None
-        for d, lay in zip(datas, layouts):
-            if lay.id != media_id(d):   # a stage that answers for another image is not believed
-                raise ApiError(503, "the first stage answered for another image", "no_pipeline", "service_unavailable")
         tokens, plan = plan_media(toks, layouts, bool(vision.get("mrope")), bool(vision.get("non_causal")))
         if int(tokens.shape[0]) >= pipe.n_ctx:
             raise ApiError(400, f"the prompt with its images ({tokens.shape[0]} tokens) cannot fit the context "

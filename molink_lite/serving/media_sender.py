@@ -16,7 +16,7 @@ import asyncio
 from typing import Any, Callable, Iterable, List, Tuple
 
 from ..wire.channel import ChannelClosed, RemoteError
-from ..wire.media import MediaLayout
+from ..wire.media import MediaLayout, media_id
 from ..wire.protocol import ProtocolError
 from .sequence import SeqState
 
@@ -44,11 +44,8 @@ class MediaSender:
 
     async def _send(self, s: SeqState, need: List[Tuple[str, bytes]], epoch: int) -> None:
         try:
-            for mid, data in need:
-                lay = await self._put(data)
-                if lay.id != mid:
-                    raise ProtocolError(f"the first stage names the image {lay.id}, not {mid}")
-                self.sent.add(mid)
+            for _, data in need:
+                await self.put(data)
         except (RemoteError, asyncio.TimeoutError) as e:
             # the stage refused the image, or is still encoding it (heartbeats tell a dead stage): this request fails
             if self._current(s, epoch) and not s.finished:
@@ -63,9 +60,13 @@ class MediaSender:
             self._ready()
 
     async def put(self, data: bytes) -> MediaLayout:
-        """One image to the first stage (a request being prepared): its layout."""
+        """One image to the first stage: its layout, believed only if it names the image sent
+        (:class:`ProtocolError` otherwise)."""
         lay = await self._put(data)
-        self.sent.add(lay.id)
+        mid = media_id(data)
+        if lay.id != mid:
+            raise ProtocolError(f"the first stage names the image {lay.id}, not {mid}")
+        self.sent.add(mid)
         return lay
 
     def lost(self, ids: Iterable[str]) -> None:

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from ..wire.media import text_pos4
 from ..wire.protocol import SeqStart, StepFrame, lane_of
 from .sequence import SeqState
 from .speculative import SpecState
@@ -238,8 +239,7 @@ def build_step(sid: int, decode: Sequence[SeqState], prefill: Sequence[Tuple[Seq
 def _media_rows(frame: StepFrame, seqs: List[SeqState]) -> None:
     """A step with a sequence holding images: name the images whose rows it carries (``media``, per sequence) and
     give every row its 4 M-RoPE positions (``mpos``; rows of sequences without images: (p, p, p, 0))."""
-    mpos = np.repeat(frame.pos[:, None], 4, axis=1)
-    mpos[:, 3] = 0
+    mpos = text_pos4(frame.pos)
     by_slot = {s.slot: s for s in seqs if s.req.media is not None}
     starts, ends = frame.runs()
     for a, b in zip(starts.tolist(), ends.tolist()):

@@ -435,9 +435,9 @@ class StageEngine:
                 raise EngineError("engine is closed")
             outs = []
             lane.sampled_parts = []
-            if not causal and n > self.n_chunk:
-                raise EngineError(f"{n} rows decoded non-causally do not fit one batch of {self.n_chunk}")
             if not causal:
+                if n > self.n_chunk:
+                    raise EngineError(f"{n} rows decoded non-causally do not fit one batch of {self.n_chunk}")
                 _llama.llama_set_causal_attn(lane.ctx, False)
             try:
                 for a in range(0, n, self.n_chunk):

@@ -161,7 +161,7 @@ class StageServer:
             "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse,
             "stage_output": e.stage_output}
         if self.projector is not None:
-            d["vision"] = {**self.projector.describe(), "max_bytes": self.runner.limits.max_frame_bytes() - (64 << 10)}
+            d["vision"] = {**self.projector.describe(), "max_bytes": self._max_image_bytes()}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
@@ -484,6 +484,10 @@ class StageServer:
         log.info("layers %s loaded again in %.2f s", self.stage, took)
         return {"type": RESTORED, "seconds": round(took, 3), "rss_bytes": process_rss()}
 
+    def _max_image_bytes(self) -> int:
+        """The largest image a ``media`` frame may carry: a frame this stage takes, less room for its header."""
+        return self.runner.limits.max_frame_bytes() - (64 << 10)
+
     async def _media(self, ch: Channel, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         """An image from the pipeline head: encoded by the projector (off the event loop), its rows kept in the
         media store; the reply is its :class:`~molink_lite.wire.media.MediaLayout` (at once if already stored)."""
@@ -495,7 +499,7 @@ class StageServer:
             ch.reply(meta, _error(f"stage {self.stage} has no vision projector (start the first stage with --mmproj)"))
             return
         try:
-            put = MediaPut.decode(arrays, self.runner.limits.max_frame_bytes() - (64 << 10))
+            put = MediaPut.decode(arrays, self._max_image_bytes())
             lay = self.media.layout(media_id(put.data))
             if lay is None:
                 t0 = time.perf_counter()

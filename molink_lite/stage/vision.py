@@ -16,12 +16,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..wire.media import MEDIA_STORE_BYTES, MediaLayout, media_id, sniff_image
+from ..wire.media import MEDIA_STORE_BYTES, MediaLayout, media_id, sniff_image, text_pos4
 from .engine import EngineError
 
 log = logging.getLogger("molink_lite.stage.vision")
-
-DEFAULT_STORE_BYTES = MEDIA_STORE_BYTES   # embedding rows kept for steps to come (images sent, not yet prefilled)
 
 
 class Projector:
@@ -114,8 +112,7 @@ class Projector:
                 txyz = np.frombuffer(raw, dtype=np.uint32).reshape(rows, 4).astype(np.int32)
                 rel = txyz[:, [0, 2, 1, 3]]   # (t, x, y, z) -> (t, y, x, z): llama.cpp's section order
             else:
-                q = np.arange(rows, dtype=np.int32)
-                rel = np.stack([q, q, q, np.zeros_like(q)], axis=1)
+                rel = text_pos4(np.arange(rows))
             return MediaLayout(media_id(data), tuple(before), rows, n_pos, rel, tuple(after)), embd
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -145,7 +142,7 @@ class MediaStore:
     """Encoded images by id, least recently used out first, at most ``max_bytes`` of rows. Shared by the
     event loop (puts) and the llama threads (reads)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_STORE_BYTES):
+    def __init__(self, max_bytes: int = MEDIA_STORE_BYTES):
         self.max_bytes = int(max_bytes)
         self._rows: "OrderedDict[str, Tuple[MediaLayout, np.ndarray]]" = OrderedDict()
         self._bytes = 0

@@ -23,7 +23,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .protocol import MAX_MEDIA_ROWS, MEDIA, ProtocolError
+from .protocol import MAX_MEDIA_ROWS, MEDIA, ProtocolError, is_media_id
 
 IMAGE_TOKEN = -1            # the token id of an image's rows in a step's tokens (the first stage feeds its rows)
 MAX_IMAGE_SIDE = 16384      # pixels: a larger header is refused before anything decodes it
@@ -41,13 +41,18 @@ def projector_bytes(path: str) -> int:
     return os.path.getsize(path) + VISION_COMPUTE_BYTES + MEDIA_STORE_BYTES
 
 
+def text_pos4(p: np.ndarray) -> np.ndarray:
+    """4 positions per row for rows at 1-D positions ``p``: (p, p, p, 0), as llama.cpp expands a text token's
+    position for M-RoPE (and as an image of a 1-D model takes one position per row)."""
+    p = np.asarray(p, dtype=np.int32)
+    out = np.zeros((p.shape[0], 4), dtype=np.int32)
+    out[:, 0] = out[:, 1] = out[:, 2] = p
+    return out
+
+
 def media_id(data: bytes) -> str:
     """An image's id: the first 32 hex digits of the SHA-256 of its bytes (the same image has one id everywhere)."""
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def is_media_id(x: object) -> bool:
-    return isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
 
 
 def sniff_image(data: bytes) -> Tuple[str, int, int]:
@@ -197,9 +202,7 @@ class MediaPlan:
         if k:
             out[:k] = self.mpos[a:a + k]
         if b > n_p:
-            p = np.arange(max(a, n_p), b, dtype=np.int32) + self.shift
-            out[k:, 0] = out[k:, 1] = out[k:, 2] = p
-            out[k:, 3] = 0
+            out[k:] = text_pos4(np.arange(max(a, n_p), b, dtype=np.int32) + self.shift)
         return out
 
     def cut(self, a: int, take: int) -> int:
@@ -245,8 +248,7 @@ def plan_media(pieces: Sequence[np.ndarray], layouts: Sequence[MediaLayout], mro
         n = len(t)
         if n:
             toks.append(np.asarray(t, dtype=np.int32))
-            q = np.arange(p, p + n, dtype=np.int32)
-            pos.append(np.stack([q, q, q, np.zeros_like(q)], axis=1))
+            pos.append(text_pos4(np.arange(p, p + n)))
         row += n
         p += n
 
@@ -261,8 +263,7 @@ def plan_media(pieces: Sequence[np.ndarray], layouts: Sequence[MediaLayout], mro
             r = lay.rel.astype(np.int32).copy()
             r[:, :3] += p
         else:
-            q = np.arange(p, p + lay.rows, dtype=np.int32)
-            r = np.stack([q, q, q, np.zeros_like(q)], axis=1)
+            r = text_pos4(np.arange(p, p + lay.rows))
         pos.append(r)
         spans.append((row, row + lay.rows))
         row += lay.rows

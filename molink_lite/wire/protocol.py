@@ -52,6 +52,11 @@ RING_STOP = "ring_stop"   # closing the ring: the gateway asks the last stage to
 MEDIA = "media"           # an image for the first stage's vision projector (:mod:`molink_lite.wire.media`)
 MAX_MEDIA_ROWS = 16384    # rows one image may take; M-RoPE positions may run this far past the context
 
+
+def is_media_id(x: object) -> bool:
+    """An image's id on the wire: 32 lowercase hex digits (:func:`molink_lite.wire.media.media_id`)."""
+    return isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
+
 #: what each link role may send to a stage
 ROLE_FRAMES = {"gateway": frozenset({HELLO, CONFIGURE, STEP, TOKENIZE, DETOKENIZE, GRAMMAR_CHECK, STATS, PING,
                                      PROBE_NEXT, ERROR, RELEASE, RESTORE, RING_STOP, MEDIA}),
@@ -435,9 +440,7 @@ class StepFrame:
         for s_, ids in _seq_map(meta.get("media"), "media", lim.n_seq_max).items():
             if not lim.is_first:
                 raise StepError("'media' goes to the first stage only")
-            if (not isinstance(ids, list) or not 1 <= len(ids) <= 64
-                    or not all(isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
-                               for x in ids)):
+            if not isinstance(ids, list) or not 1 <= len(ids) <= 64 or not all(is_media_id(x) for x in ids):
                 raise StepError(f"'media' of sequence {s_} must be 1..64 image ids (32 hex digits)")
             media[s_] = tuple(ids)
         if set(media) & (set(ring) | set(drafts) | set(fork)) or (media and rnd):
@@ -949,7 +952,7 @@ def check_chain(infos: Sequence[Union[StageHello, dict]]) -> Optional[str]:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "MEDIA", "MAX_MEDIA_ROWS", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
+    "PROTOCOL_VERSION", "MEDIA", "MAX_MEDIA_ROWS", "is_media_id", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
     "LinkDown", "LinkUp", "Drain", "StageHello", "lane_of", "chain_mismatch", "check_chain",
 ]
