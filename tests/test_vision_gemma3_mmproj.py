@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 import sys
-import zlib
 from typing import Dict, List
 
 import llama_cpp  # noqa: I001  (import before numpy: see tests/testmodels.py)
@@ -32,30 +30,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testmmproj import write_random_mmproj  # noqa: E402
+from testmmproj import describe_chunks, png_bytes, random_image, write_random_mmproj  # noqa: E402
 from testmodels import write_random_gguf  # noqa: E402
 
 N_EMBD_TEXT = 64
 N_VOCAB = 256
-
-
-def _png(img: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of ``img`` [h, w, 3] uint8 (filter 0 on every row)."""
-    h, w, _ = img.shape
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def _image(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    img[: h // 2, :, 0] = 255  # some structure: a red top half
-    return np.ascontiguousarray(img)
 
 
 def _detok(vocab, toks: List[int]) -> str:
@@ -110,21 +89,10 @@ def run_gemma3_vision(tmpdir: str, pngs: List[bytes], *, image_size: int = 56, p
                 text = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
                 rc = mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
                 assert rc == 0, f"mtmd_tokenize returned {rc}"
-                desc = []
-                for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                    ch = mtmd.mtmd_input_chunks_get(chunks, i)
-                    typ = mtmd.mtmd_input_chunk_get_type(ch)
-                    d = {"type": typ, "n_tokens": mtmd.mtmd_input_chunk_get_n_tokens(ch),
-                         "n_pos": mtmd.mtmd_input_chunk_get_n_pos(ch)}
-                    if typ == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                        it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
-                        d["nx"] = mtmd.mtmd_image_tokens_get_nx(it)
-                        d["ny"] = mtmd.mtmd_image_tokens_get_ny(it)
-                    else:
-                        n = ctypes.c_size_t()
-                        toks = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                        d["text"] = _detok(vocab, list(toks[: n.value]))
-                    desc.append(d)
+                desc = describe_chunks(chunks)
+                for d in desc:
+                    if "tokens" in d:
+                        d["text"] = _detok(vocab, d["tokens"])
                 r["chunks"] = desc
                 r["n_pos_total"] = mtmd.mtmd_helper_get_n_pos(chunks)
                 llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(lctx), True)
@@ -150,9 +118,9 @@ def run_gemma3_vision(tmpdir: str, pngs: List[bytes], *, image_size: int = 56, p
     (64, 4, 4, 4),   # Gemma 3's own pooling kernel (4): 16x16 patches -> 16 tokens
 ])
 def test_gemma3_projector_encodes_an_image_for_a_gemma3_text_model(tmp_path, image_size, patch_size, pool_size, side):
-    pngs = [_png(_image(image_size, image_size, 1)),
-            _png(255 - _image(image_size, image_size, 1)),  # another image, same size
-            _png(_image(37, 90, 1))]                        # any size: resized to image_size x image_size
+    pngs = [png_bytes(random_image(image_size, image_size, 1)),
+            png_bytes(255 - random_image(image_size, image_size, 1)),  # another image, same size
+            png_bytes(random_image(37, 90, 1))]                        # any size: resized to image_size x image_size
     r = run_gemma3_vision(str(tmp_path), pngs, image_size=image_size, patch_size=patch_size, pool_size=pool_size)
     assert r["support_vision"] and r["non_causal"] and not r["use_mrope"]
     n_img = side * side
@@ -186,7 +154,7 @@ def test_gemma3_projector_file_is_deterministic_and_checks_its_arguments(tmp_pat
 if __name__ == "__main__":
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        res = run_gemma3_vision(d, [_png(_image(56, 56, 1)), _png(_image(56, 56, 2))])
+        res = run_gemma3_vision(d, [png_bytes(random_image(56, 56, 1)), png_bytes(random_image(56, 56, 2))])
         print({k: v for k, v in res.items() if k != "runs"})
         for run in res["runs"]:
             print(run["chunks"], run["n_past"], run["logits"][:5])

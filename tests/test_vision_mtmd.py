@@ -35,19 +35,12 @@ from llama_cpp import mtmd_cpp as mtmd
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testmmproj import write_random_mmproj  # noqa: E402
+from testmmproj import describe_chunks, random_image, write_random_mmproj  # noqa: E402
 from testmodels import write_random_gguf  # noqa: E402
 
 N_EMBD_TEXT = 64
 N_THREADS = 2
 PROMPT_TAIL = " describe it."
-
-
-def _image(side: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-    img[: side // 2, :, 0] = 255  # some structure: a red top half
-    return np.ascontiguousarray(img)
 
 
 def _tokenize_text(vocab, text: bytes, add_special: bool) -> List[int]:
@@ -140,7 +133,7 @@ def run_vision_smoke(tmpdir: str, *, image_side: int = 56, image_min_tokens: int
         marker = mtmd.mtmd_default_marker()
         out["marker"] = marker
 
-        img = _image(image_side)
+        img = random_image(image_side)
         data = (ctypes.c_uint8 * img.nbytes).from_buffer_copy(img.tobytes())
         bitmap = mtmd.mtmd_bitmap_init(image_side, image_side, data)
         assert bitmap
@@ -153,21 +146,7 @@ def run_vision_smoke(tmpdir: str, *, image_side: int = 56, image_min_tokens: int
         assert rc == 0, f"mtmd_tokenize returned {rc}"
 
         n_chunks = mtmd.mtmd_input_chunks_size(chunks)
-        desc = []
-        for i in range(n_chunks):
-            ch = mtmd.mtmd_input_chunks_get(chunks, i)
-            typ = mtmd.mtmd_input_chunk_get_type(ch)
-            d = {"type": typ, "n_tokens": mtmd.mtmd_input_chunk_get_n_tokens(ch),
-                 "n_pos": mtmd.mtmd_input_chunk_get_n_pos(ch)}
-            if typ == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
-                d["nx"] = mtmd.mtmd_image_tokens_get_nx(it)
-                d["ny"] = mtmd.mtmd_image_tokens_get_ny(it)
-            else:
-                n = ctypes.c_size_t()
-                toks = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                d["tokens"] = list(toks[: n.value])
-            desc.append(d)
+        desc = describe_chunks(chunks)
         out["chunks"] = desc
         out["n_tokens_total"] = mtmd.mtmd_helper_get_n_tokens(chunks)
         out["n_pos_total"] = mtmd.mtmd_helper_get_n_pos(chunks)
@@ -354,7 +333,7 @@ def test_a_two_stage_split_takes_image_rows_and_reproduces_the_whole_model(tmp_p
     mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), whole.model_ptr, mp)
     assert mctx
     try:
-        img = _image(56)
+        img = random_image(56)
         data = (ctypes.c_uint8 * img.nbytes).from_buffer_copy(img.tobytes())
         bitmap = mtmd.mtmd_bitmap_init(56, 56, data)
         prompt = b"describe " + mtmd.mtmd_default_marker() + b" in words"

@@ -18,7 +18,6 @@ import ctypes
 import os
 import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,28 +27,14 @@ from molink_lite.wire.media import MediaLayout, media_id, plan_media, sniff_imag
 from molink_lite.wire.protocol import FrameLimits, ProtocolError, StepError, StepFrame
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testmmproj import png_bytes as png, random_image  # noqa: E402
 
 N_EMBD = 64
 SIDE = 56
 
 
-def png(rgb: np.ndarray) -> bytes:
-    """A minimal PNG (8-bit RGB, no filter) of ``rgb`` [h, w, 3] uint8."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
 def image(seed: int = 1, side: int = SIDE) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-    img[: side // 2, :, 0] = 255
-    return img
+    return random_image(side, side, seed)
 
 
 def data_url(b: bytes) -> str:
@@ -265,12 +250,21 @@ def _served(text, proj, template, workdir: Path, n_layer: int, gateway_extra=())
     return gw, stop
 
 
-def _chat(gw, content, **kw):
+def _chat(url: str, content, **kw):
     from serving import http
 
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": N_GEN, "temperature": 0,
             "logprobs": True, "top_logprobs": TOP, **kw}
-    return http("POST", gw.url + "/v1/chat/completions", body)
+    return http("POST", url + "/v1/chat/completions", body)
+
+
+def _look_at(img: bytes) -> list:
+    """The test's user message: text, the image as a data URL, text (the template renders it as LOOK_PROMPT)."""
+    return [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
+            {"type": "text", "text": " describe it."}]
+
+
+LOOK_PROMPT = "user: look: <__media__> describe it.\nassistant:"   # TEMPLATE's rendering of _look_at
 
 
 def test_an_image_through_the_api_on_a_two_stage_split_equals_the_whole_model(vl_model, tmp_path):
@@ -278,12 +272,10 @@ def test_an_image_through_the_api_on_a_two_stage_split_equals_the_whole_model(vl
     img = png(image(side=side))
     gw, stop = _served(text, proj, template, tmp_path, n_layer)
     try:
-        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
-                   {"type": "text", "text": " describe it."}]
-        status, r = _chat(gw, content)
+        content = _look_at(img)
+        status, r = _chat(gw.url, content)
         assert status == 200, r
-        n_rows, want = whole_model_reference(text, proj, "user: look: <__media__> describe it.\nassistant:", img,
-                                             N_GEN)
+        n_rows, want = whole_model_reference(text, proj, LOOK_PROMPT, img, N_GEN)
         assert r["usage"]["prompt_tokens"] == n_rows
         got = r["choices"][0]["logprobs"]["content"]
         assert len(got) == N_GEN
@@ -291,10 +283,10 @@ def test_an_image_through_the_api_on_a_two_stage_split_equals_the_whole_model(vl
             assert [t["logprob"] for t in g["top_logprobs"]] == [float(np.float32(x)) for x in lps], i
             assert g["logprob"] == float(np.float32(lps[0])), i
         # the same image again is not encoded again (the first stage keeps it); a different one changes the answer
-        status2, r2 = _chat(gw, content)
+        status2, r2 = _chat(gw.url, content)
         assert status2 == 200 and r2["choices"][0]["message"] == r["choices"][0]["message"]
         other = [content[0], {"type": "image_url", "image_url": {"url": data_url(png(image(9, side)))}}, content[2]]
-        status3, r3 = _chat(gw, other)
+        status3, r3 = _chat(gw.url, other)
         assert status3 == 200
         assert ([t["logprob"] for t in r3["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
                 != [t["logprob"] for t in got[0]["top_logprobs"]])
@@ -303,12 +295,12 @@ def test_an_image_through_the_api_on_a_two_stage_split_equals_the_whole_model(vl
                 ([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}], "allow-image-urls"),
                 ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}], "not PNG"),
                 ([{"type": "text", "text": "<__media__>"}, content[1]], "marker")):
-            status, r = _chat(gw, bad)
+            status, r = _chat(gw.url, bad)
             assert status == 400 and message in r["error"]["message"], r
-        status, r = _chat(gw, content, n=2)
+        status, r = _chat(gw.url, content, n=2)
         assert status == 400 and "n > 1" in r["error"]["message"]
         # text-only requests still work on the same pipeline
-        status, r = _chat(gw, "hello there")
+        status, r = _chat(gw.url, "hello there")
         assert status == 200 and r["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         stop()
@@ -516,7 +508,7 @@ def test_requests_with_images_survive_a_killed_first_stage(vl_model, tmp_path):
 def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, tmp_path):
     """Join mode: ``gateway --model M --mmproj P``; the stage given layer 0 downloads the projector next to its
     layers (verified like them) and serves images; placement counts the projector's memory."""
-    from serving import free_port, spawn_cli, stop_processes, wait_healthy
+    from serving import free_port, http, spawn_cli, stop_processes, wait_healthy
 
     from molink_lite.wire.auth import new_secret
 
@@ -539,15 +531,13 @@ def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, t
         fetched = [f for f in cache.rglob("*") if f.is_file() and f.read_bytes() == Path(proj).read_bytes()]
         assert fetched, "the projector is not in the stage's cache"
         img = png(image())
-        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
-                   {"type": "text", "text": " describe it."}]
-        status, r = http_post(url, content)
+        content = _look_at(img)
+        status, r = _chat(url, content)
         assert status == 200, r
-        n_rows, want = whole_model_reference(text, proj, "user: look: <__media__> describe it.\nassistant:", img,
-                                             N_GEN)
+        n_rows, want = whole_model_reference(text, proj, LOOK_PROMPT, img, N_GEN)
         got = r["choices"][0]["logprobs"]["content"]
         assert [t["logprob"] for t in got[0]["top_logprobs"]] == [float(np.float32(x)) for x in want[0][1]]
-        _, st = http_get(url + "/v1/stats")
+        _, st = http("GET", url + "/v1/stats", timeout=30)
         assert st["placement"][0]["vision_bytes"] > Path(proj).stat().st_size
     finally:
         stop_processes([stage, gw])
@@ -557,18 +547,6 @@ def test_a_joined_first_stage_fetches_the_projector_from_the_gateway(vl_model, t
     assert p.returncode == 2 and "gateway --mmproj" in p.stderr
 
 
-def http_post(url: str, content) -> tuple:
-    from serving import http
-
-    return http("POST", url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
-                                                       "max_tokens": N_GEN, "temperature": 0, "logprobs": True,
-                                                       "top_logprobs": TOP})
-
-
-def http_get(url: str) -> tuple:
-    from serving import http
-
-    return http("GET", url, timeout=30)
 
 
 @pytest.mark.parametrize("mm, message", [
@@ -609,9 +587,8 @@ def test_serve_with_a_projector_gives_it_to_the_first_stage_only(vl_model, tmp_p
     try:
         assert wait_healthy(url, p, 180), (tmp_path / "serve.log").read_text()[-3000:]
         img = png(image())
-        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(img)}},
-                   {"type": "text", "text": " describe it."}]
-        status, r = http_post(url, content)
+        content = _look_at(img)
+        status, r = _chat(url, content)
         assert status == 200, r
         # the model has no template: the gateway uses llama.cpp's built-in one for the architecture, as here
         from molink_lite.serving.chat import render_chat

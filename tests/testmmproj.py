@@ -79,13 +79,15 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import List, Tuple
+import struct
+import zlib
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from gguf import GGMLQuantizationType, GGUFWriter
 
-__all__ = ["write_random_mmproj"]
+__all__ = ["write_random_mmproj", "random_image", "png_bytes", "describe_chunks"]
 
 _W_STD = 0.02
 
@@ -145,6 +147,23 @@ def write_random_mmproj(path: str | os.PathLike, n_embd_text: int, *, n_embd: in
     tensors += [("mm.0.weight", (M, M), "w"), ("mm.0.bias", (M,), "bias"),
                 ("mm.2.weight", (M, E), "w"), ("mm.2.bias", (E,), "bias")]
 
+    extra: List[Tuple[str, str, object]] = [
+        ("uint32", "clip.vision.spatial_merge_size", 2),
+        ("array", "clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073]),
+        ("array", "clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])]
+    if qwen25:
+        extra += [("uint32", "clip.vision.n_wa_pattern", n_wa_pattern), ("bool", "clip.use_silu", True)]
+    return _write_clip(path, "qwen2.5vl_merger" if qwen25 else "qwen2vl_merger", variant, seed, wtype, [],
+                       dict(image_size=image_size, patch_size=P, W=W, F=F, n_layer=n_layer, n_head=n_head, E=E),
+                       extra, tensors)
+
+
+def _write_clip(path: str | os.PathLike, projector: str, variant: str, seed: int, wtype: str,
+                first: List[Tuple[str, str, object]], hp: dict, extra: List[Tuple[str, str, object]],
+                tensors: List[Tuple[str, Tuple[int, ...], str]]) -> pathlib.Path:
+    """Write one clip GGUF: the header every projector needs, ``first`` (keys before the vision hyperparameters),
+    the vision hyperparameters ``hp``, ``extra`` keys ((kind, key, value): kind a GGUFWriter ``add_*``), then the
+    ``tensors`` drawn by :func:`_random_tensor` in order from one generator seeded with ``seed``."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -155,34 +174,22 @@ def write_random_mmproj(path: str | os.PathLike, n_embd_text: int, *, n_embd: in
         w.add_file_type(1 if wtype == "f16" else 0)
         w.add_bool("clip.has_vision_encoder", True)
         w.add_bool("clip.has_text_encoder", False)
-        w.add_string("clip.projector_type", "qwen2.5vl_merger" if qwen25 else "qwen2vl_merger")
-        w.add_uint32("clip.vision.image_size", image_size)
-        w.add_uint32("clip.vision.patch_size", P)
-        w.add_uint32("clip.vision.embedding_length", W)
-        w.add_uint32("clip.vision.feed_forward_length", F)
-        w.add_uint32("clip.vision.block_count", n_layer)
-        w.add_uint32("clip.vision.attention.head_count", n_head)
+        w.add_string("clip.projector_type", projector)
+        for kind, key, value in first:
+            getattr(w, f"add_{kind}")(key, value)
+        w.add_uint32("clip.vision.image_size", hp["image_size"])
+        w.add_uint32("clip.vision.patch_size", hp["patch_size"])
+        w.add_uint32("clip.vision.embedding_length", hp["W"])
+        w.add_uint32("clip.vision.feed_forward_length", hp["F"])
+        w.add_uint32("clip.vision.block_count", hp["n_layer"])
+        w.add_uint32("clip.vision.attention.head_count", hp["n_head"])
         w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-        w.add_uint32("clip.vision.projection_dim", E)
-        w.add_uint32("clip.vision.spatial_merge_size", 2)
-        w.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
-        w.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
-        if qwen25:
-            w.add_uint32("clip.vision.n_wa_pattern", n_wa_pattern)
-            w.add_bool("clip.use_silu", True)
+        w.add_uint32("clip.vision.projection_dim", hp["E"])
+        for kind, key, value in extra:
+            getattr(w, f"add_{kind}")(key, value)
         for name, ne, kind in tensors:
-            shape = tuple(reversed(ne))
-            if kind == "w":
-                a = rng.standard_normal(shape, dtype=np.float32) * np.float32(_W_STD)
-                if name.startswith("v.patch_embd"):
-                    a *= np.float32(5.0)  # inputs are normalized pixels: give patches a useful scale
-                if wtype == "f16":
-                    a = a.astype(np.float16)
-            elif kind == "norm":
-                a = np.float32(1.0) + rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
-            else:
-                a = rng.standard_normal(shape, dtype=np.float32) * np.float32(_W_STD)
-            w.add_tensor(name, np.ascontiguousarray(a),
+            a = _random_tensor(rng, name, ne, kind, wtype)
+            w.add_tensor(name, a,
                          raw_dtype=GGMLQuantizationType.F16 if a.dtype == np.float16 else GGMLQuantizationType.F32)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -193,7 +200,7 @@ def write_random_mmproj(path: str | os.PathLike, n_embd_text: int, *, n_embd: in
 
 
 def _random_tensor(rng: np.random.Generator, name: str, ne: Tuple[int, ...], kind: str, wtype: str) -> np.ndarray:
-    """Draw one tensor (numpy shape = reversed ggml ne), as the qwen writer above does; kind ``pos``: an f32
+    """Draw one tensor (numpy shape = reversed ggml ne); kind ``pos``: an f32
     matrix (position embeddings are added to f32 activations, so they stay f32)."""
     shape = tuple(reversed(ne))
     if kind in ("w", "pos"):
@@ -239,36 +246,53 @@ def _write_gemma3(path: str | os.PathLike, n_embd_text: int, *, n_embd: int, n_f
                 ("mm.soft_emb_norm.weight", (W,), "norm"),
                 ("mm.input_projection.weight", (E, W), "w")]
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(path, "clip")
-    try:
-        w.add_name("molink random-weight test mmproj")
-        w.add_description(f"random weights, projector=gemma3, seed={seed}")
-        w.add_file_type(1 if wtype == "f16" else 0)
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_bool("clip.has_text_encoder", False)
-        w.add_string("clip.projector_type", "gemma3")
-        w.add_bool("clip.use_gelu", True)
-        w.add_uint32("clip.vision.image_size", image_size)
-        w.add_uint32("clip.vision.patch_size", P)
-        w.add_uint32("clip.vision.embedding_length", W)
-        w.add_uint32("clip.vision.feed_forward_length", F)
-        w.add_uint32("clip.vision.block_count", n_layer)
-        w.add_uint32("clip.vision.attention.head_count", n_head)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-        w.add_uint32("clip.vision.projection_dim", E)
-        w.add_uint32("clip.vision.projector.scale_factor", k)
-        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-        for name, ne, kind in tensors:
-            a = _random_tensor(rng, name, ne, kind, wtype)
-            w.add_tensor(name, a,
-                         raw_dtype=GGMLQuantizationType.F16 if a.dtype == np.float16 else GGMLQuantizationType.F32)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    return path
+    return _write_clip(path, "gemma3", "gemma3", seed, wtype, [("bool", "clip.use_gelu", True)],
+                       dict(image_size=image_size, patch_size=P, W=W, F=F, n_layer=n_layer, n_head=n_head, E=E),
+                       [("uint32", "clip.vision.projector.scale_factor", k),
+                        ("array", "clip.vision.image_mean", [0.5, 0.5, 0.5]),
+                        ("array", "clip.vision.image_std", [0.5, 0.5, 0.5])], tensors)
+
+
+# ---------------------------------------------------------------- images and what mtmd makes of them
+def random_image(h: int, w: Optional[int] = None, seed: int = 1) -> np.ndarray:
+    """A random RGB image [h, w, 3] uint8 (square when ``w`` is None) with some structure: a red top half."""
+    w = h if w is None else w
+    img = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    img[: h // 2, :, 0] = 255
+    return np.ascontiguousarray(img)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """A minimal PNG of ``img`` [h, w, 3] uint8 (8-bit RGB, filter 0 on every row)."""
+    h, w, _ = img.shape
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def describe_chunks(chunks) -> List[dict]:
+    """What ``mtmd_tokenize`` made of a prompt: per chunk its type, rows and positions, and the text tokens of a
+    text chunk (``tokens``) or the grid of an image chunk (``nx``, ``ny``)."""
+    import ctypes
+
+    from llama_cpp import mtmd_cpp as mtmd
+
+    out = []
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        ch = mtmd.mtmd_input_chunks_get(chunks, i)
+        typ = mtmd.mtmd_input_chunk_get_type(ch)
+        d = {"type": typ, "n_tokens": mtmd.mtmd_input_chunk_get_n_tokens(ch), "n_pos": mtmd.mtmd_input_chunk_get_n_pos(ch)}
+        if typ == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
+            d["nx"] = mtmd.mtmd_image_tokens_get_nx(it)
+            d["ny"] = mtmd.mtmd_image_tokens_get_ny(it)
+        else:
+            n = ctypes.c_size_t()
+            toks = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+            d["tokens"] = list(toks[: n.value])
+        out.append(d)
+    return out
