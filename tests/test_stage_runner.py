@@ -6,6 +6,7 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401
 
 import asyncio
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +26,7 @@ SHAPE = dict(n_layer=4, n_embd=64, n_head=4, n_vocab=256)
 STATS_KEYS = {"steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", "errors", "frees", "busy_s",
               "refused_links", "rejected_frames", "trims", "drafted", "accepted", "busy_refusals",
               "evicted_handshakes", "next_link_losses", "next_link_reconnects", "epoch", "takeovers",
-              "refused_configures", "ring_rounds"}
+              "refused_configures", "ring_rounds", "inline_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,88 @@ def test_steps_go_to_their_lane_and_a_bad_lane_is_reported_with_nothing_applied(
     with StageEngine(stage_gguf(tiny, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1,
                      lanes=2) as e:
         asyncio.run(main(e))
+
+
+def _run_steps(e, steps, monkeypatch=None, env=None):
+    """Run ``steps`` (meta, arrays) through a StepRunner on ``e``; returns the events in order: ("run", step, the
+    thread that ran the forward pass), ("sent", step) when a task other than the runner's took the delivered
+    frame (as the stage's send task does), and the runner's stats."""
+    events = []
+    forward = e.forward
+
+    def traced(seq, pos, **kw):
+        events.append(("run", int(pos[0]), threading.current_thread().name))
+        return forward(seq, pos, **kw)
+
+    async def main():
+        out: asyncio.Queue = asyncio.Queue()
+        r = StepRunner(e, None, {}, codec="f32", deliver=lambda f, o: out.put_nowait(f.step),
+                       report=lambda step, msg: events.append(("report", step, msg)))
+
+        async def sender():
+            while True:
+                events.append(("sent", await out.get()))
+        task = asyncio.ensure_future(sender())
+        r.start()
+        try:
+            for st in steps:       # queued back to back: the runner finds the next one waiting each time
+                r.submit(*st)
+            for _ in range(500):
+                if r.in_flight == 0 and out.empty():
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
+            return dict(r.stats)
+        finally:
+            task.cancel()
+            r.close()
+
+    e.forward = traced
+    try:
+        return events, asyncio.run(main())
+    finally:
+        del e.forward
+
+
+def test_small_steps_run_on_the_loop_thread_and_each_result_leaves_before_the_next_step(tiny, tmp_path, monkeypatch):
+    """A decode-sized step runs on the event loop's thread once the lane's steps are known to be short (no two
+    thread hand-offs per step); the frame it delivered is written before the next step runs. The first step, a
+    long one, one over INLINE_MAX_ROWS and every step with MOLINK_INLINE_STEPS=0 run in the llama thread."""
+    import molink_lite.stage.runner as runner_mod
+    path = stage_gguf(tiny, LayerRange(0, 2), str(tmp_path))
+    steps = [_step(k, [0], [k], [5 + k]) for k in range(6)]
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        events, stats = _run_steps(e, steps)
+    runs = [ev for ev in events if ev[0] == "run"]
+    assert [ev[1] for ev in runs] == list(range(6)) and not [ev for ev in events if ev[0] == "report"]
+    main = threading.main_thread().name
+    assert runs[0][2].startswith("llama") and all(ev[2] == main for ev in runs[1:]), runs
+    assert stats["inline_steps"] == 5 and stats["steps"] == 6
+    order = [(ev[0], ev[1]) for ev in events]
+    for k in range(1, 5):   # step k's frame went out before step k + 1 ran, although k + 1 was already queued
+        assert order.index(("sent", k)) < order.index(("run", k + 1)), order
+
+    monkeypatch.setattr(runner_mod, "INLINE_MAX_ROWS", 2)   # a step of more rows takes the thread
+    big = [_step(0, [0], [0], [5]), _step(1, [0], [1], [6]), _step(2, [0, 0, 0], [2, 3, 4], [7, 8, 9]),
+           _step(3, [0], [5], [5])]
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        events, _ = _run_steps(e, big)
+    assert [ev[2] == main for ev in events if ev[0] == "run"] == [False, True, False, True]
+
+    monkeypatch.setattr(runner_mod, "INLINE_MAX_S", 0.0)    # a lane whose steps take long keeps the thread
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        events, stats = _run_steps(e, steps)
+    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
+    monkeypatch.undo()
+
+    monkeypatch.setenv("MOLINK_INLINE_STEPS", "0")
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        events, stats = _run_steps(e, steps)
+    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
+    monkeypatch.delenv("MOLINK_INLINE_STEPS")
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1, lanes=2) as e:   # lanes run side by side: threads
+        events, stats = _run_steps(e, steps)
+    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
 
 
 def test_the_last_stage_answers_a_result_frame(tiny, tmp_path):

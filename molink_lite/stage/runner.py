@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,16 @@ RingOut = Callable[[StepFrame], None]                              # the last st
 
 #: the runner's counters in the stage's ``stats``
 COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", "errors", "frees", "busy_s",
-            "rejected_frames", "trims", "drafted", "accepted", "ring_rounds")
+            "rejected_frames", "trims", "drafted", "accepted", "ring_rounds", "inline_steps")
+
+#: A step runs on the event loop's own thread (no hand-off to the lane's llama thread and back) when the stage has one
+#: lane, the step has at most this many rows and the lane's previous step took at most INLINE_MAX_S. The two thread
+#: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) cost 50-150 us per step on an idle
+#: host and far more on a busy one: for a decode step of a few ms that is the largest cost outside llama.cpp. Long
+#: steps (prefill chunks, CPU decode of a big model) keep the thread, so the loop never stalls for long: its pings,
+#: stats and other connections wait at most about INLINE_MAX_S. ``MOLINK_INLINE_STEPS=0`` turns it off.
+INLINE_MAX_ROWS = 256
+INLINE_MAX_S = 0.025
 
 
 def frame_limits(engine: StageEngine) -> FrameLimits:
@@ -95,6 +105,8 @@ class StepRunner:
         self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama{i}") for i in range(self.lanes)]
         self._workers: List[asyncio.Task] = []
         self.in_flight = 0  # steps received and not yet finished here
+        self.inline = self.lanes == 1 and os.environ.get("MOLINK_INLINE_STEPS", "1") != "0"
+        self._last_run_s = [1.0] * self.lanes   # each lane's previous step (the first one runs in the thread)
         # (step id, start, end) of the latest steps; perf_counter is a system-wide monotonic clock, so
         # timelines of stages on one host can be compared (tests prove micro-batches overlap with it)
         self.timeline: Deque[Tuple[object, float, float]] = deque(maxlen=512)
@@ -145,14 +157,24 @@ class StepRunner:
             try:
                 frame = self.check(meta, arrays, ring)
                 t0 = time.perf_counter()
-                out = await loop.run_in_executor(pool, self.run, frame)
+                inline = self.inline and frame.n <= INLINE_MAX_ROWS and self._last_run_s[lane] <= INLINE_MAX_S
+                if inline:
+                    self.stats["inline_steps"] += 1
+                    out = self.run(frame)
+                else:
+                    out = await loop.run_in_executor(pool, self.run, frame)
                 t1 = time.perf_counter()
+                self._last_run_s[lane] = t1 - t0
                 self.stats["busy_s"] += t1 - t0
                 self.timeline.append((frame.step, t0, t1))
                 nxt = self._next_round.pop(lane, None)
                 if nxt is not None and self._ring_out is not None:  # the next round first: it is the critical path
                     self._ring_out(nxt)
                 self._deliver(frame, out)
+                if inline:
+                    # the loop's turn: the send tasks write what was just delivered (and incoming frames are read)
+                    # before a next queued step runs, here, on this thread
+                    await asyncio.sleep(0)
             except StepError as e:  # rejected before anything was applied
                 self.stats["rejected_frames"] += 1
                 self._report(step_of(meta), f"rejected step: {e}")
