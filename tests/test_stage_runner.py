@@ -187,6 +187,24 @@ def test_small_steps_run_on_the_loop_thread_and_each_result_leaves_before_the_ne
     assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
 
 
+def test_the_engine_counts_the_decodes_that_reused_llama_cpps_graph(tiny, tmp_path):
+    """Same-shaped decode steps run on the graph llama.cpp built for the first (no rebuild: a CUDA build replays
+    it as a CUDA graph); the stage's stats carry the count next to the engine's steps."""
+    with StageEngine(stage_gguf(tiny, LayerRange(0, 2), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        assert e.graphs_reused() == 0
+        for p in range(4):
+            e.forward(np.array([0], np.int32), np.array([p], np.int32), tokens=np.array([5], np.int32))
+        assert e.graphs_reused() == 3
+        srv = StageServer(e)
+        try:
+            replies = []
+            ch = SimpleNamespace(role="gateway", reply=lambda req, meta, arrays=None: replies.append(meta))
+            asyncio.run(srv._handle(ch, {"type": "stats", "rid": 1}, {}))
+            assert replies[0]["engine_graphs_reused"] == 3 and replies[0]["engine_steps"] == 4
+        finally:
+            srv.runner.close()
+
+
 def test_the_last_stage_answers_a_result_frame(tiny, tmp_path):
     with StageEngine(stage_gguf(tiny, LayerRange(0, 4), str(tmp_path)), n_ctx=256, n_seq_max=4, n_threads=1) as e:
         srv = StageServer(e, codec="f32")

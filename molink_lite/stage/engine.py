@@ -581,6 +581,12 @@ class StageEngine:
                     if self._ctx is not None:
                         _llama.llama_memory_clear(ln.mem, True)
 
+    def graphs_reused(self) -> int:
+        """How many decodes llama.cpp ran on the graph it built for an earlier one (every lane; a decode step that
+        rebuilds its graph costs host time, and a CUDA build then cannot replay it as a CUDA graph)."""
+        with self._lock:
+            return sum(int(_llama.llama_perf_context(lane.ctx).n_reused) for lane in self._lanes if lane.ctx)
+
     @property
     def ctx_ptr(self) -> ctypes.c_void_p:
         return self._ctx

@@ -354,7 +354,8 @@ class StageServer:
             live, positions = self.kv_usage()
             t = self.engine.times
             ch.reply(meta, {"type": STATS, **self.stats, "engine_decode_s": t.decode, "engine_capture_s": t.capture,
-                            "engine_steps": t.steps, "timeline": list(self.timeline), "live_seqs": live,
+                            "engine_steps": t.steps, "engine_graphs_reused": self.engine.graphs_reused(),
+                            "timeline": list(self.timeline), "live_seqs": live,
                             "codec": self.runner.codec,
                             "kv_positions": positions, "rss_bytes": process_rss()})
         elif kind == PING:

@@ -336,11 +336,45 @@ class TimedPipeline(Pipeline):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.marks: List[tuple] = []
+        self.sent: Dict[int, float] = {}   # step id -> when the gateway sent it
+        self.got: Dict[int, float] = {}    # step id -> when its result arrived
+
+    def _send(self, lane, plan):
+        super()._send(lane, plan)
+        self.sent[max(self.inflight)] = time.perf_counter()
 
     def _on_result(self, meta, arrays):  # noqa: D401
         n = int(arrays.get("seq", np.zeros(0)).shape[0])
-        self.marks.append((time.perf_counter(), n))
+        now = time.perf_counter()
+        self.marks.append((now, n))
+        if isinstance(meta.get("step"), int):
+            self.got[meta["step"]] = now
         super()._on_result(meta, arrays)
+
+
+def round_hops(pipe: "TimedPipeline", timelines: List[list]) -> Optional[Dict[str, float]]:
+    """Where a decode round goes, one micro-batch (medians over the steps every stage ran, in ms): the gateway's
+    send to the first stage's start (frame travel, decode and check), each stage's step, each hand-over between
+    stages (encode, socket, decode, check), the last stage's end to the result at the gateway, and the gateway's
+    turn from a result to its next step. perf_counter is one clock for every process of a host."""
+    per = [{e[0]: (e[1], e[2]) for e in tl if isinstance(e, (list, tuple)) and len(e) == 3} for tl in timelines]
+    steps = sorted(k for k in pipe.sent if k in pipe.got and all(k in p for p in per))
+    if len(steps) < 4:
+        return None
+    cols: Dict[str, List[float]] = {}
+
+    def add(name: str, v: float) -> None:
+        cols.setdefault(name, []).append(v * 1e3)
+    for k in steps:
+        add("gw->s0", per[0][k][0] - pipe.sent[k])
+        for i, p in enumerate(per):
+            add(f"s{i}", p[k][1] - p[k][0])
+            if i + 1 < len(per):
+                add(f"s{i}->s{i + 1}", per[i + 1][k][0] - p[k][1])
+        add(f"s{len(per) - 1}->gw", pipe.got[k] - per[-1][k][1])
+        if k + 1 in pipe.sent:
+            add("gw turn", pipe.sent[k + 1] - pipe.got[k])
+    return {k: float(np.median(v)) for k, v in cols.items()}
 
 
 async def _drain(s) -> None:
@@ -353,7 +387,7 @@ async def _drain(s) -> None:
 
 
 def _stage_sum(before: List[dict], after: List[dict]) -> List[dict]:
-    keys = ("steps", "busy_s", "engine_decode_s", "engine_capture_s", "rows")
+    keys = ("steps", "busy_s", "engine_decode_s", "engine_capture_s", "rows", "engine_steps", "engine_graphs_reused")
     return [{k: float(a.get(k, 0)) - float(b.get(k, 0)) for k in keys} for b, a in zip(before, after)]
 
 
@@ -375,6 +409,8 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
             before = await pipe.stage_stats()
             steps0 = pipe.stats["steps"]
             pipe.marks.clear()
+            pipe.sent.clear()
+            pipe.got.clear()
             t0 = time.perf_counter()
             states = [router.submit(GenRequest(rng.integers(3, n_vocab, ARGS.prompt_len).astype(np.int64), greedy,
                                              ARGS.steps)) for _ in range(n)]
@@ -406,6 +442,12 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
                    "outside_ms": (n_steps and (t1 - t0) / n_steps - busy) * 1e3 if mb == 1 else None}
             if mb == 1:
                 row["overhead_us"] = (round_ms - row["decode_ms"]) * 1e3
+                row["graph_reuse"] = [p["engine_graphs_reused"] / max(1.0, p["engine_steps"]) for p in per]
+                say("    llama.cpp graphs reused, per stage: " + ", ".join(f"{x:.0%}" for x in row["graph_reuse"]))
+                hops = round_hops(pipe, [a.get("timeline") or [] for a in after])
+                if hops:
+                    row["hops_ms"] = hops
+                    say("    round, per hop (ms, medians): " + ", ".join(f"{k} {v:.3f}" for k, v in hops.items()))
             rows.append(row)
             say(f"  {len(urls)} stage(s) mb={mb} {n:>3} seqs: {tok_s:7.0f} tok/s decode, round {round_ms:6.2f} ms "
                 f"(Σ llama_decode {row['decode_ms']:.2f}, capture {row['capture_ms']:.2f}, stage other "
@@ -919,6 +961,7 @@ def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int,
     cmd = [_tool("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-ngl", "999",
            "-sm", "layer", "-c", str(n_ctx), "-kvu", "-np", str(n_par), "-b", str(ARGS.batch),
            "-ub", str(ARGS.batch), "-fa", "auto", "--no-warmup"]
+
     if ARGS.threads:
         cmd += ["-t", str(ARGS.threads)]
     if name == "layer-split-bs":
