@@ -50,11 +50,14 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
 
 #: A step runs on the event loop's own thread (no hand-off to the lane's llama thread and back) when the stage has one
 #: lane, the step has at most this many rows and the lane's previous step took at most INLINE_MAX_S. The two thread
-#: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) cost 50-150 us per step on an idle
-#: host and far more on a busy one: for a decode step of a few ms that is the largest cost outside llama.cpp. Long
-#: steps (prefill chunks, CPU decode of a big model) keep the thread, so the loop never stalls for long: its pings,
-#: stats and other connections wait at most about INLINE_MAX_S. ``MOLINK_INLINE_STEPS=0`` turns it off.
-INLINE_MAX_ROWS = 256
+#: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) are the largest cost outside
+#: llama.cpp of a small step on a busy host: on 2 cores a round of one sequence through two stages fell from
+#: 4.8-6.8 to 3.5-4.5 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing
+#: measurable. Larger steps keep the thread, where the loop decodes and checks the next micro-batch's frame while
+#: llama.cpp runs this one; long steps (prefill chunks, CPU decode of a big model) keep it too, so the loop never
+#: stalls for long: its pings, stats and other connections wait at most about INLINE_MAX_S. ``MOLINK_INLINE_STEPS=0``
+#: turns it off.
+INLINE_MAX_ROWS = 16
 INLINE_MAX_S = 0.025
 
 

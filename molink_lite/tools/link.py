@@ -180,6 +180,11 @@ def parse_hostport(s: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
 
 
 FINE_SLEEP_S = 0.002   # the last 2 ms before a delivery are slept in a thread (see _Lane._sleep)
+#: The relay learns how late its deliveries come (a thread's wake-up, the event loop's wake-up, the write) and
+#: wakes that much earlier (``_Lane.lead``, at most the link's delay and LEAD_MAX_S): a 0.25 ms delay otherwise
+#: added 0.4-0.5 ms per crossing on 2 busy cores. Each delivery moves the lead by LEAD_GAIN of its lateness.
+LEAD_MAX_S = 0.001
+LEAD_GAIN = 0.25
 _FINE: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
 
@@ -226,6 +231,7 @@ class _Lane:
         cfg: LinkConfig,
         stats: Dict[str, int],
         stat_key: str,
+        leads: Optional[Dict[str, float]] = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.src = src
@@ -245,6 +251,11 @@ class _Lane:
         # asyncio fires timers up to one clock tick early; accept that slack.
         # (>= 0.1 ms so a coarse-clock loop such as uvloop never micro-spins.)
         self.slack = max(time.get_clock_info("monotonic").resolution, 1e-4)
+        # how much earlier than due to wake up (learned: see LEAD_GAIN), shared by the relay's connections in
+        # this direction so that a new connection starts with what the earlier ones learned
+        self.leads = {} if leads is None else leads
+        self.lead = self.leads.get(stat_key, 0.0)
+        self.lead_max = min(LEAD_MAX_S, self.delay)
 
     def _push(self, kind: int, data: bytes = b"") -> None:
         now = self.loop.time()
@@ -278,11 +289,15 @@ class _Lane:
             while not q:
                 self.has_item.clear()
                 await self.has_item.wait()
-            wait = q[0][0] - self.loop.time()
+            wait = q[0][0] - self.lead - self.loop.time()
             if wait > self.slack:
                 await self._sleep(wait)
                 continue
-            horizon = self.loop.time() + self.slack
+            now = self.loop.time()
+            horizon = now + self.slack + self.lead
+            if q[0][1] == _DATA and self.lead_max > 0:   # learn the lateness of a delivery from its due time
+                late = now - q[0][0]
+                self.lead = self.leads[self.stat_key] = min(self.lead_max, max(0.0, self.lead + LEAD_GAIN * late))
             delivered = 0
             while q and q[0][0] <= horizon:
                 _, kind, data = q.popleft()
@@ -311,7 +326,7 @@ class _Lane:
         coarse = wait - FINE_SLEEP_S
         if coarse > 0:
             await asyncio.sleep(coarse)
-            wait = self.q[0][0] - self.loop.time() if self.q else 0.0
+            wait = self.q[0][0] - self.lead - self.loop.time() if self.q else 0.0
         if wait > self.slack:
             await self.loop.run_in_executor(_fine_timer(), time.sleep, wait)
 
@@ -328,6 +343,7 @@ class LinkRelay:
     def __init__(self, cfg: LinkConfig):
         self.cfg = cfg
         self.port: int = cfg.listen_port
+        self.leads: Dict[str, float] = {}  # per direction: how early deliveries wake (_Lane.lead)
         self.stats: Dict[str, int] = {
             "connections": 0,  # accepted client connections (total)
             "active": 0,  # relayed connections currently open
@@ -423,8 +439,8 @@ class LinkRelay:
                 self._tasks.discard(task)
 
     async def _relay(self, c_reader, c_writer, t_reader, t_writer) -> None:
-        up = _Lane(c_reader, t_writer, self.cfg, self.stats, "bytes_to_target")
-        down = _Lane(t_reader, c_writer, self.cfg, self.stats, "bytes_to_client")
+        up = _Lane(c_reader, t_writer, self.cfg, self.stats, "bytes_to_target", self.leads)
+        down = _Lane(t_reader, c_writer, self.cfg, self.stats, "bytes_to_client", self.leads)
         readers = [asyncio.ensure_future(up.read_loop()), asyncio.ensure_future(down.read_loop())]
         writers = {asyncio.ensure_future(up.write_loop()), asyncio.ensure_future(down.write_loop())}
         clean = True
