@@ -105,10 +105,11 @@ def test_steps_go_to_their_lane_and_a_bad_lane_is_reported_with_nothing_applied(
         asyncio.run(main(e))
 
 
-def _run_steps(e, steps, monkeypatch=None, env=None):
+def _run_steps(e, steps, paced: bool = True):
     """Run ``steps`` (meta, arrays) through a StepRunner on ``e``; returns the events in order: ("run", step, the
     thread that ran the forward pass), ("sent", step) when a task other than the runner's took the delivered
-    frame (as the stage's send task does), and the runner's stats."""
+    frame (as the stage's send task does), and the runner's stats. ``paced``: each step is submitted once the
+    previous one was delivered (one sequence through a pipeline); else all are queued at once (a backlog)."""
     events = []
     forward = e.forward
 
@@ -120,17 +121,21 @@ def _run_steps(e, steps, monkeypatch=None, env=None):
         out: asyncio.Queue = asyncio.Queue()
         r = StepRunner(e, None, {}, codec="f32", deliver=lambda f, o: out.put_nowait(f.step),
                        report=lambda step, msg: events.append(("report", step, msg)))
+        todo = list(steps)
 
         async def sender():
             while True:
-                events.append(("sent", await out.get()))
+                k = await out.get()
+                events.append(("sent", k))
+                if paced and todo:
+                    r.submit(*todo.pop(0))
         task = asyncio.ensure_future(sender())
         r.start()
         try:
-            for st in steps:       # queued back to back: the runner finds the next one waiting each time
+            for st in ([todo.pop(0)] if paced else [todo.pop(0) for _ in range(len(todo))]):
                 r.submit(*st)
             for _ in range(500):
-                if r.in_flight == 0 and out.empty():
+                if r.in_flight == 0 and out.empty() and not todo:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.01)
@@ -146,22 +151,30 @@ def _run_steps(e, steps, monkeypatch=None, env=None):
         del e.forward
 
 
-def test_small_steps_run_on_the_loop_thread_and_each_result_leaves_before_the_next_step(tiny, tmp_path, monkeypatch):
-    """A decode-sized step runs on the event loop's thread once the lane's steps are known to be short (no two
-    thread hand-offs per step); the frame it delivered is written before the next step runs. The first step, a
-    long one, one over INLINE_MAX_ROWS and every step with MOLINK_INLINE_STEPS=0 run in the llama thread."""
+def test_small_steps_run_on_the_loop_thread_when_nothing_else_waits(tiny, tmp_path, monkeypatch):
+    """A decode-sized step of an otherwise idle stage runs on the event loop's thread once the lane's steps are
+    known to be short (no two thread hand-offs per step). The first step, a backlog of queued steps (the loop
+    keeps reading frames while llama.cpp runs), a step over INLINE_MAX_ROWS, a slow lane, MOLINK_INLINE_STEPS=0
+    and two lanes keep the llama thread; every delivered frame leaves before the next step runs."""
     import molink_lite.stage.runner as runner_mod
     path = stage_gguf(tiny, LayerRange(0, 2), str(tmp_path))
     steps = [_step(k, [0], [k], [5 + k]) for k in range(6)]
+    main = threading.main_thread().name
+
+    def threads(events):
+        return [ev[2] == main for ev in events if ev[0] == "run"]
+
     with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
         events, stats = _run_steps(e, steps)
     runs = [ev for ev in events if ev[0] == "run"]
     assert [ev[1] for ev in runs] == list(range(6)) and not [ev for ev in events if ev[0] == "report"]
-    main = threading.main_thread().name
-    assert runs[0][2].startswith("llama") and all(ev[2] == main for ev in runs[1:]), runs
-    assert stats["inline_steps"] == 5 and stats["steps"] == 6
+    assert threads(events) == [False] + [True] * 5 and stats["inline_steps"] == 5 and stats["steps"] == 6
+
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:   # a backlog: all queued at once
+        events, stats = _run_steps(e, steps, paced=False)
+    assert threads(events)[:5] == [False] * 5, events
     order = [(ev[0], ev[1]) for ev in events]
-    for k in range(1, 5):   # step k's frame went out before step k + 1 ran, although k + 1 was already queued
+    for k in range(5):   # step k's frame went out before step k + 1 ran
         assert order.index(("sent", k)) < order.index(("run", k + 1)), order
 
     monkeypatch.setattr(runner_mod, "INLINE_MAX_ROWS", 2)   # a step of more rows takes the thread
@@ -169,22 +182,22 @@ def test_small_steps_run_on_the_loop_thread_and_each_result_leaves_before_the_ne
            _step(3, [0], [5], [5])]
     with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
         events, _ = _run_steps(e, big)
-    assert [ev[2] == main for ev in events if ev[0] == "run"] == [False, True, False, True]
+    assert threads(events) == [False, True, False, True]
 
     monkeypatch.setattr(runner_mod, "INLINE_MAX_S", 0.0)    # a lane whose steps take long keeps the thread
     with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
         events, stats = _run_steps(e, steps)
-    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
+    assert not any(threads(events)) and stats["inline_steps"] == 0
     monkeypatch.undo()
 
     monkeypatch.setenv("MOLINK_INLINE_STEPS", "0")
     with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
         events, stats = _run_steps(e, steps)
-    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
+    assert not any(threads(events)) and stats["inline_steps"] == 0
     monkeypatch.delenv("MOLINK_INLINE_STEPS")
     with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1, lanes=2) as e:   # lanes run side by side: threads
         events, stats = _run_steps(e, steps)
-    assert not any(ev[2] == main for ev in events if ev[0] == "run") and stats["inline_steps"] == 0
+    assert not any(threads(events)) and stats["inline_steps"] == 0
 
 
 def test_the_engine_counts_the_decodes_that_reused_llama_cpps_graph(tiny, tmp_path):

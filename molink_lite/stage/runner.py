@@ -49,7 +49,9 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
             "rejected_frames", "trims", "drafted", "accepted", "ring_rounds", "inline_steps")
 
 #: A step runs on the event loop's own thread (no hand-off to the lane's llama thread and back) when the stage has one
-#: lane, the step has at most this many rows and the lane's previous step took at most INLINE_MAX_S. The two thread
+#: lane, the step has at most this many rows, the lane's previous step took at most INLINE_MAX_S, and no other step
+#: waits once the loop has read what its sockets hold (a backlog keeps the thread, so the loop goes on reading frames
+#: while llama.cpp runs: a flood of frames is read, and answered, before a new upstream takes over). The two thread
 #: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) are the largest cost outside
 #: llama.cpp of a small step on a busy host: on 2 cores a round of one sequence through two stages fell from
 #: 4.8-6.8 to 3.5-4.5 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing
@@ -161,6 +163,11 @@ class StepRunner:
                 frame = self.check(meta, arrays, ring)
                 t0 = time.perf_counter()
                 inline = self.inline and frame.n <= INLINE_MAX_ROWS and self._last_run_s[lane] <= INLINE_MAX_S
+                if inline:
+                    # only with nothing else to do: frames already in the socket reach the queue first, and a
+                    # backlog (micro-batches, a flood) keeps the thread, so the loop goes on reading them
+                    await asyncio.sleep(0)
+                    inline = queue.empty()
                 if inline:
                     self.stats["inline_steps"] += 1
                     out = self.run(frame)
