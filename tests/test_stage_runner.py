@@ -108,8 +108,8 @@ def test_steps_go_to_their_lane_and_a_bad_lane_is_reported_with_nothing_applied(
 def _run_steps(e, steps, paced: bool = True):
     """Run ``steps`` (meta, arrays) through a StepRunner on ``e``; returns the events in order: ("run", step, the
     thread that ran the forward pass), ("sent", step) when a task other than the runner's took the delivered
-    frame (as the stage's send task does), and the runner's stats. ``paced``: each step is submitted once the
-    previous one was delivered (one sequence through a pipeline); else all are queued at once (a backlog)."""
+    frame (as the stage's send task does), and the runner's stats. ``paced``: each step is submitted 2 ms after the
+    previous one was delivered (one sequence going round a pipeline); else all are queued at once (a backlog)."""
     events = []
     forward = e.forward
 
@@ -128,6 +128,7 @@ def _run_steps(e, steps, paced: bool = True):
                 k = await out.get()
                 events.append(("sent", k))
                 if paced and todo:
+                    await asyncio.sleep(0.002)   # the rest of the round: the other stages, the links
                     r.submit(*todo.pop(0))
         task = asyncio.ensure_future(sender())
         r.start()
@@ -154,8 +155,9 @@ def _run_steps(e, steps, paced: bool = True):
 def test_small_steps_run_on_the_loop_thread_when_nothing_else_waits(tiny, tmp_path, monkeypatch):
     """A decode-sized step of an otherwise idle stage runs on the event loop's thread once the lane's steps are
     known to be short (no two thread hand-offs per step). The first step, a backlog of queued steps (the loop
-    keeps reading frames while llama.cpp runs), a step over INLINE_MAX_ROWS, a slow lane, MOLINK_INLINE_STEPS=0
-    and two lanes keep the llama thread; every delivered frame leaves before the next step runs."""
+    keeps reading frames while llama.cpp runs), frames that come right after the previous step ended, a step over
+    INLINE_MAX_ROWS, a slow lane, MOLINK_INLINE_STEPS=0 and two lanes keep the llama thread; every delivered frame
+    leaves before the next step runs."""
     import molink_lite.stage.runner as runner_mod
     path = stage_gguf(tiny, LayerRange(0, 2), str(tmp_path))
     steps = [_step(k, [0], [k], [5 + k]) for k in range(6)]
@@ -176,6 +178,12 @@ def test_small_steps_run_on_the_loop_thread_when_nothing_else_waits(tiny, tmp_pa
     order = [(ev[0], ev[1]) for ev in events]
     for k in range(5):   # step k's frame went out before step k + 1 ran
         assert order.index(("sent", k)) < order.index(("run", k + 1)), order
+
+    monkeypatch.setattr(runner_mod, "INLINE_IDLE_S", 1.0)   # frames that come soon after a step: the thread
+    with StageEngine(path, n_ctx=256, n_seq_max=4, n_threads=1) as e:
+        events, stats = _run_steps(e, steps)
+    assert not any(threads(events)) and stats["inline_steps"] == 0
+    monkeypatch.undo()
 
     monkeypatch.setattr(runner_mod, "INLINE_MAX_ROWS", 2)   # a step of more rows takes the thread
     big = [_step(0, [0], [0], [5]), _step(1, [0], [1], [6]), _step(2, [0, 0, 0], [2, 3, 4], [7, 8, 9]),

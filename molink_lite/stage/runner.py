@@ -49,9 +49,10 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
             "rejected_frames", "trims", "drafted", "accepted", "ring_rounds", "inline_steps")
 
 #: A step runs on the event loop's own thread (no hand-off to the lane's llama thread and back) when the stage has one
-#: lane, the step has at most this many rows, the lane's previous step took at most INLINE_MAX_S, and no other step
-#: waits once the loop has read what its sockets hold (a backlog keeps the thread, so the loop goes on reading frames
-#: while llama.cpp runs: a flood of frames is read, and answered, before a new upstream takes over). The two thread
+#: lane, the step has at most this many rows, the lane's previous step took at most INLINE_MAX_S, the stage sat idle
+#: before the step's frame came (INLINE_IDLE_S), and no other step waits once the loop has read what its sockets
+#: hold. Frames that come back to back (micro-batches, a flood) keep the thread, so the loop goes on reading them
+#: while llama.cpp runs: a flood of frames is read, and answered, before a new upstream takes over. The two thread
 #: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) are the largest cost outside
 #: llama.cpp of a small step on a busy host: on 2 cores a round of one sequence through two stages fell from
 #: 4.8-6.8 to 3.5-4.5 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing
@@ -61,6 +62,9 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
 #: turns it off.
 INLINE_MAX_ROWS = 16
 INLINE_MAX_S = 0.025
+#: ... and the step's frame arrived at least this long after the lane last finished a frame (run or rejected): the
+#: stage was waiting for it (one sequence going round the stages), not working through frames that came back to back
+INLINE_IDLE_S = 0.0003
 
 
 def frame_limits(engine: StageEngine) -> FrameLimits:
@@ -112,6 +116,7 @@ class StepRunner:
         self.in_flight = 0  # steps received and not yet finished here
         self.inline = self.lanes == 1 and os.environ.get("MOLINK_INLINE_STEPS", "1") != "0"
         self._last_run_s = [1.0] * self.lanes   # each lane's previous step (the first one runs in the thread)
+        self._done_at = [0.0] * self.lanes      # when each lane last finished a frame, run or rejected (perf_counter)
         # (step id, start, end) of the latest steps; perf_counter is a system-wide monotonic clock, so
         # timelines of stages on one host can be compared (tests prove micro-batches overlap with it)
         self.timeline: Deque[Tuple[object, float, float]] = deque(maxlen=512)
@@ -141,7 +146,7 @@ class StepRunner:
         q = self._queues[lane if type(lane) is int and 0 <= lane < self.lanes else 0]
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
-        q.put_nowait((meta, arrays, ring))
+        q.put_nowait((meta, arrays, ring, time.perf_counter()))
         self.stats["max_queued"] = max(self.stats["max_queued"], q.qsize())
 
     def reset_all(self) -> None:
@@ -157,12 +162,13 @@ class StepRunner:
             if item is None:
                 await loop.run_in_executor(pool, self.reset, lane)
                 continue
-            meta, arrays, ring = item
+            meta, arrays, ring, t_in = item
             frame: Optional[StepFrame] = None
             try:
                 frame = self.check(meta, arrays, ring)
                 t0 = time.perf_counter()
-                inline = self.inline and frame.n <= INLINE_MAX_ROWS and self._last_run_s[lane] <= INLINE_MAX_S
+                inline = (self.inline and frame.n <= INLINE_MAX_ROWS and self._last_run_s[lane] <= INLINE_MAX_S
+                          and t_in - self._done_at[lane] >= INLINE_IDLE_S)
                 if inline:
                     # only with nothing else to do: frames already in the socket reach the queue first, and a
                     # backlog (micro-batches, a flood) keeps the thread, so the loop goes on reading them
@@ -200,6 +206,7 @@ class StepRunner:
                                             f"{self.info.layer_stop - 1}: {e}")
             finally:
                 self.in_flight -= 1
+                self._done_at[lane] = time.perf_counter()   # any frame, run or rejected: the lane was busy
 
     # ------------------------------------------------------------------ one step
     def check(self, meta: dict, arrays: Dict[str, np.ndarray], ring: bool = False) -> StepFrame:
