@@ -54,9 +54,8 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
 #: hold. Frames that come back to back (micro-batches, a flood) keep the thread, so the loop goes on reading them
 #: while llama.cpp runs: a flood of frames is read, and answered, before a new upstream takes over. The two thread
 #: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) are the largest cost outside
-#: llama.cpp of a small step on a busy host: on 2 cores a round of one sequence through two stages fell from
-#: 4.8-6.8 to 3.5-4.5 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing
-#: measurable. Larger steps keep the thread, where the loop decodes and checks the next micro-batch's frame while
+#: llama.cpp of a small step on a busy host: on 2 cores a round of 16 sequences through two stages fell from 17.3 to
+#: 9.5-12.2 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing measurable. Larger steps keep the thread, where the loop decodes and checks the next micro-batch's frame while
 #: llama.cpp runs this one; long steps (prefill chunks, CPU decode of a big model) keep it too, so the loop never
 #: stalls for long: its pings, stats and other connections wait at most about INLINE_MAX_S. ``MOLINK_INLINE_STEPS=0``
 #: turns it off.
@@ -171,7 +170,8 @@ class StepRunner:
                           and t_in - self._done_at[lane] >= INLINE_IDLE_S)
                 if inline:
                     # only with nothing else to do: frames already in the socket reach the queue first, and a
-                    # backlog (micro-batches, a flood) keeps the thread, so the loop goes on reading them
+                    # backlog (micro-batches, a flood) keeps the thread, so the loop goes on reading them; the send
+                    # tasks also write what the previous step delivered before this one runs here
                     await asyncio.sleep(0)
                     inline = queue.empty()
                 if inline:
@@ -187,10 +187,6 @@ class StepRunner:
                 if nxt is not None and self._ring_out is not None:  # the next round first: it is the critical path
                     self._ring_out(nxt)
                 self._deliver(frame, out)
-                if inline:
-                    # the loop's turn: the send tasks write what was just delivered (and incoming frames are read)
-                    # before a next queued step runs, here, on this thread
-                    await asyncio.sleep(0)
             except StepError as e:  # rejected before anything was applied
                 self.stats["rejected_frames"] += 1
                 self._report(step_of(meta), f"rejected step: {e}")

@@ -181,7 +181,7 @@ def parse_hostport(s: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
 
 FINE_SLEEP_S = 0.002   # the last 2 ms before a delivery are slept in a thread (see _Lane._sleep)
 #: The relay learns how late its deliveries come (a thread's wake-up, the event loop's wake-up, the write) and
-#: wakes that much earlier (``_Lane.lead``, at most the link's delay and LEAD_MAX_S): a 0.25 ms delay otherwise
+#: wakes that much earlier (``LinkRelay.leads``, at most the link's delay and LEAD_MAX_S): a 0.25 ms delay otherwise
 #: added 0.4-0.5 ms per crossing on 2 busy cores. Each delivery moves the lead by LEAD_GAIN of its lateness.
 LEAD_MAX_S = 0.001
 LEAD_GAIN = 0.25
@@ -231,7 +231,7 @@ class _Lane:
         cfg: LinkConfig,
         stats: Dict[str, int],
         stat_key: str,
-        leads: Optional[Dict[str, float]] = None,
+        leads: Dict[str, float],
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.src = src
@@ -251,10 +251,9 @@ class _Lane:
         # asyncio fires timers up to one clock tick early; accept that slack.
         # (>= 0.1 ms so a coarse-clock loop such as uvloop never micro-spins.)
         self.slack = max(time.get_clock_info("monotonic").resolution, 1e-4)
-        # how much earlier than due to wake up (learned: see LEAD_GAIN), shared by the relay's connections in
-        # this direction so that a new connection starts with what the earlier ones learned
-        self.leads = {} if leads is None else leads
-        self.lead = self.leads.get(stat_key, 0.0)
+        # how much earlier than due to wake up, by direction (learned: see LEAD_GAIN): the relay's, shared by its
+        # connections, so that a new connection starts with what the earlier ones learned
+        self.leads = leads
         self.lead_max = min(LEAD_MAX_S, self.delay)
 
     def _push(self, kind: int, data: bytes = b"") -> None:
@@ -289,15 +288,16 @@ class _Lane:
             while not q:
                 self.has_item.clear()
                 await self.has_item.wait()
-            wait = q[0][0] - self.lead - self.loop.time()
+            wait = q[0][0] - self._lead() - self.loop.time()
             if wait > self.slack:
                 await self._sleep(wait)
                 continue
             now = self.loop.time()
-            horizon = now + self.slack + self.lead
+            lead = self._lead()
+            horizon = now + self.slack + lead
             if q[0][1] == _DATA and self.lead_max > 0:   # learn the lateness of a delivery from its due time
                 late = now - q[0][0]
-                self.lead = self.leads[self.stat_key] = min(self.lead_max, max(0.0, self.lead + LEAD_GAIN * late))
+                self.leads[self.stat_key] = min(self.lead_max, max(0.0, lead + LEAD_GAIN * late))
             delivered = 0
             while q and q[0][0] <= horizon:
                 _, kind, data = q.popleft()
@@ -326,9 +326,12 @@ class _Lane:
         coarse = wait - FINE_SLEEP_S
         if coarse > 0:
             await asyncio.sleep(coarse)
-            wait = self.q[0][0] - self.lead - self.loop.time() if self.q else 0.0
+            wait = self.q[0][0] - self._lead() - self.loop.time() if self.q else 0.0
         if wait > self.slack:
             await self.loop.run_in_executor(_fine_timer(), time.sleep, wait)
+
+    def _lead(self) -> float:
+        return self.leads.get(self.stat_key, 0.0)
 
     def _account(self, n: int) -> None:
         if n:
@@ -343,7 +346,7 @@ class LinkRelay:
     def __init__(self, cfg: LinkConfig):
         self.cfg = cfg
         self.port: int = cfg.listen_port
-        self.leads: Dict[str, float] = {}  # per direction: how early deliveries wake (_Lane.lead)
+        self.leads: Dict[str, float] = {}  # per direction: how early deliveries wake (see LEAD_GAIN)
         self.stats: Dict[str, int] = {
             "connections": 0,  # accepted client connections (total)
             "active": 0,  # relayed connections currently open

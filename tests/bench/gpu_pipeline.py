@@ -961,7 +961,6 @@ def run_baseline(name: str, model: str, gpus: List[str], n_ctx: int, n_par: int,
     cmd = [_tool("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-ngl", "999",
            "-sm", "layer", "-c", str(n_ctx), "-kvu", "-np", str(n_par), "-b", str(ARGS.batch),
            "-ub", str(ARGS.batch), "-fa", "auto", "--no-warmup"]
-
     if ARGS.threads:
         cmd += ["-t", str(ARGS.threads)]
     if name == "layer-split-bs":
