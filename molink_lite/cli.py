@@ -220,7 +220,7 @@ def stage_config(a: argparse.Namespace):
         cache_dir=a.cache_dir, ready_file=a.ready_file, drain_timeout=a.drain_timeout,
         metrics_port=a.metrics_port, metrics_host=a.metrics_host,
         join=JoinConfig(url=a.join, max_memory=a.max_memory, advertise=a.advertise, name=a.name),
-        mmproj=a.mmproj, image_min_tokens=a.image_min_tokens)
+        mmproj=a.mmproj, image_min_tokens=a.image_min_tokens, step_costs_s=a.step_costs)
 
 
 def _split_pipelines(values: List[str]) -> Tuple[List[List[str]], List[str]]:
@@ -964,6 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "/metrics already has every stage's values; 0 = any free port)")
     s.add_argument("--metrics-host", default="127.0.0.1",
                    help="address for --metrics-port (default 127.0.0.1: this machine only)")
+    s.add_argument("--step-costs", type=_duration, default=2.0, metavar="SEC",
+                   help="at start, measure what a step of 1, 2, ... rows costs here for at most this many seconds "
+                        "(default 2; 0 skips): the gateway sizes speculative steps by it (a CPU's matrix kernels "
+                        "work on tiles of rows, so 8 rows can cost less than 5)")
     s.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="SEC",
                    help="on SIGTERM the stage drains: the gateway moves its sequences elsewhere, and the stage exits "
                         "once they are gone or after this many seconds (default 30)")

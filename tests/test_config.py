@@ -40,6 +40,7 @@ VALUES: Dict[str, str] = {
     "--max-memory": "6GB",
     "--alias": "small=tiny",
     "--idle-unload": "90",
+    "--step-costs": "5",
     "--ring-via": "ws://10.0.0.1:9001=ws://10.0.0.7:9101",
 }
 
@@ -168,7 +169,7 @@ FULL = StageConfig(
     security=LinkSecurity(secret_file="/keys/cluster.key", tls="auto", tls_cert="c.pem", tls_key="k.pem",
                           insecure=True),
     cache_dir="/tmp/cache", ready_file="/tmp/ready", drain_timeout=2.5, metrics_port=9200, metrics_host="0.0.0.0",
-    mmproj="/m/mmproj.gguf", image_min_tokens=64)
+    mmproj="/m/mmproj.gguf", image_min_tokens=64, step_costs_s=0.0)
 JOINED = StageConfig(join=JoinConfig(url="https://gw:8000", max_memory="6GB", advertise="ws://h:9001", name="box"),
                      metrics_port=0)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from molink_lite.serving.sequence import GenRequest, SeqState
-from molink_lite.serving.speculative import SpecState, StepCost, allocate, auto_enabled, propose
+from molink_lite.serving.speculative import SpecState, StepCost, allocate, auto_enabled, linear, propose
 from molink_lite.wire.protocol import SamplingParams, SeqStart, StepError, StepFrame
 
 from spec_chain import close, kv_max_pos, run_step, servers_for
@@ -30,18 +30,55 @@ def test_propose_takes_the_latest_longest_match():
     assert propose(ctx, 2, 2).tolist() == [7, 8]     # latest bigram match
     assert propose(ctx, 3, 0).tolist() == []
     assert propose(np.array([5, 6, 7], np.int32), 3, 4).tolist() == []  # no earlier occurrence
-    assert propose(np.array([4, 4, 4, 4], np.int32), 2, 5).tolist() == [4]
+    # the continuation runs into the end: the text repeats with that period, and so do the drafts
+    assert propose(np.array([4, 4, 4, 4], np.int32), 2, 5).tolist() == [4, 4, 4, 4, 4]
+    words = np.array([7, 1, 2, 3, 1, 2, 3, 1, 2], np.int32)   # "1 2 3" repeating, last match 3 back
+    assert propose(words, 2, 7).tolist() == [3, 1, 2, 3, 1, 2, 3]
+    assert propose(words, 2, 2).tolist() == [3, 1]
 
 
 def test_allocate_backs_off_with_batch_size_and_low_acceptance():
-    a, b = 0.030, 0.001  # 30 ms of links per step, 1 ms per row
-    assert allocate([0.8], [8], 1, 1, a, b, 100) == [8]                       # one stream: all drafts pay
-    assert allocate([0.05], [8], 1, 1, a, b, 100)[0] >= 1                     # even a weak draft is nearly free
-    many = allocate([0.3] * 16, [8] * 16, 16, 16, a, b, 500)
+    cost = linear(0.030, 0.001)  # 30 ms of links per step, 1 ms per row
+    assert allocate([0.8], [8], 1, 1, cost, 100) == [8]                       # one stream: all drafts pay
+    assert allocate([0.05], [8], 1, 1, cost, 100)[0] >= 1                     # even a weak draft is nearly free
+    many = allocate([0.3] * 16, [8] * 16, 16, 16, cost, 500)
     assert sum(many) < 16 and max(many) <= 1                                  # 16 busy sequences: few drafts
-    assert allocate([0.9] * 16, [8] * 16, 16, 16, a, b, 500) != [0] * 16      # unless they are very good
-    assert sum(allocate([0.8] * 4, [8] * 4, 4, 4, a, b, 5)) == 5              # row budget
-    assert allocate([0.8], [8], 1, 1, 0.0001, 0.01, 100) == [0]               # compute-bound, no link: none
+    assert allocate([0.9] * 16, [8] * 16, 16, 16, cost, 500) != [0] * 16      # unless they are very good
+    assert sum(allocate([0.8] * 4, [8] * 4, 4, 4, cost, 5)) == 5              # row budget
+    assert allocate([0.8], [8], 1, 1, linear(0.0001, 0.01), 100) == [0]      # compute-bound, no link: none
+
+
+# Gemma 3 270M on one CPU thread per stage (layers 0-16 | layer 17 + the LM head), ms per step of n rows, every row
+# an output (measured: BENCHMARKS.md, issue 28 session 9). The LM head's kernels work on tiles of 4 rows.
+_S0 = [6.6, 9.0, 12.9, 14.8, 20.2, 21.8, 24.4, 28.2, 32.4, 33.5, 36.6, 38.2, 41.2, 44.5, 46.4, 46.6]
+_S1 = [12.3, 32.8, 38.5, 38.9, 66.5, 71.2, 76.2, 55.1, 79.9, 84.9, 88.7, 66.7, 91.4, 95.7, 103.8, 78.0]
+GEMMA_CPU = {"s0": dict(enumerate(_S0, 1)), "s1": dict(enumerate(_S1, 1))}
+
+
+def _gemma_cost(links_s: float = 0.023) -> StepCost:
+    c = StepCost(links_s + 0.01, 0.001)
+    c.set_stages([sorted((n, ms / 1e3) for n, ms in GEMMA_CPU[k].items()) for k in ("s0", "s1")], links_s)
+    return c
+
+
+def test_allocate_fills_the_tile_a_line_stops_short_of():
+    """A line fitted through 1-4 rows stops a single stream at 2-3 drafts; the stages' measured costs show that 8
+    rows cost less than 5-7 and pay for 7 drafts (the single-stream CPU bench: 34.7 -> 51 tok/s)."""
+    c = _gemma_cost()
+    assert abs(c.seconds(8) - (0.023 + 0.0282 + 0.0551)) < 1e-9
+    assert c.seconds(6) > c.seconds(8)                                  # between entries: interpolated, 5-7 > 8
+    one = allocate([0.84], [8], 1, 1, lambda r: c.seconds(r, 1), 100)
+    assert one == [7], one                                              # 8 rows, not 5, 6 or 7
+    fit = StepCost(0.033, 0.001)
+    for rows in [1, 2, 3, 4] * 8:                                       # what the old policy saw and fitted
+        fit.observe(rows, c.seconds(rows))
+    a, b = fit.params()
+    assert allocate([0.84], [8], 1, 1, linear(a, b), 100)[0] < 7
+    # two micro-batches of 8 sequences: the LM head stage bounds them (55 ms for 8 rows); good drafts fill it to
+    # 16 rows, each sequence one draft, where 9-15 rows would cost more per token than 8
+    two = allocate([0.9] * 8, [8] * 8, 8, 8, lambda r: c.seconds(r, 2), 100)
+    assert sum(two) % 4 == 0 and sum(two) >= 4, two
+    assert allocate([0.2] * 8, [8] * 8, 8, 8, lambda r: c.seconds(r, 2), 100) == [0] * 8  # poor drafts: none
 
 
 def test_step_cost_fit_and_acceptance_rate():

@@ -24,7 +24,8 @@ import numpy as np
 from ..wire.auth import LinkKey
 from ..wire.channel import ChannelClosed
 from ..wire.codec import FrameError
-from ..wire.protocol import RELEASE, RESTORE, ProtocolError, ResultFrame, RingStop, StepErrorFrame
+from ..wire.protocol import (RELEASE, RESTORE, ProtocolError, ResultFrame, RingStop, StepErrorFrame,
+                             parse_step_costs)
 from ..wire.channel import RemoteError
 from .chain import Chain, FencedError, PipelineError, check_chain
 from .chain_lifecycle import ChainLifecycle
@@ -33,7 +34,7 @@ from .media_sender import MediaSender
 from .scheduler import PrefillBudget, StepPlan, chunk_for_links, long_prefill_running, next_step
 from .sequence import GenRequest, SeqState
 from .slots import SlotTable
-from .speculative import SpecConfig, StepCost, plan_drafts
+from .speculative import AcceptancePrior, SpecConfig, StepCost, plan_drafts
 from .step_builder import StepRecord, build_step
 from .step_result import apply_result, apply_step_error
 
@@ -113,6 +114,7 @@ class Pipeline:
         self.spec = (spec or SpecConfig()).validate()
         self.spec_on = self.spec.mode == "ngram"   # "auto" is decided when the pipeline connects
         self.cost = StepCost(0.02, 0.001)
+        self.accept_prior = AcceptancePrior()   # drafts accepted on this pipeline, all its sequences
         if ring not in RING_MODES:
             raise ValueError(f"ring must be one of {', '.join(RING_MODES)}, not {ring!r}")
         # closing the ring (stage/ring.py): "auto" rings when the gateway is a hop from the first stage and the
@@ -244,6 +246,7 @@ class Pipeline:
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         if self.spec.mode != "off":  # the step path was measured: speculate ("auto") and a step's cost prior
             self.spec_on, self.cost = speculative.for_path(self.spec, self.path_rtt_s, self.spec_on)
+            self.cost.set_stages([parse_step_costs(i.get("step_costs")) for i in infos], self.path_rtt_s or 0.0)
         if self._auto_inflight and self.link_choice is None:  # not chosen from links (a chain sized directly)
             self.max_inflight = len(self.urls) * self.lanes
 
@@ -447,7 +450,7 @@ class Pipeline:
             if s.snap_at and s.snap_at == s.prefilled and s.started:
                 self.slots.snapshot_slot(s)
         drafts = (plan_drafts(plan.decode, prefill_rows, self.spec, self.cost, self.max_batch_tokens,
-                              len(self.inflight)) if self.spec_on else None)
+                              len(self.inflight), self.accept_prior) if self.spec_on else None)
         frame, rec = build_step(next(self._sids), plan.decode, plan.prefill, lane=lane, lanes=self.lanes,
                                 drafts=drafts, pending_free=self.pending_free, spec=self.spec_on, ring=self.ring_on)
         try:

@@ -13,21 +13,24 @@ How many drafts each sequence sends is decided per step by a cost model (:func:`
 
 * per sequence, the chance that draft j is accepted is taken as ``r**j``, where ``r`` is the sequence's
   measured per-draft acceptance rate (a decayed count, :class:`SpecState`);
-* per step, the round trip is modelled as ``a + b * rows`` (:class:`StepCost`, fitted online on the
-  pipeline's own decode steps: ``a`` holds the links' latency and fixed costs, ``b`` the per-row compute,
-  where every row outputs logits: on a CPU the last stage's LM head makes that the larger part);
-* a draft row is added while its expected tokens per unit of time beat the step's average:
-  ``alpha * (a/m + b*R) > b * (tokens expected so far)``, where m is the number of steps in flight (the
-  pipeline's micro-batches share the fixed part of a round trip). With one sequence over a 20 ms link almost any
-  draft pays; with many sequences per step (the stages are busy) only well-accepted drafts do, and with
-  fast links and slow compute few do: speculation backs off by itself.
+* per step, what a step of R rows costs the pipeline (:meth:`StepCost.seconds`). Where every stage said in its
+  hello what a step of 1, 2, ... rows costs it (``step_costs``, measured when it started: stage/step_costs.py),
+  that is ``max(slowest stage, (links + every stage) / m)`` for m steps in flight: the pipeline's micro-batches
+  share the links, and the slowest stage bounds them. Otherwise a line ``a/m + b * R`` fitted online on the
+  pipeline's own decode steps (``a`` the links' latency and fixed costs, ``b`` the per-row compute);
+* the step takes the number of draft rows D (best-accepted first) that gives the most expected tokens per second,
+  ``(tokens + accepted drafts expected) / seconds(R + D)``. For a line this is the marginal rule "add a draft while
+  it pays for the time it adds"; for measured costs it sees that a CPU's matrix kernels work on tiles of rows
+  (8 rows can cost less than 5), and fills a tile where a line would stop short. With one sequence over a 20 ms
+  link almost any draft pays; with many sequences per step (the stages are busy) only well-accepted drafts do,
+  and with fast links and slow compute few do: speculation backs off by itself.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,9 +42,11 @@ MODES = ("off", "ngram", "auto")
 AUTO_RTT_S = 0.005     # "auto" turns speculation on when a step's path round trip is at least this long
 DEFAULT_K = 8          # most drafts per sequence per step
 DEFAULT_N = 3          # longest n-gram matched
-PRIOR_RATE = 0.5       # acceptance rate assumed for a new sequence
-DECAY = 0.8            # weight of the older acceptance counts per verified step
-RECOVER = 0.02         # per step without drafts, the rate drifts back towards the prior by this share
+PRIOR_RATE = 0.8       # a pipeline's acceptance rate before any draft came back (AcceptancePrior)
+PRIOR_WEIGHT = 2.0     # a new sequence starts at its pipeline's rate, worth this many verified drafts
+DECAY = 0.8            # weight of the older acceptance counts per verified step (a sequence)
+POOL_DECAY = 0.95      # ... (a pipeline: every sequence's verified steps)
+RECOVER = 0.05         # per step without drafts, a sequence's rate drifts back towards its pipeline's by this share
 
 
 @dataclass
@@ -72,8 +77,26 @@ def propose(ctx: np.ndarray, n_max: int, k: int) -> np.ndarray:
         hit = np.flatnonzero((win == tail).all(axis=1))
         if hit.size:
             i = int(hit[-1]) + n
-            return ctx[i:i + k].copy()
+            # the continuation runs into the end of ctx: the text repeats with period L - i, and so do the drafts
+            return ctx[i:i + k].copy() if i + k <= L else np.resize(ctx[i:L], k)
     return ctx[:0].copy()
+
+
+class AcceptancePrior:
+    """A pipeline's acceptance rate over all its sequences' verified drafts (decayed): where a new sequence starts,
+    and where one that stopped drafting drifts back to. A sequence's own few steps are noisy: one miss at a 0.5 prior
+    ended its drafting where steps are dear (CPU stages), and a prior that low never paid for a first draft there."""
+
+    def __init__(self, rate: float = PRIOR_RATE, weight: float = 4.0):
+        self.succ, self.trials = rate * weight, weight
+
+    @property
+    def rate(self) -> float:
+        return self.succ / self.trials
+
+    def verified(self, k: int, accepted: int) -> None:
+        self.succ = POOL_DECAY * self.succ + accepted
+        self.trials = POOL_DECAY * self.trials + accepted + (1 if accepted < k else 0)
 
 
 @dataclass
@@ -82,8 +105,8 @@ class SpecState:
 
     buf: np.ndarray                      # prompt + generated tokens (int32), filled up to ``length``
     length: int
-    succ: float = PRIOR_RATE
-    trials: float = 1.0
+    succ: float = PRIOR_RATE * PRIOR_WEIGHT
+    trials: float = PRIOR_WEIGHT
     drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # sent in the step in flight
     drafted: int = 0
     accepted: int = 0
@@ -91,6 +114,15 @@ class SpecState:
     # a draft model's proposal (serving/draft_model.py) and the length of ``buf`` it continues (-1: none)
     model_drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     model_at: int = -1
+    prior: Optional[AcceptancePrior] = None   # its pipeline's (adopt)
+
+    def adopt(self, prior: AcceptancePrior) -> None:
+        """Draft on a pipeline: start at its rate (before any verified step of this sequence) and report to it."""
+        if self.prior is prior:
+            return
+        self.prior = prior
+        if not self.rounds:
+            self.succ, self.trials = prior.rate * PRIOR_WEIGHT, PRIOR_WEIGHT
 
     @classmethod
     def for_prompt(cls, prompt: np.ndarray, max_tokens: int, generated: Sequence[int] = ()) -> "SpecState":
@@ -110,6 +142,7 @@ class SpecState:
     def rate(self) -> float:
         return self.succ / self.trials
 
+
     def candidates(self, n_max: int, k: int) -> np.ndarray:
         """Up to ``k`` drafts: the draft model's if it has some for the tokens as they are now, else prompt lookup."""
         if k <= 0:
@@ -122,21 +155,44 @@ class SpecState:
         """Drafts of the last step came back: ``accepted`` of ``k`` agreed with the model."""
         self.succ = DECAY * self.succ + accepted
         self.trials = DECAY * self.trials + accepted + (1 if accepted < k else 0)
+        if self.prior is not None:
+            self.prior.verified(k, accepted)
         self.drafted += k
         self.accepted += accepted
         self.rounds += 1
 
     def idle(self) -> None:
-        """A step without drafts: let the rate drift back to the prior (a text may turn repetitive later)."""
-        self.succ += RECOVER * (PRIOR_RATE * self.trials - self.succ)
+        """A step without drafts: let the rate drift back to the prior (a text may turn repetitive later: a rate
+        that stayed low would never draft again where steps are dear)."""
+        target = self.prior.rate if self.prior is not None else PRIOR_RATE
+        self.succ += RECOVER * (target * self.trials - self.succ)
 
 
 class StepCost:
-    """Online least-squares fit of a step's round trip: ``a + b * rows`` (exponentially weighted)."""
+    """What a step of R rows costs: from the stages' measured step costs and the links (:meth:`set_stages`), else an
+    online least-squares fit of the observed round trips, ``a + b * rows`` (exponentially weighted)."""
 
     def __init__(self, a: float, b: float, decay: float = 0.97):
         self.a0, self.b0, self.decay = a, b, decay
         self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.stages: List[List[Tuple[int, float]]] = []   # per stage: sorted (rows, seconds) measured there
+        self.links_s = 0.0                                # a step's path round trip outside the stages' compute
+
+    def set_stages(self, tables: Sequence[Sequence[Tuple[int, float]]], links_s: float) -> None:
+        """Every stage's measured (rows, seconds) table and the step path's measured round trip; any stage without a
+        table leaves the fitted line in use."""
+        good = bool(tables) and all(tables)
+        self.stages = [list(t) for t in tables] if good else []
+        self.links_s = max(0.0, float(links_s))
+
+    def seconds(self, rows: int, in_flight: int = 1) -> float:
+        """What a step of ``rows`` rows costs the pipeline with ``in_flight`` steps in flight (this one included)."""
+        m = max(1, int(in_flight))
+        if self.stages:
+            per = [_table_at(t, rows) for t in self.stages]
+            return max(max(per), (self.links_s + sum(per)) / m)
+        a, b = self.params()
+        return a / m + b * rows
 
     def observe(self, rows: int, seconds: float) -> None:
         d = self.decay
@@ -160,29 +216,60 @@ class StepCost:
         return a, b
 
 
-def allocate(rates: Sequence[float], limits: Sequence[int], n_tokens: int, rows: int, a: float, b: float,
-             budget: int) -> List[int]:
+def _table_at(table: Sequence[Tuple[int, float]], rows: int) -> float:
+    """Seconds of a step of ``rows`` rows from a measured table: the entry, else linear between the nearest two,
+    else past the last at the slope from the entry nearest half its rows to it (tiles make neighbours jump; at
+    least the last entry's seconds per row, scaled down by 4)."""
+    if rows <= table[0][0]:
+        return table[0][1]
+    lo = table[0]
+    for hi in table[1:]:
+        if rows <= hi[0]:
+            return lo[1] + (rows - lo[0]) / (hi[0] - lo[0]) * (hi[1] - lo[1])
+        lo = hi
+    n1, s1 = table[-1]
+    n0, s0 = min(table[:-1], key=lambda e: abs(e[0] - n1 / 2), default=(0, 0.0))
+    slope = max((s1 - s0) / (n1 - n0), s1 / n1 / 4)
+    return s1 + slope * (rows - n1)
+
+
+def linear(a: float, b: float) -> Callable[[int], float]:
+    """A step cost ``a + b * rows`` (for :func:`allocate`)."""
+    return lambda rows: a + b * rows
+
+
+def allocate(rates: Sequence[float], limits: Sequence[int], n_tokens: int, rows: int,
+             seconds: Callable[[int], float], budget: int) -> List[int]:
     """Drafts per candidate sequence for one step (see the module docstring for the rule).
 
     ``rates[i]``: per-draft acceptance rate of candidate i; ``limits[i]``: drafts it has available;
     ``n_tokens``: tokens the step yields without drafts (one per decoding sequence); ``rows``: rows it
-    has; ``budget``: draft rows that still fit the step. A loop over sequences x drafts (tens), no more.
+    has; ``seconds(R)``: what a step of R rows costs; ``budget``: draft rows that still fit the step. Drafts are
+    taken best-accepted first; the step keeps the count of them with the most expected tokens per second. A loop
+    over sequences x drafts (tens), no more.
     """
-    ks = [0] * len(rates)
     nxt = [float(r) if lim > 0 else 0.0 for r, lim in zip(rates, limits)]  # acceptance chance of each next draft
+    taken = [0] * len(rates)
+    order: List[int] = []
     expected, R = float(n_tokens), rows
+    best, best_d = expected / max(seconds(R), 1e-9), 0
     while budget > 0:
         i = max(range(len(nxt)), key=nxt.__getitem__, default=-1)
         if i < 0 or nxt[i] <= 0.0:
             break
         alpha = nxt[i]
-        if alpha * (a + b * R) <= b * expected:
-            break
-        ks[i] += 1
+        order.append(i)
+        taken[i] += 1
         expected += alpha
         R += 1
         budget -= 1
-        nxt[i] = alpha * rates[i] if ks[i] < limits[i] else 0.0
+        nxt[i] = alpha * rates[i] if taken[i] < limits[i] else 0.0
+        rate = expected / max(seconds(R), 1e-9)
+        if rate > best * (1 + 1e-9):
+            best, best_d = rate, len(order)
+    ks = [0] * len(rates)
+    for i in order[:best_d]:
+        ks[i] += 1
     return ks
 
 
@@ -201,7 +288,7 @@ def for_path(cfg: SpecConfig, path_rtt_s: float, on: bool) -> Tuple[bool, StepCo
 
 
 def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig, cost: StepCost,
-                max_batch_tokens: int, in_flight: int) -> List[np.ndarray]:
+                max_batch_tokens: int, in_flight: int, prior: Optional[AcceptancePrior] = None) -> List[np.ndarray]:
     """Draft tokens for each decoding sequence of a step (empty arrays where none pay), by :func:`allocate`.
 
     Gives every decoding sequence its :class:`SpecState` (made on first use) and lets the rate of those that get
@@ -216,6 +303,8 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
             continue
         if s.spec is None:
             s.spec = SpecState.for_prompt(s.req.prompt, s.req.max_tokens, s.generated)
+        if prior is not None:
+            s.spec.adopt(prior)
         room = min(cfg.k, s.req.max_tokens - len(s.generated) - 1)
         c = s.spec.candidates(cfg.n, room)
         cands.append(c)
@@ -227,11 +316,10 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
             if s.spec is not None:
                 s.spec.idle()
         return [empty] * len(decode)
-    a, b = cost.params()
     # with m steps in flight the fixed part of a round trip (links, per-step work) is shared by m steps:
     # a busy pipeline is bound by per-row compute, where a draft row must nearly pay for itself
     m = in_flight + 1
-    ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, a / m, b, budget)
+    ks = allocate(rates, limits, len(decode), len(decode) + prefill_rows, lambda r: cost.seconds(r, m), budget)
     out = []
     for s, c, k in zip(decode, cands, ks):
         if k == 0 and s.spec is not None:
@@ -250,4 +338,6 @@ def summary(cfg: SpecConfig, on: bool, stats: dict, cost: StepCost, path_rtt_s: 
             "drafted": drafted, "accepted": stats["accepted"],
             "acceptance": round(stats["accepted"] / drafted, 4) if drafted else None,
             "tokens_per_round_trip": round(stats["decode_tokens"] / entries, 4) if entries else None,
-            "step_cost_ms": {"a": round(1e3 * a, 3), "b_per_row": round(1e3 * b, 4)}}
+            "step_cost_ms": {"a": round(1e3 * a, 3), "b_per_row": round(1e3 * b, 4)},
+            "step_cost_from": "stages' measured step costs" if cost.stages else "fitted round trips",
+            "step_ms_by_rows": {str(n): round(1e3 * cost.seconds(n), 2) for n in (1, 2, 4, 8, 16, 32, 64)}}

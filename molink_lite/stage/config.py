@@ -134,6 +134,7 @@ class StageConfig:
     join: JoinConfig = field(default_factory=JoinConfig)
     mmproj: Optional[str] = None       # --mmproj: the vision projector GGUF (first stage only)
     image_min_tokens: int = 0          # --image-min-tokens: the projector's minimum tokens per image (0: its own)
+    step_costs_s: float = 2.0          # --step-costs: seconds to measure step costs by rows at start (0: skip)
 
     def __post_init__(self) -> None:
         _port(self.port, "--port")
@@ -147,6 +148,8 @@ class StageConfig:
         _url(self.next_url, "--next", ("ws", "wss"))
         if not self.drain_timeout > 0 or self.drain_timeout == float("inf"):
             raise ConfigError(f"--drain-timeout must be > 0 seconds, got {self.drain_timeout}")
+        if not 0 <= self.step_costs_s <= 600:
+            raise ConfigError(f"--step-costs must be in 0..600 seconds, got {self.step_costs_s}")
         if self.join.url and (self.model or self.layers):
             raise ConfigError("--join takes its layers from the gateway: drop --model/--layers")
 
@@ -171,7 +174,7 @@ class StageConfig:
             ("--secret-file", s.secret_file), ("--tls", s.tls), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key),
             ("--cache-dir", self.cache_dir), ("--ready-file", self.ready_file),
             ("--mmproj", self.mmproj), ("--image-min-tokens", self.image_min_tokens or None),
-            ("--drain-timeout", self.drain_timeout),
+            ("--drain-timeout", self.drain_timeout), ("--step-costs", self.step_costs_s),
             ("--metrics-port", self.metrics_port), ("--metrics-host", self.metrics_host),
             ("--join", j.url), ("--max-memory", j.max_memory), ("--advertise", j.advertise), ("--name", j.name),
         ]

@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable, Dict, Optional, Tuple, Union
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import websockets
@@ -60,6 +60,7 @@ from .fencing import Fencing
 from .grammar import GrammarError
 from .hostinfo import devices, process_rss
 from .next_link import NextLink
+from . import step_costs
 from .runner import StepRunner, step_of
 from .vision import MediaStore, Projector
 
@@ -98,6 +99,7 @@ class StageServer:
         self._vision_args = (mmproj, image_min_tokens, image_max_tokens)
         self.projector: Optional[Projector] = None
         self.media = MediaStore() if mmproj else None
+        self.step_costs: List[Tuple[int, float]] = []   # (rows, seconds) of a step here (measure_step_costs)
         # images are encoded one at a time in a thread of their own: a burst of them queues here, not in the default
         # executor that tokenization and detokenization share
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtmd") if mmproj else None
@@ -160,12 +162,25 @@ class StageServer:
             "backend": self.backend(), "n_gpu_layers": e.n_gpu_layers, "model_bytes": _file_size(i.path),
             "lanes": self.lanes, "n_ctx_lane": e.n_ctx_lane, "prefix_reuse": e.prefix_reuse,
             "stage_output": e.stage_output}
+        if self.step_costs:
+            d["step_costs"] = [[n, round(s, 6)] for n, s in self.step_costs]
         if self.projector is not None:
             d["vision"] = {**self.projector.describe(), "max_bytes": self._max_image_bytes()}
         if self.vocab is not None:
             d.update(chat_template=self.vocab.chat_template, bos=self.vocab.token_text(self.vocab.bos),
                      eos=self.vocab.token_text(self.vocab.eos), add_bos=self.vocab.add_bos)
         return d
+
+    def measure_step_costs(self, budget_s: float) -> None:
+        """What a step of 1, 2, ... rows costs here (stage/step_costs.py), for the hello: before serving only."""
+        log.info("measuring what a step costs by rows (at most %.1f s)", budget_s)
+        try:
+            self.step_costs = step_costs.measure(self.engine, budget_s)
+        except Exception as e:  # noqa: BLE001 - the gateway then fits the costs it observes
+            log.warning("could not measure step costs: %s", e)
+            self.step_costs = []
+            return
+        log.info("step ms by rows: %s", step_costs.summary(self.step_costs))
 
     def backend(self) -> str:
         """Where the layers run: 'cpu', or the GPU devices llama.cpp offloads to (e.g. 'CUDA0')."""
@@ -633,6 +648,8 @@ async def run_stage(engine: StageEngine, cfg: StageConfig, *, key: Optional[Link
     """
     server = StageServer(engine, host=cfg.host, port=cfg.port, next_url=cfg.next_url, codec=cfg.codec, key=key,
                          tls=tls, mmproj=cfg.mmproj, image_min_tokens=cfg.image_min_tokens)
+    if cfg.step_costs_s > 0:   # before serving: the probe steps have the engine to themselves
+        await asyncio.to_thread(server.measure_step_costs, cfg.step_costs_s)
     metrics = cfg.metrics
     drain_timeout = cfg.drain_timeout
     ready_file = cfg.ready_file

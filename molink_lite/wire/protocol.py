@@ -898,7 +898,35 @@ class StageHello(TypedDict, total=False):
     # how a fork may copy this stage's KV: "any" (a prefix of any length), "whole" (only all a sequence holds:
     # sliding-window attention forgets old positions, recurrent state cannot be cut)
     prefix_reuse: str
+    # [rows, seconds] of a forward step of that many rows, measured when the stage started (stage/step_costs.py)
+    step_costs: List[List[float]]
     url: str  # added by the gateway
+
+
+STEP_COSTS_MAX_ENTRIES = 64    # a hello's step_costs: at most this many [rows, seconds] pairs,
+STEP_COSTS_MAX_ROWS = 1 << 16   # rows in 1..this,
+STEP_COSTS_MAX_S = 600.0        # seconds in (0, this]
+
+
+def parse_step_costs(value: Any) -> List[Tuple[int, float]]:
+    """A hello's ``step_costs`` as (rows, seconds) pairs sorted by rows; [] for anything malformed (it comes off the
+    network: the gateway then fits the step costs it observes)."""
+    if not isinstance(value, list) or not 0 < len(value) <= STEP_COSTS_MAX_ENTRIES:
+        return []
+    out = []
+    for e in value:
+        if not (isinstance(e, (list, tuple)) and len(e) == 2):
+            return []
+        n, s = e
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= STEP_COSTS_MAX_ROWS:
+            return []
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < float(s) <= STEP_COSTS_MAX_S:
+            return []
+        out.append((n, float(s)))
+    out.sort()
+    if len({n for n, _ in out}) != len(out):
+        return []
+    return out
 
 
 # ---------------------------------------------------------------------- chain checks
@@ -954,5 +982,5 @@ def check_chain(infos: Sequence[Union[StageHello, dict]]) -> Optional[str]:
 __all__ = [
     "PROTOCOL_VERSION", "MEDIA", "MAX_MEDIA_ROWS", "is_media_id", "RELEASE", "RELEASED", "RESTORE", "RESTORED", "MAX_DRAFT", "MAX_LOGPROBS", "MAX_GRAMMAR_BYTES", "ROLE_FRAMES", "ProtocolError", "StepError", "SamplingError", "SamplingParams",
     "SAMPLING_RANGES", "FrameLimits", "SeqStart", "StepFrame", "ResultFrame", "StepErrorFrame", "Configure",
-    "LinkDown", "LinkUp", "Drain", "StageHello", "lane_of", "chain_mismatch", "check_chain",
+    "LinkDown", "LinkUp", "Drain", "StageHello", "parse_step_costs", "lane_of", "chain_mismatch", "check_chain",
 ]
