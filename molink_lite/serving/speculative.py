@@ -44,6 +44,8 @@ DEFAULT_K = 8          # most drafts per sequence per step
 DEFAULT_N = 3          # longest n-gram matched
 PRIOR_RATE = 0.8       # a pipeline's acceptance rate before any draft came back (AcceptancePrior)
 PRIOR_WEIGHT = 2.0     # a new sequence starts at its pipeline's rate, worth this many verified drafts
+PROBE_RATE = 0.95      # a sequence's drafts are planned with at least this rate until one of its steps came back:
+#                        its first drafts find out what its text gives (a text that repeats accepts nearly all)
 DECAY = 0.8            # weight of the older acceptance counts per verified step (a sequence)
 POOL_DECAY = 0.95      # ... (a pipeline: every sequence's verified steps)
 RECOVER = 0.05         # per step without drafts, a sequence's rate drifts back towards its pipeline's by this share
@@ -142,6 +144,10 @@ class SpecState:
     def rate(self) -> float:
         return self.succ / self.trials
 
+    @property
+    def plan_rate(self) -> float:
+        """The rate its drafts are planned with: :attr:`rate`, at least PROBE_RATE before any verified step."""
+        return self.rate if self.rounds else max(self.rate, PROBE_RATE)
 
     def candidates(self, n_max: int, k: int) -> np.ndarray:
         """Up to ``k`` drafts: the draft model's if it has some for the tokens as they are now, else prompt lookup."""
@@ -309,7 +315,7 @@ def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig
         c = s.spec.candidates(cfg.n, room)
         cands.append(c)
         limits.append(int(c.shape[0]))
-        rates.append(s.spec.rate)
+        rates.append(s.spec.plan_rate)
     budget = max_batch_tokens - len(decode) - prefill_rows
     if not any(limits) or budget <= 0:
         for s in decode:
