@@ -28,6 +28,8 @@ How many drafts each sequence sends is decided per step by a cost model (:func:`
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
@@ -49,6 +51,7 @@ PROBE_RATE = 0.95      # a sequence's drafts are planned with at least this rate
 DECAY = 0.8            # weight of the older acceptance counts per verified step (a sequence)
 POOL_DECAY = 0.95      # ... (a pipeline: every sequence's verified steps)
 RECOVER = 0.05         # per step without drafts, a sequence's rate drifts back towards its pipeline's by this share
+LOOKAHEAD = 16         # allocate() looks this many draft rows past its best count (tiles of rows are 4-8 wide)
 
 
 @dataclass
@@ -228,11 +231,10 @@ def _table_at(table: Sequence[Tuple[int, float]], rows: int) -> float:
     least the last entry's seconds per row, scaled down by 4)."""
     if rows <= table[0][0]:
         return table[0][1]
-    lo = table[0]
-    for hi in table[1:]:
-        if rows <= hi[0]:
-            return lo[1] + (rows - lo[0]) / (hi[0] - lo[0]) * (hi[1] - lo[1])
-        lo = hi
+    j = bisect.bisect_left(table, (rows, 0.0))
+    if j < len(table):
+        (n0, s0), (n1, s1) = table[j - 1], table[j]
+        return s0 + (rows - n0) / (n1 - n0) * (s1 - s0)
     n1, s1 = table[-1]
     n0, s0 = min(table[:-1], key=lambda e: abs(e[0] - n1 / 2), default=(0, 0.0))
     slope = max((s1 - s0) / (n1 - n0), s1 / n1 / 4)
@@ -251,25 +253,25 @@ def allocate(rates: Sequence[float], limits: Sequence[int], n_tokens: int, rows:
     ``rates[i]``: per-draft acceptance rate of candidate i; ``limits[i]``: drafts it has available;
     ``n_tokens``: tokens the step yields without drafts (one per decoding sequence); ``rows``: rows it
     has; ``seconds(R)``: what a step of R rows costs; ``budget``: draft rows that still fit the step. Drafts are
-    taken best-accepted first; the step keeps the count of them with the most expected tokens per second. A loop
-    over sequences x drafts (tens), no more.
+    taken best-accepted first (a heap of each candidate's next draft); the step keeps the count of them with the most
+    expected tokens per second, looking at most LOOKAHEAD drafts past the best so far.
     """
-    nxt = [float(r) if lim > 0 else 0.0 for r, lim in zip(rates, limits)]  # acceptance chance of each next draft
+    heap = [(-float(r), i) for i, (r, lim) in enumerate(zip(rates, limits)) if lim > 0 and r > 0.0]
+    heapq.heapify(heap)   # (-acceptance chance of the candidate's next draft, candidate)
     taken = [0] * len(rates)
     order: List[int] = []
     expected, R = float(n_tokens), rows
     best, best_d = expected / max(seconds(R), 1e-9), 0
-    while budget > 0:
-        i = max(range(len(nxt)), key=nxt.__getitem__, default=-1)
-        if i < 0 or nxt[i] <= 0.0:
-            break
-        alpha = nxt[i]
+    while budget > 0 and heap and len(order) - best_d < LOOKAHEAD:
+        neg, i = heapq.heappop(heap)
+        alpha = -neg
         order.append(i)
         taken[i] += 1
         expected += alpha
         R += 1
         budget -= 1
-        nxt[i] = alpha * rates[i] if taken[i] < limits[i] else 0.0
+        if taken[i] < limits[i] and alpha * rates[i] > 0.0:
+            heapq.heappush(heap, (-alpha * rates[i], i))
         rate = expected / max(seconds(R), 1e-9)
         if rate > best * (1 + 1e-9):
             best, best_d = rate, len(order)
