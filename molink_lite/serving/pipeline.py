@@ -245,8 +245,8 @@ class Pipeline:
             self.budget.set_chunk(self.prefill_chunk)
             log.info("prefill chunk: %d tokens per sequence per step", self.prefill_chunk)
         if self.spec.mode != "off":  # the step path was measured: speculate ("auto") and a step's cost prior
-            self.spec_on, self.cost = speculative.for_path(self.spec, self.path_rtt_s, self.spec_on)
-            self.cost.set_stages([parse_step_costs(i.get("step_costs")) for i in infos], self.path_rtt_s or 0.0)
+            self.spec_on, self.cost = speculative.for_path(self.spec, self.path_rtt_s, self.spec_on,
+                                                           [parse_step_costs(i.get("step_costs")) for i in infos])
         if self._auto_inflight and self.link_choice is None:  # not chosen from links (a chain sized directly)
             self.max_inflight = len(self.urls) * self.lanes
 

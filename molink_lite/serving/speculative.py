@@ -87,6 +87,13 @@ def propose(ctx: np.ndarray, n_max: int, k: int) -> np.ndarray:
     return ctx[:0].copy()
 
 
+def _counted(succ: float, trials: float, decay: float, k: int, accepted: int) -> Tuple[float, float]:
+    """Acceptance counts after a verified step: ``accepted`` of ``k`` drafts agreed. Each accepted draft is a success,
+    and the first rejected one (if any) a failure: ``succ / trials`` is the chance a draft is accepted given the one
+    before it was."""
+    return decay * succ + accepted, decay * trials + accepted + (1 if accepted < k else 0)
+
+
 class AcceptancePrior:
     """A pipeline's acceptance rate over all its sequences' verified drafts (decayed): where a new sequence starts,
     and where one that stopped drafting drifts back to. A sequence's own few steps are noisy: one miss at a 0.5 prior
@@ -100,8 +107,7 @@ class AcceptancePrior:
         return self.succ / self.trials
 
     def verified(self, k: int, accepted: int) -> None:
-        self.succ = POOL_DECAY * self.succ + accepted
-        self.trials = POOL_DECAY * self.trials + accepted + (1 if accepted < k else 0)
+        self.succ, self.trials = _counted(self.succ, self.trials, POOL_DECAY, k, accepted)
 
 
 @dataclass
@@ -162,8 +168,7 @@ class SpecState:
 
     def verified(self, k: int, accepted: int) -> None:
         """Drafts of the last step came back: ``accepted`` of ``k`` agreed with the model."""
-        self.succ = DECAY * self.succ + accepted
-        self.trials = DECAY * self.trials + accepted + (1 if accepted < k else 0)
+        self.succ, self.trials = _counted(self.succ, self.trials, DECAY, k, accepted)
         if self.prior is not None:
             self.prior.verified(k, accepted)
         self.drafted += k
@@ -286,13 +291,17 @@ def auto_enabled(path_rtt_s: Optional[float]) -> bool:
     return path_rtt_s is not None and path_rtt_s >= AUTO_RTT_S
 
 
-def for_path(cfg: SpecConfig, path_rtt_s: float, on: bool) -> Tuple[bool, StepCost]:
-    """Speculate or not (``auto``: :func:`auto_enabled`; otherwise ``on`` stays), and the step cost prior, for a
-    pipeline whose step path was measured to take ``path_rtt_s``."""
+def for_path(cfg: SpecConfig, path_rtt_s: float, on: bool,
+             stage_costs: Sequence[Sequence[Tuple[int, float]]] = ()) -> Tuple[bool, StepCost]:
+    """Speculate or not (``auto``: :func:`auto_enabled`; otherwise ``on`` stays), and the step cost model, for a
+    pipeline whose step path was measured to take ``path_rtt_s`` and whose stages measured ``stage_costs`` (one
+    (rows, seconds) table each; a missing one leaves the fitted line in use)."""
     on = auto_enabled(path_rtt_s) if cfg.mode == "auto" else on
     log.info("step path round trip %.1f ms: speculative decoding %s (--speculative %s, k<=%d, n<=%d)",
              1e3 * path_rtt_s, "on" if on else "off", cfg.mode, cfg.k, cfg.n)
-    return on, StepCost(path_rtt_s + 0.01, 0.001)
+    cost = StepCost(path_rtt_s + 0.01, 0.001)
+    cost.set_stages(stage_costs, path_rtt_s)
+    return on, cost
 
 
 def plan_drafts(decode: Sequence["SeqState"], prefill_rows: int, cfg: SpecConfig, cost: StepCost,

@@ -55,8 +55,9 @@ COUNTERS = ("steps", "rows", "max_seqs_in_step", "max_queued", "max_in_flight", 
 #: while llama.cpp runs: a flood of frames is read, and answered, before a new upstream takes over. The two thread
 #: hand-offs (a queue wake-up there, ``call_soon_threadsafe``'s self-pipe back) are the largest cost outside
 #: llama.cpp of a small step on a busy host: on 2 cores a round of 16 sequences through two stages fell from 17.3 to
-#: 9.5-12.2 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing measurable. Larger steps keep the thread, where the loop decodes and checks the next micro-batch's frame while
-#: llama.cpp runs this one; long steps (prefill chunks, CPU decode of a big model) keep it too, so the loop never
+#: 9.5-12.2 ms (BENCHMARKS_GPU.md, issue 28, session 8); on a 16-core GPU host it changed nothing measurable.
+#: Larger steps keep the thread, where the loop decodes and checks the next micro-batch's frame while llama.cpp runs
+#: this one; long steps (prefill chunks, CPU decode of a big model) keep it too, so the loop never
 #: stalls for long: its pings, stats and other connections wait at most about INLINE_MAX_S. ``MOLINK_INLINE_STEPS=0``
 #: turns it off.
 INLINE_MAX_ROWS = 16

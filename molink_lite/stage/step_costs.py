@@ -17,13 +17,10 @@ The hello carries the table (``step_costs``, read by :func:`molink_lite.wire.pro
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import List, Sequence, Tuple
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 # rows probed, in this order, until the time budget is spent (rows between or after them are interpolated)
 ROWS: Tuple[int, ...] = tuple(range(1, 33)) + (40, 48, 56, 64, 96, 128)
