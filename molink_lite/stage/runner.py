@@ -157,6 +157,7 @@ class StepRunner:
     async def _work(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
         queue, pool = self._queues[lane], self._pools[lane]
+        delivered = False   # a frame was delivered since this loop last let other tasks run
         while True:
             item = await queue.get()
             if item is None:
@@ -166,15 +167,17 @@ class StepRunner:
             frame: Optional[StepFrame] = None
             try:
                 frame = self.check(meta, arrays, ring)
-                t0 = time.perf_counter()
                 inline = (self.inline and frame.n <= INLINE_MAX_ROWS and self._last_run_s[lane] <= INLINE_MAX_S
                           and t_in - self._done_at[lane] >= INLINE_IDLE_S)
-                if inline:
-                    # only with nothing else to do: frames already in the socket reach the queue first, and a
-                    # backlog (micro-batches, a flood) keeps the thread, so the loop goes on reading them; the send
-                    # tasks also write what the previous step delivered before this one runs here
+                if inline or delivered:
+                    # the send tasks write what the previous step delivered before this one starts (a queued step
+                    # would otherwise reach the llama thread, or run here, first); and a step runs here only with
+                    # nothing else to do: frames already in the socket reach the queue first, and a backlog
+                    # (micro-batches, a flood) keeps the thread, so the loop goes on reading them
                     await asyncio.sleep(0)
-                    inline = queue.empty()
+                    delivered = False
+                    inline = inline and queue.empty()
+                t0 = time.perf_counter()
                 if inline:
                     self.stats["inline_steps"] += 1
                     out = self.run(frame)
@@ -188,6 +191,7 @@ class StepRunner:
                 if nxt is not None and self._ring_out is not None:  # the next round first: it is the critical path
                     self._ring_out(nxt)
                 self._deliver(frame, out)
+                delivered = True
             except StepError as e:  # rejected before anything was applied
                 self.stats["rejected_frames"] += 1
                 self._report(step_of(meta), f"rejected step: {e}")
