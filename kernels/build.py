@@ -401,7 +401,25 @@ def cmake_cache_generator(build: Path) -> Optional[str]:
     return m.group(1).strip() if m else None
 
 
+# A native x86-64 build on a CPU with AMX (Xeon Sapphire Rapids and newer) compiles in llama.cpp 0.3.36's AMX matmul
+# kernels, which crash the first Q4_K decode (a segfault, or an illegal instruction where the VM hides AMX from the
+# kernel); engine-notes.md. GCC and Clang leave them out with these.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def compiler_flag_args(native: bool, cxx_extra: str = "") -> List[str]:
+    """-DCMAKE_C_FLAGS / -DCMAKE_CXX_FLAGS where the build needs flags of its own: $CFLAGS / $CXXFLAGS (which a
+    -DCMAKE_*_FLAGS replaces), plus NO_AMX for a native x86-64 build outside MSVC, plus ``cxx_extra``."""
+    amx = NO_AMX if native and not is_windows() and platform.machine().lower() in ("x86_64", "amd64") else ""
+    if not amx and not cxx_extra:
+        return []
+    c = " ".join(f for f in (os.environ.get("CFLAGS", "").strip(), amx) if f)
+    cxx = " ".join(f for f in (os.environ.get("CXXFLAGS", "").strip(), amx, cxx_extra) if f)
+    return ([f"-DCMAKE_C_FLAGS={c}"] if amx else []) + [f"-DCMAKE_CXX_FLAGS={cxx}"]
+
+
 def configure_args(args: argparse.Namespace) -> List[str]:
+    cxx_extra = ""
     a = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=ON",
@@ -433,11 +451,10 @@ def configure_args(args: argparse.Namespace) -> List[str]:
     elif args.backend == "vulkan":
         a.append("-DGGML_VULKAN=ON")  # one build for AMD, Intel and NVIDIA GPUs (and Mesa's lavapipe)
         if getattr(args, "vulkan_compat", None):  # older Vulkan headers (see VULKAN_COMPAT_H)
-            # given here, CMAKE_CXX_FLAGS replaces what CMake would take from $CXXFLAGS: keep those too
-            flags = [os.environ.get("CXXFLAGS", "").strip(), f"-include {args.vulkan_compat}"]
-            a.append("-DCMAKE_CXX_FLAGS=" + " ".join(f for f in flags if f))
+            cxx_extra = f"-include {args.vulkan_compat}"
     elif is_macos():
         a.append("-DGGML_METAL=OFF")  # llama.cpp turns Metal on by default on macOS; "cpu" means CPU only
+    a += compiler_flag_args(not args.portable, cxx_extra)
     a += list(args.cmake_arg or [])
     return a
 

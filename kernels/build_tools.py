@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build import (LLAMA_CPP_PYTHON_VERSION, BuildError, extract, fetch_sdist, find_cmake, find_ninja,  # noqa: E402
-                   generator_args, llama_cpp_root, log)
+from build import (LLAMA_CPP_PYTHON_VERSION, BuildError, compiler_flag_args, extract, fetch_sdist, find_cmake,  # noqa: E402
+                   find_ninja, generator_args, llama_cpp_root, log)
 
 TOOLS = ("llama-server", "ggml-rpc-server")
 
@@ -62,7 +62,7 @@ def build_tools(out: Path, src: Optional[Path] = None, jobs: Optional[int] = Non
     cfg = [cmake, "-S", str(root), "-B", str(build), *generator_args(cmake, find_ninja()),
            "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
            "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-           "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"]
+           "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", *compiler_flag_args(native=True)]
     log("configuring llama.cpp tools: " + " ".join(cfg[3:]))
     subprocess.run(cfg, check=True)
     j = str(jobs or os.cpu_count() or 2)

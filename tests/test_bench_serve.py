@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,22 @@ def test_bench_speculative_runs_off_and_on_in_one_invocation(tiny_models, tmp_pa
     bad = subprocess.run([sys.executable, "-m", "molink_lite.cli", "bench", "--model", model, "--prompts",
                           str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--prompts" in bad.stderr
+
+
+def test_baselines_find_the_tools_build_script_in_an_editable_install(monkeypatch):
+    """`molink-lite bench --baseline ...` builds llama-server with kernels/build_tools.py. The script is found through
+    the package (molink_lite.kernels maps the top-level kernels/ folder), so an editable install (`pip install -e`,
+    where molink_lite/ has no kernels/ folder of its own) finds it too, instead of failing every baseline."""
+    from molink_lite.tools import bench_serve
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="LLAMA_TOOLS_DIR=/tools/bin\n")
+
+    monkeypatch.delenv("MOLINK_LLAMA_BIN", raising=False)
+    monkeypatch.setattr(bench_serve.subprocess, "run", fake_run)
+    assert str(bench_serve.llama_tools(bench_serve.BenchConfig(model="m.gguf"))) == "/tools/bin"
+    script = Path(seen[0][1])
+    assert script.name == "build_tools.py" and script.is_file()

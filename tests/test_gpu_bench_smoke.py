@@ -50,3 +50,26 @@ def test_gpu_bench_gateway_over_an_emulated_link(tmp_path):
     assert "gateway chose: codec f16" in p.stdout
     assert [row["tokens"] for row in r["rows"]] == [8, 4 * 8]
     assert (tmp_path / "wd" / "gw" / "relay1.log").is_file()
+
+
+def test_gpu_bench_engine_chain_with_the_ring(tmp_path):
+    """--ring off,on in the pipeline part: the same stages measured with the gateway closing every round, then with
+    the last stage sending each round on to the first itself (the gateway gets the tokens only)."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "gpu_pipeline.py"), "--tiny", "--part", "pipeline",
+                        "--model", str(tmp_path / "tiny.gguf"), "--stages", "2", "--micro-batches", "1",
+                        "--seqs", "1,4", "--steps", "12", "--ttft-prompt", "64", "--threads", "1", "--ring", "off,on",
+                        "--skip-whole-engine", "--json", str(out), "--workdir", str(tmp_path / "wd")],
+                       capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    served = json.loads(out.read_text())["served"]
+    assert set(served) == {"2x_mb1_ringoff", "2x_mb1_ringon"}, served.keys()
+    for key, rings in (("2x_mb1_ringoff", 0), ("2x_mb1_ringon", None)):
+        rows = served[key]["rows"]
+        assert [r["seqs"] for r in rows] == [1, 4]
+        for r in rows:
+            assert r["generated"] == r["seqs"] * 12
+            if rings == 0:
+                assert r["ring_rounds"] == 0 and r["ring"].startswith("off: --ring off")
+            else:
+                assert r["ring_rounds"] > 0 and r["ring"] == "on"

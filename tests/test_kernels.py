@@ -227,11 +227,39 @@ def test_with_tools_builds_llama_cpp_servers_from_the_same_configuration():
     plain = kb.configure_args(kb.parse_args(["--backend", "cpu"]))
     tools = kb.configure_args(kb.parse_args(["--backend", "cpu", "--with-tools"]))
     assert "-DLLAMA_BUILD_SERVER=OFF" in plain and not any(a.endswith("=ON") and "SERVER" in a for a in plain)
-    assert tools[:len(plain)] == plain  # the same libraries; the later -D values switch the tools on
+    base = [a for a in plain if not a.startswith(("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS="))]   # the compiler's, last
+    assert tools[:len(base)] == base  # the same libraries; the later -D values switch the tools on
     for flag in ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON", "-DGGML_RPC=ON",
                  "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"):
         assert flag in tools
     assert kb.TOOLS == ("llama-server", "ggml-rpc-server")
+
+
+def test_native_x86_builds_leave_out_the_amx_kernels(monkeypatch):
+    """A native build on an AMX CPU compiled in llama.cpp's AMX matmul kernels, which crash the first Q4_K decode
+    (engine-notes.md; `molink-lite bench --baseline whole` died with SIGILL here): native x86-64 builds, the engine's
+    and the baselines' (build_tools.py), pass -mno-amx-*, keeping $CFLAGS/$CXXFLAGS and the Vulkan header shim."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+    try:
+        import build as kb
+        import build_tools
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(kb.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kb, "is_windows", lambda: False)
+    monkeypatch.setenv("CFLAGS", "-O2")
+    monkeypatch.delenv("CXXFLAGS", raising=False)
+    flags = dict(a[2:].split("=", 1) for a in kb.configure_args(kb.parse_args(["--backend", "cpu"]))
+                 if a.startswith("-DCMAKE_C"))
+    assert flags == {"CMAKE_C_FLAGS": "-O2 " + kb.NO_AMX, "CMAKE_CXX_FLAGS": kb.NO_AMX}
+    portable = kb.configure_args(kb.parse_args(["--backend", "cpu", "--portable"]))
+    assert not any("amx" in a for a in portable)     # the x86-64-v3 baseline has no AMX
+    shim = kb.compiler_flag_args(True, "-include compat.h")
+    assert shim == [f"-DCMAKE_C_FLAGS=-O2 {kb.NO_AMX}", f"-DCMAKE_CXX_FLAGS={kb.NO_AMX} -include compat.h"]
+    assert kb.compiler_flag_args(False, "-include compat.h") == ["-DCMAKE_CXX_FLAGS=-include compat.h"]
+    monkeypatch.setattr(kb.platform, "machine", lambda: "aarch64")
+    assert kb.compiler_flag_args(True) == []
+    assert build_tools.compiler_flag_args is kb.compiler_flag_args
 
 
 # ----------------------------------------------------------------------------- symbols from the library that exports them

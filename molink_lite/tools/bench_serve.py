@@ -24,6 +24,7 @@ N / turn 1 for each.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -411,7 +412,10 @@ def llama_tools(cfg: BenchConfig) -> Path:
     env = os.environ.get("MOLINK_LLAMA_BIN")
     if env:
         return Path(env)
-    script = Path(__file__).resolve().parents[1] / "kernels" / "build_tools.py"
+    # molink_lite.kernels is the top-level kernels/ folder (package-dir): where an editable install maps it, the
+    # package's own folder has no kernels/ beside it
+    spec = importlib.util.find_spec("molink_lite.kernels.build_tools")
+    script = Path(spec.origin) if spec and spec.origin else Path(__file__).resolve().parents[1] / "kernels" / "build_tools.py"
     if not script.is_file():
         raise RuntimeError("baselines need llama-server: pass --llama-bin DIR (llama-server, ggml-rpc-server)")
     print("building llama.cpp's llama-server and ggml-rpc-server (once; several minutes)...", flush=True)

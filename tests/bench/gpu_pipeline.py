@@ -96,8 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(the engine patch), callback (the pristine API's eval callback), e.g. callback,graph; "
                          "default: what the library offers")
     ap.add_argument("--ring", default="",
-                    help="gateway part: the gateway's --ring settings to run side by side, e.g. off,on (default: its "
-                         "own default); with a relay the ring's link crosses one too")
+                    help="the --ring settings to run side by side, e.g. off,on (default: the gateway's own default); "
+                         "gateway part: with a relay the ring's link crosses one too; pipeline part: a ringing round "
+                         "goes last stage -> first stage without the gateway, so the per-hop table is left out")
     ap.add_argument("--ignore-eos", action="store_true",
                     help="gateway part: every request asks for all max_tokens (ignore_eos), on every system")
     return ap.parse_args(argv)
@@ -391,9 +392,10 @@ def _stage_sum(before: List[dict], after: List[dict]) -> List[dict]:
     return [{k: float(a.get(k, 0)) - float(b.get(k, 0)) for k in keys} for b, a in zip(before, after)]
 
 
-async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int, n_embd: int) -> dict:
+async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int, n_embd: int,
+                        ring: str = "auto") -> dict:
     pipe = TimedPipeline(urls, codec=ARGS.codec, max_inflight=mb, prefill_chunk=ARGS.prefill_chunk,
-                         max_batch_tokens=max(ARGS.batch, max(seqs)))
+                         max_batch_tokens=max(ARGS.batch, max(seqs)), ring=ring)
     await pipe.connect(timeout=120)
     router = Router([pipe])
     rng = np.random.default_rng(1)
@@ -407,7 +409,7 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
             if out_of_time():
                 break
             before = await pipe.stage_stats()
-            steps0 = pipe.stats["steps"]
+            steps0, rings0 = pipe.stats["steps"], pipe.stats["ring_rounds"]
             pipe.marks.clear()
             pipe.sent.clear()
             pipe.got.clear()
@@ -434,12 +436,14 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
             cap = sum(p["engine_capture_s"] for p in per) / st_steps
             busy = sum(p["busy_s"] for p in per) / st_steps
             round_ms = n / tok_s * 1e3
+            ring_rounds = pipe.stats["ring_rounds"] - rings0   # rounds the last stage sent on to the first itself
             row = {"seqs": n, "micro_batches": mb, "tok_s": tok_s, "round_ms": round_ms,
-                   "e2e_tok_s": gen / (t1 - t0), "generated": gen, "steps": n_steps,
+                   "e2e_tok_s": gen / (t1 - t0), "generated": gen, "steps": n_steps, "ring_rounds": ring_rounds,
+                   "ring": pipe.ring_state(),
                    "per_stage": per, "decode_ms": dec * 1e3, "capture_ms": cap * 1e3,
                    "stage_other_ms": (busy - dec - cap) * 1e3,
                    # wall time of a step not spent inside any stage's step: sockets, frame decode, scheduler
-                   "outside_ms": (n_steps and (t1 - t0) / n_steps - busy) * 1e3 if mb == 1 else None}
+                   "outside_ms": (t1 - t0) / st_steps * 1e3 - busy * 1e3 if mb == 1 else None}
             if mb == 1:
                 row["overhead_us"] = (round_ms - row["decode_ms"]) * 1e3
                 row["graph_reuse"] = [p["engine_graphs_reused"] / max(1.0, p["engine_steps"]) for p in per]
@@ -451,7 +455,7 @@ async def pipeline_runs(urls: List[str], mb: int, seqs: List[int], n_vocab: int,
             rows.append(row)
             say(f"  {len(urls)} stage(s) mb={mb} {n:>3} seqs: {tok_s:7.0f} tok/s decode, round {round_ms:6.2f} ms "
                 f"(Σ llama_decode {row['decode_ms']:.2f}, capture {row['capture_ms']:.2f}, stage other "
-                f"{row['stage_other_ms']:.2f} ms/step; {n_steps} steps, {gen} tokens)")
+                f"{row['stage_other_ms']:.2f} ms/step; {n_steps} steps, {ring_rounds} ring rounds, {gen} tokens)")
         # TTFT of a long prompt (alone in the pipeline)
         ttft = []
         for rep in range(3):
@@ -636,11 +640,13 @@ def part_pipeline(model: str) -> None:
         say(f"  up in {time.perf_counter() - t0:.1f} s: {', '.join(str(r) for r in ranges)}")
         try:
             mbs = micro_batch_list(ns)
-            for mb in mbs:
+            rings = ARGS.ring.split(",") if ARGS.ring and ns > 1 else [""]
+            for mb, ring in [(m, r) for m in mbs for r in rings]:
                 if out_of_time():
                     break
-                served[f"{ns}x_mb{mb}" + (f"_{mode}" if mode and ns > 1 else "")] = asyncio.run(
-                    pipeline_runs([sp.url for sp in procs], mb, seqs, info.n_vocab, info.n_embd))
+                served[f"{ns}x_mb{mb}" + (f"_{mode}" if mode and ns > 1 else "") + (f"_ring{ring}" if ring else "")] \
+                    = asyncio.run(pipeline_runs([sp.url for sp in procs], mb, seqs, info.n_vocab, info.n_embd,
+                                                ring or "auto"))
                 save()
         finally:
             stop_stages(procs)
