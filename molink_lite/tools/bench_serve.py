@@ -412,11 +412,14 @@ def llama_tools(cfg: BenchConfig) -> Path:
     env = os.environ.get("MOLINK_LLAMA_BIN")
     if env:
         return Path(env)
-    # molink_lite.kernels is the top-level kernels/ folder (package-dir): where an editable install maps it, the
-    # package's own folder has no kernels/ beside it
-    spec = importlib.util.find_spec("molink_lite.kernels.build_tools")
-    script = Path(spec.origin) if spec and spec.origin else Path(__file__).resolve().parents[1] / "kernels" / "build_tools.py"
-    if not script.is_file():
+    # molink_lite.kernels is the top-level kernels/ folder (package-dir): ask the import system where it is, since
+    # an editable install maps it there and the package's own folder has no kernels/ beside it
+    try:
+        spec = importlib.util.find_spec("molink_lite.kernels.build_tools")
+    except ImportError:
+        spec = None
+    script = Path(spec.origin) if spec and spec.origin else None
+    if script is None or not script.is_file():
         raise RuntimeError("baselines need llama-server: pass --llama-bin DIR (llama-server, ggml-rpc-server)")
     print("building llama.cpp's llama-server and ggml-rpc-server (once; several minutes)...", flush=True)
     p = subprocess.run([sys.executable, str(script)], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
